@@ -1,0 +1,1 @@
+"""Benchmarks: each module builds its own workload, measures a baseline in the same run, and prints one table."""

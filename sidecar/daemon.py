@@ -1,0 +1,296 @@
+"""The daemon: wiring, per-run serialization, signals, systemd notification and shutdown.
+
+Threads: the main loop (signals, watchdog pings, status), the watcher's one thread, and one worker per run that
+has a fork to do, which exits when that run has nothing queued; an idle daemon is two threads whatever the number
+of runs. Forks of different runs run in parallel (at most MAX_PARALLEL_FORKS at once); forks of one run never
+overlap, because a run has at most one worker and a marker arriving while it works is picked up by that worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from sidecar import __version__, swap
+from sidecar.config import Config, ConfigError, load_config
+from sidecar.journal import ForkRecord, Journal
+from sidecar.layout import RunDir, iter_run_dirs, run_dir_of
+from sidecar.logs import setup_logging
+from sidecar.marker import INPROGRESS
+from sidecar.pipeline import ForkPipeline
+from sidecar.sdnotify import Notifier
+from sidecar.stages import Stage
+from sidecar.watch import MarkerWatcher
+
+__all__ = ["Daemon", "build_stages"]
+
+log = logging.getLogger("sidecar.daemon")
+
+MAX_PARALLEL_FORKS = 8
+STATUS_EVERY_S = 10.0
+
+
+def build_stages(config: Config) -> list[Stage]:
+    from sidecar.trainers import TrainerStage
+    from sidecar.vllm import VllmStage
+
+    return [TrainerStage(config), VllmStage(config)]
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.journal = Journal(config.state_dir)
+        self.notifier = Notifier()
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.reload_requested = False
+        self.pipeline = ForkPipeline(config, self.journal, build_stages(config))
+        self.watcher: MarkerWatcher | None = None
+        self._lock = threading.Lock()
+        self._active: dict[Path, threading.Thread] = {}
+        self._again: set[Path] = set()
+        self._resumes: dict[Path, list[ForkRecord]] = {}
+        # Runs with a `.fork.inprogress` no journal of ours knows: re-offered each tick until adopted or gone.
+        self._orphans: set[Path] = set()
+        self._slots = threading.BoundedSemaphore(MAX_PARALLEL_FORKS)
+        self._started_at = time.time()
+        self._counts = {"done": 0, "failed": 0}
+        self._last_status = 0.0
+
+    # --- life cycle -----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.journal.lock()
+        self._install_signals()
+        unfinished = list(self.journal.unfinished())
+        for record in unfinished:
+            self._resumes.setdefault(Path(record.model_dir), []).append(record)
+        self.pipeline.on_finish = self._count
+        self.watcher = self._make_watcher(self.config)
+        runs = self._all_runs(self.config)
+        self._collect_leftovers(runs, {r.fork_id for r in unfinished})
+        self._orphans = {r.path for r in runs if (r.path / INPROGRESS).exists() and r.path not in self._resumes}
+        for stage in self.pipeline.stages:
+            stage.on_start([r.path for r in runs])
+        for model_dir in list(self._resumes):
+            self._submit(model_dir)
+        self.watcher.start()  # the first scan submits every marker already present
+        summary = self._summary()
+        log.info("fork-sidecar %s ready: %s", __version__, summary)
+        self.notifier.ready(summary)
+        self._write_status()
+        try:
+            self._main_loop()
+        finally:
+            self.notifier.stopping()
+            log.info("stopping: waiting for %d active fork(s) to reach a journaled state", len(self._active))
+            self.watcher.stop()
+            self._join_workers(timeout=10.0)
+            self._write_status(stopped=True)
+            self.journal.unlock()
+        return 0
+
+    def _main_loop(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        tick = min(interval, 1.0) if interval else 1.0
+        while not self.stop_event.is_set():
+            self.wake.wait(tick)
+            self.wake.clear()
+            if self.reload_requested:
+                self.reload_requested = False
+                self._reload()
+            if self.watcher is not None and not self.watcher.alive():
+                # No pings without a working watcher: systemd's watchdog then restarts us, which rescans.
+                log.error("the watcher thread died; withholding watchdog pings so systemd restarts the daemon")
+                continue
+            if interval:
+                self.notifier.watchdog()
+            self._offer_orphans()
+            if time.monotonic() - self._last_status > STATUS_EVERY_S:
+                self._write_status()
+
+    def _install_signals(self) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self.stop_event.set()
+            self.wake.set()
+
+        def hup(signum: int, frame: FrameType | None) -> None:
+            self.reload_requested = True
+            self.wake.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config; queued and running forks carry on (workers hold the pipeline they started with)."""
+        self.notifier.reloading()
+        path = self.config.source_file
+        try:
+            new = load_config(path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: %s", e)
+            self.notifier.ready(f"reload failed: {e}")
+            return
+        if new.state_dir != self.config.state_dir:
+            log.warning("state_dir changed in %s; that takes effect only after a restart", path)
+            new = _with_state_dir(new, self.config.state_dir)
+        setup_logging(new.log.level, new.log.format)
+        old = self.config
+        self.config = new
+        self.pipeline = self._new_pipeline(new)
+        assert self.watcher is not None
+        if (new.watch.mode, new.watch.poll_interval, new.watch.rescan_interval) != (
+            old.watch.mode,
+            old.watch.poll_interval,
+            old.watch.rescan_interval,
+        ):
+            self.watcher.stop()
+            self.watcher = self._make_watcher(new)
+            self.watcher.start()
+        else:
+            self.watcher.set_roots(list(new.watch.roots))
+        summary = self._summary()
+        log.info("configuration reloaded from %s: %s", path, summary)
+        self.notifier.ready(summary)
+        self._write_status()
+
+    def _new_pipeline(self, config: Config) -> ForkPipeline:
+        pipeline = ForkPipeline(config, self.journal, build_stages(config))
+        pipeline.on_finish = self._count
+        return pipeline
+
+    def _make_watcher(self, config: Config) -> MarkerWatcher:
+        return MarkerWatcher(
+            list(config.watch.roots),
+            self._submit,
+            mode=config.watch.mode,
+            poll_interval=config.watch.poll_interval,
+            rescan_interval=config.watch.rescan_interval,
+        )
+
+    # --- scheduling -----------------------------------------------------------------------------------------
+    def _submit(self, model_dir: Path) -> None:
+        """Called by the watcher for every marker seen: start the run's worker, or tell the running one to look again."""
+        with self._lock:
+            if model_dir in self._active:
+                self._again.add(model_dir)
+                return
+            worker = threading.Thread(target=self._work, args=(model_dir,), name=f"fork:{model_dir.name}", daemon=True)
+            self._active[model_dir] = worker
+        worker.start()
+
+    def _work(self, model_dir: Path) -> None:
+        with self._slots:
+            while True:
+                pipeline = self.pipeline
+                for record in self._resumes.pop(model_dir, []):
+                    pipeline.resume(record)
+                run = run_dir_of(model_dir, tuple(self.config.watch.roots))
+                if run is not None:
+                    try:
+                        pipeline.process_run(run)
+                    except Exception:  # keep the daemon alive; the journal lets a restart finish the fork
+                        log.exception("unexpected error while processing %s", model_dir)
+                with self._lock:
+                    if model_dir not in self._again:
+                        del self._active[model_dir]
+                        break
+                    self._again.discard(model_dir)
+        self.wake.set()
+
+    def _offer_orphans(self) -> None:
+        for model_dir in list(self._orphans):
+            if not (model_dir / INPROGRESS).exists():
+                self._orphans.discard(model_dir)
+            elif model_dir not in self._active:
+                self._submit(model_dir)
+
+    def _join_workers(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for worker in list(self._active.values()):
+            worker.join(max(0.0, deadline - time.monotonic()))
+
+    def _count(self, record: ForkRecord) -> None:
+        key = "done" if record.state.value == "done" else "failed"
+        with self._lock:
+            self._counts[key] += 1
+        self.wake.set()
+
+    # --- start-up housekeeping ------------------------------------------------------------------------------
+    def _all_runs(self, config: Config) -> list[RunDir]:
+        return [run for root in config.watch.roots for run in iter_run_dirs(root)]
+
+    def _collect_leftovers(self, runs: Sequence[RunDir], journaled: set[str]) -> None:
+        """Remove staging/retired copies of forks that no journal and no claim knows (a crash before the journal)."""
+        for run in runs:
+            claimed = _claimed_fork_id(run.path / INPROGRESS)
+            for kind, fork_id in swap.leftovers(run.checkpoints):
+                if fork_id in journaled or fork_id == claimed:
+                    continue
+                log.info("removing leftover %s copy of fork %s in %s", kind, fork_id, run.checkpoints)
+                with contextlib.suppress(swap.SwapError, OSError):
+                    if kind == "stage":
+                        swap.abort_staged(run.checkpoints, fork_id)
+                    else:
+                        swap.discard_retired(run.checkpoints, fork_id)
+
+    # --- status ---------------------------------------------------------------------------------------------
+    def _summary(self) -> str:
+        assert self.watcher is not None
+        with self._lock:
+            active, done, failed = len(self._active), self._counts["done"], self._counts["failed"]
+        return (
+            f"watching {len(self.watcher.run_dirs())} runs ({self.watcher.backend}), "
+            f"{active} forking, {done} done, {failed} failed"
+        )
+
+    def _write_status(self, *, stopped: bool = False) -> None:
+        self._last_status = time.monotonic()
+        assert self.watcher is not None
+        with self._lock:
+            active = sorted(str(p) for p in self._active)
+            queued = sorted(str(p) for p in self._again)
+        status: dict[str, Any] = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "running": not stopped,
+            "started_at": self._started_at,
+            "config": str(self.config.source_file) if self.config.source_file else None,
+            "roots": [str(r) for r in self.config.watch.roots],
+            "backend": self.watcher.backend,
+            "watched_runs": len(self.watcher.run_dirs()),
+            "active_runs": active,
+            "queued_runs": queued,
+            "counts": dict(self._counts),
+        }
+        try:
+            self.journal.write_status(status)
+        except OSError as e:
+            log.warning("cannot write %s/status.json: %s", self.config.state_dir, e)
+        if not stopped:
+            self.notifier.status(self._summary())
+
+
+def _claimed_fork_id(path: Path) -> str | None:
+    import json
+
+    try:
+        data = json.loads(path.read_bytes()[:65536])
+    except (OSError, ValueError):
+        return None
+    return str(data.get("fork_id")) if isinstance(data, dict) and data.get("fork_id") else None
+
+
+def _with_state_dir(config: Config, state_dir: Path) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(config, state_dir=state_dir)

@@ -1,0 +1,242 @@
+"""The `.fork` marker: its format, claiming it, and the outcome files that end it.
+
+Lifecycle in a model dir: `.fork` (a request) -> renamed to `.fork.inprogress` (claimed; the rename is the arbiter
+when several daemons share a filesystem) -> `.fork.done` or `.fork.failed` (a JSON outcome). A `.fork` written while
+another is in progress stays where it is and is taken after it: one file is exactly one queued request, and
+re-touching it does not queue more (the last content written before the claim wins).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "DONE",
+    "FAILED",
+    "INPROGRESS",
+    "MARKER",
+    "MAX_MARKER_BYTES",
+    "ForkRequest",
+    "MarkerError",
+    "claim_marker",
+    "parse_marker",
+    "read_marker_file",
+    "remove_quietly",
+    "write_json_atomic",
+    "write_outcome",
+]
+
+MARKER = ".fork"
+INPROGRESS = ".fork.inprogress"
+DONE = ".fork.done"
+FAILED = ".fork.failed"
+MAX_MARKER_BYTES = 64 * 1024
+
+RequestKind = Literal["latest", "source", "step", "from_model"]
+_SOURCE_KEYS = ("source", "step", "from_model")
+_OPTIONAL_KEYS = ("from_project", "not_after_step", "request_id")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class MarkerError(Exception):
+    """A marker that cannot be acted on, as one sentence naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class ForkRequest:
+    kind: RequestKind
+    source: str | None = None
+    step: int | None = None
+    from_model: str | None = None
+    from_project: str | None = None
+    not_after_step: int | None = None
+    # Optional extension: lets `fork-sidecar fork --wait` find the outcome of its own request.
+    request_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def describe(self) -> str:
+        if self.kind == "source":
+            return f"source {self.source}"
+        if self.kind == "step":
+            return f"step {self.step}"
+        if self.kind == "from_model":
+            where = f"{self.from_project}/" if self.from_project else ""
+            limit = f" (not after step {self.not_after_step})" if self.not_after_step is not None else ""
+            return f"model {where}{self.from_model}{limit}"
+        return "the newest checkpoint"
+
+
+def parse_marker(content: bytes, where: Path) -> ForkRequest:
+    """Parse marker bytes; empty or whitespace means "fork from the newest checkpoint of this run"."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad(where, "is not UTF-8 text") from None
+    if not text.strip():
+        return ForkRequest("latest")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise _bad(where, "is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise _bad(where, f"must be empty or a YAML mapping, not {_type_name(data)}")
+    unknown = sorted(str(k) for k in data if k not in _SOURCE_KEYS + _OPTIONAL_KEYS)
+    if unknown:
+        raise _bad(where, f"has unknown key {unknown[0]!r}")
+    given = [k for k in _SOURCE_KEYS if k in data]
+    if len(given) > 1:
+        raise _bad(where, f"names both {given[0]!r} and {given[1]!r}; give exactly one source")
+    request_id = _optional_str(data, "request_id", where)
+    if request_id is not None and not _REQUEST_ID.match(request_id):
+        raise _bad(where, "has a request_id that is not 1-64 characters of letters, digits, '.', '_' or '-'")
+    not_after = _optional_step(data, "not_after_step", where)
+    from_project = _optional_str(data, "from_project", where)
+    if (not_after is not None or from_project is not None) and given != ["from_model"]:
+        raise _bad(where, "uses from_project/not_after_step without from_model")
+    if not given:
+        return ForkRequest("latest", request_id=request_id)
+    key = given[0]
+    if key == "step":
+        step = _optional_step(data, "step", where)
+        return ForkRequest("step", step=step, request_id=request_id)
+    value = _optional_str(data, key, where)
+    if not value:
+        raise _bad(where, f"has an empty {key!r}")
+    if key == "source":
+        return ForkRequest("source", source=value, request_id=request_id)
+    if "/" in value or value in (".", ".."):
+        raise _bad(where, f"has from_model {value!r}, which must be a model name, not a path")
+    return ForkRequest(
+        "from_model", from_model=value, from_project=from_project, not_after_step=not_after, request_id=request_id
+    )
+
+
+def _optional_step(data: dict[Any, Any], key: str, where: Path) -> int | None:
+    if key not in data:
+        return None
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(where, f"has {key} {value!r}; it must be a non-negative whole number")
+    return value
+
+
+def _optional_str(data: dict[Any, Any], key: str, where: Path) -> str | None:
+    if key not in data or data[key] is None:
+        return None
+    value = data[key]
+    if not isinstance(value, str):
+        raise _bad(where, f"has {key} of type {_type_name(value)}; it must be a string")
+    if "\0" in value:
+        raise _bad(where, f"has a NUL byte in {key}")
+    return value
+
+
+def _type_name(value: object) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _bad(where: Path, problem: str) -> MarkerError:
+    return MarkerError(f"{where} {problem}; write an empty file or one of source:, step:, from_model: (see README).")
+
+
+def read_marker_file(path: Path) -> bytes:
+    """Read a (claimed) marker without following a symlink or blocking on a FIFO, at most 64 KiB."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MarkerError(
+                f"{path} is a symlink; write the marker as a regular file in the run directory."
+            ) from None
+        raise MarkerError(f"{path} cannot be opened ({os.strerror(e.errno or 0)}); check its permissions.") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise MarkerError(f"{path} is {kind}; remove it and write the marker as a regular file.")
+        if st.st_size > MAX_MARKER_BYTES:
+            raise MarkerError(f"{path} is larger than 64 KiB; a marker is a few lines of YAML, rewrite it.")
+        data = os.read(fd, MAX_MARKER_BYTES + 1)
+        if len(data) > MAX_MARKER_BYTES:
+            raise MarkerError(f"{path} is larger than 64 KiB; a marker is a few lines of YAML, rewrite it.")
+        return data
+    finally:
+        os.close(fd)
+
+
+def claim_marker(model_dir: Path) -> bool:
+    """Atomically take `.fork` as `.fork.inprogress`; False when there is no marker or one is already in progress.
+
+    link()+unlink() rather than rename(): rename would silently replace an in-progress claim, and link fails with
+    EEXIST atomically on every filesystem, NFS included, so exactly one of several daemons wins.
+    """
+    marker, claimed = model_dir / MARKER, model_dir / INPROGRESS
+    try:
+        os.link(marker, claimed, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+            # Filesystems without hard links (and directories/FIFOs named .fork on some): fall back to a rename
+            # that refuses to replace an existing claim.
+            return _rename_noreplace(marker, claimed)
+        raise
+    remove_quietly(marker)
+    return True
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    from sidecar.fsops import rename_noreplace
+
+    try:
+        rename_noreplace(src, dst)
+    except (FileExistsError, FileNotFoundError):
+        return False
+    return True
+
+
+def remove_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any], *, mode: int = 0o644) -> None:
+    """Write JSON next to `path`, fsync, rename over it, fsync the directory: readers see old or new, whole."""
+    from sidecar.fsops import fsync_dir
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)  # not world-writable whatever the umask
+        os.write(fd, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_outcome(model_dir: Path, outcome: dict[str, Any]) -> Path:
+    """Record the outcome beside the marker, leaving exactly one outcome file (the latest) in the run dir."""
+    done = outcome.get("status") == "done"
+    path = model_dir / (DONE if done else FAILED)
+    write_json_atomic(path, outcome)
+    remove_quietly(model_dir / (FAILED if done else DONE))
+    return path

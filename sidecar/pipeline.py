@@ -1,0 +1,365 @@
+"""One fork, start to finish, as journaled steps: claim -> stage -> swap -> trainers -> vllm -> verify -> outcome.
+
+Each step does its work and then records the state it reached (journal.advance), so after a SIGKILL the daemon
+re-runs the step after the journaled state; every step is idempotent for that reason. Failures are values here:
+whatever goes wrong becomes one sentence in `.fork.failed`, and a failure never undoes a swap that happened
+(checkpoints/0000 is complete either way; the outcome says which adapter it holds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import stat
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sidecar import swap
+from sidecar.adapter import AdapterError, adapter_digest
+from sidecar.config import Config
+from sidecar.journal import ForkRecord, Journal
+from sidecar.layout import SERVED_STEP, RunDir
+from sidecar.marker import (
+    INPROGRESS,
+    MARKER,
+    MarkerError,
+    claim_marker,
+    parse_marker,
+    read_marker_file,
+    remove_quietly,
+    write_json_atomic,
+    write_outcome,
+)
+from sidecar.resolve import ResolveError, resolve_source
+from sidecar.stages import ForkContext, Stage, StageOutcome
+from sidecar.states import ForkState
+
+__all__ = ["ForkPipeline", "new_fork_id"]
+
+log = logging.getLogger("sidecar.pipeline")
+
+
+class ForkFailed(Exception):
+    """Ends a fork as failed with this sentence."""
+
+
+def new_fork_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+class ForkPipeline:
+    def __init__(self, config: Config, journal: Journal, stages: Sequence[Stage]) -> None:
+        self.config = config
+        self.journal = journal
+        self.stages = list(stages)
+        self.host = socket.gethostname()
+        self.on_finish: Callable[[ForkRecord], None] | None = None
+
+    # --- entry points ---------------------------------------------------------------------------------------
+    def process_run(self, run: RunDir) -> int:
+        """Claim and carry out every fork queued for `run`, one after another; returns how many ran."""
+        count = 0
+        while self._take_next(run):
+            count += 1
+        return count
+
+    def resume(self, record: ForkRecord) -> None:
+        """Finish a fork a previous daemon journaled but did not end."""
+        self._logger(record).info("resuming fork from state %s", record.state)
+        self._run_steps(record)
+
+    # --- claiming -----------------------------------------------------------------------------------------------
+    def _take_next(self, run: RunDir) -> bool:
+        # A `.fork` of any kind (directory, FIFO, symlink) is claimed, so that reading it can fail it with an outcome.
+        if not claim_marker(run.path):
+            return self._adopt_orphan(run)
+        self._start(run, ORIGIN_CLAIM)
+        return True
+
+    def _adopt_orphan(self, run: RunDir) -> bool:
+        """Take over a `.fork.inprogress` whose claimer is gone (timeouts.orphan_claim, the claim record)."""
+        claimed = run.path / INPROGRESS
+        try:
+            st = os.lstat(claimed)
+        except OSError:
+            return False
+        info = _claim_info(claimed) if stat.S_ISREG(st.st_mode) else None
+        if info is not None:
+            if info.get("fork_id") and self._journaled(str(info["fork_id"])):
+                return False  # ours, being resumed from the journal
+            if not self._claimer_gone(info):
+                return False
+        elif time.time() - st.st_ctime < self.config.timeouts.orphan_claim:
+            # Its claimer may be another host's daemon between its claim (which set the ctime) and its record.
+            return False
+        log.warning("adopting %s: its claimer is gone", claimed)
+        self._start(run, ORIGIN_ORPHAN, claim=info)
+        return True
+
+    def _journaled(self, fork_id: str) -> bool:
+        return (self.journal.forks_dir / f"{fork_id}.json").exists()
+
+    def _claimer_gone(self, info: dict[str, Any]) -> bool:
+        claimer = info.get("claimed_by") or {}
+        if claimer.get("host") == self.host:
+            pid = claimer.get("pid")
+            return not (isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid))
+        beat = info.get("heartbeat_at")
+        return not isinstance(beat, int | float) or time.time() - beat > self.config.timeouts.swap
+
+    def _start(self, run: RunDir, origin: str, claim: dict[str, Any] | None = None) -> None:
+        model_dir = run.path
+        fork_id = new_fork_id()
+        started = time.time()
+        record = ForkRecord(fork_id, str(model_dir), ForkState.CLAIMED, request={}, started_at=started)
+        logger = self._logger(record)
+        try:
+            if claim is not None and "marker" in claim:
+                raw = str(claim["marker"]).encode()
+            else:
+                raw = read_marker_file(model_dir / INPROGRESS)
+            request = parse_marker(raw, model_dir / MARKER)
+            record.request = request.to_json()
+            self._write_claim(model_dir, record, raw)
+            source = resolve_source(request, run, self.config.allowed_source_roots)
+            record.source = str(source)
+        except (MarkerError, ResolveError) as e:
+            logger.error("fork rejected: %s", e)
+            self._finish_failed(record, str(e))
+            return
+        logger.info("fork claimed (%s): %s -> %s/%s", origin, request.describe(), run.checkpoints, SERVED_STEP)
+        self.journal.create(record)
+        self._run_steps(record)
+
+    def _write_claim(self, model_dir: Path, record: ForkRecord, raw: bytes) -> None:
+        # Host, pid and a heartbeat let another daemon on a shared filesystem tell a live claim from a dead one.
+        info = {
+            "fork_id": record.fork_id,
+            "claimed_by": {"host": self.host, "pid": os.getpid(), "state_dir": str(self.config.state_dir)},
+            "heartbeat_at": time.time(),
+            "request": record.request,
+            "marker": raw.decode("utf-8", errors="replace"),
+        }
+        write_json_atomic(model_dir / INPROGRESS, info)
+
+    # --- the steps ----------------------------------------------------------------------------------------------
+    def _run_steps(self, record: ForkRecord) -> None:
+        steps: dict[ForkState, Callable[[ForkRecord], None]] = {
+            ForkState.CLAIMED: self._stage,
+            ForkState.STAGED: self._swap,
+            ForkState.SWAPPED: lambda r: self._notify(r, "trainers", ForkState.TRAINERS),
+            ForkState.TRAINERS: lambda r: self._notify(r, "vllm", ForkState.VLLM),
+            ForkState.VLLM: self._verify,
+            ForkState.VERIFIED: self._finish_done,
+        }
+        while not record.state.terminal:
+            try:
+                steps[record.state](record)
+            except ForkFailed as e:
+                self._logger(record).error("fork failed: %s", e)
+                self._finish_failed(record, str(e))
+            except Exception as e:  # a bug must still end the fork with an outcome, never strand the claim
+                self._logger(record).exception("internal error in state %s", record.state)
+                self._finish_failed(record, f"internal error in state {record.state} ({e!r}); see journalctl.")
+
+    def _stage(self, record: ForkRecord) -> None:
+        assert record.source is not None
+        started = time.monotonic()
+        try:
+            staged = swap.stage_checkpoint(
+                Path(record.source), self._checkpoints(record), record.fork_id, copy_mode=self.config.swap.copy_mode
+            )
+        except (swap.SwapError, AdapterError) as e:
+            raise ForkFailed(str(e)) from None
+        record.stages["swap"] = {
+            "status": "ok",
+            "method": staged.method,
+            "files": list(staged.files),
+            "bytes": staged.bytes,
+            "stage_seconds": round(time.monotonic() - started, 4),
+        }
+        self.journal.advance(record, ForkState.STAGED, digest=staged.digest)
+        self._logger(record, "swap").info(
+            "staged %d bytes by %s, digest %s", staged.bytes, staged.method, staged.digest
+        )
+
+    def _swap(self, record: ForkRecord) -> None:
+        assert record.digest is not None
+        started = time.monotonic()
+        try:
+            swap.install_staged(self._checkpoints(record), record.fork_id, record.digest)
+        except (swap.SwapError, AdapterError) as e:
+            raise ForkFailed(str(e)) from None
+        outcome = record.stages.setdefault("swap", {"status": "ok"})
+        outcome["install_seconds"] = round(time.monotonic() - started, 4)
+        outcome["seconds"] = round(outcome.get("stage_seconds", 0.0) + outcome["install_seconds"], 4)
+        self.journal.advance(record, ForkState.SWAPPED)
+        self._logger(record, "swap").info("checkpoints/%s now holds %s", SERVED_STEP, record.digest)
+
+    def _notify(self, record: ForkRecord, name: str, reached: ForkState) -> None:
+        outcome = self._run_stage(record, name)
+        record.stages[name] = outcome.to_json()
+        self.journal.advance(record, reached)
+
+    def _run_stage(self, record: ForkRecord, name: str) -> StageOutcome:
+        stage = next((s for s in self.stages if s.name == name), None)
+        if stage is None:
+            return StageOutcome("skipped", error="none found")
+        assert record.digest is not None and record.source is not None
+        timeout = float(getattr(self.config.timeouts, name))
+        ctx = ForkContext(
+            record.fork_id, Path(record.model_dir), Path(record.source), record.digest, time.monotonic() + timeout
+        )
+        logger = self._logger(record, name)
+        started = time.monotonic()
+        try:
+            outcome = stage.run(ctx)
+        except Exception as e:  # a stage bug is a failed stage, not a stranded fork
+            logger.exception("%s stage raised", name)
+            outcome = StageOutcome("failed", error=f"internal error in the {name} stage ({e!r}); see journalctl.")
+        if not outcome.seconds:
+            outcome = StageOutcome(outcome.status, time.monotonic() - started, outcome.error, outcome.detail)
+        level = logging.ERROR if outcome.status == "failed" else logging.INFO
+        logger.log(level, "%s stage %s%s", name, outcome.status, f": {outcome.error}" if outcome.error else "")
+        return outcome
+
+    def _verify(self, record: ForkRecord) -> None:
+        started = time.monotonic()
+        checkpoints = self._checkpoints(record)
+        try:
+            on_disk = adapter_digest(checkpoints / SERVED_STEP)
+        except (AdapterError, OSError) as e:
+            on_disk = f"unreadable ({e})"
+        problems = []
+        if on_disk != record.digest:
+            problems.append(
+                f"{checkpoints / SERVED_STEP} holds {on_disk}, not the forked {record.digest}; "
+                "another writer replaced it — fork again."
+            )
+        problems += [
+            str(s["error"]) for n in ("trainers", "vllm") if (s := record.stages.get(n, {})).get("status") == "failed"
+        ]
+        record.stages["verify"] = {
+            "status": "failed" if problems else "ok",
+            "seconds": round(time.monotonic() - started, 4),
+            "disk_digest": on_disk,
+        }
+        # The retired copy outlived every reload of this fork (vLLM may read from paths until its reload returns).
+        swap.discard_retired(checkpoints, record.fork_id)
+        self.journal.advance(record, ForkState.VERIFIED, error=problems[0] if problems else None)
+
+    # --- endings ------------------------------------------------------------------------------------------------
+    def _finish_done(self, record: ForkRecord) -> None:
+        if record.error:
+            self._finish_failed(record, record.error)
+            return
+        self._write_outcome(record, "done")
+        self.journal.advance(record, ForkState.DONE, finished_at=record.finished_at)
+        self._logger(record).info("fork done in %.2fs", (record.finished_at or 0) - record.started_at)
+        self._close(record)
+
+    def _finish_failed(self, record: ForkRecord, error: str) -> None:
+        record.error = error
+        if record.state in (ForkState.CLAIMED, ForkState.STAGED):
+            with contextlib.suppress(swap.SwapError, OSError):
+                swap.abort_staged(self._checkpoints(record), record.fork_id)
+            record.stages.setdefault("swap", {}).update(self._served_now(record))
+        self._write_outcome(record, "failed")
+        if self._journaled(record.fork_id):
+            self.journal.advance(record, ForkState.FAILED, finished_at=record.finished_at)
+        else:
+            record.state = ForkState.FAILED
+        self._close(record)
+
+    def _served_now(self, record: ForkRecord) -> dict[str, Any]:
+        """After a failure around the swap, say plainly which adapter checkpoints/0000 holds."""
+        try:
+            held = adapter_digest(self._checkpoints(record) / SERVED_STEP)
+        except (AdapterError, OSError):
+            return {"status": "failed"}
+        return {"status": "failed", "served_digest": held, "served_is_new": held == record.digest}
+
+    def _write_outcome(self, record: ForkRecord, status: str) -> None:
+        record.finished_at = time.time()
+        model_dir = Path(record.model_dir)
+        outcome: dict[str, Any] = {
+            "status": status,
+            "fork_id": record.fork_id,
+            "request": record.request,
+            "source": record.source,
+            "digest": record.digest,
+            "swap": record.stages.get("swap", {"status": "skipped"}),
+            "trainers": record.stages.get("trainers", {"status": "skipped"}),
+            "vllm": record.stages.get("vllm", {"status": "skipped"}),
+            "verify": record.stages.get("verify", {"status": "skipped"}),
+            "error": record.error,
+            "host": self.host,
+            "started_at": _iso(record.started_at),
+            "finished_at": _iso(record.finished_at),
+        }
+        if rid := record.request.get("request_id"):
+            outcome["request_id"] = rid
+        if model_dir.is_dir():
+            write_outcome(model_dir, outcome)
+        claimed = model_dir / INPROGRESS
+        try:
+            remove_quietly(claimed)
+        except OSError:  # a non-empty directory named .fork: move it aside rather than delete a user's files
+            with contextlib.suppress(OSError):
+                os.rename(claimed, model_dir / f".fork.rejected-{record.fork_id}")
+
+    def _close(self, record: ForkRecord) -> None:
+        self.journal.finish(record)
+        if self.on_finish is not None:
+            self.on_finish(record)
+
+    # --- helpers ------------------------------------------------------------------------------------------------
+    def _checkpoints(self, record: ForkRecord) -> Path:
+        return Path(record.model_dir) / "checkpoints"
+
+    def _logger(self, record: ForkRecord, stage: str | None = None) -> logging.LoggerAdapter[logging.Logger]:
+        run = "/".join(Path(record.model_dir).parts[-3::2])  # project/model
+        extra = {"fork_run": record.model_dir, "fork_id": record.fork_id, "fork_stage": stage or "", "run": run}
+        return _ForkLogger(log, extra)
+
+
+ORIGIN_CLAIM = "marker"
+ORIGIN_ORPHAN = "adopted orphan claim"
+
+
+class _ForkLogger(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes the run and fork id for people; the same values travel as journald fields (FORK_RUN, ...)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        return f"[{extra.get('run')} {extra.get('fork_id')}] {msg}", kwargs
+
+
+def _claim_info(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(read_marker_file(path))
+    except (MarkerError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "claimed_by" in data else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,587 @@
+"""The agent inside a trainer process: serves `agent-<pid>.sock` and applies forks to what it was given to serve.
+
+Two kinds of target:
+- a generic PEFT model handed to `sidecar.preload.register(model, run_dir)` (this module: `PeftTarget`);
+- OpenPipe ART's `UnslothService` instances, found by the post-import hook (`sidecar.preload.art`).
+
+Generic PEFT models get the fork between training steps, without any change to the training loop beyond
+`register()`. `StepGate` tells "a step is running" from what torch shows anyway:
+- a forward of the model in train mode with grad enabled starts a step;
+- an optimizer step that updates the model's parameters ends it (torch's global optimizer step hook, so any
+  `torch.optim` optimizer counts, wrapped by accelerate or not; gradient accumulation stays one step);
+- any forward in progress (also no-grad generation) makes the model busy until it returns.
+A fork that arrives while the model is idle is loaded at once on the agent's thread, with new forwards held back
+until it is done. A fork that arrives mid-step is handed to the training thread, which loads it right after the
+optimizer step, before the next forward; if no boundary comes within the request's timeout the fork is withdrawn
+and answered with an error, so weights never change under a running backward pass. A loop that wants to mark steps
+itself wraps each in `sidecar.preload.training_step()`; from then on the hooks defer to it.
+
+Nothing here imports torch unless a model is registered (torch is loaded then anyway).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from sidecar import __version__
+from sidecar.control import (
+    PROTOCOL_VERSION,
+    ControlServer,
+    ForkRequest,
+    HelloRequest,
+    PeerCred,
+    Request,
+    StatusRequest,
+    agent_socket_path,
+    error_reply,
+    ok_reply,
+)
+
+__all__ = [
+    "RESULT_LOADED",
+    "RESULT_PENDING",
+    "Agent",
+    "PeftTarget",
+    "StepGate",
+    "Target",
+    "current_agent",
+    "enabled",
+    "register_peft_model",
+    "runtime_dir",
+    "training_step",
+]
+
+RESULT_LOADED = "loaded"
+RESULT_PENDING = "load pending"
+DEFAULT_RUNTIME_DIR = "/run/fork-sidecar"
+_RECENT = 16
+
+
+def enabled() -> bool:
+    """False when FORK_SIDECAR_PRELOAD=0 turns the preload off in this process."""
+    return os.environ.get("FORK_SIDECAR_PRELOAD", "").strip() != "0"
+
+
+def runtime_dir() -> Path:
+    return Path(os.environ.get("FORK_SIDECAR_RUNTIME_DIR") or DEFAULT_RUNTIME_DIR)
+
+
+def _log(key: str, level: int, message: str, *args: object) -> None:
+    from sidecar.preload.hooks import log_once
+
+    log_once(key, level, message, *args)
+
+
+# --- targets -----------------------------------------------------------------------------------------------------
+class Target(Protocol):
+    kind: str
+
+    def alive(self) -> bool: ...
+
+    def serves(self) -> list[str]:
+        """Real paths of the run dirs this target trains."""
+        ...
+
+    def fork(self, request: ForkRequest, checkpoint_dir: Path) -> dict[str, Any]:
+        """Apply the fork; returns a reply (ok_reply / error_reply)."""
+        ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+# --- the safe point ----------------------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    fn: Callable[[], Any]
+    taken: bool = False
+    done: bool = False
+    where: str = ""
+    result: Any = None
+    error: BaseException | None = None
+
+
+class StepTimeout(Exception):
+    """No step boundary came in time; nothing was changed."""
+
+
+_gates: weakref.WeakSet[StepGate] = weakref.WeakSet()
+
+
+class StepGate:
+    """Lets a job touch a model's weights only between training steps (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._in_step = False
+        self._step_since = 0.0
+        self._explicit_mode = False
+        self._explicit_depth = 0
+        self._forwards = 0
+        self._applying = False
+        self._job: _Job | None = None
+        self.steps = 0
+        self.disabled = False
+        _gates.add(self)
+
+    # training-thread side (hooks and training_step) ------------------------------------------------------------
+    def forward_started(self, training: bool) -> None:
+        with self._cond:
+            while self._applying:
+                self._cond.wait()
+            self._forwards += 1
+            if training and not self._explicit_mode and not self._in_step:
+                self._in_step, self._step_since = True, time.monotonic()
+
+    def forward_finished(self) -> None:
+        with self._cond:
+            self._forwards = max(0, self._forwards - 1)
+            if not self._forwards:
+                self._cond.notify_all()
+
+    def optimizer_stepped(self) -> None:
+        if not self._explicit_mode:
+            self._boundary()
+
+    def explicit_enter(self) -> None:
+        with self._cond:
+            while self._applying:
+                self._cond.wait()
+            self._explicit_mode = True
+            self._explicit_depth += 1
+            if not self._in_step:
+                self._in_step, self._step_since = True, time.monotonic()
+
+    def explicit_exit(self) -> None:
+        with self._cond:
+            self._explicit_depth = max(0, self._explicit_depth - 1)
+            if self._explicit_depth:
+                return
+        self._boundary()
+
+    def _boundary(self) -> None:
+        with self._cond:
+            if self._in_step:
+                self.steps += 1
+            self._in_step = False
+            job = self._job
+            if job is None or job.taken:
+                self._cond.notify_all()
+                return
+            job.taken, job.where, self._applying = True, "step boundary", True
+        self._run(job)
+
+    # agent side -------------------------------------------------------------------------------------------------
+    def run_between_steps(self, fn: Callable[[], Any], timeout: float) -> tuple[Any, str]:
+        """Run `fn` while no step or forward runs; returns (its result, where it ran). Raises StepTimeout."""
+        job = _Job(fn)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self._job is not None:
+                raise StepTimeout("another fork is waiting for this model's step boundary")
+            self._job = job
+            try:
+                while not job.taken:
+                    if not (self._in_step or self._forwards or self._applying):
+                        job.taken, job.where, self._applying = True, "between steps", True
+                        break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise StepTimeout(self._busy_sentence(timeout))
+                    self._cond.wait(remaining)
+            finally:
+                if not job.taken:
+                    self._job = None
+        if job.where == "between steps":
+            self._run(job)
+        with self._cond:
+            while not job.done:  # the training thread runs it; a load takes about as long as reading the file
+                self._cond.wait()
+            self._job = None
+        if job.error is not None:
+            raise job.error
+        return job.result, job.where
+
+    def _busy_sentence(self, timeout: float) -> str:
+        if self._in_step:
+            running = time.monotonic() - self._step_since
+            return (
+                f"a training step was still running after {timeout:.1f}s (in step for {running:.1f}s, no optimizer "
+                "step seen); nothing was changed"
+            )
+        return f"the model was still busy (forward in progress) after {timeout:.1f}s; nothing was changed"
+
+    def _run(self, job: _Job) -> None:
+        try:
+            job.result = job.fn()
+        except BaseException as e:  # never into the training loop; the agent thread re-raises it
+            job.error = e
+        finally:
+            with self._cond:
+                self._applying = False
+                job.done = True
+                self._cond.notify_all()
+
+    def describe(self) -> dict[str, Any]:
+        with self._cond:
+            out: dict[str, Any] = {"in_step": self._in_step, "steps_seen": self.steps, "forwards": self._forwards}
+            if self._in_step:
+                out["in_step_seconds"] = round(time.monotonic() - self._step_since, 3)
+            out["marks"] = "training_step()" if self._explicit_mode else "hooks"
+            return out
+
+    def forget_in_child(self) -> None:
+        # A lock held by another thread at fork() time stays held in the child: start clean and stand aside.
+        self._cond = threading.Condition()
+        self._job, self._applying, self._forwards = None, False, 0
+        self.disabled = True
+
+
+# --- generic PEFT ------------------------------------------------------------------------------------------------
+class PeftTarget:
+    """A PEFT model registered with `register()`; forks load into it at the next safe point."""
+
+    kind = "peft"
+
+    def __init__(self, model: Any, run_dir: str, optimizer: Any | None) -> None:
+        self._model = weakref.ref(model)
+        self.run_dir = run_dir
+        self.gate = StepGate()
+        self._fork_lock = threading.Lock()
+        self._optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._matches: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        self._param_ids = {id(p) for p in model.parameters() if p.requires_grad}
+        self._handles: list[Any] = []
+        self.last: dict[str, Any] | None = None
+        if optimizer is not None:
+            self.add_optimizer(optimizer)
+        self._install_hooks(model)
+
+    def add_optimizer(self, optimizer: Any) -> None:
+        self._optimizers.add(optimizer)
+        self._matches[optimizer] = True
+
+    def _install_hooks(self, model: Any) -> None:
+        gate = self.gate
+
+        def pre(module: Any, args: Any) -> None:
+            if not gate.disabled:
+                import torch
+
+                gate.forward_started(module.training and torch.is_grad_enabled())
+
+        def post(module: Any, args: Any, output: Any) -> None:
+            if not gate.disabled:
+                gate.forward_finished()
+
+        modules = [model]
+        get_base = getattr(model, "get_base_model", None)
+        if callable(get_base) and get_base() is not model:
+            modules.append(get_base())  # a loop may call the wrapped transformers model directly
+        for m in modules:
+            self._handles.append(m.register_forward_pre_hook(pre))
+            self._handles.append(m.register_forward_hook(post, always_call=True))
+
+    def owns_optimizer(self, optimizer: Any) -> bool:
+        """True when `optimizer` updates this model's trainable parameters (answer cached per optimizer)."""
+        known = self._matches.get(optimizer)
+        if known is None:
+            groups = getattr(optimizer, "param_groups", [])
+            known = any(id(p) in self._param_ids for g in groups for p in g.get("params", ()))
+            with contextlib.suppress(TypeError):
+                self._matches[optimizer] = known
+            if known:
+                self._optimizers.add(optimizer)
+        return known
+
+    def alive(self) -> bool:
+        return self._model() is not None
+
+    def serves(self) -> list[str]:
+        return [self.run_dir]
+
+    def fork(self, request: ForkRequest, checkpoint_dir: Path) -> dict[str, Any]:
+        from sidecar.preload.peft_load import AdapterLoadError, load_adapter_from_checkpoint
+
+        model = self._model()
+        if model is None:
+            return error_reply("gone", "the registered model has been garbage-collected")
+        started = time.monotonic()
+        if not self._fork_lock.acquire(timeout=max(0.0, request.timeout)):
+            return error_reply("busy", "another fork of this model is still being applied")
+        try:
+            digest, where = self.gate.run_between_steps(
+                lambda: load_adapter_from_checkpoint(model, checkpoint_dir, optimizers=list(self._optimizers)),
+                request.timeout,
+            )
+        except StepTimeout as e:
+            return self._remember(request, error_reply("step_timeout", str(e)), started)
+        except AdapterLoadError as e:
+            return self._remember(request, error_reply("load_failed", str(e)), started)
+        finally:
+            self._fork_lock.release()
+        reply = ok_reply(result=RESULT_LOADED, digest=digest, applied=where)
+        return self._remember(request, reply, started)
+
+    def _remember(self, request: ForkRequest, reply: dict[str, Any], started: float) -> dict[str, Any]:
+        reply["seconds"] = round(time.monotonic() - started, 4)
+        self.last = {"fork_id": request.fork_id, "at": time.time(), **reply}
+        return reply
+
+    def describe(self) -> dict[str, Any]:
+        model = self._model()
+        return {
+            "kind": self.kind,
+            "run_dir": self.run_dir,
+            "model": type(model).__name__ if model is not None else None,
+            "optimizers": len(self._optimizers),
+            "gate": self.gate.describe(),
+            "last_fork": self.last,
+        }
+
+    def close(self) -> None:
+        for handle in self._handles:
+            with contextlib.suppress(Exception):
+                handle.remove()
+        self._handles.clear()
+
+
+# --- the agent ---------------------------------------------------------------------------------------------------
+class Agent:
+    """One per process: the socket, the targets, and the last fork results (also the deferred ones)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.pid = os.getpid()
+        self.socket_path = agent_socket_path(directory, self.pid)
+        self._targets: list[Target] = []
+        self._lock = threading.Lock()
+        self._server: ControlServer | None = None
+        self._started = time.time()
+        self.recent: deque[dict[str, Any]] = deque(maxlen=_RECENT)
+
+    # targets ----------------------------------------------------------------------------------------------------
+    def add(self, target: Target) -> None:
+        with self._lock:
+            if target not in self._targets:
+                self._targets.append(target)
+        self.ensure_serving()
+
+    def targets(self) -> list[Target]:
+        with self._lock:
+            self._targets = [t for t in self._targets if t.alive()]
+            return list(self._targets)
+
+    def ensure_serving(self) -> bool:
+        """Start the socket if it is not running; False (logged once) when it cannot be created."""
+        with self._lock:
+            if self._server is not None and self._server.running:
+                return True
+            server = ControlServer(self.socket_path, self.handle)
+            try:
+                server.start()
+            except OSError as e:
+                _log(f"agent-socket:{self.socket_path}", logging.WARNING, "fork-sidecar agent not started: %s", e)
+                return False
+            self._server = server
+        _log(f"agent-up:{self.socket_path}", logging.INFO, "fork-sidecar agent listening on %s", self.socket_path)
+        return True
+
+    def record(self, result: Mapping[str, Any]) -> None:
+        """Keep a fork result for `status` (deferred ART loads report here too)."""
+        self.recent.append({"at": round(time.time(), 3), **result})
+
+    def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+
+    # requests ---------------------------------------------------------------------------------------------------
+    def handle(self, request: Request, peer: PeerCred) -> dict[str, Any]:
+        if isinstance(request, HelloRequest):
+            return self.hello()
+        if isinstance(request, StatusRequest):
+            return self.status()
+        if isinstance(request, ForkRequest):
+            return self.fork(request)
+        return error_reply("unknown_op", f"unsupported request {request!r}")
+
+    def hello(self) -> dict[str, Any]:
+        targets = self.targets()
+        runs = sorted({run for t in targets for run in t.serves()})
+        return ok_reply(
+            protocol=PROTOCOL_VERSION,
+            pid=self.pid,
+            host=socket.gethostname(),
+            python=sys.version.split()[0],
+            executable=sys.executable,
+            runs=runs,
+            kinds=sorted({t.kind for t in targets}),
+            versions=_versions(),
+        )
+
+    def status(self) -> dict[str, Any]:
+        reply = self.hello()
+        reply["started_at"] = round(self._started, 3)
+        reply["targets"] = [t.describe() for t in self.targets()]
+        reply["recent"] = list(self.recent)
+        return reply
+
+    def fork(self, request: ForkRequest) -> dict[str, Any]:
+        run = os.path.realpath(request.run_dir)
+        targets = [t for t in self.targets() if run in t.serves()]
+        if not targets:
+            served = sorted({r for t in self.targets() for r in t.serves()}) or ["nothing"]
+            return error_reply("not_serving", f"pid {self.pid} does not train {run} (it serves {', '.join(served)})")
+        checkpoint = checkpoint_within(run, request.checkpoint_dir)
+        if checkpoint is None:
+            return error_reply(
+                "forbidden_path", f"checkpoint {request.checkpoint_dir} is not inside the run {run}; refused"
+            )
+        replies = [t.fork(request, checkpoint) for t in targets]
+        reply = _combine(replies)
+        self.record({"fork_id": request.fork_id, "run_dir": run, **_summary(reply)})
+        return reply
+
+
+def checkpoint_within(run: str, checkpoint: str) -> Path | None:
+    """The real path of `checkpoint` if it lies strictly inside the run dir `run` (a real path), else None."""
+    real = os.path.realpath(checkpoint)
+    try:
+        inside = os.path.commonpath([real, run]) == run and real != run
+    except ValueError:
+        return None
+    return Path(real) if inside else None
+
+
+def _combine(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(replies) == 1:
+        return replies[0]
+    failed = [r for r in replies if not r.get("ok")]
+    if failed:
+        return {**failed[0], "targets": replies}
+    digests = {r.get("digest") for r in replies if r.get("digest")}
+    results = {r.get("result") for r in replies}
+    if len(digests) > 1:
+        return error_reply("mixed", "the models of this run loaded different adapters", targets=replies)
+    result = RESULT_LOADED if results == {RESULT_LOADED} else RESULT_PENDING
+    return ok_reply(result=result, digest=next(iter(digests), None), targets=replies)
+
+
+def _summary(reply: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("ok", "result", "digest", "seconds", "applied", "state", "error")
+    return {k: reply[k] for k in keys if k in reply}
+
+
+_VERSIONED = (
+    ("torch", "torch"),
+    ("peft", "peft"),
+    ("transformers", "transformers"),
+    ("art", "openpipe-art"),
+    ("unsloth", "unsloth"),
+)
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"sidecar": __version__}
+    for module, dist in _VERSIONED:
+        if module not in sys.modules:
+            continue
+        version = getattr(sys.modules[module], "__version__", None)
+        if not isinstance(version, str):
+            try:
+                from importlib.metadata import version as dist_version
+
+                version = dist_version(dist)
+            except Exception:
+                version = None
+        out[module] = version
+    return out
+
+
+# --- the process's agent ------------------------------------------------------------------------------------------
+_agent: Agent | None = None
+_agent_lock = threading.Lock()
+
+
+def current_agent(*, create: bool = True) -> Agent | None:
+    """This process's agent (a forked child gets its own, serving nothing until told)."""
+    global _agent
+    with _agent_lock:
+        if _agent is None and create:
+            _agent = Agent(runtime_dir())
+            atexit.register(_agent.close)
+        return _agent
+
+
+def _forget_in_child() -> None:
+    global _agent, _agent_lock
+    _agent, _agent_lock = None, threading.Lock()
+    for gate in list(_gates):
+        gate.forget_in_child()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+_peft_targets: list[PeftTarget] = []
+_step_hook: Any = None
+
+
+def register_peft_model(model: Any, run_dir: str | os.PathLike[str], *, optimizer: Any | None = None) -> PeftTarget:
+    """The work behind `sidecar.preload.register`; returns the target (tests use it to look inside)."""
+    run = os.path.realpath(os.fspath(run_dir))
+    agent = current_agent()
+    assert agent is not None
+    for target in agent.targets():
+        if isinstance(target, PeftTarget) and target._model() is model and target.run_dir == run:
+            if optimizer is not None:
+                target.add_optimizer(optimizer)
+            return target
+    target = PeftTarget(model, run, optimizer)
+    _install_step_hook()
+    _peft_targets[:] = [t for t in _peft_targets if t.alive()] + [target]
+    agent.add(target)
+    return target
+
+
+def _install_step_hook() -> None:
+    """One global torch optimizer hook per process: every optimizer step is a boundary for the models it updates."""
+    global _step_hook
+    if _step_hook is not None:
+        return
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+        try:
+            for target in list(_peft_targets):
+                if not target.gate.disabled and target.alive() and target.owns_optimizer(optimizer):
+                    target.gate.optimizer_stepped()
+        except Exception:  # a hook must never break the training step it follows
+            _log("step-hook", logging.WARNING, "fork-sidecar optimizer hook failed; forks may wait for their timeout")
+
+    _step_hook = register_optimizer_step_post_hook(after_step)
+
+
+@contextlib.contextmanager
+def training_step() -> Iterator[None]:
+    """Marks one training step of every registered model; forks wait until it ends (see the module docstring)."""
+    gates = [t.gate for t in _peft_targets if t.alive() and not t.gate.disabled]
+    for gate in gates:
+        gate.explicit_enter()
+    try:
+        yield
+    finally:
+        for gate in gates:
+            gate.explicit_exit()

@@ -1,0 +1,409 @@
+"""Makes Unsloth's fused LoRA kernels work when an autocast of one half-precision dtype wraps a model of the other.
+
+The crash (issue 5): under `torch.autocast(dtype=float16)` around a bf16 model, Unsloth's `matmul_lora` computes
+`out = X @ W.t()` and `XA = X @ A` through autocast (fp16) but `B.to(X.dtype)` stays bf16, and the in-place
+`out.addmm_(XA, B)` is not autocast-eligible: "self and mat2 must have the same dtype, but got Half and BFloat16".
+`fast_linear_forward` (decode, `addmv_`/`addmm_`) and the backward passes of `LoRA_MLP`/`LoRA_QKV`/`LoRA_W`
+(`d_A.addmm_(X.t(), dY @ B.t())`, whose `dY @ B.t()` is fp16 under the autocast replayed by `custom_bwd`) do the same.
+
+What the wrappers do, per call:
+- no autocast on, or autocast's dtype equals the activation's: call the original, nothing else (no cast, no
+  allocation, no Python side effect: torch.compile traces straight through).
+- otherwise pick one common dtype: bf16 if autocast's or the weight's dtype is bf16, else autocast's (the dtype
+  the matmuls would produce). When it is the weight's dtype (a bf16 model: the reported case) the kernel runs with
+  autocast off and the activation cast to it, so every operand of every in-place op arrives in it, exactly as
+  Unsloth computes without autocast; the caller gets that dtype back. Otherwise (an fp32 model) only the activation
+  is cast to autocast's dtype and autocast stays on, which again makes all operands agree.
+- the autograd functions are wrapped at `forward`: `custom_fwd` then records the autocast state the forward really
+  ran under and `custom_bwd` replays it, so the backward sees consistent dtypes without a wrapper of its own.
+- newer Unsloth routes in-place updates through a module-level `addmm_(out, A, B, alpha, beta)` helper: on
+  mismatched operands it casts them to one dtype (bf16 if any is bf16, else `out`'s) and keeps `out`'s dtype.
+
+torch is imported only inside the hooks: they run when Unsloth is being imported, which has already imported it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from sidecar.preload.hooks import log_once, when_imported
+
+__all__ = [
+    "AUTOGRAD_FUNCTIONS",
+    "DISABLE_ENV",
+    "INPLACE_HELPERS",
+    "KERNEL_FUNCTIONS",
+    "ORIGINAL_ATTR",
+    "TESTED_UNSLOTH_VERSIONS",
+    "common_dtype",
+    "is_disabled",
+    "is_patched",
+    "on_unsloth_fast_lora",
+    "on_unsloth_kernels_utils",
+    "suspended",
+    "unpatch_all",
+    "unsloth_version",
+]
+
+DISABLE_ENV = "FORK_SIDECAR_DTYPE_PATCH"
+TESTED_UNSLOTH_VERSIONS = ("2026.3.3",)
+# unsloth.kernels.utils functions taking an activation `X`; other Unsloth modules import them by name.
+KERNEL_FUNCTIONS = ("matmul_lora", "fast_linear_forward")
+# unsloth.kernels.utils in-place helpers `helper(out, A, B, ...)` (not in 2026.3.3; newer releases have `addmm_`).
+INPLACE_HELPERS = ("addmm_",)
+# unsloth.kernels.fast_lora autograd functions whose forward takes (ctx, X, W, W_quant, ...).
+AUTOGRAD_FUNCTIONS = ("LoRA_MLP", "LoRA_QKV", "LoRA_W")
+ORIGINAL_ATTR = "__fork_sidecar_original__"
+UTILS_MODULE = "unsloth.kernels.utils"
+FAST_LORA_MODULE = "unsloth.kernels.fast_lora"
+# DESIGN.md: the kernel functions are imported by name into unsloth.kernels, .fast_lora, .models.llama and, via
+# `import *`, most model modules; unsloth_zoo and Unsloth's compiled cache modules share the prefix.
+ALIAS_MODULE_PREFIX = "unsloth"
+
+_LOG = logging.INFO
+
+
+@dataclass(frozen=True)
+class _Change:
+    """One attribute this module replaced: `owner.name` was `before` and is now `after`."""
+
+    owner: Any
+    name: str
+    before: Any
+    after: Any
+
+
+_changes: list[_Change] = []
+
+
+def is_disabled(environ: Mapping[str, str] | None = None) -> bool:
+    """True when FORK_SIDECAR_DTYPE_PATCH=0 in `environ` (default: this process's environment)."""
+    env = os.environ if environ is None else environ
+    return env.get(DISABLE_ENV, "").strip() == "0"
+
+
+def unsloth_version() -> str:
+    """The installed Unsloth version from its distribution metadata (no import), or "unknown"."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("unsloth")
+    except Exception:
+        return str(getattr(sys.modules.get("unsloth"), "__version__", "unknown"))
+
+
+def common_dtype(output_dtype: Any, *other_dtypes: Any) -> Any:
+    """The one dtype mismatched operands are brought to: bf16 if any of them is bf16, else the output's."""
+    import torch
+
+    return _common(torch.bfloat16, output_dtype, other_dtypes)
+
+
+def _common(bfloat16: Any, output_dtype: Any, other_dtypes: tuple[Any, ...]) -> Any:
+    return bfloat16 if output_dtype == bfloat16 or bfloat16 in other_dtypes else output_dtype
+
+
+def is_patched(function: Any) -> bool:
+    """True for a wrapper made here (functions and staticmethods alike)."""
+    return getattr(getattr(function, "__func__", function), ORIGINAL_ATTR, None) is not None
+
+
+def on_unsloth_kernels_utils(module: ModuleType) -> None:
+    """Post-import hook for `unsloth.kernels.utils` (hook_table): wrap its kernels, rebind every alias."""
+    version = unsloth_version()
+    if is_disabled():
+        log_once("dtype-disabled", _LOG, "Unsloth %s: mixed-dtype patch off (%s=0)", version, DISABLE_ENV)
+        return
+    import torch
+
+    wrapped = _patch_kernel_functions(torch, module) + _patch_inplace_helpers(torch, module)
+    if not wrapped and any(is_patched(getattr(module, name, None)) for name in KERNEL_FUNCTIONS + INPLACE_HELPERS):
+        return  # patched already (a second copy of the preload, a re-import): nothing more to do
+    if not wrapped:
+        log_once(
+            "dtype-nothing",
+            _LOG,
+            "Unsloth %s: none of %s found in %s; mixed-dtype patch not applied",
+            version,
+            ", ".join(KERNEL_FUNCTIONS + INPLACE_HELPERS),
+            module.__name__,
+        )
+        return
+    rebound = _rebind_aliases([(change.before, change.after) for change in wrapped])
+    note = "" if version in TESTED_UNSLOTH_VERSIONS else " (untested version: patched because the functions exist)"
+    late = f"; Unsloth was imported before the preload armed: {rebound} by-name aliases rebound" if rebound else ""
+    log_once(
+        "dtype-active",
+        _LOG,
+        "Unsloth %s%s: mixed-dtype patch active for %s%s",
+        version,
+        note,
+        ", ".join(change.name for change in wrapped),
+        late,
+    )
+    when_imported(FAST_LORA_MODULE, on_unsloth_fast_lora, key=f"{__name__}:on_unsloth_fast_lora")
+    fast_lora = sys.modules.get(FAST_LORA_MODULE)
+    if fast_lora is not None:
+        on_unsloth_fast_lora(fast_lora)  # idempotent; covers a re-patch after unpatch_all()
+
+
+def on_unsloth_fast_lora(module: ModuleType) -> None:
+    """Armed by `on_unsloth_kernels_utils`: wrap the forward of Unsloth's LoRA autograd functions."""
+    utils = sys.modules.get(UTILS_MODULE)
+    if is_disabled() or not any(is_patched(getattr(utils, name, None)) for name in KERNEL_FUNCTIONS + INPLACE_HELPERS):
+        return  # the autograd functions are patched together with the kernels, never alone
+    import torch
+
+    names = []
+    for class_name in AUTOGRAD_FUNCTIONS:
+        cls = getattr(module, class_name, None)
+        forward = getattr(cls, "__dict__", {}).get("forward")
+        if not isinstance(forward, staticmethod) or is_patched(forward):
+            continue
+        x_index = _parameter_index(forward.__func__, "X")
+        if x_index is None:
+            continue
+        weight_dtype = _positional_weight_dtype(torch, x_index + 1, x_index + 2)
+        wrapper = _activation_wrapper(torch, forward.__func__, x_index, weight_dtype, buffers=())
+        _replace(cls, "forward", forward, staticmethod(wrapper))
+        names.append(class_name)
+    if names:
+        log_once("dtype-autograd", _LOG, "mixed-dtype patch also covers %s (forward and backward)", ", ".join(names))
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Put Unsloth's originals back for the duration of the block (benchmarks and the unpatched baseline)."""
+    for change in reversed(_changes):
+        setattr(change.owner, change.name, change.before)
+    try:
+        yield
+    finally:
+        for change in _changes:
+            setattr(change.owner, change.name, change.after)
+
+
+def unpatch_all() -> None:
+    """Undo every change made in this process (tests)."""
+    while _changes:
+        change = _changes.pop()
+        setattr(change.owner, change.name, change.before)
+
+
+def _replace(owner: Any, name: str, before: Any, after: Any) -> _Change:
+    setattr(owner, name, after)
+    change = _Change(owner, name, before, after)
+    _changes.append(change)
+    return change
+
+
+def _patch_kernel_functions(torch: Any, module: ModuleType) -> list[_Change]:
+    weight_dtype_by_name = {
+        "matmul_lora": lambda original: _named_weight_dtype(torch, original, "W", "W_quant"),
+        "fast_linear_forward": lambda original: _projection_weight_dtype(torch, original, "proj"),
+    }
+    changes = []
+    for name in KERNEL_FUNCTIONS:
+        original = getattr(module, name, None)
+        if not callable(original) or is_patched(original):
+            continue
+        x_index = _parameter_index(original, "X")
+        weight_dtype = weight_dtype_by_name[name](original)
+        if x_index is None or weight_dtype is None:
+            continue
+        buffers = tuple(
+            (index, buffer)
+            for buffer in ("out", "temp_lora")
+            if (index := _parameter_index(original, buffer)) is not None
+        )
+        wrapper = _activation_wrapper(torch, original, x_index, weight_dtype, buffers)
+        changes.append(_replace(module, name, original, wrapper))
+    return changes
+
+
+def _patch_inplace_helpers(torch: Any, module: ModuleType) -> list[_Change]:
+    changes = []
+    for name in INPLACE_HELPERS:
+        original = getattr(module, name, None)
+        if not callable(original) or is_patched(original):
+            continue
+        changes.append(_replace(module, name, original, _inplace_wrapper(torch, original)))
+    return changes
+
+
+def _rebind_aliases(pairs: list[tuple[Any, Any]]) -> int:
+    """Point every `unsloth*` module attribute that is (by identity) an original at its wrapper."""
+    wrapper_of = {id(original): (original, wrapper) for original, wrapper in pairs}
+    rebound = 0
+    for module_name, module in list(sys.modules.items()):
+        if not module_name.startswith(ALIAS_MODULE_PREFIX) or module is None:
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for attribute, value in list(namespace.items()):
+            pair = wrapper_of.get(id(value))
+            if pair is not None and value is pair[0]:
+                _replace(module, attribute, value, pair[1])
+                rebound += 1
+    return rebound
+
+
+def _parameter_index(function: Any, name: str) -> int | None:
+    """Position of parameter `name` in `function`'s signature (following functools.wraps), or None."""
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return None
+    return parameters.index(name) if name in parameters else None
+
+
+def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:
+    return args[index] if index < len(args) else kwargs.get(name)
+
+
+def _with_argument(
+    args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, value: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if index < len(args):
+        return (*args[:index], value, *args[index + 1 :]), kwargs
+    return args, {**kwargs, name: value}
+
+
+def _weight_compute_dtype(torch: Any, weight: Any, quant_state: Any) -> Any:
+    """The dtype a (possibly quantized) weight is multiplied in, or None when it cannot be told."""
+    dtype = getattr(weight, "dtype", None)
+    if dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        return dtype
+    if quant_state is not None and not isinstance(quant_state, torch.Tensor):
+        dtype = getattr(quant_state, "dtype", None)  # bitsandbytes QuantState: the dequantized dtype
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return None
+
+
+WeightDtype = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _named_weight_dtype(torch: Any, function: Any, weight: str, quant: str) -> WeightDtype | None:
+    weight_index, quant_index = _parameter_index(function, weight), _parameter_index(function, quant)
+    if weight_index is None or quant_index is None:
+        return None
+    return _positional_weight_dtype(torch, weight_index, quant_index, weight, quant)
+
+
+def _positional_weight_dtype(
+    torch: Any, weight_index: int, quant_index: int, weight: str = "W", quant: str = "W_quant"
+) -> WeightDtype:
+    def weight_dtype(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _weight_compute_dtype(
+            torch, _argument(args, kwargs, weight_index, weight), _argument(args, kwargs, quant_index, quant)
+        )
+
+    return weight_dtype
+
+
+def _projection_weight_dtype(torch: Any, function: Any, name: str) -> WeightDtype | None:
+    index = _parameter_index(function, name)
+    if index is None:
+        return None
+
+    def weight_dtype(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # A PEFT LoRA layer keeps the frozen weight on `base_layer` (Unsloth's get_lora_parameters does the same).
+        projection = _argument(args, kwargs, index, name)
+        weight = getattr(getattr(projection, "base_layer", projection), "weight", None)
+        return _weight_compute_dtype(torch, weight, getattr(weight, "quant_state", None))
+
+    return weight_dtype
+
+
+def _always_on() -> bool:
+    return True
+
+
+def _activation_wrapper(
+    torch: Any, original: Any, x_index: int, weight_dtype: WeightDtype, buffers: tuple[tuple[int, str], ...]
+) -> Any:
+    """Wrap a kernel taking activation `X`: see the module docstring for the rule."""
+    any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or _always_on
+    autocast_enabled = torch.is_autocast_enabled
+    autocast_dtype = torch.get_autocast_dtype
+    set_autocast_enabled = torch.set_autocast_enabled
+    is_compiling = torch.compiler.is_compiling
+    autocast = torch.autocast
+    bfloat16 = torch.bfloat16
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        if not any_autocast():
+            return original(*args, **kwargs)
+        x = _argument(args, kwargs, x_index, "X")
+        device_type = x.device.type
+        if not autocast_enabled(device_type):
+            return original(*args, **kwargs)
+        output_dtype = autocast_dtype(device_type)
+        if output_dtype == x.dtype:
+            return original(*args, **kwargs)
+        weight = weight_dtype(args, kwargs)
+        if weight is None:
+            weight = x.dtype
+        common = _common(bfloat16, output_dtype, (weight,))
+        args, kwargs = _with_argument(args, kwargs, x_index, "X", x.to(common))
+        if common != weight:
+            # common is autocast's dtype: with X in it, every matmul and every `.to(X.dtype)` agree under autocast.
+            return original(*args, **kwargs)
+        for index, name in buffers:
+            # Preallocated decode buffers of another dtype cannot take the result; callers use the return value.
+            buffer = _argument(args, kwargs, index, name)
+            if buffer is not None and buffer.dtype != common:
+                args, kwargs = _with_argument(args, kwargs, index, name, None)
+        if is_compiling():
+            with autocast(device_type, enabled=False):
+                return original(*args, **kwargs)
+        # torch.autocast(enabled=False) costs ~7 us per call in eager mode; the raw switch costs well under 1 us.
+        set_autocast_enabled(device_type, False)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            set_autocast_enabled(device_type, True)
+
+    return _mark(patched, original)
+
+
+def _inplace_wrapper(torch: Any, original: Any) -> Any:
+    """Wrap `helper(out, A, B, ...)`: operands of one dtype pass straight through."""
+    bfloat16 = torch.bfloat16
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        out, a, b = (_argument(args, kwargs, index, name) for index, name in ((0, "out"), (1, "A"), (2, "B")))
+        if a.dtype == out.dtype and b.dtype == out.dtype:
+            return original(*args, **kwargs)
+        common = _common(bfloat16, out.dtype, (a.dtype, b.dtype))
+        args, kwargs = _with_argument(args, kwargs, 1, "A", a.to(common))
+        args, kwargs = _with_argument(args, kwargs, 2, "B", b.to(common))
+        if common == out.dtype:
+            return original(*args, **kwargs)
+        scratch = out.to(common)
+        args, kwargs = _with_argument(args, kwargs, 0, "out", scratch)
+        original(*args, **kwargs)
+        out.copy_(scratch)
+        return out
+
+    return _mark(patched, original)
+
+
+def _mark(wrapper: Any, original: Any) -> Any:
+    for attribute in ("__module__", "__name__", "__qualname__", "__doc__"):
+        with contextlib.suppress(AttributeError):
+            setattr(wrapper, attribute, getattr(original, attribute))
+    wrapper.__wrapped__ = original  # inspect.signature and torch's custom_fwd users see the real parameters
+    setattr(wrapper, ORIGINAL_ATTR, original)
+    return wrapper

@@ -1,0 +1,459 @@
+"""Installs the preload into a trainer's Python environment, removes it, and reports on it.
+
+What `install` writes into that interpreter's site-packages (purelib), and nothing else:
+- `_fork_sidecar/`: a private copy of the `sidecar` package (small, imports lazily) plus `manifest.json` (version,
+  content digest, the files written). The trainer's environment imports the preload from here, so nothing of the
+  daemon's environment leaks into it and upgrading the daemon never changes a running trainer's code.
+- `_fork_sidecar.pth`: one `import` line that appends that directory to sys.path and imports
+  `sidecar.preload.bootstrap`, inside try/except, unless FORK_SIDECAR_PRELOAD=0. Being a `.pth` file it runs in
+  every interpreter started from that environment: the trainer, its multiprocessing spawn/forkserver children and
+  torchrun workers. The directory is appended, so a `sidecar` package already importable there takes precedence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import sidecar
+from sidecar.preload import dtype_patch
+
+__all__ = [
+    "MIN_PYTHON",
+    "PRIVATE_DIR",
+    "PTH_NAME",
+    "InstallReport",
+    "Interpreter",
+    "PreloadError",
+    "PreloadStatus",
+    "UnslothInfo",
+    "install",
+    "probe_interpreter",
+    "pth_line",
+    "status",
+    "uninstall",
+]
+
+# The variable sidecar.preload.bootstrap reads (not imported from there: importing the bootstrap arms the preload).
+PRELOAD_DISABLE_ENV = "FORK_SIDECAR_PRELOAD"
+PTH_NAME = "_fork_sidecar.pth"
+PRIVATE_DIR = "_fork_sidecar"
+MANIFEST_NAME = "manifest.json"
+PTH_MARK = "# fork-sidecar preload"
+MIN_PYTHON = (3, 10)
+PROBE_TIMEOUT_S = 60
+
+# Runs inside the target interpreter (any Python 3): where its site-packages is, whether another `sidecar` is
+# importable there, and what Unsloth it has, read from metadata and source without importing Unsloth.
+_PROBE = r"""
+import ast, json, os, sys, sysconfig
+import importlib.util
+info = {"executable": sys.executable, "version": list(sys.version_info[:3]),
+        "purelib": sysconfig.get_paths()["purelib"], "sidecar": None,
+        "unsloth": {"version": None, "functions": [], "classes": []}}
+try:
+    spec = importlib.util.find_spec("sidecar")
+    info["sidecar"] = spec.origin or list(spec.submodule_search_locations or [""])[0] if spec else None
+except Exception:
+    pass
+try:
+    import importlib.metadata
+    info["unsloth"]["version"] = importlib.metadata.version("unsloth")
+except Exception:
+    pass
+wanted = set(sys.argv[1:])
+def defined(root, relative, kind):
+    try:
+        with open(os.path.join(root, "kernels", relative), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except Exception:
+        return []
+    return sorted(n.name for n in tree.body if isinstance(n, kind) and n.name in wanted)
+try:
+    spec = importlib.util.find_spec("unsloth")
+    if spec is not None and spec.submodule_search_locations:
+        root = list(spec.submodule_search_locations)[0]
+        info["unsloth"]["functions"] = defined(root, "utils.py", ast.FunctionDef)
+        info["unsloth"]["classes"] = defined(root, "fast_lora.py", ast.ClassDef)
+except Exception:
+    pass
+print(json.dumps(info))
+"""
+
+
+class PreloadError(Exception):
+    """Bad input or an environment we cannot write: one sentence the user can act on (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class UnslothInfo:
+    version: str | None
+    functions: tuple[str, ...]  # patchable functions defined in unsloth/kernels/utils.py
+    classes: tuple[str, ...]  # patchable autograd functions defined in unsloth/kernels/fast_lora.py
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    python: str
+    executable: str
+    version: tuple[int, ...]
+    purelib: Path
+    sidecar_origin: str | None  # where `import sidecar` resolves there without the preload, if anywhere
+    unsloth: UnslothInfo
+
+
+@dataclass(frozen=True)
+class InstallReport:
+    python: str
+    purelib: str
+    pth: str
+    private_dir: str
+    version: str
+    files: int
+    replaced_version: str | None
+
+
+@dataclass(frozen=True)
+class PreloadStatus:
+    python: str
+    executable: str
+    python_version: str
+    purelib: str
+    installed: bool
+    partial: bool  # one of the .pth / private copy without the other
+    installed_version: str | None
+    cli_version: str
+    up_to_date: bool | None
+    version_note: str
+    disabled_here: bool
+    shadowed_by: str | None
+    dtype_patch_applies: bool
+    unsloth_version: str | None
+    unsloth_tested: bool
+    dtype_patch_note: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        if self.installed:
+            preload = f"installed, version {self.installed_version} ({self.version_note})"
+        elif self.partial:
+            preload = "partly installed: run `fork-sidecar preload install` again, or `uninstall`"
+        else:
+            preload = "not installed"
+        switch = "0 here: off in processes started from this environment" if self.disabled_here else "not 0 here: on"
+        verdict = "would apply" if self.dtype_patch_applies else "would not apply"
+        lines = [
+            f"python:        {self.executable} (Python {self.python_version})",
+            f"site-packages: {self.purelib}",
+            f"preload:       {preload}",
+            f"{PRELOAD_DISABLE_ENV}: {switch}",
+            f"dtype patch:   {verdict}: {self.dtype_patch_note}",
+        ]
+        if self.shadowed_by:
+            lines.append(f"note:          `import sidecar` there is {self.shadowed_by}, which takes precedence")
+        return lines
+
+
+def pth_line(private_dir: Path) -> str:
+    """The .pth content: a comment naming us, and one `import` line that can never fail interpreter start."""
+    code = (
+        "try:\n"
+        "    import os, sys\n"
+        f"    if os.environ.get({PRELOAD_DISABLE_ENV!r}, '').strip() != '0':\n"
+        f"        if {str(private_dir)!r} not in sys.path:\n"
+        f"            sys.path.append({str(private_dir)!r})\n"
+        "        import sidecar.preload.bootstrap\n"
+        "except Exception:\n"
+        "    pass\n"
+    )
+    return (
+        f"{PTH_MARK} {sidecar.__version__}: `fork-sidecar preload uninstall` removes this file and {PRIVATE_DIR}/\n"
+        f"import sys; exec({code!r}, {{}})\n"
+    )
+
+
+def probe_interpreter(python: str | None = None) -> Interpreter:
+    """Run `python` (default: this one) once to learn its site-packages and Unsloth; PreloadError if unusable."""
+    given = python or sys.executable
+    executable = shutil.which(given) if os.sep not in given else given
+    if executable is None or not Path(executable).is_file() or not os.access(executable, os.X_OK):
+        raise PreloadError(f"{given} is not a Python interpreter (no executable file by that name).")
+    wanted = [*dtype_patch.KERNEL_FUNCTIONS, *dtype_patch.INPLACE_HELPERS, *dtype_patch.AUTOGRAD_FUNCTIONS]
+    env = {**os.environ, PRELOAD_DISABLE_ENV: "0"}  # the probe itself must not arm the preload
+    try:
+        done = subprocess.run(
+            [executable, "-c", _PROBE, *wanted],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            env=env,
+            cwd="/",  # `-c` puts the working directory on sys.path; ours must not decide what it finds
+            check=False,
+        )
+        info = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except subprocess.TimeoutExpired:
+        raise PreloadError(f"{given} did not answer within {PROBE_TIMEOUT_S} s; is it a Python interpreter?") from None
+    except (OSError, ValueError, IndexError):
+        info = None
+    if not isinstance(info, dict) or "purelib" not in info:
+        raise PreloadError(f"{given} is not a Python interpreter (running it with -c did not print its site-packages).")
+    version = tuple(int(part) for part in info["version"])
+    if version < MIN_PYTHON:
+        found, needed = ".".join(map(str, version)), ".".join(map(str, MIN_PYTHON))
+        raise PreloadError(f"{given} is Python {found}; the preload needs {needed} or newer.")
+    unsloth = info.get("unsloth") or {}
+    return Interpreter(
+        python=given,
+        executable=str(info["executable"]),
+        version=version,
+        purelib=Path(info["purelib"]),
+        sidecar_origin=info.get("sidecar"),
+        unsloth=UnslothInfo(
+            version=unsloth.get("version"),
+            functions=tuple(unsloth.get("functions") or ()),
+            classes=tuple(unsloth.get("classes") or ()),
+        ),
+    )
+
+
+def _package_root() -> Path:
+    return Path(sidecar.__file__).resolve().parent
+
+
+def _package_files(root: Path) -> list[str]:
+    """Paths, relative to the directory holding `sidecar/`, of every source file of the package."""
+    files = [
+        path.relative_to(root.parent).as_posix()
+        for path in root.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and (path.suffix == ".py" or path.name == "py.typed")
+    ]
+    return sorted(files)
+
+
+def _digest(base: Path, files: list[str]) -> str:
+    hasher = hashlib.sha256()
+    for name in files:
+        hasher.update(name.encode() + b"\0" + (base / name).read_bytes() + b"\0")
+    return "sha256:" + hasher.hexdigest()
+
+
+def _read_manifest(private: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((private / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _ensure_writable(purelib: Path) -> None:
+    if not purelib.is_dir():
+        raise PreloadError(f"site-packages {purelib} does not exist; pass the python of an existing environment.")
+    if not os.access(purelib, os.W_OK | os.X_OK):
+        raise PreloadError(f"site-packages {purelib} is not writable: run with sudo or pass a venv's python.")
+
+
+def _check_ours(purelib: Path) -> None:
+    private, pth = purelib / PRIVATE_DIR, purelib / PTH_NAME
+    if private.exists() and _read_manifest(private) is None:
+        raise PreloadError(f"{private} exists but was not written by fork-sidecar: move it away and run this again.")
+    if pth.exists() and not pth.read_text(encoding="utf-8", errors="replace").startswith(PTH_MARK):
+        raise PreloadError(f"{pth} exists but was not written by fork-sidecar: move it away and run this again.")
+
+
+def install(python: str | None = None) -> InstallReport:
+    """Copy the package into `{purelib}/_fork_sidecar/` and write the .pth (replacing an earlier install)."""
+    interpreter = probe_interpreter(python)
+    purelib = interpreter.purelib
+    _ensure_writable(purelib)
+    _check_ours(purelib)
+    private, pth = purelib / PRIVATE_DIR, purelib / PTH_NAME
+    previous = _read_manifest(private) if private.exists() else None
+    root = _package_root()
+    files = _package_files(root)
+    staging = purelib / f"{PRIVATE_DIR}.new-{os.getpid()}"
+    retired = purelib / f"{PRIVATE_DIR}.old-{os.getpid()}"
+    try:
+        for name in files:
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root.parent / name, target)
+        manifest = {
+            "format": 1,
+            "version": sidecar.__version__,
+            "digest": _digest(root.parent, files),
+            "files": files,
+            "pth": PTH_NAME,
+            "source": str(root),
+        }
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        if private.exists():
+            private.rename(retired)
+        staging.rename(private)
+        _compile(interpreter.executable, private)
+        # The .pth goes last: an interpreter starting meanwhile finds either no .pth or a complete copy.
+        temporary = pth.with_name(f".{PTH_NAME}.{os.getpid()}")
+        temporary.write_text(pth_line(private), encoding="utf-8")
+        temporary.replace(pth)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise PreloadError(f"could not write the preload into {purelib}: {error.strerror or error}.") from error
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+    return InstallReport(
+        python=interpreter.python,
+        purelib=str(purelib),
+        pth=str(pth),
+        private_dir=str(private),
+        version=sidecar.__version__,
+        files=len(files),
+        replaced_version=None if previous is None else str(previous.get("version")),
+    )
+
+
+def _compile(executable: str, directory: Path) -> None:
+    """Byte-compile the copy with the target interpreter: every start of it then reads .pyc files, even where
+    PYTHONDONTWRITEBYTECODE is set. Not fatal: without .pyc files the preload only starts a little slower."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(
+            [executable, "-m", "compileall", "-q", str(directory)],
+            capture_output=True,
+            timeout=PROBE_TIMEOUT_S,
+            cwd="/",
+            check=False,
+        )
+
+
+def uninstall(python: str | None = None) -> list[Path]:
+    """Remove exactly what install wrote (and the bytecode Python compiled from it); returns the paths removed."""
+    interpreter = probe_interpreter(python)
+    purelib = interpreter.purelib
+    private, pth = purelib / PRIVATE_DIR, purelib / PTH_NAME
+    if not private.exists() and not pth.exists():
+        return []
+    _ensure_writable(purelib)
+    _check_ours(purelib)
+    removed: list[Path] = []
+    try:
+        if pth.exists():
+            pth.unlink()  # first, so that no interpreter starting now looks for the copy
+            removed.append(pth)
+        manifest = _read_manifest(private) if private.exists() else None
+        if manifest is not None:
+            removed += _remove_copy(private, [str(name) for name in manifest.get("files", [])])
+    except OSError as error:
+        raise PreloadError(f"could not remove the preload from {purelib}: {error.strerror or error}.") from error
+    return removed
+
+
+def _remove_copy(private: Path, files: list[str]) -> list[Path]:
+    removed = []
+    directories = {private}
+    for name in files:
+        path = private / name
+        directories.update(parent for parent in path.parents if private in parent.parents)
+        if path.is_file():
+            path.unlink()
+            removed.append(path)
+    for directory in directories:
+        cache = directory / "__pycache__"
+        if cache.is_dir():
+            shutil.rmtree(cache)
+            removed.append(cache)
+    manifest = private / MANIFEST_NAME
+    manifest.unlink()
+    removed.append(manifest)
+    for directory in sorted(directories, key=lambda path: len(path.parts), reverse=True):
+        try:
+            directory.rmdir()  # only when empty: anything someone else put there stays
+            removed.append(directory)
+        except OSError:
+            pass
+    return removed
+
+
+def _compare(manifest: dict[str, Any]) -> tuple[bool, str]:
+    installed = str(manifest.get("version"))
+    cli = sidecar.__version__
+    if _numeric(installed) < _numeric(cli):
+        return False, f"older than this CLI's {cli}: run `fork-sidecar preload install` to update it"
+    if _numeric(installed) > _numeric(cli):
+        return False, f"newer than this CLI's {cli}"
+    root = _package_root()
+    if manifest.get("digest") != _digest(root.parent, _package_files(root)):
+        return False, "same version as this CLI but different files: run `fork-sidecar preload install` to update it"
+    return True, "same as this CLI"
+
+
+def _numeric(version: str) -> tuple[int, ...]:
+    """Leading integer of each dot-separated part: enough to order our own release numbers."""
+    key = []
+    for part in version.split("."):
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
+        key.append(int(digits or 0))
+    return tuple(key)
+
+
+def _dtype_patch_verdict(interpreter: Interpreter, installed: bool, environ: Mapping[str, str]) -> tuple[bool, str]:
+    unsloth = interpreter.unsloth
+    candidates = (*dtype_patch.KERNEL_FUNCTIONS, *dtype_patch.INPLACE_HELPERS)
+    patchable = tuple(name for name in candidates if name in unsloth.functions)
+    if not installed:
+        return False, "the preload is not installed there"
+    if environ.get(PRELOAD_DISABLE_ENV, "").strip() == "0":
+        return False, f"{PRELOAD_DISABLE_ENV}=0 in this environment"
+    if dtype_patch.is_disabled(environ):
+        return False, f"{dtype_patch.DISABLE_ENV}=0 in this environment"
+    if unsloth.version is None and not unsloth.functions:
+        return False, "Unsloth is not installed there"
+    version = unsloth.version or "of unknown version"
+    if not patchable:
+        return False, f"Unsloth {version} defines none of {', '.join(dtype_patch.KERNEL_FUNCTIONS)}: nothing to patch"
+    tested = "a tested version" if unsloth.version in dtype_patch.TESTED_UNSLOTH_VERSIONS else "an untested version"
+    covered = ", ".join(patchable + unsloth.classes)
+    return True, f"Unsloth {version} ({tested}): {covered}"
+
+
+def status(python: str | None = None, environ: Mapping[str, str] | None = None) -> PreloadStatus:
+    """What is installed in `python`'s environment and what it would do there."""
+    interpreter = probe_interpreter(python)
+    env = os.environ if environ is None else environ
+    private, pth = interpreter.purelib / PRIVATE_DIR, interpreter.purelib / PTH_NAME
+    manifest = _read_manifest(private) if private.exists() else None
+    installed = manifest is not None and pth.is_file()
+    up_to_date, note = _compare(manifest) if manifest is not None else (None, "")
+    disabled_here = env.get(PRELOAD_DISABLE_ENV, "").strip() == "0"
+    applies, patch_note = _dtype_patch_verdict(interpreter, installed, env)
+    shadow = interpreter.sidecar_origin
+    return PreloadStatus(
+        python=interpreter.python,
+        executable=interpreter.executable,
+        python_version=".".join(map(str, interpreter.version)),
+        purelib=str(interpreter.purelib),
+        installed=installed,
+        partial=not installed and (pth.exists() or private.exists()),
+        installed_version=None if manifest is None else str(manifest.get("version")),
+        cli_version=sidecar.__version__,
+        up_to_date=up_to_date,
+        version_note=note,
+        disabled_here=disabled_here,
+        shadowed_by=shadow if shadow and not shadow.startswith(str(private)) else None,
+        dtype_patch_applies=applies,
+        unsloth_version=interpreter.unsloth.version,
+        unsloth_tested=interpreter.unsloth.version in dtype_patch.TESTED_UNSLOTH_VERSIONS,
+        dtype_patch_note=patch_note,
+    )

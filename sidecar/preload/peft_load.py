@@ -1,0 +1,336 @@
+"""`load_adapter_from_checkpoint`: put a forked LoRA checkpoint into a live PEFT model, all or nothing.
+
+Only `adapter_model.safetensors` is read (never pickle): the file is read once into memory, its header is checked
+here (the same rules as the safetensors library: known dtypes, sizes that match shapes, contiguous in-bounds byte
+ranges), and the digest (`sidecar.digest`) is computed over exactly those bytes on a second thread while the
+tensors are cast and loaded, so hashing costs next to nothing on a multi-core trainer.
+
+Everything that can fail is checked before the model is touched: missing or unexpected keys, shapes, the LoRA
+hyper-parameters in `adapter_config.json` (a different `lora_alpha` would silently rescale the update). After the load
+every LoRA tensor is compared bit for bit with its file tensor cast to the parameter's dtype, gradients of those
+parameters are dropped and their optimizer state cleared, so the next step starts from the forked weights the way
+a fresh start from that checkpoint would.
+
+torch and peft are imported inside the functions: this module is imported by the agent, which must stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.digest import AdapterDigest
+
+__all__ = ["ADAPTER_FILE", "AdapterLoadError", "CheckpointTensors", "load_adapter_from_checkpoint", "read_checkpoint"]
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+_MAX_CONFIG = 1024 * 1024
+# safetensors dtype name -> (torch dtype attribute, bytes per element). LoRA weights are floating point.
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+}
+# Hyper-parameters that change what the same tensors mean; a mismatch is refused rather than loaded.
+_CONFIG_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
+_LIST_LIMIT = 5
+
+
+class AdapterLoadError(Exception):
+    """The checkpoint cannot go into this model; the model was not changed."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class CheckpointTensors:
+    """The raw tensors of one `adapter_model.safetensors`, as read (views into one buffer)."""
+
+    path: Path
+    entries: Mapping[str, TensorEntry]
+    data: memoryview  # the byte buffer after the header
+
+    def raw(self, name: str) -> memoryview:
+        e = self.entries[name]
+        return self.data[e.begin : e.end]
+
+
+def read_checkpoint(checkpoint_dir: Path) -> CheckpointTensors:
+    """Read and check `adapter_model.safetensors` of `checkpoint_dir` (one open, one read; stdlib only)."""
+    path = Path(checkpoint_dir) / ADAPTER_FILE
+    if sys.byteorder != "little":
+        raise AdapterLoadError("this trainer is big-endian; safetensors data is little-endian and is not converted")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise AdapterLoadError(f"{path} is shorter than a safetensors header; the checkpoint is damaged")
+            header_len = int.from_bytes(head, "little")
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise AdapterLoadError(f"{path} declares a {header_len}-byte header in a {size}-byte file; damaged")
+            header_bytes = f.read(header_len)
+            buf = bytearray(size - 8 - header_len)
+            got = f.readinto(buf)
+    except FileNotFoundError:
+        raise AdapterLoadError(f"{path} does not exist; the checkpoint needs {ADAPTER_FILE}") from None
+    except OSError as e:
+        raise AdapterLoadError(f"{path} cannot be read ({e.strerror}); check its permissions") from None
+    if got != len(buf):
+        raise AdapterLoadError(f"{path} changed size while it was read; fork again")
+    entries = _parse_header(path, header_bytes, len(buf))
+    return CheckpointTensors(path, entries, memoryview(buf))
+
+
+def _parse_header(path: Path, header_bytes: bytes, data_len: int) -> dict[str, TensorEntry]:
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise AdapterLoadError(f"{path} has a header that is not JSON; the checkpoint is damaged") from None
+    if not isinstance(header, dict):
+        raise AdapterLoadError(f"{path} has a header that is not a JSON object; the checkpoint is damaged")
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        entries[name] = _parse_entry(path, name, info)
+    spans = sorted((e.begin, e.end, n) for n, e in entries.items())
+    at = 0
+    for begin, end, name in spans:
+        if begin != at:
+            raise AdapterLoadError(f"{path}: tensor {name} does not follow the previous one (gap or overlap); damaged")
+        at = end
+    if at != data_len:
+        raise AdapterLoadError(f"{path}: tensors cover {at} of {data_len} data bytes; the file is damaged")
+    return entries
+
+
+def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
+    if not isinstance(info, dict):
+        raise AdapterLoadError(f"{path}: header entry {name} is not an object; the checkpoint is damaged")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPES:
+        raise AdapterLoadError(f"{path}: tensor {name} has dtype {dtype!r}; LoRA weights must be F16, BF16, F32, ...")
+    if not isinstance(shape, list) or any(type(d) is not int or d < 0 for d in shape):
+        raise AdapterLoadError(f"{path}: tensor {name} has an invalid shape {shape!r}; the checkpoint is damaged")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise AdapterLoadError(f"{path}: tensor {name} has invalid data_offsets; the checkpoint is damaged")
+    begin, end = offsets
+    if not 0 <= begin <= end or end - begin != math.prod(shape) * _DTYPES[dtype][1]:
+        raise AdapterLoadError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape} {dtype}; damaged")
+    return TensorEntry(dtype, tuple(shape), begin, end)
+
+
+def digest_of(tensors: CheckpointTensors) -> str:
+    builder = AdapterDigest()
+    for name in sorted(tensors.entries):
+        e = tensors.entries[name]
+        builder.add_tensor(name, e.dtype, e.shape, tensors.raw(name))
+    return builder.hexdigest()
+
+
+class _DigestThread(threading.Thread):
+    """sha256 releases the GIL on large buffers, so the digest overlaps the cast and the copy into the model."""
+
+    def __init__(self, tensors: CheckpointTensors) -> None:
+        super().__init__(name="fork-sidecar-digest", daemon=True)
+        self.tensors = tensors
+        self.result: str | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = digest_of(self.tensors)
+        except BaseException as e:  # handed to the caller by value()
+            self.error = e
+
+    def value(self) -> str:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def load_adapter_from_checkpoint(
+    peft_model: Any,
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    adapter_name: str | None = None,
+    optimizers: Iterable[Any] = (),
+) -> str:
+    """Load `checkpoint_dir/adapter_model.safetensors` into the active (or named) adapter of `peft_model`.
+
+    Returns the adapter digest of the tensors read. Raises AdapterLoadError, with the model untouched, when the
+    checkpoint does not fit the model. Call it between optimizer steps; `optimizers` get their state for the
+    loaded parameters cleared (ART's trainer optimizer, the one passed to `sidecar.preload.register`, ...).
+    """
+    import torch
+
+    name = _adapter_name(peft_model, adapter_name)
+    tensors = read_checkpoint(Path(checkpoint_dir))
+    digest = _DigestThread(tensors)
+    digest.start()
+    try:
+        live = _live_adapter_tensors(peft_model, name)
+        _check_keys_and_shapes(tensors, live)
+        _check_config(Path(checkpoint_dir), peft_model, name)
+        cast = {key: _as_tensor(tensors, key).to(device=t.device, dtype=t.dtype) for key, t in live.items()}
+        params = _params_of(peft_model, live.values())
+        with torch.no_grad():
+            _set_state(peft_model, cast, name)
+            for p in params:
+                p.grad = None
+            _clear_optimizer_state(optimizers, params)
+        _verify(_live_adapter_tensors(peft_model, name), cast, tensors.path)
+    finally:
+        digest.join()  # never leave the hashing thread reading a buffer we are done with
+    return digest.value()
+
+
+def _adapter_name(peft_model: Any, requested: str | None) -> str:
+    if requested is not None:
+        names = getattr(peft_model, "peft_config", {})
+        if requested not in names:
+            raise AdapterLoadError(f"the model has no adapter {requested!r} (it has {sorted(names)})")
+        return requested
+    active = getattr(peft_model, "active_adapter", None)
+    if isinstance(active, list | tuple):
+        if len(active) != 1:
+            raise AdapterLoadError(f"the model has {len(active)} active adapters {list(active)}; name one to load")
+        active = active[0]
+    if not isinstance(active, str):
+        raise AdapterLoadError(f"{type(peft_model).__name__} is not a PEFT model with an active adapter")
+    return active
+
+
+def _live_adapter_tensors(peft_model: Any, name: str) -> dict[str, Any]:
+    """The adapter's tensors under the names peft saves them with; they share storage with the parameters."""
+    from peft import get_peft_model_state_dict
+
+    return dict(get_peft_model_state_dict(peft_model, adapter_name=name))
+
+
+def _check_keys_and_shapes(tensors: CheckpointTensors, live: Mapping[str, Any]) -> None:
+    missing = sorted(set(live) - set(tensors.entries))
+    unexpected = sorted(set(tensors.entries) - set(live))
+    wrong = [
+        f"{k} (file {list(tensors.entries[k].shape)}, model {list(live[k].shape)})"
+        for k in sorted(set(live) & set(tensors.entries))
+        if tuple(tensors.entries[k].shape) != tuple(live[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} LoRA tensor(s) the model has: {_names(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) the model does not have: {_names(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es): {_names(wrong)}")
+    if problems:
+        raise AdapterLoadError(f"{tensors.path} does not fit this model: {'; '.join(problems)}; nothing was loaded")
+    for key, t in live.items():
+        if t.device.type == "meta":
+            raise AdapterLoadError(f"LoRA tensor {key} is on the meta device (not materialised); cannot load into it")
+
+
+def _names(items: list[str]) -> str:
+    more = f" and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else ""
+    return ", ".join(items[:_LIST_LIMIT]) + more
+
+
+def _check_config(checkpoint_dir: Path, peft_model: Any, name: str) -> None:
+    path = checkpoint_dir / CONFIG_FILE
+    try:
+        with open(path, "rb") as f:
+            saved = json.loads(f.read(_MAX_CONFIG))
+    except FileNotFoundError:
+        return  # the tensors alone decide; shapes already match
+    except (OSError, ValueError):
+        raise AdapterLoadError(f"{path} is not readable JSON; fix or remove it") from None
+    config = getattr(peft_model, "peft_config", {}).get(name)
+    if not isinstance(saved, dict) or config is None:
+        return
+    for key in _CONFIG_KEYS:
+        if key in saved and hasattr(config, key):
+            ours, theirs = _plain(getattr(config, key)), _plain(saved[key])
+            if ours != theirs and not (key.endswith("_pattern") and not ours and not theirs):
+                raise AdapterLoadError(
+                    f"{path} has {key}={theirs!r} but the live adapter {name!r} has {key}={ours!r}; "
+                    "a fork must keep the LoRA configuration (nothing was loaded)"
+                )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _as_tensor(tensors: CheckpointTensors, key: str) -> Any:
+    import torch
+
+    e = tensors.entries[key]
+    dtype = getattr(torch, _DTYPES[e.dtype][0])
+    if e.end == e.begin:
+        return torch.empty(e.shape, dtype=dtype)
+    # A view of the read buffer: no copy unless the cast or the device move needs one.
+    return torch.frombuffer(tensors.raw(key), dtype=dtype).reshape(e.shape)
+
+
+def _params_of(peft_model: Any, live: Iterable[Any]) -> list[Any]:
+    pointers = {t.data_ptr() for t in live if t.numel()}
+    return [p for p in peft_model.parameters() if p.numel() and p.data_ptr() in pointers]
+
+
+def _set_state(peft_model: Any, cast: dict[str, Any], name: str) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(peft_model, cast, adapter_name=name)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:  # cannot happen after the key check; if peft disagrees, say so loudly
+        raise AdapterLoadError(f"peft did not place {len(unexpected)} tensor(s): {_names(sorted(unexpected))}")
+
+
+def _clear_optimizer_state(optimizers: Iterable[Any], params: list[Any]) -> None:
+    for opt in optimizers:
+        inner = getattr(opt, "optimizer", opt)  # accelerate / HF wrappers keep the torch optimizer inside
+        state = getattr(inner, "state", None)
+        if state is not None and hasattr(state, "pop"):
+            for p in params:
+                state.pop(p, None)
+
+
+def _verify(after: Mapping[str, Any], cast: Mapping[str, Any], path: Path) -> None:
+    import torch
+
+    def same_bits(a: Any, b: Any) -> bool:
+        # Bitwise, so NaNs in a checkpoint compare equal to themselves and -0.0 differs from 0.0.
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        a8 = a.detach().contiguous().reshape(-1).view(torch.uint8)
+        b8 = b.detach().contiguous().reshape(-1).view(torch.uint8)
+        return bool(torch.equal(a8, b8))
+
+    bad = [k for k in sorted(cast) if k not in after or not same_bits(after[k], cast[k])]
+    if bad:
+        raise AdapterLoadError(f"after loading {path}, {len(bad)} LoRA tensor(s) differ from the file: {_names(bad)}")

@@ -1,0 +1,251 @@
+"""The trainers stage: find the agents that serve a run, tell them about the fork, check what they loaded.
+
+Agents live inside trainer processes and listen on `{runtime_dir}/agent-<pid>.sock` (sidecar/control.py). For a fork
+this stage asks every live agent `hello` (in parallel) to learn which runs it serves, sends `fork` to those serving
+this run, and compares the digest each one reports with the digest of the new `checkpoints/0000`. A generic PEFT
+trainer answers "loaded" with a digest; an ART trainer answers "load pending" (it loads when ART rebuilds its state,
+and `fork-sidecar status` shows that result later).
+
+Sockets of processes that are gone, or whose pid now belongs to a younger process, are removed here (the agent
+removes its own at exit, but a killed trainer cannot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import stat
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from sidecar.config import Config
+from sidecar.control import ControlError, ForkRequest, call_agent, pid_of_socket
+from sidecar.stages import ForkContext, StageOutcome
+
+__all__ = ["AgentSocket", "TrainerStage", "agent_statuses", "clean_stale_sockets", "list_agent_sockets"]
+
+RESULT_LOADED = "loaded"
+RESULT_PENDING = "load pending"
+HELLO_TIMEOUT_S = 5.0
+STATUS_TIMEOUT_S = 3.0
+_MAX_PARALLEL = 16
+# Errors worth another attempt: the agent was busy or a step did not end in time. Refusals are final.
+_RETRY_REPLY_CODES = frozenset({"busy", "step_timeout", "timeout", "io"})
+_RETRY_CONTROL_CODES = frozenset({"unreachable", "timeout", "protocol"})
+_STALE_PRIVATE_DIR_S = 60.0
+
+
+@dataclass(frozen=True)
+class AgentSocket:
+    path: Path
+    pid: int
+
+
+def list_agent_sockets(runtime_dir: Path) -> list[AgentSocket]:
+    """Every `agent-<pid>.sock` in the runtime dir (live or not), sorted by pid."""
+    try:
+        entries = list(Path(runtime_dir).iterdir())
+    except OSError:
+        return []
+    found = [AgentSocket(p, pid) for p in entries if (pid := pid_of_socket(p)) is not None]
+    return sorted(found, key=lambda a: a.pid)
+
+
+def _is_stale(agent: AgentSocket) -> bool:
+    try:
+        st = agent.path.lstat()
+    except OSError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        return False
+    try:
+        started = psutil.Process(agent.pid).create_time()
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+    # The pid was reused: the process holding it started after the socket was made (1 s of clock slack).
+    return started > st.st_mtime + 1.0
+
+
+def clean_stale_sockets(runtime_dir: Path) -> list[Path]:
+    """Remove sockets of dead (or reused) pids and leftovers of interrupted binds; returns what was removed."""
+    removed = []
+    for agent in list_agent_sockets(runtime_dir):
+        if _is_stale(agent):
+            with contextlib.suppress(OSError):
+                agent.path.unlink()
+                removed.append(agent.path)
+    with contextlib.suppress(OSError):
+        for private in Path(runtime_dir).glob(".agent-*"):
+            # A bind's private directory lives for microseconds; an old one was left by a crash in between.
+            with contextlib.suppress(OSError):
+                if private.is_dir() and time.time() - private.lstat().st_mtime > _STALE_PRIVATE_DIR_S:
+                    shutil.rmtree(private)
+                    removed.append(private)
+    return removed
+
+
+def agent_statuses(runtime_dir: Path) -> list[dict[str, Any]]:
+    """What each live agent reports (`status`), for `fork-sidecar status`; deferred ART loads are in `recent`."""
+    out = []
+    for agent in list_agent_sockets(runtime_dir):
+        entry: dict[str, Any] = {"pid": agent.pid, "socket": str(agent.path)}
+        if _is_stale(agent):
+            out.append({**entry, "error": "stale socket (process gone)"})
+            continue
+        try:
+            reply = call_agent(agent.path, {"op": "status"}, timeout=STATUS_TIMEOUT_S, pid=agent.pid)
+        except ControlError as e:
+            out.append({**entry, "error": e.message})
+            continue
+        if reply.get("ok"):
+            reply.pop("ok", None)
+            out.append({**entry, **reply})
+        else:
+            out.append({**entry, "error": _reply_error(reply)})
+    return out
+
+
+def _reply_error(reply: dict[str, Any]) -> str:
+    error = reply.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("code") or "error")
+    return str(error or "agent answered without ok")
+
+
+@dataclass
+class _Hello:
+    agent: AgentSocket
+    reply: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def runs(self) -> list[str]:
+        runs = (self.reply or {}).get("runs")
+        return [r for r in runs if isinstance(r, str)] if isinstance(runs, list) else []
+
+
+class TrainerStage:
+    """The pipeline stage that tells trainer agents about a fork (see the module docstring)."""
+
+    name = "trainers"
+
+    def __init__(self, config: Config) -> None:
+        self.runtime_dir = Path(config.runtime_dir)
+        self.required = config.trainer.required
+        self.agent_timeout = float(config.trainer.agent_timeout)
+        self.retries = int(config.trainer.retries)
+
+    def on_start(self, run_dirs: Sequence[Path]) -> None:
+        clean_stale_sockets(self.runtime_dir)
+
+    def run(self, ctx: ForkContext) -> StageOutcome:
+        started = time.monotonic()
+        clean_stale_sockets(self.runtime_dir)
+        agents = list_agent_sockets(self.runtime_dir)
+        run_dir = str(Path(ctx.model_dir).resolve())
+        with ThreadPoolExecutor(max_workers=_MAX_PARALLEL, thread_name_prefix="trainers") as pool:
+            hellos = list(pool.map(lambda a: self._hello(a, ctx), agents))
+            serving = [h for h in hellos if run_dir in h.runs]
+            results = list(pool.map(lambda h: self._fork(h, ctx, run_dir), serving))
+        unreachable = [{"pid": h.agent.pid, "error": h.error} for h in hellos if h.error]
+        detail: dict[str, Any] = {"agents": results}
+        if unreachable:
+            detail["unreachable"] = unreachable
+        seconds = time.monotonic() - started
+        if not results:
+            return self._none_found(ctx, seconds, detail)
+        failed = [r for r in results if r.get("error")]
+        if failed:
+            more = f" (and {len(failed) - 1} more agent(s) failed)" if len(failed) > 1 else ""
+            return StageOutcome("failed", seconds, f"{failed[0]['error']}{more}", detail)
+        return StageOutcome("ok", seconds, None, detail)
+
+    def _none_found(self, ctx: ForkContext, seconds: float, detail: dict[str, Any]) -> StageOutcome:
+        if not self.required:
+            return StageOutcome("skipped", seconds, "none found", detail)
+        sentence = (
+            f"no trainer agent serves {ctx.model_dir} (looked in {self.runtime_dir}); start the trainer with the "
+            "preload installed (`fork-sidecar preload install`), or set trainer.required: false"
+        )
+        return StageOutcome("failed", seconds, sentence, detail)
+
+    def _hello(self, agent: AgentSocket, ctx: ForkContext) -> _Hello:
+        timeout = min(HELLO_TIMEOUT_S, max(ctx.remaining(), 0.1))
+        try:
+            reply = call_agent(agent.path, {"op": "hello"}, timeout=timeout, pid=agent.pid)
+        except ControlError as e:
+            return _Hello(agent, error=e.message)
+        if not reply.get("ok"):
+            return _Hello(agent, error=_reply_error(reply))
+        return _Hello(agent, reply=reply)
+
+    def _fork(self, hello: _Hello, ctx: ForkContext, run_dir: str) -> dict[str, Any]:
+        agent = hello.agent
+        host = (hello.reply or {}).get("host")
+        outcome: dict[str, Any] = {"pid": agent.pid, "host": host}
+        started = time.monotonic()
+        attempts = 0
+        while True:
+            attempts += 1
+            reply, error, retry = self._fork_once(agent, ctx, run_dir)
+            if error is None or not retry or attempts > self.retries or ctx.remaining() <= 0:
+                break
+        outcome["attempts"] = attempts
+        outcome["seconds"] = round(time.monotonic() - started, 4)
+        if error is not None:
+            outcome["result"] = "failed"
+            outcome["error"] = f"trainer pid {agent.pid}{_on(host)}: {error}"
+            return outcome
+        assert reply is not None
+        result = reply.get("result")
+        outcome["result"] = result
+        for key in ("digest", "message", "state", "applied"):
+            if key in reply:
+                outcome[key] = reply[key]
+        if result == RESULT_LOADED:
+            digest = reply.get("digest")
+            if digest != ctx.digest:
+                outcome["error"] = (
+                    f"trainer pid {agent.pid}{_on(host)} holds {digest} but {ctx.checkpoint_dir} is {ctx.digest}; "
+                    "it did not load the forked adapter"
+                )
+        elif result != RESULT_PENDING:
+            outcome["error"] = f"trainer pid {agent.pid}{_on(host)} answered an unknown result {result!r}"
+        return outcome
+
+    def _fork_once(
+        self, agent: AgentSocket, ctx: ForkContext, run_dir: str
+    ) -> tuple[dict[str, Any] | None, str | None, bool]:
+        """One attempt: (reply, error sentence, worth retrying)."""
+        timeout = min(self.agent_timeout, ctx.remaining())
+        if timeout <= 0:
+            return None, "no time left before the trainers stage deadline", False
+        request = ForkRequest(
+            fork_id=ctx.fork_id,
+            run_dir=run_dir,
+            checkpoint_dir=str(Path(run_dir) / "checkpoints" / "0000"),
+            digest=ctx.digest,
+            # Half the budget may go to waiting for a step boundary; the rest is for reading and loading.
+            timeout=round(timeout / 2, 3),
+        )
+        try:
+            reply = call_agent(agent.path, request.to_message(), timeout=timeout, pid=agent.pid)
+        except ControlError as e:
+            return None, e.message, e.code in _RETRY_CONTROL_CODES
+        if not reply.get("ok"):
+            error = reply.get("error")
+            code = error.get("code") if isinstance(error, dict) else None
+            return None, _reply_error(reply), code in _RETRY_REPLY_CODES
+        return reply, None, False
+
+
+def _on(host: object) -> str:
+    return f" on {host}" if isinstance(host, str) and host else ""

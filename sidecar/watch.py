@@ -1,0 +1,780 @@
+"""Noticing `.fork` markers in ART run directories: one inotify fd, one thread, rescans, and a polling fallback.
+
+The watcher keeps a small tree of the directories that matter, `{root}/{project}/models/{model}`, and tells the daemon
+`on_marker(model_dir)` whenever a model dir holds a `.fork`. It never does fork work itself. Reports may repeat (a
+rescan reports every marker still present; the daemon claims by rename), but a marker must never be missed, so on top
+of inotify events the tree is rescanned at start, every `rescan_interval`, after an inotify queue overflow, and on
+`rescan()`. Directories that cannot be watched (roots on network filesystems in `auto` mode, every root in `poll` mode,
+dirs whose watch failed, e.g. on the `max_user_watches` limit) are scanned every `poll_interval` instead. Both ways
+share one loop and one scan; "backend" only decides whether a root gets watches or is polled.
+
+Why ctypes and not watchdog: watchdog's `Observer` runs a thread per scheduled watch (DESIGN.md: 2,000 run dirs ->
+2,003 threads) and does not pass queue overflows to handlers. Its lower layer, `watchdog.observers.inotify_c.InotifyFD`
+(watchdog 7; watchdog 6, which pyproject allows, has no such class), does put many watches on one fd, but it is itself
+a Thread whose read loop polls only its fd and a private kill pipe, so waking it for a rescan or a timer means reaching
+into private attributes; it opens the fd with `inotify_init` (no close-on-exec, so children spawned without close_fds
+inherit it); its `IN_NONBLOCK`/`IN_CLOEXEC` constants are not the kernel's (0x4000/0x2000000 for 0x800/0x80000 on
+x86-64); and an `add_watch` refused with EACCES is stored as a watch with wd -1. The three syscalls and the event struct
+take a few dozen lines here, with the wake-up eventfd in the same poll set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import itertools
+import logging
+import math
+import os
+import re
+import select
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from sidecar.marker import MARKER
+
+__all__ = ["MARKER_SETTLE_S", "MarkerWatcher", "WatchMode", "fs_type_of", "needs_polling"]
+
+logger = logging.getLogger("sidecar.watch")
+
+WatchMode = Literal["auto", "inotify", "poll"]
+
+# Filesystems where changes made on another host never reach local inotify: a root on one of these is polled in `auto`.
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "lustre", "cifs", "smb3", "smbfs", "9p", "ceph", "gpfs", "beegfs"})
+
+# inotify ABI (<sys/inotify.h>); stable since Linux 2.6.
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_MOVE_SELF = 0x00000800
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+IN_DONT_FOLLOW = 0x02000000
+IN_ISDIR = 0x40000000
+_EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
+_READ_SIZE = 64 * 1024
+
+# A regular-file marker that a scan finds younger than this is reported only once it has stopped changing for this
+# long: a scan can land between `open(O_CREAT)` and `write()` of `echo step: 3 > .fork` (the mkdir -p + write race
+# does exactly that), and an empty marker is a different request. Events need no such wait: IN_CLOSE_WRITE and
+# IN_MOVED_TO come after the content.
+MARKER_SETTLE_S = 0.25
+
+_MARKER_BYTES = os.fsencode(MARKER)
+_MODELS = "models"
+
+
+class _Level(IntEnum):
+    ROOT = 0
+    PROJECT = 1
+    MODELS = 2
+    MODEL = 3
+
+
+# Directory levels only need to hear about subdirectories appearing or leaving. A model dir only needs `.fork`:
+# close-after-write, rename into place, and create (see _marker_event_ready). No IN_MODIFY anywhere, and nothing
+# below a model dir is watched, so ART writing thousands of files into checkpoints/ and trajectories/ costs nothing.
+_DIR_EVENTS = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_ONLYDIR
+_MASKS = {
+    # The root may be a symlink the admin configured, so it is followed; it has no watched parent, so it needs
+    # IN_MOVE_SELF to learn that it was moved away (deletion arrives as IN_IGNORED on every watch).
+    _Level.ROOT: _DIR_EVENTS | IN_MOVE_SELF,
+    _Level.PROJECT: _DIR_EVENTS | IN_DONT_FOLLOW,
+    _Level.MODELS: _DIR_EVENTS | IN_DONT_FOLLOW,
+    _Level.MODEL: IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_ONLYDIR | IN_DONT_FOLLOW,
+}
+
+
+def needs_polling(path: Path | str) -> str | None:
+    """The filesystem type of `path` when inotify cannot see changes there (network and FUSE filesystems), else None."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            mountinfo = f.read()
+    except OSError:
+        return None
+    fs_type = fs_type_of(os.path.realpath(path), mountinfo)
+    if fs_type is not None and (fs_type in NETWORK_FILESYSTEMS or fs_type.startswith("fuse.")):
+        return fs_type
+    return None
+
+
+def fs_type_of(path: str, mountinfo: str) -> str | None:
+    """The filesystem type of the mount with the longest mount point containing `path` (an absolute, real path)."""
+    best_len, best_type = -1, None
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if "-" not in fields[6:] or len(fields) < 9:
+            continue
+        mount_point = _unescape_mountinfo(fields[4])
+        fs_type = fields[fields.index("-", 6) + 1]
+        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        # `>=`: a later line mounted over the same point hides the earlier one.
+        if inside and len(mount_point) >= best_len:
+            best_len, best_type = len(mount_point), fs_type
+    return best_type
+
+
+def _unescape_mountinfo(field_text: str) -> str:
+    # The kernel writes space, tab, newline and backslash in mount points as 3-digit octal escapes.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_text)
+
+
+class _Inotify:
+    """One inotify instance: watches added and removed by path, raw events read without blocking."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        try:
+            init1, self._add, self._rm = libc.inotify_init1, libc.inotify_add_watch, libc.inotify_rm_watch
+        except AttributeError:
+            raise OSError(errno.ENOSYS, "this C library has no inotify") from None
+        init1.argtypes = (ctypes.c_int,)
+        self._add.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+        self._rm.argtypes = (ctypes.c_int, ctypes.c_int)
+        fd = int(init1(os.O_NONBLOCK | os.O_CLOEXEC))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1 failed: {os.strerror(err)}")
+        self.fd = fd
+
+    def add_watch(self, path: str, mask: int) -> int:
+        wd = int(self._add(self.fd, os.fsencode(path), mask))
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+        return wd
+
+    def rm_watch(self, wd: int) -> None:
+        # EINVAL when the kernel already dropped it (directory deleted); nothing to do then.
+        self._rm(self.fd, wd)
+
+    def read(self) -> list[tuple[int, int, bytes]]:
+        """Events queued now as (wd, mask, name); empty when none. One read: poll says when there is more."""
+        try:
+            buf = os.read(self.fd, _READ_SIZE)
+        except BlockingIOError:
+            return []
+        events, offset, end = [], 0, len(buf)
+        while offset < end:
+            wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(buf, offset)
+            offset += _EVENT_HEADER.size
+            events.append((wd, mask, buf[offset : offset + length].rstrip(b"\0")))
+            offset += length
+        return events
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass(eq=False, slots=True)
+class _Dir:
+    """A directory of the watched layout. `ino` tells a directory from a new one reusing its name."""
+
+    path: str
+    level: _Level
+    parent: _Dir | None
+    children: dict[str, _Dir] = field(default_factory=dict)
+    ino: int | None = None
+    wd: int | None = None
+    polled: bool = False  # roots only: scanned every poll_interval instead of watched
+
+
+def _marker_event_ready(mask: int, model_dir: str) -> bool:
+    if mask & (IN_CLOSE_WRITE | IN_MOVED_TO):
+        return True
+    if not mask & IN_CREATE:
+        return False
+    # A regular file that was just created is reported on its IN_CLOSE_WRITE, not now: `echo step: 3 > .fork` creates
+    # an empty file first, and an empty marker means a different request ("fork from the newest step"). Anything that
+    # is never closed after writing is reported on creation, so the daemon can claim it or fail it with a reason: a
+    # directory, FIFO, socket or symlink named .fork, and a hard link to an existing file (a fresh file has one link).
+    # A regular file created and closed without writing (open O_CREAT|O_RDONLY) yields neither event; rescans find it.
+    try:
+        st = os.lstat(_join(model_dir, MARKER))
+    except OSError:
+        return False
+    return not stat.S_ISREG(st.st_mode) or st.st_nlink > 1
+
+
+def _tracked_name(level: _Level, name: str) -> bool:
+    """Whether a subdirectory `name` of a directory at `level` is part of the layout."""
+    if level is _Level.PROJECT:
+        return name == _MODELS
+    return not name.startswith(".")
+
+
+class MarkerWatcher:
+    """Calls `on_marker(model_dir)` for every `{root}/{project}/models/{model}/.fork` that exists or appears.
+
+    `on_marker` runs on the watcher thread (and in `start()` for markers already there) and must be cheap: enqueue.
+    It may be called more than once for one marker. `on_overflow` runs on the watcher thread when inotify lost events,
+    after the full rescan that recovers them.
+    """
+
+    def __init__(
+        self,
+        roots: Sequence[Path],
+        on_marker: Callable[[Path], None],
+        *,
+        mode: WatchMode = "auto",
+        poll_interval: float = 2.0,
+        rescan_interval: float = 60.0,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> None:
+        if mode not in ("auto", "inotify", "poll"):
+            raise ValueError(f"watch mode {mode!r} is not one of auto, inotify, poll")
+        if not poll_interval > 0 or not rescan_interval > 0:
+            raise ValueError("poll_interval and rescan_interval must be positive numbers of seconds")
+        self._on_marker = on_marker
+        self._on_overflow = on_overflow
+        self._mode = mode
+        self._poll_interval = poll_interval
+        self._rescan_interval = rescan_interval
+        self._inotify = self._open_inotify(mode, poll_interval)
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fd_lock = threading.Lock()  # guards closing the fds against a concurrent wake-up
+        self._closed = False
+        self._lock = threading.Lock()  # guards the tree: the watcher thread changes it, run_dirs() reads it
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        # Requests from other threads (or a signal handler) are plain attribute writes plus a wake-up, so they never
+        # wait on a lock: roots as (sequence number, roots), applied when the number changes.
+        self._request_ids = itertools.count(1)
+        self._roots_request: tuple[int, tuple[str, ...]] = (0, _normalise_roots(roots))
+        self._roots_applied = -1
+        self._rescan_requested = False
+        self._overflowed = False
+        self._roots: dict[str, _Dir] = {}
+        self._by_wd: dict[int, _Dir] = {}
+        self._polled: set[_Dir] = set()  # polled roots, and dirs whose watch could not be added
+        self._missing: set[_Dir] = set()  # roots that do not exist (yet)
+        self._settling: dict[str, _Settling] = {}  # model dir -> young marker found by a scan, reported when settled
+        self._logged: set[str] = set()
+
+    # Public API ---------------------------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """What `mode` came to: "inotify" or "poll" (with "inotify", roots on network filesystems are still polled)."""
+        return "poll" if self._inotify is None else "inotify"
+
+    def start(self) -> None:
+        """Scan every root and set up watches, then start the watcher thread.
+
+        Markers already there are reported before this returns, except a regular file written in the last
+        MARKER_SETTLE_S, which the thread reports once it has stopped changing.
+        """
+        if self._thread is not None or self._closed:
+            raise RuntimeError("a MarkerWatcher can be started once")
+        found: list[str] = []
+        with self._lock:
+            self._apply_roots()
+            self._full_scan(found)
+            runs, watches = self._count_runs(), len(self._by_wd)
+        self._report(found)
+        self._thread = threading.Thread(target=self._run, name="sidecar-watch", daemon=True)
+        self._thread.start()
+        logger.info(
+            "watching %d run dirs under %d roots (%s, %d inotify watches)",
+            runs,
+            len(self._roots),
+            self.backend,
+            watches,
+        )
+
+    def stop(self) -> None:
+        """Stop the thread and close the fds; safe to call twice, or without start()."""
+        self._stopping.set()
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        if thread is None:
+            self._close()
+        # Called from on_marker on the watcher thread: the loop closes the fds itself when it returns.
+
+    def rescan(self) -> None:
+        """Ask for a full rescan as soon as possible; safe from any thread and from a signal handler."""
+        self._rescan_requested = True
+        self._wake()
+
+    def set_roots(self, roots: Sequence[Path]) -> None:
+        """Replace the roots (config reload). Kept roots keep their state; new ones are scanned, then all are."""
+        self._roots_request = (next(self._request_ids), _normalise_roots(roots))
+        self._wake()
+
+    def alive(self) -> bool:
+        """Whether the watcher thread is running (False before start() and after stop())."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    def run_dirs(self) -> list[Path]:
+        """The model dirs currently known, sorted."""
+        with self._lock:
+            paths = [m.path for root in self._roots.values() for m in _iter_models(root)]
+        return [Path(p) for p in sorted(paths)]
+
+    def __enter__(self) -> MarkerWatcher:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # The loop --------------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_fd, select.POLLIN)
+        if self._inotify is not None:
+            poller.register(self._inotify.fd, select.POLLIN)
+        now = time.monotonic()
+        schedule = _Schedule(next_full=now + self._rescan_interval, next_poll=now + self._poll_interval)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._iteration(poller, schedule)
+                except Exception:
+                    # A dead watcher would miss every marker from now on: log, rescan, carry on (after a pause, so a
+                    # persistent fault does not spin).
+                    logger.exception("marker watcher iteration failed; rescanning")
+                    self._rescan_requested = True
+                    self._stopping.wait(1.0)
+        finally:
+            self._close()
+
+    def _iteration(self, poller: select.poll, schedule: _Schedule) -> None:
+        now = time.monotonic()
+        deadline = schedule.next_full
+        if self._polled or self._missing:
+            deadline = min(deadline, schedule.next_poll)
+        if self._settling:
+            deadline = min(deadline, min(s.recheck_at for s in self._settling.values()))
+        ready = poller.poll(math.ceil(max(deadline - now, 0.0) * 1000))
+        if self._stopping.is_set():
+            return
+        found: list[str] = []
+        overflowed = False
+        with self._lock:
+            for fd, _ in ready:
+                if fd == self._wake_fd:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(self._wake_fd)
+                elif self._inotify is not None:
+                    self._handle_events(self._inotify.read(), found)
+            now = time.monotonic()
+            roots_changed = self._roots_request[0] != self._roots_applied
+            if self._overflowed or self._rescan_requested or roots_changed or now >= schedule.next_full:
+                overflowed, self._overflowed, self._rescan_requested = self._overflowed, False, False
+                self._apply_roots()
+                self._full_scan(found)
+                schedule.next_full, schedule.next_poll = now + self._rescan_interval, now + self._poll_interval
+            elif now >= schedule.next_poll:
+                self._poll_scan(found)
+                schedule.next_poll = now + self._poll_interval
+            self._recheck_settling(now, found)
+        if overflowed:
+            self._notify_overflow()
+        self._report(found)
+
+    def _report(self, found: list[str]) -> None:
+        for path in dict.fromkeys(found):
+            try:
+                self._on_marker(Path(path))
+            except Exception:
+                logger.exception("on_marker failed for %s", path)
+
+    def _notify_overflow(self) -> None:
+        if self._on_overflow is None:
+            return
+        try:
+            self._on_overflow()
+        except Exception:
+            logger.exception("on_overflow failed")
+
+    # Events ----------------------------------------------------------------------------------------------------
+
+    def _handle_events(self, events: list[tuple[int, int, bytes]], found: list[str]) -> None:
+        for wd, mask, name in events:
+            if mask & IN_Q_OVERFLOW:
+                if not self._overflowed:
+                    logger.warning(
+                        "inotify queue overflowed (fs.inotify.max_queued_events=%s): events were lost; rescanning",
+                        _read_sysctl("max_queued_events"),
+                    )
+                self._overflowed = True
+                continue
+            node = self._by_wd.get(wd)
+            if node is None:
+                continue  # a watch we already dropped
+            if mask & IN_IGNORED:
+                # The kernel removed the watch: directory deleted, or its filesystem unmounted.
+                del self._by_wd[wd]
+                node.wd = None
+                self._revisit(node, found)
+            elif node.level is _Level.MODEL:
+                if name == _MARKER_BYTES and _marker_event_ready(mask, node.path):
+                    found.append(node.path)
+                    self._settling.pop(node.path, None)
+            elif mask & IN_MOVE_SELF:
+                # Only roots ask for this (other dirs hear of a move from their parent): the watch now follows the
+                # directory elsewhere, so drop everything and look at the configured path again.
+                self._forget_contents(node)
+                self._scan_root(node, found)
+            elif mask & IN_ISDIR:
+                self._child_changed(node, os.fsdecode(name), mask, found)
+
+    def _child_changed(self, parent: _Dir, name: str, mask: int, found: list[str]) -> None:
+        if not _tracked_name(parent.level, name):
+            return
+        if mask & (IN_MOVED_FROM | IN_DELETE):
+            child = parent.children.pop(name, None)
+            if child is not None:
+                self._drop(child)
+            return
+        # Created or moved in: watch it, then list it, since its contents (even a marker) may predate the watch.
+        child = parent.children.get(name)
+        if child is None:
+            child = parent.children[name] = _Dir(_join(parent.path, name), _Level(parent.level + 1), parent)
+        self._revisit(child, found)
+
+    # Scanning --------------------------------------------------------------------------------------------------
+
+    def _apply_roots(self) -> None:
+        seq, wanted = self._roots_request
+        if seq == self._roots_applied:
+            return
+        self._roots_applied = seq
+        for path in [p for p in self._roots if p not in wanted]:
+            root = self._roots.pop(path)
+            self._drop(root)
+            self._missing.discard(root)
+            logger.info("stopped watching root %s", path)
+        for path in wanted:
+            if path not in self._roots:
+                self._roots[path] = _Dir(path, _Level.ROOT, None)
+                logger.info("watching root %s", path)
+
+    def _full_scan(self, found: list[str]) -> None:
+        for root in self._roots.values():
+            self._scan_root(root, found)
+
+    def _poll_scan(self, found: list[str]) -> None:
+        for root in list(self._missing):
+            self._scan_root(root, found)
+        for node in list(self._polled):
+            if node in self._polled:  # not dropped by an earlier scan in this loop
+                self._revisit(node, found, watch=False)
+
+    def _scan_root(self, root: _Dir, found: list[str]) -> None:
+        try:
+            st: os.stat_result | None = os.stat(root.path)  # noqa: PTH116 - paths stay str on the scan path
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            if root not in self._missing:
+                self._forget_contents(root)
+                self._polled.discard(root)
+                self._missing.add(root)
+                logger.warning(
+                    "watch root %s does not exist or is not a directory; checking every %gs and watching it once it "
+                    "appears",
+                    root.path,
+                    self._poll_interval,
+                )
+            return
+        if root in self._missing:
+            self._missing.discard(root)
+            logger.info("watch root %s appeared; watching it", root.path)
+        if root.ino != st.st_ino:
+            root.polled = self._should_poll(root.path)
+        if root.polled:
+            self._polled.add(root)
+        else:
+            self._polled.discard(root)
+        self._scan(root, st.st_ino, found, watch=not root.polled)
+
+    def _should_poll(self, root: str) -> bool:
+        if self._inotify is None:
+            return True
+        if self._mode != "auto":
+            return False
+        fs_type = needs_polling(root)
+        if fs_type is not None:
+            logger.info(
+                "watch root %s is on %s, which inotify cannot follow: polling it every %gs",
+                root,
+                fs_type,
+                self._poll_interval,
+            )
+        return fs_type is not None
+
+    def _revisit(self, node: _Dir, found: list[str], *, watch: bool = True) -> None:
+        """Look at `node`'s path again: rescan it if it is still a directory, else drop it."""
+        if node.parent is None:
+            self._scan_root(node, found)
+            return
+        try:
+            st = os.lstat(node.path)
+        except OSError:
+            self._detach(node)
+            return
+        if not stat.S_ISDIR(st.st_mode) or not self._scan(node, st.st_ino, found, watch=watch):
+            self._detach(node)
+
+    def _scan(self, node: _Dir, ino: int, found: list[str], *, watch: bool) -> bool:
+        """Bring `node`'s subtree in line with the disk; False when the directory is gone."""
+        if node.ino != ino:
+            if node.ino is not None:
+                self._forget_contents(node)  # a different directory now has this name
+            node.ino = ino
+        if watch and node.wd is None:
+            self._watch(node)  # before listing: whatever appears after the listing then raises an event
+        if node.level is _Level.MODEL:
+            return self._check_marker(node, found)
+        listing = self._list(node)
+        if listing is None:
+            return False
+        for name in [n for n in node.children if n not in listing]:
+            self._drop(node.children.pop(name))
+        for name, child_ino in listing.items():
+            child = node.children.get(name)
+            if child is None:
+                child = node.children[name] = _Dir(_join(node.path, name), _Level(node.level + 1), node)
+            if not self._scan(child, child_ino, found, watch=watch):
+                self._drop(node.children.pop(name))
+        return True
+
+    def _list(self, node: _Dir) -> dict[str, int] | None:
+        """The tracked subdirectories of `node` with their inode numbers; None when `node` is gone."""
+        try:
+            entries = os.scandir(node.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            self._log_once(logging.WARNING, f"list:{node.path}", "cannot list %s (%s); skipping it", node.path, exc)
+            return {name: child.ino for name, child in node.children.items() if child.ino is not None}
+        listing: dict[str, int] = {}
+        with entries:
+            for entry in entries:
+                if not _tracked_name(node.level, entry.name):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        listing[entry.name] = entry.inode()
+                    elif entry.is_symlink():
+                        # A symlinked project or model dir may lead out of the root; the layout is real dirs only.
+                        self._log_once(logging.DEBUG, f"link:{entry.path}", "skipping symlinked dir %s", entry.path)
+                except OSError:
+                    continue
+        return listing
+
+    def _check_marker(self, node: _Dir, found: list[str]) -> bool:
+        # lstat: a symlinked marker is reported too, and the daemon rejects it with a reason.
+        try:
+            st = os.lstat(_join(node.path, MARKER))
+        except FileNotFoundError:
+            return True
+        except NotADirectoryError:
+            return False
+        except OSError as exc:
+            self._log_once(logging.WARNING, f"marker:{node.path}", "cannot check %s for a marker (%s)", node.path, exc)
+            return True
+        young = abs(time.time_ns() - st.st_mtime_ns) < MARKER_SETTLE_S * 1e9
+        if stat.S_ISREG(st.st_mode) and young:
+            self._settle(node.path, st)
+        else:
+            found.append(node.path)
+        return True
+
+    def _settle(self, model_dir: str, st: os.stat_result) -> None:
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        current = self._settling.get(model_dir)
+        if current is None or current.signature != signature:
+            self._settling[model_dir] = _Settling(time.monotonic() + MARKER_SETTLE_S, signature)
+
+    def _recheck_settling(self, now: float, found: list[str]) -> None:
+        """Report young markers that have not changed since a scan saw them; wait longer for those that did."""
+        for model_dir, pending in [(d, p) for d, p in self._settling.items() if p.recheck_at <= now]:
+            try:
+                st = os.lstat(_join(model_dir, MARKER))
+            except OSError:
+                del self._settling[model_dir]  # claimed or removed meanwhile
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns) != pending.signature:
+                self._settle(model_dir, st)
+            else:
+                del self._settling[model_dir]
+                found.append(model_dir)
+
+    # Watches ---------------------------------------------------------------------------------------------------
+
+    def _watch(self, node: _Dir) -> None:
+        assert self._inotify is not None
+        try:
+            wd = self._inotify.add_watch(node.path, _MASKS[node.level])
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):  # gone: the listing that follows drops it
+                self._watch_failed(node, exc)
+            return
+        owner = self._by_wd.get(wd)
+        if owner is not None and owner is not node:
+            # One watch per inode: the same directory reached by a second path (a bind mount) reports under this one;
+            # the other path is polled instead.
+            owner.wd = None
+            self._polled.add(owner)
+        self._by_wd[wd] = node
+        node.wd = wd
+        self._polled.discard(node)
+
+    def _watch_failed(self, node: _Dir, exc: OSError) -> None:
+        self._polled.add(node)
+        if exc.errno == errno.ENOSPC:
+            self._log_once(
+                logging.WARNING,
+                "enospc",
+                "inotify watch limit reached at %s (fs.inotify.max_user_watches=%s): directories without a watch are "
+                "scanned every %gs instead; raise the limit for instant detection",
+                node.path,
+                _read_sysctl("max_user_watches"),
+                self._poll_interval,
+            )
+        else:
+            self._log_once(
+                logging.WARNING,
+                f"watch:{node.path}",
+                "cannot watch %s (%s): scanning it every %gs instead",
+                node.path,
+                exc.strerror,
+                self._poll_interval,
+            )
+
+    def _unwatch(self, node: _Dir) -> None:
+        if node.wd is None:
+            return
+        if self._by_wd.get(node.wd) is node:
+            del self._by_wd[node.wd]
+            assert self._inotify is not None
+            self._inotify.rm_watch(node.wd)
+        node.wd = None
+
+    def _forget_contents(self, node: _Dir) -> None:
+        """Drop `node`'s children and its watch, keeping the node itself (and whether it is polled)."""
+        for child in node.children.values():
+            self._drop(child)
+        node.children.clear()
+        self._unwatch(node)
+        node.ino = None
+
+    def _drop(self, node: _Dir) -> None:
+        """Forget a node that left the tree, and everything below it."""
+        self._forget_contents(node)
+        self._polled.discard(node)
+        if node.level is _Level.MODEL:
+            self._settling.pop(node.path, None)
+
+    def _detach(self, node: _Dir) -> None:
+        parent = node.parent
+        assert parent is not None
+        name = node.path.rpartition("/")[2]
+        if parent.children.get(name) is node:
+            del parent.children[name]
+        self._drop(node)
+
+    # Small things ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _open_inotify(mode: WatchMode, poll_interval: float) -> _Inotify | None:
+        if mode == "poll":
+            return None
+        try:
+            return _Inotify()
+        except OSError as exc:
+            if mode == "inotify":
+                msg = f"inotify cannot be used ({exc.strerror}); set watch.mode to auto or poll"
+                raise OSError(exc.errno, msg) from exc
+            logger.warning("inotify cannot be used (%s); polling every %gs instead", exc.strerror, poll_interval)
+            return None
+
+    def _wake(self) -> None:
+        # Non-blocking: a signal handler may call this while its own thread is closing the fds.
+        if not self._fd_lock.acquire(blocking=False):
+            return
+        try:
+            if not self._closed:
+                os.eventfd_write(self._wake_fd, 1)
+        finally:
+            self._fd_lock.release()
+
+    def _close(self) -> None:
+        with self._fd_lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._wake_fd)
+            if self._inotify is not None:
+                self._inotify.close()
+
+    def _count_runs(self) -> int:
+        return sum(1 for root in self._roots.values() for _ in _iter_models(root))
+
+    def _log_once(self, level: int, key: str, msg: str, *args: object) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.log(level, msg, *args)
+
+
+@dataclass(slots=True)
+class _Schedule:
+    next_full: float
+    next_poll: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Settling:
+    recheck_at: float  # time.monotonic()
+    signature: tuple[int, int, int]  # inode, size, mtime_ns of the marker when last seen
+
+
+def _iter_models(root: _Dir) -> list[_Dir]:
+    return [m for project in root.children.values() for ms in project.children.values() for m in ms.children.values()]
+
+
+def _join(directory: str, name: str) -> str:
+    # Paths are str throughout the tree: a scan of 10,000 runs would otherwise build 30,000 Path objects.
+    return directory + name if directory.endswith("/") else directory + "/" + name
+
+
+def _normalise_roots(roots: Sequence[Path]) -> tuple[str, ...]:
+    # absolute() only, neither resolve() nor abspath(): reported model dirs must sit under the root exactly as
+    # configured (the daemon maps them back with Path.relative_to), symlinks and `..` included.
+    paths = list(dict.fromkeys(str(Path(r).absolute()) for r in roots))
+    kept = []
+    for path in paths:
+        outer = next((p for p in paths if p != path and path.startswith(p.rstrip("/") + "/")), None)
+        if outer is None:
+            kept.append(path)
+        else:
+            logger.warning("watch root %s is inside watch root %s; ignoring it", path, outer)
+    return tuple(kept)
+
+
+def _read_sysctl(name: str) -> str:
+    try:
+        with open(f"/proc/sys/fs/inotify/{name}", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"

@@ -1,0 +1,101 @@
+"""Shared fixtures. The expensive ones are session-scoped: the tiny model (built once, cached on disk) and one real
+vLLM CPU server for every `vllm`-marked test. Without `.venv-vllm` those tests are skipped with the command to run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.tiny_model import TinyAssets
+from tests.support.vllm_server import VLLM_VENV, VllmServer, start_vllm_server, vllm_python
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if vllm_python() is not None:
+        return
+    skip = pytest.mark.skip(reason=f"needs the vLLM CPU server in {VLLM_VENV}: run `make vllm-venv` (about 4 min)")
+    for item in items:
+        if "vllm" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets() -> TinyAssets:
+    """The tiny Llama base and two distinct LoRA adapters (A, B), built once into `.cache/tiny-model`."""
+    pytest.importorskip("peft", reason="building the tiny model needs torch, transformers and peft in .venv")
+    from tests.support.tiny_model import tiny_assets as build  # torch is imported only when building
+
+    return build()
+
+
+MODEL = "m"  # the run's model name; ART serves its checkpoints/0000 as f"{MODEL}@0"
+
+
+@dataclass
+class VllmRun:
+    """An ART run `{art}/proj/models/m` with checkpoints 0000 (= A), 0003 (= A) and 0005 (= B), and the session's
+    vLLM server started as ART starts it (`m@0` = checkpoints/0000), with A and B also served as `ref-a`/`ref-b`."""
+
+    art: Path
+    model_dir: Path
+    assets: TinyAssets
+    logs: Path
+    server: VllmServer
+    starts: int = 1
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.model_dir / "checkpoints"
+
+    @property
+    def served_name(self) -> str:
+        return f"{MODEL}@0"
+
+    def restart(self, *, api_key: str | None = None) -> VllmServer:
+        """Stop the server (if still alive) and start it again the same way, optionally requiring `api_key`."""
+        self.server.stop()
+        self.starts += 1
+        self.server = _start(self, api_key)
+        return self.server
+
+
+def _start(run: VllmRun, api_key: str | None) -> VllmServer:
+    return start_vllm_server(
+        run.assets.base,
+        lora_modules=[
+            (run.served_name, run.checkpoints / "0000"),
+            ("ref-a", run.assets.adapter_a),
+            ("ref-b", run.assets.adapter_b),
+        ],
+        log_path=run.logs / f"vllm-{run.starts}.log",
+        api_key=api_key,
+        max_lora_rank=16,
+    )
+
+
+@pytest.fixture(scope="session")
+def vllm_run(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmRun]:
+    if vllm_python() is None:
+        pytest.skip(f"needs {VLLM_VENV}: run `make vllm-venv`")
+    root = tmp_path_factory.mktemp("vllm-run")
+    model_dir = root / "art" / "proj" / "models" / MODEL
+    checkpoints = model_dir / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for step, adapter in (
+        ("0000", tiny_assets.adapter_a),
+        ("0003", tiny_assets.adapter_a),
+        ("0005", tiny_assets.adapter_b),
+    ):
+        shutil.copytree(adapter, checkpoints / step)
+    logs = root / "logs"
+    run = VllmRun(root / "art", model_dir, tiny_assets, logs, server=None)  # type: ignore[arg-type]
+    run.server = _start(run, None)
+    try:
+        yield run
+    finally:
+        run.server.stop()

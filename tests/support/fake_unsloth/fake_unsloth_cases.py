@@ -1,0 +1,165 @@
+"""The mixed-dtype cases the dtype-patch tests run against the stand-in: bf16 LoRA layers under an fp16 CPU autocast,
+through every by-name alias of the kernels and through the autograd functions, each compared with an fp32 reference.
+
+Used in-process by tests/test_dtype_patch.py and inside the throwaway venv of tests/test_preload_install.py (this
+directory is on that venv's path, beside the stand-in `unsloth`). Each check returns plain data (JSON-able).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+# Where Unsloth's layout puts a by-name copy of each kernel (DESIGN.md); the stand-in mirrors it.
+ALIASES = {
+    "matmul_lora": (
+        "unsloth.kernels.utils",
+        "unsloth.kernels",
+        "unsloth.kernels.fast_lora",
+        "unsloth.models.llama",
+        "unsloth.models.mistral",
+    ),
+    "fast_linear_forward": (
+        "unsloth.kernels.utils",
+        "unsloth.kernels",
+        "unsloth.models.llama",
+        "unsloth.models.mistral",
+    ),
+}
+HIDDEN, INTER, RANK, SCALE = 32, 48, 4, 2.0
+MISMATCH = "must have the same dtype"
+
+
+def projection(in_features: int, out_features: int, seed: int, dtype: torch.dtype = torch.bfloat16) -> Any:
+    from unsloth.kernels.utils import LoraProjection
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) / shape[-1] ** 0.5).to(dtype)
+
+    return LoraProjection(rand(out_features, in_features), rand(RANK, in_features), rand(out_features, RANK), SCALE)
+
+
+def reference(proj: Any, x: torch.Tensor) -> torch.Tensor:
+    """fp32 X W^T + s (X A^T) B^T from the layer's own tensors."""
+    weight = proj.base_layer.weight.float()
+    a, b = proj.lora_A.float(), proj.lora_B.float()
+    return x @ weight.t() + proj.scaling * (x @ a.t()) @ b.t()
+
+
+def rel_err(value: torch.Tensor, expected: torch.Tensor) -> float:
+    value, expected = value.detach(), expected.detach()
+    return float((value.float() - expected).norm() / expected.norm())
+
+
+def activation(shape: tuple[int, ...], seed: int = 7) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+def _attempt(run: Any) -> dict[str, Any]:
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            return {"error": None, **run()}
+    except RuntimeError as error:
+        return {"error": str(error)}
+
+
+def check_aliases() -> dict[str, dict[str, Any]]:
+    """Every alias of matmul_lora (prefill) and fast_linear_forward (decode bsz 1 and 4, prefill)."""
+    proj = projection(HIDDEN, INTER, seed=1)
+    results = {}
+    for name, modules in ALIASES.items():
+        for module_name in modules:
+            function = getattr(importlib.import_module(module_name), name)
+            shapes = [(2, 5, HIDDEN)] if name == "matmul_lora" else [(1, 1, HIDDEN), (4, 1, HIDDEN), (2, 5, HIDDEN)]
+            for shape in shapes:
+                x = activation(shape)
+
+                def run(function: Any = function, x: torch.Tensor = x) -> dict[str, Any]:
+                    if name == "matmul_lora":
+                        out = function(x, proj.base_layer.weight, None, proj.lora_A, proj.lora_B, proj.scaling)
+                    else:
+                        out = function(proj, x)
+                    return {"dtype": str(out.dtype), "rel_err": rel_err(out, reference(proj, x.float()))}
+
+                results[f"{module_name}.{name}{list(shape)}"] = _attempt(run)
+    return results
+
+
+class _Holder(torch.nn.Module):
+    pass
+
+
+def _mlp() -> Any:
+    mlp = _Holder()
+    mlp.gate_proj = projection(HIDDEN, INTER, seed=11)
+    mlp.up_proj = projection(HIDDEN, INTER, seed=12)
+    mlp.down_proj = projection(INTER, HIDDEN, seed=13)
+    return mlp
+
+
+def _attention() -> Any:
+    attention = _Holder()
+    for index, name in enumerate(("q_proj", "k_proj", "v_proj", "o_proj")):
+        setattr(attention, name, projection(HIDDEN, HIDDEN, seed=21 + index))
+    return attention
+
+
+def _concatenate(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    # Outside autocast: its `cat` rule rejects bf16 inputs under an fp16 autocast (a torch quirk, not the kernels').
+    with torch.autocast("cpu", enabled=False):
+        return torch.cat(parts, -1)
+
+
+def _mlp_reference(mlp: Any, x: torch.Tensor) -> torch.Tensor:
+    gate, up = reference(mlp.gate_proj, x), reference(mlp.up_proj, x)
+    return reference(mlp.down_proj, torch.nn.functional.silu(gate) * up)
+
+
+def check_autograd() -> dict[str, dict[str, Any]]:
+    """LoRA_W, LoRA_QKV and LoRA_MLP forward and backward against fp32 autograd of the same math."""
+    from unsloth.kernels import fast_lora
+
+    mlp, attention = _mlp(), _attention()
+    cases = {
+        "LoRA_W": (attention, lambda x: fast_lora.apply_lora_o(attention, x), lambda x: reference(attention.o_proj, x)),
+        "LoRA_QKV": (
+            attention,
+            lambda x: _concatenate(fast_lora.apply_lora_qkv(attention, x)),
+            lambda x: torch.cat([reference(getattr(attention, p), x) for p in ("q_proj", "k_proj", "v_proj")], -1),
+        ),
+        "LoRA_MLP": (mlp, lambda x: fast_lora.apply_lora_mlp(mlp, x), lambda x: _mlp_reference(mlp, x)),
+    }
+    results = {}
+    for name, (module, fused, expected) in cases.items():
+        for phase_shape in ((2, 5, HIDDEN), (3, 1, HIDDEN)):
+            module.zero_grad(set_to_none=True)
+            x = activation(phase_shape).requires_grad_()
+            x32 = x.detach().float().requires_grad_()
+            upstream = activation(phase_shape[:-1] + (expected(x32).shape[-1],), seed=3).float()
+            (expected(x32) * upstream).sum().backward()
+            lora = [p for n, p in module.named_parameters() if "lora" in n and p.grad is not None]
+            reference_grads = [x32.grad] + [p.grad.float().clone() for p in lora]
+            module.zero_grad(set_to_none=True)
+
+            def run(
+                fused: Any = fused, expected: Any = expected, x: torch.Tensor = x, x32: torch.Tensor = x32
+            ) -> dict[str, Any]:
+                out = fused(x)
+                return {"dtype": str(out.dtype), "rel_err": rel_err(out, expected(x32).detach()), "out": out}
+
+            attempt = _attempt(run)
+            if attempt["error"] is None:
+                out = attempt.pop("out")
+                try:
+                    (out.float() * upstream).sum().backward()
+                    grads = [x.grad] + [p.grad for p in lora]
+                    attempt["grad_rel_err"] = max(rel_err(g, r) for g, r in zip(grads, reference_grads, strict=True))
+                    attempt["grad_dtype"] = str(x.grad.dtype)
+                except RuntimeError as error:
+                    attempt["backward_error"] = str(error)
+            results[f"{name}[q_len={phase_shape[1]}]"] = attempt
+    return results

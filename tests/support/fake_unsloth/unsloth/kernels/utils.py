@@ -1,0 +1,72 @@
+"""Where the LoRA kernels are defined (the module the sidecar's post-import hook watches)."""
+
+import torch
+
+torch_matmul = torch.matmul
+torch_mm = torch.mm
+torch_mv = torch.mv
+# Unsloth decorates for "cuda"; this stand-in runs on CPU, where the same autocast rules apply.
+torch_amp_custom_fwd = torch.amp.custom_fwd(device_type="cpu")
+torch_amp_custom_bwd = torch.amp.custom_bwd(device_type="cpu")
+
+
+class LoraProjection(torch.nn.Module):
+    """A frozen weight plus a LoRA pair, laid out like PEFT's layer (`base_layer.weight`, A: r x in, B: out x r)."""
+
+    def __init__(self, weight, A, B, scaling, bias=None):
+        super().__init__()
+        self.base_layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        self.base_layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            self.base_layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+        self.lora_A = torch.nn.Parameter(A)
+        self.lora_B = torch.nn.Parameter(B)
+        self.scaling = scaling
+
+
+def get_lora_parameters(proj):
+    return proj.base_layer.weight, None, proj.lora_A, proj.lora_B, proj.scaling
+
+
+def get_lora_parameters_bias(proj):
+    return (*get_lora_parameters(proj), proj.base_layer.bias)
+
+
+def matmul_lora(X, W, W_quant, A, B, s, out=None):
+    """X @ W.t() + s * (X @ A.t()) @ B.t(), the LoRA term added in place."""
+    dtype = X.dtype
+    shape = X.shape
+    X = X.reshape(-1, shape[-1])
+    out = torch_matmul(X, W.t(), out=out)
+    if A is not None:
+        XA = torch_matmul(X, A.t().to(dtype))
+        out.addmm_(XA, B.t().to(dtype), alpha=s)  # in place: autocast does not reconcile its operands
+    return out.view(*shape[:-1], -1)
+
+
+def fast_linear_forward(proj, X, temp_lora=None, out=None):
+    """Decode path (q_len == 1) with addmv_ (bsz 1) / addmm_ (bsz > 1); prefill goes through matmul_lora."""
+    W, W_quant, A, B, s, bias = get_lora_parameters_bias(proj)
+    bsz, q_len, in_dim = X.shape
+    if q_len != 1:
+        return matmul_lora(X, W, W_quant, A, B, s)
+    out = torch_matmul(X, W.t(), out=out)
+    dtype = X.dtype
+    out_dim = out.shape[2]
+    if bsz == 1:
+        out = out.view(out_dim)
+        temp_lora = torch_mv(A.to(dtype), X.ravel(), out=temp_lora)
+        out.addmv_(B.to(dtype), temp_lora, alpha=s)
+    else:
+        out = out.view(bsz, out_dim)
+        temp_lora = torch_mm(X.view(bsz, in_dim), A.to(dtype).t(), out=temp_lora)
+        out.addmm_(temp_lora, B.to(dtype).t(), alpha=s)
+    out = out.view(bsz, 1, out_dim)
+    if bias is not None:
+        out += bias
+    return out
+
+
+def addmm_(out, A, B, alpha=1.0, beta=1.0):
+    """The module-level in-place helper newer Unsloth releases route their updates through."""
+    return out.addmm_(A, B, alpha=alpha, beta=beta)

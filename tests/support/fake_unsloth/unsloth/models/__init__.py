@@ -1,0 +1,2 @@
+from .llama import FastLlamaModel  # noqa: F401
+from .mistral import FastMistralModel  # noqa: F401

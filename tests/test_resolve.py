@@ -1,0 +1,92 @@
+"""Resolving the source checkpoint of a request, inside the allowed roots only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sidecar.layout import RunDir
+from sidecar.marker import ForkRequest
+from sidecar.resolve import ResolveError, resolve_source
+
+
+@pytest.fixture
+def art(tmp_path: Path) -> Path:
+    root = tmp_path / "art"
+    for step in ("0000", "0003", "0007"):
+        (root / "p/models/m/checkpoints" / step).mkdir(parents=True)
+    for step in ("0000", "0002", "0010", "0020"):
+        (root / "p/models/base/checkpoints" / step).mkdir(parents=True)
+    (root / "q/models/other/checkpoints/0004").mkdir(parents=True)
+    return root
+
+
+def resolve(art: Path, request: ForkRequest, allowed: tuple[Path, ...] | None = None) -> Path:
+    return resolve_source(request, RunDir(art, "p", "m"), allowed or (art,))
+
+
+def test_each_request_kind(art: Path) -> None:
+    cp = art / "p/models/m/checkpoints"
+    assert resolve(art, ForkRequest("latest")) == cp / "0007"
+    assert resolve(art, ForkRequest("step", step=3)) == cp / "0003"
+    assert resolve(art, ForkRequest("source", source="checkpoints/0003")) == cp / "0003"
+    assert resolve(art, ForkRequest("source", source=str(cp / "0007"))) == cp / "0007"
+    base = art / "p/models/base/checkpoints"
+    assert resolve(art, ForkRequest("from_model", from_model="base")) == base / "0020"
+    assert resolve(art, ForkRequest("from_model", from_model="base", not_after_step=15)) == base / "0010"
+    other = ForkRequest("from_model", from_model="other", from_project="q")
+    assert resolve(art, other) == art / "q/models/other/checkpoints/0004"
+
+
+@pytest.mark.parametrize(
+    ("request_", "problem"),
+    [
+        (ForkRequest("step", step=5), "does not exist"),
+        (ForkRequest("step", step=0), "step 0 itself"),
+        (ForkRequest("source", source="checkpoints/0000"), "checkpoints/0000 itself"),
+        (ForkRequest("source", source="checkpoints/0003/adapter_config.json"), "does not exist"),
+        (ForkRequest("from_model", from_model="nope"), "does not exist"),
+        (ForkRequest("from_model", from_model="other", from_project="q", not_after_step=1), "at or before step 1"),
+    ],
+)
+def test_unusable_requests(art: Path, request_: ForkRequest, problem: str) -> None:
+    with pytest.raises(ResolveError, match=problem):
+        resolve(art, request_)
+
+
+def test_source_that_is_a_file(art: Path) -> None:
+    (art / "p/models/m/checkpoints/0003/adapter_config.json").write_text("{}")
+    with pytest.raises(ResolveError, match="not a directory"):
+        resolve(art, ForkRequest("source", source="checkpoints/0003/adapter_config.json"))
+
+
+def test_no_checkpoint_but_0000(tmp_path: Path) -> None:
+    (tmp_path / "p/models/m/checkpoints/0000").mkdir(parents=True)
+    with pytest.raises(ResolveError, match="no checkpoint other than 0000"):
+        resolve(tmp_path, ForkRequest("latest"))
+
+
+def test_missing_checkpoints_dir(tmp_path: Path) -> None:
+    (tmp_path / "p/models/m").mkdir(parents=True)
+    with pytest.raises(ResolveError, match="is missing or not a real directory"):
+        resolve(tmp_path, ForkRequest("latest"))
+
+
+def test_outside_allowed_roots_even_through_a_symlink(art: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside/ckpt"
+    outside.mkdir(parents=True)
+    with pytest.raises(ResolveError, match="outside the allowed source roots"):
+        resolve(art, ForkRequest("source", source=str(outside)))
+    os.symlink(outside, art / "p/models/m/checkpoints/0009")
+    with pytest.raises(ResolveError, match="outside the allowed source roots"):
+        resolve(art, ForkRequest("step", step=9))
+    assert resolve(art, ForkRequest("source", source=str(outside)), (art, tmp_path / "outside")) == outside
+
+
+def test_symlink_loop(art: Path) -> None:
+    loop = art / "p/models/m/loop"
+    os.symlink(loop, loop)
+    with pytest.raises(ResolveError, match="cannot be resolved"):
+        resolve(art, ForkRequest("source", source="loop"))

@@ -1,0 +1,650 @@
+"""Staging and atomically installing checkpoints/0000, on real filesystems.
+
+Filesystems this machine cannot offer in tmp_path (xfs/btrfs for reflinks, a FUSE filesystem without
+RENAME_EXCHANGE, a tiny tmpfs for ENOSPC) are mounted for the test when we are root and the tools exist;
+otherwise those tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.adapter import adapter_digest
+from sidecar.swap import (
+    StagedCheckpoint,
+    SwapError,
+    _plan_install,
+    abort_staged,
+    discard_retired,
+    exchange_dirs,
+    install_staged,
+    leftovers,
+    rename_noreplace,
+    retired_name,
+    settle_leftover,
+    stage_checkpoint,
+    stage_name,
+)
+from tests.support.adapters import write_adapter, write_big_adapter
+
+FORK = "f1"
+STAGE, RETIRED = stage_name(FORK), retired_name(FORK)
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    """Every regular file below `directory` (relative path -> bytes); fails on anything else."""
+    found = {}
+    for path in sorted(directory.rglob("*")):
+        info = path.lstat()
+        if stat.S_ISDIR(info.st_mode):
+            continue
+        assert stat.S_ISREG(info.st_mode), path
+        found[path.relative_to(directory).as_posix()] = path.read_bytes()
+    return found
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.fixture
+def checkpoints(tmp_path: Path) -> Path:
+    """checkpoints/ of an ART run: 0000 (seed 0) and a step 0005 (seed 5, with a nested file) to fork from."""
+    directory = tmp_path / "run" / "checkpoints"
+    write_adapter(directory / "0000", seed=0)
+    write_adapter(directory / "0005", seed=5, extra_files={"extra/notes.txt": "step 5\n"})
+    return directory
+
+
+def fork(checkpoints: Path, copy_mode: str = "auto", source: str = "0005") -> StagedCheckpoint:
+    staged = stage_checkpoint(checkpoints / source, checkpoints, FORK, copy_mode=copy_mode)
+    install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+    return staged
+
+
+# ------------------------------------------------------------------------------------------ mounts
+
+
+def require_root(tool: str | None = None) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem needs root")
+    if tool and shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (apt-get install {tool})")
+
+
+@contextlib.contextmanager
+def mounted(argv: list[str], target: Path) -> Iterator[Path]:
+    target.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount ({' '.join(argv)}): {result.stderr.strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+@contextlib.contextmanager
+def loop_filesystem(tmp_path: Path, kind: str) -> Iterator[Path]:
+    mkfs = {"xfs": ["mkfs.xfs", "-q"], "btrfs": ["mkfs.btrfs", "-q"]}[kind]
+    require_root(mkfs[0])
+    image = tmp_path / f"{kind}.img"
+    with open(image, "wb") as f:
+        f.truncate(320 << 20)  # sparse; mkfs.xfs wants at least 300 MB
+    subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
+    with mounted(["mount", "-o", "loop", str(image), str(tmp_path / kind)], tmp_path / kind) as root:
+        yield root
+
+
+@contextlib.contextmanager
+def fuse_without_exchange(tmp_path: Path) -> Iterator[Path]:
+    """bindfs: a real FUSE filesystem whose renames take no flags (RENAME_EXCHANGE/NOREPLACE give EINVAL)."""
+    require_root("bindfs")
+    if not Path("/dev/fuse").exists():
+        pytest.skip("no /dev/fuse")
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    with mounted(["bindfs", str(backing), str(tmp_path / "fuse")], tmp_path / "fuse") as root:
+        yield root
+
+
+# ------------------------------------------------------------------------------------------ the happy paths
+
+
+@pytest.mark.parametrize("copy_mode", ["auto", "copy", "hardlink"])
+def test_fork_replaces_0000_byte_for_byte(checkpoints: Path, copy_mode: str) -> None:
+    old, new = tree(checkpoints / "0000"), tree(checkpoints / "0005")
+    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK, copy_mode=copy_mode)
+
+    assert staged.path == checkpoints / STAGE
+    assert staged.digest == adapter_digest(checkpoints / "0005")
+    assert staged.files == tuple(sorted(new))
+    assert staged.bytes == sum(len(b) for b in new.values())
+    assert staged.method == ("hardlink" if copy_mode == "hardlink" else "copy")  # ext4/tmpfs cannot reflink
+    assert tree(checkpoints / "0000") == old  # staging alone changes nothing visible
+
+    result = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+
+    assert (result.how, result.resumed) == ("exchange", False)
+    assert result.live == checkpoints / "0000"
+    assert tree(checkpoints / "0000") == new
+    assert tree(checkpoints / RETIRED) == old
+    assert names(checkpoints) == [RETIRED, "0000", "0005"]
+    assert adapter_digest(checkpoints / "0000") == staged.digest
+
+    discard_retired(checkpoints, FORK)
+
+    assert names(checkpoints) == ["0000", "0005"]
+
+
+def test_fork_without_an_existing_0000(checkpoints: Path) -> None:
+    shutil.rmtree(checkpoints / "0000")
+    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+
+    result = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+
+    assert (result.how, result.retired) == ("rename", None)
+    assert tree(checkpoints / "0000") == tree(checkpoints / "0005")
+    assert names(checkpoints) == ["0000", "0005"]
+
+
+def test_installing_again_changes_nothing(checkpoints: Path) -> None:
+    staged = fork(checkpoints)
+    before = tree(checkpoints)
+
+    again = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+    by_digest = install_staged(checkpoints, FORK, staged.digest)
+
+    assert (again.how, again.resumed) == ("none", False)
+    assert by_digest.how == "none"
+    assert tree(checkpoints) == before
+
+
+def test_hardlink_mode_shares_inodes(checkpoints: Path) -> None:
+    fork(checkpoints, "hardlink")
+
+    for name in ("adapter_model.safetensors", "adapter_config.json", "extra/notes.txt"):
+        live, source = (checkpoints / "0000" / name).stat(), (checkpoints / "0005" / name).stat()
+        assert (live.st_ino, live.st_dev) == (source.st_ino, source.st_dev)
+        assert live.st_nlink == 2
+
+
+def test_copy_mode_makes_independent_files_with_the_source_permissions(checkpoints: Path) -> None:
+    (checkpoints / "0005" / "README.md").chmod(0o640)
+    (checkpoints / "0005").chmod(0o750)
+
+    fork(checkpoints, "copy")
+
+    live = checkpoints / "0000"
+    assert (live / "README.md").stat().st_ino != (checkpoints / "0005" / "README.md").stat().st_ino
+    assert stat.S_IMODE((live / "README.md").stat().st_mode) == 0o640
+    assert stat.S_IMODE(live.stat().st_mode) == 0o750
+    assert stat.S_IMODE((live / "extra").stat().st_mode) == stat.S_IMODE((checkpoints / "0005/extra").stat().st_mode)
+
+
+def test_root_keeps_the_source_owner(checkpoints: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can give files away")
+    for path in [checkpoints / "0005", *(checkpoints / "0005").rglob("*")]:
+        os.chown(path, 1234, 4321)
+
+    fork(checkpoints, "copy")
+
+    for path in [checkpoints / "0000", *(checkpoints / "0000").rglob("*")]:
+        assert (path.stat().st_uid, path.stat().st_gid) == (1234, 4321), path
+
+
+def test_progress_reports_every_byte(checkpoints: Path) -> None:
+    seen: list[tuple[int, int]] = []
+
+    staged = stage_checkpoint(
+        checkpoints / "0005", checkpoints, FORK, copy_mode="copy", progress=lambda d, t: seen.append((d, t))
+    )
+
+    assert seen[-1] == (staged.bytes, staged.bytes)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_a_stale_stage_of_the_same_fork_is_replaced(checkpoints: Path) -> None:
+    (checkpoints / STAGE / "junk").mkdir(parents=True)
+    (checkpoints / STAGE / "adapter_model.safetensors").write_bytes(b"half a file")
+
+    fork(checkpoints)
+
+    assert tree(checkpoints / "0000") == tree(checkpoints / "0005")
+
+
+def test_big_adapter_digest_is_computed_while_copying(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    write_adapter(checkpoints / "0000")
+    write_big_adapter(checkpoints / "0001", 24 << 20)
+
+    staged = fork(checkpoints, "copy", source="0001")
+
+    assert staged.digest == adapter_digest(checkpoints / "0001") == adapter_digest(checkpoints / "0000")
+    assert tree(checkpoints / "0000") == tree(checkpoints / "0001")
+
+
+# ------------------------------------------------------------------------------------------ crashes
+
+
+def fd_of(directory: Path) -> int:
+    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def exchange(c: int) -> None:
+    exchange_dirs(c, STAGE, "0000")
+
+
+def retire_stage(c: int) -> None:
+    rename_noreplace(c, STAGE, RETIRED)
+
+
+def aside(c: int) -> None:
+    rename_noreplace(c, "0000", RETIRED)
+
+
+def promote(c: int) -> None:
+    rename_noreplace(c, STAGE, "0000")
+
+
+# The filesystem operations install_staged performs on each path, in order; a crash after the first k.
+PATHS: dict[str, list[Callable[[int], None]]] = {
+    "exchange": [exchange, retire_stage],
+    "aside": [aside, promote],
+}
+
+
+@pytest.mark.parametrize("by_inode", [True, False], ids=["by-inode", "by-digest"])
+@pytest.mark.parametrize(("path", "k"), [("exchange", 1), ("exchange", 2), ("aside", 1), ("aside", 2)])
+def test_install_finishes_after_a_crash_at_any_point(checkpoints: Path, path: str, k: int, by_inode: bool) -> None:
+    old, new = tree(checkpoints / "0000"), tree(checkpoints / "0005")
+    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    c = fd_of(checkpoints)
+    try:
+        for operation in PATHS[path][:k]:
+            operation(c)
+    finally:
+        os.close(c)
+
+    result = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode if by_inode else None)
+
+    assert tree(checkpoints / "0000") == new
+    assert tree(checkpoints / RETIRED) == old
+    assert names(checkpoints) == [RETIRED, "0000", "0005"]
+    assert result.resumed == (k < len(PATHS[path]))
+    assert install_staged(checkpoints, FORK, staged.digest).how == "none"
+
+
+def test_install_finishes_after_a_crash_without_0000(checkpoints: Path) -> None:
+    shutil.rmtree(checkpoints / "0000")
+    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    c = fd_of(checkpoints)
+    try:
+        promote(c)
+    finally:
+        os.close(c)
+
+    result = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+
+    assert result.how == "none"
+    assert tree(checkpoints / "0000") == tree(checkpoints / "0005")
+
+
+def test_identical_weights_count_as_installed(checkpoints: Path) -> None:
+    # Forking to a checkpoint with the same tensors: without the inode the digests cannot tell old from new.
+    shutil.rmtree(checkpoints / "0000")
+    shutil.copytree(checkpoints / "0005", checkpoints / "0000")
+    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+
+    install_staged(checkpoints, FORK, staged.digest)
+
+    assert tree(checkpoints / "0000") == tree(checkpoints / "0005")
+    assert names(checkpoints) == [RETIRED, "0000", "0005"]
+
+
+def test_plan_covers_every_combination() -> None:
+    for live in (False, True):
+        for staged in (False, True):
+            for retired in (False, True):
+                for new in ("live", "stage", None):
+                    action = _plan_install(live, staged, retired, new)
+                    assert action in {"exchange", "retire", "promote", "done"} or action.startswith("error:")
+
+
+@pytest.mark.parametrize(
+    ("setup", "fragment"),
+    [
+        (lambda c: shutil.rmtree(c / STAGE), "is gone"),
+        (lambda c: (shutil.rmtree(c / STAGE), shutil.rmtree(c / "0000")), "is missing"),
+        (lambda c: (shutil.rmtree(c / STAGE), (c / "0000").rename(c / RETIRED)), "rename it back"),
+        (lambda c: shutil.copytree(c / "0000", c / RETIRED), "used before"),
+        (lambda c: (c / STAGE / "adapter_model.safetensors").write_bytes(b"x" * 100), "neither it nor 0000"),
+    ],
+)
+def test_install_refuses_states_it_cannot_explain(
+    checkpoints: Path, setup: Callable[[Path], object], fragment: str
+) -> None:
+    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    setup(checkpoints)
+    before = tree(checkpoints)
+
+    with pytest.raises(SwapError, match=fragment):
+        install_staged(checkpoints, FORK, staged.digest)
+
+    assert tree(checkpoints) == before
+
+
+KILLER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from sidecar.swap import stage_checkpoint, install_staged
+    checkpoints = Path(sys.argv[1])
+    print("ready", flush=True)
+    staged = stage_checkpoint(checkpoints / "0001", checkpoints, "k1", copy_mode="copy")
+    install_staged(checkpoints, "k1", staged.digest, stage_inode=staged.inode)
+    print("done", flush=True)
+    """
+)
+
+
+def test_sigkill_at_any_moment_leaves_a_whole_0000(tmp_path: Path) -> None:
+    """A real SIGKILL somewhere in stage + install; settle_leftover (start-up cleanup) then leaves one whole 0000."""
+    checkpoints = tmp_path / "checkpoints"
+    write_adapter(checkpoints / "0000", seed=0)
+    write_big_adapter(checkpoints / "0001", 16 << 20)
+    old, new = tree(checkpoints / "0000"), tree(checkpoints / "0001")
+    outcomes = set()
+    for delay in (0.0, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.3):
+        process = subprocess.Popen(
+            [sys.executable, "-c", KILLER, str(checkpoints)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parents[1],
+        )
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+        for kind, fork_id in leftovers(checkpoints):
+            settle_leftover(checkpoints, fork_id)
+            outcomes.add(kind)
+
+        assert names(checkpoints) == ["0000", "0001"]
+        live = tree(checkpoints / "0000")
+        assert live in (old, new)
+        outcomes.add("new" if live == new else "old")
+        if live == new:  # go back to the old 0000 for the next round
+            shutil.rmtree(checkpoints / "0000")
+            write_adapter(checkpoints / "0000", seed=0)
+    assert "old" in outcomes, outcomes  # the first kills land before the install
+
+
+# ------------------------------------------------------------------------------------------ rename-aside
+
+
+def test_rename_aside_on_a_filesystem_without_exchange(tmp_path: Path) -> None:
+    with fuse_without_exchange(tmp_path) as root:
+        checkpoints = root / "checkpoints"
+        write_adapter(checkpoints / "0000", seed=0)
+        write_adapter(checkpoints / "0005", seed=5)
+        old, new = tree(checkpoints / "0000"), tree(checkpoints / "0005")
+        (checkpoints / "a").mkdir()
+        c = fd_of(checkpoints)
+        try:
+            with pytest.raises(OSError) as caught:
+                exchange_dirs(c, "a", "0000")
+        finally:
+            os.close(c)
+        assert caught.value.errno == errno.EINVAL  # the premise: this filesystem cannot exchange
+        (checkpoints / "a").rmdir()
+
+        staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+        result = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+
+        assert result.how == "aside"
+        assert tree(checkpoints / "0000") == new
+        assert tree(checkpoints / RETIRED) == old
+        assert install_staged(checkpoints, FORK, staged.digest).how == "none"
+
+
+def test_rename_aside_when_exchange_is_not_allowed(checkpoints: Path) -> None:
+    old, new = tree(checkpoints / "0000"), tree(checkpoints / "0005")
+    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+
+    result = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode, allow_exchange=False)
+
+    assert result.how == "aside"
+    assert (tree(checkpoints / "0000"), tree(checkpoints / RETIRED)) == (new, old)
+
+
+# ------------------------------------------------------------------------------------------ failures
+
+
+def test_disk_full_while_staging(tmp_path: Path) -> None:
+    require_root()
+    with mounted(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(tmp_path / "small")], tmp_path / "small"):
+        checkpoints = tmp_path / "small" / "checkpoints"
+        write_adapter(checkpoints / "0000", seed=0)
+        write_big_adapter(tmp_path / "big", 4 << 20)
+        before = tree(checkpoints)
+
+        with pytest.raises(SwapError, match="no space left") as caught:
+            stage_checkpoint(tmp_path / "big", checkpoints, FORK, copy_mode="copy")
+
+        assert "\n" not in str(caught.value)
+        assert tree(checkpoints) == before
+        assert names(checkpoints) == ["0000"]
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda s: s.joinpath("adapter_model.safetensors").open("ab").write(b"\0" * 8), "was modified"),
+        (lambda s: s.joinpath("adapter_model.safetensors").unlink(), "was deleted"),
+        (lambda s: s.joinpath("new-file").write_text("x"), "new-file appeared"),
+        (lambda s: s.joinpath("extra", "notes.txt").write_text("rewritten"), "was modified"),
+    ],
+)
+@pytest.mark.parametrize("copy_mode", ["copy", "hardlink"])
+def test_source_changed_during_the_copy(
+    checkpoints: Path, change: Callable[[Path], object], fragment: str, copy_mode: str
+) -> None:
+    source = checkpoints / "0005"
+    before = tree(checkpoints / "0000")
+    changed = []
+
+    def progress(done: int, total: int) -> None:  # runs between the copy of a file and its checks
+        if done == total and not changed:
+            changed.append(change(source))
+
+    with pytest.raises(SwapError, match=fragment) as caught:
+        stage_checkpoint(source, checkpoints, FORK, copy_mode=copy_mode, progress=progress)
+
+    assert str(caught.value).startswith(str(source))
+    assert tree(checkpoints / "0000") == before
+    assert STAGE not in names(checkpoints)
+
+
+def test_invalid_source_is_refused_before_copying(checkpoints: Path) -> None:
+    (checkpoints / "0005" / "adapter_config.json").write_text("{")
+
+    with pytest.raises(SwapError, match=r"0005/adapter_config\.json: adapter_config\.json is not JSON"):
+        stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+
+    assert names(checkpoints) == ["0000", "0005"]
+
+
+def test_symlinked_0000_is_refused(checkpoints: Path) -> None:
+    (checkpoints / "0000").rename(checkpoints / "real0000")
+    (checkpoints / "0000").symlink_to("real0000")
+    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+
+    with pytest.raises(SwapError, match=r"shutil\.rmtree"):
+        install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+
+    assert (checkpoints / "0000").is_symlink()
+
+
+def test_symlinked_checkpoints_dir_is_refused(checkpoints: Path, tmp_path: Path) -> None:
+    (tmp_path / "link").symlink_to(checkpoints)
+
+    with pytest.raises(SwapError, match="link: is a symlink"):
+        stage_checkpoint(checkpoints / "0005", tmp_path / "link", FORK)
+    with pytest.raises(SwapError, match="link: is a symlink"):
+        install_staged(tmp_path / "link", FORK, "sha256:" + "0" * 64)
+
+    assert STAGE not in names(checkpoints)
+
+
+def test_symlinks_and_special_files_in_the_source_are_refused(checkpoints: Path, tmp_path: Path) -> None:
+    (tmp_path / "link-to-0005").symlink_to(checkpoints / "0005")
+    with pytest.raises(SwapError, match="link-to-0005: is a symlink"):
+        stage_checkpoint(tmp_path / "link-to-0005", checkpoints, FORK)
+
+    (checkpoints / "0005" / "tokenizer.json").symlink_to("/etc/hostname")
+    with pytest.raises(SwapError, match=r"tokenizer\.json: is a symlink"):
+        stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+
+    (checkpoints / "0005" / "tokenizer.json").unlink()
+    os.mkfifo(checkpoints / "0005" / "fifo")
+    with pytest.raises(SwapError, match="fifo: is not a regular file"):
+        stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+
+    assert names(checkpoints) == ["0000", "0005"]
+
+
+def test_the_stage_cannot_be_its_own_source(checkpoints: Path) -> None:
+    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+
+    with pytest.raises(SwapError, match="staging directory itself"):
+        stage_checkpoint(staged.path, checkpoints, FORK)
+
+    assert tree(staged.path) == tree(checkpoints / "0005")
+
+
+def test_reflink_mode_fails_clearly_where_unsupported(checkpoints: Path) -> None:
+    with pytest.raises(SwapError, match=r"cannot reflink.*copy_mode auto or copy"):
+        stage_checkpoint(checkpoints / "0005", checkpoints, FORK, copy_mode="reflink")
+
+    assert names(checkpoints) == ["0000", "0005"]
+
+
+def test_hardlink_mode_across_filesystems_fails_clearly(tmp_path: Path) -> None:
+    require_root()
+    with mounted(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(tmp_path / "other")], tmp_path / "other"):
+        checkpoints = tmp_path / "other" / "checkpoints"
+        write_adapter(checkpoints / "0000")
+        write_adapter(tmp_path / "src", seed=3)
+
+        with pytest.raises(SwapError, match=r"cannot be hardlinked.*copy_mode auto or copy"):
+            stage_checkpoint(tmp_path / "src", checkpoints, FORK, copy_mode="hardlink")
+
+        assert names(checkpoints) == ["0000"]
+
+
+@pytest.mark.parametrize("kind", ["xfs", "btrfs"])
+@pytest.mark.parametrize("copy_mode", ["reflink", "auto"])
+def test_reflink_on_a_filesystem_that_can(tmp_path: Path, kind: str, copy_mode: str) -> None:
+    with loop_filesystem(tmp_path, kind) as root:
+        checkpoints = root / "checkpoints"
+        write_adapter(checkpoints / "0000", seed=0)
+        write_adapter(checkpoints / "0005", seed=5, extra_files={"extra/notes.txt": "x"})
+
+        staged = fork(checkpoints, copy_mode)
+
+        assert staged.method == "reflink"
+        assert staged.digest == adapter_digest(checkpoints / "0005")
+        assert tree(checkpoints / "0000") == tree(checkpoints / "0005")
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="fork id"):
+        stage_name("../x")
+    with pytest.raises(ValueError, match="copy_mode"):
+        stage_checkpoint(Path("/nonexistent"), Path("/nonexistent"), FORK, copy_mode="rsync")
+
+
+# ------------------------------------------------------------------------------------------ cleanup
+
+
+def test_abort_and_discard_are_idempotent(checkpoints: Path) -> None:
+    stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+
+    abort_staged(checkpoints, FORK)
+    abort_staged(checkpoints, FORK)
+    discard_retired(checkpoints, FORK)
+
+    assert names(checkpoints) == ["0000", "0005"]
+
+
+def test_abort_refuses_to_leave_the_run_without_0000(checkpoints: Path) -> None:
+    stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    (checkpoints / "0000").rename(checkpoints / RETIRED)  # a crash in the middle of a rename-aside
+
+    with pytest.raises(SwapError, match="install_staged"):
+        abort_staged(checkpoints, FORK)
+
+    assert names(checkpoints) == [RETIRED, STAGE, "0005"]
+
+
+@pytest.mark.parametrize(
+    ("ops", "expect"),
+    [
+        ([], "old"),  # staged only
+        ([exchange], "new"),
+        ([exchange, retire_stage], "new"),
+        ([aside], "new"),
+        ([aside, promote], "new"),
+    ],
+)
+def test_settle_leftover_leaves_one_whole_0000(
+    checkpoints: Path, ops: list[Callable[[int], None]], expect: str
+) -> None:
+    old, new = tree(checkpoints / "0000"), tree(checkpoints / "0005")
+    stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    c = fd_of(checkpoints)
+    try:
+        for operation in ops:
+            operation(c)
+    finally:
+        os.close(c)
+
+    assert leftovers(checkpoints)
+    settle_leftover(checkpoints, FORK)
+
+    assert names(checkpoints) == ["0000", "0005"]
+    assert tree(checkpoints / "0000") == (new if expect == "new" else old)
+    assert leftovers(checkpoints) == []
+
+
+def test_settle_leftover_puts_a_lone_retired_copy_back(checkpoints: Path) -> None:
+    old = tree(checkpoints / "0000")
+    (checkpoints / "0000").rename(checkpoints / RETIRED)
+
+    assert settle_leftover(checkpoints, FORK) == f"put {RETIRED} back as 0000"
+    assert tree(checkpoints / "0000") == old
+
+
+def test_leftovers_lists_only_our_names(checkpoints: Path) -> None:
+    for name in (".fork-stage-a1", ".fork-retired-b2", ".fork-a1", ".fork-stage-", ".fork-stage-a b", "0007"):
+        (checkpoints / name).mkdir(parents=True, exist_ok=True)
+
+    assert leftovers(checkpoints) == [("retired", "b2"), ("stage", "a1")]
+    assert leftovers(checkpoints / "missing") == []

