@@ -40,6 +40,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 run: $(STAMP)
+	$(if $(CONFIG),,$(PY) -m tests.support.seed_art .art)
 	$(VENV)/bin/fork-sidecar run $(if $(CONFIG),--config $(CONFIG))
 
 demo: $(STAMP) $(VLLM_STAMP)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import os
 import platform
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.swap import discard_retired, install_staged, stage_checkpoint
+from sidecar.swap import SwapError, discard_retired, install_staged, stage_checkpoint
 from tests.support.adapters import write_adapter, write_big_adapter
 
 COPY_TARGET = 1.1  # x baseline
@@ -107,8 +108,29 @@ def make_run(root: Path, size: int) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def xfs_loop(parent: Path, size: int) -> Iterator[Path | str]:
-    """Yields a mounted xfs with reflinks, or a string saying why there is none."""
+def _skipped() -> Iterator[Path | str]:
+    yield "--skip-reflink"
+
+
+def can_reflink(directory: Path) -> bool:
+    probe = directory / "reflink-probe"
+    write_adapter(probe / "src")
+    try:
+        stage_checkpoint(probe / "src", probe, "probe", copy_mode="reflink")
+        return True
+    except SwapError:
+        return False
+    finally:
+        shutil.rmtree(probe)
+
+
+@contextlib.contextmanager
+def reflink_filesystem(parent: Path, size: int) -> Iterator[Path | str]:
+    """Yields a directory on a filesystem with reflinks (`parent` itself when it can, else a new xfs loop mount),
+    or a string saying why there is none."""
+    if can_reflink(parent):
+        yield parent
+        return
     if os.geteuid() != 0:
         yield "needs root to mount an xfs loop filesystem"
         return
@@ -130,15 +152,32 @@ def xfs_loop(parent: Path, size: int) -> Iterator[Path | str]:
         subprocess.run(["umount", str(mount)], check=False)
 
 
-def measure(row: Row, repeat: int, run: Callable[[], float | tuple[float, float]]) -> Row:
-    run()  # one untimed round: first-touch effects (allocation of the fs, imports) are not the subject
+Case = tuple[Row, Callable[[], float | tuple[float, float]]]
+
+
+def measure(cases: list[Case], repeat: int) -> None:
+    """Runs every case once untimed (first-touch effects), then `repeat` rounds with the cases interleaved,
+    so a slow spell on a shared machine hits every case rather than one."""
+    for _, run in cases:
+        run()
     for _ in range(repeat):
-        result = run()
-        total, digest = result if isinstance(result, tuple) else (result, None)
-        row.totals.append(total)
-        if digest:
-            row.digests.append(digest)
-    return row
+        for row, run in cases:
+            result = run()
+            total, digest = result if isinstance(result, tuple) else (result, None)
+            row.totals.append(total)
+            if digest:
+                row.digests.append(digest)
+
+
+def fs_type(path: Path) -> str:
+    """The filesystem type of the mount holding `path`, from /proc/self/mountinfo."""
+    best, kind = "", "?"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        mount_point, fstype = fields[4], fields[fields.index("-") + 1]
+        if f"{path}/".startswith(mount_point.rstrip("/") + "/") and len(mount_point) > len(best):
+            best, kind = mount_point, fstype
+    return kind
 
 
 def print_table(rows: list[Row], baseline: Row, size: int) -> bool:
@@ -174,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per case (medians are reported)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the run dir goes")
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache between runs")
+    parser.add_argument(
+        "--skip-reflink", action="store_true", help="leave out the reflink rows (no xfs loop filesystem is made)"
+    )
     args = parser.parse_args(argv)
     size = args.size_mib << 20
     cold = not args.warm and can_drop_caches()
@@ -181,35 +223,36 @@ def main(argv: list[str] | None = None) -> int:
     print("page cache dropped before each run" if cold else "page cache NOT dropped (--warm or not root): warm numbers")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="swap-bench-") as tmp:
         root = Path(tmp)
-        fs = subprocess.run(["stat", "-f", "-c", "%T", str(root)], capture_output=True, text=True).stdout.strip()
+        fs = fs_type(root)
         checkpoints, source = make_run(root, size)
-        baseline = measure(
-            Row("baseline cp -r + sync", fs), args.repeat, lambda: time_baseline(source, root / "dst", cold)
-        )
-        rows = [baseline]
+        baseline = Row("baseline cp -r + sync", fs)
+        cases: list[Case] = [(baseline, lambda: time_baseline(source, root / "dst", cold))]
         for mode in ("copy", "hardlink"):
-            rows.append(
-                measure(Row(f"ours {mode}", fs), args.repeat, lambda m=mode: time_ours(source, checkpoints, m, cold))
-            )
-        with xfs_loop(root, size) as xfs:
+            cases.append((Row(f"ours {mode}", fs), functools.partial(time_ours, source, checkpoints, mode, cold)))
+        with reflink_filesystem(root, size) if not args.skip_reflink else _skipped() as xfs:
             if isinstance(xfs, str):
-                rows.append(Row("ours reflink", "xfs", note=xfs))
+                cases.append((Row("ours reflink", "xfs", note=xfs), lambda: 0.0))
             else:
-                xfs_checkpoints, xfs_source = make_run(xfs, size)
-                rows.append(
-                    measure(
-                        Row("cp --reflink + sync", "xfs (loop)"),
-                        args.repeat,
-                        lambda: time_baseline(xfs_source, xfs / "dst", cold, ("--reflink=always",)),
+                where = fs_type(xfs) + (" (loop)" if xfs != root else "")
+                if xfs != root:
+                    xfs_checkpoints, xfs_source = make_run(xfs, size)
+                else:
+                    xfs_checkpoints, xfs_source = checkpoints, source
+                reflink_cp = ("--reflink=always",)
+                cases.append(
+                    (
+                        Row("cp --reflink + sync", where),
+                        lambda: time_baseline(xfs_source, xfs / "dst", cold, reflink_cp),
                     )
                 )
-                rows.append(
-                    measure(
-                        Row("ours reflink", "xfs (loop)"),
-                        args.repeat,
+                cases.append(
+                    (
+                        Row("ours reflink", where),
                         lambda: time_ours(xfs_source, xfs_checkpoints, "reflink", cold),
                     )
                 )
+            measure([c for c in cases if not c[0].note], args.repeat)
+        rows = [row for row, _ in cases]
         ok = print_table(rows, baseline, size)
     return 0 if ok else 1
 

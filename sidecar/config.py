@@ -253,7 +253,9 @@ def load_config(path: Path | None) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; pass an existing file with --config (see config.example.yaml).")
+        raise ConfigError(
+            f"{path}: no such file; pass an existing file with --config (see config.example.yaml)."
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot be read ({e}); check the path and its permissions.") from None
     try:

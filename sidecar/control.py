@@ -305,8 +305,11 @@ class ControlServer:
         parent = self.path.parent
         if len(os.fsencode(self.path)) > _MAX_SOCKET_PATH:
             raise OSError(f"{self.path} is longer than a Unix socket path may be; set FORK_SIDECAR_RUNTIME_DIR shorter")
-        parent.mkdir(parents=True, exist_ok=True)
-        private = Path(tempfile.mkdtemp(prefix=".agent-", dir=parent))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            private = Path(tempfile.mkdtemp(prefix=".agent-", dir=parent))
+        except OSError as e:
+            raise OSError(f"cannot create the agent socket {self.path} ({e.strerror or e})") from None
         staged = private / "s"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -506,7 +509,9 @@ def call_agent(path: Path, request: Mapping[str, Any], *, timeout: float, pid: i
                     "refused", f"{path} is served by pid {peer.pid} uid {peer.uid}, not by pid {pid} uid {uid}"
                 )
         try:
-            send_message(sock, request, deadline=deadline)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                # An agent that refuses at once (busy, forbidden) answers and closes before reading: read its answer.
+                send_message(sock, request, deadline=deadline)
             return recv_message(sock, deadline=deadline)
         except ProtocolError as e:
             code = "timeout" if e.code == "timeout" else "protocol"

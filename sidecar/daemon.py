@@ -75,17 +75,14 @@ class Daemon:
             self._resumes.setdefault(Path(record.model_dir), []).append(record)
         self.pipeline.on_finish = self._count
         self.watcher = self._make_watcher(self.config)
-        runs = self._all_runs(self.config)
-        self._collect_leftovers(runs, {r.fork_id for r in unfinished})
-        self._orphans = {r.path for r in runs if (r.path / INPROGRESS).exists() and r.path not in self._resumes}
-        for stage in self.pipeline.stages:
-            stage.on_start([r.path for r in runs])
         for model_dir in list(self._resumes):
             self._submit(model_dir)
         self.watcher.start()  # the first scan submits every marker already present
         summary = self._summary()
         log.info("fork-sidecar %s ready: %s", __version__, summary)
         self.notifier.ready(summary)
+        # Start-up chores that need a walk over every run happen after READY, on a thread that then exits.
+        threading.Thread(target=self._housekeeping, args=(unfinished,), name="housekeeping", daemon=True).start()
         self._write_status()
         try:
             self._main_loop()
@@ -131,7 +128,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, hup)
 
     def _reload(self) -> None:
-        """SIGHUP: re-read the config; queued and running forks carry on (workers hold the pipeline they started with)."""
+        """SIGHUP: re-read the config; queued and running forks carry on with the pipeline they started with."""
         self.notifier.reloading()
         path = self.config.source_file
         try:
@@ -179,7 +176,7 @@ class Daemon:
 
     # --- scheduling -----------------------------------------------------------------------------------------
     def _submit(self, model_dir: Path) -> None:
-        """Called by the watcher for every marker seen: start the run's worker, or tell the running one to look again."""
+        """Called for every marker seen: start the run's worker, or tell the running one to look again."""
         with self._lock:
             if model_dir in self._active:
                 self._again.add(model_dir)
@@ -208,9 +205,12 @@ class Daemon:
         self.wake.set()
 
     def _offer_orphans(self) -> None:
-        for model_dir in list(self._orphans):
-            if not (model_dir / INPROGRESS).exists():
-                self._orphans.discard(model_dir)
+        with self._lock:
+            orphans = list(self._orphans)
+        for model_dir in orphans:
+            if not os.path.lexists(model_dir / INPROGRESS):
+                with self._lock:
+                    self._orphans.discard(model_dir)
             elif model_dir not in self._active:
                 self._submit(model_dir)
 
@@ -226,15 +226,30 @@ class Daemon:
         self.wake.set()
 
     # --- start-up housekeeping ------------------------------------------------------------------------------
-    def _all_runs(self, config: Config) -> list[RunDir]:
-        return [run for root in config.watch.roots for run in iter_run_dirs(root)]
+    def _housekeeping(self, unfinished: list[ForkRecord]) -> None:
+        try:
+            runs = [run for root in self.config.watch.roots for run in iter_run_dirs(root)]
+            resumed = {Path(r.model_dir) for r in unfinished}
+            self._collect_leftovers(runs)
+            orphans = {r.path for r in runs if r.path not in resumed and os.path.lexists(r.path / INPROGRESS)}
+            with self._lock:
+                self._orphans |= orphans
+            for stage in self.pipeline.stages:
+                stage.on_start([r.path for r in runs])
+        except Exception:  # chores must never take the daemon down
+            log.exception("start-up housekeeping failed; forks are unaffected")
+        self.wake.set()
 
-    def _collect_leftovers(self, runs: Sequence[RunDir], journaled: set[str]) -> None:
+    def _collect_leftovers(self, runs: Sequence[RunDir]) -> None:
         """Remove staging/retired copies of forks that no journal and no claim knows (a crash before the journal)."""
         for run in runs:
+            found = swap.leftovers(run.checkpoints)
+            if not found:
+                continue
             claimed = _claimed_fork_id(run.path / INPROGRESS)
-            for kind, fork_id in swap.leftovers(run.checkpoints):
-                if fork_id in journaled or fork_id == claimed:
+            for kind, fork_id in found:
+                # Checked now, not at start: a fork claimed since then is journaled before it stages anything.
+                if fork_id == claimed or self.pipeline.journaled(fork_id):
                     continue
                 log.info("removing leftover %s copy of fork %s in %s", kind, fork_id, run.checkpoints)
                 with contextlib.suppress(swap.SwapError, OSError):

@@ -127,7 +127,7 @@ class Journal:
 
     def _write(self, record: ForkRecord) -> None:
         write_json_atomic(self._path(record.fork_id), record.to_json(), mode=0o600)
-        if _CRASH_AFTER and _CRASH_AFTER == record.state.value:
+        if _CRASH_AFTER and record.state.value == _CRASH_AFTER:
             # Fault injection for the crash tests: a SIGKILL exactly after a state became durable, which no real
             # part can be made to deliver at that precise point.
             os.kill(os.getpid(), signal.SIGKILL)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 __all__ = [
@@ -35,11 +36,11 @@ class RunDir:
     project: str
     model: str
 
-    @property
+    @cached_property
     def path(self) -> Path:
         return self.root / self.project / "models" / self.model
 
-    @property
+    @cached_property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
 

@@ -19,6 +19,7 @@ __all__ = ["JournaldHandler", "setup_logging", "under_journald"]
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 # LogRecord attribute -> journald field; set through `extra=` by the pipeline's per-fork logger.
+_HANDLER_NAME = "fork-sidecar"
 _FIELDS = {"fork_run": "FORK_RUN", "fork_id": "FORK_ID", "fork_stage": "FORK_STAGE"}
 
 
@@ -81,7 +82,7 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.setLevel(level.upper())
     use_journal = fmt == "journal" or (fmt == "auto" and under_journald())
-    current = [h for h in root.handlers if getattr(h, "_fork_sidecar", False)]
+    current = [h for h in root.handlers if h.get_name() == _HANDLER_NAME]
     if current and isinstance(current[0], JournaldHandler) == use_journal:
         return
     for h in current:
@@ -94,5 +95,5 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    handler._fork_sidecar = True  # type: ignore[attr-defined]
+    handler.set_name(_HANDLER_NAME)
     root.addHandler(handler)

@@ -92,6 +92,10 @@ def parse_marker(content: bytes, where: Path) -> ForkRequest:
         raise _bad(where, "is not valid YAML") from None
     if not isinstance(data, dict):
         raise _bad(where, f"must be empty or a YAML mapping, not {_type_name(data)}")
+    return _request_from_mapping(data, where)
+
+
+def _request_from_mapping(data: dict[Any, Any], where: Path) -> ForkRequest:
     unknown = sorted(str(k) for k in data if k not in _SOURCE_KEYS + _OPTIONAL_KEYS)
     if unknown:
         raise _bad(where, f"has unknown key {unknown[0]!r}")
@@ -107,14 +111,12 @@ def parse_marker(content: bytes, where: Path) -> ForkRequest:
         raise _bad(where, "uses from_project/not_after_step without from_model")
     if not given:
         return ForkRequest("latest", request_id=request_id)
-    key = given[0]
-    if key == "step":
-        step = _optional_step(data, "step", where)
-        return ForkRequest("step", step=step, request_id=request_id)
-    value = _optional_str(data, key, where)
+    if given[0] == "step":
+        return ForkRequest("step", step=_optional_step(data, "step", where), request_id=request_id)
+    value = _optional_str(data, given[0], where)
     if not value:
-        raise _bad(where, f"has an empty {key!r}")
-    if key == "source":
+        raise _bad(where, f"has an empty {given[0]!r}")
+    if given[0] == "source":
         return ForkRequest("source", source=value, request_id=request_id)
     if "/" in value or value in (".", ".."):
         raise _bad(where, f"has from_model {value!r}, which must be a model name, not a path")

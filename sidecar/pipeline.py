@@ -55,7 +55,7 @@ def new_fork_id() -> str:
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds")
 
 
 class ForkPipeline:
@@ -96,7 +96,7 @@ class ForkPipeline:
             return False
         info = _claim_info(claimed) if stat.S_ISREG(st.st_mode) else None
         if info is not None:
-            if info.get("fork_id") and self._journaled(str(info["fork_id"])):
+            if info.get("fork_id") and self.journaled(str(info["fork_id"])):
                 return False  # ours, being resumed from the journal
             if not self._claimer_gone(info):
                 return False
@@ -107,7 +107,7 @@ class ForkPipeline:
         self._start(run, ORIGIN_ORPHAN, claim=info)
         return True
 
-    def _journaled(self, fork_id: str) -> bool:
+    def journaled(self, fork_id: str) -> bool:
         return (self.journal.forks_dir / f"{fork_id}.json").exists()
 
     def _claimer_gone(self, info: dict[str, Any]) -> bool:
@@ -276,7 +276,7 @@ class ForkPipeline:
                 swap.abort_staged(self._checkpoints(record), record.fork_id)
             record.stages.setdefault("swap", {}).update(self._served_now(record))
         self._write_outcome(record, "failed")
-        if self._journaled(record.fork_id):
+        if self.journaled(record.fork_id):
             self.journal.advance(record, ForkState.FAILED, finished_at=record.finished_at)
         else:
             record.state = ForkState.FAILED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -36,10 +37,9 @@ class Notifier:
         if self.sock is None:
             return
         message = "\n".join(f"{k.upper()}={v}" for k, v in fields.items())
-        try:
+        # systemd gone or not listening: nothing a daemon can do about it.
+        with contextlib.suppress(OSError):
             self.sock.sendto(message.encode(), self.address)
-        except OSError:
-            pass  # systemd gone or not listening: nothing a daemon can do about it
 
     def ready(self, status: str) -> None:
         self.send(ready="1", status=status)

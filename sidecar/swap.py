@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 import platform
@@ -84,6 +85,7 @@ _LEFTOVER = re.compile(rf"({re.escape(STAGE_PREFIX)}|{re.escape(RETIRED_PREFIX)}
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _RENAMEAT2_SYSCALL = {"x86_64": 316, "aarch64": 276, "ppc64le": 357, "s390x": 347}
+_SYNC_FILE_RANGE_WRITE = 2
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int); fcntl.FICLONE only exists from Python 3.12
 # Errors meaning "this filesystem (or kernel) cannot do that", as opposed to a real failure.
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV})
@@ -108,7 +110,7 @@ class StagedCheckpoint:
     bytes: int  # total size of the files
     method: str  # "reflink", "copy" or "hardlink"
     inode: int  # of the stage directory: lets install_staged tell old from new without reading them
-    digest_s: float = 0.0  # seconds spent reading the staged adapter for its digest (0 when copying: it overlaps)
+    digest_s: float = 0.0  # how long staging waited for the digest once the bytes were in place (copies overlap it)
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ def _checked_fork_id(fork_id: str) -> str:
 # ------------------------------------------------------------------------------------------ syscalls
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
@@ -283,6 +286,16 @@ def _reflink(src_fd: int, dst_fd: int) -> None:
         raise
 
 
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Starts writing a copied range to disk now (sync_file_range WRITE, no waiting), so the final
+    fsync has little left to do: writeback overlaps the rest of the copy and the digest."""
+    function = getattr(_libc(), "sync_file_range", None)
+    if function is None:
+        return
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: an error here leaves the fsync to do it
+
+
 def _copy_data(src_fd: int, dst_fd: int, size: int, on_bytes: Callable[[int], None], label: str) -> None:
     """Copies `size` bytes in the kernel (copy_file_range), falling back to read/write where it can't."""
     position = 0
@@ -305,6 +318,7 @@ def _copy_data(src_fd: int, dst_fd: int, size: int, on_bytes: Callable[[int], No
             done = len(data)
         if done == 0:
             raise _SourceChanged(f"{label} shrank while it was copied")
+        _start_writeback(dst_fd, position, done)
         position += done
         on_bytes(done)
 
@@ -360,7 +374,8 @@ class _Stager:
         self.mode = copy_mode
         self.progress = progress
         self.methods: set[str] = set()
-        self.inline_digest: str | None = None
+        self.digest: str | None = None  # of the adapter file, computed while it was staged
+        self.digest_wait_s = 0.0  # how long the digest kept the stage waiting after the bytes were in place
         self.total = 0
         self.done = 0
 
@@ -428,24 +443,51 @@ class _Stager:
     def _copy_file(self, entry: CheckpointEntry, name: str, src_dir: int, dst_dir: int) -> _Fingerprint:
         src = self._open_source_file(name, src_dir, entry)
         try:
-            if self.mode == "hardlink":
-                return self._link_file(entry, name, src, src_dir, dst_dir)
-            before = _Fingerprint.of(os.fstat(src))
-            dst = os.open(
-                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_dir
-            )
+            before = _Fingerprint.of(os.fstat(src), with_ctime=self.mode != "hardlink")
+            digester = self._start_digest(entry, src)
             try:
-                self.methods.add(self._fill(entry, src, dst, before.size))
-                _copy_owner_and_mode(entry.stat, dst)
-                os.fsync(dst)
+                if self.mode == "hardlink":
+                    self._link_file(entry, name, src, (src_dir, dst_dir), before)
+                else:
+                    self._write_copy(entry, name, src, dst_dir, before.size)
             finally:
-                os.close(dst)
+                if digester is not None:  # wait even on failure: the thread reads `src`, closed below
+                    started = time.perf_counter()
+                    digester.join()
+                    self.digest_wait_s = time.perf_counter() - started
+            if digester is not None:
+                self.digest = digester.result()
             self._check_unchanged(entry, name, src, src_dir, before)
             return before
         finally:
             os.close(src)
 
-    def _fill(self, entry: CheckpointEntry, src: int, dst: int, size: int) -> str:
+    def _start_digest(self, entry: CheckpointEntry, src: int) -> _DigestThread | None:
+        """Starts digesting the adapter file from the source while its bytes are put in place.
+
+        Whatever the method, the digest reads the source: its bytes are read from disk once (or come from the
+        page cache, where a just-written checkpoint usually is; a clone would be cold, page cache being per
+        inode) and hashing overlaps the copy and its fsync. The source's fingerprint, taken before and checked
+        after the digest, shows the bytes did not change meanwhile, so the digest is the staged file's too.
+        """
+        if entry.relpath != ADAPTER_FILE:
+            return None
+        read_header(src, self.source / ADAPTER_FILE)  # fail before copying gigabytes of a bad file
+        thread = _DigestThread(src, self.source / ADAPTER_FILE)
+        thread.start()
+        return thread
+
+    def _write_copy(self, entry: CheckpointEntry, name: str, src: int, dst_dir: int, size: int) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        dst = os.open(name, flags, 0o600, dir_fd=dst_dir)
+        try:
+            self.methods.add(self._fill(src, dst, size, entry.relpath))
+            _copy_owner_and_mode(entry.stat, dst)
+            os.fsync(dst)  # meanwhile the digest thread finishes: hashing overlaps the writeback
+        finally:
+            os.close(dst)
+
+    def _fill(self, src: int, dst: int, size: int, relpath: str) -> str:
         """Puts the source bytes into `dst`; returns the method used."""
         if self.mode in ("reflink", "auto"):
             try:
@@ -456,23 +498,13 @@ class _Stager:
                 if self.mode == "reflink":
                     raise
                 self.mode = "copy"  # decided once: the other files live on the same filesystem
-        digester = None
-        if entry.relpath == ADAPTER_FILE:
-            read_header(src, self.source / ADAPTER_FILE)  # fail before copying gigabytes of a bad file
-            digester = _DigestThread(src, self.source / ADAPTER_FILE)
-            digester.start()
-        try:
-            _copy_data(src, dst, size, self._advance, entry.relpath)
-        finally:
-            if digester is not None:
-                # Wait even on failure: the thread reads `src`, which the caller closes next.
-                digester.join()
-        if digester is not None:
-            self.inline_digest = digester.result()
+        _copy_data(src, dst, size, self._advance, relpath)
         return "copy"
 
-    def _link_file(self, entry: CheckpointEntry, name: str, src: int, src_dir: int, dst_dir: int) -> _Fingerprint:
-        before = _Fingerprint.of(os.fstat(src), with_ctime=False)
+    def _link_file(
+        self, entry: CheckpointEntry, name: str, src: int, dirs: tuple[int, int], before: _Fingerprint
+    ) -> None:
+        src_dir, dst_dir = dirs
         try:
             os.link(name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
         except OSError as exc:
@@ -489,7 +521,6 @@ class _Stager:
         os.fsync(src)  # the shared inode's data, which the trainer may not have synced
         self.methods.add("hardlink")
         self._advance(before.size)
-        return before
 
     def _check_unchanged(self, entry: CheckpointEntry, name: str, src: int, src_dir: int, before: _Fingerprint) -> None:
         with_ctime = self.mode != "hardlink"
@@ -588,14 +619,11 @@ def _fill_stage(
             fingerprints = stager.copy_tree(entries)
             _copy_owner_and_mode(os.fstat(src_fd), stage_fd)
             _fsync_dir(stage_fd)
-            stager.recheck(entries, fingerprints)  # nothing changed in the source while we copied it
-            info = check_adapter(stage, dir_fd=stage_fd)
-            # Copied bytes passed through the digest thread; reflinked or linked bytes did not, so the
-            # staged file is read here (in hardlink mode it is the source inode itself, hence the recheck).
-            started = time.perf_counter()
-            digest = stager.inline_digest or adapter_digest(stage, dir_fd=stage_fd)
-            digest_s = 0.0 if stager.inline_digest else time.perf_counter() - started
+            # Nothing in the source changed while it was copied and digested, so the digest is the stage's.
             stager.recheck(entries, fingerprints)
+            info = check_adapter(stage, dir_fd=stage_fd)
+            if stager.digest is None:  # check_adapter saw the file, so the walk did too: not expected
+                raise SwapError(stage, f"{printable(stage)}: the adapter was not digested while staged; report a bug.")
         except AdapterError as exc:  # the message names the source or the staged file
             raise SwapError(exc.path, str(exc)) from None
         except _SourceChanged as exc:
@@ -618,12 +646,12 @@ def _fill_stage(
         return StagedCheckpoint(
             path=stage,
             fork_id=stage.name[len(STAGE_PREFIX) :],
-            digest=digest,
+            digest=stager.digest,
             files=info.files,
             bytes=info.total_bytes,
             method=method,
             inode=os.fstat(stage_fd).st_ino,
-            digest_s=digest_s,
+            digest_s=stager.digest_wait_s,
         )
     finally:
         os.close(stage_fd)

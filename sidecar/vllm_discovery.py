@@ -182,17 +182,35 @@ def _json_object(text: str) -> dict[str, object]:
 def discover_servers() -> list[ServerTarget]:
     """Every vLLM OpenAI server in the process table, one per URL (the lowest pid wins, e.g. over `uv run`'s)."""
     found: dict[str, ServerTarget] = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        argv = proc.info.get("cmdline") or []
-        if not any("vllm" in a for a in argv):
-            continue
+    for pid, argv in _command_lines_mentioning(b"vllm"):
         command = parse_server_command(argv)
         if command is None:
             continue
-        target = _target_of(proc, command)
+        try:
+            target = _target_of(psutil.Process(pid), command)
+        except psutil.Error:
+            continue  # exited meanwhile
         if target.url not in found:
             found[target.url] = target
     return list(found.values())
+
+
+def _command_lines_mentioning(needle: bytes) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of processes whose command line contains `needle`, by pid.
+
+    Reads /proc/<pid>/cmdline directly: psutil.process_iter builds a Process (reading its stat) for every pid, which
+    is five times slower here (8 ms against 1.5 ms for 120 processes), and this runs on every fork.
+    """
+    out = []
+    for pid in sorted(psutil.pids()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        if needle in raw:
+            out.append((pid, [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]))
+    return out
 
 
 def _target_of(proc: psutil.Process, command: ServerCommand) -> ServerTarget:

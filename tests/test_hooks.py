@@ -67,7 +67,8 @@ def test_the_module_keeps_its_real_loader(package_dir: Path) -> None:
     module_name = make_package(package_dir, body)
     hooks.when_imported(module_name, lambda module: None)
     module = importlib.import_module(module_name)
-    assert module.SEEN == ("SourceFileLoader", "SourceFileLoader", body)
+    seen_in_body = module.SEEN
+    assert seen_in_body == ("SourceFileLoader", "SourceFileLoader", body)
     assert type(module.__loader__).__name__ == "SourceFileLoader"
     assert module.__spec__ is not None and module.__spec__.loader is module.__loader__
 
@@ -128,6 +129,27 @@ def test_a_module_that_fails_to_import_gets_no_callback(package_dir: Path) -> No
     with pytest.raises(ImportError, match="missing dependency"):
         importlib.import_module(module_name)
     assert seen == []
+
+
+def test_registered_from_inside_the_modules_own_import_it_runs_once_that_import_ends(package_dir: Path) -> None:
+    """The Unsloth case: a hook on `utils` registers one for `fast_lora` while `fast_lora` is importing `utils`."""
+    outer = make_package(package_dir, "from . import inner\nDONE = True\n")
+    package = outer.split(".")[0]
+    (package_dir / package / "inner.py").write_text("VALUE = 1\n")
+    (package_dir / package / "later.py").write_text("")
+    seen: list[bool] = []
+
+    def on_inner(module: ModuleType) -> None:
+        hooks.when_imported(outer, lambda module: seen.append(module.DONE))
+        assert seen == []  # `outer` is still executing: not yet
+
+    hooks.when_imported(f"{package}.inner", on_inner)
+    importlib.import_module(outer)
+    assert seen == []
+    importlib.import_module(f"{package}.later")  # any later import notices `outer` has finished
+    assert seen == [True]
+    importlib.import_module(f"{package}.later")
+    assert seen == [True]
 
 
 def test_one_finder_per_process_even_after_a_reload(package_dir: Path) -> None:

@@ -145,11 +145,11 @@ def test_claim_race_has_exactly_one_winner(tmp_path: Path) -> None:
         results: list[bool] = []
         barrier = threading.Barrier(4)
 
-        def claim() -> None:
+        def claim(barrier: threading.Barrier, results: list[bool]) -> None:
             barrier.wait()
             results.append(claim_marker(tmp_path))
 
-        threads = [threading.Thread(target=claim) for _ in range(4)]
+        threads = [threading.Thread(target=claim, args=(barrier, results)) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:

@@ -61,6 +61,7 @@ __all__ = [
     "enabled",
     "register_peft_model",
     "runtime_dir",
+    "shutdown_agent",
     "training_step",
 ]
 
@@ -236,7 +237,12 @@ class StepGate:
 
     def describe(self) -> dict[str, Any]:
         with self._cond:
-            out: dict[str, Any] = {"in_step": self._in_step, "steps_seen": self.steps, "forwards": self._forwards}
+            out: dict[str, Any] = {
+                "in_step": self._in_step,
+                "steps_seen": self.steps,
+                "forwards": self._forwards,
+                "fork_waiting": self._job is not None and not self._job.taken,
+            }
             if self._in_step:
                 out["in_step_seconds"] = round(time.monotonic() - self._step_since, 3)
             out["marks"] = "training_step()" if self._explicit_mode else "hooks"
@@ -264,6 +270,7 @@ class PeftTarget:
         self._matches: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._param_ids = {id(p) for p in model.parameters() if p.requires_grad}
         self._handles: list[Any] = []
+        self._closed = False
         self.last: dict[str, Any] | None = None
         if optimizer is not None:
             self.add_optimizer(optimizer)
@@ -307,7 +314,7 @@ class PeftTarget:
         return known
 
     def alive(self) -> bool:
-        return self._model() is not None
+        return not self._closed and self._model() is not None
 
     def serves(self) -> list[str]:
         return [self.run_dir]
@@ -352,6 +359,8 @@ class PeftTarget:
         }
 
     def close(self) -> None:
+        self._closed = True
+        self.gate.disabled = True
         for handle in self._handles:
             with contextlib.suppress(Exception):
                 handle.remove()
@@ -402,10 +411,10 @@ class Agent:
         """Keep a fork result for `status` (deferred ART loads report here too)."""
         self.recent.append({"at": round(time.time(), 3), **result})
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = False) -> None:
         server, self._server = self._server, None
         if server is not None:
-            server.close()
+            server.close(wait=wait)
 
     # requests ---------------------------------------------------------------------------------------------------
     def handle(self, request: Request, peer: PeerCred) -> dict[str, Any]:
@@ -523,6 +532,18 @@ def current_agent(*, create: bool = True) -> Agent | None:
             _agent = Agent(runtime_dir())
             atexit.register(_agent.close)
         return _agent
+
+
+def shutdown_agent() -> None:
+    """Close this process's socket and forget every target (hooks removed); the next register() starts afresh."""
+    global _agent
+    with _agent_lock:
+        agent, _agent = _agent, None
+    if agent is not None:
+        agent.close(wait=True)
+    for target in _peft_targets:
+        target.close()
+    _peft_targets.clear()
 
 
 def _forget_in_child() -> None:

@@ -183,11 +183,18 @@ def pth_line(private_dir: Path) -> str:
     )
 
 
+def _is_executable_file(path: str) -> bool:
+    try:
+        return Path(path).is_file() and os.access(path, os.X_OK)
+    except OSError:  # a directory on the way we may not search
+        return False
+
+
 def probe_interpreter(python: str | None = None) -> Interpreter:
     """Run `python` (default: this one) once to learn its site-packages and Unsloth; PreloadError if unusable."""
     given = python or sys.executable
     executable = shutil.which(given) if os.sep not in given else given
-    if executable is None or not Path(executable).is_file() or not os.access(executable, os.X_OK):
+    if executable is None or not _is_executable_file(executable):
         raise PreloadError(f"{given} is not a Python interpreter (no executable file by that name).")
     wanted = [*dtype_patch.KERNEL_FUNCTIONS, *dtype_patch.INPLACE_HELPERS, *dtype_patch.AUTOGRAD_FUNCTIONS]
     env = {**os.environ, PRELOAD_DISABLE_ENV: "0"}  # the probe itself must not arm the preload

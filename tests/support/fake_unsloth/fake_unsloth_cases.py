@@ -32,6 +32,12 @@ HIDDEN, INTER, RANK, SCALE = 32, 48, 4, 2.0
 MISMATCH = "must have the same dtype"
 
 
+def get_lora_parameters(proj: Any) -> tuple[Any, ...]:
+    from unsloth.kernels.utils import get_lora_parameters
+
+    return tuple(get_lora_parameters(proj))
+
+
 def projection(in_features: int, out_features: int, seed: int, dtype: torch.dtype = torch.bfloat16) -> Any:
     from unsloth.kernels.utils import LoraProjection
 
@@ -45,9 +51,8 @@ def projection(in_features: int, out_features: int, seed: int, dtype: torch.dtyp
 
 def reference(proj: Any, x: torch.Tensor) -> torch.Tensor:
     """fp32 X W^T + s (X A^T) B^T from the layer's own tensors."""
-    weight = proj.base_layer.weight.float()
-    a, b = proj.lora_A.float(), proj.lora_B.float()
-    return x @ weight.t() + proj.scaling * (x @ a.t()) @ b.t()
+    weight, _, a, b, scaling = get_lora_parameters(proj)
+    return x @ weight.float().t() + scaling * (x @ a.float().t()) @ b.float().t()
 
 
 def rel_err(value: torch.Tensor, expected: torch.Tensor) -> float:
@@ -78,9 +83,9 @@ def check_aliases() -> dict[str, dict[str, Any]]:
             for shape in shapes:
                 x = activation(shape)
 
-                def run(function: Any = function, x: torch.Tensor = x) -> dict[str, Any]:
+                def run(function: Any = function, x: torch.Tensor = x, name: str = name) -> dict[str, Any]:
                     if name == "matmul_lora":
-                        out = function(x, proj.base_layer.weight, None, proj.lora_A, proj.lora_B, proj.scaling)
+                        out = function(x, *get_lora_parameters(proj))
                     else:
                         out = function(proj, x)
                     return {"dtype": str(out.dtype), "rel_err": rel_err(out, reference(proj, x.float()))}
@@ -131,7 +136,7 @@ def check_autograd() -> dict[str, dict[str, Any]]:
             lambda x: _concatenate(fast_lora.apply_lora_qkv(attention, x)),
             lambda x: torch.cat([reference(getattr(attention, p), x) for p in ("q_proj", "k_proj", "v_proj")], -1),
         ),
-        "LoRA_MLP": (mlp, lambda x: fast_lora.apply_lora_mlp(mlp, x), lambda x: _mlp_reference(mlp, x)),
+        "LoRA_MLP": (mlp, lambda x: fast_lora.apply_lora_mlp_swiglu(mlp, x), lambda x: _mlp_reference(mlp, x)),
     }
     results = {}
     for name, (module, fused, expected) in cases.items():
@@ -139,7 +144,7 @@ def check_autograd() -> dict[str, dict[str, Any]]:
             module.zero_grad(set_to_none=True)
             x = activation(phase_shape).requires_grad_()
             x32 = x.detach().float().requires_grad_()
-            upstream = activation(phase_shape[:-1] + (expected(x32).shape[-1],), seed=3).float()
+            upstream = activation((*phase_shape[:-1], expected(x32).shape[-1]), seed=3).float()
             (expected(x32) * upstream).sum().backward()
             lora = [p for n, p in module.named_parameters() if "lora" in n and p.grad is not None]
             reference_grads = [x32.grad] + [p.grad.float().clone() for p in lora]

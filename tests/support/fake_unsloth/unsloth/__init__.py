@@ -2,4 +2,4 @@
 
 __version__ = "0+fake"
 
-from .models import FastLlamaModel  # noqa: E402, F401
+from .models import FastLlamaModel  # noqa: F401

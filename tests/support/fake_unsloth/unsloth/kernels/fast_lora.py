@@ -118,7 +118,7 @@ class LoRA_MLP(torch.autograd.Function):
         )  # fmt: skip
 
 
-def apply_lora_mlp(mlp, X):
+def apply_lora_mlp_swiglu(mlp, X):
     return LoRA_MLP.apply(
         X, *get_lora_parameters(mlp.gate_proj), *get_lora_parameters(mlp.up_proj), *get_lora_parameters(mlp.down_proj)
     )

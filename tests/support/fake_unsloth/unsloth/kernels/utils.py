@@ -11,7 +11,8 @@ torch_amp_custom_bwd = torch.amp.custom_bwd(device_type="cpu")
 
 
 class LoraProjection(torch.nn.Module):
-    """A frozen weight plus a LoRA pair, laid out like PEFT's layer (`base_layer.weight`, A: r x in, B: out x r)."""
+    """A frozen weight plus one LoRA adapter, laid out like PEFT's lora.Linear (so real PEFT layers work too):
+    `base_layer.weight` (out x in), `lora_A[adapter].weight` (r x in), `lora_B[adapter].weight` (out x r)."""
 
     def __init__(self, weight, A, B, scaling, bias=None):
         super().__init__()
@@ -19,17 +20,25 @@ class LoraProjection(torch.nn.Module):
         self.base_layer.weight = torch.nn.Parameter(weight, requires_grad=False)
         if bias is not None:
             self.base_layer.bias = torch.nn.Parameter(bias, requires_grad=False)
-        self.lora_A = torch.nn.Parameter(A)
-        self.lora_B = torch.nn.Parameter(B)
-        self.scaling = scaling
+        self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(A.shape[1], A.shape[0], bias=False)})
+        self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(B.shape[1], B.shape[0], bias=False)})
+        self.lora_A["default"].weight = torch.nn.Parameter(A)
+        self.lora_B["default"].weight = torch.nn.Parameter(B)
+        self.scaling = {"default": scaling}
+        self.active_adapters = ["default"]
+        self.disable_adapters = False
+        self.merged = False
 
 
 def get_lora_parameters(proj):
-    return proj.base_layer.weight, None, proj.lora_A, proj.lora_B, proj.scaling
+    """(W, W_quant, A, B, s) of a PEFT-style LoRA layer."""
+    base = getattr(proj, "base_layer", proj)
+    adapter = proj.active_adapters[0]
+    return base.weight, None, proj.lora_A[adapter].weight, proj.lora_B[adapter].weight, proj.scaling[adapter]
 
 
 def get_lora_parameters_bias(proj):
-    return (*get_lora_parameters(proj), proj.base_layer.bias)
+    return (*get_lora_parameters(proj), getattr(proj, "base_layer", proj).bias)
 
 
 def matmul_lora(X, W, W_quant, A, B, s, out=None):

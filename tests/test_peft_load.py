@@ -1,0 +1,225 @@
+"""`load_adapter_from_checkpoint` against a real tiny Llama with real peft LoRA adapters (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from peft import PeftModel, get_peft_model_state_dict  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from sidecar.adapter import adapter_digest  # noqa: E402
+from sidecar.preload.peft_load import AdapterLoadError, load_adapter_from_checkpoint  # noqa: E402
+from tests.support.tiny_model import TinyAssets, build_lora_adapter, tiny_assets  # noqa: E402
+
+pytestmark = pytest.mark.trainer
+
+
+@pytest.fixture(scope="module")
+def assets() -> TinyAssets:
+    return tiny_assets()
+
+
+def load_model(assets: TinyAssets, adapter: Path | None = None, dtype: Any = None) -> Any:
+    base = LlamaForCausalLM.from_pretrained(assets.base, dtype=dtype or torch.float32)
+    model = PeftModel.from_pretrained(base, adapter or assets.adapter_a, is_trainable=True)
+    model.train()
+    return model
+
+
+@pytest.fixture
+def model(assets: TinyAssets) -> Any:
+    return load_model(assets)
+
+
+def snapshot(model: Any) -> dict[str, Any]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_untouched(model: Any, before: dict[str, Any]) -> None:
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), f"{name} changed"
+
+
+def lora_of(model: Any) -> dict[str, Any]:
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def copy_adapter(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_tensors(adapter: Path, change: Any) -> None:
+    """Rewrite adapter_model.safetensors with `change(dict of tensors)` applied (tests' own damaged adapters)."""
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+
+
+# --- the good path -----------------------------------------------------------------------------------------------
+def test_loads_exactly_and_returns_the_disk_digest(model: Any, assets: TinyAssets) -> None:
+    digest = load_adapter_from_checkpoint(model, assets.adapter_b)
+    assert digest == adapter_digest(assets.adapter_b)  # the daemon's digest, computed from disk without torch
+    expected = load_file(str(assets.adapter_b / "adapter_model.safetensors"))
+    live = lora_of(model)
+    assert set(live) == set(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(live[key], tensor), key
+
+
+def test_forward_pass_matches_a_fresh_load_of_the_forked_adapter(model: Any, assets: TinyAssets) -> None:
+    load_adapter_from_checkpoint(model, assets.adapter_b)
+    fresh = load_model(assets, assets.adapter_b)
+    tokens = torch.arange(3, 19).reshape(1, 16)
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, fresh(input_ids=tokens).logits)
+
+
+def test_bf16_file_is_cast_to_the_parameter_dtype(model: Any, assets: TinyAssets, workdir: Path) -> None:
+    bf16 = copy_adapter(assets.adapter_b, workdir / "bf16")
+    rewrite_tensors(bf16, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    digest = load_adapter_from_checkpoint(model, bf16)
+    assert digest == adapter_digest(bf16)
+    assert digest != adapter_digest(assets.adapter_b)  # the digest is of what was read, before the cast
+    expected = load_file(str(bf16 / "adapter_model.safetensors"))
+    for key, value in lora_of(model).items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, expected[key].to(torch.float32)), key
+
+
+def test_fp32_file_into_a_bf16_model(assets: TinyAssets) -> None:
+    model = load_model(assets, dtype=torch.bfloat16)
+    model.to(torch.bfloat16)
+    load_adapter_from_checkpoint(model, assets.adapter_b)
+    expected = load_file(str(assets.adapter_b / "adapter_model.safetensors"))
+    for key, value in lora_of(model).items():
+        assert value.dtype == torch.bfloat16
+        assert torch.equal(value, expected[key].to(torch.bfloat16)), key
+
+
+def test_nan_weights_still_verify_bit_for_bit(model: Any, assets: TinyAssets, workdir: Path) -> None:
+    nan = copy_adapter(assets.adapter_b, workdir / "nan")
+
+    def poison(t: dict[str, Any]) -> None:
+        key = sorted(t)[0]
+        t[key] = t[key].clone()
+        t[key][0, 0] = float("nan")
+
+    rewrite_tensors(nan, poison)
+    assert load_adapter_from_checkpoint(model, nan) == adapter_digest(nan)
+
+
+def test_grads_and_optimizer_state_are_reset(model: Any, assets: TinyAssets) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    tokens = torch.arange(3, 19).reshape(1, 16)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    model(input_ids=tokens, labels=tokens).loss.backward()  # grads pending for the next step
+    assert all(p in optimizer.state for p in params)
+    load_adapter_from_checkpoint(model, assets.adapter_b, optimizers=[optimizer])
+    assert all(p.grad is None for p in params)
+    assert not any(p in optimizer.state for p in params)
+    # Training goes on from the loaded weights with a fresh Adam state.
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    assert all(int(optimizer.state[p]["step"]) == 1 for p in params)
+
+
+# --- refusals leave the model untouched -----------------------------------------------------------------------
+def refuses(model: Any, checkpoint: Path, *fragments: str) -> str:
+    before = snapshot(model)
+    with pytest.raises(AdapterLoadError) as e:
+        load_adapter_from_checkpoint(model, checkpoint)
+    assert_untouched(model, before)
+    for fragment in fragments:
+        assert fragment in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_shape_mismatch_is_refused_with_names(model: Any, assets: TinyAssets, workdir: Path) -> None:
+    rank4 = build_lora_adapter(assets.base, workdir / "rank4", seed=3, rank=4)
+    message = refuses(model, rank4, "shape mismatch", "lora_A.weight (file [4, 128], model [8, 128])")
+    assert "nothing was loaded" in message
+
+
+def test_missing_lora_keys_are_refused(model: Any, assets: TinyAssets, workdir: Path) -> None:
+    qv = build_lora_adapter(assets.base, workdir / "qv", seed=3, target_modules=("q_proj", "v_proj"))
+    refuses(model, qv, "missing 8 LoRA tensor(s)", "k_proj")
+
+
+def test_unexpected_keys_are_refused(assets: TinyAssets, workdir: Path) -> None:
+    qv = build_lora_adapter(assets.base, workdir / "qv", seed=3, target_modules=("q_proj", "v_proj"))
+    model = load_model(assets, qv)
+    refuses(model, assets.adapter_b, "8 tensor(s) the model does not have", "o_proj")
+
+
+def test_extra_tensor_in_the_file_is_refused(model: Any, assets: TinyAssets, workdir: Path) -> None:
+    extra = copy_adapter(assets.adapter_b, workdir / "extra")
+    rewrite_tensors(extra, lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(4, 4)}))
+    refuses(model, extra, "lm_head.weight")
+
+
+def test_different_lora_alpha_is_refused(model: Any, assets: TinyAssets, workdir: Path) -> None:
+    alpha = copy_adapter(assets.adapter_b, workdir / "alpha")
+    config = json.loads((alpha / "adapter_config.json").read_text())
+    config["lora_alpha"] = 64
+    (alpha / "adapter_config.json").write_text(json.dumps(config))
+    refuses(model, alpha, "lora_alpha=64", "lora_alpha=16")
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        (lambda b: b[:4], "shorter than a safetensors header"),
+        (lambda b: b[:-10], "cover"),
+        (lambda b: (10**9).to_bytes(8, "little") + b[8:], "header"),
+        (lambda b: b[:8] + b"}" + b[9:], "not JSON"),
+        (lambda b: b.replace(b'"F32"', b'"I64"', 1), "dtype 'I64'"),
+    ],
+    ids=["truncated-header", "truncated-data", "huge-header", "bad-json", "int-dtype"],
+)
+def test_damaged_files_are_refused(model: Any, assets: TinyAssets, workdir: Path, damage: Any, fragment: str) -> None:
+    broken = copy_adapter(assets.adapter_b, workdir / "broken")
+    path = broken / "adapter_model.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    refuses(model, broken, fragment)
+
+
+def test_pickle_files_are_never_read(model: Any, assets: TinyAssets, workdir: Path) -> None:
+    pickled = workdir / "pickled"
+    pickled.mkdir()
+    shutil.copy(assets.adapter_b / "adapter_config.json", pickled)
+    # Were this unpickled it would run code; it must not even be opened.
+    (pickled / "adapter_model.bin").write_bytes(b"cos\nsystem\n(S'touch /tmp/pwned'\ntR.")
+    refuses(model, pickled, "adapter_model.safetensors does not exist")
+
+
+def test_not_a_peft_model_is_refused(assets: TinyAssets) -> None:
+    base = LlamaForCausalLM.from_pretrained(assets.base, dtype=torch.float32)
+    with pytest.raises(AdapterLoadError, match="not a PEFT model"):
+        load_adapter_from_checkpoint(base, assets.adapter_b)
+
+
+def test_named_adapter_must_exist(model: Any, assets: TinyAssets) -> None:
+    with pytest.raises(AdapterLoadError, match="no adapter 'other'"):
+        load_adapter_from_checkpoint(model, assets.adapter_b, adapter_name="other")

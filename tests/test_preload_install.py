@@ -1,0 +1,373 @@
+"""`fork-sidecar preload install|uninstall|status` against real throwaway venvs, and the preload at work in them.
+
+Every test makes a real venv (`python -m venv --without-pip`, ~0.1 s) and drives the CLI in a subprocess. The `slow`
+ones give that venv the dev venv's packages (torch) through a plain path `.pth` line, which does not run the dev
+venv's own `.pth` files, so `sidecar` there comes only from the installed preload, plus the Unsloth stand-in
+(tests/support/fake_unsloth), and then check that the `.pth` alone makes the crash go away: in the process, in
+multiprocessing spawn/forkserver children and in torchrun workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar import __version__
+from sidecar.preload import install as preload_install
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = REPO / "tests" / "support" / "fake_unsloth"
+MISMATCH = "must have the same dtype"
+
+
+def make_venv(root: Path, *packages: Path, base: str = sys.executable) -> tuple[Path, Path]:
+    """A real venv under `root` whose site-packages also sees each of `packages` (one path line each)."""
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    purelib = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    for index, package_dir in enumerate(packages):
+        (purelib / f"test_path_{index}.pth").write_text(f"{package_dir}\n")
+    return python, purelib
+
+
+def cli(*args: str, env: dict[str, str] | None = None, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "sidecar.preload.preload_cli", *args]
+    if user is not None:
+        account = pwd.getpwnam(user)
+        command = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups", *command]
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=environ, cwd="/", timeout=120, check=False)
+
+
+def files_under(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def run_python(python: Path, code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run(
+        [python, "-c", code], capture_output=True, text=True, env={**environ, **env}, cwd=cwd, timeout=300, check=False
+    )
+
+
+def test_install_then_uninstall_leaves_site_packages_as_it_was(tmp_path: Path) -> None:
+    python, purelib = make_venv(tmp_path / "venv")
+    before = files_under(purelib)
+    done = cli("install", "--python", str(python))
+    assert done.returncode == 0, done.stderr
+    pth, private = purelib / preload_install.PTH_NAME, purelib / preload_install.PRIVATE_DIR
+    assert pth.read_text() == preload_install.pth_line(private)
+    manifest = json.loads((private / "manifest.json").read_text())
+    assert manifest["version"] == __version__
+    assert "sidecar/preload/bootstrap.py" in manifest["files"] and "sidecar/__init__.py" in manifest["files"]
+    for name in manifest["files"]:
+        assert (private / name).read_bytes() == (REPO / name).read_bytes()
+    assert list((private / "sidecar" / "preload" / "__pycache__").glob("bootstrap.*.pyc"))  # compiled at install
+    state = json.loads(cli("status", "--python", str(python), "--json").stdout)
+    assert state["installed"] is True and state["up_to_date"] is True and state["installed_version"] == __version__
+    # The interpreter now starts with the hooks armed and nothing else loaded.
+    code = "import sys; print(sorted(m for m in sys.modules if m.startswith('sidecar')))"
+    loaded = run_python(python, code, tmp_path)
+    assert loaded.returncode == 0 and loaded.stderr == ""
+    expected = ["sidecar", "sidecar.preload", "sidecar.preload.bootstrap", "sidecar.preload.hook_table"]
+    assert eval(loaded.stdout) == sorted([*expected, "sidecar.preload.hooks"])
+    assert run_python(python, code, tmp_path, FORK_SIDECAR_PRELOAD="0").stdout.strip() == "[]"
+
+    done = cli("uninstall", "--python", str(python))
+    assert done.returncode == 0, done.stderr
+    assert files_under(purelib) == before
+    assert not private.exists()
+    assert cli("uninstall", "--python", str(python)).stdout.strip() == "preload was not installed there"
+
+
+def test_reinstall_replaces_the_copy_and_status_tells_an_outdated_one(tmp_path: Path) -> None:
+    python, purelib = make_venv(tmp_path / "venv")
+    assert cli("install", "--python", str(python)).returncode == 0
+    manifest_path = purelib / preload_install.PRIVATE_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["version"] = "0.0.1"
+    manifest_path.write_text(json.dumps(manifest))
+    state = json.loads(cli("status", "--python", str(python), "--json").stdout)
+    assert state["up_to_date"] is False and "older than this CLI" in state["version_note"]
+    done = cli("install", "--python", str(python))
+    assert done.returncode == 0 and "replaced 0.0.1" in done.stdout
+    assert json.loads(cli("status", "--python", str(python), "--json").stdout)["up_to_date"] is True
+
+
+def stub_unsloth(root: Path, version: str) -> Path:
+    """Files only (never imported): what status reads without importing Unsloth."""
+    kernels = root / "unsloth" / "kernels"
+    kernels.mkdir(parents=True)
+    (root / "unsloth" / "__init__.py").write_text("raise ImportError('status must not import unsloth')\n")
+    (kernels / "utils.py").write_text("def matmul_lora(X): pass\ndef fast_linear_forward(proj, X): pass\n")
+    (kernels / "fast_lora.py").write_text("class LoRA_MLP: pass\nclass LoRA_W: pass\n")
+    (root / f"unsloth-{version}.dist-info").mkdir()
+    (root / f"unsloth-{version}.dist-info" / "METADATA").write_text(f"Name: unsloth\nVersion: {version}\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("version", "env", "applies", "note"),
+    [
+        ("2026.3.3", {}, True, "Unsloth 2026.3.3 (a tested version): matmul_lora, fast_linear_forward, LoRA_MLP"),
+        ("2027.1.1", {}, True, "Unsloth 2027.1.1 (an untested version)"),
+        ("2026.3.3", {"FORK_SIDECAR_DTYPE_PATCH": "0"}, False, "FORK_SIDECAR_DTYPE_PATCH=0 in this environment"),
+        ("2026.3.3", {"FORK_SIDECAR_PRELOAD": "0"}, False, "FORK_SIDECAR_PRELOAD=0 in this environment"),
+        (None, {}, False, "Unsloth is not installed there"),
+    ],
+)
+def test_status_says_whether_the_dtype_patch_would_apply(
+    tmp_path: Path, version: str | None, env: dict[str, str], applies: bool, note: str
+) -> None:
+    packages = [stub_unsloth(tmp_path / "unsloth-site", version)] if version else []
+    python, _ = make_venv(tmp_path / "venv", *packages)
+    assert cli("install", "--python", str(python)).returncode == 0
+    done = cli("status", "--python", str(python), "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout)
+    assert state["dtype_patch_applies"] is applies
+    assert state["dtype_patch_note"].startswith(note)
+    assert state["disabled_here"] is (env.get("FORK_SIDECAR_PRELOAD") == "0")
+    assert state["unsloth_version"] == version
+    text = cli("status", "--python", str(python), env=env).stdout
+    assert f"dtype patch:   {'would apply' if applies else 'would not apply'}: {note}" in text
+
+
+def test_status_of_an_environment_without_the_preload(tmp_path: Path) -> None:
+    python, _ = make_venv(tmp_path / "venv")
+    state = json.loads(cli("status", "--python", str(python), "--json").stdout)
+    assert state["installed"] is False and state["partial"] is False and state["installed_version"] is None
+    assert state["dtype_patch_applies"] is False and state["dtype_patch_note"] == "the preload is not installed there"
+
+
+def test_a_broken_preload_never_stops_the_interpreter(tmp_path: Path) -> None:
+    python, purelib = make_venv(tmp_path / "venv")
+    assert cli("install", "--python", str(python)).returncode == 0
+    private = purelib / preload_install.PRIVATE_DIR
+    # A hook table that cannot be read: the bootstrap logs once and the process goes on.
+    (private / "sidecar" / "preload" / "hook_table.py").write_text("POST_IMPORT_HOOKS = None\n")
+    done = run_python(python, "print('started')", tmp_path)
+    assert done.returncode == 0 and done.stdout == "started\n"
+    assert done.stderr.count("fork-sidecar preload: preload disabled: arming failed") == 1
+    # A copy that cannot even be imported: the .pth line swallows it silently.
+    (private / "sidecar" / "__init__.py").write_text("raise SystemError('broken copy')\n")
+    done = run_python(python, "print('started')", tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "started\n", "")
+    shutil.rmtree(private / "sidecar")
+    done = run_python(python, "print('started')", tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "started\n", "")
+
+
+def test_bad_interpreters_exit_2_with_one_sentence(tmp_path: Path) -> None:
+    not_executable = tmp_path / "python"
+    not_executable.write_text("")
+    cases = {
+        str(tmp_path / "missing"): "is not a Python interpreter (no executable file by that name).",
+        str(not_executable): "is not a Python interpreter (no executable file by that name).",
+        shutil.which("true") or "/bin/true": "is not a Python interpreter (running it with -c did not print",
+    }
+    for action in ("install", "uninstall", "status"):
+        for python, sentence in cases.items():
+            done = cli(action, "--python", python)
+            assert done.returncode == 2, (action, python)
+            assert done.stdout == "" and done.stderr.count("\n") == 1
+            assert done.stderr.startswith(f"fork-sidecar preload: {python} {sentence}")
+
+
+def test_files_someone_else_put_there_are_left_alone(tmp_path: Path) -> None:
+    python, purelib = make_venv(tmp_path / "venv")
+    foreign = purelib / preload_install.PRIVATE_DIR
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    before = files_under(purelib)
+    for action in ("install", "uninstall"):
+        done = cli(action, "--python", str(python))
+        assert done.returncode == 2 and "was not written by fork-sidecar: move it away" in done.stderr
+        assert files_under(purelib) == before
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # one `nobody` may run (the dev interpreter can live under /root)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK),
+    reason="needs root, setpriv and a system python3 to act as nobody",
+)
+def test_site_packages_not_writable_says_sudo_or_venv() -> None:
+    venv_root = Path(os.environ.get("TMPDIR", "/tmp")) / f"preload-ro-{os.getpid()}"
+    try:
+        python, purelib = make_venv(venv_root, base=SYSTEM_PYTHON)
+        for path in [venv_root, *venv_root.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+        before = files_under(purelib)
+        done = cli("install", "--python", str(python), user="nobody")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == (
+            f"fork-sidecar preload: site-packages {purelib} is not writable: run with sudo or pass a venv's python."
+        )
+        assert files_under(purelib) == before
+    finally:
+        shutil.rmtree(venv_root, ignore_errors=True)
+
+
+# --- the preload at work: a trainer venv with torch and the Unsloth stand-in ------------------------------------
+
+CHECKS = """
+import json, sys
+import unsloth, fake_unsloth_cases as cases
+result = {
+    "sidecar": getattr(sys.modules.get("sidecar"), "__file__", None),
+    "patched": hasattr(unsloth.models.mistral.fast_linear_forward, "__fork_sidecar_original__"),
+    "aliases": cases.check_aliases(),
+    "autograd": cases.check_autograd(),
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def trainer_venv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    dev_site = Path(sysconfig.get_paths()["purelib"])
+    root = tmp_path_factory.mktemp("trainer")
+    python, purelib = make_venv(root / "venv", dev_site, FAKE)
+    done = cli("install", "--python", str(python))
+    assert done.returncode == 0, done.stderr
+    return python, purelib
+
+
+def all_match(results: dict[str, dict[str, Any]]) -> bool:
+    return all(
+        r["error"] is None
+        and r.get("backward_error") is None
+        and r["dtype"] == "torch.bfloat16"
+        and max(r["rel_err"], r.get("grad_rel_err", 0.0)) <= 1e-2
+        for r in results.values()
+    )
+
+
+def all_fail(results: dict[str, dict[str, Any]]) -> bool:
+    return all(MISMATCH in (r["error"] or "") for r in results.values())
+
+
+@pytest.mark.slow
+@pytest.mark.trainer
+def test_the_pth_alone_fixes_every_alias_and_the_autograd_functions(trainer_venv: tuple[Path, Path]) -> None:
+    python, purelib = trainer_venv
+    code = CHECKS + "print(json.dumps(result))\n"
+    done = run_python(python, code, purelib.parent)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["sidecar"].startswith(str(purelib / preload_install.PRIVATE_DIR))
+    assert result["patched"] is True
+    assert all_match(result["aliases"]) and all_match(result["autograd"]), result
+    assert done.stderr.count("mixed-dtype patch active") == 1 and "Unsloth 0+fake" in done.stderr
+    for switch in ("FORK_SIDECAR_PRELOAD", "FORK_SIDECAR_DTYPE_PATCH"):
+        done = run_python(python, code, purelib.parent, **{switch: "0"})
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["patched"] is False and all_fail(result["aliases"]) and all_fail(result["autograd"]), switch
+        assert (result["sidecar"] is None) is (switch == "FORK_SIDECAR_PRELOAD")
+
+
+CHILDREN = """
+import json, multiprocessing, os, sys
+
+def check(_=None):
+    exec(CHECKS, globals())
+    return {key: result[key] for key in ("patched", "aliases", "autograd")}
+
+if __name__ == "__main__":
+    outcomes = {}
+    for method in ("spawn", "forkserver"):
+        with multiprocessing.get_context(method).Pool(1) as pool:
+            outcomes[method] = pool.map(check, [0])[0]
+    outcomes["parent_imported_unsloth"] = "unsloth" in sys.modules
+    print(json.dumps(outcomes))
+"""
+
+WORKER = """
+import json, os
+exec(CHECKS)
+path = os.path.join(os.environ["OUT_DIR"], f"rank{os.environ['RANK']}.json")
+with open(path, "w") as f:
+    json.dump({"patched": result["patched"], "ok": result["aliases"]}, f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.trainer
+def test_spawn_forkserver_children_and_torchrun_workers_are_patched(
+    trainer_venv: tuple[Path, Path], tmp_path: Path
+) -> None:
+    python, _ = trainer_venv
+    script = tmp_path / "children.py"
+    script.write_text(f"CHECKS = {CHECKS!r}\n" + CHILDREN)
+    environ = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run(
+        [python, str(script)], capture_output=True, text=True, env=environ, cwd=tmp_path, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    outcomes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcomes.pop("parent_imported_unsloth") is False  # the children armed the preload themselves
+    for method, outcome in outcomes.items():
+        assert outcome["patched"] is True, method
+        assert all_match(outcome["aliases"]) and all_match(outcome["autograd"]), method
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"CHECKS = {CHECKS!r}\n" + WORKER)
+    torchrun = [str(python), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+    done = subprocess.run(
+        torchrun,
+        capture_output=True,
+        text=True,
+        env={**environ, "OUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for rank in (0, 1):
+        outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert outcome["patched"] is True and all_match(outcome["ok"]), rank
+
+
+@pytest.mark.slow
+@pytest.mark.trainer
+def test_arming_after_unsloth_was_imported_rebinds_the_aliases(trainer_venv: tuple[Path, Path]) -> None:
+    """Unsloth imported first (preload off), the bootstrap armed afterwards: hooks run at once and rebind."""
+    python, purelib = trainer_venv
+    private = purelib / preload_install.PRIVATE_DIR
+    code = textwrap.dedent(
+        f"""
+        import json, os, sys
+        import unsloth, fake_unsloth_cases as cases
+        before = cases.check_aliases()
+        os.environ["FORK_SIDECAR_PRELOAD"] = "1"
+        sys.path.append({str(private)!r})
+        import sidecar.preload.bootstrap
+        print(json.dumps({{"before": before, "after": cases.check_aliases(), "autograd": cases.check_autograd()}}))
+        """
+    )
+    done = run_python(python, code, purelib.parent, FORK_SIDECAR_PRELOAD="0")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all_fail(result["before"])
+    assert all_match(result["after"]) and all_match(result["autograd"])
+    assert "Unsloth was imported before the preload armed: 10 by-name aliases rebound" in done.stderr
