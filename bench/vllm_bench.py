@@ -1,6 +1,9 @@
 """A fork of a tiny adapter as vLLM sees it, against the direct steps it replaces, on one real vLLM CPU server.
 
-    .venv/bin/python -m bench.vllm_bench [--repeat 15] [--no-daemon]
+    .venv/bin/python -m bench.vllm_bench [--repeat 15] [--no-daemon] [--hidden 128 --rank 8]
+
+The default model is the tests' tiny Llama (72 KiB adapters): fixed costs dominate. `--hidden 4096 --rank 256`
+builds a wider one (64 MiB adapters) where the bytes do.
 
 Rows (medians over --repeat forks, alternating between two checkpoints so every fork changes the weights):
 - baseline: what a person would do by hand, measured in the same run: `cp -r` of the checkpoint to a new
@@ -56,19 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--no-daemon", action="store_true", help="skip the end-to-end row")
+    parser.add_argument("--hidden", type=int, default=128, help="model width (multiple of 64)")
+    parser.add_argument("--rank", type=int, default=8, choices=(8, 16, 32, 64, 128, 256), help="LoRA rank")
     args = parser.parse_args(argv)
     if vllm_python() is None:
         print("needs .venv-vllm: run `make vllm-venv` first", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
     try:
-        return run(root, args.repeat, not args.no_daemon)
+        return run(root, args.repeat, not args.no_daemon, args.hidden, args.rank)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run(root: Path, repeat: int, with_daemon: bool) -> int:
-    assets = tiny_assets()
+def run(root: Path, repeat: int, with_daemon: bool, hidden: int, rank: int) -> int:
+    assets = tiny_assets(hidden=hidden, rank=rank)
     model_dir = root / "art" / "proj" / "models" / "m"
     checkpoints = model_dir / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -76,7 +81,11 @@ def run(root: Path, repeat: int, with_daemon: bool) -> int:
         shutil.copytree(adapter, checkpoints / step)
     print("starting vLLM (about a minute)...", flush=True)
     server = start_vllm_server(
-        assets.base, lora_modules=[("m@0", checkpoints / "0000")], log_path=root / "vllm.log", max_lora_rank=16
+        assets.base,
+        lora_modules=[("m@0", checkpoints / "0000")],
+        log_path=root / "vllm.log",
+        max_lora_rank=max(16, rank),
+        max_model_len=256,
     )
     try:
         config_path = root / "bench.yaml"

@@ -8,7 +8,6 @@ overlap, because a run has at most one worker and a marker arriving while it wor
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -247,16 +246,16 @@ class Daemon:
             if not found:
                 continue
             claimed = _claimed_fork_id(run.path / INPROGRESS)
-            for kind, fork_id in found:
+            for fork_id in sorted({fork_id for _, fork_id in found}):
                 # Checked now, not at start: a fork claimed since then is journaled before it stages anything.
                 if fork_id == claimed or self.pipeline.journaled(fork_id):
                     continue
-                log.info("removing leftover %s copy of fork %s in %s", kind, fork_id, run.checkpoints)
-                with contextlib.suppress(swap.SwapError, OSError):
-                    if kind == "stage":
-                        swap.abort_staged(run.checkpoints, fork_id)
-                    else:
-                        swap.discard_retired(run.checkpoints, fork_id)
+                try:
+                    done = swap.settle_leftover(run.checkpoints, fork_id)
+                except swap.SwapError as e:
+                    log.error("leftovers of fork %s: %s", fork_id, e)
+                else:
+                    log.info("leftovers of fork %s in %s: %s", fork_id, run.checkpoints, done)
 
     # --- status ---------------------------------------------------------------------------------------------
     def _summary(self) -> str:

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from sidecar.fsops import fsync_dir, rename_noreplace
+
 __all__ = [
     "DONE",
     "FAILED",
@@ -202,8 +204,6 @@ def claim_marker(model_dir: Path) -> bool:
 
 
 def _rename_noreplace(src: Path, dst: Path) -> bool:
-    from sidecar.fsops import rename_noreplace
-
     try:
         rename_noreplace(src, dst)
     except (FileExistsError, FileNotFoundError):
@@ -221,8 +221,6 @@ def remove_quietly(path: Path) -> None:
 
 def write_json_atomic(path: Path, data: dict[str, Any], *, mode: int = 0o644) -> None:
     """Write JSON next to `path`, fsync, rename over it, fsync the directory: readers see old or new, whole."""
-    from sidecar.fsops import fsync_dir
-
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:

@@ -188,6 +188,8 @@ class ForkPipeline:
             "files": list(staged.files),
             "bytes": staged.bytes,
             "stage_seconds": round(time.monotonic() - started, 4),
+            # Lets install tell the staged copy from the old 0000 by inode after a crash, without hashing both.
+            "stage_inode": staged.inode,
         }
         self.journal.advance(record, ForkState.STAGED, digest=staged.digest)
         self._logger(record, "swap").info(
@@ -198,7 +200,12 @@ class ForkPipeline:
         assert record.digest is not None
         started = time.monotonic()
         try:
-            swap.install_staged(self._checkpoints(record), record.fork_id, record.digest)
+            swap.install_staged(
+                self._checkpoints(record),
+                record.fork_id,
+                record.digest,
+                stage_inode=record.stages.get("swap", {}).get("stage_inode"),
+            )
         except (swap.SwapError, AdapterError) as e:
             raise ForkFailed(str(e)) from None
         outcome = record.stages.setdefault("swap", {"status": "ok"})
@@ -273,7 +280,11 @@ class ForkPipeline:
         record.error = error
         if record.state in (ForkState.CLAIMED, ForkState.STAGED):
             with contextlib.suppress(swap.SwapError, OSError):
-                swap.abort_staged(self._checkpoints(record), record.fork_id)
+                if record.state is ForkState.CLAIMED:
+                    swap.abort_staged(self._checkpoints(record), record.fork_id)
+                else:
+                    # Install may have got part of the way; this leaves one complete 0000 and nothing else.
+                    swap.settle_leftover(self._checkpoints(record), record.fork_id)
             record.stages.setdefault("swap", {}).update(self._served_now(record))
         self._write_outcome(record, "failed")
         if self.journaled(record.fork_id):

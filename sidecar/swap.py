@@ -27,10 +27,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import functools
 import logging
 import os
-import platform
 import re
 import shutil
 import stat
@@ -52,6 +50,10 @@ from sidecar.adapter import (
     read_header,
     walk_checkpoint,
 )
+from sidecar.fsops import exchange_dirs
+from sidecar.fsops import fsync_dir_fd as _fsync_dir
+from sidecar.fsops import libc as _libc
+from sidecar.fsops import rename_noreplace_at as rename_noreplace
 
 __all__ = [
     "COPY_MODES",
@@ -82,9 +84,6 @@ COPY_CHUNK = 64 << 20  # per copy_file_range call; also the progress granularity
 
 _FORK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _LEFTOVER = re.compile(rf"({re.escape(STAGE_PREFIX)}|{re.escape(RETIRED_PREFIX)})({_FORK_ID.pattern})")
-_RENAME_NOREPLACE = 1
-_RENAME_EXCHANGE = 2
-_RENAMEAT2_SYSCALL = {"x86_64": 316, "aarch64": 276, "ppc64le": 357, "s390x": 347}
 _SYNC_FILE_RANGE_WRITE = 2
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int); fcntl.FICLONE only exists from Python 3.12
 # Errors meaning "this filesystem (or kernel) cannot do that", as opposed to a real failure.
@@ -137,71 +136,6 @@ def _checked_fork_id(fork_id: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ syscalls
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _renameat2(dir_fd: int, old: str, new: str, flags: int) -> None:
-    """renameat2(2) within one directory; Python has no wrapper, so ctypes (libc, else the raw syscall)."""
-    libc = _libc()
-    old_b, new_b = os.fsencode(old), os.fsencode(new)
-    function = getattr(libc, "renameat2", None)  # glibc >= 2.28
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        result = function(dir_fd, old_b, dir_fd, new_b, flags)
-    else:
-        number = _RENAMEAT2_SYSCALL.get(platform.machine())
-        if number is None:
-            raise OSError(errno.ENOSYS, "renameat2 is not available", old)
-        result = libc.syscall(
-            ctypes.c_long(number),
-            ctypes.c_int(dir_fd),
-            ctypes.c_char_p(old_b),
-            ctypes.c_int(dir_fd),
-            ctypes.c_char_p(new_b),
-            ctypes.c_uint(flags),
-        )
-    if result != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), old, None, new)
-
-
-def exchange_dirs(dir_fd: int, a: str, b: str) -> None:
-    """Atomically swaps the entries `a` and `b` of the directory open as `dir_fd` (RENAME_EXCHANGE).
-
-    Raises OSError; errno EINVAL or ENOSYS means the filesystem or kernel cannot exchange.
-    """
-    _renameat2(dir_fd, a, b, _RENAME_EXCHANGE)
-
-
-def rename_noreplace(dir_fd: int, old: str, new: str) -> None:
-    """Renames `old` to `new` within `dir_fd`, failing with FileExistsError if `new` exists.
-
-    Where RENAME_NOREPLACE is unsupported (FUSE, NFS answer EINVAL), checks and renames; the check
-    can race only with another writer of the same hidden name, and forks of one run are serialized.
-    """
-    try:
-        _renameat2(dir_fd, old, new, _RENAME_NOREPLACE)
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
-            raise
-    if _lstat(dir_fd, new) is not None:
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new)
-    os.rename(old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-
-
-def _fsync_dir(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some filesystems (vfat over FUSE, a few network ones) cannot fsync a directory; the renames
-        # are then as durable as that filesystem makes them, and there is nothing better to do.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EROFS):
-            raise
 
 
 def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
@@ -259,7 +193,12 @@ def _check_live_is_dir(checkpoints_dir: Path, info: os.stat_result | None) -> No
 
 @dataclass(frozen=True)
 class _Fingerprint:
-    """What must not change in a source file while we copy it."""
+    """What must not change in a source file while we copy and digest it.
+
+    Since Linux 6.13, ext4, xfs, btrfs and tmpfs give a file a fine-grained timestamp when it changes after
+    its times were queried, so any write after our fstat moves mtime/ctime. Older kernels tick at jiffy
+    granularity: a same-size rewrite within one tick of our fstat could go unseen there.
+    """
 
     ino: int
     dev: int

@@ -42,6 +42,7 @@ __all__ = ["VllmStage"]
 log = logging.getLogger("sidecar.vllm")
 
 MAX_WORKERS = 8
+ON_START_BUDGET_S = 10.0
 PROBE_PROMPT = "fork-sidecar probe"
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -141,7 +142,8 @@ class VllmStage:
             return
         targets = merge_targets([t for r in runs for t in configured_servers(self.config, r)], self._discovered())
         targets = list({t.url: t for t in targets}.values())
-        deadline = time.monotonic() + float(self.config.timeouts.vllm)
+        # Bounded tighter than a fork: the daemon is starting, and keeping snapshots one more time is harmless.
+        deadline = time.monotonic() + min(float(self.config.timeouts.vllm), ON_START_BUDGET_S)
         surveys = _parallel(lambda t: self._survey(t, None, deadline), targets)
         everyone = all(s.cards is not None for s in surveys)
         referenced = _roots(surveys) if everyone else None
@@ -355,6 +357,8 @@ def _sentence(e: RequestFailed, target: ServerTarget, what: str) -> str:
             "check that it runs - a restarted server loads checkpoints/0000, which already holds the fork."
         )
     assert isinstance(e, HttpError)
+    if e.route_missing and what.startswith("GET"):
+        return f"{url} ({target.origin}) is not a vLLM OpenAI server (HTTP {e.status} on {what}); check its URL."
     if e.route_missing:
         return (
             f"vLLM server {url} has no runtime LoRA loading (HTTP {e.status} on /v1/load_lora_adapter); restart it "
@@ -367,7 +371,8 @@ def _sentence(e: RequestFailed, target: ServerTarget, what: str) -> str:
             else "give its key with api_key_file or api_key_env under vllm.servers (or run the daemon as its user)"
         )
         return f"vLLM server {url} requires an API key (HTTP {e.status} on {what}); {fix}."
-    return f"vLLM server {url} failed to {what} (HTTP {e.status}: {e.message}) after {e.attempts} attempt(s)."
+    tries = f"after {e.attempts} attempt(s)"
+    return f"vLLM server {url} ({target.origin}) failed to {what} (HTTP {e.status}: {e.message}) {tries}."
 
 
 def _summarise(errors: list[str]) -> str | None:

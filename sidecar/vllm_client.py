@@ -187,8 +187,11 @@ def _error_message(status: int, data: Any, text: str) -> tuple[str, bool]:
         if "detail" in data:
             # FastAPI's own answer: the route (or the method on it) does not exist on this server.
             return str(data["detail"]), status in (404, 405)
+    reason = http.client.responses.get(status, "error")
     short = " ".join(text.split())[:300]
-    return short or http.client.responses.get(status, "error"), status == 405
+    if not short or short.startswith("<"):  # an HTML error page says no more than its status line
+        short = reason
+    return short, status == 405
 
 
 def _describe_connect_error(e: BaseException) -> str:

@@ -435,7 +435,17 @@ def test_real_art_fork_cycle(
     loads = [r for r in status(runtime_dir)["recent"] if r.get("deferred")]
     digest = adapter_digest(run_dir / "checkpoints" / "0000")
     assert [(r["fork_id"], r["result"], r["digest"]) for r in loads] == [("early", "loaded", digest), ("late", "loaded", digest)]
+    # ART's real training entry runs through the wrapper: here it fails at its first step (no vLLM to put to sleep)
+    # and the error reaches the caller unchanged, with the service no longer counted as training.
+    async def train_once() -> None:
+        async for _ in service.train(None, {}, {}):
+            pass
+
+    with pytest.raises(Exception) as failure:
+        asyncio.run(train_once())
+    assert "sidecar" not in "".join(str(failure.value))
+    assert status(runtime_dir)["targets"][0]["services"][0]["training"] is False
     # The service survives pickling into a child the way ART's shared mode moves it, and stays tracked.
-    service.__dict__.pop("_state")
+    service.__dict__.pop("_state", None)
     copy = pickle.loads(pickle.dumps(service))
     assert copy in art.tracked_services()

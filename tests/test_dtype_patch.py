@@ -232,7 +232,10 @@ def test_patch_before_import_through_the_bootstrap(tmp_path: Path) -> None:
         "import sidecar.preload.bootstrap\n"
         "import unsloth, fake_unsloth_cases as cases\n"
         "from sidecar.preload import dtype_patch\n"
-        "print(json.dumps({'patched': dtype_patch.is_patched(unsloth.models.llama.matmul_lora),\n"
+        "with dtype_patch.suspended():\n"
+        "    originals = cases.check_aliases()\n"
+        "patched = dtype_patch.is_patched(unsloth.models.llama.matmul_lora)\n"
+        "print(json.dumps({'patched': patched, 'originals': originals,\n"
         "                  'aliases': cases.check_aliases(), 'autograd': cases.check_autograd()}))\n"
     )
     environ = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{FAKE}"}
@@ -259,3 +262,5 @@ def test_patch_before_import_through_the_bootstrap(tmp_path: Path) -> None:
             assert_all_match(result["autograd"])
             assert done.stderr.count("mixed-dtype patch active") == 1
             assert "rebound" not in done.stderr  # patched before any other module imported the names
+            # suspended() also reaches the aliases that were bound to the wrappers by those imports
+            assert all(MISMATCH in case["error"] for case in result["originals"].values())

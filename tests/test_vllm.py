@@ -467,6 +467,27 @@ def test_server_without_runtime_lora_updating_gets_the_exact_fix(
     assert outcome.detail["servers"][0]["attempts"] == 1 and len(fake.calls("/v1/load_lora_adapter")) == 1
 
 
+def test_a_url_that_is_not_vllm_is_named(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:
+    class Quiet(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)  # answers 501 (an HTML page) to everything
+    threading.Thread(target=other.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{other.server_address[1]}"
+    try:
+        outcome = VllmStage(make_config(tmp_path, servers=[{"url": url}]), policy=FAST).run(
+            swap_in(run_dir, run_dir / "checkpoints" / "0005")
+        )
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert outcome.status == "failed" and outcome.error is not None
+    assert outcome.error == (
+        f"vLLM server {url} (vllm.servers[0]) failed to GET /v1/models (HTTP 501: Not Implemented) after 3 attempt(s)."
+    )
+
+
 def test_server_errors_are_retried_until_they_pass(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:
     checkpoints = run_dir / "checkpoints"
     fake = start_fake(fakes, {"m@0": str(checkpoints / "0000")}, fail_first=2)

@@ -58,7 +58,7 @@ def assert_same_outputs(run: VllmRun, model: str, reference: str) -> None:
         ref_tokens, ref_logprobs = completion(run, reference, prompt)
         label = f"{model} vs {reference} on a {len(prompt)}-char prompt"
         assert tokens == ref_tokens, label
-        assert logprobs == pytest.approx(ref_logprobs, abs=1e-5), label
+        assert logprobs == ref_logprobs, label  # bit-identical: same kernels, same weights
 
 
 def adapter_roots(run: VllmRun) -> dict[str, str]:
@@ -82,6 +82,12 @@ def test_discovery_finds_the_server_from_the_process_table(vllm_run: VllmRun) ->
     assert found.origin == f"pid {vllm_run.server.pid}"
     assert vllm_run.checkpoints / "0000" in found.lora_paths
     assert found.api_key == vllm_run.server.api_key
+
+
+def test_the_two_tiny_adapters_answer_differently(vllm_run: VllmRun) -> None:
+    """Otherwise the equality checks below could not tell a fork from no fork."""
+    for prompt in (*SHORT_PROMPTS, LONG_PROMPT):
+        assert completion(vllm_run, "ref-a", prompt)[0] != completion(vllm_run, "ref-b", prompt)[0]
 
 
 def test_fork_serves_the_source_adapter_even_for_prompts_cached_before(vllm_run: VllmRun, tmp_path: Path) -> None:

@@ -15,7 +15,10 @@ What the wrappers do, per call:
   Unsloth computes without autocast; the caller gets that dtype back. Otherwise (an fp32 model) only the activation
   is cast to autocast's dtype and autocast stays on, which again makes all operands agree.
 - the autograd functions are wrapped at `forward`: `custom_fwd` then records the autocast state the forward really
-  ran under and `custom_bwd` replays it, so the backward sees consistent dtypes without a wrapper of its own.
+  ran under and `custom_bwd` replays it, so the backward sees consistent dtypes without a wrapper of its own. Their
+  backward also adds `dK @ KW.t()` into `dX` in place with the frozen weight, so for them "agree" means activation,
+  autocast and weight dtypes all equal, and the common dtype is the weight's (bf16 for the bf16 models at issue;
+  casting the weight on every call is not an option).
 - newer Unsloth routes in-place updates through a module-level `addmm_(out, A, B, alpha, beta)` helper: on
   mismatched operands it casts them to one dtype (bf16 if any is bf16, else `out`'s) and keeps `out`'s dtype.
 
@@ -171,7 +174,7 @@ def on_unsloth_fast_lora(module: ModuleType) -> None:
         if x_index is None:
             continue
         weight_dtype = _positional_weight_dtype(torch, x_index + 1, x_index + 2)
-        wrapper = _activation_wrapper(torch, forward.__func__, x_index, weight_dtype, buffers=())
+        wrapper = _activation_wrapper(torch, forward.__func__, x_index, weight_dtype, buffers=(), weight_bound=True)
         _replace(cls, "forward", forward, staticmethod(wrapper))
         names.append(class_name)
     if names:
@@ -180,14 +183,28 @@ def on_unsloth_fast_lora(module: ModuleType) -> None:
 
 @contextlib.contextmanager
 def suspended() -> Iterator[None]:
-    """Put Unsloth's originals back for the duration of the block (benchmarks and the unpatched baseline)."""
-    for change in reversed(_changes):
-        setattr(change.owner, change.name, change.before)
+    """Put Unsloth's originals back for the duration of the block (benchmarks and the unpatched baseline).
+
+    Besides the attributes this module set, that includes every alias a module bound to a wrapper by importing it
+    after the patch (the usual case: the hook patches `utils` before `fast_lora` and the models import it).
+    """
+    swaps = [(change.owner, change.name, change.after, change.before) for change in reversed(_changes)]
+    replaced = {(id(owner), name) for owner, name, _, _ in swaps}
+    original_of = {id(change.after): change for change in _changes}
+    for module_name, module in list(sys.modules.items()):
+        if not module_name.startswith(ALIAS_MODULE_PREFIX) or module is None:
+            continue
+        for attribute, value in list(getattr(module, "__dict__", {}).items()):
+            change = original_of.get(id(value))
+            if change is not None and value is change.after and (id(module), attribute) not in replaced:
+                swaps.append((module, attribute, value, change.before))
+    for owner, name, _, before in swaps:
+        setattr(owner, name, before)
     try:
         yield
     finally:
-        for change in _changes:
-            setattr(change.owner, change.name, change.after)
+        for owner, name, after, _ in reversed(swaps):
+            setattr(owner, name, after)
 
 
 def unpatch_all() -> None:
@@ -316,11 +333,14 @@ def _projection_weight_dtype(torch: Any, function: Any, name: str) -> WeightDtyp
     index = _parameter_index(function, name)
     if index is None:
         return None
+    floating = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
     def weight_dtype(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # A PEFT LoRA layer keeps the frozen weight on `base_layer` (Unsloth's get_lora_parameters does the same).
         projection = _argument(args, kwargs, index, name)
         weight = getattr(getattr(projection, "base_layer", projection), "weight", None)
+        if getattr(weight, "dtype", None) in floating:
+            return weight.dtype  # skip the quant_state lookup: an attribute miss on a Parameter is slow
         return _weight_compute_dtype(torch, weight, getattr(weight, "quant_state", None))
 
     return weight_dtype
@@ -331,9 +351,19 @@ def _always_on() -> bool:
 
 
 def _activation_wrapper(
-    torch: Any, original: Any, x_index: int, weight_dtype: WeightDtype, buffers: tuple[tuple[int, str], ...]
+    torch: Any,
+    original: Any,
+    x_index: int,
+    weight_dtype: WeightDtype,
+    buffers: tuple[tuple[int, str], ...],
+    weight_bound: bool = False,
 ) -> Any:
-    """Wrap a kernel taking activation `X`: see the module docstring for the rule."""
+    """Wrap a kernel taking activation `X`: see the module docstring for the rule.
+
+    `weight_bound`: the function's backward updates the input gradient in place with the frozen weight
+    (`dX.addmm_(dK, KW.t())` in LoRA_QKV/LoRA_MLP), so it only works when activation, autocast and weight dtypes
+    all agree, and the one dtype that can serve is the weight's (casting the weight on every call is what we avoid).
+    """
     any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or _always_on
     autocast_enabled = torch.is_autocast_enabled
     autocast_dtype = torch.get_autocast_dtype
@@ -346,17 +376,15 @@ def _activation_wrapper(
         if not any_autocast():
             return original(*args, **kwargs)
         x = _argument(args, kwargs, x_index, "X")
-        device_type = x.device.type
+        device_type = "cuda" if x.is_cuda else x.device.type  # is_cuda is cheaper than building a torch.device
         if not autocast_enabled(device_type):
             return original(*args, **kwargs)
-        output_dtype = autocast_dtype(device_type)
-        if output_dtype == x.dtype:
+        plan = _plan(bfloat16, weight_bound, autocast_dtype(device_type), x.dtype, lambda: weight_dtype(args, kwargs))
+        if plan is None:
             return original(*args, **kwargs)
-        weight = weight_dtype(args, kwargs)
-        if weight is None:
-            weight = x.dtype
-        common = _common(bfloat16, output_dtype, (weight,))
-        args, kwargs = _with_argument(args, kwargs, x_index, "X", x.to(common))
+        common, weight = plan
+        if x.dtype != common:
+            args, kwargs = _with_argument(args, kwargs, x_index, "X", x.to(common))
         if common != weight:
             # common is autocast's dtype: with X in it, every matmul and every `.to(X.dtype)` agree under autocast.
             return original(*args, **kwargs)
@@ -376,6 +404,18 @@ def _activation_wrapper(
             set_autocast_enabled(device_type, True)
 
     return _mark(patched, original)
+
+
+def _plan(
+    bfloat16: Any, weight_bound: bool, output_dtype: Any, x_dtype: Any, weight_of: Callable[[], Any]
+) -> tuple[Any, Any] | None:
+    """(common dtype, weight dtype) for a call under autocast, or None when its dtypes agree already."""
+    if not weight_bound and output_dtype == x_dtype:
+        return None
+    weight = weight_of() or x_dtype
+    if weight_bound:
+        return None if output_dtype == x_dtype == weight else (weight, weight)
+    return _common(bfloat16, output_dtype, (weight,)), weight
 
 
 def _inplace_wrapper(torch: Any, original: Any) -> Any:

@@ -217,8 +217,9 @@ def when_imported(module_name: str, callback: Callback, *, key: str | None = Non
 
     The callback stays registered: if the module is removed from sys.modules and imported again, it runs again on
     the new module object (callbacks should be idempotent). Registered while the module is still executing (from
-    inside its own import chain), it runs at the first import anywhere after the module has finished. `key` (default: the callback's qualified name) makes
-    registration idempotent: a second registration with the same key for the same module is ignored.
+    inside its own import chain), it runs at the first import anywhere after the module has finished.
+    `key` (default: the callback's qualified name) makes registration idempotent: a second registration with the
+    same key for the same module is ignored.
     A callback that raises is logged once and never breaks the import.
     """
     if key is None:

@@ -29,6 +29,7 @@ __all__ = [
     "PEFT_METADATA",
     "RawTensor",
     "WrittenAdapter",
+    "float_bytes",
     "lora_tensor_name",
     "lora_tensors",
     "write_adapter",

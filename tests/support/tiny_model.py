@@ -53,10 +53,17 @@ def default_cache_dir() -> Path:
     return Path(__file__).resolve().parents[2] / ".cache" / "tiny-model"
 
 
-def build_base_model(out_dir: Path, *, seed: int = 0) -> Path:
-    """A random-init tiny Llama + tokenizer saved (safetensors) in `out_dir`; reused if already built there."""
-    stamp = {"version": VERSION, "kind": "base", "seed": seed}
-    return _build_once(out_dir, stamp, lambda tmp: _write_base(tmp, seed))
+def build_base_model(out_dir: Path, *, seed: int = 0, hidden: int = HIDDEN) -> Path:
+    """A random-init tiny Llama + tokenizer saved (safetensors) in `out_dir`; reused if already built there.
+
+    `hidden` (a multiple of 64; heads = hidden / 64) makes wider models, whose adapters are bigger (for benchmarks).
+    """
+    if hidden % 64:
+        raise ValueError(f"hidden must be a multiple of 64 (vLLM's CPU attention needs head_dim 64), got {hidden}")
+    stamp: dict[str, object] = {"version": VERSION, "kind": "base", "seed": seed}
+    if hidden != HIDDEN:
+        stamp["hidden"] = hidden
+    return _build_once(out_dir, stamp, lambda tmp: _write_base(tmp, seed, hidden))
 
 
 def build_lora_adapter(
@@ -86,14 +93,18 @@ class TinyAssets:
     adapter_b: Path
 
 
-def tiny_assets(cache_dir: Path | None = None) -> TinyAssets:
-    """The base model and two distinct rank-8 adapters (seeds 1 and 2), built once per cache dir and version."""
+def tiny_assets(cache_dir: Path | None = None, *, hidden: int = HIDDEN, rank: int = 8) -> TinyAssets:
+    """The base model and two distinct adapters (seeds 1 and 2), built once per cache dir, version and shape.
+
+    The defaults are the tiny model everyone uses; benchmarks pass a larger `hidden`/`rank` for bigger adapters.
+    """
     root = (cache_dir or default_cache_dir()) / VERSION
-    base = build_base_model(root / "base", seed=0)
+    suffix = "" if (hidden, rank) == (HIDDEN, 8) else f"-h{hidden}-r{rank}"
+    base = build_base_model(root / ("base" if hidden == HIDDEN else f"base-h{hidden}"), seed=0, hidden=hidden)
     return TinyAssets(
         base=base,
-        adapter_a=build_lora_adapter(base, root / "lora-a", seed=1),
-        adapter_b=build_lora_adapter(base, root / "lora-b", seed=2),
+        adapter_a=build_lora_adapter(base, root / f"lora-a{suffix}", seed=1, rank=rank),
+        adapter_b=build_lora_adapter(base, root / f"lora-b{suffix}", seed=2, rank=rank),
     )
 
 
@@ -130,7 +141,7 @@ def _stamp_matches(out_dir: Path, stamp: dict[str, object]) -> bool:
         return False
 
 
-def _write_base(out: Path, seed: int) -> None:
+def _write_base(out: Path, seed: int, hidden: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -138,11 +149,11 @@ def _write_base(out: Path, seed: int) -> None:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=HIDDEN,
+        hidden_size=hidden,
         intermediate_size=INTERMEDIATE,
         num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
         max_position_embeddings=MAX_POSITIONS,
         bos_token_id=1,
         eos_token_id=2,
@@ -150,8 +161,8 @@ def _write_base(out: Path, seed: int) -> None:
         # A wider init than Llama's 0.02 so the random model has peaked logits and greedy outputs are stable.
         initializer_range=0.2,
     )
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.save_pretrained(out, safe_serialization=True)
+    model = LlamaForCausalLM(config)  # float32, the default
+    model.save_pretrained(str(out), safe_serialization=True)
 
 
 def _write_tokenizer(out: Path) -> None:
@@ -195,4 +206,4 @@ def _write_adapter(base_dir: Path, out: Path, seed: int, rank: int, targets: Seq
         for name, param in model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True)

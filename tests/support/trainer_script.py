@@ -60,6 +60,7 @@ def train(args: argparse.Namespace) -> int:
     from sidecar.preload import register
 
     control = Path(args.control)
+    torch.set_num_threads(1)  # tests run several processes on two cores
     torch.manual_seed(args.seed)
     base = LlamaForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, args.adapter, is_trainable=True)
@@ -108,7 +109,9 @@ def train(args: argparse.Namespace) -> int:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            log.write(json.dumps({"step": step, "pid": os.getpid(), "loss": float(loss), "start": fingerprint}) + "\n")
+            record = {"step": step, "pid": os.getpid(), "loss": loss.item(), "start": fingerprint}
+            log.write(json.dumps(record) + "\n")
+            time.sleep(args.step_pause)
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-steps", type=int, default=0, help="stop stepping (but keep serving) after N steps")
+    parser.add_argument("--step-pause", type=float, default=0.05, help="seconds between steps (leave CPU to others)")
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--auto-optimizer", action="store_true", help="do not pass the optimizer to register()")
     parser.add_argument("--spawn-child", action="store_true")

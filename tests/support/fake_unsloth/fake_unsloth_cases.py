@@ -84,10 +84,8 @@ def check_aliases() -> dict[str, dict[str, Any]]:
                 x = activation(shape)
 
                 def run(function: Any = function, x: torch.Tensor = x, name: str = name) -> dict[str, Any]:
-                    if name == "matmul_lora":
-                        out = function(x, *get_lora_parameters(proj))
-                    else:
-                        out = function(proj, x)
+                    prefill = name == "matmul_lora"
+                    out = function(x, *get_lora_parameters(proj)) if prefill else function(proj, x)
                     return {"dtype": str(out.dtype), "rel_err": rel_err(out, reference(proj, x.float()))}
 
                 results[f"{module_name}.{name}{list(shape)}"] = _attempt(run)

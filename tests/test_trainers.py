@@ -1,0 +1,267 @@
+"""The trainers stage against real agents (in this process and in a child), real sockets and a real tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from peft import PeftModel  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from sidecar import preload  # noqa: E402
+from sidecar.adapter import adapter_digest  # noqa: E402
+from sidecar.config import Config, Duration, TrainerConfig, load_config  # noqa: E402
+from sidecar.preload import art  # noqa: E402
+from sidecar.preload.agent import shutdown_agent  # noqa: E402
+from sidecar.stages import ForkContext  # noqa: E402
+from sidecar.trainers import TrainerStage, agent_statuses, clean_stale_sockets, list_agent_sockets  # noqa: E402
+from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
+
+pytestmark = pytest.mark.trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS = torch.arange(3, 19).reshape(1, 16)
+
+
+@pytest.fixture(scope="module")
+def assets() -> TinyAssets:
+    return tiny_assets()
+
+
+@pytest.fixture
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="fs-trn-", dir="/tmp"))
+    monkeypatch.setenv("FORK_SIDECAR_RUNTIME_DIR", str(path))
+    shutdown_agent()
+    yield path
+    shutdown_agent()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, assets: TinyAssets) -> Path:
+    run = tmp_path / "art" / "proj" / "models" / "m"
+    shutil.copytree(assets.adapter_b, run / "checkpoints" / "0000")
+    return run
+
+
+@pytest.fixture
+def model(assets: TinyAssets) -> Any:
+    base = LlamaForCausalLM.from_pretrained(assets.base, dtype=torch.float32)
+    m = PeftModel.from_pretrained(base, assets.adapter_a, is_trainable=True)
+    m.train()
+    return m
+
+
+def config(runtime_dir: Path, **trainer: Any) -> Config:
+    fields = {"agent_timeout": Duration(trainer.pop("agent_timeout", 30.0)), **trainer}
+    return dataclasses.replace(load_config(None), runtime_dir=runtime_dir, trainer=TrainerConfig(**fields))
+
+
+def context(run_dir: Path, digest: str | None = None, budget: float = 60.0) -> ForkContext:
+    ckpt = run_dir / "checkpoints" / "0000"
+    return ForkContext("fork-7", run_dir, ckpt, digest or adapter_digest(ckpt), time.monotonic() + budget)
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def leave_socket(path: Path) -> None:
+    """A socket file with nobody listening, as a killed trainer leaves behind."""
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()
+
+
+# --- nobody there ------------------------------------------------------------------------------------------------
+def test_no_agent_is_skipped_unless_required(runtime_dir: Path, run_dir: Path) -> None:
+    outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
+    assert outcome.status == "skipped" and outcome.error == "none found"
+    outcome = TrainerStage(config(runtime_dir, required=True)).run(context(run_dir))
+    assert outcome.status == "failed"
+    assert str(run_dir) in (outcome.error or "") and "fork-sidecar preload install" in (outcome.error or "")
+
+
+def test_an_agent_of_another_run_does_not_count(runtime_dir: Path, run_dir: Path, model: Any, tmp_path: Path) -> None:
+    preload.register(model, tmp_path / "art" / "proj" / "models" / "other")
+    outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
+    assert outcome.status == "skipped" and outcome.detail["agents"] == []
+
+
+# --- agents that answer ------------------------------------------------------------------------------------------
+def test_a_generic_peft_trainer_loads_and_reports_its_digest(runtime_dir: Path, run_dir: Path, model: Any) -> None:
+    preload.register(model, run_dir)
+    outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
+    assert outcome.status == "ok", outcome
+    [agent] = outcome.detail["agents"]
+    assert agent["pid"] == os.getpid() and agent["host"] == socket.gethostname()
+    assert agent["result"] == "loaded" and agent["digest"] == adapter_digest(run_dir / "checkpoints" / "0000")
+    assert agent["attempts"] == 1 and agent["seconds"] >= 0
+    assert "error" not in agent
+    assert outcome.to_json()["agents"] == outcome.detail["agents"]  # what lands in .fork.done
+
+
+def test_a_digest_mismatch_fails_with_who_holds_what(runtime_dir: Path, run_dir: Path, model: Any) -> None:
+    preload.register(model, run_dir)
+    claimed = "sha256:" + "0" * 64  # the daemon believes checkpoints/0000 holds something else
+    outcome = TrainerStage(config(runtime_dir)).run(context(run_dir, digest=claimed))
+    assert outcome.status == "failed"
+    held = adapter_digest(run_dir / "checkpoints" / "0000")
+    assert f"trainer pid {os.getpid()}" in (outcome.error or "")
+    assert held in (outcome.error or "") and claimed in (outcome.error or "")
+
+
+def test_an_agent_that_cannot_load_fails_the_stage(runtime_dir: Path, run_dir: Path, model: Any) -> None:
+    preload.register(model, run_dir)
+    ctx = context(run_dir)
+    broken = run_dir / "checkpoints" / "0000" / "adapter_model.safetensors"
+    broken.write_bytes(broken.read_bytes()[:50])
+    outcome = TrainerStage(config(runtime_dir)).run(ctx)
+    assert outcome.status == "failed" and "damaged" in (outcome.error or "")
+    assert outcome.detail["agents"][0]["attempts"] == 1  # a refusal is not retried
+
+
+def test_a_step_that_never_ends_is_retried_then_reported(runtime_dir: Path, run_dir: Path, model: Any) -> None:
+    preload.register(model, run_dir)
+    model(input_ids=TOKENS, labels=TOKENS).loss.backward()  # a step begins, and no optimizer step follows
+    outcome = TrainerStage(config(runtime_dir, agent_timeout=0.6, retries=1)).run(context(run_dir))
+    assert outcome.status == "failed"
+    assert outcome.detail["agents"][0]["attempts"] == 2
+    assert "training step was still running" in (outcome.error or "")
+
+
+def test_retry_succeeds_once_the_step_ends(runtime_dir: Path, run_dir: Path, model: Any) -> None:
+    preload.register(model, run_dir)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(input_ids=TOKENS, labels=TOKENS).loss.backward()
+    stage = TrainerStage(config(runtime_dir, agent_timeout=0.6, retries=3))
+    attempts: list[int] = []
+
+    def finish_step_after_the_first_attempt() -> None:
+        # Wait (without a deadline on the stage) until the first fork attempt has been withdrawn, then end the step.
+        status = agent_statuses(runtime_dir)
+        while not any(r.get("error") for a in status for r in a.get("recent", [])):
+            time.sleep(0.05)
+            status = agent_statuses(runtime_dir)
+        attempts.append(1)
+        optimizer.step()
+
+    helper = threading.Thread(target=finish_step_after_the_first_attempt, daemon=True)
+    helper.start()
+    outcome = stage.run(context(run_dir))
+    helper.join(30)
+    assert attempts and outcome.status == "ok", outcome
+    assert outcome.detail["agents"][0]["attempts"] >= 2
+
+
+def test_an_art_trainer_answers_load_pending(runtime_dir: Path, run_dir: Path) -> None:
+    @dataclasses.dataclass
+    class UnslothService:
+        output_dir: str
+
+        @functools.cached_property
+        def _state(self) -> None:
+            return None
+
+    assert art.patch_service_class(UnslothService)
+    service = UnslothService(str(run_dir))
+    outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
+    assert outcome.status == "ok", outcome
+    [agent] = outcome.detail["agents"]
+    assert agent["result"] == "load pending" and agent["state"] == "not built"
+    statuses = agent_statuses(runtime_dir)
+    assert statuses[0]["kinds"] == ["art"] and statuses[0]["recent"][-1]["fork_id"] == "fork-7"
+    del service
+
+
+def test_agents_in_other_processes_are_asked_in_parallel(runtime_dir: Path, run_dir: Path, assets: TinyAssets) -> None:
+    code = f"""
+import sys, time
+import torch
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+from sidecar import preload
+model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained({str(assets.base)!r}), {str(assets.adapter_a)!r})
+preload.register(model, {str(run_dir)!r})
+print("ready", flush=True)
+sys.stdin.read()
+"""
+    env = {**os.environ, "FORK_SIDECAR_RUNTIME_DIR": str(runtime_dir)}
+    children = [
+        subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO)
+        for _ in range(2)
+    ]
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
+        outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
+        assert outcome.status == "ok", outcome
+        assert sorted(a["pid"] for a in outcome.detail["agents"]) == sorted(c.pid for c in children)
+        assert {a["result"] for a in outcome.detail["agents"]} == {"loaded"}
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    # Killed trainers cannot remove their sockets; the next fork (or the daemon's start) does.
+    assert len(list_agent_sockets(runtime_dir)) == 2
+    TrainerStage(config(runtime_dir)).on_start([run_dir])
+    assert list_agent_sockets(runtime_dir) == []
+
+
+# --- sockets that must not be trusted or kept ---------------------------------------------------------------------
+def test_stale_sockets_are_cleaned(runtime_dir: Path, run_dir: Path) -> None:
+    dead = runtime_dir / f"agent-{dead_pid()}.sock"
+    leave_socket(dead)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        reused = runtime_dir / f"agent-{sleeper.pid}.sock"
+        leave_socket(reused)
+        old = time.time() - 3600
+        os.utime(reused, (old, old))  # made an hour before the process now holding that pid started
+        leftover = runtime_dir / ".agent-crashed"
+        leftover.mkdir()
+        os.utime(leftover, (old, old))
+        assert {s["error"] for s in agent_statuses(runtime_dir)} == {"stale socket (process gone)"}
+        removed = clean_stale_sockets(runtime_dir)
+        assert set(removed) == {dead, reused, leftover}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
+    assert outcome.status == "skipped"
+
+
+def test_a_socket_owned_by_another_user_is_not_trusted(runtime_dir: Path, run_dir: Path, model: Any) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    preload.register(model, run_dir)
+    os.chown(runtime_dir / f"agent-{os.getpid()}.sock", 65534, 65534)
+    outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
+    assert outcome.status == "skipped"
+    [unreachable] = outcome.detail["unreachable"]
+    assert unreachable["pid"] == os.getpid() and "owned by uid 65534" in unreachable["error"]
+
+
+def test_the_daemon_side_never_imports_torch() -> None:
+    code = "import sys, sidecar.trainers; print([m for m in ('torch', 'peft', 'sidecar.preload.agent') if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert done.stdout.strip() == "[]"
