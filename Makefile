@@ -7,7 +7,7 @@ VLLM_VENV := .venv-vllm
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: venv vllm-venv test test-fast lint run demo bench clean
+.PHONY: venv vllm-venv test test-fast test-vllm-fast lint run demo bench clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -34,6 +34,9 @@ test: $(STAMP) $(VLLM_STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not vllm and not slow"
 
+test-vllm-fast: $(STAMP) $(VLLM_STAMP)
+	$(PY) -m pytest -q -ra -m "vllm and not slow"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sidecar tests bench
 	$(VENV)/bin/ruff format --check sidecar tests bench
@@ -46,7 +49,7 @@ run: $(STAMP)
 demo: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m tests.support.demo
 
-bench: $(STAMP)
+bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m bench
 
 clean:

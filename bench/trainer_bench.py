@@ -1,6 +1,6 @@
-"""A fork into a live generic-PEFT trainer: the daemon's `fork` request to the agent's reply, against loading in-process.
+"""A fork into a live generic-PEFT trainer: the daemon's `fork` request to the agent's reply vs an in-process load.
 
-    .venv/bin/python -m bench.trainer_bench [--size-mib 100] [--repeat 7] [--dtype F32|BF16]
+    .venv/bin/python -m bench.trainer_bench [--size-mib 100] [--repeat 7] [--dtype F32|BF16] [--device cpu|cuda]
 
 Builds a random-init Llama (hidden 1024, 5 layers) with a rank-256 LoRA on all seven projections, which makes a
 LoRA of about 100 MB in float32, and saves one random adapter for it as `checkpoints/0000` of a run directory.
@@ -12,9 +12,11 @@ Then, --repeat times each, interleaved, in the same run (the file is in the page
   verifies every tensor bit for bit, clears grads and optimizer state, and answers;
 - stage: the whole `TrainerStage.run` (socket scan, `hello`, `fork`, digest comparison);
 - baseline: in this process, `safetensors.torch.load_file` + `peft.set_peft_model_state_dict` into the same model;
-- set only: `set_peft_model_state_dict` of tensors already in memory (no file read), for reference.
+- set only: `set_peft_model_state_dict` of tensors already in memory (no file read), for reference;
+- digest: reading the file and computing its adapter digest (sha256) in this process: the part of the agent's work
+  the baseline does not do and that cannot be split across cores (the agent overlaps it with the load).
 
-Target: agent <= 1.3x baseline (medians).
+Target: agent <= 1.3x baseline (medians). With --device cuda both processes hold the model on the GPU.
 """
 
 from __future__ import annotations
@@ -43,28 +45,29 @@ REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Runs in the trainer process and in this one, so both build the same architecture.
-MODEL_CODE = """
+MODEL_CODE = f"""
+TARGETS = {TARGETS!r}
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-def build_model(layers, rank, dtype):
+def build_model(layers, rank, dtype, device):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
                          num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256)
     base = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=%r, lora_dropout=0.0)
-    model = get_peft_model(base, lora)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0)
+    model = get_peft_model(base, lora).to(device)
     model.train()
     return model
-""" % (TARGETS,)
+"""
 
 TRAINER_CODE = (
     MODEL_CODE
     + """
 import sys
 from sidecar import preload
-model = build_model(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+model = build_model(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[5])
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 preload.register(model, sys.argv[4], optimizer=optimizer)
 print("ready", flush=True)
@@ -73,10 +76,10 @@ sys.stdin.read()
 )
 
 
-def build_model(layers: int, rank: int, dtype: str) -> Any:
+def build_model(layers: int, rank: int, dtype: str, device: str = "cpu") -> Any:
     namespace: dict[str, Any] = {}
     exec(MODEL_CODE, namespace)  # the same source the trainer process runs
-    return namespace["build_model"](layers, rank, dtype)
+    return namespace["build_model"](layers, rank, dtype, device)
 
 
 def lora_bytes(layers: int, rank: int, itemsize: int) -> int:
@@ -102,11 +105,14 @@ def main() -> int:
     parser.add_argument("--size-mib", type=float, default=100.0, help="approximate LoRA size (sets the layer count)")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--dtype", choices=["F32", "BF16"], default="F32", help="model and file dtype")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both models live")
     args = parser.parse_args()
 
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
+
+    from sidecar.preload.peft_load import digest_of, read_checkpoint
 
     dtype = {"F32": "float32", "BF16": "bfloat16"}[args.dtype]
     itemsize = {"F32": 4, "BF16": 2}[args.dtype]
@@ -119,13 +125,13 @@ def main() -> int:
     trainer = None
     try:
         print(f"building the model ({layers} layers, rank {rank}, {args.dtype}) ...", file=sys.stderr)
-        model = build_model(layers, rank, dtype)
+        model = build_model(layers, rank, dtype, args.device)
         write_fork_adapter(build_model(layers, rank, dtype), checkpoint, dtype)
         size = (checkpoint / "adapter_model.safetensors").stat().st_size
         digest = adapter_digest(checkpoint)
         env = {**os.environ, "FORK_SIDECAR_RUNTIME_DIR": str(runtime)}
         trainer = subprocess.Popen(
-            [sys.executable, "-c", TRAINER_CODE, str(layers), str(rank), dtype, str(run_dir)],
+            [sys.executable, "-c", TRAINER_CODE, str(layers), str(rank), dtype, str(run_dir), args.device],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -152,23 +158,40 @@ def main() -> int:
             assert outcome.status == "ok", outcome
             return elapsed
 
+        def synchronize() -> None:
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+
         def baseline_once(i: int) -> float:
             started = time.perf_counter()
             with torch.no_grad():
                 set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+            synchronize()
             return time.perf_counter() - started
 
-        in_memory = load_file(str(checkpoint / "adapter_model.safetensors"))
+        in_memory = load_file(str(checkpoint / "adapter_model.safetensors"), device=args.device)
 
         def set_only_once(i: int) -> float:
             started = time.perf_counter()
             with torch.no_grad():
                 set_peft_model_state_dict(model, in_memory)
+            synchronize()
             return time.perf_counter() - started
 
-        rows: dict[str, list[float]] = {"agent": [], "stage": [], "baseline": [], "set only": []}
-        runners = {"agent": agent_once, "stage": stage_once, "baseline": baseline_once, "set only": set_only_once}
-        for name, run in runners.items():
+        def digest_once(i: int) -> float:
+            started = time.perf_counter()
+            assert digest_of(read_checkpoint(checkpoint)) == digest
+            return time.perf_counter() - started
+
+        rows: dict[str, list[float]] = {"agent": [], "stage": [], "baseline": [], "set only": [], "digest": []}
+        runners = {
+            "agent": agent_once,
+            "stage": stage_once,
+            "baseline": baseline_once,
+            "set only": set_only_once,
+            "digest": digest_once,
+        }
+        for run in runners.values():
             run(-1)  # warm-up: page cache, allocator, first-call imports on both sides
         for i in range(args.repeat):
             for name, run in runners.items():
@@ -188,14 +211,16 @@ def print_table(rows: dict[str, list[float]], size: int, args: argparse.Namespac
 
     base = statistics.median(rows["baseline"])
     print(
-        f"\nfork into a live PEFT trainer: {size / 2**20:.1f} MiB adapter ({args.dtype}, {layers} layers), "
-        f"{args.repeat} runs each, warm page cache"
+        f"\nfork into a live PEFT trainer: {size / 2**20:.1f} MiB adapter ({args.dtype}, {layers} layers, "
+        f"model on {args.device}), {args.repeat} runs each, warm page cache"
     )
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
+    gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
+    print(f"{platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}\n")
     print(f"{'path':<10} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'x baseline':>11}")
     for name, values in rows.items():
         median = statistics.median(values)
-        print(f"{name:<10} {median * 1e3:>10.1f} {min(values) * 1e3:>8.1f} {max(values) * 1e3:>8.1f} {median / base:>10.2f}x")
+        low, high = min(values) * 1e3, max(values) * 1e3
+        print(f"{name:<10} {median * 1e3:>10.1f} {low:>8.1f} {high:>8.1f} {median / base:>10.2f}x")
     ratio = statistics.median(rows["agent"]) / base
     verdict = "meets" if ratio <= TARGET else "misses"
     print(f"\nagent / baseline = {ratio:.2f}x ({verdict} the <= {TARGET}x target)")

@@ -18,6 +18,7 @@ A second table says where the time goes. Target: daemon end to end <= 1.2x the b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -91,23 +92,28 @@ def run(root: Path, repeat: int, with_daemon: bool, hidden: int, rank: int) -> i
         config_path = root / "bench.yaml"
         config_path.write_text(json.dumps({"watch": {"roots": [str(root / "art")]}, "vllm": {"discover": True}}))
         stage = VllmStage(load_config(config_path))
-        rows = {
-            "baseline: cp -r + load_lora_adapter": measure(repeat, lambda i: baseline(server, checkpoints, root, i)),
-            "in-process: swap + VllmStage.run": measure(repeat, lambda i: in_process(stage, model_dir, i)),
+        sides: dict[str, Callable[[int], tuple[float, Parts]]] = {
+            "baseline: cp -r + load_lora_adapter": lambda i: baseline(server, checkpoints, root, i),
+            "in-process: swap + VllmStage.run": lambda i: in_process(stage, model_dir, i),
         }
-        if with_daemon:
-            rows["daemon: .fork -> .fork.done"] = daemon_row(root, model_dir, repeat)
+        with contextlib.ExitStack() as stack:
+            if with_daemon:
+                sides["daemon: .fork -> .fork.done"] = stack.enter_context(daemon_side(root, model_dir))
+            rows = measure(repeat, sides)
     finally:
         server.stop()
     return print_tables(rows, adapter_bytes=sum(f.stat().st_size for f in assets.adapter_a.iterdir()))
 
 
-def measure(repeat: int, once: Callable[[int], tuple[float, Parts]]) -> Row:
-    once(-1)  # warms caches and connections; not counted
-    row = Row()
-    for i in range(repeat):
-        row.add(*once(i))
-    return row
+def measure(repeat: int, sides: dict[str, Callable[[int], tuple[float, Parts]]]) -> dict[str, Row]:
+    """Round-robin over the sides, so that a busy moment of the machine hits all of them alike."""
+    rows = {name: Row() for name in sides}
+    for i in range(-1, repeat):  # -1 warms caches and connections; not counted
+        for name, once in sides.items():
+            total, parts = once(i)
+            if i >= 0:
+                rows[name].add(total, parts)
+    return rows
 
 
 def baseline(server: VllmServer, checkpoints: Path, root: Path, i: int) -> tuple[float, Parts]:
@@ -150,7 +156,8 @@ def in_process(stage: VllmStage, model_dir: Path, i: int) -> tuple[float, Parts]
     }
 
 
-def daemon_row(root: Path, model_dir: Path, repeat: int) -> Row:
+@contextlib.contextmanager
+def daemon_side(root: Path, model_dir: Path) -> Iterator[Callable[[int], tuple[float, Parts]]]:
     from tests.support.daemon import DaemonProcess, read_outcome, write_config
 
     config = write_config(root / "daemon.yaml", [root / "art"], root / "state", root / "rt", vllm={"discover": True})
@@ -178,7 +185,7 @@ def daemon_row(root: Path, model_dir: Path, repeat: int) -> Row:
             parts["started_at -> finished_at"] = _span(outcome)
             return elapsed, parts
 
-        return measure(repeat, once)
+        yield once
 
 
 def _span(outcome: dict[str, Any]) -> float:

@@ -263,7 +263,7 @@ class Daemon:
         with self._lock:
             active, done, failed = len(self._active), self._counts["done"], self._counts["failed"]
         return (
-            f"watching {len(self.watcher.run_dirs())} runs ({self.watcher.backend}), "
+            f"watching {self.watcher.run_count()} runs ({self.watcher.backend}), "
             f"{active} forking, {done} done, {failed} failed"
         )
 
@@ -281,7 +281,7 @@ class Daemon:
             "config": str(self.config.source_file) if self.config.source_file else None,
             "roots": [str(r) for r in self.config.watch.roots],
             "backend": self.watcher.backend,
-            "watched_runs": len(self.watcher.run_dirs()),
+            "watched_runs": self.watcher.run_count(),
             "active_runs": active,
             "queued_runs": queued,
             "counts": dict(self._counts),

@@ -6,8 +6,10 @@ Command lines recognised (options as `--opt value` or `--opt=value`, underscores
   form `{"name": ..., "path": ...}`), `--ssl-certfile` (then https);
 - ART's `python -m art.vllm.dedicated_server` and `art-vllm-runtime-server` (also under `uv run`): `--host` (default
   127.0.0.1), `--port`, `--lora-path`, and `--server-args-json` which may carry `api_key` and `lora_modules`.
-The API key may also come from the process's `VLLM_API_KEY`, readable when the daemon runs as that user or root.
-`parse_server_command` is pure; `discover_servers` reads /proc through psutil.
+The API key may also come from the process's `VLLM_API_KEY`; that environment and the working directory (against which
+relative `--lora-modules` paths resolve) are readable only when the daemon runs as the server's user or root. Not
+understood: `--uds` (a unix socket) and options given in a `--config FILE`; list such servers under `vllm.servers`.
+`parse_server_command` is pure; `discover_servers` reads /proc (psutil where it is more than one file).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
-import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,6 @@ __all__ = [
     "server_url",
 ]
 
-log = logging.getLogger("sidecar.vllm")
 
 VLLM_DEFAULT_PORT = 8000
 _VLLM_MODULE = "vllm.entrypoints.openai.api_server"

@@ -319,6 +319,11 @@ class MarkerWatcher:
         """Whether the watcher thread is running (False before start() and after stop())."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
 
+    def run_count(self) -> int:
+        """How many model dirs are known, without building their paths (for status lines and metrics)."""
+        with self._lock:
+            return self._count_runs()
+
     def run_dirs(self) -> list[Path]:
         """The model dirs currently known, sorted."""
         with self._lock:
@@ -481,7 +486,7 @@ class MarkerWatcher:
 
     def _scan_root(self, root: _Dir, found: list[str]) -> None:
         try:
-            st: os.stat_result | None = os.stat(root.path)  # noqa: PTH116 - paths stay str on the scan path
+            st: os.stat_result | None = os.stat(root.path)
         except OSError:
             st = None
         if st is None or not stat.S_ISDIR(st.st_mode):

@@ -295,3 +295,21 @@ def _history(state_dir: Path) -> list[dict[str, object]]:
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in lines]
+
+
+def test_verify_catches_a_writer_that_replaced_0000_after_the_swap(tmp_path: Path, art: Path) -> None:
+    model_dir = make_run(art)
+    config = write_config(tmp_path / "config.yaml", [art], tmp_path / "state", tmp_path / "run")
+    crashing = DaemonProcess(config, tmp_path / "daemon.log", env={"FORK_SIDECAR_CRASH_AFTER": "vllm"})
+    crashing.start()
+    (model_dir / ".fork").write_text("step: 7")
+    assert crashing.proc is not None
+    crashing.proc.wait(30)
+    crashing.kill()
+    # Someone rewrites the served adapter between the swap and the verification.
+    write_adapter(model_dir / "checkpoints" / "0000", seed=99)
+    with DaemonProcess(config, tmp_path / "daemon.log"):
+        outcome = wait_outcome(model_dir)
+    assert outcome["status"] == "failed"
+    assert "another writer replaced it" in str(outcome["error"])
+    assert outcome["verify"]["disk_digest"] != outcome["digest"]  # type: ignore[index]

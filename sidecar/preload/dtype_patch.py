@@ -339,8 +339,9 @@ def _projection_weight_dtype(torch: Any, function: Any, name: str) -> WeightDtyp
         # A PEFT LoRA layer keeps the frozen weight on `base_layer` (Unsloth's get_lora_parameters does the same).
         projection = _argument(args, kwargs, index, name)
         weight = getattr(getattr(projection, "base_layer", projection), "weight", None)
-        if getattr(weight, "dtype", None) in floating:
-            return weight.dtype  # skip the quant_state lookup: an attribute miss on a Parameter is slow
+        dtype = getattr(weight, "dtype", None)
+        if dtype in floating:
+            return dtype  # skip the quant_state lookup: an attribute miss on a Parameter is slow
         return _weight_compute_dtype(torch, weight, getattr(weight, "quant_state", None))
 
     return weight_dtype

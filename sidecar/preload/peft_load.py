@@ -16,12 +16,13 @@ torch and peft are imported inside the functions: this module is imported by the
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,44 +61,108 @@ class TensorEntry:
     end: int
 
 
-@dataclass(frozen=True)
 class CheckpointTensors:
-    """The raw tensors of one `adapter_model.safetensors`, as read (views into one buffer)."""
+    """The raw tensors of one `adapter_model.safetensors` (views into one buffer), filled in as the file is read.
 
-    path: Path
-    entries: Mapping[str, TensorEntry]
-    data: memoryview  # the byte buffer after the header
+    `wait_for(end)` lets a second thread (the digest) follow the reader: it blocks until the first `end` data bytes
+    are in memory, so hashing runs alongside the read instead of after it.
+    """
+
+    def __init__(self, path: Path, entries: Mapping[str, TensorEntry], data: memoryview) -> None:
+        self.path = path
+        self.entries = entries
+        self.data = data
+        self._cond = threading.Condition()
+        self._read = 0
+        self._failed = False
 
     def raw(self, name: str) -> memoryview:
         e = self.entries[name]
         return self.data[e.begin : e.end]
 
+    def wait_for(self, end: int) -> bool:
+        """True once bytes [0, end) are read; False if reading failed."""
+        with self._cond:
+            while self._read < end and not self._failed:
+                self._cond.wait()
+            return not self._failed
 
-def read_checkpoint(checkpoint_dir: Path) -> CheckpointTensors:
-    """Read and check `adapter_model.safetensors` of `checkpoint_dir` (one open, one read; stdlib only)."""
+    def _advance(self, read: int) -> None:
+        with self._cond:
+            self._read = read
+            self._cond.notify_all()
+
+    def _fail(self) -> None:
+        with self._cond:
+            self._failed = True
+            self._cond.notify_all()
+
+
+_CHUNK = 16 * 1024 * 1024
+
+
+def read_checkpoint(
+    checkpoint_dir: Path, *, follow: Callable[[CheckpointTensors], None] | None = None
+) -> CheckpointTensors:
+    """Read and check `adapter_model.safetensors` of `checkpoint_dir` (stdlib only; one open, sequential reads).
+
+    The header is checked before any data is read. `follow(tensors)` is called once the buffer exists and before
+    the data is read, to start a consumer that uses `wait_for`.
+    """
     path = Path(checkpoint_dir) / ADAPTER_FILE
     if sys.byteorder != "little":
         raise AdapterLoadError("this trainer is big-endian; safetensors data is little-endian and is not converted")
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise AdapterLoadError(f"{path} is shorter than a safetensors header; the checkpoint is damaged")
-            header_len = int.from_bytes(head, "little")
-            if header_len > min(_MAX_HEADER, size - 8):
-                raise AdapterLoadError(f"{path} declares a {header_len}-byte header in a {size}-byte file; damaged")
-            header_bytes = f.read(header_len)
-            buf = bytearray(size - 8 - header_len)
-            got = f.readinto(buf)
+            tensors = _read_header(path, f)
+            if follow is not None:
+                follow(tensors)
+            try:
+                _read_data(tensors, f)
+            except BaseException:
+                tensors._fail()
+                raise
     except FileNotFoundError:
         raise AdapterLoadError(f"{path} does not exist; the checkpoint needs {ADAPTER_FILE}") from None
     except OSError as e:
         raise AdapterLoadError(f"{path} cannot be read ({e.strerror}); check its permissions") from None
-    if got != len(buf):
-        raise AdapterLoadError(f"{path} changed size while it was read; fork again")
-    entries = _parse_header(path, header_bytes, len(buf))
-    return CheckpointTensors(path, entries, memoryview(buf))
+    return tensors
+
+
+def _read_header(path: Path, f: io.BufferedReader) -> CheckpointTensors:
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise AdapterLoadError(f"{path} is shorter than a safetensors header; the checkpoint is damaged")
+    header_len = int.from_bytes(head, "little")
+    if header_len > min(_MAX_HEADER, size - 8):
+        raise AdapterLoadError(f"{path} declares a {header_len}-byte header in a {size}-byte file; damaged")
+    header_bytes = f.read(header_len)
+    data_len = size - 8 - header_len
+    entries = _parse_header(path, header_bytes, data_len)
+    return CheckpointTensors(path, entries, _buffer(data_len))
+
+
+def _read_data(tensors: CheckpointTensors, f: io.BufferedReader) -> None:
+    data, done = tensors.data, 0
+    while done < len(data):
+        got = f.readinto(data[done : done + _CHUNK])
+        if not got:
+            raise AdapterLoadError(f"{tensors.path} got shorter while it was read; fork again")
+        done += got
+        tensors._advance(done)
+    if f.read(1):
+        raise AdapterLoadError(f"{tensors.path} got longer while it was read; fork again")
+
+
+def _buffer(size: int) -> memoryview:
+    """Writable memory for the file's data. numpy's allocator asks for transparent huge pages on large arrays,
+    which makes reading 100 MB about 3x faster here than into a bytearray (fewer page faults, no zero-fill pass)."""
+    try:
+        import numpy
+    except ImportError:
+        return memoryview(bytearray(size))
+    return numpy.empty(size, dtype=numpy.uint8).data
 
 
 def _parse_header(path: Path, header_bytes: bytes, data_len: int) -> dict[str, TensorEntry]:
@@ -139,10 +204,13 @@ def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
     return TensorEntry(dtype, tuple(shape), begin, end)
 
 
-def digest_of(tensors: CheckpointTensors) -> str:
+def digest_of(tensors: CheckpointTensors) -> str | None:
+    """The adapter digest of the tensors as read; None if reading failed before they were all there."""
     builder = AdapterDigest()
     for name in sorted(tensors.entries):
         e = tensors.entries[name]
+        if not tensors.wait_for(e.end):
+            return None
         builder.add_tensor(name, e.dtype, e.shape, tensors.raw(name))
     return builder.hexdigest()
 
@@ -166,7 +234,8 @@ class _DigestThread(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
-        assert self.result is not None
+        if self.result is None:
+            raise AdapterLoadError(f"{self.tensors.path} could not be read completely")
         return self.result
 
 
@@ -186,9 +255,19 @@ def load_adapter_from_checkpoint(
     import torch
 
     name = _adapter_name(peft_model, adapter_name)
-    tensors = read_checkpoint(Path(checkpoint_dir))
-    digest = _DigestThread(tensors)
-    digest.start()
+    threads: list[_DigestThread] = []
+
+    def start_digest(tensors: CheckpointTensors) -> None:
+        threads.append(_DigestThread(tensors))
+        threads[0].start()
+
+    try:
+        tensors = read_checkpoint(Path(checkpoint_dir), follow=start_digest)
+    except BaseException:
+        for thread in threads:
+            thread.join()
+        raise
+    digest = threads[0]
     try:
         live = _live_adapter_tensors(peft_model, name)
         _check_keys_and_shapes(tensors, live)
@@ -323,13 +402,15 @@ def _clear_optimizer_state(optimizers: Iterable[Any], params: list[Any]) -> None
 def _verify(after: Mapping[str, Any], cast: Mapping[str, Any], path: Path) -> None:
     import torch
 
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
     def same_bits(a: Any, b: Any) -> bool:
-        # Bitwise, so NaNs in a checkpoint compare equal to themselves and -0.0 differs from 0.0.
+        # Bitwise (as integers of the same width), so NaNs in a checkpoint compare equal to themselves and -0.0
+        # differs from 0.0; same-width integer views also compare several times faster than bytes.
         if a.dtype != b.dtype or a.shape != b.shape:
             return False
-        a8 = a.detach().contiguous().reshape(-1).view(torch.uint8)
-        b8 = b.detach().contiguous().reshape(-1).view(torch.uint8)
-        return bool(torch.equal(a8, b8))
+        view = as_int[a.element_size()]
+        return bool(torch.equal(a.detach().contiguous().view(view), b.detach().contiguous().view(view)))
 
     bad = [k for k in sorted(cast) if k not in after or not same_bits(after[k], cast[k])]
     if bad:
