@@ -57,7 +57,7 @@ def build_model(layers, rank, dtype, device):
                          num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256)
     base = LlamaForCausalLM(config).to(getattr(torch, dtype))
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0)
-    model = get_peft_model(base, lora).to(device)
+    model = get_peft_model(base, lora).to(device=device, dtype=getattr(torch, dtype))
     model.train()
     return model
 """

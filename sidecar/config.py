@@ -91,6 +91,8 @@ class TimeoutsConfig:
     verify: Duration = Duration(30.0)
     # A `.fork.inprogress` without a live claimer (a daemon killed right after claiming) is adopted after this.
     orphan_claim: Duration = Duration(10.0)
+    # A claim by a daemon on another host whose heartbeat is older than this is taken over (shared filesystems).
+    claim_lease: Duration = Duration(120.0)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class Daemon:
         self._started_at = time.time()
         self._counts = {"done": 0, "failed": 0}
         self._last_status = 0.0
+        self._last_heartbeat = time.monotonic()
 
     # --- life cycle -----------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -110,6 +111,9 @@ class Daemon:
             if interval:
                 self.notifier.watchdog()
             self._offer_orphans()
+            if time.monotonic() - self._last_heartbeat > self.config.timeouts.claim_lease / 4:
+                self._last_heartbeat = time.monotonic()
+                self.pipeline.refresh_heartbeats()
             if time.monotonic() - self._last_status > STATUS_EVERY_S:
                 self._write_status()
 
@@ -160,7 +164,7 @@ class Daemon:
         self._write_status()
 
     def _new_pipeline(self, config: Config) -> ForkPipeline:
-        pipeline = ForkPipeline(config, self.journal, build_stages(config))
+        pipeline = ForkPipeline(config, self.journal, build_stages(config), self.pipeline.claims)
         pipeline.on_finish = self._count
         return pipeline
 

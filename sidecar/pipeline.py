@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -46,6 +47,26 @@ __all__ = ["ForkPipeline", "new_fork_id"]
 log = logging.getLogger("sidecar.pipeline")
 
 
+class ClaimRegistry:
+    """The `.fork.inprogress` files this daemon holds and their content, for heartbeat renewal."""
+
+    def __init__(self) -> None:
+        self._claims: dict[Path, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, path: Path, info: dict[str, Any]) -> None:
+        with self._lock:
+            self._claims[path] = info
+
+    def release(self, path: Path) -> None:
+        with self._lock:
+            self._claims.pop(path, None)
+
+    def items(self) -> list[tuple[Path, dict[str, Any]]]:
+        with self._lock:
+            return list(self._claims.items())
+
+
 class ForkFailed(Exception):
     """Ends a fork as failed with this sentence."""
 
@@ -59,12 +80,16 @@ def _iso(ts: float | None) -> str | None:
 
 
 class ForkPipeline:
-    def __init__(self, config: Config, journal: Journal, stages: Sequence[Stage]) -> None:
+    def __init__(
+        self, config: Config, journal: Journal, stages: Sequence[Stage], claims: ClaimRegistry | None = None
+    ) -> None:
         self.config = config
         self.journal = journal
         self.stages = list(stages)
         self.host = socket.gethostname()
         self.on_finish: Callable[[ForkRecord], None] | None = None
+        # Shared by the pipelines a daemon builds over SIGHUPs, so forks started before a reload keep their lease.
+        self.claims = claims if claims is not None else ClaimRegistry()
 
     # --- entry points ---------------------------------------------------------------------------------------
     def process_run(self, run: RunDir) -> int:
@@ -75,9 +100,29 @@ class ForkPipeline:
         return count
 
     def resume(self, record: ForkRecord) -> None:
-        """Finish a fork a previous daemon journaled but did not end."""
-        self._logger(record).info("resuming fork from state %s", record.state)
+        """Finish a fork a previous daemon journaled but did not end, unless another daemon took its claim over."""
+        logger = self._logger(record)
+        model_dir = Path(record.model_dir)
+        info = _claim_info(model_dir / INPROGRESS)
+        if info is not None and info.get("fork_id") != record.fork_id:
+            # Our lease ran out while we were down and a daemon on another host adopted the marker: it owns the
+            # run now, and its own fork supersedes ours. Forget ours without writing an outcome over theirs.
+            logger.warning("fork was taken over by %s; dropping it from the journal", info.get("claimed_by"))
+            self.journal.finish(record)
+            return
+        if info is not None:
+            self._write_claim(model_dir, record, str(info.get("marker", "")).encode())
+        logger.info("resuming fork from state %s", record.state)
         self._run_steps(record)
+
+    def refresh_heartbeats(self) -> None:
+        """Renew the lease of every claim this pipeline holds (called periodically by the daemon's main loop)."""
+        for claimed, info in self.claims.items():
+            info["heartbeat_at"] = time.time()
+            try:
+                write_json_atomic(claimed, info)
+            except OSError as e:
+                log.warning("cannot renew the claim %s: %s", claimed, e)
 
     # --- claiming -----------------------------------------------------------------------------------------------
     def _take_next(self, run: RunDir) -> bool:
@@ -104,6 +149,10 @@ class ForkPipeline:
             # Its claimer may be another host's daemon between its claim (which set the ctime) and its record.
             return False
         log.warning("adopting %s: its claimer is gone", claimed)
+        if info is not None and isinstance(info.get("fork_id"), str):
+            # The dead claimer's copies, if any: leave one complete 0000 before our own fork stages anything.
+            with contextlib.suppress(swap.SwapError, ValueError, OSError):
+                swap.settle_leftover(run.checkpoints, info["fork_id"])
         self._start(run, ORIGIN_ORPHAN, claim=info)
         return True
 
@@ -115,8 +164,10 @@ class ForkPipeline:
         if claimer.get("host") == self.host:
             pid = claimer.get("pid")
             return not (isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid))
+        # Another host: only its heartbeat tells. Wall clock, since hosts share no other; keep the lease well above
+        # the clock skew between nodes.
         beat = info.get("heartbeat_at")
-        return not isinstance(beat, int | float) or time.time() - beat > self.config.timeouts.swap
+        return not isinstance(beat, int | float) or time.time() - beat > self.config.timeouts.claim_lease
 
     def _start(self, run: RunDir, origin: str, claim: dict[str, Any] | None = None) -> None:
         model_dir = run.path
@@ -152,6 +203,7 @@ class ForkPipeline:
             "marker": raw.decode("utf-8", errors="replace"),
         }
         write_json_atomic(model_dir / INPROGRESS, info)
+        self.claims.hold(model_dir / INPROGRESS, info)
 
     # --- the steps ----------------------------------------------------------------------------------------------
     def _run_steps(self, record: ForkRecord) -> None:
@@ -331,6 +383,7 @@ class ForkPipeline:
         if model_dir.is_dir():
             write_outcome(model_dir, outcome)
         claimed = model_dir / INPROGRESS
+        self.claims.release(claimed)
         try:
             remove_quietly(claimed)
         except OSError:  # a non-empty directory named .fork: move it aside rather than delete a user's files

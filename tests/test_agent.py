@@ -268,9 +268,7 @@ def test_training_step_context_marks_steps(runtime_dir: Path, run_dir: Path, mod
 
 
 # --- refusals ----------------------------------------------------------------------------------------------------
-def test_malformed_checkpoint_is_refused_and_the_model_untouched(
-    runtime_dir: Path, run_dir: Path, model: Any
-) -> None:
+def test_malformed_checkpoint_is_refused_and_the_model_untouched(runtime_dir: Path, run_dir: Path, model: Any) -> None:
     preload.register(model, run_dir)
     message = fork_message(run_dir)
     broken = run_dir / "checkpoints" / "0000" / "adapter_model.safetensors"
@@ -302,9 +300,7 @@ def test_fork_for_another_run_is_refused(runtime_dir: Path, run_dir: Path, model
     assert reply["error"]["code"] == "not_serving" and str(run_dir.resolve()) in reply["error"]["message"]
 
 
-def test_garbage_to_a_real_agent_gets_errors_and_it_keeps_serving(
-    runtime_dir: Path, run_dir: Path, model: Any
-) -> None:
+def test_garbage_to_a_real_agent_gets_errors_and_it_keeps_serving(runtime_dir: Path, run_dir: Path, model: Any) -> None:
     preload.register(model, run_dir)
     path = socket_of(runtime_dir)
     for data, code in ((b"\x00\x01garbage\n", "bad_request"), (b'{"op":"rm -rf"}\n', "unknown_op")):

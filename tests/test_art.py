@@ -374,7 +374,19 @@ def test_real_art_in_its_own_venv(tmp_path: Path, assets: TinyAssets) -> None:
         "FORK_SIDECAR_TINY_B": str(assets.adapter_b),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", "-o", "addopts=", "-k", "real_art and not own_venv", "-v"]
+    args = [
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--noconftest",
+        "-o",
+        "addopts=",
+        "-k",
+        "real_art and not own_venv",
+        "-v",
+    ]
     done = subprocess.run(
         [str(python), *args, str(Path(__file__))], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
@@ -434,7 +446,11 @@ def test_real_art_fork_cycle(
     assert len(builds) == 2 and equals_file(lora(state.peft_model), run_dir / "checkpoints" / "0000")
     loads = [r for r in status(runtime_dir)["recent"] if r.get("deferred")]
     digest = adapter_digest(run_dir / "checkpoints" / "0000")
-    assert [(r["fork_id"], r["result"], r["digest"]) for r in loads] == [("early", "loaded", digest), ("late", "loaded", digest)]
+    assert [(r["fork_id"], r["result"], r["digest"]) for r in loads] == [
+        ("early", "loaded", digest),
+        ("late", "loaded", digest),
+    ]
+
     # ART's real training entry runs through the wrapper: here it fails at its first step (no vLLM to put to sleep)
     # and the error reaches the caller unchanged, with the service no longer counted as training.
     async def train_once() -> None:

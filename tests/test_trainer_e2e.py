@@ -357,7 +357,9 @@ def test_a_spawn_child_holding_the_model_gets_the_fork(
         trainer.stop()
 
 
-def test_preload_off_in_one_process(trainer_python: Path, runtime_dir: Path, assets: TinyAssets, tmp_path: Path) -> None:
+def test_preload_off_in_one_process(
+    trainer_python: Path, runtime_dir: Path, assets: TinyAssets, tmp_path: Path
+) -> None:
     run = make_run(tmp_path, assets)
     trainer = Trainer(trainer_python, run, runtime_dir, tmp_path / "control", FORK_SIDECAR_PRELOAD="0")
     try:
@@ -383,7 +385,9 @@ def test_preload_without_torch_loads_nothing_heavy(trainer_python: Path, runtime
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sidecar.daemon") is None, reason="sidecar.daemon is not there yet")
-def test_the_daemon_carries_a_fork_into_the_trainer(shared: tuple[Run, Trainer], runtime_dir: Path, tmp_path: Path) -> None:
+def test_the_daemon_carries_a_fork_into_the_trainer(
+    shared: tuple[Run, Trainer], runtime_dir: Path, tmp_path: Path
+) -> None:
     from tests.support.daemon import DaemonProcess, wait_outcome, write_config
 
     run, trainer = shared
