@@ -124,6 +124,11 @@ class Context:
         self.stopped = True
 
 
+async def forever() -> None:
+    """ART's background training task waits on its input queue between training calls."""
+    await asyncio.Event().wait()
+
+
 def make_service_module(assets: TinyAssets) -> types.ModuleType:
     """A fresh module with a fresh UnslothService-like class (patching is per class, so each test gets its own)."""
     module = types.ModuleType(f"standin_art_{id(object())}")
@@ -152,7 +157,7 @@ def make_service_module(assets: TinyAssets) -> types.ModuleType:
         async def _train_dedicated(self, steps: int) -> AsyncIterator[dict[str, float]]:
             state = self._state
             if state.train_task is None:
-                state.train_task = asyncio.get_running_loop().create_task(asyncio.Event().wait())
+                state.train_task = asyncio.get_running_loop().create_task(forever())
             for _ in range(steps):
                 self.starts.append(lora(state.peft_model))
                 loss = state.peft_model(input_ids=TOKENS, labels=TOKENS).loss
@@ -426,7 +431,7 @@ def test_real_art_fork_cycle(
         model = build_peft(assets.base, init_args["model_name"])
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         trainer = types.SimpleNamespace(optimizer=optimizer)
-        return UnslothTrainContext(model, None, model, trainer, asyncio.Queue(), asyncio.Queue())  # type: ignore[arg-type]
+        return UnslothTrainContext(model, None, model, trainer, asyncio.Queue(), asyncio.Queue())
 
     monkeypatch.setattr(real_service_module, "create_unsloth_train_context", cpu_train_context)
     service = real_service_module.UnslothService(

@@ -250,12 +250,18 @@ def test_too_long_a_socket_path_is_a_clear_error(runtime_dir: Path) -> None:
 
 
 # --- trust -------------------------------------------------------------------------------------------------------
+def become_nobody() -> None:
+    # preexec_fn: the test process runs no other threads at this point.
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
 def run_as_nobody(code: str) -> subprocess.CompletedProcess[str]:
     if os.geteuid() != 0 or not Path(SYSTEM_PYTHON).exists():
         pytest.skip("needs root and /usr/bin/python3.11 to run a client as nobody")
     return subprocess.run(
         [SYSTEM_PYTHON, "-I", "-c", code],
-        preexec_fn=lambda: (os.setgid(NOBODY), os.setuid(NOBODY)),  # the test process runs no other threads here
+        preexec_fn=become_nobody,
         capture_output=True,
         text=True,
         timeout=30,

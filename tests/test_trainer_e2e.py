@@ -296,6 +296,12 @@ def test_a_malformed_checkpoint_is_refused_without_touching_the_trainer(
         trainer.resume()
 
 
+def become_nobody() -> None:
+    # preexec_fn: the test process runs no other threads at this point.
+    os.setgid(65534)
+    os.setuid(65534)
+
+
 CLIENT = """
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX)
@@ -319,14 +325,16 @@ def test_a_client_of_another_user_is_refused_by_the_trainer(shared: tuple[Run, T
     sock = Path(trainer.ready["socket"])
 
     def as_nobody() -> str:
-        return subprocess.run(
-            [SYSTEM_PYTHON, "-I", "-c", CLIENT, str(sock)],
-            preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)),  # the test process runs no other threads here
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd="/",
-        ).stdout.strip()
+        return str(
+            subprocess.run(
+                [SYSTEM_PYTHON, "-I", "-c", CLIENT, str(sock)],
+                preexec_fn=become_nobody,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd="/",
+            ).stdout
+        ).strip()
 
     mode = runtime_dir.stat().st_mode
     try:

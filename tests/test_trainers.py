@@ -262,6 +262,7 @@ def test_a_socket_owned_by_another_user_is_not_trusted(runtime_dir: Path, run_di
 
 
 def test_the_daemon_side_never_imports_torch() -> None:
-    code = "import sys, sidecar.trainers; print([m for m in ('torch', 'peft', 'sidecar.preload.agent') if m in sys.modules])"
+    heavy = "('torch', 'peft', 'sidecar.preload.agent')"
+    code = f"import sys, sidecar.trainers; print([m for m in {heavy} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert done.stdout.strip() == "[]"

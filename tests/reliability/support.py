@@ -288,3 +288,29 @@ def crash_trial(base: Path, template: Path, delay_s: float, settle_timeout: floa
         markers=view.markers,
         recovery_s=recovery,
     )
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """A TCP listener that accepts connections and never answers: a hung vLLM (requests time out)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # the kernel completes handshakes; nobody ever reads
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def slow_stage_overrides(url: str, seconds: str = "1s") -> dict[str, Any]:
+    """Config sections that make every fork spend `seconds` in the vLLM stage (talking to a silent server)."""
+    return {"vllm": {"discover": False, "servers": [{"url": url}], "request_timeout": seconds}}
+
+
+def write_marker_atomically(model_dir: Path, text: str) -> None:
+    """Writes `.fork` as `fork-sidecar fork` does (temp file + rename), so no half-written marker is ever seen."""
+    tmp = model_dir / ".fork.tmp-test"
+    tmp.write_text(text)
+    os.replace(tmp, model_dir / ".fork")

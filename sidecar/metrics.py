@@ -1,0 +1,261 @@
+"""Prometheus metrics: counted from finished forks, exposed over HTTP and/or as a node_exporter textfile.
+
+Everything lives in a private `CollectorRegistry`, so nothing of the process-global registry (Python GC, process
+collectors) is exposed and tests can build as many `Metrics` as they like. The HTTP endpoint is a plain
+`http.server.HTTPServer` on one thread, answering one scrape at a time: the idle daemon stays at main + watcher +
+this thread, and a scrape is a few kilobytes rendered from memory. The textfile is written to a hidden temporary
+name in the same directory, fsynced and renamed over the target, so node_exporter (which reads `*.prom` only)
+never sees a partial file.
+
+Names (all prefixed `fork_sidecar_`):
+  forks_total{status}                   finished forks, status = done | failed
+  stage_seconds{stage}                  histogram of time per stage: swap, trainers, vllm, verify, total
+  watched_runs                          run directories the watcher tracks
+  pending_forks                         runs with a fork claimed or queued
+  last_success_timestamp_seconds        wall clock of the newest fork that ended done
+  agents_seen                           trainer agents told about the newest finished fork
+  vllm_servers_seen                     vLLM servers asked to reload for the newest finished fork
+  reload_errors_total{reason}           per failed agent or server, by reason (see REASONS)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import threading
+from collections.abc import Iterable, Mapping
+from http.server import HTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import MetricsHandler, generate_latest
+
+from sidecar.config import ConfigError, MetricsConfig
+from sidecar.journal import ForkRecord
+
+__all__ = ["REASONS", "STAGES", "Metrics", "MetricsError", "parse_listen", "reload_error_reasons"]
+
+log = logging.getLogger("sidecar.metrics")
+
+STAGES = ("swap", "trainers", "vllm", "verify", "total")
+# Seconds: a swap of a small adapter is milliseconds, a reflink-less copy of a large one or a slow vLLM reload minutes.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_SCRAPE_TIMEOUT_S = 10.0
+
+# (reason, pattern) in order; the first pattern found in an error sentence names its reason. The sentences are the
+# ones sidecar/vllm.py and sidecar/trainers.py write into the outcome file.
+_VLLM_REASONS = (
+    ("vllm_route_missing", re.compile(r"no runtime LoRA loading")),
+    ("vllm_unauthorized", re.compile(r"requires an API key|api_key_(file|env)")),
+    ("vllm_unreachable", re.compile(r"did not answer")),
+    ("vllm_not_vllm", re.compile(r"is not a vLLM OpenAI server")),
+    ("vllm_root_mismatch", re.compile(r"after the reload, not")),
+    ("vllm_snapshot", re.compile(r"could not snapshot")),
+    ("vllm_none_found", re.compile(r"no vLLM server serves")),
+    ("vllm_http_error", re.compile(r"HTTP \d{3}")),
+)
+_TRAINER_REASONS = (
+    ("trainer_digest_mismatch", re.compile(r"did not load the forked adapter")),
+    ("trainer_none_found", re.compile(r"no trainer agent serves")),
+    ("trainer_timeout", re.compile(r"timed out|timeout|no time left|deadline", re.IGNORECASE)),
+    ("trainer_unreachable", re.compile(r"refused|unreachable|not answer|connect|closed", re.IGNORECASE)),
+)
+REASONS = (
+    *(r for r, _ in _VLLM_REASONS),
+    "vllm_other",
+    *(r for r, _ in _TRAINER_REASONS),
+    "trainer_other",
+)
+
+
+class MetricsError(ConfigError):
+    """The metrics endpoint cannot be opened, as one sentence naming metrics.listen and the fix.
+
+    A ConfigError, so `fork-sidecar run` exits 2 with it like any other configuration problem."""
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` -> (host, port); raises ValueError for anything else."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9464, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def _classify(error: str, table: Iterable[tuple[str, re.Pattern[str]]], other: str) -> str:
+    return next((reason for reason, pattern in table if pattern.search(error)), other)
+
+
+def reload_error_reasons(stages: Mapping[str, Any]) -> list[str]:
+    """One reason per agent or server that failed in a record's `trainers` and `vllm` stages (pure)."""
+    reasons: list[str] = []
+    vllm = stages.get("vllm") or {}
+    if vllm.get("status") == "failed":
+        errors = [str(s["error"]) for s in vllm.get("servers") or [] if isinstance(s, dict) and s.get("error")]
+        if not errors and vllm.get("error"):
+            errors = [str(vllm["error"])]  # a stage-level failure: no snapshot, or no server where one is required
+        reasons += [_classify(e, _VLLM_REASONS, "vllm_other") for e in errors]
+    trainers = stages.get("trainers") or {}
+    if trainers.get("status") == "failed":
+        errors = [str(a["error"]) for a in trainers.get("agents") or [] if isinstance(a, dict) and a.get("error")]
+        if not errors and trainers.get("error"):
+            errors = [str(trainers["error"])]
+        reasons += [_classify(e, _TRAINER_REASONS, "trainer_other") for e in errors]
+    return reasons
+
+
+class _QuietHTTPServer(HTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A scraper that hangs up mid-answer is not worth a traceback on the daemon's stderr.
+        log.debug("metrics scrape from %s failed", client_address, exc_info=True)
+
+
+class Metrics:
+    """The daemon's metrics. Thread-safe: forks finish on worker threads, gauges are set from the main loop."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.forks = Counter("fork_sidecar_forks", "Finished forks by outcome.", ["status"], registry=r)
+        self.stage_seconds = Histogram(
+            "fork_sidecar_stage_seconds",
+            "Time a fork spent in each stage (total: claim to outcome).",
+            ["stage"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.watched_runs = Gauge("fork_sidecar_watched_runs", "Run directories being watched.", registry=r)
+        self.pending_forks = Gauge("fork_sidecar_pending_forks", "Runs with a fork claimed or queued.", registry=r)
+        self.last_success = Gauge(
+            "fork_sidecar_last_success_timestamp_seconds",
+            "Unix time at which the newest successful fork finished (0: none since start).",
+            registry=r,
+        )
+        self.agents_seen = Gauge(
+            "fork_sidecar_agents_seen", "Trainer agents told about the newest finished fork.", registry=r
+        )
+        self.vllm_servers_seen = Gauge(
+            "fork_sidecar_vllm_servers_seen", "vLLM servers asked to reload for the newest finished fork.", registry=r
+        )
+        self.reload_errors = Counter(
+            "fork_sidecar_reload_errors", "Trainer agents or vLLM servers that failed a fork, by reason.", ["reason"], registry=r
+        )
+        # Every label value exists from the start, so rate() and absent() behave before the first fork.
+        for status in ("done", "failed"):
+            self.forks.labels(status)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        for reason in REASONS:
+            self.reload_errors.labels(reason)
+        self._server: HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._textfile_error: str | None = None
+
+    # --- feeding ---------------------------------------------------------------------------------------------------
+    def observe_fork(self, record: ForkRecord) -> None:
+        """Count one finished fork (the pipeline's on_finish)."""
+        done = record.state.value == "done"
+        self.forks.labels("done" if done else "failed").inc()
+        for stage in STAGES[:-1]:
+            seconds = (record.stages.get(stage) or {}).get("seconds")
+            if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+                self.stage_seconds.labels(stage).observe(max(0.0, float(seconds)))
+        if record.finished_at is not None:
+            self.stage_seconds.labels("total").observe(max(0.0, record.finished_at - record.started_at))
+            if done:
+                self.last_success.set(record.finished_at)
+        trainers = record.stages.get("trainers") or {}
+        vllm = record.stages.get("vllm") or {}
+        self.agents_seen.set(len(trainers.get("agents") or []))
+        self.vllm_servers_seen.set(len(vllm.get("servers") or []))
+        for reason in reload_error_reasons(record.stages):
+            self.reload_errors.labels(reason).inc()
+
+    def set_runs(self, *, watched: int, pending: int) -> None:
+        self.watched_runs.set(watched)
+        self.pending_forks.set(pending)
+
+    def render(self) -> bytes:
+        """The text exposition format, as a scrape gets it."""
+        return generate_latest(self.registry)
+
+    # --- publishing ------------------------------------------------------------------------------------------------
+    def start(self, config: MetricsConfig) -> None:
+        """Open the HTTP endpoint if `metrics.listen` is set; raises MetricsError. The textfile needs no start."""
+        if config.listen:
+            host, port = self.serve(config.listen)
+            log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", port)
+
+    def serve(self, listen: str) -> tuple[str, int]:
+        """Serve /metrics on `HOST:PORT` (port 0 picks one) on one thread; returns the bound (host, port)."""
+        if self._server is not None:
+            raise MetricsError("the metrics endpoint is already being served")
+        try:
+            host, port = parse_listen(listen)
+        except ValueError as e:
+            raise MetricsError(f"metrics.listen: {e}; fix that key.") from None
+        server_cls = type("_Server", (_QuietHTTPServer,), {"address_family": _family(host)})
+        handler = MetricsHandler.factory(self.registry)
+        handler.timeout = _SCRAPE_TIMEOUT_S  # a client that connects and says nothing cannot hold the one thread
+        try:
+            server = server_cls((host, port), handler)
+        except OSError as e:
+            raise MetricsError(
+                f"metrics.listen {listen}: cannot listen ({e.strerror or e}); pick a free port or an address of this "
+                "host, or remove metrics.listen."
+            ) from None
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.5,), name="metrics", daemon=True)
+        self._thread.start()
+        bound = server.server_address
+        return str(bound[0]), int(bound[1])
+
+    def write_textfile(self, path: Path) -> None:
+        """Write the exposition to `path` atomically (temp in the same directory, fsync, rename); raises OSError."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        data = self.render()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def publish(self, config: MetricsConfig) -> None:
+        """Write `metrics.textfile` if set; a failure is logged (once per distinct reason), never raised."""
+        if config.textfile is None:
+            return
+        try:
+            self.write_textfile(config.textfile)
+        except OSError as e:
+            reason = f"{config.textfile}: {e.strerror or e}"
+            if reason != self._textfile_error:
+                log.warning("cannot write metrics.textfile %s; check that its directory exists and is writable", reason)
+            self._textfile_error = reason
+        else:
+            self._textfile_error = None
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint and join its thread (idempotent)."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(5.0)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
