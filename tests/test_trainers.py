@@ -193,6 +193,7 @@ def test_an_art_trainer_answers_load_pending(runtime_dir: Path, run_dir: Path) -
     del service
 
 
+@pytest.mark.slow
 def test_agents_in_other_processes_are_asked_in_parallel(runtime_dir: Path, run_dir: Path, assets: TinyAssets) -> None:
     code = f"""
 import sys, time

@@ -304,7 +304,7 @@ def silent_server() -> Iterator[str]:
         listener.close()
 
 
-def slow_stage_overrides(url: str, seconds: str = "1s") -> dict[str, Any]:
+def slow_stage_overrides(url: str, seconds: str = "300ms") -> dict[str, Any]:
     """Config sections that make every fork spend `seconds` in the vLLM stage (talking to a silent server)."""
     return {"vllm": {"discover": False, "servers": [{"url": url}], "request_timeout": seconds}}
 

@@ -94,7 +94,7 @@ def test_bursts_over_200_runs_account_for_every_request(tmp_path: Path) -> None:
 def test_fifty_retouches_during_a_fork_queue_exactly_one_more(tmp_path: Path) -> None:
     art = tmp_path / "art"
     model_dir = make_run(art, steps=(3, 5))
-    with silent_server() as url, Fleet(tmp_path, [art], overrides=slow_stage_overrides(url, "1s")) as fleet:
+    with silent_server() as url, Fleet(tmp_path, [art], overrides=slow_stage_overrides(url)) as fleet:
         fleet.start(0)
         write_marker_atomically(model_dir, "step: 5\n")
         wait_for(lambda: (model_dir / ".fork.inprogress").exists(), 10, "the first claim")
@@ -117,7 +117,7 @@ def test_a_marker_still_being_written_when_a_fork_ends_is_not_claimed_half_writt
     """`echo "step: 3" > .fork` creates an empty file, then writes; an empty marker means "the newest step"."""
     art = tmp_path / "art"
     model_dir = make_run(art, steps=(3, 5))
-    with silent_server() as url, Fleet(tmp_path, [art], overrides=slow_stage_overrides(url, "1s")) as fleet:
+    with silent_server() as url, Fleet(tmp_path, [art], overrides=slow_stage_overrides(url)) as fleet:
         fleet.start(0)
         write_marker_atomically(model_dir, "step: 5\n")
         wait_for(lambda: (model_dir / ".fork.inprogress").exists(), 10, "the first claim")
