@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 VLLM_VENV := .venv-vllm
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VLLM_VENV)/.installed
+# The real OpenPipe ART service class (openpipe-art 0.5.18) on CPU, for tests/test_art.py; ART pins its own stack.
+ART_VENV := .venv-art
+ART_STAMP := $(ART_VENV)/.installed
 
-.PHONY: venv vllm-venv test test-fast test-vllm-fast lint run demo bench clean
+.PHONY: venv vllm-venv art-venv test test-fast test-vllm-fast lint run demo bench clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -28,7 +31,11 @@ $(VLLM_STAMP): tests/support/vllm-requirements.txt
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
-test: $(STAMP) $(VLLM_STAMP)
+art-venv: $(ART_STAMP)
+$(ART_STAMP): tests/support/make_art_venv.sh
+	PYTHON=$(PYTHON) bash tests/support/make_art_venv.sh $(ART_VENV)
+
+test: $(STAMP) $(VLLM_STAMP) $(ART_STAMP)
 	$(PY) -m pytest -q -ra
 
 test-fast: $(STAMP)
@@ -53,4 +60,4 @@ bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(ART_VENV) .pytest_cache .mypy_cache .ruff_cache

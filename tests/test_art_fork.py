@@ -94,7 +94,7 @@ def marker_of(dest: Path) -> dict[str, Any]:
 def test_a_fork_writes_a_step_marker_the_daemon_resolves_to_the_copied_step(
     tmp_path: Path, backend_cls: type[StandInBackend]
 ) -> None:
-    source, dest = make_runs(tmp_path / "art")
+    _, dest = make_runs(tmp_path / "art")
     fork(backend_cls(str(tmp_path / "art")))
     request = marker_of(dest)
     assert request["kind"] == "step" and request["step"] == 7
@@ -109,7 +109,7 @@ def test_a_fork_writes_a_step_marker_the_daemon_resolves_to_the_copied_step(
 def test_not_after_step_and_a_step_the_destination_already_had(
     tmp_path: Path, backend_cls: type[StandInBackend]
 ) -> None:
-    source, dest = make_runs(tmp_path / "art")
+    _, dest = make_runs(tmp_path / "art")
     write_adapter(dest / "checkpoints" / "0003", seed=55)  # replaced by ART's copy: rmtree + copytree
     fork(backend_cls(str(tmp_path / "art")), not_after_step=5)
     assert marker_of(dest)["step"] == 3
@@ -157,6 +157,9 @@ def test_patching_is_idempotent_and_keeps_the_signature(backend_cls: type[StandI
     method = backend_cls.__dict__["_experimental_fork_checkpoint"]
     assert art_fork.patch_backend_class(backend_cls)
     assert backend_cls.__dict__["_experimental_fork_checkpoint"] is method
+    assert "_experimental_fork_checkpoint" not in StandInBackend.__dict__ or not getattr(
+        StandInBackend.__dict__["_experimental_fork_checkpoint"], "__fork_sidecar_autofork__", False
+    )
     assert inspect.iscoroutinefunction(method)
     assert list(inspect.signature(method).parameters)[:3] == ["self", "model", "from_model"]
 
@@ -171,13 +174,13 @@ def test_an_unknown_shape_is_left_alone() -> None:
 
 
 def test_a_marker_that_cannot_be_written_is_logged_not_raised(
-    tmp_path: Path, backend_cls: type[StandInBackend], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, backend_cls: type[StandInBackend], caplog: pytest.LogCaptureFixture
 ) -> None:
     _, dest = make_runs(tmp_path / "art")
     (dest / ".fork" / "someone's").mkdir(parents=True)  # a directory in the marker's place: the rename fails
     fork(backend_cls(str(tmp_path / "art")))  # ART's fork succeeded; the training script goes on
     assert (dest / "checkpoints" / "0007").is_dir()
-    assert "the .fork marker could not be written" in capsys.readouterr().err
+    assert "the .fork marker could not be written" in caplog.text
     assert sorted(p.name for p in dest.iterdir() if p.name.startswith(".fork")) == [".fork"]
 
 

@@ -223,3 +223,12 @@ def test_not_a_peft_model_is_refused(assets: TinyAssets) -> None:
 def test_named_adapter_must_exist(model: Any, assets: TinyAssets) -> None:
     with pytest.raises(AdapterLoadError, match="no adapter 'other'"):
         load_adapter_from_checkpoint(model, assets.adapter_b, adapter_name="other")
+
+
+def test_unsloth_decode_cache_is_dropped(model: Any, assets: TinyAssets) -> None:
+    """Unsloth caches a cast copy of each LoRA weight as `weight._fast_lora` and never refreshes it."""
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p._fast_lora = p.detach().clone()
+    load_adapter_from_checkpoint(model, assets.adapter_b)
+    assert not any(hasattr(p, "_fast_lora") for p in params)

@@ -51,7 +51,12 @@ def register(peft_model: Any, run_dir: str | os.PathLike[str], *, optimizer: Any
 
         from sidecar.preload.hooks import log_once
 
-        log_once("register-failed", logging.WARNING, "fork-sidecar register() failed; forks will not reach this model")
+        log_once(
+            "register-failed",
+            logging.WARNING,
+            "fork-sidecar register() failed; forks will not reach this model",
+            exc_info=True,
+        )
 
 
 def training_step() -> AbstractContextManager[None]:

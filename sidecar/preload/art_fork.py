@@ -14,6 +14,7 @@ pass through untouched; a marker that cannot be written is logged, never raised 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -70,7 +71,7 @@ def patch_backend_class(cls: type, output_dir: Callable[..., str] | None = None)
     `output_dir` is ART's `get_output_dir_from_model_properties(project, name, art_path)`, so the destination is
     computed exactly as ART computes it; without it, ART 0.5's layout is assumed.
     """
-    original = cls.__dict__.get(FORK_METHOD)
+    original = inspect.getattr_static(cls, FORK_METHOD, None)  # through the MRO, as a call would find it
     if getattr(original, _PATCHED, False):
         return True
     if not inspect.iscoroutinefunction(original):
@@ -226,9 +227,7 @@ def write_fork_marker(model_dir: Path, content: str, request_id: str) -> Path:
             os.close(fd)
         os.replace(tmp, marker)  # the daemon's watcher sees one complete marker appear
     except OSError:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     return marker

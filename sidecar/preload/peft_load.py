@@ -279,10 +279,19 @@ def load_adapter_from_checkpoint(
             for p in params:
                 p.grad = None
             _clear_optimizer_state(optimizers, params)
+            _drop_unsloth_decode_cache(params)
         _verify(_live_adapter_tensors(peft_model, name), cast, tensors.path)
     finally:
         digest.join()  # never leave the hashing thread reading a buffer we are done with
     return digest.value()
+
+
+def _drop_unsloth_decode_cache(params: Iterable[Any]) -> None:
+    # Unsloth's fast_linear_forward keeps a dtype-cast copy of each LoRA weight as `weight._fast_lora` from its first
+    # decode call on and never refreshes it: left in place, decoding would go on with the pre-fork weights.
+    for p in params:
+        if hasattr(p, "_fast_lora"):
+            delattr(p, "_fast_lora")
 
 
 def _adapter_name(peft_model: Any, requested: str | None) -> str:

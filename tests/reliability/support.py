@@ -60,8 +60,13 @@ def tree_digest(path: Path) -> str | None:
 
 
 def make_run(
-    art: Path, project: str = "p", model: str = "m", steps: tuple[int, ...] = (3,), big_step: int | None = None,
-    big_bytes: int = 0, big_template: Path | None = None,
+    art: Path,
+    project: str = "p",
+    model: str = "m",
+    steps: tuple[int, ...] = (3,),
+    big_step: int | None = None,
+    big_bytes: int = 0,
+    big_template: Path | None = None,
 ) -> Path:
     """An ART run: 0000 (seed 0), small steps (seed = step) and optionally one big step (copied from a template)."""
     model_dir = art / project / "models" / model
@@ -314,3 +319,49 @@ def write_marker_atomically(model_dir: Path, text: str) -> None:
     tmp = model_dir / ".fork.tmp-test"
     tmp.write_text(text)
     os.replace(tmp, model_dir / ".fork")
+
+
+class Storm:
+    """A thread writing small files into checkpoints/<step>/ and trajectories/ of runs at `per_minute` files."""
+
+    def __init__(self, runs: list[Path], per_minute: int) -> None:
+        import threading
+
+        self.runs = runs
+        self.interval = 60.0 / per_minute
+        self.written = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="storm", daemon=True)
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        i = 0
+        while not self._stop.is_set():
+            run = self.runs[i % len(self.runs)]
+            where = run / ("trajectories" if i % 2 else "checkpoints/0500") / f"g{i // 500:04d}"
+            where.mkdir(parents=True, exist_ok=True)
+            (where / f"f{i:07d}.jsonl").write_bytes(b'{"reward": 1.0}\n' * 4)
+            self.written += 1
+            i += 1
+            next_at += self.interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+
+    def __enter__(self) -> Storm:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def claim_latencies_ms(state_dir: Path, written_at: dict[str, float]) -> list[float]:
+    """Marker written (time.time() before the rename) -> claimed (history started_at), per run, in ms."""
+    out = []
+    for h in history(state_dir):
+        t = written_at.get(h.get("model_dir", ""))
+        if t is not None:
+            out.append((float(h["started_at"]) - t) * 1000)
+    return out

@@ -7,6 +7,7 @@ memory does not grow with the number of forks. bench/soak.py runs the 1,000-run 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import defaultdict
@@ -44,7 +45,7 @@ def per_run(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def overlapping(entries: list[dict[str, Any]]) -> list[tuple[str, str]]:
     spans = sorted((ts(h["started_at"]), ts(h["finished_at"]), h["fork_id"]) for h in entries)
-    return [(a[2], b[2]) for a, b in zip(spans, spans[1:], strict=False) if b[0] < a[1]]
+    return [(a[2], b[2]) for a, b in itertools.pairwise(spans) if b[0] < a[1]]
 
 
 def burst(runs: list[Path], start: int, size: int, touched: dict[str, float]) -> None:
@@ -130,4 +131,3 @@ def test_a_marker_still_being_written_when_a_fork_ends_is_not_claimed_half_writt
         wait_for(lambda: len(history(fleet.state_dir(0))) >= 2, 20, "the second fork")
         entries = history(fleet.state_dir(0))
     assert [h["request"] for h in entries] == [{"kind": "step", "step": 5}, {"kind": "step", "step": 3}]
-
