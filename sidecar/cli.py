@@ -16,8 +16,10 @@ from typing import Any
 
 from sidecar import __version__
 from sidecar.config import Config, ConfigError, load_config
+from sidecar.doctor import add_parser as add_doctor_parser
 from sidecar.journal import read_history
 from sidecar.marker import DONE, FAILED, INPROGRESS, MARKER
+from sidecar.preload.preload_cli import add_parser as add_preload_parser
 
 __all__ = ["main"]
 
@@ -214,10 +216,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _agent_statuses(config: Config) -> list[dict[str, Any]]:
-    try:
-        from sidecar.trainers import agent_statuses
-    except ImportError:
-        return []
+    from sidecar.trainers import agent_statuses
+
     try:
         return list(agent_statuses(config.runtime_dir))
     except OSError:
@@ -302,12 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     p.set_defaults(func=cmd_check_config)
 
-    try:
-        from sidecar.preload.preload_cli import add_parser as add_preload_parser
-    except ImportError:  # the preload CLI arrives with the trainer-side package
-        pass
-    else:
-        add_preload_parser(sub)
+    add_doctor_parser(sub)
+
+    add_preload_parser(sub)
     return parser
 
 

@@ -24,6 +24,7 @@ from sidecar.journal import ForkRecord, Journal
 from sidecar.layout import RunDir, iter_run_dirs, run_dir_of
 from sidecar.logs import setup_logging
 from sidecar.marker import INPROGRESS
+from sidecar.metrics import Metrics, MetricsError
 from sidecar.pipeline import ForkPipeline
 from sidecar.sdnotify import Notifier
 from sidecar.stages import Stage
@@ -49,6 +50,7 @@ class Daemon:
         self.config = config
         self.journal = Journal(config.state_dir)
         self.notifier = Notifier()
+        self.metrics = Metrics()
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.reload_requested = False
@@ -68,6 +70,7 @@ class Daemon:
 
     # --- life cycle -----------------------------------------------------------------------------------------
     def run(self) -> int:
+        self.metrics.start(self.config.metrics)  # MetricsError is a ConfigError: exit 2 before taking the lock
         self.journal.lock()
         self._install_signals()
         unfinished = list(self.journal.unfinished())
@@ -92,6 +95,7 @@ class Daemon:
             self.watcher.stop()
             self._join_workers(timeout=10.0)
             self._write_status(stopped=True)
+            self.metrics.close()
             self.journal.unlock()
         return 0
 
@@ -145,6 +149,12 @@ class Daemon:
             new = _with_state_dir(new, self.config.state_dir)
         setup_logging(new.log.level, new.log.format)
         old = self.config
+        if new.metrics.listen != old.metrics.listen:
+            self.metrics.close()
+            try:
+                self.metrics.start(new.metrics)
+            except MetricsError as e:
+                log.error("metrics endpoint not reopened: %s", e)
         self.config = new
         self.pipeline = self._new_pipeline(new)
         assert self.watcher is not None
@@ -226,6 +236,8 @@ class Daemon:
         key = "done" if record.state.value == "done" else "failed"
         with self._lock:
             self._counts[key] += 1
+        self.metrics.observe_fork(record)
+        self.metrics.publish(self.config.metrics)
         self.wake.set()
 
     # --- start-up housekeeping ------------------------------------------------------------------------------
@@ -290,6 +302,8 @@ class Daemon:
             "queued_runs": queued,
             "counts": dict(self._counts),
         }
+        self.metrics.set_runs(watched=status["watched_runs"], pending=len(active) + len(queued))
+        self.metrics.publish(self.config.metrics)
         try:
             self.journal.write_status(status)
         except OSError as e:

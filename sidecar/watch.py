@@ -105,7 +105,7 @@ def needs_polling(path: Path | str) -> str | None:
     except OSError:
         return None
     fs_type = fs_type_of(os.path.realpath(path), mountinfo)
-    if fs_type is not None and (fs_type in NETWORK_FILESYSTEMS or fs_type.startswith("fuse.")):
+    if fs_type is not None and (fs_type in NETWORK_FILESYSTEMS or fs_type == "fuse" or fs_type.startswith("fuse.")):
         return fs_type
     return None
 

@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -38,7 +39,7 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text)[(name, tuple(sorted(labels.items())))]
 
 
-def record(state: ForkState, stages: dict[str, object], started: float = 1000.0, took: float = 2.5) -> ForkRecord:
+def record(state: ForkState, stages: dict[str, Any], started: float = 1000.0, took: float = 2.5) -> ForkRecord:
     return ForkRecord(
         "20260101T000000Z-abcdef",
         "/art/p/models/m",

@@ -10,4 +10,6 @@ POST_IMPORT_HOOKS: dict[str, str] = {
     "unsloth.kernels.utils": "sidecar.preload.dtype_patch:on_unsloth_kernels_utils",
     # ART's UnslothService caches its model in `_state`; the agent needs to find live services to drop it.
     "art.unsloth.service": "sidecar.preload.art:on_art_service",
+    # ART's LocalBackend._experimental_fork_checkpoint only copies a checkpoint; a `.fork` marker makes it count.
+    "art.local.backend": "sidecar.preload.art_fork:on_art_local_backend",
 }

@@ -111,7 +111,7 @@ def crash_one_mid_fork(tmp_path: Path, fleet: Fleet) -> Path:
 def assert_taken_over_once(fleet: Fleet, model_dir: Path, n: int) -> None:
     states = [fleet.state_dir(i) for i in range(n)]
     # Lease (orphan_claim 1s) + a rescan tick; generous for a loaded CI box.
-    view = wait_settled(model_dir, states[1:], 20)
+    view = wait_settled(model_dir, states[1:], 10)
     assert view.outcome is not None and view.outcome["status"] == "done", view
     assert tree_digest(model_dir / "checkpoints" / "0000") == tree_digest(model_dir / "checkpoints" / "0003")
     assert view.markers == [] and view.leftovers == [], view

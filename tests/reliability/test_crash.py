@@ -55,7 +55,10 @@ def test_sigkill_right_after_the_terminal_state_is_journaled(tmp_path: Path, sta
     model_dir = make_run(art, steps=(3,))
     with Fleet(tmp_path, [art]) as fleet:
         crashing = fleet.start(0, env={"FORK_SIDECAR_CRASH_AFTER": state})
-        (model_dir / ".fork").write_text("step: 3\n" if state == "done" else "step: 42\n")
+        if state == "failed":  # a source that resolves but fails the adapter check while staging (journaled)
+            model_file = model_dir / "checkpoints" / "0003" / "adapter_model.safetensors"
+            model_file.write_bytes(model_file.read_bytes()[:20])
+        (model_dir / ".fork").write_text("step: 3\n")
         assert crashing.proc is not None
         crashing.proc.wait(30)
         assert crashing.proc.returncode == -signal.SIGKILL

@@ -168,5 +168,5 @@ def test_source_deleted_during_the_copy(tmp_path: Path, fleet: Fleet) -> None:
     if view.outcome["status"] == "done":  # the copy won the race: then 0000 must be the whole source
         assert view.outcome["swap"]["bytes"] > 192 << 20
         pytest.skip("the copy finished before the delete landed; nothing to check")
-    assert_failed_cleanly(fleet, model_dir, old, ("was deleted", "changed", "does not exist", "No such file"))
+    assert_failed_cleanly(fleet, model_dir, old, ("was deleted", "was modified", "changed", "does not exist", "No such file"))
     wait_for(lambda: fleet.daemons[0].proc is not None and fleet.daemons[0].proc.poll() is None, 1, "daemon alive")
