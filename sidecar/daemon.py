@@ -199,6 +199,7 @@ class Daemon:
         worker.start()
 
     def _work(self, model_dir: Path) -> None:
+        passes = 0
         with self._slots:
             while True:
                 pipeline = self.pipeline
@@ -207,7 +208,8 @@ class Daemon:
                 run = run_dir_of(model_dir, tuple(self.config.watch.roots))
                 if run is not None:
                     try:
-                        pipeline.process_run(run)
+                        # After the first pass nobody has just seen the marker closed: let a writer finish.
+                        pipeline.process_run(run, settle=passes > 0)
                     except Exception:  # keep the daemon alive; the journal lets a restart finish the fork
                         log.exception("unexpected error while processing %s", model_dir)
                 with self._lock:
@@ -215,6 +217,7 @@ class Daemon:
                         del self._active[model_dir]
                         break
                     self._again.discard(model_dir)
+                passes += 1
         self.wake.set()
 
     def _offer_orphans(self) -> None:

@@ -92,16 +92,28 @@ class ForkPipeline:
         self.claims = claims if claims is not None else ClaimRegistry()
 
     # --- entry points ---------------------------------------------------------------------------------------
-    def process_run(self, run: RunDir) -> int:
-        """Claim and carry out every fork queued for `run`, one after another; returns how many ran."""
+    def process_run(self, run: RunDir, *, settle: bool = False) -> int:
+        """Claim and carry out every fork queued for `run`, one after another; returns how many ran.
+
+        `settle`: the caller was not just told that the marker was closed (a worker looking again after a fork), so
+        a writer may still be filling it; wait until it has been left alone for MARKER_SETTLE_S first.
+        """
         count = 0
-        while self._take_next(run):
+        while True:
+            if settle or count:
+                _wait_until_settled(run.path / MARKER)
+            if not self._take_next(run):
+                return count
             count += 1
-        return count
 
     def resume(self, record: ForkRecord) -> None:
         """Finish a fork a previous daemon journaled but did not end, unless another daemon took its claim over."""
         logger = self._logger(record)
+        if record.state.terminal:
+            # Killed between journaling the end and filing it: the outcome file was written before that state.
+            logger.info("fork had ended %s; filing it in the history", record.state)
+            self._close(record)
+            return
         model_dir = Path(record.model_dir)
         info = _claim_info(model_dir / INPROGRESS)
         if info is not None and info.get("fork_id") != record.fork_id:
@@ -419,6 +431,22 @@ class _ForkLogger(logging.LoggerAdapter[logging.Logger]):
 
 
 ADAPTER_FILE = "adapter_model.safetensors"
+# How long a marker must have been left alone before a worker that was not told of its close() takes it.
+MARKER_SETTLE_S = 0.25
+
+
+def _wait_until_settled(marker: Path) -> None:
+    for _ in range(40):  # bounded: a marker rewritten forever is taken after about 10 s anyway
+        try:
+            st = os.lstat(marker)
+        except OSError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            return
+        age = time.time() - st.st_mtime
+        if age >= MARKER_SETTLE_S or age < -1.0:  # a clock step backwards must not stall the run
+            return
+        time.sleep(MARKER_SETTLE_S - age)
 
 
 def _fingerprint(path: Path) -> list[int] | None:
