@@ -67,6 +67,7 @@ class Daemon:
         self._counts = {"done": 0, "failed": 0}
         self._last_status = 0.0
         self._last_heartbeat = time.monotonic()
+        self._last_orphan_scan = time.monotonic()
 
     # --- life cycle -----------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -114,6 +115,9 @@ class Daemon:
                 continue
             if interval:
                 self.notifier.watchdog()
+            if time.monotonic() - self._last_orphan_scan > max(self.config.timeouts.orphan_claim, 5.0):
+                self._last_orphan_scan = time.monotonic()
+                self._scan_orphans()
             self._offer_orphans()
             if time.monotonic() - self._last_heartbeat > self.config.timeouts.claim_lease / 4:
                 self._last_heartbeat = time.monotonic()
@@ -219,6 +223,15 @@ class Daemon:
                     self._again.discard(model_dir)
                 passes += 1
         self.wake.set()
+
+    def _scan_orphans(self) -> None:
+        """Claims left by a daemon that died while this one runs (another host's, on a shared filesystem)."""
+        assert self.watcher is not None
+        with self._lock:
+            active = set(self._active)
+        found = {d for d in self.watcher.run_dirs() if d not in active and os.path.lexists(d / INPROGRESS)}
+        with self._lock:
+            self._orphans |= found
 
     def _offer_orphans(self) -> None:
         with self._lock:

@@ -100,6 +100,9 @@ class Journal:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+        # Temp files of atomic writes a SIGKILL interrupted; nobody else writes here while we hold the lock.
+        for leftover in self.forks_dir.glob(".*.json.tmp-*"):
+            leftover.unlink(missing_ok=True)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -135,6 +138,10 @@ class Journal:
     def finish(self, record: ForkRecord) -> None:
         """Append to the history, then forget the record (the outcome file beside the marker is the durable result)."""
         self._append_history(record.to_json())
+        self.forget(record)
+
+    def forget(self, record: ForkRecord) -> None:
+        """Drop the record without a history line (a fork another daemon took over and finished)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(record.fork_id))
         fsync_dir(self.forks_dir)

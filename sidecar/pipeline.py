@@ -28,6 +28,8 @@ from sidecar.config import Config
 from sidecar.journal import ForkRecord, Journal
 from sidecar.layout import SERVED_STEP, RunDir
 from sidecar.marker import (
+    DONE,
+    FAILED,
     INPROGRESS,
     MARKER,
     MarkerError,
@@ -92,19 +94,16 @@ class ForkPipeline:
         self.claims = claims if claims is not None else ClaimRegistry()
 
     # --- entry points ---------------------------------------------------------------------------------------
-    def process_run(self, run: RunDir, *, settle: bool = False) -> int:
-        """Claim and carry out every fork queued for `run`, one after another; returns how many ran.
+    def process_run(self, run: RunDir, *, settle: bool = False) -> bool:
+        """Claim and carry out the fork queued for `run`, if any; returns whether one ran.
 
-        `settle`: the caller was not just told that the marker was closed (a worker looking again after a fork), so
-        a writer may still be filling it; wait until it has been left alone for MARKER_SETTLE_S first.
+        One at a time: a marker written while this fork runs is taken when the watcher reports its close, never
+        by looking again right away, which could take a file its writer is still filling. `settle`: the caller
+        was not just told of a close, so wait until the marker has been left alone for MARKER_SETTLE_S first.
         """
-        count = 0
-        while True:
-            if settle or count:
-                _wait_until_settled(run.path / MARKER)
-            if not self._take_next(run):
-                return count
-            count += 1
+        if settle:
+            _wait_until_settled(run.path / MARKER)
+        return self._take_next(run)
 
     def resume(self, record: ForkRecord) -> None:
         """Finish a fork a previous daemon journaled but did not end, unless another daemon took its claim over."""
@@ -116,16 +115,33 @@ class ForkPipeline:
             return
         model_dir = Path(record.model_dir)
         info = _claim_info(model_dir / INPROGRESS)
-        if info is not None and info.get("fork_id") != record.fork_id:
-            # Our lease ran out while we were down and a daemon on another host adopted the marker: it owns the
-            # run now, and its own fork supersedes ours. Forget ours without writing an outcome over theirs.
-            logger.warning("fork was taken over by %s; dropping it from the journal", info.get("claimed_by"))
-            self.journal.finish(record)
+        if info is None or info.get("fork_id") != record.fork_id:
+            self._drop_lost_claim(record, info)
             return
-        if info is not None:
-            self._write_claim(model_dir, record, str(info.get("marker", "")).encode())
+        self._write_claim(model_dir, record, str(info.get("marker", "")).encode())
         logger.info("resuming fork from state %s", record.state)
         self._run_steps(record)
+
+    def _drop_lost_claim(self, record: ForkRecord, info: dict[str, Any] | None) -> None:
+        """The claim of a journaled fork is gone or another's: finish the record without acting on the run.
+
+        Either the fork had filed its outcome (killed between removing the claim and journaling the end), or our
+        lease ran out while we were down and a daemon on another host adopted the marker, which owns the run now:
+        an outcome or a notification from us would overwrite or contradict its own.
+        """
+        logger = self._logger(record)
+        outcome = _read_json_file(Path(record.model_dir) / DONE) or _read_json_file(Path(record.model_dir) / FAILED)
+        if record.state is ForkState.VERIFIED and outcome and outcome.get("fork_id") == record.fork_id:
+            logger.info("fork had filed its outcome; filing it in the history")
+        else:
+            # The run's history is the adopter's: ours ends here, in the log only.
+            logger.warning("fork lost its claim (now %s); dropping it", (info or {}).get("claimed_by", "gone"))
+            if record.state in (ForkState.CLAIMED, ForkState.STAGED):
+                with contextlib.suppress(swap.SwapError, ValueError, OSError):
+                    swap.settle_leftover(self._checkpoints(record), record.fork_id)
+            self.journal.forget(record)
+            return
+        self.journal.finish(record)
 
     def refresh_heartbeats(self) -> None:
         """Renew the lease of every claim this pipeline holds (called periodically by the daemon's main loop)."""
@@ -350,12 +366,7 @@ class ForkPipeline:
     def _finish_failed(self, record: ForkRecord, error: str) -> None:
         record.error = error
         if record.state in (ForkState.CLAIMED, ForkState.STAGED):
-            with contextlib.suppress(swap.SwapError, OSError):
-                if record.state is ForkState.CLAIMED:
-                    swap.abort_staged(self._checkpoints(record), record.fork_id)
-                else:
-                    # Install may have got part of the way; this leaves one complete 0000 and nothing else.
-                    swap.settle_leftover(self._checkpoints(record), record.fork_id)
+            self._discard_copies(record)
             record.stages.setdefault("swap", {}).update(self._served_now(record))
         self._write_outcome(record, "failed")
         if self.journaled(record.fork_id):
@@ -363,6 +374,18 @@ class ForkPipeline:
         else:
             record.state = ForkState.FAILED
         self._close(record)
+
+    def _discard_copies(self, record: ForkRecord) -> None:
+        checkpoints = self._checkpoints(record)
+        if record.state is ForkState.STAGED:
+            try:
+                # Install may have got part of the way; this leaves one complete 0000 and nothing else.
+                swap.settle_leftover(checkpoints, record.fork_id)
+                return
+            except (swap.SwapError, OSError):
+                pass  # e.g. 0000 is a symlink: settling refuses to touch it, so just drop our copy below
+        with contextlib.suppress(swap.SwapError, OSError):
+            swap.abort_staged(checkpoints, record.fork_id)
 
     def _served_now(self, record: ForkRecord) -> dict[str, Any]:
         """After a failure around the swap, say plainly which adapter checkpoints/0000 holds."""
@@ -457,12 +480,17 @@ def _fingerprint(path: Path) -> list[int] | None:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def _claim_info(path: Path) -> dict[str, Any] | None:
+def _read_json_file(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(read_marker_file(path))
     except (MarkerError, ValueError):
         return None
-    return data if isinstance(data, dict) and "claimed_by" in data else None
+    return data if isinstance(data, dict) else None
+
+
+def _claim_info(path: Path) -> dict[str, Any] | None:
+    data = _read_json_file(path)
+    return data if data is not None and "claimed_by" in data else None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -521,6 +521,8 @@ def stage_checkpoint(
     stage = checkpoints_dir / name
     cfd = _open_checkpoints_dir(checkpoints_dir)
     try:
+        # A 0000 that install would refuse (a symlink, a file) is refused before a whole adapter is copied.
+        _check_live_is_dir(checkpoints_dir, _lstat(cfd, LIVE_NAME))
         src_fd = _open_source(source)
         try:
             src_stat = os.fstat(src_fd)

@@ -103,8 +103,9 @@ def history(state_dir: Path) -> list[dict[str, Any]]:
 
 
 def journal_files(state_dir: Path) -> list[str]:
+    """Fork records left in forks/ (not the `.<id>.json.tmp-<pid>` temp files a SIGKILL can strand: reported apart)."""
     try:
-        return sorted(p.name for p in (state_dir / "forks").iterdir())
+        return sorted(p.name for p in (state_dir / "forks").iterdir() if not p.name.startswith("."))
     except FileNotFoundError:
         return []
 

@@ -124,18 +124,12 @@ def test_a_daemon_started_after_a_peer_died_mid_fork_takes_the_claim_over(tmp_pa
     assert_taken_over_once(fleet, model_dir, 2)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a running daemon looks for orphaned .fork.inprogress only at start-up (housekeeping)"
-)
 def test_a_running_daemon_takes_over_the_claim_of_a_peer_that_died(tmp_path: Path, fleet: Fleet) -> None:
     fleet.start(1)  # already running when its peer claims and dies
     model_dir = crash_one_mid_fork(tmp_path, fleet)
     assert_taken_over_once(fleet, model_dir, 2)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the dead claimer's journal resumes a fork another daemon already took over: done twice"
-)
 def test_the_dead_claimer_coming_back_does_not_fork_again(tmp_path: Path, fleet: Fleet) -> None:
     model_dir = crash_one_mid_fork(tmp_path, fleet)
     fleet.start(1)

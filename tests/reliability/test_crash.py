@@ -45,9 +45,6 @@ def test_sigkill_at_a_random_moment_leaves_old_or_new_and_one_outcome(
     assert trial.leftovers == [] and trial.journal == [] and trial.markers == [], trial
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a record journaled DONE/FAILED is never moved to history nor removed on restart"
-)
 @pytest.mark.parametrize("state", ["done", "failed"])
 def test_sigkill_right_after_the_terminal_state_is_journaled(tmp_path: Path, state: str) -> None:
     """The window between journaling DONE/FAILED and appending history: the fork must still be recorded once."""

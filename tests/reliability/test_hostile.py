@@ -68,9 +68,6 @@ def test_symlinked_0000_is_refused_and_its_target_untouched(tmp_path: Path, flee
     assert os.readlink(model_dir / "checkpoints" / "0000") == str(outside / "ckpt")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a fork refused for a symlinked 0000 leaves its full .fork-stage-<id> copy behind"
-)
 def test_symlinked_0000_leaves_no_staging_copy(tmp_path: Path, fleet: Fleet, outside: Path) -> None:
     model_dir = make_run(tmp_path / "art", steps=(3,))
     shutil.rmtree(model_dir / "checkpoints" / "0000")

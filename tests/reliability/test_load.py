@@ -111,9 +111,6 @@ def test_fifty_retouches_during_a_fork_queue_exactly_one_more(tmp_path: Path) ->
     assert overlapping(entries) == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a run's worker claims a .fork still being written (empty) as soon as the previous fork ends"
-)
 def test_a_marker_still_being_written_when_a_fork_ends_is_not_claimed_half_written(tmp_path: Path) -> None:
     """`echo "step: 3" > .fork` creates an empty file, then writes; an empty marker means "the newest step"."""
     art = tmp_path / "art"
