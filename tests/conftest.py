@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,3 +100,43 @@ def vllm_run(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFactory) 
         yield run
     finally:
         run.server.stop()
+
+
+# --- trainer-side fixtures (test_agent, test_trainers, test_art); torch is imported only when they are used ------
+@pytest.fixture
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private FORK_SIDECAR_RUNTIME_DIR (short, under /tmp: Unix socket paths are limited to 108 bytes)."""
+    import tempfile
+
+    from sidecar.preload.agent import shutdown_agent
+
+    path = Path(tempfile.mkdtemp(prefix="fs-agt-", dir="/tmp"))
+    monkeypatch.setenv("FORK_SIDECAR_RUNTIME_DIR", str(path))
+    shutdown_agent()
+    yield path
+    shutdown_agent()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, assets: TinyAssets) -> Path:
+    """An ART run: 0000 holds the forked adapter (B), the newest step 0001 the one ART would rebuild from (A).
+
+    The requesting module supplies `assets` (TinyAssets)."""
+    run = tmp_path / "art" / "proj" / "models" / "m"
+    shutil.copytree(assets.adapter_b, run / "checkpoints" / "0000")
+    shutil.copytree(assets.adapter_a, run / "checkpoints" / "0001")
+    return run
+
+
+@pytest.fixture
+def model(assets: TinyAssets) -> Any:
+    """The tiny Llama with adapter A as a trainable LoRA, in train mode."""
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(assets.base, dtype=torch.float32)
+    m = PeftModel.from_pretrained(base, assets.adapter_a, is_trainable=True)
+    m.train()
+    return m

@@ -8,10 +8,9 @@ import os
 import shutil
 import socket
 import stat
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,32 +40,6 @@ WAIT_S = 30.0  # generous upper bound for "eventually"; never a speed assertion
 @pytest.fixture(scope="module")
 def assets() -> TinyAssets:
     return tiny_assets()
-
-
-@pytest.fixture
-def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fs-agt-", dir="/tmp"))
-    monkeypatch.setenv("FORK_SIDECAR_RUNTIME_DIR", str(path))
-    shutdown_agent()
-    yield path
-    shutdown_agent()
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def run_dir(tmp_path: Path, assets: TinyAssets) -> Path:
-    run = tmp_path / "art" / "proj" / "models" / "m"
-    shutil.copytree(assets.adapter_b, run / "checkpoints" / "0000")
-    shutil.copytree(assets.adapter_a, run / "checkpoints" / "0001")
-    return run
-
-
-@pytest.fixture
-def model(assets: TinyAssets) -> Any:
-    base = LlamaForCausalLM.from_pretrained(assets.base, dtype=torch.float32)
-    m = PeftModel.from_pretrained(base, assets.adapter_a, is_trainable=True)
-    m.train()
-    return m
 
 
 def lora(model: Any) -> dict[str, Any]:

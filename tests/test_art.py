@@ -15,10 +15,8 @@ import functools
 import inspect
 import os
 import pickle
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import types
 from collections.abc import AsyncIterator, Iterator
@@ -38,7 +36,6 @@ from transformers import LlamaForCausalLM  # noqa: E402
 from sidecar.adapter import adapter_digest  # noqa: E402
 from sidecar.control import ForkRequest, call_agent  # noqa: E402
 from sidecar.preload import art  # noqa: E402
-from sidecar.preload.agent import shutdown_agent  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
 
 pytestmark = pytest.mark.trainer
@@ -54,25 +51,6 @@ def assets() -> TinyAssets:
     if IN_REAL_ART:  # built by the outer test with the dev venv's transformers; just read here
         return TinyAssets(*(Path(os.environ[f"FORK_SIDECAR_TINY_{k}"]) for k in ("BASE", "A", "B")))
     return tiny_assets()
-
-
-@pytest.fixture
-def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fs-art-", dir="/tmp"))
-    monkeypatch.setenv("FORK_SIDECAR_RUNTIME_DIR", str(path))
-    shutdown_agent()
-    yield path
-    shutdown_agent()
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def run_dir(tmp_path: Path, assets: TinyAssets) -> Path:
-    """An ART run: 0000 holds the forked adapter (B), the newest step 0001 the one ART would rebuild from (A)."""
-    run = tmp_path / "art" / "proj" / "models" / "m"
-    shutil.copytree(assets.adapter_b, run / "checkpoints" / "0000")
-    shutil.copytree(assets.adapter_a, run / "checkpoints" / "0001")
-    return run
 
 
 def lora(model: Any) -> dict[str, Any]:
@@ -385,7 +363,6 @@ def test_real_art_in_its_own_venv(tmp_path: Path, assets: TinyAssets) -> None:
         "-q",
         "-p",
         "no:cacheprovider",
-        "--noconftest",
         "-o",
         "addopts=",
         "-k",

@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +19,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from peft import PeftModel  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
 
 from sidecar import preload  # noqa: E402
 from sidecar.adapter import adapter_digest  # noqa: E402
 from sidecar.config import Config, Duration, TrainerConfig, load_config  # noqa: E402
 from sidecar.preload import art  # noqa: E402
-from sidecar.preload.agent import shutdown_agent  # noqa: E402
 from sidecar.stages import ForkContext  # noqa: E402
 from sidecar.trainers import TrainerStage, agent_statuses, clean_stale_sockets, list_agent_sockets  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
@@ -43,31 +37,6 @@ TOKENS = torch.arange(3, 19).reshape(1, 16)
 @pytest.fixture(scope="module")
 def assets() -> TinyAssets:
     return tiny_assets()
-
-
-@pytest.fixture
-def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fs-trn-", dir="/tmp"))
-    monkeypatch.setenv("FORK_SIDECAR_RUNTIME_DIR", str(path))
-    shutdown_agent()
-    yield path
-    shutdown_agent()
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def run_dir(tmp_path: Path, assets: TinyAssets) -> Path:
-    run = tmp_path / "art" / "proj" / "models" / "m"
-    shutil.copytree(assets.adapter_b, run / "checkpoints" / "0000")
-    return run
-
-
-@pytest.fixture
-def model(assets: TinyAssets) -> Any:
-    base = LlamaForCausalLM.from_pretrained(assets.base, dtype=torch.float32)
-    m = PeftModel.from_pretrained(base, assets.adapter_a, is_trainable=True)
-    m.train()
-    return m
 
 
 def config(runtime_dir: Path, **trainer: Any) -> Config:

@@ -1,0 +1,371 @@
+"""Faults in the notification stages, through the real daemon: trainer agents that hang or die mid-`fork`, and vLLM
+servers that hang, answer 5xx/4xx, or restart while the stage talks to them.
+
+Promise (issue 6, second bullet): each stage ends within its timeout (`trainer.agent_timeout` per attempt and
+`timeouts.trainers` overall; `timeouts.vllm`), retries only what is safe to repeat (a connection error, a timeout or
+a 5xx; never a 4xx), and the outcome names the peer (trainer pid, server URL) and what went wrong. The swap itself
+is not undone by a notification failure: `checkpoints/0000` holds the new adapter, the outcome says `failed`, and
+the daemon keeps forking other runs.
+
+The peers are real: the agent stand-in is a separate Python process listening on `{runtime_dir}/agent-<its pid>.sock`
+(so the daemon's SO_PEERCRED and socket-owner checks pass as they would for a trainer) and speaking the protocol of
+sidecar/control.py by hand, because the real agent never hangs or dies on cue. The vLLM stand-in is an http.server
+on loopback answering the routes the stage uses; it really stops listening during a "restart".
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.reliability.support import Fleet, make_run, settled, silent_server, tree_digest, wait_settled
+from tests.support.daemon import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+# A trainer agent that answers `hello` (serving argv[2]) and then receives `fork` but never answers it. It writes
+# each fork_id it receives to argv[3], so the test knows the request arrived before it kills the process.
+AGENT_STAND_IN = r"""
+import json, os, socket, sys
+runtime, run_dir, got = sys.argv[1:4]
+path = os.path.join(runtime, f"agent-{os.getpid()}.sock")
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(path)
+os.chmod(path, 0o600)
+listener.listen(16)
+held = []
+while True:
+    conn, _ = listener.accept()
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    request = json.loads(buf) if buf.endswith(b"\n") else {}
+    if request.get("op") == "hello":
+        reply = {"ok": True, "v": 1, "pid": os.getpid(), "host": socket.gethostname(), "runs": [run_dir]}
+        conn.sendall(json.dumps(reply).encode() + b"\n")
+        conn.close()
+    elif request.get("op") == "fork":
+        with open(got, "a") as f:
+            f.write(request["fork_id"] + "\n")
+        held.append(conn)  # never answered: a trainer stuck in a step that never ends
+    else:
+        conn.close()
+"""
+
+
+class AgentStandIn:
+    def __init__(self, runtime_dir: Path, run_dir: Path, got: Path) -> None:
+        runtime_dir.mkdir(parents=True, exist_ok=True)
+        self.got = got
+        self.proc = subprocess.Popen([sys.executable, "-c", AGENT_STAND_IN, str(runtime_dir), str(run_dir), str(got)])
+        self.socket = runtime_dir / f"agent-{self.proc.pid}.sock"
+        wait_for(self.socket.exists, 10, "the agent stand-in's socket")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def forks_received(self) -> list[str]:
+        try:
+            return self.got.read_text().split()
+        except FileNotFoundError:
+            return []
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)  # reaped, as init reaps a dead trainer: its pid is gone, its socket file stays
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Any]:
+    agents: list[AgentStandIn] = []
+
+    def make(run_dir: Path) -> AgentStandIn:
+        agent = AgentStandIn(tmp_path / "run0", run_dir.resolve(), tmp_path / f"got{len(agents)}")
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.kill()
+
+
+def forks_another_run(fleet: Fleet, art: Path, name: str) -> dict[str, Any]:
+    model_dir = make_run(art, project="alive", model=name, steps=(5,))
+    (model_dir / ".fork").write_text("step: 5\n")
+    view = wait_settled(model_dir, [fleet.state_dir(0)], 20)
+    assert view.ok and view.outcome is not None and view.outcome["status"] == "done", view
+    assert tree_digest(model_dir / "checkpoints" / "0000") == tree_digest(model_dir / "checkpoints" / "0005")
+    return view.outcome
+
+
+def assert_swapped_but_failed(fleet: Fleet, model_dir: Path, step: int, within: float) -> dict[str, Any]:
+    # Not wait_settled: it waits for no leftovers at all, and a kept vLLM snapshot (below) is one.
+    view = wait_for(
+        lambda: (v := settled(model_dir, [fleet.state_dir(0)])).outcome and not v.markers and not v.journal and v,
+        within,
+        "the fork's outcome",
+    )
+    # The only debris allowed: this fork's vLLM snapshot, kept while a server that failed its reload may read it.
+    snapshot = f".fork-{view.outcome['fork_id']}"
+    assert set(view.leftovers) <= {snapshot}, view
+    outcome = view.outcome
+    assert outcome["status"] == "failed", outcome
+    assert outcome["swap"]["status"] == "ok", outcome
+    assert tree_digest(model_dir / "checkpoints" / "0000") == tree_digest(model_dir / "checkpoints" / f"{step:04d}")
+    assert "\n" not in str(outcome["error"])
+    return outcome
+
+
+# --- trainer agents ---------------------------------------------------------------------------------------------
+TRAINER_OVERRIDES = {"trainer": {"agent_timeout": "1s", "retries": 1}, "timeouts": {"trainers": "3s"}}
+
+
+def test_agent_that_hangs_mid_fork_is_bounded_and_named(tmp_path: Path, agent_factory: Any) -> None:
+    art = tmp_path / "art"
+    model_dir = make_run(art, steps=(3,))
+    agent = agent_factory(model_dir)
+    with Fleet(tmp_path, [art], overrides=TRAINER_OVERRIDES) as fleet:
+        fleet.start(0)
+        (model_dir / ".fork").write_text("step: 3\n")
+        outcome = assert_swapped_but_failed(fleet, model_dir, 3, 20)
+        trainers = outcome["trainers"]
+        assert trainers["status"] == "failed", trainers
+        assert f"trainer pid {agent.pid}" in outcome["error"], outcome["error"]
+        assert "in time" in trainers["error"], trainers  # "peer did not send a complete message in time"
+        # One attempt per agent_timeout (1 s), one retry (a timeout is worth another try), all inside 3 s.
+        (report,) = trainers["agents"]
+        assert report["pid"] == agent.pid and report["attempts"] == 2, report
+        assert len(agent.forks_received()) == 2
+        assert 1.5 <= trainers["seconds"] <= 3.0 + 0.5, trainers
+        # The hung agent still holds two connections; the daemon forks another run (which it does not serve).
+        other = forks_another_run(fleet, art, "after-hang")
+        assert other["trainers"]["status"] == "skipped", other["trainers"]
+        assert agent.proc.poll() is None
+
+
+def test_agent_killed_mid_fork_is_reported_at_once_and_its_socket_cleaned(tmp_path: Path, agent_factory: Any) -> None:
+    art = tmp_path / "art"
+    model_dir = make_run(art, steps=(3,))
+    agent = agent_factory(model_dir)
+    # A long agent_timeout: a death must be noticed from the connection, not by waiting the timeout out.
+    overrides = {"trainer": {"agent_timeout": "10s", "retries": 1}, "timeouts": {"trainers": "20s"}}
+    with Fleet(tmp_path, [art], overrides=overrides) as fleet:
+        fleet.start(0)
+        (model_dir / ".fork").write_text("step: 3\n")
+        wait_for(agent.forks_received, 10, "the fork request at the agent")
+        agent.kill()
+        outcome = assert_swapped_but_failed(fleet, model_dir, 3, 20)
+        trainers = outcome["trainers"]
+        assert trainers["status"] == "failed", trainers
+        error = trainers["error"]
+        assert f"trainer pid {agent.pid}" in error, error
+        assert any(w in error for w in ("is gone", "connection", "Connection refused", "closed")), error
+        assert trainers["seconds"] < 5.0, trainers
+        assert len(agent.forks_received()) == 1  # the retry found the process gone; nothing else received it
+        assert agent.socket.exists()  # a killed process cannot remove its own socket...
+        other = forks_another_run(fleet, art, "after-kill")
+        assert not agent.socket.exists()  # ...the next trainers stage removes it
+        assert "unreachable" not in other["trainers"], other["trainers"]
+
+
+# --- vLLM servers -----------------------------------------------------------------------------------------------
+class VllmStandIn:
+    """GET /v1/models and POST /v1/load_lora_adapter, as vLLM 0.32 answers them, with fault knobs:
+    `load_status` (every load answers it), `restart_on_load` (the first load gets no answer: the server closes its
+    listener and comes back on the same port after `down_s`)."""
+
+    def __init__(self, adapter: str, root: Path, *, load_status: int | None = None, restart_on_load: bool = False):
+        self.roots = {adapter: str(root)}
+        self.load_status = load_status
+        self.restart_on_load = restart_on_load
+        self.down_s = 0.3
+        self.loads: list[dict[str, Any]] = []
+        self.restarted = threading.Event()
+        self.lock = threading.Lock()
+        self.port = 0
+        self.httpd = self._serve()
+
+    def _serve(self) -> ThreadingHTTPServer:
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path != "/v1/models":
+                    return self._send(404, {"detail": "Not Found"})
+                base = {"id": "base", "object": "model", "root": "/models/base", "parent": None}
+                with stand_in.lock:
+                    cards = [
+                        {"id": n, "object": "model", "root": r, "parent": "/models/base"}
+                        for n, r in stand_in.roots.items()
+                    ]
+                self._send(200, {"object": "list", "data": [base, *cards]})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if self.path != "/v1/load_lora_adapter":
+                    return self._send(404, {"detail": "Not Found"})
+                with stand_in.lock:
+                    stand_in.loads.append(body)
+                    first = len(stand_in.loads) == 1
+                if stand_in.restart_on_load and first:
+                    stand_in.go_down()
+                    self.close_connection = True
+                    return  # the request dies with the old process: no answer at all
+                if stand_in.load_status is not None:
+                    kind = "InternalServerError" if stand_in.load_status >= 500 else "BadRequestError"
+                    message = "engine dead" if stand_in.load_status >= 500 else "bad adapter config"
+                    return self._send(stand_in.load_status, {"object": "error", "message": message, "type": kind})
+                with stand_in.lock:
+                    stand_in.roots[body["lora_name"]] = body["lora_path"]
+                raw = f"Success: LoRA adapter '{body['lora_name']}' added successfully.".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def _send(self, status: int, obj: Any) -> None:
+                raw = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        httpd.daemon_threads = True
+        self.port = httpd.server_address[1]
+        threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+        return httpd
+
+    def go_down(self) -> None:
+        # Called from a handler thread: serve_forever runs in another one, so shutdown() returns once it stops.
+        self.httpd.shutdown()
+        self.httpd.server_close()  # connections to the port are refused from here on
+
+        def come_back() -> None:
+            time.sleep(self.down_s)
+            self.httpd = self._serve()
+            self.restarted.set()
+
+        threading.Thread(target=come_back, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def vllm_factory() -> Iterator[Any]:
+    servers: list[VllmStandIn] = []
+
+    def make(model_dir: Path, **knobs: Any) -> VllmStandIn:
+        root = (model_dir / "checkpoints" / "0000").resolve()
+        server = VllmStandIn(model_dir.name, root, **knobs)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def vllm_overrides(url: str, stage_s: float) -> dict[str, Any]:
+    return {
+        "vllm": {"discover": False, "servers": [{"url": url}], "request_timeout": "500ms"},
+        "timeouts": {"vllm": f"{stage_s}s"},
+    }
+
+
+def test_vllm_that_accepts_but_never_answers_is_bounded_and_named(tmp_path: Path) -> None:
+    art = tmp_path / "art"
+    model_dir = make_run(art, steps=(3,))
+    with silent_server() as url, Fleet(tmp_path, [art], overrides=vllm_overrides(url, 2.0)) as fleet:
+        fleet.start(0)
+        (model_dir / ".fork").write_text("step: 3\n")
+        outcome = assert_swapped_but_failed(fleet, model_dir, 3, 20)
+        vllm = outcome["vllm"]
+        assert vllm["status"] == "failed", vllm
+        assert url in vllm["error"] and "did not answer GET /v1/models" in vllm["error"], vllm
+        assert vllm["seconds"] <= 2.0 + 0.5, vllm
+        (server,) = vllm["servers"]
+        assert server["url"] == url
+        assert leftovers_of(model_dir) == []  # no snapshot made for a server that never listed the run
+
+
+def leftovers_of(model_dir: Path) -> list[str]:
+    return sorted(p.name for p in (model_dir / "checkpoints").iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize(("status", "retried"), [(500, True), (400, False)])
+def test_vllm_load_errors_retry_5xx_only_and_name_the_server(
+    tmp_path: Path, vllm_factory: Any, status: int, retried: bool
+) -> None:
+    art = tmp_path / "art"
+    model_dir = make_run(art, steps=(3,))
+    server = vllm_factory(model_dir, load_status=status)
+    with Fleet(tmp_path, [art], overrides=vllm_overrides(server.url, 3.0)) as fleet:
+        fleet.start(0)
+        (model_dir / ".fork").write_text("step: 3\n")
+        outcome = assert_swapped_but_failed(fleet, model_dir, 3, 20)
+        vllm = outcome["vllm"]
+        assert vllm["status"] == "failed", vllm
+        assert server.url in vllm["error"] and f"HTTP {status}" in vllm["error"], vllm
+        (report,) = vllm["servers"]
+        assert report["attempts"] == len(server.loads), (report, len(server.loads))
+        if retried:
+            assert 2 <= len(server.loads) <= 5, server.loads  # RetryPolicy: 5 attempts, fewer if time runs out
+        else:
+            assert len(server.loads) == 1, server.loads
+        assert vllm["seconds"] <= 3.0 + 0.5, vllm
+        # A server whose reload failed is in an unknown state (a 5xx may come after a partial load), so the
+        # snapshot is kept, complete, for the next fork (or the next start) to collect once every server answers.
+        assert vllm["collected"] == [], vllm
+        assert leftovers_of(model_dir) == [vllm["snapshot"]]
+        assert tree_digest(model_dir / "checkpoints" / vllm["snapshot"]) == tree_digest(
+            model_dir / "checkpoints" / "0003"
+        )
+        forks_another_run(fleet, art, f"after-{status}")  # the server lists no adapter of that run: skipped
+
+
+def test_vllm_restarted_during_the_stage_is_retried_to_success(tmp_path: Path, vllm_factory: Any) -> None:
+    art = tmp_path / "art"
+    model_dir = make_run(art, steps=(3,))
+    server = vllm_factory(model_dir, restart_on_load=True)
+    with Fleet(tmp_path, [art], overrides=vllm_overrides(server.url, 10.0)) as fleet:
+        fleet.start(0)
+        (model_dir / ".fork").write_text("step: 3\n")
+        view = wait_settled(model_dir, [fleet.state_dir(0)], 20)
+        assert view.ok and view.outcome is not None, view
+        assert server.restarted.is_set()
+        vllm = view.outcome["vllm"]
+        assert view.outcome["status"] == "done", view.outcome
+        (report,) = vllm["servers"]
+        assert report["error"] is None and report["method"] == "inplace", report
+        assert report["attempts"] >= 2 and len(server.loads) == report["attempts"], (report, server.loads)
+        snapshot = model_dir / "checkpoints" / vllm["snapshot"]
+        assert server.roots[model_dir.name] == str(snapshot)
+        assert tree_digest(snapshot) == tree_digest(model_dir / "checkpoints" / "0003")
+        assert tree_digest(model_dir / "checkpoints" / "0000") == tree_digest(model_dir / "checkpoints" / "0003")
+
