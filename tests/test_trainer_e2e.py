@@ -269,13 +269,15 @@ def test_a_fork_sent_mid_step_waits_for_the_boundary(shared: tuple[Run, Trainer]
 
     wait_for(waiting, "the agent to hold the fork until the step ends")
     assert call.is_alive() and not result
+    # The held step writes its line only after its optimizer step, which may come after the stage returns:
+    # count the lines now, so the held step is line `held` and the first step after the fork line `held + 1`.
+    held = len(trainer.steps())
     (trainer.control / "hold").unlink()
     call.join(WAIT_S)
     [outcome] = result
     assert outcome.status == "ok", outcome
     assert outcome.detail["agents"][0]["applied"] == "step boundary"
-    seen = len(trainer.steps())
-    assert trainer.wait_steps(seen + 1)[seen]["start"] == lora_fingerprint(adapter_tensors(run.served))
+    assert trainer.wait_steps(held + 2)[held + 1]["start"] == lora_fingerprint(adapter_tensors(run.served))
 
 
 def test_a_malformed_checkpoint_is_refused_without_touching_the_trainer(
