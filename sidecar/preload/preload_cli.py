@@ -18,6 +18,27 @@ _ACTIONS = {
 }
 
 
+_DESCRIPTION = """\
+Install, remove or inspect the preload that runs inside trainer processes: the control-socket agent that
+lets the daemon hand a fork to a running trainer, and the Unsloth mixed-dtype patch.
+
+install copies the sidecar package into {site-packages}/_fork_sidecar/ of that interpreter and writes
+_fork_sidecar.pth, one line that can never stop the interpreter from starting. Every process of that
+environment runs it (multiprocessing spawn children and torchrun workers too); it imports nothing heavy
+and arms its integrations only when ART or Unsloth is imported. FORK_SIDECAR_PRELOAD=0 turns it off in
+one process, FORK_SIDECAR_DTYPE_PATCH=0 only the dtype patch; agents put their sockets in
+$FORK_SIDECAR_RUNTIME_DIR (default /run/fork-sidecar), which must match the daemon's runtime_dir.
+
+examples:
+  fork-sidecar preload install --python /opt/trainer-venv/bin/python
+  fork-sidecar preload status --python /opt/trainer-venv/bin/python     installed? current? dtype patch?
+  fork-sidecar preload status --json | jq .dtype_patch_applies
+  fork-sidecar preload uninstall --python /opt/trainer-venv/bin/python
+
+exit codes: 0 done, 2 bad input or an environment that cannot be written (one sentence on stderr).
+"""
+
+
 def _add_actions(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="preload_action", required=True, metavar="{install,uninstall,status}")
     for name, help_text in _ACTIONS.items():
@@ -38,8 +59,8 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "preload",
         help="install the trainer-side preload into a Python environment",
-        description="Install, remove or inspect the preload that runs inside trainer processes "
-        "(control-socket agent, Unsloth mixed-dtype patch).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_DESCRIPTION,
     )
     _add_actions(parser)
 
