@@ -169,6 +169,20 @@ class TrainerStage:
         return StageOutcome("ok", seconds, None, detail)
 
     def _none_found(self, ctx: ForkContext, seconds: float, detail: dict[str, Any]) -> StageOutcome:
+        silent = detail.get("unreachable") or []
+        if silent:
+            # A trainer that did not answer hello may be this run's, stuck: say so rather than "none found".
+            first = silent[0]
+            more = f" (and {len(silent) - 1} more)" if len(silent) > 1 else ""
+            why = (
+                f"no agent that answered serves {ctx.model_dir}, but trainer pid {first['pid']}{more} did not answer "
+                f"hello ({first.get('error')}) and may serve it"
+            )
+            if not self.required:
+                return StageOutcome("skipped", seconds, why, detail)
+            return StageOutcome(
+                "failed", seconds, f"{why}; check whether that trainer is stuck, then fork again", detail
+            )
         if not self.required:
             return StageOutcome("skipped", seconds, "none found", detail)
         sentence = (

@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.support import Fleet, history, make_run, tree_digest, wait_settled
-from tests.support.daemon import REPO, wait_for
+from tests.support.daemon import REPO
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,8 +69,10 @@ if _path:
 
     time.time = lambda: _time() + _offset()
     time.time_ns = lambda: _time_ns() + int(_offset() * 1e9)
-    time.gmtime = lambda secs=None: _gmtime(time.time() if secs is None else secs)
-    time.localtime = lambda secs=None: _localtime(time.time() if secs is None else secs)
+    # staticmethod: logging.Formatter keeps `time.localtime` as a class attribute (converter), where a plain
+    # function would be bound; staticmethod objects are callable since Python 3.10.
+    time.gmtime = staticmethod(lambda secs=None: _gmtime(time.time() if secs is None else secs))
+    time.localtime = staticmethod(lambda secs=None: _localtime(time.time() if secs is None else secs))
 '''
 
 

@@ -32,11 +32,12 @@ from tests.support.daemon import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
-# A trainer agent that answers `hello` (serving argv[2]) and then receives `fork` but never answers it. It writes
-# each fork_id it receives to argv[3], so the test knows the request arrived before it kills the process.
+# A trainer agent serving run argv[2] that receives the op named argv[4] ("fork" or "hello") and never answers it;
+# it answers `hello` otherwise. It writes each fork_id it receives to argv[3], so the test knows the request
+# arrived before it kills the process.
 AGENT_STAND_IN = r"""
 import json, os, socket, sys
-runtime, run_dir, got = sys.argv[1:4]
+runtime, run_dir, got, hang_on = sys.argv[1:5]
 path = os.path.join(runtime, f"agent-{os.getpid()}.sock")
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 listener.bind(path)
@@ -52,24 +53,26 @@ while True:
             break
         buf += chunk
     request = json.loads(buf) if buf.endswith(b"\n") else {}
-    if request.get("op") == "hello":
+    if request.get("op") == hang_on:
+        if hang_on == "fork":
+            with open(got, "a") as f:
+                f.write(request["fork_id"] + "\n")
+        held.append(conn)  # never answered: a trainer stuck in a step that never ends
+    elif request.get("op") == "hello":
         reply = {"ok": True, "v": 1, "pid": os.getpid(), "host": socket.gethostname(), "runs": [run_dir]}
         conn.sendall(json.dumps(reply).encode() + b"\n")
         conn.close()
-    elif request.get("op") == "fork":
-        with open(got, "a") as f:
-            f.write(request["fork_id"] + "\n")
-        held.append(conn)  # never answered: a trainer stuck in a step that never ends
     else:
         conn.close()
 """
 
 
 class AgentStandIn:
-    def __init__(self, runtime_dir: Path, run_dir: Path, got: Path) -> None:
+    def __init__(self, runtime_dir: Path, run_dir: Path, got: Path, hang_on: str) -> None:
         runtime_dir.mkdir(parents=True, exist_ok=True)
         self.got = got
-        self.proc = subprocess.Popen([sys.executable, "-c", AGENT_STAND_IN, str(runtime_dir), str(run_dir), str(got)])
+        argv = [sys.executable, "-c", AGENT_STAND_IN, str(runtime_dir), str(run_dir), str(got), hang_on]
+        self.proc = subprocess.Popen(argv)
         self.socket = runtime_dir / f"agent-{self.proc.pid}.sock"
         wait_for(self.socket.exists, 10, "the agent stand-in's socket")
 
@@ -93,8 +96,8 @@ class AgentStandIn:
 def agent_factory(tmp_path: Path) -> Iterator[Any]:
     agents: list[AgentStandIn] = []
 
-    def make(run_dir: Path) -> AgentStandIn:
-        agent = AgentStandIn(tmp_path / "run0", run_dir.resolve(), tmp_path / f"got{len(agents)}")
+    def make(run_dir: Path, hang_on: str = "fork") -> AgentStandIn:
+        agent = AgentStandIn(tmp_path / "run0", run_dir.resolve(), tmp_path / f"got{len(agents)}", hang_on)
         agents.append(agent)
         return agent
 
@@ -186,6 +189,40 @@ def test_agent_killed_mid_fork_is_reported_at_once_and_its_socket_cleaned(tmp_pa
         other = forks_another_run(fleet, art, "after-kill")
         assert not agent.socket.exists()  # ...the next trainers stage removes it
         assert "unreachable" not in other["trainers"], other["trainers"]
+
+
+def test_agent_that_hangs_on_hello_is_bounded_and_listed_as_unreachable(tmp_path: Path, agent_factory: Any) -> None:
+    art = tmp_path / "art"
+    model_dir = make_run(art, steps=(3,))
+    agent = agent_factory(model_dir, hang_on="hello")
+    with Fleet(tmp_path, [art], overrides=TRAINER_OVERRIDES) as fleet:
+        fleet.start(0)
+        (model_dir / ".fork").write_text("step: 3\n")
+        view = wait_settled(model_dir, [fleet.state_dir(0)], 20)
+        assert view.ok and view.outcome is not None, view
+        trainers = view.outcome["trainers"]
+        # hello is bounded by min(5 s, what is left of timeouts.trainers = 3 s).
+        assert trainers["seconds"] <= 3.0 + 0.5, trainers
+        assert [u["pid"] for u in trainers.get("unreachable", [])] == [agent.pid], trainers
+        assert "in time" in trainers["unreachable"][0]["error"], trainers
+        assert tree_digest(model_dir / "checkpoints" / "0000") == tree_digest(model_dir / "checkpoints" / "0003")
+
+
+@pytest.mark.parametrize("required", [False, True], ids=["optional", "required"])
+def test_silent_agent_is_named_in_the_stage_error(tmp_path: Path, agent_factory: Any, required: bool) -> None:
+    art = tmp_path / "art"
+    model_dir = make_run(art, steps=(3,))
+    agent = agent_factory(model_dir, hang_on="hello")
+    overrides = {**TRAINER_OVERRIDES, "trainer": {**TRAINER_OVERRIDES["trainer"], "required": required}}
+    with Fleet(tmp_path, [art], overrides=overrides) as fleet:
+        fleet.start(0)
+        (model_dir / ".fork").write_text("step: 3\n")
+        view = wait_settled(model_dir, [fleet.state_dir(0)], 20)
+        assert view.outcome is not None, view
+        trainers = view.outcome["trainers"]
+        assert trainers["status"] == ("failed" if required else "skipped"), trainers
+        # It may be this run's trainer, stuck: the sentence a person reads must say which pid did not answer.
+        assert f"pid {agent.pid}" in trainers["error"], trainers
 
 
 # --- vLLM servers -----------------------------------------------------------------------------------------------
