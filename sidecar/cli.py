@@ -17,6 +17,7 @@ from typing import Any
 from sidecar import __version__
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.doctor import add_parser as add_doctor_parser
+from sidecar.fsops import write_atomic
 from sidecar.journal import read_history
 from sidecar.marker import DONE, FAILED, INPROGRESS, MARKER
 from sidecar.preload.preload_cli import add_parser as add_preload_parser
@@ -120,17 +121,9 @@ def cmd_fork(args: argparse.Namespace) -> int:
         print("fork-sidecar: --from-project and --not-after-step go with --from-model.", file=sys.stderr)
         return EXIT_USAGE
     request_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
-    tmp = model_dir / f".fork.tmp-{request_id}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, _marker_text(args, request_id).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, model_dir / MARKER)  # the watcher sees one complete marker appear
+        write_atomic(model_dir / MARKER, _marker_text(args, request_id).encode())  # appears whole, by rename
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         print(f"fork-sidecar: cannot write {model_dir / MARKER}: {e.strerror}; check permissions.", file=sys.stderr)
         return EXIT_FAILED
     print(f"wrote {model_dir / MARKER} (request {request_id})")

@@ -6,11 +6,13 @@ RENAME_NOREPLACE refuses to overwrite; both go through ctypes here (glibc's wrap
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
 import os
 import platform
+import secrets
 from pathlib import Path
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "rename_noreplace",
     "rename_noreplace_at",
     "renameat2",
+    "write_atomic",
 ]
 
 RENAME_NOREPLACE = 1
@@ -120,3 +123,26 @@ def fsync_dir(path: Path) -> None:
         fsync_dir_fd(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write `data` beside `path`, fsync, rename over it, fsync the directory: readers see old or new, whole.
+
+    The temporary name starts with a dot and never equals a name anyone watches (`.fork` appears only by the
+    rename), and its mode is set explicitly, so an outcome is never world-writable whatever the umask.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)

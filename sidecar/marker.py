@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sidecar.fsops import fsync_dir, rename_noreplace
+from sidecar.fsops import rename_noreplace, write_atomic
 
 __all__ = [
     "DONE",
@@ -220,17 +220,8 @@ def remove_quietly(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any], *, mode: int = 0o644) -> None:
-    """Write JSON next to `path`, fsync, rename over it, fsync the directory: readers see old or new, whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)  # not world-writable whatever the umask
-        os.write(fd, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    """Replace `path` with `data` as JSON, atomically and durably (see fsops.write_atomic)."""
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode(), mode=mode)
 
 
 def write_outcome(model_dir: Path, outcome: dict[str, Any]) -> Path:

@@ -14,7 +14,6 @@ pass through untouched; a marker that cannot be written is logged, never raised 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
@@ -187,7 +186,7 @@ def _mark(plan: dict[str, Any], before: dict[str, _Identity]) -> None:
         body = f"step: {step}\n"
     request_id = "art-" + time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
     try:
-        path = write_fork_marker(dest, body + f"request_id: {request_id}\n", request_id)
+        path = write_fork_marker(dest, body + f"request_id: {request_id}\n")
     except OSError as e:
         _log(
             f"art-fork-{request_id}",
@@ -214,20 +213,10 @@ def _yaml_str(text: str) -> str:
     return json.dumps(text)  # a JSON string is a YAML string, quoting whatever the path holds
 
 
-def write_fork_marker(model_dir: Path, content: str, request_id: str) -> Path:
-    """Write `{model_dir}/.fork` atomically (temp + fsync + rename), as `fork-sidecar fork` does; raises OSError."""
+def write_fork_marker(model_dir: Path, content: str) -> Path:
+    """Write `{model_dir}/.fork` atomically, as `fork-sidecar fork` does; raises OSError."""
+    from sidecar.fsops import write_atomic  # stdlib only, like the rest of what the preload imports
+
     marker = model_dir / ".fork"
-    tmp = model_dir / f".fork.tmp-{request_id}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, content.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, marker)  # the daemon's watcher sees one complete marker appear
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(marker, content.encode())  # the daemon's watcher sees one complete marker appear
     return marker
