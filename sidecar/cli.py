@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from sidecar import __version__
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.doctor import add_parser as add_doctor_parser
@@ -179,7 +181,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     state = config.state_dir
     daemon = _read_json(state / "status.json") or {}
-    running = bool(daemon.get("running")) and _pid_alive(daemon.get("pid"))
+    pid = daemon.get("pid")
+    running = bool(daemon.get("running")) and isinstance(pid, int) and psutil.pid_exists(pid)
     in_flight = [d for p in sorted((state / "forks").glob("*.json")) if (d := _read_json(p))]
     report: dict[str, Any] = {
         "daemon": {**daemon, "running": running},
@@ -215,18 +218,6 @@ def _agent_statuses(config: Config) -> list[dict[str, Any]]:
         return list(agent_statuses(config.runtime_dir))
     except OSError:
         return []
-
-
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- parser ------------------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ overlap, because a run has at most one worker and a marker arriving while it wor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+import psutil
 
 from sidecar import __version__, swap
 from sidecar.config import Config, ConfigError, load_config
@@ -272,8 +276,10 @@ class Daemon:
         self.wake.set()
 
     def _collect_leftovers(self, runs: Sequence[RunDir]) -> None:
-        """Remove staging/retired copies of forks that no journal and no claim knows (a crash before the journal)."""
+        """Remove staging/retired copies of forks that no journal and no claim knows (a crash before the journal),
+        and temp files of atomic writes whose writer died (`..fork.done.tmp-<pid>-<hex>` and the like)."""
         for run in runs:
+            _remove_dead_temp_files(run.path)
             found = swap.leftovers(run.checkpoints)
             if not found:
                 continue
@@ -326,6 +332,21 @@ class Daemon:
             log.warning("cannot write %s/status.json: %s", self.config.state_dir, e)
         if not stopped:
             self.notifier.status(self._summary())
+
+
+_TEMP_FILE = re.compile(r"^\.\.fork(?:\.[a-z]+)?\.tmp-(\d+)-[0-9a-f]{6}$")
+
+
+def _remove_dead_temp_files(model_dir: Path) -> None:
+    try:
+        names = os.listdir(model_dir)
+    except OSError:
+        return
+    for name in names:
+        match = _TEMP_FILE.match(name)
+        if match and not psutil.pid_exists(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(model_dir / name)
 
 
 def _claimed_fork_id(path: Path) -> str | None:

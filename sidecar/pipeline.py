@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from sidecar import swap
 from sidecar.adapter import AdapterError, adapter_digest
 from sidecar.config import Config
@@ -191,7 +193,7 @@ class ForkPipeline:
         claimer = info.get("claimed_by") or {}
         if claimer.get("host") == self.host:
             pid = claimer.get("pid")
-            return not (isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid))
+            return not (isinstance(pid, int) and pid != os.getpid() and psutil.pid_exists(pid))
         # Another host: only its heartbeat tells. Wall clock, since hosts share no other; keep the lease well above
         # the clock skew between nodes.
         beat = info.get("heartbeat_at")
@@ -491,13 +493,3 @@ def _read_json_file(path: Path) -> dict[str, Any] | None:
 def _claim_info(path: Path) -> dict[str, Any] | None:
     data = _read_json_file(path)
     return data if data is not None and "claimed_by" in data else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -341,3 +341,16 @@ def test_claim_of_another_host_is_taken_over_only_after_its_lease(
             time.sleep(2.5)  # several main-loop ticks, each offering the claim for adoption
             assert json.loads((model_dir / ".fork.inprogress").read_text())["fork_id"] == claim["fork_id"]
             assert read_outcome(model_dir) is None
+
+
+def test_temp_files_of_dead_writers_are_collected_at_start(tmp_path: Path, art: Path, daemon: DaemonProcess) -> None:
+    model_dir = make_run(art)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stray = model_dir / f"..fork.done.tmp-{dead_pid}-abcdef"
+    stray.write_text("{")
+    live = model_dir / f"..fork.tmp-{os.getpid()}-abcdef"  # a writer still at work: left alone
+    live.write_text("step: 3")
+    with daemon:
+        wait_for(lambda: not stray.exists(), 20, "the stray temp file to be removed")
+    assert live.exists()
