@@ -321,7 +321,8 @@ class ForkPipeline:
         if not outcome.seconds:
             outcome = StageOutcome(outcome.status, time.monotonic() - started, outcome.error, outcome.detail)
         level = logging.ERROR if outcome.status == "failed" else logging.INFO
-        logger.log(level, "%s stage %s%s", name, outcome.status, f": {outcome.error}" if outcome.error else "")
+        why = outcome.error or outcome.detail.get("reason")
+        logger.log(level, "%s stage %s%s", name, outcome.status, f": {why}" if why else "")
         return outcome
 
     def _verify(self, record: ForkRecord) -> None:
