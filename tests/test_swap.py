@@ -492,10 +492,14 @@ def test_invalid_source_is_refused_before_copying(checkpoints: Path) -> None:
 
 
 def test_symlinked_0000_is_refused(checkpoints: Path) -> None:
+    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
     (checkpoints / "0000").rename(checkpoints / "real0000")
     (checkpoints / "0000").symlink_to("real0000")
-    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
 
+    # Refused before a copy is made (no stage left behind), and by install if it turns into a symlink later.
+    with pytest.raises(SwapError, match=r"shutil\.rmtree"):
+        stage_checkpoint(checkpoints / "0005", checkpoints, "other-fork")
+    assert ".fork-stage-other-fork" not in names(checkpoints)
     with pytest.raises(SwapError, match=r"shutil\.rmtree"):
         install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
 
