@@ -20,9 +20,7 @@ Names (all prefixed `fork_sidecar_`):
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 import socket
 import threading
@@ -35,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import MetricsHandler, generate_latest
 
 from sidecar.config import ConfigError, MetricsConfig
+from sidecar.fsops import write_atomic
 from sidecar.journal import ForkRecord
 
 __all__ = ["REASONS", "STAGES", "Metrics", "MetricsError", "parse_listen", "reload_error_reasons"]
@@ -218,22 +217,8 @@ class Metrics:
         return str(bound[0]), int(bound[1])
 
     def write_textfile(self, path: Path) -> None:
-        """Write the exposition to `path` atomically (temp in the same directory, fsync, rename); raises OSError."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        data = self.render()
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        """Write the exposition to `path` atomically (node_exporter never reads half a file); raises OSError."""
+        write_atomic(Path(path), self.render(), mode=0o644)
 
     def publish(self, config: MetricsConfig) -> None:
         """Write `metrics.textfile` if set; a failure is logged (once per distinct reason), never raised."""
