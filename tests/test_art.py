@@ -37,6 +37,7 @@ from sidecar.adapter import adapter_digest  # noqa: E402
 from sidecar.control import ForkRequest, call_agent  # noqa: E402
 from sidecar.preload import art  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
+from tests.support.venvs import chained_venv, install_preload, purelib  # noqa: E402
 
 pytestmark = pytest.mark.trainer
 
@@ -320,18 +321,6 @@ class TestStandIn:
 
 
 # --- the real class (inside .venv-art) ---------------------------------------------------------------------------
-def chained_venv(target_site: Path, where: Path) -> Path:
-    """A venv whose site-packages chain to `target_site` (with its .pth files), so the preload is installed for real."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
-    python = where / "bin" / "python"
-    purelib = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    Path(purelib, "00_chain.pth").write_text(f"import site; site.addsitedir({str(target_site)!r})\n")
-    return python
 
 
 @pytest.mark.slow
@@ -340,15 +329,9 @@ def test_real_art_in_its_own_venv(tmp_path: Path, assets: TinyAssets) -> None:
     art_python = ART_VENV / "bin" / "python"
     if not (ART_VENV / ".installed").exists():
         pytest.skip(f"{ART_VENV} is not built; run tests/support/make_art_venv.sh (needs openpipe-art 0.5.18)")
-    site = subprocess.run(
-        [str(art_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    python = chained_venv(Path(site), tmp_path / "venv")
-    install = [sys.executable, "-m", "sidecar", "preload", "install", "--python", str(python)]
-    subprocess.run(install, check=True, cwd=REPO, capture_output=True)
+    python = chained_venv(tmp_path / "venv", purelib(art_python))
+    install = install_preload(python)
+    assert install.returncode == 0, install.stderr
     env = {
         **os.environ,
         "FORK_SIDECAR_REAL_ART": "1",

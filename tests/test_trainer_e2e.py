@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,6 +36,7 @@ from sidecar.stages import ForkContext, StageOutcome  # noqa: E402
 from sidecar.trainers import TrainerStage, agent_statuses  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
 from tests.support.trainer_script import lora_fingerprint  # noqa: E402
+from tests.support.venvs import chained_venv, install_preload, purelib  # noqa: E402
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
@@ -64,30 +64,10 @@ def assets() -> TinyAssets:
 @pytest.fixture(scope="module")
 def trainer_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real venv whose site-packages chain to .venv's, with the preload installed by the CLI."""
-    root = tmp_path_factory.mktemp("trainer-venv")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-    python = root / "bin" / "python"
-    purelib = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    dev_site = subprocess.run(
-        [sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    Path(purelib, "00_chain.pth").write_text(f"import site; site.addsitedir({dev_site!r})\n")
-    install = subprocess.run(
-        [sys.executable, "-m", "sidecar", "preload", "install", "--python", str(python)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    python = chained_venv(tmp_path_factory.mktemp("trainer-venv"))
+    install = install_preload(python)
     assert install.returncode == 0, install.stderr
-    assert Path(purelib, "_fork_sidecar.pth").exists()
+    assert (purelib(python) / "_fork_sidecar.pth").exists()
     return python
 
 

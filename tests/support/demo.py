@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 
 from tests.support.daemon import DaemonProcess, write_config
+from tests.support.venvs import chained_venv, install_preload
 from tests.support.vllm_server import VllmServer, start_vllm_server, vllm_python
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,24 +108,11 @@ def differences(a: Completion, b: Completion) -> str:
 # --- the trainer ------------------------------------------------------------------------------------------------
 def make_trainer_python(venv: Path) -> tuple[Path, str]:
     """A fresh venv whose site-packages chain to .venv's (torch, peft), with the preload installed by the CLI."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
-    python = venv / "bin" / "python"
-    dev_site = _purelib(Path(sys.executable))
-    Path(_purelib(python), "00_chain.pth").write_text(f"import site; site.addsitedir({dev_site!r})\n")
-    install = subprocess.run(
-        [sys.executable, "-m", "sidecar", "preload", "install", "--python", str(python)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    python = chained_venv(venv)
+    install = install_preload(python)
     if install.returncode != 0:
         raise DemoFailed(f"`fork-sidecar preload install` failed: {install.stderr.strip()}")
     return python, install.stdout.strip()
-
-
-def _purelib(python: Path) -> str:
-    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
 class Trainer:
