@@ -21,7 +21,7 @@ from sidecar.config import Config, ConfigError, load_config
 from sidecar.doctor import add_parser as add_doctor_parser
 from sidecar.fsops import write_atomic
 from sidecar.journal import read_history
-from sidecar.marker import DONE, FAILED, INPROGRESS, MARKER
+from sidecar.marker import DONE, FAILED, INPROGRESS, MARKER, read_json_object
 from sidecar.preload.preload_cli import add_parser as add_preload_parser
 
 __all__ = ["main"]
@@ -139,11 +139,11 @@ def _wait_for_outcome(model_dir: Path, request_id: str, timeout: float) -> int:
     said_claimed = False
     while time.monotonic() < deadline:
         for name in (DONE, FAILED):
-            outcome = _read_json(model_dir / name)
+            outcome = read_json_object(model_dir / name)
             if outcome and outcome.get("request_id") == request_id:
                 _print_outcome(outcome)
                 return EXIT_OK if outcome.get("status") == "done" else EXIT_FAILED
-        claim = _read_json(model_dir / INPROGRESS)
+        claim = read_json_object(model_dir / INPROGRESS)
         if not said_claimed and claim and claim.get("request", {}).get("request_id") == request_id:
             by = claim.get("claimed_by", {})
             print(f"claimed by {by.get('host')} pid {by.get('pid')} as fork {claim.get('fork_id')}; working...")
@@ -168,22 +168,14 @@ def _print_outcome(outcome: dict[str, Any]) -> None:
         print(f"  error:    {outcome['error']}")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_bytes()[: 1 << 20])
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 # --- status ------------------------------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     state = config.state_dir
-    daemon = _read_json(state / "status.json") or {}
+    daemon = read_json_object(state / "status.json") or {}
     pid = daemon.get("pid")
     running = bool(daemon.get("running")) and isinstance(pid, int) and psutil.pid_exists(pid)
-    in_flight = [d for p in sorted((state / "forks").glob("*.json")) if (d := _read_json(p))]
+    in_flight = [d for p in sorted((state / "forks").glob("*.json")) if (d := read_json_object(p))]
     report: dict[str, Any] = {
         "daemon": {**daemon, "running": running},
         "in_flight": in_flight,

@@ -9,6 +9,7 @@ overlap, because a run has at most one worker and a marker arriving while it wor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ from sidecar.config import Config, ConfigError, load_config
 from sidecar.journal import ForkRecord, Journal
 from sidecar.layout import RunDir, iter_run_dirs, run_dir_of
 from sidecar.logs import setup_logging
-from sidecar.marker import INPROGRESS
+from sidecar.marker import INPROGRESS, read_json_object
 from sidecar.metrics import Metrics, MetricsError
 from sidecar.pipeline import ForkPipeline
 from sidecar.sdnotify import Notifier
@@ -350,16 +351,9 @@ def _remove_dead_temp_files(model_dir: Path) -> None:
 
 
 def _claimed_fork_id(path: Path) -> str | None:
-    import json
-
-    try:
-        data = json.loads(path.read_bytes()[:65536])
-    except (OSError, ValueError):
-        return None
-    return str(data.get("fork_id")) if isinstance(data, dict) and data.get("fork_id") else None
+    data = read_json_object(path)
+    return str(data["fork_id"]) if data and data.get("fork_id") else None
 
 
 def _with_state_dir(config: Config, state_dir: Path) -> Config:
-    import dataclasses
-
     return dataclasses.replace(config, state_dir=state_dir)

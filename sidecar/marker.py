@@ -32,6 +32,7 @@ __all__ = [
     "MarkerError",
     "claim_marker",
     "parse_marker",
+    "read_json_object",
     "read_marker_file",
     "remove_quietly",
     "write_json_atomic",
@@ -43,6 +44,7 @@ INPROGRESS = ".fork.inprogress"
 DONE = ".fork.done"
 FAILED = ".fork.failed"
 MAX_MARKER_BYTES = 64 * 1024
+MAX_RECORD_BYTES = 1024 * 1024
 
 RequestKind = Literal["latest", "source", "step", "from_model"]
 _SOURCE_KEYS = ("source", "step", "from_model")
@@ -178,6 +180,33 @@ def read_marker_file(path: Path) -> bytes:
         return data
     finally:
         os.close(fd)
+
+
+def read_json_object(path: Path, limit: int = MAX_RECORD_BYTES) -> dict[str, Any] | None:
+    """A JSON object the sidecar wrote (a claim, an outcome, a status), read like a marker: no symlink followed,
+    no blocking on a FIFO; None when it is absent, not a regular file, over `limit` bytes or not a JSON object.
+
+    The limit is well above a claim's, which embeds a marker of up to 64 KiB beside its own fields.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def claim_marker(model_dir: Path) -> bool:

@@ -9,7 +9,6 @@ whatever goes wrong becomes one sentence in `.fork.failed`, and a failure never 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -37,6 +36,7 @@ from sidecar.marker import (
     MarkerError,
     claim_marker,
     parse_marker,
+    read_json_object,
     read_marker_file,
     remove_quietly,
     write_json_atomic,
@@ -132,7 +132,7 @@ class ForkPipeline:
         an outcome or a notification from us would overwrite or contradict its own.
         """
         logger = self._logger(record)
-        outcome = _read_json_file(Path(record.model_dir) / DONE) or _read_json_file(Path(record.model_dir) / FAILED)
+        outcome = read_json_object(Path(record.model_dir) / DONE) or read_json_object(Path(record.model_dir) / FAILED)
         if record.state is ForkState.VERIFIED and outcome and outcome.get("fork_id") == record.fork_id:
             logger.info("fork had filed its outcome; filing it in the history")
         else:
@@ -483,14 +483,6 @@ def _fingerprint(path: Path) -> list[int] | None:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def _read_json_file(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(read_marker_file(path))
-    except (MarkerError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _claim_info(path: Path) -> dict[str, Any] | None:
-    data = _read_json_file(path)
+    data = read_json_object(path)
     return data if data is not None and "claimed_by" in data else None

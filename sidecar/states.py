@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ForkState", "IllegalTransition", "check_transition"]
+__all__ = ["ForkState", "IllegalTransition", "check_transition", "next_state"]
 
 
 class ForkState(enum.StrEnum):
@@ -53,8 +53,3 @@ def check_transition(old: ForkState, new: ForkState) -> None:
     """Only forward by one step, or to FAILED from any non-terminal state."""
     if old.terminal or not (new is ForkState.FAILED or new is next_state(old)):
         raise IllegalTransition(f"fork cannot go from {old} to {new}")
-
-
-def swap_happened(state: ForkState) -> bool:
-    """Whether checkpoints/0000 may already hold the new adapter (so a failure must not undo anything)."""
-    return state not in (ForkState.CLAIMED, ForkState.STAGED)

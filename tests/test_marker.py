@@ -21,6 +21,7 @@ from sidecar.marker import (
     MarkerError,
     claim_marker,
     parse_marker,
+    read_json_object,
     read_marker_file,
     write_outcome,
 )
@@ -181,3 +182,20 @@ def test_outcome_replaces_the_other_kind_and_is_not_world_writable(tmp_path: Pat
     assert json.loads(path.read_text()) == {"status": "done"}
     assert not os.stat(path).st_mode & stat.S_IWOTH
     assert sorted(p.name for p in tmp_path.iterdir()) == [DONE]
+
+
+def test_read_json_object_reads_claims_bigger_than_a_marker_and_nothing_odd(tmp_path: Path) -> None:
+    claim = tmp_path / "claim"
+    # A claim embeds the marker (up to 64 KiB) beside its own fields, so it must read past the marker limit.
+    claim.write_text(json.dumps({"fork_id": "x", "marker": "#" * (64 * 1024)}))
+    assert (read_json_object(claim) or {}).get("fork_id") == "x"
+    assert read_json_object(claim, limit=1024) is None
+    (tmp_path / "list").write_text("[1, 2]")
+    assert read_json_object(tmp_path / "list") is None
+    (tmp_path / "torn").write_text('{"fork_id": ')
+    assert read_json_object(tmp_path / "torn") is None
+    os.symlink(claim, tmp_path / "link")
+    assert read_json_object(tmp_path / "link") is None
+    os.mkfifo(tmp_path / "fifo")
+    assert read_json_object(tmp_path / "fifo") is None  # returns at once: never blocks on a FIFO
+    assert read_json_object(tmp_path / "missing") is None
