@@ -385,18 +385,26 @@ def train_direct(ctx: Context, steps: int) -> dict[str, Any]:
         return float(loss)
 
     with rope_outside_autocast(ctx):
-        with ctx.dtype_patch.suspended():
-            _, unpatched = outcome(step)
-        optimizer.zero_grad(set_to_none=True)
-        losses, patched = [], "ok"
-        try:
-            losses = [step() for _ in range(steps)]
-        except RuntimeError as error:
-            patched = "raises: " + str(error).splitlines()[0][:70]
+        result = train_unpatched_then_patched(ctx, step, optimizer, steps)
     lora_dtype = str(next(p for n, p in model.named_parameters() if "lora_A" in n).dtype).replace("torch.", "")
     return {
         "what": f"transformers Llama (2 layers, hidden 256) bf16 + PEFT LoRA ({lora_dtype}) r16; "
         f"{n_mlp} MLPs via apply_lora_mlp_swiglu (LoRA_MLP), {n_w} q/k/v/o via LoRA_W; HF RoPE run outside autocast",
+        **result,
+    }
+
+
+def train_unpatched_then_patched(ctx: Context, step: Callable[[], float], optimizer: Any, steps: int) -> dict[str, Any]:
+    """One step with Unsloth's originals (expected to raise), then `steps` steps with the patch; the table's columns."""
+    with ctx.dtype_patch.suspended():
+        _, unpatched = outcome(step)
+    optimizer.zero_grad(set_to_none=True)
+    losses, patched = [], "ok"
+    try:
+        losses = [step() for _ in range(steps)]
+    except RuntimeError as error:
+        patched = "raises: " + str(error).splitlines()[0][:70]
+    return {
         "unpatched": unpatched,
         "patched": patched,
         "losses": losses,
@@ -448,21 +456,9 @@ def train_fast_language_model(steps: int) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         return float(loss)
 
-    with ctx.dtype_patch.suspended():
-        _, unpatched = outcome(step)
-    optimizer.zero_grad(set_to_none=True)
-    losses, patched = [], "ok"
-    try:
-        losses = [step() for _ in range(steps)]
-    except RuntimeError as error:
-        patched = "raises: " + str(error).splitlines()[0][:70]
     return {
         "what": f"FastLanguageModel.from_pretrained(local tiny Llama, bf16) + get_peft_model r16; fast layers {fast}",
-        "unpatched": unpatched,
-        "patched": patched,
-        "losses": losses,
-        "crash reproduced": unpatched.startswith("raises"),
-        "pass": patched == "ok" and len(losses) == steps and losses[-1] < losses[0],
+        **train_unpatched_then_patched(ctx, step, optimizer, steps),
     }
 
 
