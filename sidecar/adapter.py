@@ -34,6 +34,7 @@ __all__ = [
     "CheckpointEntry",
     "SafetensorsHeader",
     "TensorEntry",
+    "TreeLimits",
     "adapter_digest",
     "check_adapter",
     "digest_open_file",
@@ -147,6 +148,16 @@ class AdapterInfo:
     tensor_bytes: int
     total_bytes: int  # all regular files of the checkpoint
     files: tuple[str, ...]  # relative paths ("/"-separated), sorted
+
+
+@dataclass(frozen=True)
+class TreeLimits:
+    """How big a checkpoint tree may be (config `sources.max_*`); sizes are apparent sizes, so a sparse file
+    counts as the bytes a copy of it writes."""
+
+    max_files: int = 10_000
+    max_bytes: int = 256 << 30
+    max_depth: int = MAX_TREE_DEPTH
 
 
 @dataclass(frozen=True)
@@ -462,15 +473,43 @@ def _digest_entry(dir_fd: int, name: str, display: Path) -> str:
         os.close(fd)
 
 
-def walk_checkpoint(dir_fd: int, display: str | os.PathLike[str]) -> list[CheckpointEntry]:
+def walk_checkpoint(
+    dir_fd: int, display: str | os.PathLike[str], limits: TreeLimits | None = None
+) -> list[CheckpointEntry]:
     """Every entry below the checkpoint directory open as `dir_fd`, parents before children, sorted.
 
     Refuses symlinks and special files (a checkpoint must be plain files to be copied as it is) and
-    trees deeper than MAX_TREE_DEPTH.
+    trees over `limits` (default TreeLimits()): the walk stops at the first entry past a bound, so a huge
+    tree costs no more than the bound to refuse.
     """
     entries: list[CheckpointEntry] = []
-    _walk_into(dir_fd, Path(display), "", 0, entries)
+    _walk_into(dir_fd, Path(display), "", 0, entries, _TreeBudget(limits or TreeLimits()))
     return entries
+
+
+class _TreeBudget:
+    def __init__(self, limits: TreeLimits) -> None:
+        self.limits = limits
+        self.entries = 0
+        self.bytes = 0
+
+    def take(self, root: Path, info: os.stat_result, is_dir: bool) -> None:
+        self.entries += 1
+        if not is_dir:
+            self.bytes += info.st_size
+        shown = printable(root)
+        if self.entries > self.limits.max_files:
+            raise AdapterError(
+                root,
+                f"{shown}: holds more than {self.limits.max_files} files and directories (sources.max_files); "
+                f"a LoRA checkpoint is a handful of files — point the fork at one.",
+            )
+        if self.bytes > self.limits.max_bytes:
+            raise AdapterError(
+                root,
+                f"{shown}: holds more than {_human_size(self.limits.max_bytes)} (sources.max_bytes, sparse files "
+                f"counted at their full size); point the fork at a LoRA checkpoint or raise the limit.",
+            )
 
 
 def _list_dir(dir_fd: int) -> list[str]:
@@ -483,7 +522,9 @@ def _list_dir(dir_fd: int) -> list[str]:
         os.close(fresh)
 
 
-def _walk_into(dir_fd: int, root: Path, prefix: str, depth: int, out: list[CheckpointEntry]) -> None:
+def _walk_into(
+    dir_fd: int, root: Path, prefix: str, depth: int, out: list[CheckpointEntry], budget: _TreeBudget
+) -> None:
     for name in _list_dir(dir_fd):
         relpath = prefix + name
         shown = printable(root / relpath)
@@ -492,14 +533,16 @@ def _walk_into(dir_fd: int, root: Path, prefix: str, depth: int, out: list[Check
         except FileNotFoundError:
             raise AdapterError(root, f"{shown}: vanished while the checkpoint was read; retry the fork.") from None
         if stat.S_ISREG(info.st_mode):
+            budget.take(root, info, False)
             out.append(CheckpointEntry(relpath, False, info))
         elif stat.S_ISDIR(info.st_mode):
-            if depth + 1 > MAX_TREE_DEPTH:
+            if depth + 1 > budget.limits.max_depth:
                 raise AdapterError(root, f"{shown}: nests directories too deeply; a checkpoint is a flat directory.")
+            budget.take(root, info, True)
             out.append(CheckpointEntry(relpath, True, info))
             sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
             try:
-                _walk_into(sub, root, relpath + "/", depth + 1, out)
+                _walk_into(sub, root, relpath + "/", depth + 1, out, budget)
             finally:
                 os.close(sub)
         elif stat.S_ISLNK(info.st_mode):
@@ -674,7 +717,7 @@ def _read_small_file(name: str, dir_fd: int, display: str, limit: int) -> bytes:
         os.close(fd)
 
 
-def check_adapter(checkpoint_dir: Path, *, dir_fd: int | None = None) -> AdapterInfo:
+def check_adapter(checkpoint_dir: Path, *, dir_fd: int | None = None, limits: TreeLimits | None = None) -> AdapterInfo:
     """Checks that `checkpoint_dir` holds a well-formed peft LoRA adapter, reading headers only.
 
     With `dir_fd`, checks the directory already open as `dir_fd` (`checkpoint_dir` only names it).
@@ -682,16 +725,16 @@ def check_adapter(checkpoint_dir: Path, *, dir_fd: int | None = None) -> Adapter
     """
     fd = dir_fd if dir_fd is not None else open_checkpoint_dir(checkpoint_dir)
     try:
-        return _check_open_dir(checkpoint_dir, fd)
+        return _check_open_dir(checkpoint_dir, fd, limits)
     finally:
         if dir_fd is None:
             os.close(fd)
 
 
-def _check_open_dir(checkpoint_dir: Path, dir_fd: int) -> AdapterInfo:
+def _check_open_dir(checkpoint_dir: Path, dir_fd: int, limits: TreeLimits | None) -> AdapterInfo:
     config_path = printable(checkpoint_dir / CONFIG_FILE)
     model_path = printable(checkpoint_dir / ADAPTER_FILE)
-    entries = walk_checkpoint(dir_fd, checkpoint_dir)
+    entries = walk_checkpoint(dir_fd, checkpoint_dir, limits)
     top_level = {e.relpath for e in entries if "/" not in e.relpath and not e.is_dir}
     if ADAPTER_FILE not in top_level:
         hint = (

@@ -76,6 +76,18 @@ class WatchConfig:
 class SourcesConfig:
     # Where a marker may take a checkpoint from; empty means "the watch roots".
     allowed_roots: tuple[Path, ...] = ()
+    # Bounds on a source tree, checked before anything is copied (sizes are apparent: a sparse file counts whole).
+    max_files: int = 10_000
+    max_bytes: int = 256 << 30
+    max_depth: int = 8
+
+
+@dataclass(frozen=True)
+class ForksConfig:
+    # A fixed pool of fork workers (no thread per marker), and how many of them one run owner (uid) may hold:
+    # one user's stuck forks never delay another's while per_owner < workers.
+    workers: int = 8
+    per_owner: int = 2
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,7 @@ class Config:
     state_dir: Path = field(default_factory=default_state_dir)
     runtime_dir: Path = field(default_factory=default_runtime_dir)
     swap: SwapConfig = field(default_factory=SwapConfig)
+    forks: ForksConfig = field(default_factory=ForksConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     vllm: VllmConfig = field(default_factory=VllmConfig)
@@ -281,6 +294,11 @@ def _absolute_roots(config: Config, base: Path) -> Config:
 def _check_semantics(config: Config, reader: _Reader) -> None:
     if not config.watch.roots:
         raise reader.fail("watch.roots", "needs at least one art path")
+    for key in ("max_files", "max_bytes", "max_depth"):
+        if getattr(config.sources, key) < 1:
+            raise reader.fail(f"sources.{key}", "must be at least 1")
+    if config.forks.workers < 1 or config.forks.per_owner < 1:
+        raise reader.fail("forks", "workers and per_owner must be at least 1")
     if config.metrics.listen is not None and not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", config.metrics.listen):
         raise reader.fail("metrics.listen", f"expected HOST:PORT such as 127.0.0.1:9464, got {config.metrics.listen!r}")
     for i, server in enumerate(config.vllm.servers):

@@ -42,6 +42,7 @@ from sidecar.adapter import (
     ADAPTER_FILE,
     AdapterError,
     CheckpointEntry,
+    TreeLimits,
     adapter_digest,
     check_adapter,
     digest_open_file,
@@ -157,14 +158,17 @@ def _remove_entry(dir_fd: int, name: str) -> bool:
     return True
 
 
-def _open_checkpoints_dir(checkpoints_dir: Path) -> int:
+def _open_checkpoints_dir(checkpoints_dir: Path, run_fd: int | None = None) -> int:
+    """`checkpoints_dir`, or with `run_fd` the `checkpoints` entry of the run directory open as `run_fd` (the
+    path then only names it in messages: nothing is resolved by name again)."""
     shown = printable(checkpoints_dir)
+    where, dir_fd = (checkpoints_dir, None) if run_fd is None else (Path(checkpoints_dir.name), run_fd)
     try:
-        return os.open(checkpoints_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         raise SwapError(checkpoints_dir, f"{shown}: no such directory; is this an ART run directory?") from None
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and checkpoints_dir.is_symlink():
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(where, dir_fd):
             raise SwapError(
                 checkpoints_dir,
                 f"{shown}: is a symlink; the checkpoints directory must be real so 0000 is swapped where ART "
@@ -173,6 +177,13 @@ def _open_checkpoints_dir(checkpoints_dir: Path) -> int:
         if exc.errno == errno.ENOTDIR:
             raise SwapError(checkpoints_dir, f"{shown}: is not a directory; is this an ART run directory?") from None
         raise SwapError(checkpoints_dir, f"{shown}: cannot open ({exc.strerror}); check its permissions.") from None
+
+
+def _is_symlink(path: Path, dir_fd: int | None) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(path, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _check_live_is_dir(checkpoints_dir: Path, info: os.stat_result | None) -> None:
@@ -471,10 +482,12 @@ class _Stager:
         if (named.st_ino, named.st_dev) != (before.ino, before.dev):
             raise _SourceChanged(f"{entry.relpath} was replaced")
 
-    def recheck(self, entries: list[CheckpointEntry], fingerprints: dict[str, _Fingerprint]) -> None:
+    def recheck(
+        self, entries: list[CheckpointEntry], fingerprints: dict[str, _Fingerprint], limits: TreeLimits | None
+    ) -> None:
         """After the copy (and the digest): the source tree still holds exactly the files we copied, unchanged."""
         with_ctime = self.mode != "hardlink"
-        again = _walk(self.source, self.src_fd)
+        again = _walk(self.source, self.src_fd, limits)
         now = {e.relpath: _Fingerprint.of(e.stat, with_ctime=with_ctime) for e in again if not e.is_dir}
         for relpath, before in fingerprints.items():
             if relpath not in now:
@@ -486,11 +499,43 @@ class _Stager:
             raise _SourceChanged(f"{added[0]} appeared")
 
 
-def _walk(source: Path, src_fd: int) -> list[CheckpointEntry]:
+def _walk(source: Path, src_fd: int, limits: TreeLimits | None) -> list[CheckpointEntry]:
     try:
-        return walk_checkpoint(src_fd, source)
+        return walk_checkpoint(src_fd, source, limits)
     except AdapterError as exc:
         raise SwapError(exc.path, str(exc)) from None
+
+
+def _check_free_space(
+    cfd: int, checkpoints_dir: Path, source: Path, entries: list[CheckpointEntry], copy_mode: str
+) -> None:
+    """Refuses a copy that would not fit in what unprivileged users may still use (f_bavail, f_favail): the
+    blocks the filesystem reserves for root stay untouched, whoever the fork runs as. Sizes are apparent sizes,
+    so a sparse file counts as the bytes a copy writes. Hardlinks copy nothing; reflinks may fall back to a copy
+    in auto mode, so they are counted like one."""
+    if copy_mode == "hardlink":
+        return
+    needed = sum(e.stat.st_size for e in entries if not e.is_dir)
+    fs = os.fstatvfs(cfd)
+    free = fs.f_bavail * fs.f_frsize
+    if needed > free or (fs.f_files and len(entries) + 1 > fs.f_favail):
+        raise SwapError(
+            checkpoints_dir,
+            f"{printable(checkpoints_dir)}: no space left for a copy of {printable(source)} ({_human(needed)} in "
+            f"{len(entries) + 1} inodes, {_human(free)} free for users); free space there or use copy_mode reflink "
+            f"or hardlink.",
+        )
+
+
+def _human(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or unit == "TiB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def _open_source(source: Path) -> int:
@@ -507,6 +552,9 @@ def stage_checkpoint(
     *,
     copy_mode: str = "auto",
     progress: Progress | None = None,
+    source_fd: int | None = None,
+    run_fd: int | None = None,
+    limits: TreeLimits | None = None,
 ) -> StagedCheckpoint:
     """Copies the checkpoint `source` to `checkpoints_dir/.fork-stage-<fork_id>`, durably, and checks it.
 
@@ -514,23 +562,30 @@ def stage_checkpoint(
     "copy", or "hardlink" (the stage shares the source's inodes: later writes to the source change
     0000 too). A stale stage of the same id is removed first. On failure the stage is removed and
     nothing else in `checkpoints_dir` has changed.
+
+    `source_fd`: the source as the resolver opened (and checked) it; `source` then only names it. `run_fd`: see
+    _open_checkpoints_dir. `limits`: bounds on the source tree, checked (with the free space) before copying.
     """
     name = stage_name(fork_id)
     if copy_mode not in COPY_MODES:
         raise ValueError(f"copy_mode {copy_mode!r} is not one of {', '.join(COPY_MODES)}")
     stage = checkpoints_dir / name
-    cfd = _open_checkpoints_dir(checkpoints_dir)
+    cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
     try:
         # A 0000 that install would refuse (a symlink, a file) is refused before a whole adapter is copied.
         _check_live_is_dir(checkpoints_dir, _lstat(cfd, LIVE_NAME))
-        src_fd = _open_source(source)
+        src_fd = _open_source(source) if source_fd is None else os.dup(source_fd)
         try:
             src_stat = os.fstat(src_fd)
             stale = _lstat(cfd, name)
             if stale is not None and (stale.st_ino, stale.st_dev) == (src_stat.st_ino, src_stat.st_dev):
                 raise SwapError(source, f"{printable(source)}: is the staging directory itself; fork from a step.")
             try:
-                check_adapter(source, dir_fd=src_fd)
+                # Bounds first: a tree of 100,000 files or a sparse 100 GB file is refused before anything
+                # reads it whole or writes a byte of it.
+                entries = walk_checkpoint(src_fd, source, limits)
+                _check_free_space(cfd, checkpoints_dir, source, entries, copy_mode)
+                check_adapter(source, dir_fd=src_fd, limits=limits)
             except AdapterError as exc:
                 raise SwapError(exc.path, str(exc)) from None
             try:
@@ -539,7 +594,7 @@ def stage_checkpoint(
             except OSError as exc:
                 raise _staging_error(exc, source, stage) from None
             try:
-                return _fill_stage(source, src_fd, stage, cfd, copy_mode, progress)
+                return _fill_stage(source, src_fd, stage, cfd, copy_mode, progress, limits)
             except BaseException:
                 _remove_quietly(cfd, name)
                 raise
@@ -550,19 +605,25 @@ def stage_checkpoint(
 
 
 def _fill_stage(
-    source: Path, src_fd: int, stage: Path, cfd: int, copy_mode: str, progress: Progress | None
+    source: Path,
+    src_fd: int,
+    stage: Path,
+    cfd: int,
+    copy_mode: str,
+    progress: Progress | None,
+    limits: TreeLimits | None = None,
 ) -> StagedCheckpoint:
     stage_fd = os.open(stage.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cfd)
     try:
         stager = _Stager(source, src_fd, stage, stage_fd, copy_mode, progress)
         try:
-            entries = _walk(source, src_fd)
+            entries = _walk(source, src_fd, limits)
             fingerprints = stager.copy_tree(entries)
             _copy_owner_and_mode(os.fstat(src_fd), stage_fd)
             _fsync_dir(stage_fd)
             # Nothing in the source changed while it was copied and digested, so the digest is the stage's.
-            stager.recheck(entries, fingerprints)
-            info = check_adapter(stage, dir_fd=stage_fd)
+            stager.recheck(entries, fingerprints, limits)
+            info = check_adapter(stage, dir_fd=stage_fd, limits=limits)
             if stager.digest is None:  # check_adapter saw the file, so the walk did too: not expected
                 raise SwapError(stage, f"{printable(stage)}: the adapter was not digested while staged; report a bug.")
         except AdapterError as exc:  # the message names the source or the staged file
@@ -679,6 +740,7 @@ def install_staged(
     *,
     stage_inode: int | None = None,
     allow_exchange: bool = True,
+    run_fd: int | None = None,
 ) -> SwapResult:
     """Brings `checkpoints_dir` to: 0000 is the staged checkpoint, the previous 0000 at .fork-retired-<id>.
 
@@ -688,7 +750,7 @@ def install_staged(
     rename-aside path, which leaves a moment without 0000.
     """
     stage, retired = stage_name(fork_id), retired_name(fork_id)
-    cfd = _open_checkpoints_dir(checkpoints_dir)
+    cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
     try:
         how, resumed = "none", False
         for step in range(4):  # the longest path is aside, promote, done
@@ -786,8 +848,8 @@ def _install_error(action: str, checkpoints_dir: Path, stage: str, retired: str,
 # ------------------------------------------------------------------------------------------ cleanup
 
 
-def _remove_named(checkpoints_dir: Path, name: str) -> None:
-    cfd = _open_checkpoints_dir(checkpoints_dir)
+def _remove_named(checkpoints_dir: Path, name: str, run_fd: int | None) -> None:
+    cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
     try:
         if _remove_entry(cfd, name):
             _fsync_dir(cfd)
@@ -800,19 +862,19 @@ def _remove_named(checkpoints_dir: Path, name: str) -> None:
         os.close(cfd)
 
 
-def discard_retired(checkpoints_dir: Path, fork_id: str) -> None:
+def discard_retired(checkpoints_dir: Path, fork_id: str, *, run_fd: int | None = None) -> None:
     """Removes .fork-retired-<id> (the checkpoint 0000 held before the fork); nothing if it is gone."""
-    _remove_named(checkpoints_dir, retired_name(fork_id))
+    _remove_named(checkpoints_dir, retired_name(fork_id), run_fd)
 
 
-def abort_staged(checkpoints_dir: Path, fork_id: str) -> None:
+def abort_staged(checkpoints_dir: Path, fork_id: str, *, run_fd: int | None = None) -> None:
     """Removes the stage of a fork that failed before install_staged was called; nothing if it is gone.
 
     Once install_staged has started, a fork can only go forward: call install_staged again instead.
     Refuses when 0000 is missing and the retired copy exists (a half-done rename-aside), because
     removing the stage then would leave the run without 0000.
     """
-    cfd = _open_checkpoints_dir(checkpoints_dir)
+    cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
     try:
         missing_live = _lstat(cfd, LIVE_NAME) is None
         has_retired = _lstat(cfd, retired_name(fork_id)) is not None
@@ -825,15 +887,19 @@ def abort_staged(checkpoints_dir: Path, fork_id: str) -> None:
             f"{shown}: is missing because fork {fork_id} was half installed; finish it with install_staged "
             f"instead of aborting.",
         )
-    _remove_named(checkpoints_dir, stage_name(fork_id))
+    _remove_named(checkpoints_dir, stage_name(fork_id), run_fd)
 
 
-def leftovers(checkpoints_dir: Path) -> list[tuple[str, str]]:
+def leftovers(checkpoints_dir: Path, *, run_fd: int | None = None) -> list[tuple[str, str]]:
     """(kind, fork id) for each .fork-stage-* ("stage") and .fork-retired-* ("retired") entry, sorted."""
     try:
-        names = [entry.name for entry in checkpoints_dir.iterdir()]
-    except FileNotFoundError:
+        cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
+    except SwapError:
         return []
+    try:
+        names = os.listdir(cfd)
+    finally:
+        os.close(cfd)
     found = []
     for name in names:
         match = _LEFTOVER.fullmatch(name)
@@ -842,7 +908,7 @@ def leftovers(checkpoints_dir: Path) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def settle_leftover(checkpoints_dir: Path, fork_id: str) -> str:
+def settle_leftover(checkpoints_dir: Path, fork_id: str, *, run_fd: int | None = None) -> str:
     """Cleans up after a fork no journal knows: leaves 0000 a complete checkpoint and removes the rest.
 
     If 0000 is missing, a half-done rename-aside is completed (the stage had been checked before
@@ -850,7 +916,7 @@ def settle_leftover(checkpoints_dir: Path, fork_id: str) -> str:
     copy are removed. Returns what it did, for the log.
     """
     stage, retired = stage_name(fork_id), retired_name(fork_id)
-    cfd = _open_checkpoints_dir(checkpoints_dir)
+    cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
     try:
         present = _present(cfd, checkpoints_dir, (LIVE_NAME, stage, retired))
         done = []

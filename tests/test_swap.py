@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.adapter import adapter_digest
+from sidecar.adapter import TreeLimits, adapter_digest
 from sidecar.swap import (
     StagedCheckpoint,
     SwapError,
@@ -652,3 +652,63 @@ def test_leftovers_lists_only_our_names(checkpoints: Path) -> None:
 
     assert leftovers(checkpoints) == [("retired", "b2"), ("stage", "a1")]
     assert leftovers(checkpoints / "missing") == []
+
+
+# ------------------------------------------------------------------------------------------ tenants (issue 18)
+
+
+@pytest.mark.parametrize(
+    ("limits", "grow", "words"),
+    [
+        (TreeLimits(max_files=50), lambda s: [(s / f"junk{i}").write_bytes(b"x") for i in range(60)], "max_files"),
+        (TreeLimits(max_bytes=1 << 20), lambda s: os.truncate(s / "extra/notes.txt", 2 << 20), "max_bytes"),
+        (TreeLimits(max_depth=2), lambda s: (s / "a/b/c").mkdir(parents=True), "too deeply"),
+    ],
+)
+def test_a_source_over_its_bounds_is_refused_before_anything_is_written(
+    checkpoints: Path, limits: TreeLimits, grow: Callable[[Path], object], words: str
+) -> None:
+    grow(checkpoints / "0005")
+    before = tree(checkpoints / "0000")
+    with pytest.raises(SwapError, match=words) as caught:
+        stage_checkpoint(checkpoints / "0005", checkpoints, FORK, limits=limits)
+    assert "\n" not in str(caught.value)
+    assert names(checkpoints) == ["0000", "0005"] and tree(checkpoints / "0000") == before
+
+
+def test_a_sparse_file_counts_at_its_full_size_against_the_free_space(tmp_path: Path) -> None:
+    require_root()
+    with mounted(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(tmp_path / "small")], tmp_path / "small"):
+        checkpoints = tmp_path / "small" / "checkpoints"
+        write_adapter(checkpoints / "0000", seed=0)
+        write_adapter(checkpoints / "0004", seed=4)
+        with open(checkpoints / "0004" / "optimizer.pt", "wb") as f:
+            f.truncate(100 << 30)  # 100 GiB apparent, no blocks used
+        free = os.statvfs(checkpoints).f_bavail
+        with pytest.raises(SwapError, match="no space left"):
+            stage_checkpoint(checkpoints / "0004", checkpoints, FORK, copy_mode="copy")
+        assert os.statvfs(checkpoints).f_bavail == free  # refused before a block was written
+        assert names(checkpoints) == ["0000", "0004"]
+
+
+def test_steps_work_through_the_run_fd_not_the_path(tmp_path: Path) -> None:
+    """The model dir is swapped for a symlink to another run after it was opened: every step stays in the first."""
+    mine, other = tmp_path / "art/p/models/m", tmp_path / "art/q/models/other"
+    write_adapter(mine / "checkpoints/0000", seed=0)
+    write_adapter(mine / "checkpoints/0005", seed=5)
+    write_adapter(other / "checkpoints/0000", seed=9)
+    others = tree(other)
+    run_fd = os.open(mine, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(mine, mine.with_name("m.moved"))
+        os.symlink(other, mine)
+        checkpoints = mine / "checkpoints"
+        staged = stage_checkpoint(mine.with_name("m.moved") / "checkpoints/0005", checkpoints, FORK, run_fd=run_fd)
+        install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode, run_fd=run_fd)
+        discard_retired(checkpoints, FORK, run_fd=run_fd)
+        assert leftovers(checkpoints, run_fd=run_fd) == []
+    finally:
+        os.close(run_fd)
+    moved = mine.with_name("m.moved") / "checkpoints"
+    assert tree(moved / "0000") == tree(moved / "0005")
+    assert tree(other) == others
