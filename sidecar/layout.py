@@ -79,8 +79,11 @@ def _subdirs(path: Path) -> list[str]:
         return []
 
 
-def step_dirs(checkpoints: Path) -> dict[int, Path]:
-    """All-digit step directories of a run, by step number (what ART sees as its checkpoints)."""
+def step_dirs(checkpoints: Path | int) -> dict[int, Path]:
+    """All-digit step directories of a run, by step number (what ART sees as its checkpoints).
+
+    `checkpoints` may be an open directory descriptor; the paths are then names relative to it.
+    """
     steps: dict[int, Path] = {}
     try:
         with os.scandir(checkpoints) as it:
@@ -92,7 +95,7 @@ def step_dirs(checkpoints: Path) -> dict[int, Path]:
     return steps
 
 
-def latest_step(checkpoints: Path, *, not_after: int | None = None, exclude_served: bool = True) -> int | None:
+def latest_step(checkpoints: Path | int, *, not_after: int | None = None, exclude_served: bool = True) -> int | None:
     """The newest step, optionally at or before `not_after`, skipping step 0 (the served adapter) by default."""
     candidates = [
         s for s in step_dirs(checkpoints) if not (exclude_served and s == 0) and (not_after is None or s <= not_after)

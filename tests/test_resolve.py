@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.layout import RunDir
 from sidecar.marker import ForkRequest
-from sidecar.resolve import ResolveError, resolve_source
+from sidecar.resolve import ResolveError, open_source, resolve_source
 
 
 @pytest.fixture
@@ -90,3 +90,36 @@ def test_symlink_loop(art: Path) -> None:
     os.symlink(loop, loop)
     with pytest.raises(ResolveError, match="cannot be resolved"):
         resolve(art, ForkRequest("source", source="loop"))
+
+
+def test_the_opened_source_is_what_was_checked_whatever_happens_to_its_name(art: Path, tmp_path: Path) -> None:
+    """A parent of the source swapped for a symlink out of the roots after the check changes nothing we read."""
+    outside = tmp_path / "outside"
+    (outside / "ckpt").mkdir(parents=True)
+    (art / "p/models/m/dir/ckpt").mkdir(parents=True)
+    run_fd = os.open(art / "p/models/m", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd, real = open_source(ForkRequest("source", source="dir/ckpt"), RunDir(art, "p", "m"), (art,), run_fd)
+    finally:
+        os.close(run_fd)
+    try:
+        before = os.fstat(fd).st_ino
+        os.rename(art / "p/models/m/dir", art / "p/models/m/dir-away")
+        os.symlink(outside, art / "p/models/m/dir")
+        assert real == art / "p/models/m/dir/ckpt"
+        assert os.fstat(fd).st_ino == before != (outside / "ckpt").stat().st_ino
+    finally:
+        os.close(fd)
+
+
+def test_relative_sources_resolve_from_the_run_directory_held_open(art: Path, tmp_path: Path) -> None:
+    run = RunDir(art, "p", "m")
+    run_fd = os.open(run.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(run.path, run.path.with_name("m-moved"))
+        os.symlink(art / "q/models/other", run.path)  # the name now leads into another run
+        fd, real = open_source(ForkRequest("source", source="checkpoints/0003"), run, (art,), run_fd)
+        os.close(fd)
+    finally:
+        os.close(run_fd)
+    assert real == art / "p/models/m-moved/checkpoints/0003"
