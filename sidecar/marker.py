@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sidecar.fsops import rename_noreplace, write_atomic
+from sidecar.fsops import rename_noreplace, rename_noreplace_at, write_atomic
 
 __all__ = [
     "DONE",
@@ -30,6 +30,7 @@ __all__ = [
     "MAX_MARKER_BYTES",
     "ForkRequest",
     "MarkerError",
+    "bounded_outcome",
     "claim_marker",
     "parse_marker",
     "read_json_object",
@@ -157,10 +158,12 @@ def _bad(where: Path, problem: str) -> MarkerError:
     return MarkerError(f"{where} {problem}; write an empty file or one of source:, step:, from_model: (see README).")
 
 
-def read_marker_file(path: Path) -> bytes:
-    """Read a (claimed) marker without following a symlink or blocking on a FIFO, at most 64 KiB."""
+def read_marker_file(path: Path, *, dir_fd: int | None = None) -> bytes:
+    """Read a (claimed) marker without following a symlink or blocking on a FIFO, at most 64 KiB.
+
+    With `dir_fd`, the marker is `path.name` in the directory open as `dir_fd` (`path` names it in messages)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(_at(path, dir_fd), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise MarkerError(
@@ -182,14 +185,18 @@ def read_marker_file(path: Path) -> bytes:
         os.close(fd)
 
 
-def read_json_object(path: Path, limit: int = MAX_RECORD_BYTES) -> dict[str, Any] | None:
+def _at(path: Path, dir_fd: int | None) -> Path | str:
+    return path if dir_fd is None else path.name
+
+
+def read_json_object(path: Path, limit: int = MAX_RECORD_BYTES, *, dir_fd: int | None = None) -> dict[str, Any] | None:
     """A JSON object the sidecar wrote (a claim, an outcome, a status), read like a marker: no symlink followed,
     no blocking on a FIFO; None when it is absent, not a regular file, over `limit` bytes or not a JSON object.
 
     The limit is well above a claim's, which embeds a marker of up to 64 KiB beside its own fields.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(_at(path, dir_fd), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
     try:
@@ -209,12 +216,15 @@ def read_json_object(path: Path, limit: int = MAX_RECORD_BYTES) -> dict[str, Any
     return value if isinstance(value, dict) else None
 
 
-def claim_marker(model_dir: Path) -> bool:
+def claim_marker(model_dir: Path, *, dir_fd: int | None = None) -> bool:
     """Atomically take `.fork` as `.fork.inprogress`; False when there is no marker or one is already in progress.
 
     link()+unlink() rather than rename(): rename would silently replace an in-progress claim, and link fails with
     EEXIST atomically on every filesystem, NFS included, so exactly one of several daemons wins.
+    With `dir_fd`, the model dir is the directory open as `dir_fd` (`model_dir` only names it).
     """
+    if dir_fd is not None:
+        return _claim_at(dir_fd)
     marker, claimed = model_dir / MARKER, model_dir / INPROGRESS
     try:
         os.link(marker, claimed, follow_symlinks=False)
@@ -229,6 +239,24 @@ def claim_marker(model_dir: Path) -> bool:
             return _rename_noreplace(marker, claimed)
         raise
     remove_quietly(marker)
+    return True
+
+
+def _claim_at(dir_fd: int) -> bool:
+    try:
+        os.link(MARKER, INPROGRESS, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except (FileExistsError, FileNotFoundError):
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        try:  # see claim_marker
+            rename_noreplace_at(dir_fd, MARKER, INPROGRESS)
+        except (FileExistsError, FileNotFoundError):
+            return False
+        return True
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(MARKER, dir_fd=dir_fd)
     return True
 
 
@@ -253,10 +281,36 @@ def write_json_atomic(path: Path, data: dict[str, Any], *, mode: int = 0o644) ->
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode(), mode=mode)
 
 
+# Beyond these, an outcome's fields are trimmed so that the record stays well under MAX_RECORD_BYTES.
+_MAX_OUTCOME_TEXT = 4096
+
+
+def bounded_outcome(outcome: dict[str, Any], limit: int = MAX_RECORD_BYTES // 2) -> dict[str, Any]:
+    """`outcome`, or a copy small enough to be read back (read_json_object refuses records over 1 MiB): long
+    strings are cut and long lists shortened, saying so. Nothing a fork writes can make its outcome unreadable."""
+    if len(json.dumps(outcome)) <= limit:
+        return outcome
+    trimmed = _trim(outcome)
+    assert isinstance(trimmed, dict)
+    trimmed["trimmed"] = True
+    return trimmed
+
+
+def _trim(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > _MAX_OUTCOME_TEXT:
+        return value[:_MAX_OUTCOME_TEXT] + f"... ({len(value)} characters)"
+    if isinstance(value, list):
+        kept = [_trim(v) for v in value[:20]]
+        return [*kept, f"... {len(value) - 20} more"] if len(value) > 20 else kept
+    if isinstance(value, dict):
+        return {str(k)[:200]: _trim(v) for k, v in list(value.items())[:50]}
+    return value
+
+
 def write_outcome(model_dir: Path, outcome: dict[str, Any]) -> Path:
     """Record the outcome beside the marker, leaving exactly one outcome file (the latest) in the run dir."""
     done = outcome.get("status") == "done"
     path = model_dir / (DONE if done else FAILED)
-    write_json_atomic(path, outcome)
+    write_json_atomic(path, bounded_outcome(outcome))
     remove_quietly(model_dir / (FAILED if done else DONE))
     return path

@@ -19,6 +19,7 @@ from sidecar.marker import (
     MARKER,
     ForkRequest,
     MarkerError,
+    bounded_outcome,
     claim_marker,
     parse_marker,
     read_json_object,
@@ -199,3 +200,14 @@ def test_read_json_object_reads_claims_bigger_than_a_marker_and_nothing_odd(tmp_
     os.mkfifo(tmp_path / "fifo")
     assert read_json_object(tmp_path / "fifo") is None  # returns at once: never blocks on a FIFO
     assert read_json_object(tmp_path / "missing") is None
+
+
+def test_an_outcome_stays_readable_whatever_a_fork_puts_in_it(tmp_path: Path) -> None:
+    """100,000 file names or a huge error text must not make an outcome larger than read_json_object accepts."""
+    outcome = {"status": "done", "swap": {"files": [f"junk/{i:06d}" for i in range(100_000)]}, "error": "x" * 2_000_000}
+    write_outcome(tmp_path, outcome)
+    back = read_json_object(tmp_path / DONE)
+    assert back is not None and back["trimmed"] is True and back["status"] == "done"
+    assert len(back["swap"]["files"]) <= 21 and len(back["error"]) < 5000
+    small = {"status": "failed", "error": "one sentence."}
+    assert bounded_outcome(small) is small
