@@ -24,6 +24,7 @@ __all__ = [
     "rename_noreplace_at",
     "renameat2",
     "write_atomic",
+    "write_atomic_at",
 ]
 
 RENAME_NOREPLACE = 1
@@ -131,8 +132,17 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     The temporary name starts with a dot and never equals a name anyone watches (`.fork` appears only by the
     rename), and its mode is set explicitly, so an outcome is never world-writable whatever the umask.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        write_atomic_at(dir_fd, path.name, data, mode=mode)
+    finally:
+        os.close(dir_fd)
+
+
+def write_atomic_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o644) -> None:
+    """write_atomic of `name` inside the directory open as `dir_fd` (no path is resolved again)."""
+    tmp = f".{name}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
     try:
         try:
             os.fchmod(fd, mode)
@@ -140,9 +150,9 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
-    fsync_dir(path.parent)
+    fsync_dir_fd(dir_fd)

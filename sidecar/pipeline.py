@@ -9,6 +9,7 @@ whatever goes wrong becomes one sentence in `.fork.failed`, and a failure never 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -16,7 +17,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,25 +25,13 @@ from typing import Any
 import psutil
 
 from sidecar import swap
-from sidecar.adapter import AdapterError, adapter_digest
 from sidecar.config import Config
 from sidecar.journal import ForkRecord, Journal
 from sidecar.layout import SERVED_STEP, RunDir
-from sidecar.marker import (
-    DONE,
-    FAILED,
-    INPROGRESS,
-    MARKER,
-    MarkerError,
-    claim_marker,
-    parse_marker,
-    read_json_object,
-    read_marker_file,
-    remove_quietly,
-    write_json_atomic,
-    write_outcome,
-)
-from sidecar.resolve import ResolveError, resolve_source
+from sidecar.marker import INPROGRESS, MARKER
+from sidecar.owner_worker import OwnerRunIO
+from sidecar.run_io import LocalRunIO, RunIO, RunIOError, owner_of, run_dir_of_record
+from sidecar.rundir import OpenRun, RunDirError, lexists_at, open_run
 from sidecar.stages import ForkContext, Stage, StageOutcome
 from sidecar.states import ForkState
 
@@ -52,23 +41,31 @@ log = logging.getLogger("sidecar.pipeline")
 
 
 class ClaimRegistry:
-    """The `.fork.inprogress` files this daemon holds and their content, for heartbeat renewal."""
+    """The `.fork.inprogress` files this daemon holds, the RunIO that writes them and their content (heartbeats)."""
 
     def __init__(self) -> None:
-        self._claims: dict[Path, dict[str, Any]] = {}
+        self._claims: dict[Path, tuple[RunIO, dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
-    def hold(self, path: Path, info: dict[str, Any]) -> None:
+    def hold(self, path: Path, io: RunIO, info: dict[str, Any]) -> None:
         with self._lock:
-            self._claims[path] = info
+            self._claims[path] = (io, info)
 
     def release(self, path: Path) -> None:
         with self._lock:
             self._claims.pop(path, None)
 
-    def items(self) -> list[tuple[Path, dict[str, Any]]]:
+    def items(self) -> list[tuple[Path, RunIO, dict[str, Any]]]:
         with self._lock:
-            return list(self._claims.items())
+            return [(path, io, info) for path, (io, info) in self._claims.items()]
+
+
+@dataclasses.dataclass
+class HeldRun:
+    """A run as one fork holds it: the directory opened once, and the RunIO doing the fork's work in it."""
+
+    opened: OpenRun
+    io: RunIO
 
 
 class ForkFailed(Exception):
@@ -105,7 +102,42 @@ class ForkPipeline:
         """
         if settle:
             _wait_until_settled(run.path / MARKER)
-        return self._take_next(run)
+        with self._hold(run, need_marker=True) as held:
+            return held is not None and self._take_next(run, held)
+
+    @contextlib.contextmanager
+    def _hold(self, run: RunDir, *, need_marker: bool) -> Iterator[HeldRun | None]:
+        """Opens the run once and starts its RunIO; None when there is nothing to do or the run cannot be opened."""
+        try:
+            opened = open_run(run)
+        except RunDirError as e:
+            log.debug("%s", e)
+            yield None
+            return
+        try:
+            if need_marker and not (lexists_at(opened.fd, MARKER) or lexists_at(opened.fd, INPROGRESS)):
+                yield None
+                return
+            try:
+                io = self._io_for(opened)
+            except (RunIOError, OSError) as e:
+                log.error("%s: not forked: %s", run.path, e)
+                yield None
+                return
+            try:
+                yield HeldRun(opened, io)
+            finally:
+                self.claims.release(run.path / INPROGRESS)  # one fork per run: whatever it held ends here
+                io.close()
+        finally:
+            opened.close()
+
+    def _io_for(self, opened: OpenRun) -> RunIO:
+        """Who does the fork's work: this process when it is not root or the run is root's, else the owner."""
+        me = os.geteuid()
+        if me != 0 or opened.uid == me:
+            return LocalRunIO(opened.run, opened.fd, frozenset({opened.uid, 0, me}))
+        return OwnerRunIO(opened.run, opened.fd, owner_of(opened.uid), float(self.config.timeouts.swap))
 
     def resume(self, record: ForkRecord) -> None:
         """Finish a fork a previous daemon journaled but did not end, unless another daemon took its claim over."""
@@ -115,16 +147,47 @@ class ForkPipeline:
             logger.info("fork had ended %s; filing it in the history", record.state)
             self._close(record)
             return
-        model_dir = Path(record.model_dir)
-        info = _claim_info(model_dir / INPROGRESS)
-        if info is None or info.get("fork_id") != record.fork_id:
-            self._drop_lost_claim(record, info)
-            return
-        self._write_claim(model_dir, record, str(info.get("marker", "")).encode())
-        logger.info("resuming fork from state %s", record.state)
-        self._run_steps(record)
+        with self._hold(run_dir_of_record(Path(record.model_dir)), need_marker=False) as held:
+            if held is None or not _same_run(record, held.opened):
+                logger.error("the run directory is gone, moved or replaced since the fork was claimed")
+                self._drop_lost_claim(record, None, None)
+                return
+            info = _claim_info(held.io.claim_state())
+            if info is None or info.get("fork_id") != record.fork_id:
+                self._drop_lost_claim(record, info, held)
+                return
+            self._write_claim(held, record, str(info.get("marker", "")))
+            logger.info("resuming fork from state %s", record.state)
+            self._run_steps(record, held)
 
-    def _drop_lost_claim(self, record: ForkRecord, info: dict[str, Any] | None) -> None:
+    def collect_leftovers(self, run: RunDir, known: Callable[[str], bool]) -> None:
+        """Removes staging/retired copies of forks for which `known` is false (done as the run's owner)."""
+        try:
+            opened = open_run(run)
+        except RunDirError:
+            return
+        try:
+            # A listing of our own names only: no owner worker is started for the runs that have none.
+            found = swap.leftovers(run.checkpoints, run_fd=opened.fd)
+        finally:
+            opened.close()
+        if not found:
+            return
+        with self._hold(run, need_marker=False) as held:
+            if held is None:
+                return
+            claimed = (_claim_info(held.io.claim_state()) or {}).get("fork_id")
+            for fork_id in sorted({fork_id for _, fork_id in found}):
+                if fork_id == claimed or known(fork_id):
+                    continue
+                try:
+                    done = held.io.settle_leftover(fork_id)
+                except RunIOError as e:
+                    log.error("leftovers of fork %s: %s", fork_id, e)
+                else:
+                    log.info("leftovers of fork %s in %s: %s", fork_id, run.checkpoints, done)
+
+    def _drop_lost_claim(self, record: ForkRecord, info: dict[str, Any] | None, held: HeldRun | None) -> None:
         """The claim of a journaled fork is gone or another's: finish the record without acting on the run.
 
         Either the fork had filed its outcome (killed between removing the claim and journaling the end), or our
@@ -132,58 +195,59 @@ class ForkPipeline:
         an outcome or a notification from us would overwrite or contradict its own.
         """
         logger = self._logger(record)
-        outcome = read_json_object(Path(record.model_dir) / DONE) or read_json_object(Path(record.model_dir) / FAILED)
+        outcome = held.io.read_outcome() if held is not None else None
         if record.state is ForkState.VERIFIED and outcome and outcome.get("fork_id") == record.fork_id:
             logger.info("fork had filed its outcome; filing it in the history")
         else:
             # The run's history is the adopter's: ours ends here, in the log only.
             logger.warning("fork lost its claim (now %s); dropping it", (info or {}).get("claimed_by", "gone"))
-            if record.state in (ForkState.CLAIMED, ForkState.STAGED):
-                with contextlib.suppress(swap.SwapError, ValueError, OSError):
-                    swap.settle_leftover(self._checkpoints(record), record.fork_id)
+            if record.state in (ForkState.CLAIMED, ForkState.STAGED) and held is not None:
+                with contextlib.suppress(RunIOError, ValueError, OSError):
+                    held.io.settle_leftover(record.fork_id)
             self.journal.forget(record)
             return
         self.journal.finish(record)
 
     def refresh_heartbeats(self) -> None:
         """Renew the lease of every claim this pipeline holds (called periodically by the daemon's main loop)."""
-        for claimed, info in self.claims.items():
+        for _claimed, io, info in self.claims.items():
             info["heartbeat_at"] = time.time()
-            try:
-                write_json_atomic(claimed, info)
-            except OSError as e:
-                log.warning("cannot renew the claim %s: %s", claimed, e)
+            io.heartbeat(info)  # never blocks: a worker busy copying still renews the lease
 
     # --- claiming -----------------------------------------------------------------------------------------------
-    def _take_next(self, run: RunDir) -> bool:
+    def _take_next(self, run: RunDir, held: HeldRun) -> bool:
         # A `.fork` of any kind (directory, FIFO, symlink) is claimed, so that reading it can fail it with an outcome.
-        if not claim_marker(run.path):
-            return self._adopt_orphan(run)
-        self._start(run, ORIGIN_CLAIM)
+        try:
+            claimed = held.io.claim()
+        except (RunIOError, OSError) as e:
+            log.error("%s: cannot claim the marker: %s", run.path, e)
+            return False
+        if not claimed:
+            return self._adopt_orphan(run, held)
+        self._start(run, held, ORIGIN_CLAIM)
         return True
 
-    def _adopt_orphan(self, run: RunDir) -> bool:
+    def _adopt_orphan(self, run: RunDir, held: HeldRun) -> bool:
         """Take over a `.fork.inprogress` whose claimer is gone (timeouts.orphan_claim, the claim record)."""
         claimed = run.path / INPROGRESS
-        try:
-            st = os.lstat(claimed)
-        except OSError:
+        state = held.io.claim_state()
+        if state is None:
             return False
-        info = _claim_info(claimed) if stat.S_ISREG(st.st_mode) else None
+        info = _claim_info(state)
         if info is not None:
             if info.get("fork_id") and self.journaled(str(info["fork_id"])):
                 return False  # ours, being resumed from the journal
             if not self._claimer_gone(info):
                 return False
-        elif time.time() - st.st_ctime < self.config.timeouts.orphan_claim:
+        elif time.time() - float(state["ctime"]) < self.config.timeouts.orphan_claim:
             # Its claimer may be another host's daemon between its claim (which set the ctime) and its record.
             return False
         log.warning("adopting %s: its claimer is gone", claimed)
         if info is not None and isinstance(info.get("fork_id"), str):
             # The dead claimer's copies, if any: leave one complete 0000 before our own fork stages anything.
-            with contextlib.suppress(swap.SwapError, ValueError, OSError):
-                swap.settle_leftover(run.checkpoints, info["fork_id"])
-        self._start(run, ORIGIN_ORPHAN, claim=info)
+            with contextlib.suppress(RunIOError, ValueError, OSError):
+                held.io.settle_leftover(info["fork_id"])
+        self._start(run, held, ORIGIN_ORPHAN, claim=info)
         return True
 
     def journaled(self, fork_id: str) -> bool:
@@ -199,98 +263,89 @@ class ForkPipeline:
         beat = info.get("heartbeat_at")
         return not isinstance(beat, int | float) or time.time() - beat > self.config.timeouts.claim_lease
 
-    def _start(self, run: RunDir, origin: str, claim: dict[str, Any] | None = None) -> None:
+    def _start(self, run: RunDir, held: HeldRun, origin: str, claim: dict[str, Any] | None = None) -> None:
         model_dir = run.path
         fork_id = new_fork_id()
         started = time.time()
         record = ForkRecord(fork_id, str(model_dir), ForkState.CLAIMED, request={}, started_at=started)
+        # Which directory this fork claimed: a restart finds it again by path and must find the same one.
+        record.stages["run"] = {"dev": held.opened.dev, "ino": held.opened.ino, "uid": held.opened.uid}
         logger = self._logger(record)
         try:
-            if claim is not None and "marker" in claim:
-                raw = str(claim["marker"]).encode()
-            else:
-                raw = read_marker_file(model_dir / INPROGRESS)
-            request = parse_marker(raw, model_dir / MARKER)
-            record.request = request.to_json()
-            self._write_claim(model_dir, record, raw)
-            source = resolve_source(request, run, self.config.allowed_source_roots)
-            record.source = str(source)
-        except (MarkerError, ResolveError) as e:
+            embedded = str(claim["marker"]) if claim is not None and "marker" in claim else None
+            record.request, raw = held.io.read_request(embedded)
+            self._write_claim(held, record, raw)
+            record.source = held.io.resolve(record.request, self._roots())
+        except RunIOError as e:
             logger.error("fork rejected: %s", e)
-            self._finish_failed(record, str(e))
+            self._finish_failed(record, str(e), held)
             return
-        logger.info("fork claimed (%s): %s -> %s/%s", origin, request.describe(), run.checkpoints, SERVED_STEP)
+        logger.info("fork claimed (%s): %s -> %s/%s", origin, record.request, run.checkpoints, SERVED_STEP)
         self.journal.create(record)
-        self._run_steps(record)
+        self._run_steps(record, held)
 
-    def _write_claim(self, model_dir: Path, record: ForkRecord, raw: bytes) -> None:
+    def _roots(self) -> list[str]:
+        return [str(r) for r in self.config.allowed_source_roots]
+
+    def _write_claim(self, held: HeldRun, record: ForkRecord, raw: str) -> None:
         # Host, pid and a heartbeat let another daemon on a shared filesystem tell a live claim from a dead one.
         info = {
             "fork_id": record.fork_id,
             "claimed_by": {"host": self.host, "pid": os.getpid(), "state_dir": str(self.config.state_dir)},
             "heartbeat_at": time.time(),
             "request": record.request,
-            "marker": raw.decode("utf-8", errors="replace"),
+            "marker": raw,
         }
-        write_json_atomic(model_dir / INPROGRESS, info)
-        self.claims.hold(model_dir / INPROGRESS, info)
+        held.io.write_claim(info)
+        self.claims.hold(held.opened.run.path / INPROGRESS, held.io, info)
 
     # --- the steps ----------------------------------------------------------------------------------------------
-    def _run_steps(self, record: ForkRecord) -> None:
-        steps: dict[ForkState, Callable[[ForkRecord], None]] = {
+    def _run_steps(self, record: ForkRecord, held: HeldRun) -> None:
+        steps: dict[ForkState, Callable[[ForkRecord, HeldRun], None]] = {
             ForkState.CLAIMED: self._stage,
             ForkState.STAGED: self._swap,
-            ForkState.SWAPPED: lambda r: self._notify(r, "trainers", ForkState.TRAINERS),
-            ForkState.TRAINERS: lambda r: self._notify(r, "vllm", ForkState.VLLM),
+            ForkState.SWAPPED: lambda r, h: self._notify(r, "trainers", ForkState.TRAINERS),
+            ForkState.TRAINERS: lambda r, h: self._notify(r, "vllm", ForkState.VLLM),
             ForkState.VLLM: self._verify,
             ForkState.VERIFIED: self._finish_done,
         }
         while not record.state.terminal:
             try:
-                steps[record.state](record)
-            except ForkFailed as e:
+                _check_in_place(record, held.opened)
+                steps[record.state](record, held)
+            except (ForkFailed, RunIOError) as e:
                 self._logger(record).error("fork failed: %s", e)
-                self._finish_failed(record, str(e))
+                self._finish_failed(record, str(e), held)
             except Exception as e:  # a bug must still end the fork with an outcome, never strand the claim
                 self._logger(record).exception("internal error in state %s", record.state)
-                self._finish_failed(record, f"internal error in state {record.state} ({e!r}); see journalctl.")
+                self._finish_failed(record, f"internal error in state {record.state} ({e!r}); see journalctl.", held)
 
-    def _stage(self, record: ForkRecord) -> None:
+    def _stage(self, record: ForkRecord, held: HeldRun) -> None:
         assert record.source is not None
         started = time.monotonic()
-        try:
-            staged = swap.stage_checkpoint(
-                Path(record.source), self._checkpoints(record), record.fork_id, copy_mode=self.config.swap.copy_mode
-            )
-        except (swap.SwapError, AdapterError) as e:
-            raise ForkFailed(str(e)) from None
+        sources = self.config.sources
+        limits = {"max_files": sources.max_files, "max_bytes": sources.max_bytes, "max_depth": sources.max_depth}
+        staged = held.io.stage(record.fork_id, record.source, self.config.swap.copy_mode, limits, self._roots())
         record.stages["swap"] = {
             "status": "ok",
-            "method": staged.method,
-            "files": list(staged.files),
-            "bytes": staged.bytes,
+            "method": staged["method"],
+            "files": staged["files"],  # the first 100 names; file_count has them all
+            "file_count": staged["file_count"],
+            "bytes": staged["bytes"],
             "stage_seconds": round(time.monotonic() - started, 4),
             # Lets install tell the staged copy from the old 0000 by inode after a crash, without hashing both.
-            "stage_inode": staged.inode,
-            "adapter_fingerprint": _fingerprint(staged.path / ADAPTER_FILE),
+            "stage_inode": staged["inode"],
+            "adapter_fingerprint": staged["adapter_fingerprint"],
         }
-        self.journal.advance(record, ForkState.STAGED, digest=staged.digest)
+        self.journal.advance(record, ForkState.STAGED, digest=staged["digest"])
         self._logger(record, "swap").info(
-            "staged %d bytes by %s, digest %s", staged.bytes, staged.method, staged.digest
+            "staged %d bytes by %s, digest %s", staged["bytes"], staged["method"], staged["digest"]
         )
 
-    def _swap(self, record: ForkRecord) -> None:
+    def _swap(self, record: ForkRecord, held: HeldRun) -> None:
         assert record.digest is not None
         started = time.monotonic()
-        try:
-            swap.install_staged(
-                self._checkpoints(record),
-                record.fork_id,
-                record.digest,
-                stage_inode=record.stages.get("swap", {}).get("stage_inode"),
-            )
-        except (swap.SwapError, AdapterError) as e:
-            raise ForkFailed(str(e)) from None
+        held.io.install(record.fork_id, record.digest, record.stages.get("swap", {}).get("stage_inode"))
         outcome = record.stages.setdefault("swap", {"status": "ok"})
         outcome["install_seconds"] = round(time.monotonic() - started, 4)
         outcome["seconds"] = round(outcome.get("stage_seconds", 0.0) + outcome["install_seconds"], 4)
@@ -325,19 +380,10 @@ class ForkPipeline:
         logger.log(level, "%s stage %s%s", name, outcome.status, f": {why}" if why else "")
         return outcome
 
-    def _verify(self, record: ForkRecord) -> None:
+    def _verify(self, record: ForkRecord, held: HeldRun) -> None:
         started = time.monotonic()
-        checkpoints = self._checkpoints(record)
-        served = checkpoints / SERVED_STEP
-        if _fingerprint(served / ADAPTER_FILE) == record.stages.get("swap", {}).get("adapter_fingerprint"):
-            # Same inode, size and mtime as the file the digest was computed from while staging: nothing has
-            # written to it since, so re-hashing (a full read of the adapter) would only repeat that digest.
-            on_disk = record.digest
-        else:
-            try:
-                on_disk = adapter_digest(served)
-            except (AdapterError, OSError) as e:
-                on_disk = f"unreadable ({e})"
+        checkpoints = Path(record.model_dir) / "checkpoints"
+        on_disk = held.io.disk_digest(record.stages.get("swap", {}).get("adapter_fingerprint"), record.digest)
         problems = []
         if on_disk != record.digest:
             problems.append(
@@ -353,52 +399,43 @@ class ForkPipeline:
             "disk_digest": on_disk,
         }
         # The retired copy outlived every reload of this fork (vLLM may read from paths until its reload returns).
-        swap.discard_retired(checkpoints, record.fork_id)
+        held.io.discard_retired(record.fork_id)
         self.journal.advance(record, ForkState.VERIFIED, error=problems[0] if problems else None)
 
     # --- endings ------------------------------------------------------------------------------------------------
-    def _finish_done(self, record: ForkRecord) -> None:
+    def _finish_done(self, record: ForkRecord, held: HeldRun) -> None:
         if record.error:
-            self._finish_failed(record, record.error)
+            self._finish_failed(record, record.error, held)
             return
-        self._write_outcome(record, "done")
+        self._write_outcome(record, "done", held)
         self.journal.advance(record, ForkState.DONE, finished_at=record.finished_at)
         self._logger(record).info("fork done in %.2fs", (record.finished_at or 0) - record.started_at)
         self._close(record)
 
-    def _finish_failed(self, record: ForkRecord, error: str) -> None:
+    def _finish_failed(self, record: ForkRecord, error: str, held: HeldRun) -> None:
         record.error = error
         if record.state in (ForkState.CLAIMED, ForkState.STAGED):
-            self._discard_copies(record)
-            record.stages.setdefault("swap", {}).update(self._served_now(record))
-        self._write_outcome(record, "failed")
+            with contextlib.suppress(RunIOError, OSError):
+                held.io.discard_copies(record.fork_id, staged=record.state is ForkState.STAGED)
+            record.stages.setdefault("swap", {}).update(self._served_now(record, held))
+        self._write_outcome(record, "failed", held)
         if self.journaled(record.fork_id):
             self.journal.advance(record, ForkState.FAILED, finished_at=record.finished_at)
         else:
             record.state = ForkState.FAILED
         self._close(record)
 
-    def _discard_copies(self, record: ForkRecord) -> None:
-        checkpoints = self._checkpoints(record)
-        if record.state is ForkState.STAGED:
-            try:
-                # Install may have got part of the way; this leaves one complete 0000 and nothing else.
-                swap.settle_leftover(checkpoints, record.fork_id)
-                return
-            except (swap.SwapError, OSError):
-                pass  # e.g. 0000 is a symlink: settling refuses to touch it, so just drop our copy below
-        with contextlib.suppress(swap.SwapError, OSError):
-            swap.abort_staged(checkpoints, record.fork_id)
-
-    def _served_now(self, record: ForkRecord) -> dict[str, Any]:
+    def _served_now(self, record: ForkRecord, held: HeldRun) -> dict[str, Any]:
         """After a failure around the swap, say plainly which adapter checkpoints/0000 holds."""
         try:
-            held = adapter_digest(self._checkpoints(record) / SERVED_STEP)
-        except (AdapterError, OSError):
+            served = held.io.served_digest()
+        except (RunIOError, OSError):
+            served = None
+        if served is None:
             return {"status": "failed"}
-        return {"status": "failed", "served_digest": held, "served_is_new": held == record.digest}
+        return {"status": "failed", "served_digest": served, "served_is_new": served == record.digest}
 
-    def _write_outcome(self, record: ForkRecord, status: str) -> None:
+    def _write_outcome(self, record: ForkRecord, status: str, held: HeldRun) -> None:
         record.finished_at = time.time()
         model_dir = Path(record.model_dir)
         outcome: dict[str, Any] = {
@@ -418,15 +455,9 @@ class ForkPipeline:
         }
         if rid := record.request.get("request_id"):
             outcome["request_id"] = rid
-        if model_dir.is_dir():
-            write_outcome(model_dir, outcome)
-        claimed = model_dir / INPROGRESS
-        self.claims.release(claimed)
-        try:
-            remove_quietly(claimed)
-        except OSError:  # a non-empty directory named .fork: move it aside rather than delete a user's files
-            with contextlib.suppress(OSError):
-                os.rename(claimed, model_dir / f".fork.rejected-{record.fork_id}")
+        self.claims.release(model_dir / INPROGRESS)
+        # Through the directory claimed, wherever it is now: a run moved during the fork gets its outcome there.
+        held.io.finish(record.fork_id, outcome)
 
     def _close(self, record: ForkRecord) -> None:
         self.journal.finish(record)
@@ -434,9 +465,6 @@ class ForkPipeline:
             self.on_finish(record)
 
     # --- helpers ------------------------------------------------------------------------------------------------
-    def _checkpoints(self, record: ForkRecord) -> Path:
-        return Path(record.model_dir) / "checkpoints"
-
     def _logger(self, record: ForkRecord, stage: str | None = None) -> logging.LoggerAdapter[logging.Logger]:
         run = "/".join(Path(record.model_dir).parts[-3::2])  # project/model
         extra = {"fork_run": record.model_dir, "fork_id": record.fork_id, "fork_stage": stage or "", "run": run}
@@ -456,7 +484,6 @@ class _ForkLogger(logging.LoggerAdapter[logging.Logger]):
         return f"[{extra.get('run')} {extra.get('fork_id')}] {msg}", kwargs
 
 
-ADAPTER_FILE = "adapter_model.safetensors"
 # How long a marker must have been left alone before a worker that was not told of its close() takes it.
 MARKER_SETTLE_S = 0.25
 
@@ -475,14 +502,27 @@ def _wait_until_settled(marker: Path) -> None:
         time.sleep(MARKER_SETTLE_S - age)
 
 
-def _fingerprint(path: Path) -> list[int] | None:
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return None
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+def _claim_info(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    data = state.get("info") if state is not None and state.get("regular") else None
+    return data if isinstance(data, dict) and "claimed_by" in data else None
 
 
-def _claim_info(path: Path) -> dict[str, Any] | None:
-    data = read_json_object(path)
-    return data if data is not None and "claimed_by" in data else None
+def _same_run(record: ForkRecord, opened: OpenRun) -> bool:
+    expected = record.stages.get("run")
+    return not isinstance(expected, dict) or (expected.get("dev"), expected.get("ino")) == (opened.dev, opened.ino)
+
+
+# The steps that act on the run or tell others about it: each first checks the path still names the run claimed.
+_ACTING = {
+    ForkState.STAGED: "nothing was swapped",
+    ForkState.SWAPPED: "checkpoints/0000 of the directory claimed holds the fork; no trainer or server was told",
+    ForkState.TRAINERS: "checkpoints/0000 of the directory claimed holds the fork; no vLLM server was told",
+}
+
+
+def _check_in_place(record: ForkRecord, opened: OpenRun) -> None:
+    if record.state in _ACTING and not opened.still_in_place():
+        raise ForkFailed(
+            f"{record.model_dir} was moved or replaced during the fork ({_ACTING[record.state]}); "
+            "fork again where the run is now."
+        )
