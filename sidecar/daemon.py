@@ -1,9 +1,10 @@
 """The daemon: wiring, per-run serialization, signals, systemd notification and shutdown.
 
-Threads: the main loop (signals, watchdog pings, status), the watcher's one thread, and one worker per run that
-has a fork to do, which exits when that run has nothing queued; an idle daemon is two threads whatever the number
-of runs. Forks of different runs run in parallel (at most MAX_PARALLEL_FORKS at once); forks of one run never
-overlap, because a run has at most one worker and a marker arriving while it works is picked up by that worker.
+Threads: the main loop (signals, watchdog pings, status), the watcher's one thread, and fork workers from a fixed
+pool (`forks.workers`, sidecar.scheduler), started on demand and gone when idle; an idle daemon is two threads
+whatever the number of runs. Forks of different runs run in parallel, fairly between run owners (at most
+`forks.per_owner` workers each); forks of one run never overlap, because a run has at most one worker and a marker
+arriving while it works is queued behind it.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from typing import Any
 
 import psutil
 
-from sidecar import __version__, swap
+from sidecar import __version__
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.journal import ForkRecord, Journal
 from sidecar.layout import RunDir, iter_run_dirs, run_dir_of
 from sidecar.logs import setup_logging
-from sidecar.marker import INPROGRESS, read_json_object
+from sidecar.marker import INPROGRESS
 from sidecar.metrics import Metrics, MetricsError
 from sidecar.pipeline import ForkPipeline
+from sidecar.rundir import RunDirError, open_run
+from sidecar.scheduler import FairQueue
 from sidecar.sdnotify import Notifier
 from sidecar.stages import Stage
 from sidecar.watch import MarkerWatcher
@@ -39,7 +42,6 @@ __all__ = ["Daemon", "build_stages"]
 
 log = logging.getLogger("sidecar.daemon")
 
-MAX_PARALLEL_FORKS = 8
 STATUS_EVERY_S = 10.0
 
 
@@ -62,12 +64,10 @@ class Daemon:
         self.pipeline = ForkPipeline(config, self.journal, build_stages(config))
         self.watcher: MarkerWatcher | None = None
         self._lock = threading.Lock()
-        self._active: dict[Path, threading.Thread] = {}
-        self._again: set[Path] = set()
+        self._queue = FairQueue(config.forks.workers, config.forks.per_owner, self._work)
         self._resumes: dict[Path, list[ForkRecord]] = {}
         # Runs with a `.fork.inprogress` no journal of ours knows: re-offered each tick until adopted or gone.
         self._orphans: set[Path] = set()
-        self._slots = threading.BoundedSemaphore(MAX_PARALLEL_FORKS)
         self._started_at = time.time()
         self._counts = {"done": 0, "failed": 0}
         self._last_status = 0.0
@@ -97,9 +97,9 @@ class Daemon:
             self._main_loop()
         finally:
             self.notifier.stopping()
-            log.info("stopping: waiting for %d active fork(s) to reach a journaled state", len(self._active))
+            log.info("stopping: waiting for %d active fork(s) to reach a journaled state", len(self._queue.active()))
             self.watcher.stop()
-            self._join_workers(timeout=10.0)
+            self._queue.stop(timeout=10.0)
             self._write_status(stopped=True)
             self.metrics.close()
             self.journal.unlock()
@@ -165,6 +165,7 @@ class Daemon:
             except MetricsError as e:
                 log.error("metrics endpoint not reopened: %s", e)
         self.config = new
+        self._queue.configure(new.forks.workers, new.forks.per_owner)
         self.pipeline = self._new_pipeline(new)
         assert self.watcher is not None
         if (new.watch.mode, new.watch.poll_interval, new.watch.rescan_interval) != (
@@ -198,43 +199,30 @@ class Daemon:
 
     # --- scheduling -----------------------------------------------------------------------------------------
     def _submit(self, model_dir: Path) -> None:
-        """Called for every marker seen: start the run's worker, or tell the running one to look again."""
-        with self._lock:
-            if model_dir in self._active:
-                self._again.add(model_dir)
-                return
-            worker = threading.Thread(target=self._work, args=(model_dir,), name=f"fork:{model_dir.name}", daemon=True)
-            self._active[model_dir] = worker
-        worker.start()
+        """Called for every marker seen: queue the run under its owner, or have its worker look again after."""
+        try:
+            owner = os.lstat(model_dir).st_uid  # for fairness only: the fork itself acts as the owner it opens
+        except OSError:
+            owner = -1
+        self._queue.submit(model_dir, owner)
 
-    def _work(self, model_dir: Path) -> None:
-        passes = 0
-        with self._slots:
-            while True:
-                pipeline = self.pipeline
-                for record in self._resumes.pop(model_dir, []):
-                    pipeline.resume(record)
-                run = run_dir_of(model_dir, tuple(self.config.watch.roots))
-                if run is not None:
-                    try:
-                        # After the first pass nobody has just seen the marker closed: let a writer finish.
-                        pipeline.process_run(run, settle=passes > 0)
-                    except Exception:  # keep the daemon alive; the journal lets a restart finish the fork
-                        log.exception("unexpected error while processing %s", model_dir)
-                with self._lock:
-                    if model_dir not in self._again:
-                        del self._active[model_dir]
-                        break
-                    self._again.discard(model_dir)
-                passes += 1
+    def _work(self, model_dir: Path, settle: bool) -> None:
+        pipeline = self.pipeline
+        try:
+            for record in self._resumes.pop(model_dir, []):
+                pipeline.resume(record)
+            run = run_dir_of(model_dir, tuple(self.config.watch.roots))
+            if run is not None:
+                # Taken again after a pass: nobody has just seen the marker closed, so let a writer finish.
+                pipeline.process_run(run, settle=settle)
+        except Exception:  # keep the daemon alive; the journal lets a restart finish the fork
+            log.exception("unexpected error while processing %s", model_dir)
         self.wake.set()
 
     def _scan_orphans(self) -> None:
         """Claims left by a daemon that died while this one runs (another host's, on a shared filesystem)."""
         assert self.watcher is not None
-        with self._lock:
-            active = set(self._active)
-        found = {d for d in self.watcher.run_dirs() if d not in active and os.path.lexists(d / INPROGRESS)}
+        found = {d for d in self.watcher.run_dirs() if not self._queue.has(d) and os.path.lexists(d / INPROGRESS)}
         with self._lock:
             self._orphans |= found
 
@@ -245,13 +233,8 @@ class Daemon:
             if not os.path.lexists(model_dir / INPROGRESS):
                 with self._lock:
                     self._orphans.discard(model_dir)
-            elif model_dir not in self._active:
+            elif not self._queue.has(model_dir):
                 self._submit(model_dir)
-
-    def _join_workers(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for worker in list(self._active.values()):
-            worker.join(max(0.0, deadline - time.monotonic()))
 
     def _count(self, record: ForkRecord) -> None:
         key = "done" if record.state.value == "done" else "failed"
@@ -280,27 +263,16 @@ class Daemon:
         """Remove staging/retired copies of forks that no journal and no claim knows (a crash before the journal),
         and temp files of atomic writes whose writer died (`..fork.done.tmp-<pid>-<hex>` and the like)."""
         for run in runs:
-            _remove_dead_temp_files(run.path)
-            found = swap.leftovers(run.checkpoints)
-            if not found:
-                continue
-            claimed = _claimed_fork_id(run.path / INPROGRESS)
-            for fork_id in sorted({fork_id for _, fork_id in found}):
-                # Checked now, not at start: a fork claimed since then is journaled before it stages anything.
-                if fork_id == claimed or self.pipeline.journaled(fork_id):
-                    continue
-                try:
-                    done = swap.settle_leftover(run.checkpoints, fork_id)
-                except swap.SwapError as e:
-                    log.error("leftovers of fork %s: %s", fork_id, e)
-                else:
-                    log.info("leftovers of fork %s in %s: %s", fork_id, run.checkpoints, done)
+            _remove_dead_temp_files(run)
+            # Checked now, not at start: a fork claimed since then is journaled before it stages anything.
+            self.pipeline.collect_leftovers(run, self.pipeline.journaled)
 
     # --- status ---------------------------------------------------------------------------------------------
     def _summary(self) -> str:
         assert self.watcher is not None
+        active = len(self._queue.active())
         with self._lock:
-            active, done, failed = len(self._active), self._counts["done"], self._counts["failed"]
+            done, failed = self._counts["done"], self._counts["failed"]
         return (
             f"watching {self.watcher.run_count()} runs ({self.watcher.backend}), "
             f"{active} forking, {done} done, {failed} failed"
@@ -309,9 +281,8 @@ class Daemon:
     def _write_status(self, *, stopped: bool = False) -> None:
         self._last_status = time.monotonic()
         assert self.watcher is not None
-        with self._lock:
-            active = sorted(str(p) for p in self._active)
-            queued = sorted(str(p) for p in self._again)
+        active = [str(p) for p in self._queue.active()]
+        queued = [str(p) for p in self._queue.queued()]
         status: dict[str, Any] = {
             "pid": os.getpid(),
             "version": __version__,
@@ -338,21 +309,22 @@ class Daemon:
 _TEMP_FILE = re.compile(r"^\.\.fork(?:\.[a-z]+)?\.tmp-(\d+)-[0-9a-f]{6}$")
 
 
-def _remove_dead_temp_files(model_dir: Path) -> None:
+def _remove_dead_temp_files(run: RunDir) -> None:
+    """Our own temp names only, through the run opened without following symlinks (see sidecar.rundir)."""
     try:
-        names = os.listdir(model_dir)
-    except OSError:
+        opened = open_run(run)
+    except RunDirError:
         return
-    for name in names:
-        match = _TEMP_FILE.match(name)
-        if match and not psutil.pid_exists(int(match.group(1))):
-            with contextlib.suppress(OSError):
-                os.unlink(model_dir / name)
-
-
-def _claimed_fork_id(path: Path) -> str | None:
-    data = read_json_object(path)
-    return str(data["fork_id"]) if data and data.get("fork_id") else None
+    try:
+        for name in os.listdir(opened.fd):
+            match = _TEMP_FILE.match(name)
+            if match and not psutil.pid_exists(int(match.group(1))):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=opened.fd)
+    except OSError:
+        pass
+    finally:
+        opened.close()
 
 
 def _with_state_dir(config: Config, state_dir: Path) -> Config:

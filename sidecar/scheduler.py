@@ -1,0 +1,140 @@
+"""Which run a fork worker takes next: a fixed pool, one worker per run at a time, fair between run owners.
+
+Runs with work wait in one queue per owner (the uid owning the model directory); owners are served in turn, and an
+owner holding `per_owner` workers gets no more until one comes back. So however many of alice's forks hang (her
+agent never answers, her FUSE mount stalls), bob's fork finds a free worker while per_owner < workers, and 10,000
+markers cost 10,000 queue entries, not 10,000 threads. Workers start on demand, up to `workers`, and exit as soon as
+nothing they may take is left: an idle daemon keeps no fork threads at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["FairQueue"]
+
+
+class FairQueue:
+    def __init__(self, workers: int, per_owner: int, work: Callable[[Path, bool], None]) -> None:
+        self.workers = workers
+        self.per_owner = per_owner
+        self._work = work  # (run, settle): settle is true for a run taken again after a pass (see process_run)
+        self._lock = threading.Lock()
+        self._queues: dict[int, collections.deque[Path]] = {}
+        self._turns: collections.deque[int] = collections.deque()  # owners with queued runs, in serving order
+        self._queued: dict[Path, tuple[int, bool]] = {}  # run -> (owner, settle)
+        self._active: dict[Path, int] = {}  # run -> owner
+        self._per_owner_active: collections.Counter[int] = collections.Counter()
+        self._again: set[Path] = set()
+        self._threads: set[threading.Thread] = set()
+        self._busy = 0
+        self._stopping = False
+
+    # --- the daemon's side ------------------------------------------------------------------------------------
+    def submit(self, run: Path, owner: int) -> None:
+        """A marker (or a claim to look at) in `run`: queue it, or have its running worker look again after."""
+        with self._lock:
+            if run in self._active:
+                self._again.add(run)
+            elif run not in self._queued:
+                self._enqueue(run, owner, settle=False)
+            self._spawn_if_needed()
+
+    def configure(self, workers: int, per_owner: int) -> None:
+        with self._lock:
+            self.workers, self.per_owner = workers, per_owner
+            self._spawn_if_needed()
+
+    def has(self, run: Path) -> bool:
+        with self._lock:
+            return run in self._active or run in self._queued
+
+    def active(self) -> list[Path]:
+        with self._lock:
+            return sorted(self._active)
+
+    def queued(self) -> list[Path]:
+        with self._lock:
+            return sorted(set(self._queued) | self._again)
+
+    def stop(self, timeout: float) -> None:
+        """No new work is taken; waits up to `timeout` for the workers' current forks."""
+        with self._lock:
+            self._stopping = True
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout / max(1, len(threads)))
+
+    # --- internals ----------------------------------------------------------------------------------------------
+    def _enqueue(self, run: Path, owner: int, *, settle: bool) -> None:
+        queue = self._queues.setdefault(owner, collections.deque())
+        if not queue and owner not in self._turns:
+            self._turns.append(owner)
+        queue.append(run)
+        self._queued[run] = (owner, settle)
+
+    def _takeable(self) -> int:
+        return sum(
+            min(len(q), max(0, self.per_owner - self._per_owner_active[o])) for o, q in self._queues.items() if q
+        )
+
+    def _spawn_if_needed(self) -> None:
+        idle = len(self._threads) - self._busy
+        if not self._stopping and len(self._threads) < self.workers and self._takeable() > idle:
+            thread = threading.Thread(target=self._worker, name=f"fork-worker-{len(self._threads)}", daemon=True)
+            self._threads.add(thread)
+            thread.start()
+
+    def _take(self) -> tuple[Path, bool] | None:
+        """The next run of the first owner in turn with a free slot; the owner goes to the back of the line."""
+        for _ in range(len(self._turns)):
+            owner = self._turns[0]
+            self._turns.rotate(-1)
+            queue = self._queues.get(owner)
+            if not queue:
+                self._turns.remove(owner)
+                self._queues.pop(owner, None)
+                continue
+            if self._per_owner_active[owner] >= self.per_owner:
+                continue
+            run = queue.popleft()
+            if not queue:
+                self._turns.remove(owner)
+                del self._queues[owner]
+            _, settle = self._queued.pop(run)
+            self._active[run] = owner
+            self._per_owner_active[owner] += 1
+            return run, settle
+        return None
+
+    def _finish(self, run: Path) -> None:
+        owner = self._active.pop(run)
+        self._per_owner_active[owner] -= 1
+        if self._per_owner_active[owner] <= 0:
+            del self._per_owner_active[owner]
+        if run in self._again:
+            self._again.discard(run)
+            # Behind the runs already waiting: a run re-touched in a loop cannot starve the others.
+            self._enqueue(run, owner, settle=True)
+
+    def _worker(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._lock:
+                item = None if self._stopping else self._take()
+                if item is None:
+                    self._threads.discard(me)
+                    return
+                self._busy += 1
+                self._spawn_if_needed()
+            run, settle = item
+            try:
+                self._work(run, settle)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                    self._finish(run)
+                    self._spawn_if_needed()

@@ -1,0 +1,83 @@
+"""The fork worker pool: bounded threads, one worker per run, fair between owners (sidecar/scheduler.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from sidecar.scheduler import FairQueue
+from tests.support.daemon import wait_for
+
+
+class Blocking:
+    """Work that holds its worker until released, recording what ran."""
+
+    def __init__(self) -> None:
+        self.started: list[Path] = []
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+
+    def __call__(self, run: Path, settle: bool) -> None:
+        with self.lock:
+            self.started.append(run)
+            self.running += 1
+            self.most = max(self.most, self.running)
+        if run.name.startswith("stuck"):
+            self.release.wait(30)
+        with self.lock:
+            self.running -= 1
+
+
+def test_one_owners_stuck_runs_never_hold_every_worker() -> None:
+    work = Blocking()
+    queue = FairQueue(workers=4, per_owner=2, work=work)
+    for i in range(10):
+        queue.submit(Path(f"stuck{i}"), owner=1000)
+    wait_for(lambda: len(work.started) == 2, 5, "two of alice's runs started")
+    queue.submit(Path("bob"), owner=1001)
+    wait_for(lambda: Path("bob") in work.started, 5, "bob's run taken while alice's hang")
+    time.sleep(0.1)
+    assert len([r for r in work.started if r.name.startswith("stuck")]) == 2  # alice gets no more than her share
+    work.release.set()
+    wait_for(lambda: len(work.started) == 11 and not queue.active(), 10, "everything done")
+    assert work.most <= 4
+
+
+def test_threads_are_bounded_and_gone_when_idle() -> None:
+    work = Blocking()
+    before = threading.active_count()
+    queue = FairQueue(workers=3, per_owner=3, work=work)
+    for i in range(500):
+        queue.submit(Path(f"stuck{i}"), owner=i % 7)
+    wait_for(lambda: work.running == 3, 5, "the pool busy")
+    assert threading.active_count() - before == 3
+    work.release.set()
+    wait_for(lambda: len(work.started) == 500, 20, "every run")
+    wait_for(lambda: threading.active_count() == before, 5, "the workers gone")
+
+
+def test_a_run_resubmitted_while_it_works_runs_again_once_after_and_never_twice_at_once() -> None:
+    seen: list[tuple[Path, bool]] = []
+    gate = threading.Event()
+    overlap = []
+    running: set[Path] = set()
+
+    def work(run: Path, settle: bool) -> None:
+        if run in running:
+            overlap.append(run)
+        running.add(run)
+        seen.append((run, settle))
+        gate.wait(5)
+        running.discard(run)
+
+    queue = FairQueue(workers=4, per_owner=4, work=work)
+    queue.submit(Path("r"), owner=0)
+    wait_for(lambda: seen, 5, "the first pass")
+    for _ in range(5):
+        queue.submit(Path("r"), owner=0)
+    gate.set()
+    wait_for(lambda: len(seen) == 2 and not queue.has(Path("r")), 5, "one more pass")
+    assert seen == [(Path("r"), False), (Path("r"), True)] and not overlap
