@@ -1,0 +1,428 @@
+"""Tenants: a root daemon on a shared node acts for a run only with its owner's rights, and fairly (issue 18).
+
+Real users (`alice` owns `pa/models/m`, `bob` owns the project `pq`, created with `useradd` when absent), the real
+daemon as root, real files. Promise: alice cannot make the daemon read what she cannot read, write where she cannot
+write, learn through its sentences what she could not see, or delay bob's forks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sidecar.fsops import exchange_dirs
+from sidecar.marker import MAX_RECORD_BYTES
+from tests.reliability.support import Fleet, mounted_tmpfs, proc_sample, tree_digest, wait_settled
+from tests.support.adapters import write_adapter, write_big_adapter
+from tests.support.daemon import wait_for
+
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(os.geteuid() != 0, reason="tenant tests create users and run the daemon as root"),
+]
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+
+    def run(self, command: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """A shell command as this user (no groups but its own), as a tenant would type it."""
+        return subprocess.run(
+            ["/bin/sh", "-c", command],
+            user=self.uid,
+            group=self.gid,
+            extra_groups=[],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+
+def _user(name: str) -> User:
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+        entry = pwd.getpwnam(name)
+    return User(name, entry.pw_uid, entry.pw_gid)
+
+
+@pytest.fixture(scope="session")
+def alice() -> User:
+    return _user("alice")
+
+
+@pytest.fixture(scope="session")
+def bob() -> User:
+    return _user("bob")
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A directory every user can traverse (pytest's tmp_path lives under a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="tenants-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            subprocess.run(["umount", "-l", str(path / "small")], capture_output=True, check=False)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def art(base: Path) -> Path:
+    root = base / "art"
+    root.mkdir(mode=0o755)
+    return root
+
+
+@pytest.fixture
+def fleet(base: Path, art: Path) -> Iterator[Fleet]:
+    state = base / "daemon"
+    state.mkdir(mode=0o700)
+    with Fleet(state, [art], overrides={"log": {"level": "info"}}) as f:
+        yield f
+
+
+def chown_tree(path: Path, user: User) -> None:
+    for p in [path, *path.rglob("*")]:
+        os.chown(p, user.uid, user.gid, follow_symlinks=False)
+
+
+def make_owned_run(art: Path, project: str, model: str, user: User, steps: tuple[int, ...] = (3,)) -> Path:
+    """`{art}/{project}/models/{model}` owned by `user` (dirs 0755, files 0644, as umask 022 leaves them)."""
+    model_dir = art / project / "models" / model
+    write_adapter(model_dir / "checkpoints" / "0000", seed=0)
+    for step in steps:
+        write_adapter(model_dir / "checkpoints" / f"{step:04d}", seed=step)
+    chown_tree(art / project, user)
+    return model_dir
+
+
+@pytest.fixture
+def bobs(art: Path, bob: User) -> Path:
+    """bob's project `pq` (0700) with the model `secret`; its checkpoints are 0644 inside."""
+    model_dir = make_owned_run(art, "pq", "secret", bob, steps=(3,))
+    (art / "pq").chmod(0o700)
+    return model_dir
+
+
+@pytest.fixture
+def alices(art: Path, alice: User) -> Path:
+    return make_owned_run(art, "pa", "m", alice, steps=(1,))
+
+
+def write_marker_as(user: User, model_dir: Path, text: str) -> None:
+    """The marker as `user` writes it: a temp file renamed into place."""
+    tmp = model_dir / ".fork.tmp-tenant"
+    done = user.run(f"printf '%s' '{text}' > '{tmp}' && mv '{tmp}' '{model_dir / '.fork'}'")
+    assert done.returncode == 0, done.stderr
+
+
+def outcome_of(fleet: Fleet, model_dir: Path, timeout: float = 60) -> dict[str, object]:
+    view = wait_settled(model_dir, [fleet.state_dir(0)], timeout)
+    assert view.outcome is not None and not view.markers, (view, fleet.daemons[0].log())
+    return dict(view.outcome)
+
+
+def snapshot(path: Path) -> dict[str, tuple[int, int, bytes | str]]:
+    """Every entry under `path` with its owner, mode and content (or link target)."""
+    out: dict[str, tuple[int, int, bytes | str]] = {}
+    for p in sorted([path, *path.rglob("*")]):
+        st = p.lstat()
+        content: bytes | str = os.readlink(p) if p.is_symlink() else (p.read_bytes() if p.is_file() else b"")
+        out[str(p.relative_to(path))] = (st.st_uid, st.st_mode, content)
+    return out
+
+
+# --- cross-user reads ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "how",
+    ["absolute", "dotdot", "symlink-alice-owns", "step-symlink", "from_model"],
+)
+def test_alice_cannot_fork_from_bobs_closed_project(
+    fleet: Fleet, art: Path, alices: Path, bobs: Path, alice: User, how: str
+) -> None:
+    secret = bobs / "checkpoints" / "0003"
+    markers = {
+        "absolute": f"source: {secret}",
+        "dotdot": "source: ../../../pq/models/secret/checkpoints/0003",
+        "symlink-alice-owns": "source: shortcut",
+        "step-symlink": "step: 7",
+        "from_model": "from_model: secret\nfrom_project: pq",
+    }
+    if how == "symlink-alice-owns":
+        assert alice.run(f"ln -s '{secret}' '{alices / 'shortcut'}'").returncode == 0
+    if how == "step-symlink":
+        assert alice.run(f"ln -s '{secret}' '{alices / 'checkpoints' / '0007'}'").returncode == 0
+    before = tree_digest(alices / "checkpoints" / "0000")
+    fleet.start(0)
+    write_marker_as(alice, alices, markers[how])
+    outcome = outcome_of(fleet, alices)
+    assert outcome["status"] == "failed", outcome
+    assert tree_digest(alices / "checkpoints" / "0000") == before
+    # Nothing of bob's reached her: not his bytes, not his adapter's digest, not his file list or sizes.
+    assert alice.run(f"cat '{alices}/checkpoints/0000/adapter_config.json'").returncode == 0
+    assert outcome["digest"] is None and "files" not in dict(outcome["swap"])  # type: ignore[arg-type]
+    assert "\n" not in str(outcome["error"])
+
+
+def test_bobs_strict_project_tells_alice_nothing_she_could_not_see(
+    fleet: Fleet, art: Path, alices: Path, bob: User, alice: User
+) -> None:
+    """0755 directories but 0600 files: alice may list them, not read them; the outcome has no digest or sizes."""
+    strict = make_owned_run(art, "ps", "strict", bob, steps=(3,))
+    for p in strict.rglob("*"):
+        if p.is_file():
+            p.chmod(0o600)
+    source = strict / "checkpoints" / "0003"
+    assert alice.run(f"cat '{source}/adapter_config.json'").returncode != 0
+    fleet.start(0)
+    write_marker_as(alice, alices, f"source: {source}")
+    outcome = outcome_of(fleet, alices)
+    assert outcome["status"] == "failed" and outcome["digest"] is None, outcome
+    assert "Permission denied" in str(outcome["error"]), outcome
+    assert "bytes" not in dict(outcome["swap"])  # type: ignore[arg-type]
+
+
+def test_a_marker_bob_drops_into_alices_open_run_is_refused(fleet: Fleet, alices: Path, alice: User, bob: User) -> None:
+    """The marker's writer must be the run's owner (or root): otherwise bob forks alice's run with her rights."""
+    alices.chmod(0o777)
+    before = tree_digest(alices / "checkpoints" / "0000")
+    fleet.start(0)
+    write_marker_as(bob, alices, "step: 1")
+    outcome = outcome_of(fleet, alices)
+    assert outcome["status"] == "failed" and f"uid {bob.uid}" in str(outcome["error"]), outcome
+    assert tree_digest(alices / "checkpoints" / "0000") == before
+
+
+def test_alices_own_fork_works_and_is_hers(fleet: Fleet, alices: Path, alice: User) -> None:
+    fleet.start(0)
+    write_marker_as(alice, alices, "step: 1")
+    outcome = outcome_of(fleet, alices)
+    assert outcome["status"] == "done", (outcome, fleet.daemons[0].log())
+    assert tree_digest(alices / "checkpoints" / "0000") == tree_digest(alices / "checkpoints" / "0001")
+    served = alices / "checkpoints" / "0000"
+    assert {p.stat().st_uid for p in [served, *served.rglob("*")]} == {alice.uid}
+    assert (alices / ".fork.done").stat().st_uid == alice.uid  # written as alice, not as root
+
+
+# --- the root realpath oracle -------------------------------------------------------------------------------------
+def test_error_sentences_reveal_nothing_alice_could_not_see(
+    fleet: Fleet, base: Path, alices: Path, alice: User, bob: User
+) -> None:
+    """bob's process cwd behind /proc/PID/cwd, and what exists in a 0700 directory, stay unknown to alice."""
+    home = base / "bobhome"
+    (home / "plans-for-2027").mkdir(parents=True)
+    chown_tree(home, bob)
+    home.chmod(0o700)
+    sleeper = subprocess.Popen(["sleep", "120"], cwd=home / "plans-for-2027", user=bob.uid, group=bob.gid)
+    try:
+        fleet.start(0)
+        errors = {}
+        for name, source in [
+            ("cwd", f"/proc/{sleeper.pid}/cwd"),
+            ("exists", f"{home}/plans-for-2027"),
+            ("missing", f"{home}/no-such-plans"),
+        ]:
+            for leftover in (".fork.done", ".fork.failed"):
+                (alices / leftover).unlink(missing_ok=True)
+            write_marker_as(alice, alices, f"source: {source}")
+            outcome = outcome_of(fleet, alices)
+            assert outcome["status"] == "failed", outcome
+            errors[name] = str(outcome["error"]).replace(source, "SOURCE")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert "plans-for-2027" not in errors["cwd"], errors
+    # What exists behind a directory alice cannot search reads exactly like what does not.
+    assert errors["exists"] == errors["missing"], errors
+
+
+# --- no path re-resolution ----------------------------------------------------------------------------------------
+def test_run_swapped_for_a_symlink_to_bobs_run_after_the_claim(
+    fleet: Fleet, art: Path, alices: Path, bobs: Path, alice: User
+) -> None:
+    """alice owns pa/models/, so she can exchange her model dir with a symlink to bob's run while her fork copies."""
+    write_big_adapter(alices / "checkpoints" / "0002", 96 << 20, seed=2)
+    chown_tree(alices / "checkpoints" / "0002", alice)
+    (art / "pq").chmod(0o755)  # the worst case: bob's run is reachable by path
+    bobs_before = snapshot(bobs)
+    models = alices.parent
+    os.symlink(bobs, models / "m.evil")
+    fleet.start(0)
+    write_marker_as(alice, alices, "step: 2")
+    checkpoints_fd = os.open(alices / "checkpoints", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        wait_for(lambda: any(n.startswith(".fork-stage-") for n in os.listdir(checkpoints_fd)), 30, "the staging")
+    finally:
+        os.close(checkpoints_fd)
+    models_fd = os.open(models, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        exchange_dirs(models_fd, "m", "m.evil")  # pa/models/m is now the symlink, her run is pa/models/m.evil
+    finally:
+        os.close(models_fd)
+    moved = models / "m.evil"
+    outcome = outcome_of(fleet, moved)
+    assert snapshot(bobs) == bobs_before, "bob's run was changed"
+    assert outcome["status"] == "failed" and "moved or replaced" in str(outcome["error"]), outcome
+    assert not [n for n in os.listdir(moved / "checkpoints") if n.startswith(".fork-")]
+
+
+def test_source_parent_raced_out_of_the_roots(fleet: Fleet, base: Path, alices: Path, alice: User, bob: User) -> None:
+    """A thread flips a *parent* of the source between a real dir and a symlink to bob's 0700 home."""
+    home = base / "bobhome"
+    write_adapter(home / "ckpt", seed=66)
+    chown_tree(home, bob)
+    home.chmod(0o700)
+    evil = tree_digest(home / "ckpt")
+    inside = alices / "racy-real"
+    write_adapter(inside / "ckpt", seed=5)
+    chown_tree(inside, alice)
+    allowed = {tree_digest(alices / "checkpoints" / "0000"), tree_digest(inside / "ckpt")}
+    racy, hidden = alices / "racy", alices / "racy-hidden"
+    stop = threading.Event()
+
+    def flip() -> None:
+        os.rename(inside, racy)
+        while not stop.is_set():
+            os.rename(racy, hidden)
+            os.symlink(home, racy)  # racy/ckpt is now bob's checkpoint
+            time.sleep(0.002)
+            os.unlink(racy)
+            os.rename(hidden, racy)
+            time.sleep(0.002)
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    fleet.start(0)
+    flipper.start()
+    statuses = []
+    try:
+        for i in range(15):
+            for leftover in (".fork.done", ".fork.failed"):
+                (alices / leftover).unlink(missing_ok=True)
+            write_marker_as(alice, alices, f"source: racy/ckpt\nrequest_id: r{i}")
+            outcome = outcome_of(fleet, alices)
+            statuses.append(f"{outcome['status']}: {outcome['error']}")
+            served = tree_digest(alices / "checkpoints" / "0000")
+            assert served in allowed and served != evil, (i, outcome)
+    finally:
+        stop.set()
+        flipper.join(10)
+    assert any(s.startswith("done") for s in statuses), statuses
+
+
+# --- noisy neighbours ---------------------------------------------------------------------------------------------
+def test_alices_busy_runs_never_delay_bobs_fork(fleet: Fleet, art: Path, alice: User, bob: User) -> None:
+    """alice keeps rewriting the markers of 10 runs, so each of her forks is followed by another that waits (up to
+    10 s) for its marker to settle: with one pool shared first come first served, she would hold every worker."""
+    runs = [make_owned_run(art, "pa", f"m{i}", alice, steps=(1,)) for i in range(10)]
+    bobs_run = make_owned_run(art, "pb", "b", bob, steps=(1,))
+    dirs = " ".join(f"'{r}'" for r in runs)
+    rewrite = "printf 'step: 1' > $d/.fork.t && mv $d/.fork.t $d/.fork"
+    loop = f"while :; do for d in {dirs}; do {rewrite}; done; sleep 0.02; done"
+    fleet.start(0)
+    writer = subprocess.Popen(["/bin/sh", "-c", loop], user=alice.uid, group=alice.gid, extra_groups=[])
+    try:
+        wait_for(lambda: sum((r / ".fork.done").exists() for r in runs) >= 8, 60, "alice's forks under way")
+        time.sleep(1.0)
+        started = time.monotonic()
+        write_marker_as(bob, bobs_run, "step: 1")
+        outcome = outcome_of(fleet, bobs_run, timeout=30)
+        waited = time.monotonic() - started
+    finally:
+        writer.kill()
+        writer.wait()
+    assert outcome["status"] == "done", outcome
+    assert waited < 6.0, f"bob's fork waited {waited:.1f}s behind alice's"
+
+
+def test_a_thousand_markers_do_not_cost_a_thousand_threads(fleet: Fleet, art: Path) -> None:
+    template = art.parent / "template"
+    write_adapter(template / "checkpoints" / "0000", seed=0)
+    write_adapter(template / "checkpoints" / "0001", seed=1)
+    runs = []
+    for i in range(1000):
+        model_dir = art / f"p{i % 10}" / "models" / f"m{i}"
+        shutil.copytree(template, model_dir)
+        runs.append(model_dir)
+    daemon = fleet.start(0)
+    assert daemon.proc is not None
+    for model_dir in runs:
+        (model_dir / ".fork").write_text("step: 1\n")
+    most = 0
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        most = max(most, proc_sample(daemon.proc.pid).threads)
+        if all((r / ".fork.done").exists() for r in runs[-20:]) and not any((r / ".fork").exists() for r in runs):
+            break
+        time.sleep(0.05)
+    assert most <= 2 + 8 * 2 + 4, f"{most} threads for 1,000 markers"
+
+
+def test_a_source_of_100000_tiny_files_is_refused_before_copying(fleet: Fleet, alices: Path, alice: User) -> None:
+    source = alices / "checkpoints" / "0009"
+    write_adapter(source, seed=9)
+    junk = source / "junk"
+    junk.mkdir()
+    for i in range(100_000):
+        (junk / f"{i:06d}").write_bytes(b"x")
+    chown_tree(source, alice)
+    fleet.start(0)
+    write_marker_as(alice, alices, "step: 9")
+    outcome = outcome_of(fleet, alices, timeout=120)
+    assert outcome["status"] == "failed" and "sources.max_files" in str(outcome["error"]), outcome
+    assert len(json.dumps(outcome)) < MAX_RECORD_BYTES // 16
+    assert not [n for n in os.listdir(alices / "checkpoints") if n.startswith(".fork-")]
+
+
+def test_a_sparse_100_gb_file_is_refused_before_it_fills_the_disk(fleet: Fleet, base: Path, alice: User) -> None:
+    with mounted_tmpfs(base / "small", size="64m") as small:
+        if small is None:
+            pytest.skip("cannot mount a tmpfs here")
+        small.chmod(0o755)
+        fleet.roots.append(small)
+        model_dir = make_owned_run(small, "pa", "m", alice, steps=())
+        source = model_dir / "checkpoints" / "0004"
+        write_adapter(source, seed=4)
+        with open(source / "optimizer.pt", "wb") as f:
+            f.truncate(100 << 30)  # 100 GiB apparent, no blocks
+        chown_tree(model_dir / "checkpoints", alice)
+        free_before = os.statvfs(small).f_bavail
+        lowest = [free_before]
+        fleet.start(0)
+        write_marker_as(alice, model_dir, "step: 4")
+        stop = threading.Event()
+
+        def watch_free() -> None:
+            while not stop.is_set():
+                lowest[0] = min(lowest[0], os.statvfs(small).f_bavail)
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=watch_free, daemon=True)
+        watcher.start()
+        try:
+            outcome = outcome_of(fleet, model_dir)
+        finally:
+            stop.set()
+            watcher.join(5)
+        assert outcome["status"] == "failed" and "no space left" in str(outcome["error"]), outcome
+        frsize = os.statvfs(small).f_frsize
+        assert (free_before - lowest[0]) * frsize < 4 << 20, "the copy ate into the free space before failing"
