@@ -27,7 +27,8 @@ pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "fork-sidecar.service"
 # Measured 2026-11-26 with systemd-analyze security --offline=yes on this unit; lower is better. Tighten when improved.
-RECORDED_EXPOSURE = 2.5
+# 2.5 -> 2.7 on 2026-12-01 (issue 18): CAP_SETUID/CAP_SETGID, which a fork needs to act with its run owner's rights.
+RECORDED_EXPOSURE = 2.7
 KEY = "sk-reliability-3f9a1c77e2"
 
 

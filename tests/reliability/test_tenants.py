@@ -228,17 +228,22 @@ def test_alices_own_fork_works_and_is_hers(fleet: Fleet, alices: Path, alice: Us
 def test_error_sentences_reveal_nothing_alice_could_not_see(
     fleet: Fleet, base: Path, alices: Path, alice: User, bob: User
 ) -> None:
-    """bob's process cwd behind /proc/PID/cwd, and what exists in a 0700 directory, stay unknown to alice."""
+    """bob's process cwd behind /proc/PID/cwd, the file behind his /proc/PID/fd/7, and what exists in a 0700
+    directory stay unknown to alice."""
     home = base / "bobhome"
     (home / "plans-for-2027").mkdir(parents=True)
+    (home / "plans-for-2027" / "notes").write_text("private\n")
     chown_tree(home, bob)
     home.chmod(0o700)
-    sleeper = subprocess.Popen(["sleep", "120"], cwd=home / "plans-for-2027", user=bob.uid, group=bob.gid)
+    sleeper = subprocess.Popen(
+        ["/bin/sh", "-c", "exec 7<notes; exec sleep 120"], cwd=home / "plans-for-2027", user=bob.uid, group=bob.gid
+    )
     try:
         fleet.start(0)
         errors = {}
         for name, source in [
             ("cwd", f"/proc/{sleeper.pid}/cwd"),
+            ("fd", f"/proc/{sleeper.pid}/fd/7"),
             ("exists", f"{home}/plans-for-2027"),
             ("missing", f"{home}/no-such-plans"),
         ]:
@@ -251,22 +256,30 @@ def test_error_sentences_reveal_nothing_alice_could_not_see(
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert "plans-for-2027" not in errors["cwd"], errors
+    assert "plans-for-2027" not in errors["cwd"] + errors["fd"], errors
     # What exists behind a directory alice cannot search reads exactly like what does not.
     assert errors["exists"] == errors["missing"], errors
 
 
 # --- no path re-resolution ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["bobs-run", "root-dir"])
 def test_run_swapped_for_a_symlink_to_bobs_run_after_the_claim(
-    fleet: Fleet, art: Path, alices: Path, bobs: Path, alice: User
+    fleet: Fleet, base: Path, art: Path, alices: Path, bobs: Path, alice: User, target: str
 ) -> None:
-    """alice owns pa/models/, so she can exchange her model dir with a symlink to bob's run while her fork copies."""
+    """alice owns pa/models/, so she can exchange her model dir with a symlink to bob's run (or to a directory of
+    root's holding a `.fork.done` of its own) while her fork copies."""
     write_big_adapter(alices / "checkpoints" / "0002", 96 << 20, seed=2)
     chown_tree(alices / "checkpoints" / "0002", alice)
     (art / "pq").chmod(0o755)  # the worst case: bob's run is reachable by path
-    bobs_before = snapshot(bobs)
+    victim = bobs
+    if target == "root-dir":
+        victim = base / "roots-own"
+        write_adapter(victim / "checkpoints" / "0000", seed=8)
+        (victim / ".fork.done").write_text("root's file\n")
+        victim.chmod(0o700)
+    bobs_before = snapshot(victim)
     models = alices.parent
-    os.symlink(bobs, models / "m.evil")
+    os.symlink(victim, models / "m.evil")
     fleet.start(0)
     write_marker_as(alice, alices, "step: 2")
     checkpoints_fd = os.open(alices / "checkpoints", os.O_RDONLY | os.O_DIRECTORY)
@@ -281,7 +294,7 @@ def test_run_swapped_for_a_symlink_to_bobs_run_after_the_claim(
         os.close(models_fd)
     moved = models / "m.evil"
     outcome = outcome_of(fleet, moved)
-    assert snapshot(bobs) == bobs_before, "bob's run was changed"
+    assert snapshot(victim) == bobs_before, f"{victim} was changed"
     assert outcome["status"] == "failed" and "moved or replaced" in str(outcome["error"]), outcome
     assert not [n for n in os.listdir(moved / "checkpoints") if n.startswith(".fork-")]
 
