@@ -115,7 +115,13 @@ class ForkPipeline:
             yield None
             return
         try:
-            if need_marker and not (lexists_at(opened.fd, MARKER) or lexists_at(opened.fd, INPROGRESS)):
+            # Only a claim: an owner's worker is started only for one we would adopt. This look is the daemon's,
+            # at its own record; the claim is read again, as the owner, before anything acts on it.
+            if (
+                need_marker
+                and not lexists_at(opened.fd, MARKER)
+                and not self._adoptable(LocalRunIO(run, opened.fd, frozenset()).claim_state())
+            ):
                 yield None
                 return
             try:
@@ -231,17 +237,9 @@ class ForkPipeline:
         """Take over a `.fork.inprogress` whose claimer is gone (timeouts.orphan_claim, the claim record)."""
         claimed = run.path / INPROGRESS
         state = held.io.claim_state()
-        if state is None:
+        if not self._adoptable(state):
             return False
         info = _claim_info(state)
-        if info is not None:
-            if info.get("fork_id") and self.journaled(str(info["fork_id"])):
-                return False  # ours, being resumed from the journal
-            if not self._claimer_gone(info):
-                return False
-        elif time.time() - float(state["ctime"]) < self.config.timeouts.orphan_claim:
-            # Its claimer may be another host's daemon between its claim (which set the ctime) and its record.
-            return False
         log.warning("adopting %s: its claimer is gone", claimed)
         if info is not None and isinstance(info.get("fork_id"), str):
             # The dead claimer's copies, if any: leave one complete 0000 before our own fork stages anything.
@@ -249,6 +247,18 @@ class ForkPipeline:
                 held.io.settle_leftover(info["fork_id"])
         self._start(run, held, ORIGIN_ORPHAN, claim=info)
         return True
+
+    def _adoptable(self, state: dict[str, Any] | None) -> bool:
+        """Whether the `.fork.inprogress` described by `state` (RunIO.claim_state) has lost its claimer."""
+        if state is None:
+            return False
+        info = _claim_info(state)
+        if info is not None:
+            if info.get("fork_id") and self.journaled(str(info["fork_id"])):
+                return False  # ours, being resumed from the journal
+            return self._claimer_gone(info)
+        # Its claimer may be another host's daemon between its claim (which set the ctime) and its record.
+        return time.time() - float(state["ctime"]) >= self.config.timeouts.orphan_claim
 
     def journaled(self, fork_id: str) -> bool:
         return (self.journal.forks_dir / f"{fork_id}.json").exists()
