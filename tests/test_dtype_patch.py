@@ -143,15 +143,68 @@ def test_an_fp32_model_keeps_autocast_and_gets_its_dtype(fake: Any) -> None:
     assert fake.rel_err(out, fake.reference(proj, x)) <= 1e-2
 
 
-def test_decode_buffers_of_another_dtype_are_not_written(fake: Any) -> None:
+OUT_MISMATCH = "Expected out tensor to have dtype c10::Half, but got c10::BFloat16 instead"
+
+
+def test_the_stand_in_decode_fails_like_unsloth_at_batch_above_one(fake: Any) -> None:
+    """Issue 11's call: Unsloth's decode attention hands o_proj the fp16 SDPA output (batch > 1) with
+    `out=self.temp_O`, preallocated in the model's dtype; `torch.matmul(..., out=)` takes no autocast."""
+    decode = fake.check_decode()
+    assert MISMATCH in decode["decode bsz=2 step=0"]["error"], decode  # q_proj's addmm_ fails first
+    llama = sys.modules["unsloth.models.llama"]
+    proj = fake.projection(fake.HIDDEN, fake.HIDDEN, seed=3)
+    temp_o = torch.empty(2, 1, fake.HIDDEN, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16), pytest.raises(RuntimeError) as raised:
+        llama.fast_linear_forward(proj, fake.activation((2, 1, fake.HIDDEN)).half(), out=temp_o)
+    assert str(raised.value) == OUT_MISMATCH
+
+
+def test_kv_cache_decode_at_every_batch_size_writes_the_callers_buffers(fake: Any) -> None:
+    """Before issue 11's fix, batch 2 and 4 raised OUT_MISMATCH here (the wrapper saw X == autocast's dtype)."""
+    patch_now()
+    decode = fake.check_decode((1, 2, 4))
+    assert len(decode) == 6, decode
+    for case, result in decode.items():
+        assert result["error"] is None, (case, result)
+        assert result["dtype"] == result["mlp_dtype"] == "torch.bfloat16", (case, result)
+        assert result["rel_err"] <= 1e-2, (case, result)
+        assert result["in_caller_buffers"], (case, result)
+
+
+def test_decode_buffers_of_another_dtype_receive_the_result(fake: Any) -> None:
     utils = patch_now()
     proj = fake.projection(fake.HIDDEN, fake.INTER, seed=6)
-    x = fake.activation((1, 1, fake.HIDDEN))
-    buffer = torch.zeros(1, 1, fake.INTER, dtype=torch.float16)
-    with torch.autocast("cpu", dtype=torch.float16):
+    for bsz in (1, 3):
+        x = fake.activation((bsz, 1, fake.HIDDEN))
+        buffer = torch.zeros(bsz, 1, fake.INTER, dtype=torch.float16)
+        scratch = torch.zeros(bsz, fake.RANK, dtype=torch.float16) if bsz > 1 else torch.zeros(fake.RANK)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            out = utils.fast_linear_forward(proj, x, temp_lora=scratch.half(), out=buffer)
+        assert out.dtype == torch.float16 and out.data_ptr() == buffer.data_ptr() and out.shape == buffer.shape
+        assert fake.rel_err(out, fake.reference(proj, x.float())) <= 1e-2
+
+
+def test_out_buffers_of_matmul_lora_are_reconciled(fake: Any) -> None:
+    utils = patch_now()
+    proj = fake.projection(fake.HIDDEN, fake.INTER, seed=7)
+    x = fake.activation((2, 5, fake.HIDDEN))
+    for x_dtype, buffer_dtype in ((torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)):
+        buffer = torch.zeros(10, fake.INTER, dtype=buffer_dtype)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            out = utils.matmul_lora(x.to(x_dtype), *fake.get_lora_parameters(proj), out=buffer)
+        assert out.dtype == buffer_dtype and out.data_ptr() == buffer.data_ptr() and out.shape == (2, 5, fake.INTER)
+        assert fake.rel_err(out, fake.reference(proj, x.float())) <= 1e-2
+
+
+def test_a_buffer_the_kernel_ignores_is_left_alone(fake: Any) -> None:
+    """fast_linear_forward's prefill (q_len > 1) ignores `out`; the wrapper does not write it either."""
+    utils = patch_now()
+    proj = fake.projection(fake.HIDDEN, fake.INTER, seed=8)
+    x = fake.activation((2, 5, fake.HIDDEN)).half()
+    buffer = torch.zeros(2, 1, fake.INTER, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         out = utils.fast_linear_forward(proj, x, out=buffer)
-    assert out.dtype == torch.bfloat16 and not buffer.any()
-    assert fake.rel_err(out, fake.reference(proj, x.float())) <= 1e-2
+    assert out.shape == (2, 5, fake.INTER) and out.dtype == torch.bfloat16 and not buffer.any()
 
 
 def test_the_inplace_helper_reconciles_operands_and_keeps_out(fake: Any) -> None:

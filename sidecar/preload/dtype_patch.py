@@ -6,14 +6,27 @@ The crash (issue 5): under `torch.autocast(dtype=float16)` around a bf16 model, 
 `fast_linear_forward` (decode, `addmv_`/`addmm_`) and the backward passes of `LoRA_MLP`/`LoRA_QKV`/`LoRA_W`
 (`d_A.addmm_(X.t(), dY @ B.t())`, whose `dY @ B.t()` is fp16 under the autocast replayed by `custom_bwd`) do the same.
 
+Issue 11: Unsloth's KV-cache decode (`LlamaAttention_fast_forward_inference`, `fast_swiglu_inference`) passes
+buffers preallocated in the model's dtype as `out=` (temp_QA, temp_KV, temp_O, temp_mlp), and `torch.matmul(...,
+out=)` takes no autocast: activation, weight and buffer must share one dtype. At batch > 1 the attention output
+comes from scaled_dot_product_attention, fp16 under the autocast, and meets o_proj's bf16 `temp_O`: "Expected out
+tensor to have dtype c10::Half, but got c10::BFloat16 instead". bitsandbytes' 4-bit gemv (decode at batch 1) reads
+raw pointers and needs the activation in the dequantized dtype.
+
 What the wrappers do, per call:
-- no autocast on, or autocast's dtype equals the activation's: call the original, nothing else (no cast, no
-  allocation, no Python side effect: torch.compile traces straight through).
-- otherwise pick one common dtype: bf16 if autocast's or the weight's dtype is bf16, else autocast's (the dtype
-  the matmuls would produce). When it is the weight's dtype (a bf16 model: the reported case) the kernel runs with
-  autocast off and the activation cast to it, so every operand of every in-place op arrives in it, exactly as
-  Unsloth computes without autocast; the caller gets that dtype back. Otherwise (an fp32 model) only the activation
-  is cast to autocast's dtype and autocast stays on, which again makes all operands agree.
+- no autocast on, or every tensor that meets in the kernel already in autocast's dtype (activation, `out=` and
+  `temp_lora` buffers, and the weight whenever a buffer is given or the weight is quantized): call the original,
+  nothing else (no cast, no allocation, no Python side effect: torch.compile traces straight through).
+- otherwise pick one common dtype: the dequantized dtype for a quantized weight, else bf16 if autocast's or the
+  weight's dtype is bf16, else autocast's (the dtype the matmuls would produce). When it is the weight's dtype (a
+  bf16 model: the reported cases) the kernel runs with autocast off and the activation cast to it, so every operand
+  of every in-place op arrives in it, exactly as Unsloth computes without autocast. Otherwise (an fp32 model) only
+  the activation is cast to autocast's dtype and autocast stays on, which again makes all operands agree.
+- buffers: one already in the common dtype (and, for `out`, a weight in it too) is passed through, so the kernel
+  writes it as it would without autocast. Any other is withheld from the kernel, which allocates its own; the
+  caller's `out` then gets the result copied in, in the buffer's own dtype, and is what the call returns (viewed
+  in the result's shape, as the kernel returns `out.view(...)`); `temp_lora` is scratch no caller reads and is left
+  unwritten. The result's dtype is therefore the caller's buffer's, or the common dtype without a buffer.
 - the autograd functions are wrapped at `forward`: `custom_fwd` then records the autocast state the forward really
   ran under and `custom_bwd` replays it, so the backward sees consistent dtypes without a wrapper of its own. Their
   backward also adds `dK @ KW.t()` into `dX` in place with the frozen weight, so for them "agree" means activation,
@@ -34,7 +47,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from sidecar.preload.hooks import log_once, when_imported
 
@@ -296,22 +309,29 @@ def _with_argument(
     return args, {**kwargs, name: value}
 
 
-def _weight_compute_dtype(torch: Any, weight: Any, quant_state: Any) -> Any:
-    """The dtype a (possibly quantized) weight is multiplied in, or None when it cannot be told."""
+class Weight(NamedTuple):
+    """How a call's frozen weight is multiplied: in `dtype` (None: cannot be told); `packed` for quantized storage,
+    whose kernels (bitsandbytes' gemv on raw pointers) need the activation in exactly that dtype."""
+
+    dtype: Any
+    packed: bool
+
+
+def _weight_compute_dtype(torch: Any, weight: Any, quant_state: Any) -> Weight:
     dtype = getattr(weight, "dtype", None)
     if dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        return dtype
+        return Weight(dtype, False)
     if quant_state is not None and not isinstance(quant_state, torch.Tensor):
         dtype = getattr(quant_state, "dtype", None)  # bitsandbytes QuantState: the dequantized dtype
         if isinstance(dtype, torch.dtype):
-            return dtype
-    return None
+            return Weight(dtype, True)
+    return Weight(None, quant_state is not None)
 
 
-WeightDtype = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+WeightOf = Callable[[tuple[Any, ...], dict[str, Any]], Weight]
 
 
-def _named_weight_dtype(torch: Any, function: Any, weight: str, quant: str) -> WeightDtype | None:
+def _named_weight_dtype(torch: Any, function: Any, weight: str, quant: str) -> WeightOf | None:
     weight_index, quant_index = _parameter_index(function, weight), _parameter_index(function, quant)
     if weight_index is None or quant_index is None:
         return None
@@ -320,31 +340,31 @@ def _named_weight_dtype(torch: Any, function: Any, weight: str, quant: str) -> W
 
 def _positional_weight_dtype(
     torch: Any, weight_index: int, quant_index: int, weight: str = "W", quant: str = "W_quant"
-) -> WeightDtype:
-    def weight_dtype(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+) -> WeightOf:
+    def weight_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Weight:
         return _weight_compute_dtype(
             torch, _argument(args, kwargs, weight_index, weight), _argument(args, kwargs, quant_index, quant)
         )
 
-    return weight_dtype
+    return weight_of
 
 
-def _projection_weight_dtype(torch: Any, function: Any, name: str) -> WeightDtype | None:
+def _projection_weight_dtype(torch: Any, function: Any, name: str) -> WeightOf | None:
     index = _parameter_index(function, name)
     if index is None:
         return None
     floating = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
-    def weight_dtype(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def weight_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Weight:
         # A PEFT LoRA layer keeps the frozen weight on `base_layer` (Unsloth's get_lora_parameters does the same).
         projection = _argument(args, kwargs, index, name)
         weight = getattr(getattr(projection, "base_layer", projection), "weight", None)
         dtype = getattr(weight, "dtype", None)
         if dtype in floating:
-            return dtype  # skip the quant_state lookup: an attribute miss on a Parameter is slow
+            return Weight(dtype, False)  # skip the quant_state lookup: an attribute miss on a Parameter is slow
         return _weight_compute_dtype(torch, weight, getattr(weight, "quant_state", None))
 
-    return weight_dtype
+    return weight_of
 
 
 def _always_on() -> bool:
@@ -355,11 +375,11 @@ def _activation_wrapper(
     torch: Any,
     original: Any,
     x_index: int,
-    weight_dtype: WeightDtype,
+    weight_of: WeightOf,
     buffers: tuple[tuple[int, str], ...],
     weight_bound: bool = False,
 ) -> Any:
-    """Wrap a kernel taking activation `X`: see the module docstring for the rule.
+    """Wrap a kernel taking activation `X` and optional preallocated `buffers`: see the module docstring for the rule.
 
     `weight_bound`: the function's backward updates the input gradient in place with the frozen weight
     (`dX.addmm_(dK, KW.t())` in LoRA_QKV/LoRA_MLP), so it only works when activation, autocast and weight dtypes
@@ -380,43 +400,81 @@ def _activation_wrapper(
         device_type = "cuda" if x.is_cuda else x.device.type  # is_cuda is cheaper than building a torch.device
         if not autocast_enabled(device_type):
             return original(*args, **kwargs)
-        plan = _plan(bfloat16, weight_bound, autocast_dtype(device_type), x.dtype, lambda: weight_dtype(args, kwargs))
+        given = [
+            (index, name, buffer)
+            for index, name in buffers
+            if (buffer := _argument(args, kwargs, index, name)) is not None
+        ]
+        plan = _plan(
+            bfloat16,
+            weight_bound,
+            autocast_dtype(device_type),
+            x.dtype,
+            tuple(buffer.dtype for _, _, buffer in given),
+            lambda: weight_of(args, kwargs),
+        )
         if plan is None:
             return original(*args, **kwargs)
         common, weight = plan
         if x.dtype != common:
             args, kwargs = _with_argument(args, kwargs, x_index, "X", x.to(common))
+        caller_out = None
+        for index, name, buffer in given:
+            # `out=` kernels (torch.matmul/mm/mv with out, bitsandbytes' gemv) take no autocast: activation, weight
+            # and buffer must share one dtype. A buffer that cannot is left to the kernel to allocate; the caller's
+            # `out` then receives the result below, `temp_lora` (scratch the caller never reads) stays unwritten.
+            if buffer.dtype != common or (name == "out" and weight != common):
+                args, kwargs = _with_argument(args, kwargs, index, name, None)
+                caller_out = buffer if name == "out" else caller_out
         if common != weight:
             # common is autocast's dtype: with X in it, every matmul and every `.to(X.dtype)` agree under autocast.
-            return original(*args, **kwargs)
-        for index, name in buffers:
-            # Preallocated decode buffers of another dtype cannot take the result; callers use the return value.
-            buffer = _argument(args, kwargs, index, name)
-            if buffer is not None and buffer.dtype != common:
-                args, kwargs = _with_argument(args, kwargs, index, name, None)
-        if is_compiling():
+            result = original(*args, **kwargs)
+        elif is_compiling():
             with autocast(device_type, enabled=False):
-                return original(*args, **kwargs)
-        # torch.autocast(enabled=False) costs ~7 us per call in eager mode; the raw switch costs well under 1 us.
-        set_autocast_enabled(device_type, False)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            set_autocast_enabled(device_type, True)
+                result = original(*args, **kwargs)
+        else:
+            # torch.autocast(enabled=False) costs ~7 us per call in eager mode; the raw switch costs well under 1 us.
+            set_autocast_enabled(device_type, False)
+            try:
+                result = original(*args, **kwargs)
+            finally:
+                set_autocast_enabled(device_type, True)
+        return result if caller_out is None else _into(caller_out, result)
 
     return _mark(patched, original)
 
 
+def _into(buffer: Any, result: Any) -> Any:
+    """What the kernel returns when it writes `buffer` itself: the buffer, holding the result in its own dtype,
+    viewed in the result's shape (Unsloth's kernels return `out.view(...)`; the callers alias their scratch).
+    A buffer of another size is one the kernel ignores (fast_linear_forward's prefill): the result goes back as is."""
+    if buffer.numel() != result.numel():
+        return result
+    buffer.copy_(result.reshape(buffer.shape))
+    return buffer.view(result.shape)
+
+
 def _plan(
-    bfloat16: Any, weight_bound: bool, output_dtype: Any, x_dtype: Any, weight_of: Callable[[], Any]
+    bfloat16: Any,
+    weight_bound: bool,
+    output_dtype: Any,
+    x_dtype: Any,
+    buffer_dtypes: tuple[Any, ...],
+    weight_of: Callable[[], Weight],
 ) -> tuple[Any, Any] | None:
     """(common dtype, weight dtype) for a call under autocast, or None when its dtypes agree already."""
-    if not weight_bound and output_dtype == x_dtype:
-        return None
-    weight = weight_of() or x_dtype
     if weight_bound:
+        weight = weight_of().dtype or x_dtype
         return None if output_dtype == x_dtype == weight else (weight, weight)
-    return _common(bfloat16, output_dtype, (weight,)), weight
+    weight = weight_of()
+    weight_dtype = weight.dtype or x_dtype
+    agree = x_dtype == output_dtype and all(dtype == output_dtype for dtype in buffer_dtypes)
+    # Autocast brings the weight to X's dtype in the out-of-place matmuls; `out=` and quantized kernels do not.
+    if agree and (weight_dtype == output_dtype or not (buffer_dtypes or weight.packed)):
+        return None
+    if weight.packed:
+        return weight_dtype, weight_dtype  # the dequantized or raw-pointer kernels compute in it and nothing else
+    return _common(bfloat16, output_dtype, (weight_dtype,)), weight_dtype
 
 
 def _inplace_wrapper(torch: Any, original: Any) -> Any:

@@ -166,3 +166,80 @@ def check_autograd() -> dict[str, dict[str, Any]]:
                     attempt["backward_error"] = str(error)
             results[f"{name}[q_len={phase_shape[1]}]"] = attempt
     return results
+
+
+HEADS, KV_HEADS, CACHED = 4, 2, 6
+
+
+def _decoder(bsz: int) -> tuple[Any, Any, tuple[torch.Tensor, torch.Tensor]]:
+    """An attention holder with Llama's decode attributes, an MLP and a bf16 KV cache of `CACHED` tokens."""
+    attention = _Holder()
+    head_dim = HIDDEN // HEADS
+    attention.n_heads, attention.n_kv_heads, attention.head_dim, attention.hidden_size = (
+        HEADS, KV_HEADS, head_dim, HIDDEN
+    )  # fmt: skip
+    attention.q_proj = projection(HIDDEN, HIDDEN, seed=31)
+    attention.k_proj = projection(HIDDEN, KV_HEADS * head_dim, seed=32)
+    attention.v_proj = projection(HIDDEN, KV_HEADS * head_dim, seed=33)
+    attention.o_proj = projection(HIDDEN, HIDDEN, seed=34)
+    cache = (activation((bsz, KV_HEADS, CACHED, head_dim), seed=35), activation((bsz, KV_HEADS, CACHED, head_dim), 36))
+    return attention, _mlp(), cache
+
+
+def _attention_reference(attention: Any, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    bsz, groups, head_dim = x.shape[0], HEADS // KV_HEADS, attention.head_dim
+
+    def heads(t: torch.Tensor, n: int) -> torch.Tensor:
+        return t.view(bsz, 1, n, head_dim).transpose(1, 2)
+
+    q = heads(reference(attention.q_proj, x), HEADS)
+    k = torch.cat([cache[0].float(), heads(reference(attention.k_proj, x), KV_HEADS)], 2)
+    v = torch.cat([cache[1].float(), heads(reference(attention.v_proj, x), KV_HEADS)], 2)
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    weights = torch.softmax(q @ k.transpose(2, 3) / head_dim**0.5, dim=-1)
+    return reference(attention.o_proj, (weights @ v).transpose(1, 2).reshape(bsz, 1, HIDDEN))
+
+
+def check_decode(batch_sizes: tuple[int, ...] = (1, 2, 4)) -> dict[str, dict[str, Any]]:
+    """Unsloth's KV-cache decode step (attention, then the MLP with its temp_mlp buffers) on bf16 layers under the
+    fp16 autocast, two steps per batch size (the first allocates the buffers), against fp32 references. Also
+    whether each projection's result is the caller's buffer (its storage), as without autocast."""
+    results = {}
+    for bsz in batch_sizes:
+        attention, mlp, cache = _decoder(bsz)
+        temp_mlp = torch.empty((2, bsz, 1, INTER), dtype=torch.bfloat16)
+        for step in range(2):
+            decode = _DecodeStep(attention, mlp, temp_mlp, activation((bsz, 1, HIDDEN), seed=40 + step), cache, step)
+            results[f"decode bsz={bsz} step={step}"] = result = _attempt(decode.run)
+            if result["error"] is not None:
+                break  # a failed first step allocated no buffers: the next one cannot run
+            cache = decode.cache
+    return results
+
+
+class _DecodeStep:
+    def __init__(self, attention: Any, mlp: Any, temp_mlp: torch.Tensor, x: torch.Tensor, cache: Any, step: int):
+        self.attention, self.mlp, self.temp_mlp, self.x, self.cache, self.step = (
+            attention,
+            mlp,
+            temp_mlp,
+            x,
+            cache,
+            step,
+        )
+
+    @torch.no_grad()  # as in generate(): the out= kernels refuse tensors that require grad
+    def run(self) -> dict[str, Any]:
+        from unsloth.models import llama
+
+        past, attention, mlp, temp_mlp = self.cache, self.attention, self.mlp, self.temp_mlp
+        out, self.cache = llama.LlamaAttention_fast_forward_inference(attention, self.x, past, self.step == 0)
+        down = llama.fast_swiglu_inference(mlp, out, temp_gate=temp_mlp[0], temp_up=temp_mlp[1])
+        want = _attention_reference(attention, self.x.float(), past)
+        return {
+            "dtype": str(out.dtype),
+            "mlp_dtype": str(down.dtype),
+            "rel_err": max(rel_err(out, want), rel_err(down, _mlp_reference(mlp, out.float()))),
+            "in_caller_buffers": out.data_ptr() == attention.temp_O.data_ptr()
+            and down.data_ptr() == temp_mlp[1].data_ptr(),
+        }

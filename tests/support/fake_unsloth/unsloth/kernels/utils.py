@@ -54,7 +54,8 @@ def matmul_lora(X, W, W_quant, A, B, s, out=None):
 
 
 def fast_linear_forward(proj, X, temp_lora=None, out=None):
-    """Decode path (q_len == 1) with addmv_ (bsz 1) / addmm_ (bsz > 1); prefill goes through matmul_lora."""
+    """Decode path (q_len == 1): the base product into the caller's `out` (torch.matmul with out=, which autocast
+    does not touch), then the LoRA term with addmv_ (bsz 1) / addmm_ (bsz > 1); prefill goes through matmul_lora."""
     W, W_quant, A, B, s, bias = get_lora_parameters_bias(proj)
     bsz, q_len, in_dim = X.shape
     if q_len != 1:
@@ -62,14 +63,18 @@ def fast_linear_forward(proj, X, temp_lora=None, out=None):
     out = torch_matmul(X, W.t(), out=out)
     dtype = X.dtype
     out_dim = out.shape[2]
+    if not hasattr(A, "_fast_lora"):
+        # Unsloth keeps a copy cast to the first decode's activation dtype, never refreshed.
+        A._fast_lora = A.to(dtype)
+        B._fast_lora = B.to(dtype)
     if bsz == 1:
         out = out.view(out_dim)
-        temp_lora = torch_mv(A.to(dtype), X.ravel(), out=temp_lora)
-        out.addmv_(B.to(dtype), temp_lora, alpha=s)
+        temp_lora = torch_mv(A._fast_lora, X.ravel(), out=temp_lora)
+        out.addmv_(B._fast_lora, temp_lora, alpha=s)
     else:
         out = out.view(bsz, out_dim)
-        temp_lora = torch_mm(X.view(bsz, in_dim), A.to(dtype).t(), out=temp_lora)
-        out.addmm_(temp_lora, B.to(dtype).t(), alpha=s)
+        temp_lora = torch_mm(X.view(bsz, in_dim), A._fast_lora.t(), out=temp_lora)
+        out.addmm_(temp_lora, B._fast_lora.t(), alpha=s)
     out = out.view(bsz, 1, out_dim)
     if bias is not None:
         out += bias
