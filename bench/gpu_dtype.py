@@ -4,7 +4,8 @@
 
 1. kernels: `matmul_lora` (prefill) and `fast_linear_forward` (decode bsz 1 and 4, prefill) on a bf16 LoRA layer
    under `torch.autocast(dtype=float16)`: Unsloth's originals raise (column "crash reproduced"; newer releases fixed
-   some paths), the patched ones match an fp32 reference (column "pass");
+   some paths), the patched ones match an fp32 reference (column "pass"); plus issue 11's call, o_proj in
+   Unsloth's decode attention: an fp16 activation with a bf16 `out=` buffer (patched: the result is in that buffer);
 2. autograd: `LoRA_MLP`, `LoRA_QKV`, `LoRA_W` forward and backward, prefill (q_len > 1) and q_len == 1, with the
    originals, with only the kernels patched (does the backward still fail?) and fully patched, against fp32 autograd;
 3. training: a tiny Llama trained a few steps under the fp16 autocast, (a) through FastLanguageModel
@@ -172,16 +173,25 @@ def check_kernels(ctx: Context, hidden: int, rank: int) -> list[dict[str, Any]]:
         ("fast_linear_forward decode bsz=4", "fast_linear_forward", (4, 1, hidden)),
         ("fast_linear_forward prefill [2x64]", "fast_linear_forward", (2, 64, hidden)),
     ]
+    # The call issue 11 found failing: Unsloth's decode attention hands o_proj the fp16 output of SDPA (batch > 1)
+    # together with `out=self.temp_O`, preallocated in the model's dtype.
+    cases += [
+        (f"o_proj-like decode bsz={n}: fp16 X, bf16 out=", "fast_linear_forward", (n, 1, hidden)) for n in (1, 2, 4)
+    ]
     rows = []
     for label, name, shape in cases:
         x = activation(ctx, shape, seed=2)
+        buffer = None
+        if "out=" in label:
+            x = x.half()
+            buffer = ctx.torch.empty((shape[0], 1, hidden + 256), dtype=ctx.torch.bfloat16, device=ctx.device)
 
-        def run(name: str = name, x: Any = x) -> Any:
+        def run(name: str = name, x: Any = x, buffer: Any = buffer) -> Any:
             function = getattr(ctx.utils, name)
-            with fp16_autocast(ctx):
+            with fp16_autocast(ctx), ctx.torch.inference_mode():
                 if name == "matmul_lora":
                     return function(x, *ctx.utils.get_lora_parameters(proj))
-                return function(proj, x)
+                return function(proj, x) if buffer is None else function(proj, x, out=buffer)
 
         with ctx.dtype_patch.suspended():
             _, unpatched = outcome(run)
@@ -193,6 +203,9 @@ def check_kernels(ctx: Context, hidden: int, rank: int) -> list[dict[str, Any]]:
             )
         row["crash reproduced"] = unpatched.startswith("raises")
         row["pass"] = patched == "ok" and row.get("rel_err", 1.0) <= TOLERANCE
+        if buffer is not None and out is not None:
+            row["result in out="] = out.data_ptr() == buffer.data_ptr() and out.dtype == buffer.dtype
+            row["pass"] = row["pass"] and row["result in out="]
         rows.append(row)
     return rows
 

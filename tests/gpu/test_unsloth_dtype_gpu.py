@@ -79,3 +79,18 @@ def test_the_patched_kernel_compiles(ctx: gpu_dtype.Context) -> None:
         got, expected = compiled(x), layer(x)
     assert got.dtype == torch.bfloat16
     assert gpu_dtype.rel_err(got, expected) <= 1e-2
+
+
+def test_fast_language_model_decode_with_kv_cache_under_fp16_autocast(ctx: gpu_dtype.Context) -> None:
+    """Issue 11: prefill + KV-cache decode at batch 1, 2, 4 and a training step through FastLanguageModel, patched,
+    as close to fp32 as Unsloth's own bf16 path without autocast."""
+    from bench import gpu_dtype_model
+
+    rows = gpu_dtype_model.check_paths(gpu_dtype_model.Bench())
+    patched = {(row["path"], row["autocast"]): row for row in rows if row["patched"]}
+    assert all(row["outcome"] == "ok" for row in patched.values()), rows
+    for (path, autocast), row in patched.items():
+        if autocast == "fp16":
+            baseline = patched[(path, "none")]
+            for key in (k for k in row if "rel_err" in k):
+                assert row[key] <= baseline[key] + 2e-2, (path, key, row, baseline)
