@@ -1,14 +1,20 @@
 """The control socket between the daemon and the agents inside trainer processes: both ends, stdlib only.
 
-Each agent listens on `{runtime_dir}/agent-{pid}.sock`. One request per connection: the client writes one JSON
-object and a newline, reads one JSON object and a newline back, and both sides close. Messages are bounded
+Each agent listens on `{runtime_dir}/{uid}/agent-{pid}.sock`: one directory per user, 0700 and owned by that user,
+so nobody can put a socket or a squatting file where another user's agents go. The daemon (root) makes these
+directories for the owners of the runs it watches; an agent creates a missing one itself only inside a directory its
+own user alone controls (single-user setups and tests), and otherwise waits for the daemon.
+
+One request per connection: the client writes one JSON object and a newline, reads one JSON object and a newline
+back, and both sides close. Messages are bounded
 (`MAX_MESSAGE_BYTES`) and every read and write has a timeout, so a stuck or hostile peer costs a thread for a few
 seconds, never the trainer. Replies are `{"ok": true, ...}` or `{"ok": false, "error": {"code", "message"}}`.
 
 Trust runs both ways and is checked with the kernel's word for it (`SO_PEERCRED`), never the peer's:
 - the agent answers only its own uid and root;
-- the daemon talks to `agent-<pid>.sock` only if the socket file is owned by the uid that runs <pid> and the
-  process listening on it is <pid> itself, so one user cannot pose as another user's trainer.
+- the daemon talks to `{uid}/agent-<pid>.sock` only if the directory and the socket file belong to <uid>, <pid> runs
+  as <uid>, and the process listening on it is <pid> itself, so one user cannot pose as another user's trainer;
+- which runs an agent is told about is the trainers stage's rule: only runs its uid owns (or any, for root).
 Nothing a peer sends is executed; a `fork` names directories that the agent checks against the runs it serves.
 """
 
@@ -35,6 +41,7 @@ from typing import Any
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
+    "AgentDirPending",
     "ControlError",
     "ControlServer",
     "ForkRequest",
@@ -43,14 +50,17 @@ __all__ = [
     "ProtocolError",
     "Request",
     "StatusRequest",
+    "agent_dir",
     "agent_socket_path",
     "call_agent",
+    "ensure_private_dir",
     "error_reply",
     "ok_reply",
     "parse_request",
     "peer_credentials",
     "pid_of_socket",
     "process_uid",
+    "uid_of_agent_dir",
 ]
 
 log = logging.getLogger("sidecar.control")
@@ -68,8 +78,19 @@ _PEERCRED = struct.Struct("3i")
 
 
 # --- names -------------------------------------------------------------------------------------------------------
-def agent_socket_path(runtime_dir: Path, pid: int) -> Path:
-    return Path(runtime_dir) / f"{SOCKET_PREFIX}{pid}{SOCKET_SUFFIX}"
+def agent_dir(runtime_dir: Path, uid: int) -> Path:
+    """Where the agents of user `uid` put their sockets."""
+    return Path(runtime_dir) / str(uid)
+
+
+def agent_socket_path(runtime_dir: Path, uid: int, pid: int) -> Path:
+    return agent_dir(runtime_dir, uid) / f"{SOCKET_PREFIX}{pid}{SOCKET_SUFFIX}"
+
+
+def uid_of_agent_dir(path: Path) -> int | None:
+    """The uid a per-user agent directory is named for, or None for any other name."""
+    name = Path(path).name
+    return int(name) if name.isdigit() and (name == "0" or name[0] != "0") else None
 
 
 def pid_of_socket(path: Path) -> int | None:
@@ -251,6 +272,71 @@ def process_uid(pid: int) -> int | None:
     return None
 
 
+# --- agent end: the directory ------------------------------------------------------------------------------------
+class AgentDirPending(OSError):
+    """The agent directory does not exist and this process may not create it: the daemon will (keep trying)."""
+
+
+def _only_mine(st: os.stat_result) -> bool:
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def ensure_private_dir(directory: Path) -> None:
+    """Make sure `directory` is a directory that only this process's user controls, creating it if that is safe.
+
+    A missing directory (and a missing parent of it: the runtime dir) is created only inside a directory this user
+    alone controls (owned by the user, writable by nobody else). Anywhere else whoever created it could take it
+    over: a runtime dir made by the first trainer under a world-writable /tmp belonged to that trainer's user. So
+    under a root-owned runtime dir a user's directory is the daemon's to make; until it does, AgentDirPending.
+    """
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        _create_inside_own_dir(Path(directory), 0o700, parent_too=True)
+        return
+    if not _only_mine(st):
+        # Waited for like a missing one: a root daemon replaces whatever squats a user's name.
+        raise AgentDirPending(
+            f"{directory} is not a directory that only uid {os.geteuid()} controls (owner uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):o}); the fork-sidecar daemon replaces it (or remove it)"
+        )
+
+
+def _create_inside_own_dir(path: Path, mode: int, *, parent_too: bool) -> None:
+    """Create `path` if its parent is only ours; with `parent_too`, `path` is a user's directory and its parent the
+    runtime dir, which may be created the same way."""
+    parent = path.parent
+    try:
+        st = os.lstat(parent)
+    except FileNotFoundError:
+        if not parent_too:
+            raise AgentDirPending(_no_runtime_dir(path)) from None
+        _create_inside_own_dir(parent, 0o755, parent_too=False)
+        st = os.lstat(parent)
+    if not _only_mine(st):
+        raise AgentDirPending(
+            f"{path} does not exist yet; the fork-sidecar daemon creates it for each user who owns a run it watches"
+            if parent_too
+            else _no_runtime_dir(path)
+        )
+    try:
+        os.mkdir(path, mode)
+        os.chmod(path, mode)  # exactly `mode`, whatever the umask
+    except FileExistsError:
+        pass  # another thread or process of ours won the race; checked below like any existing directory
+    except OSError as e:
+        raise OSError(f"cannot create the agent directory {path} ({e.strerror or e})") from None
+    if not _only_mine(os.lstat(path)):
+        raise OSError(f"{path} changed under us while it was being created; refusing to use it")
+
+
+def _no_runtime_dir(runtime_dir: Path) -> str:
+    return (
+        f"{runtime_dir} does not exist; start the fork-sidecar daemon (it creates it) or set "
+        "FORK_SIDECAR_RUNTIME_DIR to a directory of this user's"
+    )
+
+
 # --- agent end: the server ---------------------------------------------------------------------------------------
 Handler = Callable[[Request, PeerCred], Mapping[str, Any]]
 
@@ -263,7 +349,9 @@ class ControlServer:
     The socket is bound inside a private (0700) directory next to its final name, made 0600, and renamed into
     place, so it is never reachable with looser permissions. That replaces the usual umask dance, which would
     change the mode of files that other threads of the trainer create at the same moment (umask is per process).
-    If the file disappears (someone cleaned the runtime dir), the server binds it again.
+    Its directory must be one only this user controls (`ensure_private_dir`). If that directory does not exist yet
+    (the daemon has not made it), or the file disappears (someone cleaned the runtime dir), the server keeps trying
+    every few seconds and binds as soon as it can.
     """
 
     def __init__(self, path: Path, handler: Handler, *, max_clients: int = _MAX_CLIENTS) -> None:
@@ -277,14 +365,22 @@ class ControlServer:
         self._owner_pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()  # close() writes here to end select() at once
         self._rebind_failing = False
+        self.waiting: str | None = None  # why the socket is not bound yet, while it waits for its directory
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def start(self) -> None:
-        """Bind and start serving; raises OSError with a sentence when the socket cannot be created."""
-        self._bind()
+        """Bind and start serving; raises OSError with a sentence when the socket cannot be created.
+
+        A directory that only the daemon may create (AgentDirPending) is not an error: the server starts unbound,
+        with the reason in `waiting`, and binds once the directory exists."""
+        try:
+            self._bind()
+        except AgentDirPending as e:
+            self.waiting = str(e)
+            self._rebind_failing = True  # the reason is the caller's to log, once
         self._thread = threading.Thread(target=self._serve, name="fork-sidecar-agent", daemon=True)
         self._thread.start()
         _live_servers.add(self)
@@ -305,8 +401,8 @@ class ControlServer:
         parent = self.path.parent
         if len(os.fsencode(self.path)) > _MAX_SOCKET_PATH:
             raise OSError(f"{self.path} is longer than a Unix socket path may be; set FORK_SIDECAR_RUNTIME_DIR shorter")
+        ensure_private_dir(parent)
         try:
-            parent.mkdir(parents=True, exist_ok=True)
             private = Path(tempfile.mkdtemp(prefix=".agent-", dir=parent))
         except OSError as e:
             raise OSError(f"cannot create the agent socket {self.path} ({e.strerror or e})") from None
@@ -402,7 +498,11 @@ class ControlServer:
             self._rebind_failing = True
             return
         self._rebind_failing = False
-        log.info("agent socket %s was removed; bound it again", self.path)
+        if self.waiting is not None:
+            self.waiting = None
+            log.info("fork-sidecar agent listening on %s", self.path)
+        else:
+            log.info("agent socket %s was removed; bound it again", self.path)
 
     def _dispatch(self, conn: socket.socket) -> None:
         if not self._slots.acquire(blocking=False):
@@ -469,7 +569,17 @@ class ControlError(Exception):
 
 
 def verify_agent_socket(path: Path, pid: int) -> int:
-    """Check that `path` is a socket owned by the user running `pid`; returns that uid."""
+    """Check that `path` is a socket in the agent directory of the user running `pid`, both owned by that user;
+    returns that uid."""
+    expected = uid_of_agent_dir(path.parent)
+    if expected is None:
+        raise ControlError("refused", f"{path} is not in a per-user agent directory ({{runtime_dir}}/<uid>/)")
+    try:
+        dir_st = os.lstat(path.parent)
+    except OSError as e:
+        raise ControlError("unreachable", f"cannot stat {path.parent} ({e.strerror})") from None
+    if not stat.S_ISDIR(dir_st.st_mode) or dir_st.st_uid != expected:
+        raise ControlError("refused", f"{path.parent} is not a directory owned by uid {expected}")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -481,6 +591,8 @@ def verify_agent_socket(path: Path, pid: int) -> int:
     uid = process_uid(pid)
     if uid is None:
         raise ControlError("unreachable", f"process {pid} of {path.name} is gone")
+    if uid != expected:
+        raise ControlError("refused", f"{path} is in uid {expected}'s directory but pid {pid} runs as uid {uid}")
     if st.st_uid != uid:
         raise ControlError("refused", f"{path} is owned by uid {st.st_uid} but pid {pid} runs as uid {uid}")
     return uid

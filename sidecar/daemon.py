@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 
 from sidecar import __version__
+from sidecar.agent_dirs import AgentDirs, RuntimeDirError
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.journal import ForkRecord, Journal
 from sidecar.layout import RunDir, iter_run_dirs, run_dir_of
@@ -43,6 +44,8 @@ __all__ = ["Daemon", "build_stages"]
 log = logging.getLogger("sidecar.daemon")
 
 STATUS_EVERY_S = 10.0
+# Agent directories are made as soon as the number of runs changes; all of them are looked at again this often.
+AGENT_DIRS_EVERY_S = 60.0
 
 
 def build_stages(config: Config) -> list[Stage]:
@@ -73,9 +76,12 @@ class Daemon:
         self._last_status = 0.0
         self._last_heartbeat = time.monotonic()
         self._last_orphan_scan = time.monotonic()
+        self.agent_dirs = AgentDirs(config.runtime_dir)
+        self._agent_dirs_seen: tuple[int, float] = (-1, 0.0)  # run count and time of the last look
 
     # --- life cycle -----------------------------------------------------------------------------------------
     def run(self) -> int:
+        self.agent_dirs.prepare()  # RuntimeDirError is a ConfigError: exit 2, as for an unusable state_dir
         self.metrics.start(self.config.metrics)  # MetricsError is a ConfigError: exit 2 before taking the lock
         self.journal.lock()
         self._install_signals()
@@ -87,6 +93,7 @@ class Daemon:
         for model_dir in list(self._resumes):
             self._submit(model_dir)
         self.watcher.start()  # the first scan submits every marker already present
+        self._keep_agent_dirs()  # before READY: trainers started after it find their directory
         summary = self._summary()
         log.info("fork-sidecar %s ready: %s", __version__, summary)
         self.notifier.ready(summary)
@@ -129,6 +136,16 @@ class Daemon:
                 self.pipeline.refresh_heartbeats()
             if time.monotonic() - self._last_status > STATUS_EVERY_S:
                 self._write_status()
+            self._keep_agent_dirs()
+
+    def _keep_agent_dirs(self) -> None:
+        """Each run owner's agent directory (sidecar/agent_dirs.py): at once for new runs, all again every minute."""
+        assert self.watcher is not None
+        count, at = self.watcher.run_count(), time.monotonic()
+        every = at - self._agent_dirs_seen[1] >= AGENT_DIRS_EVERY_S
+        if count != self._agent_dirs_seen[0] or every:
+            self._agent_dirs_seen = (count, at if every else self._agent_dirs_seen[1])
+            self.agent_dirs.see_runs(self.watcher.run_dirs(), fresh=every)
 
     def _install_signals(self) -> None:
         def stop(signum: int, frame: FrameType | None) -> None:
@@ -164,6 +181,13 @@ class Daemon:
                 self.metrics.start(new.metrics)
             except MetricsError as e:
                 log.error("metrics endpoint not reopened: %s", e)
+        if new.runtime_dir != old.runtime_dir:
+            self.agent_dirs = AgentDirs(new.runtime_dir)
+            self._agent_dirs_seen = (-1, 0.0)
+            try:
+                self.agent_dirs.prepare()
+            except RuntimeDirError as e:
+                log.error("%s", e)
         self.config = new
         self._queue.configure(new.forks.workers, new.forks.per_owner)
         self.pipeline = self._new_pipeline(new)

@@ -192,6 +192,7 @@ def check_filesystems(ctx: Context) -> list[Finding]:
 
 # --- runtime dir ------------------------------------------------------------------------------------------------------
 def check_runtime_dir(ctx: Context) -> list[Finding]:
+    """The runtime dir (the daemon creates it) and the per-user agent directories in it (sidecar/agent_dirs.py)."""
     path = ctx.config.runtime_dir
     try:
         st = path.stat()
@@ -200,9 +201,9 @@ def check_runtime_dir(ctx: Context) -> list[Finding]:
             Finding(
                 "runtime_dir",
                 "problem",
-                f"{path} does not exist, so no trainer agent can create its socket",
-                f"create it with `install -d -m 1777 {path}` (the unit's RuntimeDirectory= does this), or set "
-                "runtime_dir and FORK_SIDECAR_RUNTIME_DIR to an existing directory.",
+                f"{path} does not exist, so no trainer agent can create its socket (the daemon creates it at start)",
+                "start the daemon (`systemctl start fork-sidecar`), or set runtime_dir and FORK_SIDECAR_RUNTIME_DIR "
+                "to the same directory.",
             )
         ]
     except OSError as e:
@@ -212,21 +213,64 @@ def check_runtime_dir(ctx: Context) -> list[Finding]:
             Finding("runtime_dir", "problem", f"{path} is not a directory", "remove it or pick another runtime_dir.")
         ]
     mode = stat.S_IMODE(st.st_mode)
-    shared = mode & 0o1777 == 0o1777
-    if shared or st.st_uid == os.geteuid():
-        how = "1777 (sticky, shared by every user's trainers)" if shared else f"{mode:o}, owned by this user"
-        return [Finding("runtime_dir", "ok", f"{path}: mode {how}")]
-    if mode & 0o002 and not mode & stat.S_ISVTX:
-        fix = f"`chmod 1777 {path}`: world-writable without the sticky bit lets anyone remove other users' sockets."
-        return [Finding("runtime_dir", "problem", f"{path} is world-writable but not sticky ({mode:o})", fix)]
-    return [
-        Finding(
-            "runtime_dir",
-            "problem",
-            f"{path} has mode {mode:o} and belongs to uid {st.st_uid}: other users' trainers cannot put sockets there",
-            f"`chmod 1777 {path}` (or RuntimeDirectoryMode=1777 in the unit).",
-        )
-    ]
+    if mode & 0o022:
+        return [
+            Finding(
+                "runtime_dir",
+                "problem",
+                f"{path} is writable by other users (mode {mode:o}): anyone can create a directory named for another "
+                "user's uid before the daemon makes it (the daemon then replaces it)",
+                f"`chmod 0755 {path}` (RuntimeDirectoryMode=0755 in the unit); each user's agents use only their own "
+                "directory in it.",
+            ),
+            *_user_dir_findings(path),
+        ]
+    if not mode & 0o001:
+        how = f"mode {mode:o}, owner uid {st.st_uid}: only that user's trainers can reach their agent directory"
+    else:
+        how = f"mode {mode:o}, owner uid {st.st_uid}: each user's trainers use their own directory in it"
+    return [Finding("runtime_dir", "ok", f"{path}: {how}"), *_user_dir_findings(path)]
+
+
+def _user_dir_findings(runtime_dir: Path) -> list[Finding]:
+    """A problem for each `<uid>` entry that is not that user's private directory, and for sockets of old agents."""
+    from sidecar.control import pid_of_socket, uid_of_agent_dir
+
+    try:
+        entries = sorted(runtime_dir.iterdir())
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        if pid_of_socket(entry) is not None:
+            out.append(
+                Finding(
+                    "runtime_dir",
+                    "problem",
+                    f"{entry} is an agent socket of an older preload (agents now live in {runtime_dir}/<uid>/), "
+                    "which this daemon never talks to",
+                    "run `fork-sidecar preload install --python <the trainer's python>` again and restart it.",
+                )
+            )
+            continue
+        uid = uid_of_agent_dir(entry)
+        if uid is None:
+            continue
+        try:
+            st = entry.lstat()
+        except OSError:
+            continue
+        if not (stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077):
+            out.append(
+                Finding(
+                    "runtime_dir",
+                    "problem",
+                    f"{entry} is not uid {uid}'s private agent directory (owner uid {st.st_uid}, mode "
+                    f"{stat.S_IMODE(st.st_mode):o}), so that user's agents do not use it",
+                    "remove it; the daemon (root) makes it again, 0700 and owned by that user, when it sees their run.",
+                )
+            )
+    return out
 
 
 # --- RENAME_EXCHANGE --------------------------------------------------------------------------------------------------
@@ -409,7 +453,8 @@ def check_agents(ctx: Context) -> list[Finding]:
             )
         else:
             runs = agent.get("runs") or []
-            out.append(Finding("agents", "ok", f"agent of pid {pid} answers; serves {len(runs)} run(s)"))
+            who = f"agent of pid {pid} (uid {agent.get('uid')})"
+            out.append(Finding("agents", "ok", f"{who} answers; serves {len(runs)} run(s) (forks of its uid's runs)"))
     return out
 
 
@@ -432,10 +477,13 @@ def probe_vllm(target: Any, request_timeout: float = PROBE_TIMEOUT_S) -> Finding
     import time
 
     from sidecar.vllm_client import ConnectFailed, HttpError, VllmClient
+    from sidecar.vllm_discovery import listener_check
 
     where = f"{target.url} ({target.origin})"
     if target.problem:
         return Finding("vllm", "problem", f"{where}: {target.problem}", "fix the server's entry under vllm.servers.")
+    if stranger := listener_check(target):  # its key goes only to its own process's socket
+        return Finding("vllm", "problem", f"{where}: {stranger}", "check which process holds that port.")
     client = VllmClient(target.url, target.api_key, request_timeout)
     deadline = time.monotonic() + request_timeout
     try:
@@ -524,11 +572,11 @@ Check this node's setup for fork-sidecar and say how to fix each problem found:
 
   inotify          fs.inotify.max_user_watches / max_user_instances against the runs under the roots
   filesystem       roots on NFS, Lustre, FUSE... where inotify misses other hosts' markers (watch.mode)
-  runtime_dir      exists, and mode 1777 (sticky) or owned by this user, so trainers can put sockets there
+  runtime_dir      exists, not writable by other users; each <uid>/ in it is that user's 0700 agent directory
   rename_exchange  renameat2(RENAME_EXCHANGE) in each root (tried on two scratch directories, then removed)
   state_dir        writable, lock held only by a live daemon, journal files readable
   preload          installed and current in each trainer interpreter given with --python
-  agents           every trainer agent socket in runtime_dir answers
+  agents           every trainer agent socket in runtime_dir/<uid>/ answers
   vllm             every configured or discovered vLLM server answers GET /v1/models with its key and has
                    runtime LoRA loading (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)
 

@@ -21,6 +21,7 @@ __all__ = [
     "iter_run_dirs",
     "latest_step",
     "run_dir_of",
+    "run_owner",
     "step_dirs",
 ]
 
@@ -106,3 +107,11 @@ def latest_step(checkpoints: Path | int, *, not_after: int | None = None, exclud
 def checkpoint_dir(checkpoints: Path, step: int) -> Path:
     """Where ART keeps `step`: zero-padded to four digits, wider when the step needs it."""
     return checkpoints / f"{step:04d}"
+
+
+def run_owner(model_dir: Path) -> int | None:
+    """The uid owning a run directory: the only user (with root) whose trainers and servers hear of its forks."""
+    try:
+        return os.stat(model_dir).st_uid
+    except OSError:
+        return None

@@ -1,8 +1,10 @@
 """The trainers stage: find the agents that serve a run, tell them about the fork, check what they loaded.
 
-Agents live inside trainer processes and listen on `{runtime_dir}/agent-<pid>.sock` (sidecar/control.py). For a fork
-this stage asks every live agent `hello` (in parallel) to learn which runs it serves, sends `fork` to those serving
-this run, and compares the digest each one reports with the digest of the new `checkpoints/0000`. A generic PEFT
+Agents live inside trainer processes and listen on `{runtime_dir}/{uid}/agent-<pid>.sock` (sidecar/control.py). A run
+is told only to agents of its owner (the uid owning the run directory) and of root: for a fork this stage asks every
+live agent in those two users' directories `hello` (in parallel) to learn which runs it serves, sends `fork` to those
+serving this run, and compares the digest each one reports with the digest of the new `checkpoints/0000`. An agent
+of any other user is never contacted, whatever it claims to serve. A generic PEFT
 trainer answers "loaded" with a digest; an ART trainer answers "load pending" (it loads when ART rebuilds its state,
 and `fork-sidecar status` shows that result later).
 
@@ -16,7 +18,7 @@ import contextlib
 import shutil
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +26,20 @@ from typing import Any
 
 import psutil
 
+from sidecar.agent_dirs import ensure_user_dir
 from sidecar.config import Config
-from sidecar.control import ControlError, ForkRequest, call_agent, pid_of_socket
+from sidecar.control import ControlError, ForkRequest, agent_dir, call_agent, pid_of_socket, uid_of_agent_dir
+from sidecar.layout import run_owner
 from sidecar.stages import ForkContext, StageOutcome
 
-__all__ = ["AgentSocket", "TrainerStage", "agent_statuses", "clean_stale_sockets", "list_agent_sockets"]
+__all__ = [
+    "AgentSocket",
+    "TrainerStage",
+    "agent_dirs_of",
+    "agent_statuses",
+    "clean_stale_sockets",
+    "list_agent_sockets",
+]
 
 RESULT_LOADED = "loaded"
 RESULT_PENDING = "load pending"
@@ -45,16 +56,33 @@ _STALE_PRIVATE_DIR_S = 60.0
 class AgentSocket:
     path: Path
     pid: int
+    uid: int  # the user whose agent directory it is in (call_agent checks the process runs as that user)
 
 
-def list_agent_sockets(runtime_dir: Path) -> list[AgentSocket]:
-    """Every `agent-<pid>.sock` in the runtime dir (live or not), sorted by pid."""
+def agent_dirs_of(runtime_dir: Path) -> list[tuple[int, Path]]:
+    """(uid, directory) of every per-user agent directory this process can see."""
     try:
         entries = list(Path(runtime_dir).iterdir())
     except OSError:
         return []
-    found = [AgentSocket(p, pid) for p in entries if (pid := pid_of_socket(p)) is not None]
+    return sorted((uid, p) for p in entries if (uid := uid_of_agent_dir(p)) is not None)
+
+
+def list_agent_sockets(runtime_dir: Path, uids: Iterable[int] | None = None) -> list[AgentSocket]:
+    """Every `agent-<pid>.sock` (live or not) in the directories of `uids` (default: every user's), by pid.
+
+    A directory another user's (0700) is unreadable unless this process is root or that user: skipped."""
+    found = []
+    for uid, directory in _dirs(runtime_dir, uids):
+        with contextlib.suppress(OSError):
+            found += [AgentSocket(p, pid, uid) for p in directory.iterdir() if (pid := pid_of_socket(p)) is not None]
     return sorted(found, key=lambda a: a.pid)
+
+
+def _dirs(runtime_dir: Path, uids: Iterable[int] | None) -> list[tuple[int, Path]]:
+    if uids is None:
+        return agent_dirs_of(runtime_dir)
+    return [(u, agent_dir(runtime_dir, u)) for u in sorted(set(uids))]
 
 
 def _is_stale(agent: AgentSocket) -> bool:
@@ -74,16 +102,24 @@ def _is_stale(agent: AgentSocket) -> bool:
     return started > st.st_mtime + 1.0
 
 
-def clean_stale_sockets(runtime_dir: Path) -> list[Path]:
-    """Remove sockets of dead (or reused) pids and leftovers of interrupted binds; returns what was removed."""
+def clean_stale_sockets(runtime_dir: Path, uids: Iterable[int] | None = None) -> list[Path]:
+    """Remove sockets of dead (or reused) pids and leftovers of interrupted binds in the directories of `uids`
+    (default: every user's); returns what was removed."""
     removed = []
-    for agent in list_agent_sockets(runtime_dir):
+    for agent in list_agent_sockets(runtime_dir, uids):
         if _is_stale(agent):
             with contextlib.suppress(OSError):
                 agent.path.unlink()
                 removed.append(agent.path)
+    for _, directory in _dirs(runtime_dir, uids):
+        removed += _clean_private_dirs(directory)
+    return removed
+
+
+def _clean_private_dirs(directory: Path) -> list[Path]:
+    removed = []
     with contextlib.suppress(OSError):
-        for private in Path(runtime_dir).glob(".agent-*"):
+        for private in directory.glob(".agent-*"):
             # A bind's private directory lives for microseconds; an old one was left by a crash in between.
             with contextlib.suppress(OSError):
                 if private.is_dir() and time.time() - private.lstat().st_mtime > _STALE_PRIVATE_DIR_S:
@@ -96,7 +132,7 @@ def agent_statuses(runtime_dir: Path) -> list[dict[str, Any]]:
     """What each live agent reports (`status`), for `fork-sidecar status`; deferred ART loads are in `recent`."""
     out = []
     for agent in list_agent_sockets(runtime_dir):
-        entry: dict[str, Any] = {"pid": agent.pid, "socket": str(agent.path)}
+        entry: dict[str, Any] = {"pid": agent.pid, "uid": agent.uid, "socket": str(agent.path)}
         if _is_stale(agent):
             out.append({**entry, "error": "stale socket (process gone)"})
             continue
@@ -148,8 +184,13 @@ class TrainerStage:
 
     def run(self, ctx: ForkContext) -> StageOutcome:
         started = time.monotonic()
-        clean_stale_sockets(self.runtime_dir)
-        agents = list_agent_sockets(self.runtime_dir)
+        owner = run_owner(ctx.model_dir)
+        # The run's owner and root: nobody else's trainer may hear of this run (its id, digest, paths).
+        uids = {0} if owner is None else {owner, 0}
+        if owner is not None:
+            ensure_user_dir(self.runtime_dir, owner)  # the daemon's main loop makes it too; a fresh run may beat it
+        clean_stale_sockets(self.runtime_dir, uids)
+        agents = [a for a in list_agent_sockets(self.runtime_dir, uids) if a.uid in uids]
         run_dir = str(Path(ctx.model_dir).resolve())
         with ThreadPoolExecutor(max_workers=_MAX_PARALLEL, thread_name_prefix="trainers") as pool:
             hellos = list(pool.map(lambda a: self._hello(a, ctx), agents))
@@ -185,9 +226,11 @@ class TrainerStage:
             )
         if not self.required:
             return StageOutcome("skipped", seconds, "none found", detail)
+        owner = run_owner(ctx.model_dir)
+        where = agent_dir(self.runtime_dir, owner) if owner is not None else self.runtime_dir
         sentence = (
-            f"no trainer agent serves {ctx.model_dir} (looked in {self.runtime_dir}); start the trainer with the "
-            "preload installed (`fork-sidecar preload install`), or set trainer.required: false"
+            f"no trainer agent serves {ctx.model_dir} (looked in {where}, for its owner's trainers); start the "
+            "trainer with the preload installed (`fork-sidecar preload install`), or set trainer.required: false"
         )
         return StageOutcome("failed", seconds, sentence, detail)
 

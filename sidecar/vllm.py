@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar.config import Config
+from sidecar.layout import run_owner
 from sidecar.stages import ForkContext, StageOutcome
 from sidecar.vllm_client import (
     ConnectFailed,
@@ -34,7 +35,14 @@ from sidecar.vllm_client import (
     VllmClient,
     call_with_retries,
 )
-from sidecar.vllm_discovery import ServerTarget, configured_servers, discover_servers, merge_targets
+from sidecar.vllm_discovery import (
+    ServerTarget,
+    configured_servers,
+    discover_servers,
+    listener_check,
+    merge_targets,
+    trusted_for_run,
+)
 from sidecar.vllm_snapshots import collect_snapshots, create_snapshot, is_snapshot_name, list_snapshots
 
 __all__ = ["VllmStage"]
@@ -159,7 +167,10 @@ class VllmStage:
     def _targets_for(self, model_dir: Path) -> list[ServerTarget]:
         checkpoints = Path(os.path.realpath(model_dir / "checkpoints"))
         configured = configured_servers(self.config, model_dir)
-        discovered = [t if not _points_into(t.lora_paths, checkpoints) else _claim(t) for t in self._discovered()]
+        owner = run_owner(model_dir)
+        # Only the run owner's and root's servers: anyone else's could claim the run and fake a successful reload.
+        trusted = [t for t in self._discovered() if trusted_for_run(t, owner)]
+        discovered = [t if not _points_into(t.lora_paths, checkpoints) else _claim(t) for t in trusted]
         return merge_targets(configured, discovered)
 
     def _discovered(self) -> list[ServerTarget]:
@@ -171,6 +182,8 @@ class VllmStage:
     def _survey(self, target: ServerTarget, checkpoints: Path | None, deadline: float) -> _Survey:
         if target.problem:
             return _Survey(target, error=target.problem)
+        if wrong := _stranger_listens(target):
+            return _Survey(target, error=wrong)
         try:
             cards, _ = call_with_retries(
                 lambda: self._client(target).models(deadline), deadline=deadline, policy=self.policy
@@ -206,6 +219,9 @@ class VllmStage:
         report = _Report(target, list(survey.adapters))
         if survey.error:
             report.error = survey.error
+            return report
+        if wrong := _stranger_listens(target):  # again: the snapshot took a moment, and the port may have changed
+            report.error = wrong
             return report
         client = self._client(target)
         target_root = Path(os.path.realpath(snapshot))
@@ -312,6 +328,15 @@ def _roots(surveys: Iterable[_Survey]) -> set[Path]:
         for c in s.cards or []
         if c.parent is not None and (root := _resolve_root(c.root, s.target.cwd))
     }
+
+
+def _stranger_listens(target: ServerTarget) -> str | None:
+    """A sentence when a discovered server's port is not held by its own process (then nothing is sent there)."""
+    problem = listener_check(target)
+    if problem is None:
+        return None
+    log.warning("vLLM server %s (%s): %s", target.url, target.origin, problem)
+    return f"vLLM server {target.url} ({target.origin}) was not asked: {problem}."
 
 
 def _points_into(paths: Iterable[Path], checkpoints: Path) -> bool:

@@ -10,6 +10,10 @@ The API key may also come from the process's `VLLM_API_KEY`; that environment an
 relative `--lora-modules` paths resolve) are readable only when the daemon runs as the server's user or root. Not
 understood: `--uds` (a unix socket) and options given in a `--config FILE`; list such servers under `vllm.servers`.
 `parse_server_command` is pure; `discover_servers` reads /proc (psutil where it is more than one file).
+
+A discovered server is bound to its process: it is trusted for a run only when that process runs as the run's owner
+or root (`trusted_for_run`), and its key (or anything else) goes to its port only while that process is the one
+listening there (`listener_check`, right before each exchange). Configured servers are explicit, so trusted as given.
 """
 
 from __future__ import annotations
@@ -21,18 +25,22 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 
 from sidecar.config import Config, VllmServerConfig
+from sidecar.listeners import listener_problem
 
 __all__ = [
     "ServerCommand",
     "ServerTarget",
     "configured_servers",
     "discover_servers",
+    "listener_check",
     "parse_server_command",
     "server_url",
+    "trusted_for_run",
 ]
 
 
@@ -67,6 +75,9 @@ class ServerTarget:
     lora_paths: tuple[Path, ...] = ()
     claimed: bool = False
     problem: str | None = None  # a reason it cannot be asked at all (unreadable key file)
+    pid: int | None = None  # the discovered process (or the one whose key a configured server borrowed)
+    uid: int | None = None  # the uid that process runs as
+    configured: bool = False  # listed under vllm.servers: explicit, so trusted for the runs it names
 
 
 def server_url(host: str | None, port: int, tls: bool = False) -> str:
@@ -224,7 +235,8 @@ def _target_of(proc: psutil.Process, command: ServerCommand) -> ServerTarget:
             api_key = proc.environ().get("VLLM_API_KEY") or None
     paths = tuple(_absolute(p, cwd) for p in command.lora_paths)
     url = server_url(command.host, command.port, command.tls)
-    return ServerTarget(url, f"pid {proc.pid}", api_key, cwd, tuple(p for p in paths if p is not None))
+    found = tuple(p for p in paths if p is not None)
+    return ServerTarget(url, f"pid {proc.pid}", api_key, cwd, found, pid=proc.pid, uid=proc.uids().effective)
 
 
 def _absolute(path: str, cwd: Path | None) -> Path | None:
@@ -243,7 +255,7 @@ def configured_servers(config: Config, model_dir: Path, environ: Mapping[str, st
         origin = f"vllm.servers[{i}]"
         key, problem = _configured_key(server, origin, environ)
         url = server.url.rstrip("/").replace("://localhost", "://127.0.0.1")
-        out.append(ServerTarget(url, origin, key, claimed=True, problem=problem))
+        out.append(ServerTarget(url, origin, key, claimed=True, problem=problem, configured=True))
     return out
 
 
@@ -272,12 +284,35 @@ def _configured_key(server: VllmServerConfig, origin: str, environ: Mapping[str,
 
 
 def merge_targets(configured: Sequence[ServerTarget], discovered: Sequence[ServerTarget]) -> list[ServerTarget]:
-    """Configured servers first; a discovered one at the same URL lends its key (if configured has none) and cwd."""
+    """Configured servers first; a discovered one at the same URL lends its key (if configured has none) and cwd.
+
+    A borrowed key stays bound to the process it came from (`pid`), like the discovered server's own."""
     by_url = {t.url: t for t in discovered}
     out = []
     for t in configured:
         seen = by_url.pop(t.url, None)
         if seen is not None:
-            t = replace(t, api_key=t.api_key or seen.api_key, cwd=seen.cwd, lora_paths=seen.lora_paths)
+            t = replace(t, cwd=seen.cwd, lora_paths=seen.lora_paths)
+            if t.api_key is None and seen.api_key is not None:
+                t = replace(t, api_key=seen.api_key, pid=seen.pid, uid=seen.uid)
         out.append(t)
     return out + list(by_url.values())
+
+
+def trusted_for_run(target: ServerTarget, owner_uid: int | None) -> bool:
+    """Whether `target` may serve a run owned by `owner_uid`: configured ones always, discovered ones when their
+    process runs as that owner or as root (anyone else's server could claim any run and fake its answers)."""
+    if target.configured:
+        return True
+    return target.uid is not None and target.uid in (0, owner_uid)
+
+
+def listener_check(target: ServerTarget) -> str | None:
+    """None when requests to a discovered target reach its own process, else a sentence (nothing may be sent)."""
+    if target.pid is None:
+        return None
+    parts = urlsplit(target.url)
+    if parts.hostname is None or parts.port is None:
+        return f"cannot tell which port {target.url} is"
+    problem = listener_problem(target.pid, parts.hostname, parts.port)
+    return None if problem is None else f"{problem}; nothing was sent to it, not its key either"

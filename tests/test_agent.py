@@ -26,7 +26,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 from sidecar import preload  # noqa: E402
 from sidecar.adapter import adapter_digest  # noqa: E402
-from sidecar.control import ForkRequest, call_agent  # noqa: E402
+from sidecar.control import ForkRequest, agent_socket_path, call_agent  # noqa: E402
 from sidecar.preload import agent as agent_module  # noqa: E402
 from sidecar.preload.agent import PeftTarget, register_peft_model, shutdown_agent  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
@@ -55,7 +55,7 @@ def file_tensors(checkpoint: Path) -> dict[str, Any]:
 
 
 def socket_of(runtime_dir: Path) -> Path:
-    return runtime_dir / f"agent-{os.getpid()}.sock"
+    return agent_socket_path(runtime_dir, os.geteuid(), os.getpid())
 
 
 def fork_message(run_dir: Path, timeout: float = 10.0, checkpoint: Path | None = None) -> dict[str, Any]:
@@ -314,6 +314,6 @@ def test_register_never_raises_into_the_trainer(
     shutdown_agent()
     try:
         preload.register(model, run_dir)  # the socket cannot be made: logged, not raised
-        assert "cannot create the agent socket /proc/fork-sidecar-cannot-be-here" in caplog.text
+        assert "cannot create the agent directory /proc/fork-sidecar-cannot-be-here" in caplog.text
     finally:
         shutdown_agent()

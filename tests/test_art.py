@@ -34,7 +34,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from sidecar.adapter import adapter_digest  # noqa: E402
-from sidecar.control import ForkRequest, call_agent  # noqa: E402
+from sidecar.control import ForkRequest, agent_socket_path, call_agent  # noqa: E402
 from sidecar.preload import art  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
 from tests.support.venvs import chained_venv, install_preload, purelib  # noqa: E402
@@ -78,11 +78,12 @@ def build_peft(base_dir: Path, adapter: str) -> Any:
 def fork(runtime_dir: Path, run_dir: Path, fork_id: str = "fork-1") -> dict[str, Any]:
     ckpt = run_dir / "checkpoints" / "0000"
     message = ForkRequest(fork_id, str(run_dir), str(ckpt), adapter_digest(ckpt), 10.0).to_message()
-    return call_agent(runtime_dir / f"agent-{os.getpid()}.sock", message, timeout=30, pid=os.getpid())
+    return call_agent(agent_socket_path(runtime_dir, os.geteuid(), os.getpid()), message, timeout=30, pid=os.getpid())
 
 
 def status(runtime_dir: Path) -> dict[str, Any]:
-    return call_agent(runtime_dir / f"agent-{os.getpid()}.sock", {"op": "status"}, timeout=10, pid=os.getpid())
+    path = agent_socket_path(runtime_dir, os.geteuid(), os.getpid())
+    return call_agent(path, {"op": "status"}, timeout=10, pid=os.getpid())
 
 
 # --- the stand-in ------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 
 from sidecar.control import (
     MAX_MESSAGE_BYTES,
+    AgentDirPending,
     ControlError,
     ControlServer,
     ForkRequest,
@@ -31,10 +32,12 @@ from sidecar.control import (
     agent_socket_path,
     call_agent,
     encode_message,
+    ensure_private_dir,
     parse_request,
     peer_credentials,
     pid_of_socket,
     process_uid,
+    uid_of_agent_dir,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +62,7 @@ def echo_handler(request: Request, peer: PeerCred) -> Mapping[str, Any]:
 
 @pytest.fixture
 def server(runtime_dir: Path) -> Iterator[ControlServer]:
-    srv = ControlServer(agent_socket_path(runtime_dir, os.getpid()), echo_handler)
+    srv = ControlServer(agent_socket_path(runtime_dir, os.geteuid(), os.getpid()), echo_handler)
     srv.start()
     yield srv
     srv.close(wait=True)
@@ -84,11 +87,14 @@ def raw_exchange(path: Path, data: bytes, *, shutdown: bool = True) -> dict[str,
 
 # --- names and parsing (pure) -------------------------------------------------------------------------------------
 def test_socket_names_round_trip() -> None:
-    path = agent_socket_path(Path("/run/fork-sidecar"), 1234)
-    assert path == Path("/run/fork-sidecar/agent-1234.sock")
-    assert pid_of_socket(path) == 1234
+    path = agent_socket_path(Path("/run/fork-sidecar"), 1001, 1234)
+    assert path == Path("/run/fork-sidecar/1001/agent-1234.sock")
+    assert pid_of_socket(path) == 1234 and uid_of_agent_dir(path.parent) == 1001
+    assert uid_of_agent_dir(Path("/run/fork-sidecar/0")) == 0
     for other in ("agent-.sock", "agent-01.sock", "agent-12.sock.tmp", "daemon.sock", "agent-x1.sock"):
         assert pid_of_socket(Path(other)) is None
+    for other in ("", "01", "-1", "x1", ".agent-1"):
+        assert uid_of_agent_dir(Path("/run") / other) is None
 
 
 def test_parse_requests() -> None:
@@ -131,7 +137,8 @@ def test_socket_is_private_from_the_start(server: ControlServer, runtime_dir: Pa
     st = server.path.lstat()
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o600
-    assert [p.name for p in runtime_dir.iterdir()] == [server.path.name]  # the private bind dir is gone
+    assert [p.name for p in server.path.parent.iterdir()] == [server.path.name]  # the private bind dir is gone
+    assert stat.S_IMODE(server.path.parent.stat().st_mode) == 0o700  # made by the agent: its own user's dir
 
 
 def test_hello_and_fork_round_trip(server: ControlServer) -> None:
@@ -286,14 +293,16 @@ print(s.recv(65536).decode().strip())
 
 
 def test_another_user_cannot_even_connect_to_a_0600_socket(server: ControlServer, runtime_dir: Path) -> None:
-    runtime_dir.chmod(0o755)
+    for d in (runtime_dir, server.path.parent):  # loosened (the user's dir is 0700) to reach the socket's own mode
+        d.chmod(0o755)
     out = run_as_nobody(CLIENT.format(path=str(server.path)))
     assert out.stdout.strip() == "EACCES", out.stderr
 
 
 def test_another_user_is_refused_by_peer_credentials(server: ControlServer, runtime_dir: Path) -> None:
     # Loosen the file permissions (a misconfigured host) to reach the second line of defence: SO_PEERCRED.
-    runtime_dir.chmod(0o755)
+    for d in (runtime_dir, server.path.parent):
+        d.chmod(0o755)
     server.path.chmod(0o666)
     out = run_as_nobody(CLIENT.format(path=str(server.path)))
     reply = json.loads(out.stdout)
@@ -312,7 +321,7 @@ def test_daemon_refuses_a_socket_served_by_another_pid(runtime_dir: Path) -> Non
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         # A live process of the same user, but the socket named after it is served by this test process.
-        srv = ControlServer(agent_socket_path(runtime_dir, sleeper.pid), echo_handler)
+        srv = ControlServer(agent_socket_path(runtime_dir, os.geteuid(), sleeper.pid), echo_handler)
         srv.start()
         with pytest.raises(ControlError) as e:
             call_agent(srv.path, {"op": "hello"}, timeout=5, pid=sleeper.pid)
@@ -325,13 +334,75 @@ def test_daemon_refuses_a_socket_served_by_another_pid(runtime_dir: Path) -> Non
 
 def test_daemon_side_errors_are_sentences(runtime_dir: Path) -> None:
     with pytest.raises(ControlError) as e:
-        call_agent(runtime_dir / "agent-1.sock", {"op": "hello"}, timeout=1, pid=1)
+        call_agent(agent_socket_path(runtime_dir, os.geteuid(), 1), {"op": "hello"}, timeout=1, pid=1)
     assert e.value.code == "unreachable"
-    plain = runtime_dir / f"agent-{os.getpid()}.sock"
+    plain = agent_socket_path(runtime_dir, os.geteuid(), os.getpid())
+    plain.parent.mkdir(mode=0o700)
     plain.write_text("not a socket")
     with pytest.raises(ControlError) as e:
         call_agent(plain, {"op": "hello"}, timeout=1, pid=os.getpid())
     assert e.value.code == "refused" and "not a socket" in e.value.message
+
+
+def test_daemon_refuses_a_socket_outside_a_users_directory(runtime_dir: Path) -> None:
+    srv = ControlServer(runtime_dir / f"agent-{os.getpid()}.sock", echo_handler)  # the old flat layout
+    srv.start()
+    try:
+        with pytest.raises(ControlError) as e:
+            call_agent(srv.path, {"op": "hello"}, timeout=5, pid=os.getpid())
+        assert e.value.code == "refused" and "per-user agent directory" in e.value.message
+    finally:
+        srv.close(wait=True)
+
+
+def test_daemon_refuses_a_users_directory_owned_by_someone_else(server: ControlServer) -> None:
+    os.chown(server.path.parent, NOBODY, NOBODY)  # named for our uid, but another user's: they could have put it there
+    with pytest.raises(ControlError) as e:
+        call_agent(server.path, {"op": "hello"}, timeout=5, pid=os.getpid())
+    assert e.value.code == "refused" and f"owned by uid {os.geteuid()}" in e.value.message
+
+
+# --- the agent's directory -----------------------------------------------------------------------------------------
+def test_a_missing_directory_is_made_only_inside_one_of_our_own(runtime_dir: Path) -> None:
+    ensure_private_dir(runtime_dir / "rt" / "0")  # the runtime dir too: its parent is ours alone
+    assert stat.S_IMODE((runtime_dir / "rt").stat().st_mode) == 0o755
+    assert stat.S_IMODE((runtime_dir / "rt" / "0").stat().st_mode) == 0o700
+    runtime_dir.chmod(0o1777)  # like /tmp: whoever made a directory here would own it, so nobody may
+    with pytest.raises(AgentDirPending, match="start the fork-sidecar daemon"):
+        ensure_private_dir(runtime_dir / "shared-rt" / "0")
+    assert not (runtime_dir / "shared-rt").exists()
+
+
+def test_a_directory_of_another_user_is_never_used(runtime_dir: Path) -> None:
+    squatted = runtime_dir / "0"
+    squatted.mkdir()
+    os.chown(squatted, NOBODY, NOBODY)
+    with pytest.raises(AgentDirPending, match=f"owner uid {NOBODY}"):
+        ensure_private_dir(squatted)
+    loose = runtime_dir / "loose"
+    loose.mkdir(mode=0o777)
+    loose.chmod(0o777)
+    with pytest.raises(AgentDirPending, match="mode 777"):
+        ensure_private_dir(loose)
+
+
+def test_an_agent_waits_for_the_daemon_to_make_its_directory(runtime_dir: Path) -> None:
+    os.chown(runtime_dir, NOBODY, NOBODY)  # a runtime dir that is not ours: our directory is the daemon's to make
+    runtime_dir.chmod(0o755)
+    srv = ControlServer(agent_socket_path(runtime_dir, os.geteuid(), os.getpid()), echo_handler)
+    srv.start()
+    try:
+        assert srv.running and srv.waiting is not None and "daemon creates it" in srv.waiting
+        assert not srv.path.parent.exists()
+        srv.path.parent.mkdir(mode=0o700)  # what the daemon does
+        deadline = time.monotonic() + 10
+        while not srv.path.exists():
+            assert time.monotonic() < deadline, "the agent did not bind once its directory existed"
+            time.sleep(0.05)
+        assert srv.waiting is None
+        assert call_agent(srv.path, {"op": "hello"}, timeout=5, pid=os.getpid())["ok"] is True
+    finally:
+        srv.close(wait=True)
 
 
 def test_peer_credentials_and_process_uid() -> None:

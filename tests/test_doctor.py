@@ -29,13 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_config(tmp_path: Path, **sections: Any) -> Config:
-    """A real config file: one root with two runs in one project, a 1777 runtime dir, vLLM discovery off."""
+    """A real config file: one root with two runs in one project, a 0755 runtime dir, vLLM discovery off."""
     art = tmp_path / "art"
     for model in ("a", "b"):
         (art / "proj" / "models" / model / "checkpoints" / "0000").mkdir(parents=True, exist_ok=True)
     runtime = tmp_path / "run"
     runtime.mkdir(exist_ok=True)
-    runtime.chmod(0o1777)
+    runtime.chmod(0o755)  # as the daemon makes it
     data: dict[str, Any] = {
         "watch": {"roots": [str(art)], "mode": "auto"},
         "state_dir": str(tmp_path / "state"),
@@ -147,16 +147,16 @@ def test_fuse_root_in_inotify_mode_needs_polling(tmp_path: Path) -> None:
 def test_runtime_dir_missing(tmp_path: Path) -> None:
     config = make_config(tmp_path, runtime_dir=str(tmp_path / "nope"))
     (f,) = doctor.check_runtime_dir(Context(config))
-    assert f.level == "problem" and "install -d -m 1777" in (f.fix or "")
+    assert f.level == "problem" and "start the daemon" in (f.fix or "")
 
 
 @pytest.mark.parametrize(
     ("mode", "owner", "level", "says"),
     [
-        (0o1777, 4242, "ok", "1777"),
-        (0o700, None, "ok", "owned by this user"),
-        (0o777, 4242, "problem", "not sticky"),
-        (0o755, 4242, "problem", "cannot put sockets there"),
+        (0o755, 4242, "ok", "each user's trainers use their own directory"),
+        (0o700, None, "ok", "only that user's trainers"),
+        (0o1777, 4242, "problem", "writable by other users"),
+        (0o777, 4242, "problem", "writable by other users"),
     ],
 )
 def test_runtime_dir_modes(tmp_path: Path, mode: int, owner: int | None, level: str, says: str) -> None:
@@ -168,6 +168,20 @@ def test_runtime_dir_modes(tmp_path: Path, mode: int, owner: int | None, level: 
     config.runtime_dir.chmod(mode)
     (f,) = doctor.check_runtime_dir(Context(config))
     assert f.level == level and says in f.message
+
+
+def test_runtime_dir_entries_that_are_not_a_users_private_directory(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another uid needs root")
+    config = make_config(tmp_path)
+    (config.runtime_dir / "4242").mkdir(mode=0o700)  # named for uid 4242, but root's: squatted or stale
+    (config.runtime_dir / "4343").mkdir(mode=0o700)
+    os.chown(config.runtime_dir / "4343", 4343, -1)  # the real thing
+    (config.runtime_dir / "agent-77.sock").write_text("")  # an old preload's flat socket
+    found = doctor.check_runtime_dir(Context(config))
+    assert levels(found) == ["ok", "problem", "problem"], found
+    assert "4242 is not uid 4242's private agent directory" in found[1].message, found
+    assert "older preload" in found[2].message and "preload install" in (found[2].fix or ""), found
 
 
 # --- state dir --------------------------------------------------------------------------------------------------------
@@ -219,7 +233,7 @@ def test_agents_none_then_a_live_one(tmp_path: Path) -> None:
     def handler(request: Any, peer: PeerCred) -> dict[str, Any]:
         return ok_reply(runs=[str(tmp_path / "art" / "proj" / "models" / "a")], pid=os.getpid())
 
-    server = ControlServer(agent_socket_path(config.runtime_dir, os.getpid()), handler)
+    server = ControlServer(agent_socket_path(config.runtime_dir, os.geteuid(), os.getpid()), handler)
     server.start()
     try:
         (f,) = doctor.check_agents(Context(config))

@@ -32,6 +32,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from sidecar.adapter import adapter_digest  # noqa: E402
 from sidecar.config import Config, load_config  # noqa: E402
+from sidecar.control import agent_socket_path  # noqa: E402
 from sidecar.stages import ForkContext, StageOutcome  # noqa: E402
 from sidecar.trainers import TrainerStage, agent_statuses  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
@@ -202,7 +203,7 @@ def shared(
 def test_the_trainer_runs_with_the_installed_preload(shared: tuple[Run, Trainer], runtime_dir: Path) -> None:
     _, trainer = shared
     assert trainer.ready["preload_armed"] is True
-    assert Path(trainer.ready["socket"]) == runtime_dir / f"agent-{trainer.pid}.sock"
+    assert Path(trainer.ready["socket"]) == agent_socket_path(runtime_dir, os.geteuid(), trainer.pid)
     trainer.wait_steps(2)
 
 
@@ -318,16 +319,18 @@ def test_a_client_of_another_user_is_refused_by_the_trainer(shared: tuple[Run, T
             ).stdout
         ).strip()
 
-    mode = runtime_dir.stat().st_mode
+    modes = {d: d.stat().st_mode for d in (runtime_dir, sock.parent)}
     try:
-        runtime_dir.chmod(0o755)
+        for d in modes:  # loosened (the user's directory is 0700) to reach the socket's own mode
+            d.chmod(0o755)
         assert as_nobody() == "EACCES"  # 0600 socket: the kernel says no
         sock.chmod(0o666)  # a loosened socket reaches the agent's own check
         reply = json.loads(as_nobody())
         assert reply["ok"] is False and reply["error"]["code"] == "forbidden"
     finally:
         sock.chmod(0o600)
-        runtime_dir.chmod(mode)
+        for d, mode in modes.items():
+            d.chmod(mode)
 
 
 def test_a_spawn_child_holding_the_model_gets_the_fork(
@@ -338,7 +341,7 @@ def test_a_spawn_child_holding_the_model_gets_the_fork(
     try:
         parent = json.loads((trainer.control / "parent.json").read_text())
         assert trainer.pid == parent["child"] != parent["pid"]
-        assert not (runtime_dir / f"agent-{parent['pid']}.sock").exists()  # the parent holds no model
+        assert not agent_socket_path(runtime_dir, os.geteuid(), parent["pid"]).exists()  # the parent holds no model
         run.serve(assets.adapter_b)
         outcome = stage(runtime_dir).run(context(run, "e2e-spawn"))
         assert outcome.status == "ok", outcome

@@ -23,6 +23,7 @@ pytest.importorskip("transformers")
 from sidecar import preload  # noqa: E402
 from sidecar.adapter import adapter_digest  # noqa: E402
 from sidecar.config import Config, Duration, TrainerConfig, load_config  # noqa: E402
+from sidecar.control import agent_dir, agent_socket_path  # noqa: E402
 from sidecar.preload import art  # noqa: E402
 from sidecar.stages import ForkContext  # noqa: E402
 from sidecar.trainers import TrainerStage, agent_statuses, clean_stale_sockets, list_agent_sockets  # noqa: E402
@@ -199,15 +200,17 @@ sys.stdin.read()
 
 # --- sockets that must not be trusted or kept ---------------------------------------------------------------------
 def test_stale_sockets_are_cleaned(runtime_dir: Path, run_dir: Path) -> None:
-    dead = runtime_dir / f"agent-{dead_pid()}.sock"
+    mine = agent_dir(runtime_dir, os.geteuid())
+    mine.mkdir(mode=0o700)
+    dead = mine / f"agent-{dead_pid()}.sock"
     leave_socket(dead)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        reused = runtime_dir / f"agent-{sleeper.pid}.sock"
+        reused = mine / f"agent-{sleeper.pid}.sock"
         leave_socket(reused)
         old = time.time() - 3600
         os.utime(reused, (old, old))  # made an hour before the process now holding that pid started
-        leftover = runtime_dir / ".agent-crashed"
+        leftover = mine / ".agent-crashed"
         leftover.mkdir()
         os.utime(leftover, (old, old))
         assert {s["error"] for s in agent_statuses(runtime_dir)} == {"stale socket (process gone)"}
@@ -224,7 +227,7 @@ def test_a_socket_owned_by_another_user_is_not_trusted(runtime_dir: Path, run_di
     if os.geteuid() != 0:
         pytest.skip("needs root to chown")
     preload.register(model, run_dir)
-    os.chown(runtime_dir / f"agent-{os.getpid()}.sock", 65534, 65534)
+    os.chown(agent_socket_path(runtime_dir, os.geteuid(), os.getpid()), 65534, 65534)
     outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
     assert outcome.status == "skipped"
     [unreachable] = outcome.detail["unreachable"]

@@ -1,4 +1,5 @@
-"""The agent inside a trainer process: serves `agent-<pid>.sock` and applies forks to what it was given to serve.
+"""The agent inside a trainer process: serves `{runtime_dir}/{uid}/agent-<pid>.sock` (sidecar/control.py says who
+makes that directory) and applies forks to what it was given to serve.
 
 Two kinds of target:
 - a generic PEFT model handed to `sidecar.preload.register(model, run_dir)` (this module: `PeftTarget`);
@@ -373,7 +374,7 @@ class Agent:
 
     def __init__(self, directory: Path) -> None:
         self.pid = os.getpid()
-        self.socket_path = agent_socket_path(directory, self.pid)
+        self.socket_path = agent_socket_path(directory, os.geteuid(), self.pid)
         self._targets: list[Target] = []
         self._lock = threading.Lock()
         self._server: ControlServer | None = None
@@ -404,6 +405,9 @@ class Agent:
                 _log(f"agent-socket:{self.socket_path}", logging.WARNING, "fork-sidecar agent not started: %s", e)
                 return False
             self._server = server
+        if server.waiting is not None:
+            _log(f"agent-wait:{self.socket_path}", logging.INFO, "fork-sidecar agent waiting: %s", server.waiting)
+            return True
         _log(f"agent-up:{self.socket_path}", logging.INFO, "fork-sidecar agent listening on %s", self.socket_path)
         return True
 

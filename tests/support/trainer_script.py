@@ -73,7 +73,8 @@ def train(args: argparse.Namespace) -> int:
         control / "ready.json",
         {
             "pid": os.getpid(),
-            "socket": str(Path(runtime) / f"agent-{os.getpid()}.sock"),
+            # Where the contract puts this process's agent socket (whether or not the preload made one).
+            "socket": str(Path(runtime) / str(os.geteuid()) / f"agent-{os.getpid()}.sock"),
             "sidecar": sidecar.__file__,
             "preload_armed": any(getattr(f, "fork_sidecar_post_import_finder", False) for f in sys.meta_path),
         },

@@ -1,0 +1,43 @@
+"""bob's trainer: the real preload agent (sidecar.preload.agent) serving one run through a stub target.
+
+argv: RUN_DIR LOG. The target answers a fork as loaded with the digest the daemon sent and logs the request; what is
+under test is who the daemon tells, not loading weights (tests/test_trainers.py loads real ones).
+"""
+
+import json
+import os
+import sys
+import time
+
+from sidecar.control import ok_reply
+from sidecar.preload.agent import current_agent
+
+run_dir, log_path = sys.argv[1:3]
+
+
+class StubTarget:
+    kind = "stub"
+
+    def __init__(self, run):
+        self.run = os.path.realpath(run)
+
+    def alive(self):
+        return True
+
+    def serves(self):
+        return [self.run]
+
+    def fork(self, request, checkpoint_dir):
+        with open(log_path, "a") as log:
+            log.write(json.dumps({"op": "fork", "fork_id": request.fork_id, "digest": request.digest}) + "\n")
+        return ok_reply(result="loaded", digest=request.digest)
+
+    def describe(self):
+        return {"kind": self.kind, "run_dir": self.run}
+
+
+agent = current_agent()
+agent.add(StubTarget(run_dir))
+print("registered", agent.socket_path, flush=True)
+while True:
+    time.sleep(1)

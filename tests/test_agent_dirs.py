@@ -1,0 +1,101 @@
+"""The daemon's runtime dir and per-user agent directories, on the real filesystem (chown needs root)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.agent_dirs import AgentDirs, RuntimeDirError, ensure_runtime_dir, ensure_user_dir
+
+OTHER, THIRD = 4242, 4343
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="fs-adir-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def as_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("handing a directory to another uid needs root")
+
+
+def owner_and_mode(path: Path) -> tuple[int, int]:
+    st = path.lstat()
+    return st.st_uid, stat.S_IMODE(st.st_mode)
+
+
+def test_the_runtime_dir_is_created_0755_whatever_the_umask(base: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        ensure_runtime_dir(base / "a" / "run")
+    finally:
+        os.umask(old)
+    assert owner_and_mode(base / "a" / "run") == (os.geteuid(), 0o755)
+    (base / "file").write_text("")
+    with pytest.raises(RuntimeDirError, match="is not a directory"):
+        ensure_runtime_dir(base / "file")
+
+
+def test_an_existing_runtime_dir_keeps_its_mode(base: Path) -> None:
+    (base / "run").mkdir(mode=0o750)
+    ensure_runtime_dir(base / "run")
+    assert owner_and_mode(base / "run")[1] == 0o750
+
+
+def test_a_users_directory_is_made_0700_and_theirs(base: Path, as_root: None) -> None:
+    made = ensure_user_dir(base, OTHER)
+    assert made == base / str(OTHER) and owner_and_mode(made) == (OTHER, 0o700)
+    assert ensure_user_dir(base, OTHER) == made  # kept as it is
+
+
+@pytest.mark.parametrize("squat", ["dir of another user", "dir of root", "loose dir", "file", "symlink"])
+def test_whatever_squats_a_users_name_is_replaced(base: Path, as_root: None, squat: str) -> None:
+    name = base / str(OTHER)
+    target = base / "elsewhere"
+    target.mkdir()
+    (target / "keep").write_text("not to be touched")
+    if squat == "file":
+        name.write_text("")
+    elif squat == "symlink":
+        name.symlink_to(target)
+    else:
+        name.mkdir()
+        (name / f"agent-{os.getpid()}.sock").write_text("")  # a name squatted for a future agent
+        os.chown(name, {"dir of another user": THIRD, "dir of root": 0, "loose dir": OTHER}[squat], -1)
+        if squat == "loose dir":
+            name.chmod(0o777)
+    assert ensure_user_dir(base, OTHER) == name
+    assert owner_and_mode(name) == (OTHER, 0o700) and list(name.iterdir()) == []
+    assert (target / "keep").read_text() == "not to be touched"  # a symlink is removed, never followed
+
+
+def test_agent_dirs_follow_the_owners_of_runs(base: Path, as_root: None) -> None:
+    runtime = base / "run"
+    runs = [base / "art" / "p" / "models" / m for m in ("a", "b", "c")]
+    for run, uid in zip(runs, (OTHER, OTHER, THIRD), strict=True):
+        run.mkdir(parents=True)
+        os.chown(run, uid, -1)
+    dirs = AgentDirs(runtime)
+    dirs.prepare()
+    dirs.see_runs(runs[:2])
+    assert sorted(p.name for p in runtime.iterdir()) == [str(OTHER)]
+    dirs.see_runs(runs)
+    assert sorted(p.name for p in runtime.iterdir()) == [str(OTHER), str(THIRD)]
+    os.chown(runs[0], 0, -1)  # handed over after creation: seen on the next full look
+    dirs.see_runs(runs)
+    assert not (runtime / "0").exists()
+    dirs.see_runs(runs, fresh=True)
+    assert owner_and_mode(runtime / "0") == (0, 0o700)
+    shutil.rmtree(runtime / str(THIRD))  # cleaned away (tmpfiles): made again
+    dirs.see_runs(runs)
+    assert owner_and_mode(runtime / str(THIRD)) == (THIRD, 0o700)
