@@ -7,7 +7,7 @@ LoRA of about 100 MB in float32, and saves one random adapter for it as `checkpo
 A second Python process builds the same model, calls `sidecar.preload.register` and stays idle between steps.
 Then, --repeat times each, interleaved, in the same run (the file is in the page cache for all of them):
 
-- agent: `call_agent(agent-<pid>.sock, fork)` from this process, the daemon's side of the trainers stage: the agent
+- agent: `call_agent(<uid>/agent-<pid>.sock, fork)` from this process, the daemon side of the trainers stage: the agent
   reads the safetensors file, checks it, computes the digest, casts, loads with `set_peft_model_state_dict`,
   verifies every tensor bit for bit, clears grads and optimizer state, and answers;
 - stage: the whole `TrainerStage.run` (socket scan, `hello`, `fork`, digest comparison);
@@ -42,7 +42,7 @@ from typing import Any
 
 from sidecar.adapter import adapter_digest
 from sidecar.config import load_config
-from sidecar.control import ForkRequest, call_agent
+from sidecar.control import ForkRequest, agent_socket_path, call_agent
 from sidecar.stages import ForkContext
 from sidecar.trainers import TrainerStage
 
@@ -144,7 +144,7 @@ def main() -> int:
             cwd=REPO,
         )
         assert trainer.stdout is not None and trainer.stdout.readline().strip() == b"ready", "trainer did not start"
-        sock = runtime / f"agent-{trainer.pid}.sock"
+        sock = agent_socket_path(runtime, os.geteuid(), trainer.pid)
         config = dataclasses.replace(load_config(None), runtime_dir=runtime)
         stage = TrainerStage(config)
 

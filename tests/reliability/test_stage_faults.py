@@ -7,8 +7,9 @@ a 5xx; never a 4xx), and the outcome names the peer (trainer pid, server URL) an
 is not undone by a notification failure: `checkpoints/0000` holds the new adapter, the outcome says `failed`, and
 the daemon keeps forking other runs.
 
-The peers are real: the agent stand-in is a separate Python process listening on `{runtime_dir}/agent-<its pid>.sock`
-(so the daemon's SO_PEERCRED and socket-owner checks pass as they would for a trainer) and speaking the protocol of
+The peers are real: the agent stand-in is a separate Python process listening on
+`{runtime_dir}/<its uid>/agent-<its pid>.sock` (so the daemon's SO_PEERCRED, directory and socket-owner checks pass as
+they would for a trainer) and speaking the protocol of
 sidecar/control.py by hand, because the real agent never hangs or dies on cue. The vLLM stand-in is an http.server
 on loopback answering the routes the stage uses; it really stops listening during a "restart".
 """
@@ -16,6 +17,7 @@ on loopback answering the routes the stage uses; it really stops listening durin
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.control import agent_socket_path
 from tests.reliability.support import Fleet, Settled, make_run, settled, silent_server, tree_digest, wait_settled
 from tests.support.daemon import wait_for
 
@@ -38,7 +41,8 @@ pytestmark = pytest.mark.timeout(60)
 AGENT_STAND_IN = r"""
 import json, os, socket, sys
 runtime, run_dir, got, hang_on = sys.argv[1:5]
-path = os.path.join(runtime, f"agent-{os.getpid()}.sock")
+os.makedirs(os.path.join(runtime, str(os.geteuid())), mode=0o700, exist_ok=True)
+path = os.path.join(runtime, str(os.geteuid()), f"agent-{os.getpid()}.sock")
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 listener.bind(path)
 os.chmod(path, 0o600)
@@ -73,7 +77,7 @@ class AgentStandIn:
         self.got = got
         argv = [sys.executable, "-c", AGENT_STAND_IN, str(runtime_dir), str(run_dir), str(got), hang_on]
         self.proc = subprocess.Popen(argv)
-        self.socket = runtime_dir / f"agent-{self.proc.pid}.sock"
+        self.socket = agent_socket_path(runtime_dir, os.geteuid(), self.proc.pid)
         wait_for(self.socket.exists, 10, "the agent stand-in's socket")
 
     @property
