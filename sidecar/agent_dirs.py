@@ -5,7 +5,9 @@ name of another user's future `agent-<pid>.sock` or pose as their trainer (sidec
 The daemon makes a user's directory as soon as it sees a run that user owns; creating it needs root (chown), so a
 daemon running as an ordinary user makes only its own. Whatever stands at a user's name and is not that user's
 private directory (another user's directory, a file, a symlink: left from a world-writable runtime dir) is removed
-first. `runtime_dir` itself is created 0755 like `state_dir` is created, and never loosened.
+first. `runtime_dir` itself is created 0755 like `state_dir` is created, and never loosened; unlike an unusable
+`state_dir` an uncreatable one does not stop the daemon (a user running it by hand with the default /run path still
+gets disk and vLLM forks), it is logged, and `fork-sidecar doctor` reports it.
 """
 
 from __future__ import annotations
@@ -19,18 +21,18 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from sidecar.config import ConfigError
 from sidecar.control import agent_dir
 
 __all__ = ["RUNTIME_DIR_MODE", "AgentDirs", "RuntimeDirError", "ensure_runtime_dir", "ensure_user_dir"]
 
 log = logging.getLogger("sidecar.agent_dirs")
+_logged: set[str] = set()  # problems already logged: the same one recurs at every look, once is enough
 
 RUNTIME_DIR_MODE = 0o755
 USER_DIR_MODE = 0o700
 
 
-class RuntimeDirError(ConfigError):
+class RuntimeDirError(Exception):
     """runtime_dir cannot be created or is not a directory (a sentence naming it and the fix)."""
 
 
@@ -67,7 +69,7 @@ def ensure_user_dir(runtime_dir: Path, uid: int) -> Path | None:
     except FileNotFoundError:
         st = None
     except OSError as e:
-        log.warning("cannot look at %s (%s)", path, e.strerror)
+        _log_once(logging.WARNING, "cannot look at %s (%s)", path, e.strerror)
         return None
     if st is not None and _belongs_to(st, uid):
         return path
@@ -97,7 +99,7 @@ def _remove(path: Path, st: os.stat_result) -> bool:
         else:
             os.unlink(path)
     except OSError as e:
-        log.error("cannot remove %s (%s); that user's agents cannot start until it is gone", path, e.strerror)
+        _log_once(logging.ERROR, "cannot remove %s (%s); that user's agents wait until it is gone", path, e.strerror)
         return False
     return True
 
@@ -110,7 +112,7 @@ def _create(path: Path, uid: int) -> Path | None:
         log.warning("%s appeared while it was being created; will look again", path)
         return None
     except OSError as e:
-        log.error("cannot create %s (%s)", path, e.strerror)
+        _log_once(logging.ERROR, "cannot create %s (%s); that user's agents wait until it exists", path, e.strerror)
         return None
     # Through an fd of the directory just made: a name can be swapped in a world-writable parent, an fd cannot.
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -125,6 +127,13 @@ def _create(path: Path, uid: int) -> Path | None:
         os.close(fd)
     log.info("created %s for uid %d's trainer agents", path, uid)
     return path
+
+
+def _log_once(level: int, message: str, *args: object) -> None:
+    key = message % args
+    if key not in _logged:
+        _logged.add(key)
+        log.log(level, message, *args)
 
 
 def _primary_gid(uid: int) -> int:
@@ -142,9 +151,14 @@ class AgentDirs:
         self._owner_of: dict[str, int] = {}  # run dir -> owner uid, for runs already looked at
         self._uids: set[int] = set()
 
-    def prepare(self) -> None:
-        """At start: create the runtime dir (RuntimeDirError when impossible)."""
-        ensure_runtime_dir(self.runtime_dir)
+    def prepare(self) -> bool:
+        """At start: create the runtime dir; False (logged) when that is impossible."""
+        try:
+            ensure_runtime_dir(self.runtime_dir)
+        except RuntimeDirError as e:
+            log.error("%s Until then no trainer agent can be reached.", e)
+            return False
+        return True
 
     def see_runs(self, run_dirs: Iterable[Path], *, fresh: bool = False) -> None:
         """Make sure every owner of these runs has a directory; only runs not seen before are looked at, unless

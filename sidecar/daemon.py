@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from sidecar import __version__
-from sidecar.agent_dirs import AgentDirs, RuntimeDirError
+from sidecar.agent_dirs import AgentDirs
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.journal import ForkRecord, Journal
 from sidecar.layout import RunDir, iter_run_dirs, run_dir_of
@@ -81,7 +81,7 @@ class Daemon:
 
     # --- life cycle -----------------------------------------------------------------------------------------
     def run(self) -> int:
-        self.agent_dirs.prepare()  # RuntimeDirError is a ConfigError: exit 2, as for an unusable state_dir
+        self.agent_dirs.prepare()
         self.metrics.start(self.config.metrics)  # MetricsError is a ConfigError: exit 2 before taking the lock
         self.journal.lock()
         self._install_signals()
@@ -184,10 +184,7 @@ class Daemon:
         if new.runtime_dir != old.runtime_dir:
             self.agent_dirs = AgentDirs(new.runtime_dir)
             self._agent_dirs_seen = (-1, 0.0)
-            try:
-                self.agent_dirs.prepare()
-            except RuntimeDirError as e:
-                log.error("%s", e)
+            self.agent_dirs.prepare()
         self.config = new
         self._queue.configure(new.forks.workers, new.forks.per_owner)
         self.pipeline = self._new_pipeline(new)

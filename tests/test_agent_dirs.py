@@ -44,6 +44,9 @@ def test_the_runtime_dir_is_created_0755_whatever_the_umask(base: Path) -> None:
     (base / "file").write_text("")
     with pytest.raises(RuntimeDirError, match="is not a directory"):
         ensure_runtime_dir(base / "file")
+    with pytest.raises(RuntimeDirError, match="cannot create the runtime dir"):
+        ensure_runtime_dir(base / "file" / "run")
+    assert AgentDirs(base / "file" / "run").prepare() is False  # the daemon logs it and runs on
 
 
 def test_an_existing_runtime_dir_keeps_its_mode(base: Path) -> None:
