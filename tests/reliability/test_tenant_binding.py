@@ -81,7 +81,7 @@ def world(tenants: dict[str, Tenant], shared_base: Path) -> World:
     model_dir = make_run(art, project="pb", steps=(3,))
     bob = tenants["bob"]
     bob.chown(art / "pb")
-    yield World(shared_base, tenants["alice"], bob, model_dir, install_scripts(shared_base))
+    return World(shared_base, tenants["alice"], bob, model_dir, install_scripts(shared_base))
 
 
 def shared_runtime_dir(path: Path) -> Path:
@@ -183,11 +183,13 @@ def test_the_daemon_creates_the_runtime_dir_and_each_run_owners_directory(world:
         bob_dir = wait_for(lambda: (rt / str(world.bob.uid)).is_dir() and rt / str(world.bob.uid), 15, "bob's dir")
         st = bob_dir.lstat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (world.bob.uid, 0o700)
-        # A run of alice's that appears while the daemon runs gets her directory too.
-        alice_run = make_run(world.base / "art", project="pa", steps=(3,))
-        world.alice.chown(world.base / "art" / "pa")
+        # A run of alice's that appears while the daemon runs gets her directory too (she creates it, as ART would).
+        alice_run = world.base / "art" / "pa" / "models" / "m"
+        alice_run.parent.parent.mkdir()
+        world.alice.chown(alice_run.parent.parent)  # her project directory
+        subprocess.run(["mkdir", "-p", str(alice_run)], user=world.alice.uid, group=world.alice.gid, check=True)
         alice_dir = rt / str(world.alice.uid)
-        wait_for(lambda: alice_dir.is_dir(), 30, "alice's dir after her run appeared")
+        wait_for(lambda: alice_dir.is_dir(), 15, "alice's dir after her run appeared")
         assert alice_dir.lstat().st_uid == world.alice.uid and alice_run.is_dir()
 
 
