@@ -110,8 +110,11 @@ def checkpoint_dir(checkpoints: Path, step: int) -> Path:
 
 
 def run_owner(model_dir: Path) -> int | None:
-    """The uid owning a run directory: the only user (with root) whose trainers and servers hear of its forks."""
+    """The uid owning a run directory: the only user (with root) whose trainers and servers hear of its forks.
+
+    Not followed through a symlink: a run swapped for a link to another user's run names the link's owner, so the
+    other user's trainers are not disturbed (the pipeline fails such a fork anyway; this is the narrow window)."""
     try:
-        return os.stat(model_dir).st_uid
+        return os.lstat(model_dir).st_uid
     except OSError:
         return None
