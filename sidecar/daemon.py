@@ -131,6 +131,7 @@ class Daemon:
                 self._last_orphan_scan = time.monotonic()
                 self._scan_orphans()
             self._offer_orphans()
+            self._retry_state_dir()
             if time.monotonic() - self._last_heartbeat > self.config.timeouts.claim_lease / 4:
                 self._last_heartbeat = time.monotonic()
                 self.pipeline.refresh_heartbeats()
@@ -257,6 +258,20 @@ class Daemon:
             elif not self._queue.has(model_dir):
                 self._submit(model_dir)
 
+    def _retry_state_dir(self) -> None:
+        """While the state dir refuses writes: file the history lines kept back and offer the runs left waiting
+        once a probe write passes (at most one probe a second, whatever the number of markers)."""
+        journal = self.journal
+        if not (journal.problem or journal.waiting_runs or journal.unfiled_count()):
+            return
+        if not journal.usable():
+            return
+        journal.file_unfiled()
+        waiting, journal.waiting_runs = journal.waiting_runs, set()
+        for model_dir in sorted(waiting):
+            self._submit(model_dir)
+        self._write_status()
+
     def _count(self, record: ForkRecord) -> None:
         key = "done" if record.state.value == "done" else "failed"
         with self._lock:
@@ -316,15 +331,21 @@ class Daemon:
             "active_runs": active,
             "queued_runs": queued,
             "counts": dict(self._counts),
+            # Why no fork is being claimed, while the state dir is full or read-only (then this file is stale, and
+            # systemctl status, the log and fork_sidecar_state_dir_writable say it).
+            "state_dir_problem": self.journal.problem,
+            "waiting_for_state_dir": sorted(str(p) for p in self.journal.waiting_runs),
         }
         self.metrics.set_runs(watched=status["watched_runs"], pending=len(active) + len(queued))
+        self.metrics.set_state_dir(writable=self.journal.problem is None, waiting=len(self.journal.waiting_runs))
         self.metrics.publish(self.config.metrics)
         try:
             self.journal.write_status(status)
         except OSError as e:
             log.warning("cannot write %s/status.json: %s", self.config.state_dir, e)
         if not stopped:
-            self.notifier.status(self._summary())
+            problem = f"; {self.journal.problem}" if self.journal.problem else ""
+            self.notifier.status(self._summary() + problem)
 
 
 _TEMP_FILE = re.compile(r"^\.\.fork(?:\.[a-z]+)?\.tmp-(\d+)-[0-9a-f]{6}$")

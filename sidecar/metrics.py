@@ -16,6 +16,8 @@ Names (all prefixed `fork_sidecar_`):
   agents_seen                           trainer agents told about the newest finished fork
   vllm_servers_seen                     vLLM servers asked to reload for the newest finished fork
   reload_errors_total{reason}           per failed agent or server, by reason (see REASONS)
+  state_dir_writable                    1, or 0 while the state dir refuses writes (no fork is claimed then)
+  forks_waiting_for_state_dir           runs whose marker waits for the state dir
 """
 
 from __future__ import annotations
@@ -146,6 +148,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.state_dir_writable = Gauge(
+            "fork_sidecar_state_dir_writable",
+            "1 while the state dir takes writes; 0 while it is full or read-only and no fork is claimed.",
+            registry=r,
+        )
+        self.state_dir_writable.set(1)
+        self.waiting_for_state_dir = Gauge(
+            "fork_sidecar_forks_waiting_for_state_dir", "Runs whose marker waits for the state dir.", registry=r
+        )
         # Every label value exists from the start, so rate() and absent() behave before the first fork.
         for status in ("done", "failed"):
             self.forks.labels(status)
@@ -180,6 +191,10 @@ class Metrics:
     def set_runs(self, *, watched: int, pending: int) -> None:
         self.watched_runs.set(watched)
         self.pending_forks.set(pending)
+
+    def set_state_dir(self, *, writable: bool, waiting: int) -> None:
+        self.state_dir_writable.set(1 if writable else 0)
+        self.waiting_for_state_dir.set(waiting)
 
     def render(self) -> bytes:
         """The text exposition format, as a scrape gets it."""

@@ -26,7 +26,7 @@ import psutil
 
 from sidecar import swap
 from sidecar.config import Config
-from sidecar.journal import ForkRecord, Journal
+from sidecar.journal import ForkRecord, Journal, JournalUnwritable
 from sidecar.layout import SERVED_STEP, RunDir
 from sidecar.marker import INPROGRESS, MARKER
 from sidecar.owner_worker import OwnerRunIO
@@ -151,7 +151,7 @@ class ForkPipeline:
         if record.state.terminal:
             # Killed between journaling the end and filing it: the outcome file was written before that state.
             logger.info("fork had ended %s; filing it in the history", record.state)
-            self._close(record)
+            self._file_once(record)
             return
         with self._hold(run_dir_of_record(Path(record.model_dir)), need_marker=False) as held:
             if held is None or not _same_run(record, held.opened):
@@ -202,8 +202,11 @@ class ForkPipeline:
         """
         logger = self._logger(record)
         outcome = held.io.read_outcome() if held is not None else None
-        if record.state is ForkState.VERIFIED and outcome and outcome.get("fork_id") == record.fork_id:
-            logger.info("fork had filed its outcome; filing it in the history")
+        if outcome and outcome.get("fork_id") == record.fork_id:
+            # Our own outcome: the fork ended, and its record on disk may be older than that (killed before the
+            # end was journaled, or the state dir refused the writes that followed). The outcome is the truth.
+            logger.info("fork had filed its outcome (%s); filing it in the history", outcome.get("status"))
+            _take_outcome(record, outcome)
         else:
             # The run's history is the adopter's: ours ends here, in the log only.
             logger.warning("fork lost its claim (now %s); dropping it", (info or {}).get("claimed_by", "gone"))
@@ -212,7 +215,15 @@ class ForkPipeline:
                     held.io.settle_leftover(record.fork_id)
             self.journal.forget(record)
             return
-        self.journal.finish(record)
+        self._file_once(record)
+
+    def _file_once(self, record: ForkRecord) -> None:
+        """History line for a fork a previous daemon ended, unless it wrote that line before it died."""
+        if self.journal.filed(record.fork_id):
+            with contextlib.suppress(OSError):
+                self.journal.forget(record)
+            return
+        self._close(record)
 
     def refresh_heartbeats(self) -> None:
         """Renew the lease of every claim this pipeline holds (called periodically by the daemon's main loop)."""
@@ -222,6 +233,11 @@ class ForkPipeline:
 
     # --- claiming -----------------------------------------------------------------------------------------------
     def _take_next(self, run: RunDir, held: HeldRun) -> bool:
+        if not self.journal.usable():
+            # A claim now could be neither journaled nor filed: leave the marker for when the state dir takes writes
+            # (the daemon offers this run again then). Logged once by the journal, not once per marker.
+            self.journal.waiting_runs.add(run.path)
+            return False
         # A `.fork` of any kind (directory, FIFO, symlink) is claimed, so that reading it can fail it with an outcome.
         try:
             claimed = held.io.claim()
@@ -267,7 +283,9 @@ class ForkPipeline:
         claimer = info.get("claimed_by") or {}
         if claimer.get("host") == self.host:
             pid = claimer.get("pid")
-            return not (isinstance(pid, int) and pid != os.getpid() and psutil.pid_exists(pid))
+            if pid == os.getpid():  # ours if we hold it; else a previous process that had our pid (containers)
+                return info.get("fork_id") not in {held.get("fork_id") for _, _, held in self.claims.items()}
+            return not (isinstance(pid, int) and psutil.pid_exists(pid))
         # Another host: only its heartbeat tells. Wall clock, since hosts share no other; keep the lease well above
         # the clock skew between nodes.
         beat = info.get("heartbeat_at")
@@ -291,8 +309,22 @@ class ForkPipeline:
             self._finish_failed(record, str(e), held)
             return
         logger.info("fork claimed (%s): %s -> %s/%s", origin, record.request, run.checkpoints, SERVED_STEP)
-        self.journal.create(record)
+        try:
+            self.journal.create(record)
+        except JournalUnwritable as e:
+            logger.error("fork put back, to be taken once the state dir is writable: %s", e)
+            self._unclaim(held, raw)
+            self.journal.waiting_runs.add(model_dir)
+            return
         self._run_steps(record, held)
+
+    def _unclaim(self, held: HeldRun, raw: str) -> None:
+        """Undo a claim nothing has acted on: the marker is back as its writer wrote it, the claim gone."""
+        self.claims.release(held.opened.run.path / INPROGRESS)
+        try:
+            held.io.unclaim(raw)
+        except (RunIOError, OSError) as e:
+            log.error("%s: cannot put the marker back (%s)", held.opened.run.path, e)
 
     def _roots(self) -> list[str]:
         return [str(r) for r in self.config.allowed_source_roots]
@@ -327,6 +359,10 @@ class ForkPipeline:
                 self._logger(record).error("fork failed: %s", e)
                 self._finish_failed(record, str(e), held)
             except Exception as e:  # a bug must still end the fork with an outcome, never strand the claim
+                if record.state.terminal:
+                    # The outcome is written and the end recorded: bookkeeping after that must never rewrite it.
+                    self._logger(record).exception("after the fork ended %s", record.state)
+                    return
                 self._logger(record).exception("internal error in state %s", record.state)
                 self._finish_failed(record, f"internal error in state {record.state} ({e!r}); see journalctl.", held)
 
@@ -347,7 +383,7 @@ class ForkPipeline:
             "stage_inode": staged["inode"],
             "adapter_fingerprint": staged["adapter_fingerprint"],
         }
-        self.journal.advance(record, ForkState.STAGED, digest=staged["digest"])
+        self._advance(record, ForkState.STAGED, digest=staged["digest"])
         self._logger(record, "swap").info(
             "staged %d bytes by %s, digest %s", staged["bytes"], staged["method"], staged["digest"]
         )
@@ -359,13 +395,13 @@ class ForkPipeline:
         outcome = record.stages.setdefault("swap", {"status": "ok"})
         outcome["install_seconds"] = round(time.monotonic() - started, 4)
         outcome["seconds"] = round(outcome.get("stage_seconds", 0.0) + outcome["install_seconds"], 4)
-        self.journal.advance(record, ForkState.SWAPPED)
+        self._advance(record, ForkState.SWAPPED)
         self._logger(record, "swap").info("checkpoints/%s now holds %s", SERVED_STEP, record.digest)
 
     def _notify(self, record: ForkRecord, name: str, reached: ForkState) -> None:
         outcome = self._run_stage(record, name)
         record.stages[name] = outcome.to_json()
-        self.journal.advance(record, reached)
+        self._advance(record, reached)
 
     def _run_stage(self, record: ForkRecord, name: str) -> StageOutcome:
         stage = next((s for s in self.stages if s.name == name), None)
@@ -410,7 +446,7 @@ class ForkPipeline:
         }
         # The retired copy outlived every reload of this fork (vLLM may read from paths until its reload returns).
         held.io.discard_retired(record.fork_id)
-        self.journal.advance(record, ForkState.VERIFIED, error=problems[0] if problems else None)
+        self._advance(record, ForkState.VERIFIED, error=problems[0] if problems else None)
 
     # --- endings ------------------------------------------------------------------------------------------------
     def _finish_done(self, record: ForkRecord, held: HeldRun) -> None:
@@ -418,7 +454,7 @@ class ForkPipeline:
             self._finish_failed(record, record.error, held)
             return
         self._write_outcome(record, "done", held)
-        self.journal.advance(record, ForkState.DONE, finished_at=record.finished_at)
+        self._advance(record, ForkState.DONE, finished_at=record.finished_at)
         self._logger(record).info("fork done in %.2fs", (record.finished_at or 0) - record.started_at)
         self._close(record)
 
@@ -430,7 +466,7 @@ class ForkPipeline:
             record.stages.setdefault("swap", {}).update(self._served_now(record, held))
         self._write_outcome(record, "failed", held)
         if self.journaled(record.fork_id):
-            self.journal.advance(record, ForkState.FAILED, finished_at=record.finished_at)
+            self._advance(record, ForkState.FAILED, finished_at=record.finished_at)
         else:
             record.state = ForkState.FAILED
         self._close(record)
@@ -469,8 +505,23 @@ class ForkPipeline:
         # Through the directory claimed, wherever it is now: a run moved during the fork gets its outcome there.
         held.io.finish(record.fork_id, outcome)
 
+    def _advance(self, record: ForkRecord, state: ForkState, **changes: Any) -> None:
+        """journal.advance, except that a state dir refusing the write does not change the fork's course.
+
+        The record goes on in memory: every step is idempotent, so a crash now resumes from the older record
+        and re-runs steps, exactly as after a SIGKILL between a step and its journal write; the history line is
+        kept until the state dir takes it (Journal.finish).
+        """
+        try:
+            self.journal.advance(record, state, **changes)
+        except JournalUnwritable as e:
+            self._logger(record).warning("state %s not journaled, carrying on: %s", state, e)
+
     def _close(self, record: ForkRecord) -> None:
-        self.journal.finish(record)
+        if not self.journal.finish(record):
+            self._logger(record).error(
+                "history line kept back until the state dir %s is writable", self.journal.state_dir
+            )
         if self.on_finish is not None:
             self.on_finish(record)
 
@@ -536,3 +587,15 @@ def _check_in_place(record: ForkRecord, opened: OpenRun) -> None:
             f"{record.model_dir} was moved or replaced during the fork ({_ACTING[record.state]}); "
             "fork again where the run is now."
         )
+
+
+def _take_outcome(record: ForkRecord, outcome: dict[str, Any]) -> None:
+    """Bring a stale journal record up to the outcome its fork filed, for the history line."""
+    record.state = ForkState.DONE if outcome.get("status") == "done" else ForkState.FAILED
+    record.error = outcome.get("error")
+    record.digest = outcome.get("digest", record.digest)
+    for stage in ("swap", "trainers", "vllm", "verify"):
+        if isinstance(outcome.get(stage), dict):
+            record.stages[stage] = outcome[stage]
+    with contextlib.suppress(TypeError, ValueError):
+        record.finished_at = datetime.fromisoformat(str(outcome.get("finished_at"))).timestamp()

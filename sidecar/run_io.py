@@ -105,6 +105,10 @@ class RunIO:
     def heartbeat(self, info: dict[str, Any]) -> None:
         self._post("heartbeat", info=info)
 
+    def unclaim(self, raw: str) -> None:
+        """Undo a claim nothing has acted on: the marker back as written (unless a newer one came), the claim gone."""
+        self._call("unclaim", raw=raw)
+
     # --- the fork -----------------------------------------------------------------------------------------
     def resolve(self, request: dict[str, Any], allowed_roots: list[str]) -> str:
         return str(self._call("resolve", request=request, allowed_roots=allowed_roots))
@@ -227,6 +231,15 @@ class LocalRunIO(RunIO):
         with self._claim_lock:
             if not self._claim_released:  # never bring back a claim the fork has removed
                 self._write_json(INPROGRESS, info)
+
+    def _op_unclaim(self, raw: str) -> None:
+        try:
+            os.stat(MARKER, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            write_atomic_at(self.fd, MARKER, raw.encode())
+        with self._claim_lock:
+            self._claim_released = True
+            remove_at(self.fd, INPROGRESS)
 
     def _write_json(self, name: str, data: dict[str, Any]) -> None:
         write_atomic_at(self.fd, name, (json.dumps(data, indent=2) + "\n").encode())

