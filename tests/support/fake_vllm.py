@@ -24,6 +24,7 @@ around the engine's `add_lora` and the update of what `/v1/models` lists (vllm/e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -265,7 +266,5 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
-        try:
+        with contextlib.suppress(OSError):  # the client hung up, as a bounded client does
             self.server.fake.write_body(self, raw)
-        except OSError:
-            pass  # the client hung up, as a bounded client does
