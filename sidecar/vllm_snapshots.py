@@ -9,6 +9,16 @@ A snapshot may be removed only when no server lists it as an adapter root: an ad
 re-read from its path without any API call. Only names `.fork-<fork id>` (and our own `.partial` leftovers) are ever
 removed here; the swap's `.fork-stage-*` / `.fork-retired-*` never match the fork-id pattern.
 
+A load the server got but did not answer in time may still be applied later, so its snapshot is also kept while
+such a load may be in flight (`LoadsInFlight`). How long that is comes from vLLM's source: its
+`OpenAIServingModels.load_lora_adapter` (vllm/entrypoints/openai/models/serving.py) holds an asyncio.Lock per adapter
+name (`lora_resolver_lock[lora_name]`, a defaultdict of asyncio.Lock, FIFO for waiters) around the engine's
+`add_lora` and the update of `lora_requests`, which `/v1/models` lists; the handler is not cancelled when its client
+hangs up. Loads of one name on one server are therefore applied one at a time in arrival order, never out of order:
+once a later load of that name on that server has answered, every earlier one has finished. That answer (or seeing
+the snapshot listed) ends the protection. A daemon restart forgets it, which is harmless once the server has answered
+anything since (the only window is a load still running across the restart).
+
 Nothing here is fsynced, on purpose: a snapshot only matters to the servers that loaded it, and a crash of this machine
 ends them too (they restart from `checkpoints/0000`, which the swap made durable, as are the files hardlinked here).
 Directory fsyncs were half of the stage's time on a busy disk (about 8 ms of 30 ms).
@@ -22,6 +32,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 from collections.abc import Collection
 from pathlib import Path
 
@@ -29,6 +40,8 @@ from sidecar.fsops import rename_noreplace
 
 __all__ = [
     "FORK_ID_PATTERN",
+    "LOADS_IN_FLIGHT",
+    "LoadsInFlight",
     "collect_snapshots",
     "create_snapshot",
     "is_snapshot_name",
@@ -123,3 +136,33 @@ def collect_snapshots(checkpoints: Path, referenced: Collection[Path] | None) ->
                 shutil.rmtree(path)
             removed.append(name)
     return removed
+
+
+class LoadsInFlight:
+    """Snapshots that a server may still load: a load of them reached it and was not answered. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loads: dict[tuple[str, str], set[Path]] = {}  # (server url, adapter name) -> snapshot paths
+
+    def sent_unanswered(self, url: str, name: str, snapshot: Path) -> None:
+        with self._lock:
+            self._loads.setdefault((url, name), set()).add(Path(os.path.realpath(snapshot)))
+
+    def answered(self, url: str, name: str) -> None:
+        """A load of `name` on `url` got an answer: every earlier one there has finished (see the module doc)."""
+        with self._lock:
+            self._loads.pop((url, name), None)
+
+    def paths(self) -> set[Path]:
+        with self._lock:
+            return {p for paths in self._loads.values() for p in paths}
+
+    def servers_of(self, snapshot: Path) -> list[str]:
+        real = Path(os.path.realpath(snapshot))
+        with self._lock:
+            return sorted({url for (url, _), paths in self._loads.items() if real in paths})
+
+
+# One per daemon process: the vLLM stage is rebuilt on SIGHUP, the loads it sent are not forgotten with it.
+LOADS_IN_FLIGHT = LoadsInFlight()

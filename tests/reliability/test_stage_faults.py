@@ -9,21 +9,17 @@ the daemon keeps forking other runs.
 
 The peers are real: the agent stand-in is a separate Python process listening on
 `{runtime_dir}/<its uid>/agent-<its pid>.sock` (so the daemon's SO_PEERCRED, directory and socket-owner checks pass as
-they would for a trainer) and speaking the protocol of
-sidecar/control.py by hand, because the real agent never hangs or dies on cue. The vLLM stand-in is an http.server
-on loopback answering the routes the stage uses; it really stops listening during a "restart".
+they would for a trainer) and speaking the protocol of sidecar/control.py by hand, because the real agent never hangs
+or dies on cue. The vLLM stand-in is tests/support/fake_vllm.py, an http.server on loopback answering the routes the
+stage uses; it really stops listening during a "restart".
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +28,7 @@ import pytest
 from sidecar.control import agent_socket_path
 from tests.reliability.support import Fleet, Settled, make_run, settled, silent_server, tree_digest, wait_settled
 from tests.support.daemon import wait_for
+from tests.support.fake_vllm import FakeVllm
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -230,106 +227,13 @@ def test_silent_agent_is_named_in_the_stage_error(tmp_path: Path, agent_factory:
 
 
 # --- vLLM servers -----------------------------------------------------------------------------------------------
-class VllmStandIn:
-    """GET /v1/models and POST /v1/load_lora_adapter, as vLLM 0.32 answers them, with fault knobs:
-    `load_status` (every load answers it), `restart_on_load` (the first load gets no answer: the server closes its
-    listener and comes back on the same port after `down_s`)."""
-
-    def __init__(self, adapter: str, root: Path, *, load_status: int | None = None, restart_on_load: bool = False):
-        self.roots = {adapter: str(root)}
-        self.load_status = load_status
-        self.restart_on_load = restart_on_load
-        self.down_s = 0.3
-        self.loads: list[dict[str, Any]] = []
-        self.restarted = threading.Event()
-        self.lock = threading.Lock()
-        self.port = 0
-        self.httpd = self._serve()
-
-    def _serve(self) -> ThreadingHTTPServer:
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                if self.path != "/v1/models":
-                    return self._send(404, {"detail": "Not Found"})
-                base = {"id": "base", "object": "model", "root": "/models/base", "parent": None}
-                with stand_in.lock:
-                    cards = [
-                        {"id": n, "object": "model", "root": r, "parent": "/models/base"}
-                        for n, r in stand_in.roots.items()
-                    ]
-                self._send(200, {"object": "list", "data": [base, *cards]})
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                if self.path != "/v1/load_lora_adapter":
-                    return self._send(404, {"detail": "Not Found"})
-                with stand_in.lock:
-                    stand_in.loads.append(body)
-                    first = len(stand_in.loads) == 1
-                if stand_in.restart_on_load and first:
-                    stand_in.go_down()
-                    self.close_connection = True
-                    return  # the request dies with the old process: no answer at all
-                if stand_in.load_status is not None:
-                    kind = "InternalServerError" if stand_in.load_status >= 500 else "BadRequestError"
-                    message = "engine dead" if stand_in.load_status >= 500 else "bad adapter config"
-                    return self._send(stand_in.load_status, {"object": "error", "message": message, "type": kind})
-                with stand_in.lock:
-                    stand_in.roots[body["lora_name"]] = body["lora_path"]
-                raw = f"Success: LoRA adapter '{body['lora_name']}' added successfully.".encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def _send(self, status: int, obj: Any) -> None:
-                raw = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-        httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        httpd.daemon_threads = True
-        self.port = httpd.server_address[1]
-        threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
-        return httpd
-
-    def go_down(self) -> None:
-        # Called from a handler thread: serve_forever runs in another one, so shutdown() returns once it stops.
-        self.httpd.shutdown()
-        self.httpd.server_close()  # connections to the port are refused from here on
-
-        def come_back() -> None:
-            time.sleep(self.down_s)
-            self.httpd = self._serve()
-            self.restarted.set()
-
-        threading.Thread(target=come_back, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def vllm_factory() -> Iterator[Any]:
-    servers: list[VllmStandIn] = []
+    servers: list[FakeVllm] = []
 
-    def make(model_dir: Path, **knobs: Any) -> VllmStandIn:
+    def make(model_dir: Path, **knobs: Any) -> FakeVllm:
         root = (model_dir / "checkpoints" / "0000").resolve()
-        server = VllmStandIn(model_dir.name, root, **knobs)
+        server = FakeVllm({model_dir.name: str(root)}, **knobs).start()
         servers.append(server)
         return server
 
@@ -371,7 +275,7 @@ def test_vllm_load_errors_retry_5xx_only_and_name_the_server(
 ) -> None:
     art = tmp_path / "art"
     model_dir = make_run(art, steps=(3,))
-    server = vllm_factory(model_dir, load_status=status)
+    server = vllm_factory(model_dir, load_error=(status, "engine dead" if status >= 500 else "bad adapter config"))
     with Fleet(tmp_path, [art], overrides=vllm_overrides(server.url, 3.0)) as fleet:
         fleet.start(0)
         (model_dir / ".fork").write_text("step: 3\n")
@@ -380,11 +284,16 @@ def test_vllm_load_errors_retry_5xx_only_and_name_the_server(
         assert vllm["status"] == "failed", vllm
         assert server.url in vllm["error"] and f"HTTP {status}" in vllm["error"], vllm
         (report,) = vllm["servers"]
-        assert report["attempts"] == len(server.loads), (report, len(server.loads))
+        assert report["attempts"] == len(server.arrived("/v1/load_lora_adapter")), (
+            report,
+            len(server.arrived("/v1/load_lora_adapter")),
+        )
         if retried:
-            assert 2 <= len(server.loads) <= 5, server.loads  # RetryPolicy: 5 attempts, fewer if time runs out
+            assert 2 <= len(server.arrived("/v1/load_lora_adapter")) <= 5, server.arrived(
+                "/v1/load_lora_adapter"
+            )  # RetryPolicy: 5 attempts, fewer if time runs out
         else:
-            assert len(server.loads) == 1, server.loads
+            assert len(server.arrived("/v1/load_lora_adapter")) == 1, server.arrived("/v1/load_lora_adapter")
         assert vllm["seconds"] <= 3.0 + 0.5, vllm
         # A server whose reload failed is in an unknown state (a 5xx may come after a partial load), so the
         # snapshot is kept, complete, for the next fork (or the next start) to collect once every server answers.
@@ -411,9 +320,12 @@ def test_vllm_restarted_during_the_stage_is_retried_to_success(tmp_path: Path, v
         (report,) = vllm["servers"]
         assert report["error"] is None and report["method"] == "inplace", report
         # The dropped load, then refused connects while it was down (counted as attempts), then the one that took.
-        assert len(server.loads) == 2 and report["attempts"] >= 2, (report, server.loads)
+        assert len(server.arrived("/v1/load_lora_adapter")) == 2 and report["attempts"] >= 2, (
+            report,
+            server.arrived("/v1/load_lora_adapter"),
+        )
         snapshot = model_dir / "checkpoints" / vllm["snapshot"]
         assert view.leftovers == [snapshot.name]  # the server reads from it now; the next fork collects it
-        assert server.roots[model_dir.name] == str(snapshot)
+        assert server.adapters[model_dir.name] == str(snapshot)
         assert tree_digest(snapshot) == tree_digest(model_dir / "checkpoints" / "0003")
         assert tree_digest(model_dir / "checkpoints" / "0000") == tree_digest(model_dir / "checkpoints" / "0003")
