@@ -43,8 +43,8 @@ log = logging.getLogger("sidecar.journal")
 
 HISTORY_KEEP = 1000
 HISTORY_TRIM_BYTES = 4 * 1024 * 1024
-# A fork record is a few KiB: a probe of one page tells "full" apart from "has room for one more record".
-_PROBE_BYTES = 4096
+# A fork record is a few KiB (more with many files): a probe of this size says "room for one more record".
+_PROBE_BYTES = 64 * 1024
 _PROBE_EVERY_S = 1.0
 _CRASH_AFTER = os.environ.get("FORK_SIDECAR_CRASH_AFTER", "")
 
