@@ -27,6 +27,7 @@ import psutil
 from sidecar import __version__
 from sidecar.agent_dirs import AgentDirs
 from sidecar.config import Config, ConfigError, load_config
+from sidecar.early_signals import sighup_held
 from sidecar.journal import ForkRecord, Journal
 from sidecar.layout import RunDir, iter_run_dirs, run_dir_of
 from sidecar.logs import setup_logging
@@ -160,6 +161,8 @@ class Daemon:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, hup)
+        if sighup_held():  # sent while the daemon was still starting (sidecar/early_signals.py)
+            hup(signal.SIGHUP, None)
 
     def _reload(self) -> None:
         """SIGHUP: re-read the config; queued and running forks carry on with the pipeline they started with."""
