@@ -476,7 +476,7 @@ def probe_vllm(target: Any, request_timeout: float = PROBE_TIMEOUT_S) -> Finding
     """Reachable with its key (GET /v1/models) and runtime LoRA loading enabled (the load route exists)."""
     import time
 
-    from sidecar.vllm_client import ConnectFailed, HttpError, VllmClient
+    from sidecar.vllm_client import ConnectFailed, HttpError, RequestFailed, VllmClient
     from sidecar.vllm_discovery import listener_check
 
     where = f"{target.url} ({target.origin})"
@@ -494,6 +494,8 @@ def probe_vllm(target: Any, request_timeout: float = PROBE_TIMEOUT_S) -> Finding
         )
     except HttpError as e:
         return _http_problem(where, target, e, "GET /v1/models")
+    except RequestFailed as e:  # an answer that is not a model list (an HTML page, truncated JSON)
+        return Finding("vllm", "problem", f"{where} answered GET /v1/models with {e}", "check that the URL is vLLM's.")
     try:
         client.request("POST", "/v1/load_lora_adapter", {}, deadline)
     except ConnectFailed as e:
@@ -540,7 +542,27 @@ def check_vllm(ctx: Context) -> list[Finding]:
         fix = "start the servers, or list them under vllm.servers." if level == "problem" else None
         return [Finding("vllm", level, f"no vLLM server found ({how}, {len(ctx.config.vllm.servers)} configured)", fix)]
     timeout = min(PROBE_TIMEOUT_S, float(ctx.config.vllm.request_timeout))
-    return [probe_vllm(t, timeout) for t in targets]
+    findings = [probe_vllm(t, timeout) for t in targets]
+    silent = [t.url for t, f in zip(targets, findings, strict=True) if f.level == "problem"]
+    kept = _fork_snapshots(ctx.config) if silent else []
+    if kept:
+        findings.append(
+            Finding(
+                "vllm",
+                "problem",
+                f"{len(kept)} vLLM fork snapshot(s) on disk (e.g. {kept[0]}) and kept: {', '.join(silent)} cannot be "
+                "asked which adapter paths it reads, so none is removed and every fork adds one",
+                f"start {silent[0]} or remove it from vllm.servers; the next fork then removes the unused ones.",
+            )
+        )
+    return findings
+
+
+def _fork_snapshots(config: Config) -> list[Path]:
+    from sidecar.layout import iter_run_dirs
+    from sidecar.vllm_snapshots import list_snapshots
+
+    return [p for root in watched_roots(config) for run in iter_run_dirs(root) for p in list_snapshots(run.checkpoints)]
 
 
 CHECKS: tuple[tuple[str, Callable[[Context], list[Finding]]], ...] = (

@@ -16,6 +16,8 @@ Names (all prefixed `fork_sidecar_`):
   agents_seen                           trainer agents told about the newest finished fork
   vllm_servers_seen                     vLLM servers asked to reload for the newest finished fork
   reload_errors_total{reason}           per failed agent or server, by reason (see REASONS)
+  snapshots_kept                        vLLM fork snapshots kept although no answering server lists them (a server
+                                        did not answer, or a load of them may still be running), over all runs
   state_dir_writable                    1, or 0 while the state dir refuses writes (no fork is claimed then)
   forks_waiting_for_state_dir           runs whose marker waits for the state dir
 """
@@ -148,6 +150,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.snapshots_kept = Gauge(
+            "fork_sidecar_snapshots_kept",
+            "vLLM fork snapshots kept although no answering server lists them, after each run's newest fork.",
+            registry=r,
+        )
+        self._kept_by_run: dict[str, int] = {}
         self.state_dir_writable = Gauge(
             "fork_sidecar_state_dir_writable",
             "1 while the state dir takes writes; 0 while it is full or read-only and no fork is claimed.",
@@ -187,6 +195,8 @@ class Metrics:
         self.vllm_servers_seen.set(len(vllm.get("servers") or []))
         for reason in reload_error_reasons(record.stages):
             self.reload_errors.labels(reason).inc()
+        self._kept_by_run[record.model_dir] = len(vllm.get("kept") or [])
+        self.snapshots_kept.set(sum(self._kept_by_run.values()))
 
     def set_runs(self, *, watched: int, pending: int) -> None:
         self.watched_runs.set(watched)

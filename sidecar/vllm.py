@@ -371,8 +371,20 @@ class VllmStage:
                 else "a load of them may still be running on "
                 + ", ".join(sorted({u for k in kept for u in LOADS_IN_FLIGHT.servers_of(checkpoints / k)}))
             )
-            log.warning("%s: kept %d fork snapshot(s) no answering server lists: %s", checkpoints, len(kept), why)
+            _log_kept_once(checkpoints, kept, why)
+        else:
+            _KEPT_LOGGED.pop(checkpoints, None)
         return collected, kept
+
+
+# The reason snapshots were last kept, per checkpoints dir: a server down for a day must not log at every fork.
+_KEPT_LOGGED: dict[Path, str] = {}
+
+
+def _log_kept_once(checkpoints: Path, kept: list[str], why: str) -> None:
+    level = logging.DEBUG if _KEPT_LOGGED.get(checkpoints) == why else logging.WARNING
+    _KEPT_LOGGED[checkpoints] = why
+    log.log(level, "%s: keeping %d fork snapshot(s) no answering server lists: %s", checkpoints, len(kept), why)
 
 
 # --- pure helpers -------------------------------------------------------------------------------------------------

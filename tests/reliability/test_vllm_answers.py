@@ -13,6 +13,9 @@ real `fork-sidecar run` process.
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +198,41 @@ def test_a_load_landing_after_its_stage_never_reads_a_removed_snapshot(tmp_path:
     assert server.adapters[model_dir.name].endswith(second["vllm"]["snapshot"])
     assert Path(server.adapters[model_dir.name]).is_dir() and not snapshot_a.exists()
     assert tree_digest(Path(server.adapters[model_dir.name])) == tree_digest(model_dir / "checkpoints" / "0003")
+
+
+# --- item 7: a server down keeps snapshots, and says so ----------------------------------------------------------
+def test_snapshots_kept_for_a_server_that_is_down_are_logged_once_counted_and_named_by_doctor(
+    tmp_path: Path, fakes: list[FakeVllm]
+) -> None:
+    art = tmp_path / "art"
+    model_dir = make_run(art, steps=(3,))
+    healthy = serve(fakes, model_dir)
+    with socket.socket() as s:  # a port nobody listens on: a server that is down
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    textfile = tmp_path / "metrics.prom"
+    settings = overrides(healthy.url, down, stage_s=2)
+    settings["metrics"] = {"textfile": str(textfile)}
+    with Fleet(tmp_path, [art], overrides=settings) as fleet:
+        daemon = fleet.start(0)
+        outcomes = [fork(fleet, model_dir) for _ in range(3)]
+        log = daemon.log()
+        config = fleet.config(0)
+    # The newest snapshot is the healthy server's root; every older one is kept for the server that is down.
+    assert [len(o["vllm"].get("kept", [])) for o in outcomes] == [0, 1, 2], [o["vllm"] for o in outcomes]
+    assert all(down in o["error"] and healthy.url not in o["error"] for o in outcomes)
+    warnings = [line for line in log.splitlines() if "WARNING" in line and "keeping" in line]
+    assert len(warnings) == 1 and down in warnings[0], warnings
+    assert "fork_sidecar_snapshots_kept 2.0" in textfile.read_text()
+    doctor = subprocess.run(
+        [sys.executable, "-m", "sidecar", "doctor", "--config", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=60,
+    )
+    findings = json.loads(doctor.stdout)["findings"]
+    kept = [f for f in findings if f["check"] == "vllm" and "snapshot" in f["message"]]
+    assert len(kept) == 1 and down in kept[0]["message"] and "3 vLLM fork snapshot(s) on disk" in kept[0]["message"], (
+        kept
+    )
