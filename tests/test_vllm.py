@@ -30,7 +30,7 @@ from sidecar import swap
 from sidecar.config import Config, load_config
 from sidecar.stages import ForkContext
 from sidecar.vllm import VllmStage
-from sidecar.vllm_client import ConnectFailed, HttpError, RetryPolicy, VllmClient, call_with_retries
+from sidecar.vllm_client import BadAnswer, ConnectFailed, HttpError, RetryPolicy, VllmClient, call_with_retries
 from sidecar.vllm_discovery import (
     ServerCommand,
     ServerTarget,
@@ -236,6 +236,33 @@ def test_client_errors_are_not_retried(fakes: list[FakeVllm], run_dir: Path) -> 
         )
     assert info.value.status == 400 and info.value.attempts == 1
     assert info.value.message == "Invalid adapter config"
+
+
+def test_an_exchange_ends_by_its_deadline_however_slowly_the_answer_drips(fakes: list[FakeVllm]) -> None:
+    fake = start_fake(fakes, {}, drip_s=0.1)  # a 60-byte listing would take 6 s
+    started = time.monotonic()
+    with pytest.raises(ConnectFailed) as info:
+        VllmClient(fake.url, request_timeout=30).models(time.monotonic() + 0.5)
+    assert time.monotonic() - started < 0.9
+    assert info.value.timed_out and info.value.sent and str(info.value) == "timed out"
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        ((200, "text/html", b"<html><body>login</body></html>"), "an HTML page: '<html><body>login</body></html>'"),
+        ((200, "application/json", b'{"data": [{"id": "m", "ro'), "a body that is not JSON (truncated?)"),
+        ((200, "application/json", b'{"data": {"id": "m"}}'), "JSON of another shape"),
+        ((200, "application/json", b"x" * (8 * 1024 * 1024 + 10)), "a body over 8 MiB"),
+    ],
+)
+def test_answers_that_are_not_a_model_list_are_named(
+    fakes: list[FakeVllm], answer: tuple[int, str, bytes], said: str
+) -> None:
+    fake = start_fake(fakes, {}, models_answer=answer)
+    with pytest.raises(BadAnswer) as info:
+        VllmClient(fake.url).models(time.monotonic() + 5)
+    assert said in str(info.value)
 
 
 # --- the stage against vLLM-shaped servers ------------------------------------------------------------------------
