@@ -270,8 +270,7 @@ class Daemon:
         if not journal.usable():
             return
         journal.file_unfiled()
-        waiting, journal.waiting_runs = journal.waiting_runs, set()
-        for model_dir in sorted(waiting):
+        for model_dir in journal.take_waiting():
             self._submit(model_dir)
         self._write_status()
 

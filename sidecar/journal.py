@@ -298,6 +298,16 @@ class Journal:
         status = {**status, "updated_at": time.time()}
         write_json_atomic(self.state_dir / "status.json", status, mode=0o644)
 
+    def wait_for_writes(self, run: Path) -> None:
+        """Remember a run whose marker was left unclaimed because the state dir refuses writes."""
+        with self._health:
+            self.waiting_runs.add(run)
+
+    def take_waiting(self) -> list[Path]:
+        with self._health:
+            waiting, self.waiting_runs = sorted(self.waiting_runs), set()
+        return waiting
+
     def unfiled_count(self) -> int:
         with self._health:
             return len(self._unfiled)

@@ -100,6 +100,11 @@ class ForkPipeline:
         by looking again right away, which could take a file its writer is still filling. `settle`: the caller
         was not just told of a close, so wait until the marker has been left alone for MARKER_SETTLE_S first.
         """
+        if not self.journal.usable():
+            # A claim now could be neither journaled nor filed: leave the marker for when the state dir takes writes
+            # (the daemon offers this run again then). Logged once by the journal, not once per marker.
+            self.journal.wait_for_writes(run.path)
+            return False
         if settle:
             _wait_until_settled(run.path / MARKER)
         with self._hold(run, need_marker=True) as held:
@@ -233,11 +238,6 @@ class ForkPipeline:
 
     # --- claiming -----------------------------------------------------------------------------------------------
     def _take_next(self, run: RunDir, held: HeldRun) -> bool:
-        if not self.journal.usable():
-            # A claim now could be neither journaled nor filed: leave the marker for when the state dir takes writes
-            # (the daemon offers this run again then). Logged once by the journal, not once per marker.
-            self.journal.waiting_runs.add(run.path)
-            return False
         # A `.fork` of any kind (directory, FIFO, symlink) is claimed, so that reading it can fail it with an outcome.
         try:
             claimed = held.io.claim()
@@ -314,7 +314,7 @@ class ForkPipeline:
         except JournalUnwritable as e:
             logger.error("fork put back, to be taken once the state dir is writable: %s", e)
             self._unclaim(held, raw)
-            self.journal.waiting_runs.add(model_dir)
+            self.journal.wait_for_writes(model_dir)
             return
         self._run_steps(record, held)
 
