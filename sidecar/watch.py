@@ -1,12 +1,14 @@
 """Noticing `.fork` markers in ART run directories: one inotify fd, one thread, rescans, and a polling fallback.
 
 The watcher keeps a small tree of the directories that matter, `{root}/{project}/models/{model}`, and tells the daemon
-`on_marker(model_dir)` whenever a model dir holds a `.fork`. It never does fork work itself. Reports may repeat (a
-rescan reports every marker still present; the daemon claims by rename), but a marker must never be missed, so on top
-of inotify events the tree is rescanned at start, every `rescan_interval`, after an inotify queue overflow, and on
-`rescan()`. Directories that cannot be watched (roots on network filesystems in `auto` mode, every root in `poll` mode,
-dirs whose watch failed, e.g. on the `max_user_watches` limit) are scanned every `poll_interval` instead. Both ways
-share one loop and one scan; "backend" only decides whether a root gets watches or is polled.
+`on_marker(model_dir)` whenever a model dir holds a `.fork`, and `on_claim(model_dir)` whenever it holds a
+`.fork.inprogress` (so the daemon can adopt a claim whose claimer died without walking every run). It never does fork
+work itself. Reports may repeat (a rescan reports every marker still present; the daemon claims by rename), but a
+marker (or a claim) must never be missed, so on top of inotify events the tree is rescanned at start, every
+`rescan_interval`, after an inotify queue overflow, and on `rescan()`. Directories that cannot be watched (roots on
+network filesystems in `auto` mode, every root in `poll` mode, dirs whose watch failed, e.g. on the
+`max_user_watches` limit) are scanned every `poll_interval` instead. Both ways share one loop and one scan; "backend"
+only decides whether a root gets watches or is polled.
 
 Why ctypes and not watchdog: watchdog's `Observer` runs a thread per scheduled watch (DESIGN.md: 2,000 run dirs ->
 2,003 threads) and does not pass queue overflows to handlers. Its lower layer, `watchdog.observers.inotify_c.InotifyFD`
@@ -40,7 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from sidecar.marker import MARKER
+from sidecar.marker import INPROGRESS, MARKER
 
 __all__ = ["MARKER_SETTLE_S", "MarkerWatcher", "WatchMode", "fs_type_of", "needs_polling"]
 
@@ -73,6 +75,7 @@ _READ_SIZE = 64 * 1024
 MARKER_SETTLE_S = 0.25
 
 _MARKER_BYTES = os.fsencode(MARKER)
+_CLAIM_BYTES = os.fsencode(INPROGRESS)
 _MODELS = "models"
 
 
@@ -84,8 +87,10 @@ class _Level(IntEnum):
 
 
 # Directory levels only need to hear about subdirectories appearing or leaving. A model dir only needs `.fork`:
-# close-after-write, rename into place, and create (see _marker_event_ready). No IN_MODIFY anywhere, and nothing
-# below a model dir is watched, so ART writing thousands of files into checkpoints/ and trajectories/ costs nothing.
+# close-after-write, rename into place, and create (see _marker_event_ready); the same events show a claim appearing
+# (`link(.fork, .fork.inprogress)` is a create, a rewritten claim record a rename into place). No IN_MODIFY anywhere,
+# and nothing below a model dir is watched, so ART writing thousands of files into checkpoints/ and trajectories/
+# costs nothing.
 _DIR_EVENTS = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_ONLYDIR
 _MASKS = {
     # The root may be a symlink the admin configured, so it is followed; it has no watched parent, so it needs
@@ -219,8 +224,9 @@ class MarkerWatcher:
     """Calls `on_marker(model_dir)` for every `{root}/{project}/models/{model}/.fork` that exists or appears.
 
     `on_marker` runs on the watcher thread (and in `start()` for markers already there) and must be cheap: enqueue.
-    It may be called more than once for one marker. `on_overflow` runs on the watcher thread when inotify lost events,
-    after the full rescan that recovers them.
+    It may be called more than once for one marker. `on_claim(model_dir)` is called the same way (same thread, same
+    scans, repeats allowed) for every `.fork.inprogress` that exists or appears, whoever made it. `on_overflow` runs
+    on the watcher thread when inotify lost events, after the full rescan that recovers them.
     """
 
     def __init__(
@@ -232,6 +238,7 @@ class MarkerWatcher:
         poll_interval: float = 2.0,
         rescan_interval: float = 60.0,
         on_overflow: Callable[[], None] | None = None,
+        on_claim: Callable[[Path], None] | None = None,
     ) -> None:
         if mode not in ("auto", "inotify", "poll"):
             raise ValueError(f"watch mode {mode!r} is not one of auto, inotify, poll")
@@ -239,6 +246,7 @@ class MarkerWatcher:
             raise ValueError("poll_interval and rescan_interval must be positive numbers of seconds")
         self._on_marker = on_marker
         self._on_overflow = on_overflow
+        self._on_claim = on_claim
         self._mode = mode
         self._poll_interval = poll_interval
         self._rescan_interval = rescan_interval
@@ -262,6 +270,7 @@ class MarkerWatcher:
         self._missing: set[_Dir] = set()  # roots that do not exist (yet)
         self._settling: dict[str, _Settling] = {}  # model dir -> young marker found by a scan, reported when settled
         self._logged: set[str] = set()
+        self._claims_found: list[str] = []  # model dirs holding a claim, seen since the last report (under _lock)
 
     # Public API ---------------------------------------------------------------------------------------------------
 
@@ -396,11 +405,11 @@ class MarkerWatcher:
         self._report(found)
 
     def _report(self, found: list[str]) -> None:
-        for path in dict.fromkeys(found):
-            try:
-                self._on_marker(Path(path))
-            except Exception:
-                logger.exception("on_marker failed for %s", path)
+        with self._lock:
+            claims, self._claims_found = self._claims_found, []
+        _call_each(self._on_marker, found, "on_marker")
+        if self._on_claim is not None:
+            _call_each(self._on_claim, claims, "on_claim")
 
     def _notify_overflow(self) -> None:
         if self._on_overflow is None:
@@ -434,6 +443,8 @@ class MarkerWatcher:
                 if name == _MARKER_BYTES and _marker_event_ready(mask, node.path):
                     found.append(node.path)
                     self._settling.pop(node.path, None)
+                elif name == _CLAIM_BYTES and self._on_claim is not None:
+                    self._claims_found.append(node.path)
             elif mask & IN_MOVE_SELF:
                 # Only roots ask for this (other dirs hear of a move from their parent): the watch now follows the
                 # directory elsewhere, so drop everything and look at the configured path again.
@@ -588,6 +599,8 @@ class MarkerWatcher:
         return listing
 
     def _check_marker(self, node: _Dir, found: list[str]) -> bool:
+        if self._on_claim is not None and os.path.lexists(_join(node.path, INPROGRESS)):
+            self._claims_found.append(node.path)
         # lstat: a symlinked marker is reported too, and the daemon rejects it with a reason.
         try:
             st = os.lstat(_join(node.path, MARKER))
@@ -752,6 +765,14 @@ class _Schedule:
 class _Settling:
     recheck_at: float  # time.monotonic()
     signature: tuple[int, int, int]  # inode, size, mtime_ns of the marker when last seen
+
+
+def _call_each(callback: Callable[[Path], None], paths: list[str], label: str) -> None:
+    for path in dict.fromkeys(paths):
+        try:
+            callback(Path(path))
+        except Exception:
+            logger.exception("%s failed for %s", label, path)
 
 
 def _iter_models(root: _Dir) -> list[_Dir]:

@@ -433,6 +433,43 @@ def test_set_roots_adds_and_removes_roots(
     assert first_run not in rec.reported
 
 
+# Claims ----------------------------------------------------------------------------------------------------------
+
+
+def claim_like_the_daemon(model_dir: Path) -> None:
+    """What `marker.claim_marker` and the claim record do: link the marker to `.fork.inprogress`, unlink it, then
+    replace the claim with its record by rename."""
+    os.link(model_dir / ".fork", model_dir / ".fork.inprogress")
+    os.unlink(model_dir / ".fork")
+    (model_dir / ".fork.inprogress.tmp").write_text('{"fork_id": "x"}')
+    os.replace(model_dir / ".fork.inprogress.tmp", model_dir / ".fork.inprogress")
+
+
+def test_claims_are_reported_at_start_when_made_and_on_every_rescan(
+    root: Path, make_watcher: Callable[..., MarkerWatcher]
+) -> None:
+    # The daemon adopts a claim whose claimer died from these reports alone (it no longer walks every run for them),
+    # so they follow the markers' guarantees: the first scan, an event (or the poll) for a new one, every rescan.
+    left, made, unclaimed, sentinel = (make_run(root, "p", name) for name in ("left", "made", "unclaimed", "sentinel"))
+    (left / ".fork.inprogress").write_text("step: 1\n")
+    markers, claims = Recorder(), Recorder()
+    watcher = make_watcher([root], markers, on_claim=claims)
+    watcher.start()
+    assert claims.calls == [left]  # before start() returned
+    (made / ".fork").write_text("step: 2\n")
+    (unclaimed / ".fork").write_text("step: 3\n")
+    markers.wait_for(made, unclaimed)
+    claim_like_the_daemon(made)
+    claims.wait_for(made)
+    (sentinel / ".fork.inprogress").write_text("{}")
+    claims.wait_for(sentinel)
+    assert unclaimed not in claims.reported  # a marker is not a claim
+    seen = claims.calls.count(left)
+    watcher.rescan()
+    wait_until(lambda: claims.calls.count(left) > seen, "the rescan to report the claim again")
+    assert left in claims.reported and made in claims.reported
+
+
 # Recovery: rescans -----------------------------------------------------------------------------------------------
 
 
@@ -470,7 +507,8 @@ def test_queue_overflow_is_reported_and_rescanned(
             release.wait(WAIT_S)
 
     overflows: list[int] = []
-    watcher = make_inotify_watcher([root], on_marker, on_overflow=lambda: overflows.append(1))
+    claims = Recorder()
+    watcher = make_inotify_watcher([root], on_marker, on_overflow=lambda: overflows.append(1), on_claim=claims)
     watcher.start()
     try:
         (blocker / ".fork").touch()
@@ -484,9 +522,11 @@ def test_queue_overflow_is_reported_and_rescanned(
         for i in range(queue_limit + 1000):
             os.close(os.open(noise[i % 2], os.O_WRONLY))
         (missed / ".fork").write_text("step: 8\n")
+        (noisy / ".fork.inprogress").write_text("{}")
     finally:
         release.set()
     rec.wait_for(missed)
+    claims.wait_for(noisy)
     assert overflows == [1]
     assert set(rec.contents[missed]) == {b"step: 8\n"}
 

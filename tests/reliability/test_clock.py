@@ -5,7 +5,7 @@ and a live same-host claim is never adopted because the clock makes its heartbea
 Which clock each timer reads (from the code, so the promises below follow):
 - monotonic (immune to jumps): every stage deadline (`ForkContext.deadline` = monotonic + timeouts.swap / trainers /
   vllm / verify), control-socket I/O deadlines and `trainer.agent_timeout`, vLLM request timeouts and the retry
-  backoff deadline, and the daemon's main loop (orphan scans every max(orphan_claim, 5 s), heartbeat refresh every
+  backoff deadline, and the daemon's main loop (orphan claims offered every tick, heartbeat refresh every
   claim_lease / 4, status writes).
 - wall clock (can be fooled by a jump): a claim's `heartbeat_at` against `timeouts.claim_lease`, used only for a claim
   by ANOTHER host (same host: the claimer's pid decides); `timeouts.orphan_claim` against the ctime of a
