@@ -2,123 +2,175 @@
 
 The daemon computes it from `adapter_model.safetensors` on disk (header plus byte ranges); a trainer
 agent computes it over the tensors it read, before any cast. Equal digests mean the same adapter.
-This module is stdlib only because both sides import it.
+This module is stdlib only because both sides import it (the preload's private copy of the package
+runs it inside trainer processes).
 
-Framing (binding; change it only together with every producer):
+Framing (binding; change it only together with every producer, and then under a new prefix):
 
+    CHUNK = 4 MiB (4,194,304 bytes)
+    leaf(bytes) = sha256(bytes).digest()                  # 32 bytes
     h = sha256()
     for each tensor, in sorted(name) order (Python `str` ordering, i.e. by code point):
         h.update(name.encode("utf-8") + b"\\0")
-        h.update(dtype.encode("ascii") + b"\\0")        # safetensors dtype as in the header: "F32", "BF16", ...
+        h.update(dtype.encode("ascii") + b"\\0")          # safetensors dtype as in the header: "F32", "BF16", ...
         h.update(",".join(map(str, shape)).encode("ascii") + b"\\0")   # "" for a scalar
-        h.update(nbytes.to_bytes(8, "little"))          # length of the raw bytes that follow
-        h.update(raw)                                   # the bytes as stored (little-endian), any chunking
-    digest = "sha256:" + h.hexdigest()
+        h.update(nbytes.to_bytes(8, "little"))            # length of the tensor's raw bytes (as stored, little-endian)
+        for each CHUNK-sized piece of the raw bytes, in order (the last one shorter; none when nbytes is 0):
+            h.update(leaf(piece))
+    digest = "sha256-tree:" + h.hexdigest()
 
-The length prefix keeps the encoding unambiguous, so no two different tensor sets share a digest
-short of a sha256 collision.
+The length prefix fixes how many leaves follow, so the encoding is unambiguous and no two different
+tensor sets share a digest short of a sha256 collision. Why leaves: every piece hashes independently,
+so a thread pool spreads the work over every core (hashlib releases the GIL on large buffers), where the
+previous framing (`sha256:` over one stream of all the bytes) ran on one core. A value under that old
+prefix is never compared with a new one: `digest_problem` names it and says what to upgrade.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
-__all__ = ["DIGEST_PREFIX", "AdapterDigest", "digest_of_tensors", "is_digest"]
+__all__ = [
+    "CHUNK_BYTES",
+    "DIGEST_PREFIX",
+    "LEGACY_PREFIX",
+    "TensorRecord",
+    "digest_of_tensors",
+    "digest_problem",
+    "digest_tensors",
+    "is_digest",
+]
 
-DIGEST_PREFIX = "sha256:"
+DIGEST_PREFIX = "sha256-tree:"
+LEGACY_PREFIX = "sha256:"  # one sha256 stream over every tensor's bytes (fork-sidecar before the tree framing)
+CHUNK_BYTES = 4 << 20
+# A worker thread costs about 0.1 ms to start; below this much data per thread it does not pay for itself.
+_BYTES_PER_THREAD = 2 * CHUNK_BYTES
 
 BytesLike = bytes | bytearray | memoryview
+# (index of the tensor in the sequence given, offset inside its raw bytes, length) -> exactly those bytes.
+# Called from several threads at once; each call may block until the bytes are there.
+ChunkSource = Callable[[int, int, int], BytesLike]
 
 
-class AdapterDigest:
-    """Builds the adapter digest tensor by tensor; tensors must come in sorted name order."""
+@dataclass(frozen=True)
+class TensorRecord:
+    """What the digest covers of one tensor besides its bytes; `position` only orders the reading (file order)."""
 
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-        self._last_name: str | None = None
-        self._tensors = 0
-        self._broken = False
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    position: int = 0
 
-    @property
-    def tensors(self) -> int:
-        """How many tensors went in so far."""
-        return self._tensors
 
-    def add_tensor(
-        self,
-        name: str,
-        dtype: str,
-        shape: Sequence[int],
-        data: BytesLike | Iterable[BytesLike],
-        *,
-        nbytes: int | None = None,
-    ) -> None:
-        """Feeds one tensor: `data` is its raw bytes, whole or as an iterable of chunks.
+def digest_tensors(tensors: Sequence[TensorRecord], source: ChunkSource, *, threads: int | None = None) -> str:
+    """The digest of `tensors` (in sorted name order), their bytes read through `source` by a pool of threads.
 
-        With chunks, `nbytes` (their total length) is required because the framing puts the length
-        before the bytes; a mismatch raises ValueError rather than producing a wrong digest.
-        After a ValueError raised while bytes were being fed, the builder refuses further use.
-        """
-        if self._broken:
-            raise ValueError("this digest was left incomplete by an earlier error; start a new AdapterDigest")
-        if self._last_name is not None and name <= self._last_name:
-            raise ValueError(f"tensor {name!r} comes after {self._last_name!r}; feed tensors in sorted name order")
-        if not dtype or not dtype.isascii() or "\0" in dtype:
-            raise ValueError(f"dtype {dtype!r} of tensor {name!r} is not a safetensors dtype name")
-        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
-            raise ValueError(f"shape {list(shape)!r} of tensor {name!r} is not a list of non-negative ints")
-        chunks: Iterable[BytesLike]
-        if isinstance(data, bytes | bytearray | memoryview):
-            whole = memoryview(data).cast("B")
-            chunks = (whole,)
-            if nbytes is None:
-                nbytes = whole.nbytes
-        else:
-            if nbytes is None:
-                raise ValueError(f"tensor {name!r} is given in chunks; pass nbytes, its total length")
-            chunks = data
-        encoded_name = name.encode("utf-8")  # lone surrogates raise UnicodeEncodeError, a ValueError
-        h = self._hash
-        self._broken = True  # until the tensor is complete
-        h.update(encoded_name + b"\0")
-        h.update(dtype.encode("ascii") + b"\0")
-        h.update(",".join(str(d) for d in shape).encode("ascii") + b"\0")
-        h.update(nbytes.to_bytes(8, "little"))
-        fed = 0
-        for chunk in chunks:
-            view = memoryview(chunk).cast("B")
-            fed += view.nbytes
-            h.update(view)
-        if fed != nbytes:
-            raise ValueError(f"tensor {name!r} was declared as {nbytes} bytes but {fed} bytes were fed")
-        self._last_name = name
-        self._tensors += 1
-        self._broken = False
-
-    def hexdigest(self) -> str:
-        """The digest so far, `sha256:<64 hex>`; further tensors may still be added."""
-        if self._broken:
-            raise ValueError("this digest was left incomplete by an earlier error; start a new AdapterDigest")
-        return DIGEST_PREFIX + self._hash.hexdigest()
-
-    @property
-    def value(self) -> str:
-        return self.hexdigest()
+    The pieces are handed out in `position` order, so a source that reads a file (or waits for a reader) moves
+    through it front to back. The first exception a source raises stops the other threads and is re-raised here.
+    """
+    _check_records(tensors)
+    pieces = [
+        (index, offset, min(CHUNK_BYTES, record.nbytes - offset))
+        for index, record in sorted(enumerate(tensors), key=lambda item: item[1].position)
+        for offset in range(0, record.nbytes, CHUNK_BYTES)
+    ]
+    leaves = _hash_pieces(pieces, source, _thread_count(tensors, pieces, threads))
+    h = hashlib.sha256()
+    for index, record in enumerate(tensors):
+        h.update(record.name.encode("utf-8") + b"\0")  # lone surrogates raise UnicodeEncodeError, a ValueError
+        h.update(record.dtype.encode("ascii") + b"\0")
+        h.update(",".join(str(d) for d in record.shape).encode("ascii") + b"\0")
+        h.update(record.nbytes.to_bytes(8, "little"))
+        for offset in range(0, record.nbytes, CHUNK_BYTES):
+            h.update(leaves[(index, offset)])
+    return DIGEST_PREFIX + h.hexdigest()
 
 
 def digest_of_tensors(tensors: Mapping[str, tuple[str, Sequence[int], BytesLike]]) -> str:
-    """The digest of `{name: (dtype, shape, raw bytes)}`, sorting names itself (handy on the trainer side)."""
-    builder = AdapterDigest()
-    for name in sorted(tensors):
-        dtype, shape, raw = tensors[name]
-        builder.add_tensor(name, dtype, shape, raw)
-    return builder.hexdigest()
+    """The digest of `{name: (dtype, shape, raw bytes)}` held in memory, sorting names itself."""
+    names = sorted(tensors)
+    views = [memoryview(tensors[name][2]).cast("B") for name in names]
+    records = [
+        TensorRecord(name, tensors[name][0], tuple(tensors[name][1]), view.nbytes)
+        for name, view in zip(names, views, strict=True)
+    ]
+    return digest_tensors(records, lambda index, offset, length: views[index][offset : offset + length])
 
 
 def is_digest(value: object) -> bool:
-    """True for a well-formed digest string (`sha256:` and 64 lowercase hex digits)."""
-    if not isinstance(value, str) or not value.startswith(DIGEST_PREFIX):
-        return False
-    hex_part = value[len(DIGEST_PREFIX) :]
-    return len(hex_part) == 64 and all(c in "0123456789abcdef" for c in hex_part)
+    """True for a well-formed digest string (`sha256-tree:` and 64 lowercase hex digits)."""
+    return isinstance(value, str) and value.startswith(DIGEST_PREFIX) and _is_hex64(value[len(DIGEST_PREFIX) :])
+
+
+def digest_problem(value: object) -> str | None:
+    """Why `value` cannot be compared with this version's digests (a phrase to put after its holder), or None."""
+    if is_digest(value):
+        return None
+    if isinstance(value, str) and value.startswith(LEGACY_PREFIX) and _is_hex64(value[len(LEGACY_PREFIX) :]):
+        return (
+            "uses the old adapter digest (`sha256:` over one stream), which this fork-sidecar no longer computes; "
+            "upgrade that side (`fork-sidecar preload install --python PYTHON` for a trainer, then restart it)"
+        )
+    return f"is not an adapter digest ({str(value)[:80]!r})"
+
+
+def _is_hex64(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def _check_records(tensors: Sequence[TensorRecord]) -> None:
+    for i, record in enumerate(tensors):
+        if i and record.name <= tensors[i - 1].name:
+            raise ValueError(
+                f"tensor {record.name!r} comes after {tensors[i - 1].name!r}; give tensors in sorted name order"
+            )
+        if not record.dtype or not record.dtype.isascii() or "\0" in record.dtype:
+            raise ValueError(f"dtype {record.dtype!r} of tensor {record.name!r} is not a safetensors dtype name")
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in record.shape):
+            shape = list(record.shape)
+            raise ValueError(f"shape {shape!r} of tensor {record.name!r} is not a list of non-negative ints")
+        if record.nbytes < 0:
+            raise ValueError(f"tensor {record.name!r} has a negative length")
+
+
+def _thread_count(tensors: Sequence[TensorRecord], pieces: list[tuple[int, int, int]], wanted: int | None) -> int:
+    if wanted is not None:
+        return max(1, min(wanted, len(pieces)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    by_size = sum(t.nbytes for t in tensors) // _BYTES_PER_THREAD + 1
+    return max(1, min(cores, len(pieces), by_size))
+
+
+def _hash_pieces(pieces: list[tuple[int, int, int]], source: ChunkSource, threads: int) -> dict[tuple[int, int], bytes]:
+    leaves: dict[tuple[int, int], bytes] = {}
+    errors: list[BaseException] = []
+    # list_iterator.__next__ is atomic under the GIL: each piece goes to exactly one thread, with no lock or queue.
+    work = iter(pieces)
+
+    def hash_some() -> None:
+        try:
+            for index, offset, length in work:
+                if errors:
+                    return
+                data = memoryview(source(index, offset, length)).cast("B")
+                if data.nbytes != length:
+                    raise ValueError(f"asked for {length} bytes of tensor #{index} at {offset}, got {data.nbytes}")
+                leaves[(index, offset)] = hashlib.sha256(data).digest()
+        except BaseException as exc:  # re-raised by the calling thread below
+            errors.append(exc)
+
+    helpers = [threading.Thread(target=hash_some, name="fork-sidecar-digest", daemon=True) for _ in range(threads - 1)]
+    for helper in helpers:
+        helper.start()
+    hash_some()  # the calling thread is one of the pool
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
+    return leaves

@@ -291,7 +291,7 @@ def _copy_owner_and_mode(info: os.stat_result, dst_fd: int) -> None:
 
 class _DigestThread(threading.Thread):
     """Digests the source adapter file while the main thread copies it, so its bytes are read once
-    from disk (the two readers share the page cache) and hashing runs on the second core."""
+    from disk (the readers share the page cache); the digest's own pool then hashes on every core."""
 
     def __init__(self, fd: int, display: Path) -> None:
         super().__init__(name="fork-sidecar-digest", daemon=True)

@@ -29,6 +29,7 @@ import psutil
 from sidecar.agent_dirs import ensure_user_dir
 from sidecar.config import Config
 from sidecar.control import ControlError, ForkRequest, agent_dir, call_agent, pid_of_socket, uid_of_agent_dir
+from sidecar.digest import digest_problem
 from sidecar.layout import run_owner
 from sidecar.stages import ForkContext, StageOutcome
 
@@ -269,7 +270,10 @@ class TrainerStage:
                 outcome[key] = reply[key]
         if result == RESULT_LOADED:
             digest = reply.get("digest")
-            if digest != ctx.digest:
+            problem = digest_problem(digest)
+            if problem is not None:  # e.g. a preload copy older than the daemon: never compare across framings
+                outcome["error"] = f"trainer pid {agent.pid}{_on(host)} answered with a digest that {problem}"
+            elif digest != ctx.digest:
                 outcome["error"] = (
                     f"trainer pid {agent.pid}{_on(host)} holds {digest} but {ctx.checkpoint_dir} is {ctx.digest}; "
                     "it did not load the forked adapter"

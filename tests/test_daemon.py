@@ -67,7 +67,7 @@ def test_each_marker_form(daemon: DaemonProcess, art: Path, marker: str, source_
         source_root = base if "from_model" in marker else model_dir
         outcome = assert_forked(model_dir, source_root / "checkpoints" / f"{source_step:04d}")
     assert outcome["source"] == str(source_root / "checkpoints" / f"{source_step:04d}")
-    assert str(outcome["digest"]).startswith("sha256:")
+    assert str(outcome["digest"]).startswith("sha256-tree:")
     assert outcome["trainers"]["status"] == "skipped"  # type: ignore[index]
     assert outcome["error"] is None
     for key in ("request", "swap", "vllm", "started_at", "finished_at"):

@@ -1,11 +1,13 @@
-"""The adapter digest: its framing, and that only tensor content (not file layout or chunking) matters."""
+"""The adapter digest: its framing, that only tensor content (not file layout, piece order or thread count)
+matters, and that a digest of the old one-stream framing is recognised and refused."""
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
+import os
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +15,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar import adapter
-from sidecar.adapter import adapter_digest
-from sidecar.digest import AdapterDigest, digest_of_tensors, is_digest
+from sidecar.adapter import AdapterError, adapter_digest, digest_open_file
+from sidecar.digest import (
+    CHUNK_BYTES,
+    DIGEST_PREFIX,
+    TensorRecord,
+    digest_of_tensors,
+    digest_problem,
+    digest_tensors,
+    is_digest,
+)
 from tests.support.adapters import RawTensor, write_adapter, write_raw_safetensors
 
 
-def framing_by_hand(path: Path) -> str:
-    """The digest as DESIGN.md defines it, computed straight from the file with struct + json."""
+def framing_by_hand(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
+    """The digest as the README and sidecar/digest.py define it, computed straight from the file with struct + json."""
     blob = path.read_bytes()
     (header_len,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8 : 8 + header_len])
@@ -35,8 +44,23 @@ def framing_by_hand(path: Path) -> str:
         h.update(entry["dtype"].encode("ascii") + b"\0")
         h.update(",".join(str(d) for d in entry["shape"]).encode("ascii") + b"\0")
         h.update(len(raw).to_bytes(8, "little"))
-        h.update(raw)
+        for at in range(0, len(raw), chunk):
+            h.update(hashlib.sha256(raw[at : at + chunk]).digest())
+    return "sha256-tree:" + h.hexdigest()
+
+
+def old_framing(tensors: dict[str, RawTensor]) -> str:
+    """The previous contract: `sha256:` over one stream of every tensor's framing and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        dtype, shape, raw = tensors[name]
+        h.update(name.encode() + b"\0" + dtype.encode() + b"\0" + ",".join(map(str, shape)).encode() + b"\0")
+        h.update(len(raw).to_bytes(8, "little") + bytes(raw))
     return "sha256:" + h.hexdigest()
+
+
+def test_the_chunk_size_is_the_documented_one() -> None:
+    assert CHUNK_BYTES == 4 * 1024 * 1024
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "F64"])
@@ -48,6 +72,38 @@ def test_digest_follows_the_documented_framing(tmp_path: Path, dtype: str) -> No
     assert adapter_digest(tmp_path / "ckpt") == expected
     assert adapter_digest(written.model_file) == expected
     assert digest_of_tensors(written.tensors) == expected
+
+
+def test_tensors_larger_than_a_chunk_are_split_as_documented(tmp_path: Path) -> None:
+    # 2.5 chunks, a chunk exactly, one byte over, and an empty tensor: the cases of the piece arithmetic.
+    rng = np.random.default_rng(0)
+    sizes = {"a": CHUNK_BYTES * 5 // 2, "b": CHUNK_BYTES, "c": CHUNK_BYTES + 1, "d": 0}
+    blobs = {name: rng.integers(0, 256, size, dtype=np.uint8).tobytes() for name, size in sizes.items()}
+    header, offset = {}, 0
+    for name, blob in blobs.items():
+        header[name] = {"dtype": "U8", "shape": [len(blob)], "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+    path = tmp_path / "big.safetensors"
+    write_raw_safetensors(path, header, b"".join(blobs.values()))
+
+    expected = framing_by_hand(path)
+
+    assert expected != framing_by_hand(path, chunk=CHUNK_BYTES // 2)  # the chunk size is part of the value
+    for threads in (1, 2, 7):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert digest_open_file(fd, path, threads=threads) == expected, threads
+        finally:
+            os.close(fd)
+    assert digest_of_tensors({n: ("U8", (len(b),), b) for n, b in blobs.items()}) == expected
+
+
+def test_a_new_digest_is_never_equal_to_the_old_one_of_the_same_tensors() -> None:
+    tensors: dict[str, RawTensor] = {"w": ("BF16", (2, 2), b"\1" * 8)}
+    new, old = digest_of_tensors(tensors), old_framing(tensors)
+
+    assert new.startswith(DIGEST_PREFIX) and old.startswith("sha256:") and new != old
+    assert new.split(":", 1)[1] != old.split(":", 1)[1]  # not only the prefix: the framing differs
 
 
 def test_digest_ignores_file_layout_and_metadata(tmp_path: Path) -> None:
@@ -93,45 +149,88 @@ def test_scalar_and_empty_shapes_are_framed_distinctly() -> None:
     assert digest_of_tensors({"s": ("F32", (), b"")}) != digest_of_tensors({"s": ("F32", (0,), b"")})
 
 
-@settings(max_examples=100, deadline=None)
-@given(data=st.binary(min_size=0, max_size=300), cuts=st.lists(st.integers(0, 300), max_size=8))
-def test_chunking_does_not_change_the_digest(data: bytes, cuts: list[int]) -> None:
-    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
-    chunks = [data[i:j] for i, j in itertools.pairwise(points)]
-    whole, chunked = AdapterDigest(), AdapterDigest()
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 3 * 64), min_size=1, max_size=6),
+    chunk=st.sampled_from([1, 7, 64]),
+    threads=st.integers(1, 5),
+)
+def test_piece_order_and_thread_count_do_not_change_the_digest(sizes: list[int], chunk: int, threads: int) -> None:
+    # Small chunks make many pieces per tensor; positions in reverse make the pool read them back to front.
+    blobs = [bytes((i * 31 + j) % 256 for j in range(size)) for i, size in enumerate(sizes)]
+    records = [TensorRecord(f"t{i}", "U8", (len(b),), len(b), -i) for i, b in enumerate(blobs)]
+    by_hand = hashlib.sha256()
+    for record, blob in zip(records, blobs, strict=True):
+        by_hand.update(f"{record.name}\0U8\0{len(blob)}\0".encode() + len(blob).to_bytes(8, "little"))
+        for at in range(0, len(blob), chunk):
+            by_hand.update(hashlib.sha256(blob[at : at + chunk]).digest())
 
-    whole.add_tensor("t", "U8", [len(data)], data)
-    chunked.add_tensor("t", "U8", [len(data)], iter(chunks), nbytes=len(data))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sidecar.digest.CHUNK_BYTES", chunk)
+        digest = digest_tensors(records, lambda i, at, n: blobs[i][at : at + n], threads=threads)
 
-    assert whole.hexdigest() == chunked.hexdigest()
+    assert digest == DIGEST_PREFIX + by_hand.hexdigest()
 
 
-def test_reading_the_file_in_tiny_chunks_gives_the_same_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    written = write_adapter(tmp_path / "ckpt", dtype="BF16")
-    expected = adapter_digest(tmp_path / "ckpt")
+def test_pieces_are_hashed_on_several_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sidecar.digest.CHUNK_BYTES", 1024)
+    seen: set[int] = set()
+    barrier = threading.Barrier(3, timeout=10)
 
-    monkeypatch.setattr(adapter, "READ_CHUNK", 7)
+    def source(index: int, offset: int, length: int) -> bytes:
+        if offset == 0:
+            barrier.wait()  # returns only once three threads are reading at the same time
+        seen.add(threading.get_ident())
+        return b"\0" * length
 
-    assert adapter_digest(tmp_path / "ckpt") == expected == framing_by_hand(written.model_file)
+    records = [TensorRecord(f"t{i}", "U8", (4096,), 4096, i) for i in range(3)]
+    digest_tensors(records, source, threads=3)
+
+    assert len(seen) == 3
+
+
+def test_a_failing_source_stops_the_pool_and_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sidecar.digest.CHUNK_BYTES", 16)
+    calls: list[int] = []
+
+    def source(index: int, offset: int, length: int) -> bytes:
+        calls.append(offset)
+        if offset == 32:
+            raise OSError("disk went away")
+        return b"\0" * length
+
+    with pytest.raises(OSError, match="disk went away"):
+        digest_tensors([TensorRecord("t", "U8", (1600,), 1600)], source, threads=2)
+    assert len(calls) < 100  # the other thread stopped rather than reading all 100 pieces
+
+
+def test_a_source_returning_the_wrong_length_is_an_error() -> None:
+    with pytest.raises(ValueError, match="asked for 4 bytes"):
+        digest_tensors([TensorRecord("a", "F32", (1,), 4)], lambda i, at, n: b"\0" * 3)
+
+
+def test_a_file_that_shrinks_while_digested_fails_naming_it(tmp_path: Path) -> None:
+    written = write_adapter(tmp_path / "ckpt", dtype="F32")
+    from sidecar.adapter import read_header
+
+    fd = os.open(written.model_file, os.O_RDWR)
+    try:
+        header = read_header(fd, written.model_file)
+        os.truncate(fd, header.data_start + 4)
+        with pytest.raises(AdapterError, match="shrank while its digest was computed"):
+            digest_open_file(fd, written.model_file, header)
+    finally:
+        os.close(fd)
 
 
 def test_tensors_must_come_in_sorted_order() -> None:
-    builder = AdapterDigest()
-    builder.add_tensor("b", "F32", [1], b"\0" * 4)
+    def records(*names: str) -> list[TensorRecord]:
+        return [TensorRecord(n, "F32", (1,), 4) for n in names]
 
     with pytest.raises(ValueError, match="sorted name order"):
-        builder.add_tensor("a", "F32", [1], b"\0" * 4)
+        digest_tensors(records("b", "a"), lambda i, at, n: b"\0" * n)
     with pytest.raises(ValueError, match="sorted name order"):
-        builder.add_tensor("b", "F32", [1], b"\0" * 4)  # a duplicate is out of order too
-
-
-def test_a_wrong_length_is_an_error_and_spoils_the_builder() -> None:
-    builder = AdapterDigest()
-
-    with pytest.raises(ValueError, match="declared as 5 bytes"):
-        builder.add_tensor("a", "F32", [1], iter([b"\0" * 4]), nbytes=5)
-    with pytest.raises(ValueError, match="incomplete"):
-        builder.hexdigest()
+        digest_tensors(records("b", "b"), lambda i, at, n: b"\0" * n)  # a duplicate is out of order too
 
 
 @pytest.mark.parametrize(
@@ -140,12 +239,7 @@ def test_a_wrong_length_is_an_error_and_spoils_the_builder() -> None:
 )
 def test_bad_tensor_descriptions_are_refused(name: str, dtype: str, shape: list[int]) -> None:
     with pytest.raises(ValueError):
-        AdapterDigest().add_tensor(name, dtype, shape, b"\0" * 4)
-
-
-def test_chunks_need_their_total_length() -> None:
-    with pytest.raises(ValueError, match="nbytes"):
-        AdapterDigest().add_tensor("a", "F32", [1], iter([b"\0" * 4]))
+        digest_tensors([TensorRecord(name, dtype, tuple(shape), 4)], lambda i, at, n: b"\0" * n)
 
 
 def test_is_digest() -> None:
@@ -154,5 +248,16 @@ def test_is_digest() -> None:
     assert is_digest(good)
     assert not is_digest(good.upper())
     assert not is_digest(good[:-1])
-    assert not is_digest("md5:" + good[7:])
+    assert not is_digest("md5:" + good[len(DIGEST_PREFIX) :])
+    assert not is_digest("sha256:" + good[len(DIGEST_PREFIX) :])  # the old framing's prefix
     assert not is_digest(None)
+
+
+def test_digest_problem_names_the_old_framing_and_the_fix() -> None:
+    tensors: dict[str, RawTensor] = {"a": ("F32", (1,), b"\0" * 4)}
+
+    assert digest_problem(digest_of_tensors(tensors)) is None
+    problem = digest_problem(old_framing(tensors))
+    assert problem is not None and "old adapter digest" in problem and "preload install" in problem
+    assert "not an adapter digest" in (digest_problem("nonsense") or "")
+    assert "not an adapter digest" in (digest_problem(None) or "")

@@ -100,6 +100,32 @@ def test_a_digest_mismatch_fails_with_who_holds_what(runtime_dir: Path, run_dir:
     assert held in (outcome.error or "") and claimed in (outcome.error or "")
 
 
+def test_an_agent_replying_with_the_old_digest_framing_is_refused_with_the_fix(
+    runtime_dir: Path, run_dir: Path, model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trainer whose preload copy predates the tree framing answers `sha256:` over one stream. Installing an old
+    release is not possible here, so the agent's digest function is swapped for that old framing (a stand-in)."""
+    import hashlib
+
+    from sidecar.preload import peft_load
+
+    def old_digest_of(tensors: peft_load.CheckpointTensors) -> str:
+        h = hashlib.sha256()
+        for name in sorted(tensors.entries):
+            e = tensors.entries[name]
+            h.update(f"{name}\0{e.dtype}\0{','.join(map(str, e.shape))}\0".encode())
+            h.update((e.end - e.begin).to_bytes(8, "little") + bytes(tensors.raw(name)))
+        return "sha256:" + h.hexdigest()
+
+    monkeypatch.setattr(peft_load, "digest_of", old_digest_of)
+    preload.register(model, run_dir)
+    outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
+    assert outcome.status == "failed"
+    error = outcome.error or ""
+    assert f"trainer pid {os.getpid()}" in error and "old adapter digest" in error, error
+    assert "fork-sidecar preload install" in error
+
+
 def test_an_agent_that_cannot_load_fails_the_stage(runtime_dir: Path, run_dir: Path, model: Any) -> None:
     preload.register(model, run_dir)
     ctx = context(run_dir)

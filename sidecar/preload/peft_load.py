@@ -2,8 +2,8 @@
 
 Only `adapter_model.safetensors` is read (never pickle): the file is read once into memory, its header is checked
 here (the same rules as the safetensors library: known dtypes, sizes that match shapes, contiguous in-bounds byte
-ranges), and the digest (`sidecar.digest`) is computed over exactly those bytes on a second thread while the
-tensors are cast and loaded, so hashing costs next to nothing on a multi-core trainer.
+ranges), and the digest (`sidecar.digest`) is computed over exactly those bytes by a pool of threads that follows
+the read while the tensors are cast and loaded, so hashing costs next to nothing on a multi-core trainer.
 
 Everything that can fail is checked before the model is touched: missing or unexpected keys, shapes, the LoRA
 hyper-parameters in `adapter_config.json` (a different `lora_alpha` would silently rescale the update). After the load
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.digest import AdapterDigest
+from sidecar.digest import TensorRecord, digest_tensors
 
 __all__ = ["ADAPTER_FILE", "AdapterLoadError", "CheckpointTensors", "load_adapter_from_checkpoint", "read_checkpoint"]
 
@@ -204,19 +204,34 @@ def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
     return TensorEntry(dtype, tuple(shape), begin, end)
 
 
+class _ReadFailed(Exception):
+    """The reader stopped before the bytes a hashing thread waits for were there."""
+
+
 def digest_of(tensors: CheckpointTensors) -> str | None:
-    """The adapter digest of the tensors as read; None if reading failed before they were all there."""
-    builder = AdapterDigest()
-    for name in sorted(tensors.entries):
-        e = tensors.entries[name]
-        if not tensors.wait_for(e.end):
-            return None
-        builder.add_tensor(name, e.dtype, e.shape, tensors.raw(name))
-    return builder.hexdigest()
+    """The adapter digest of the tensors as read; None if reading failed before they were all there.
+
+    Each piece is hashed as soon as the reader has it (views into the read buffer, no copy), by as many threads as
+    there are cores."""
+    names = sorted(tensors.entries)
+    entries = [tensors.entries[name] for name in names]
+    records = [TensorRecord(n, e.dtype, e.shape, e.end - e.begin, e.begin) for n, e in zip(names, entries, strict=True)]
+
+    def read(index: int, offset: int, length: int) -> memoryview:
+        begin = entries[index].begin + offset
+        if not tensors.wait_for(begin + length):
+            raise _ReadFailed
+        return tensors.data[begin : begin + length]
+
+    try:
+        return digest_tensors(records, read)
+    except _ReadFailed:
+        return None
 
 
 class _DigestThread(threading.Thread):
-    """sha256 releases the GIL on large buffers, so the digest overlaps the cast and the copy into the model."""
+    """Runs the digest's thread pool (sha256 releases the GIL on large buffers) beside the cast and the copy into
+    the model."""
 
     def __init__(self, tensors: CheckpointTensors) -> None:
         super().__init__(name="fork-sidecar-digest", daemon=True)
