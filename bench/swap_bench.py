@@ -6,6 +6,7 @@ Builds one real safetensors LoRA checkpoint of --size-mib (a few large BF16 A/B 
 in a run directory under --dir, then, --repeat times each, in the same run:
 
 - baseline: `cp -r SRC DST && sync` (a plain copy made durable),
+- openssl: one `openssl dgst -sha256` pass over the adapter file (the cost of hashing it once on one core),
 - copy: stage_checkpoint(copy_mode="copy") + install_staged: copy_file_range, the digest on a second thread,
   fsync of every file and directory, the adapter check, RENAME_EXCHANGE and the fsyncs of checkpoints/,
 - hardlink: the same with copy_mode="hardlink" (the digest must read the shared inode),
@@ -15,7 +16,8 @@ in a run directory under --dir, then, --repeat times each, in the same run:
 Unless --warm, the page cache is dropped before every timed run (root only: sync; echo 3 > drop_caches), so
 every side reads the source from disk. The table gives medians, the ratio to the baseline, the digest time
 (hardlink/reflink only: with copy it overlaps the copy) and the swap time without it.
-Targets: copy <= 1.1x baseline; hardlink and reflink <= 50 ms without the digest.
+Targets: copy <= 1.1x baseline; hardlink and reflink <= 50 ms without the digest; hardlink (digest included)
+<= 0.8x the openssl pass (the issue's target for a 256 MiB adapter: `--size-mib 256`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from sidecar.swap import SwapError, discard_retired, install_staged, stage_check
 from tests.support.adapters import write_adapter, write_big_adapter
 
 COPY_TARGET = 1.1  # x baseline
+HARDLINK_VS_OPENSSL = 0.8  # ours hardlink, digest included, x one `openssl dgst -sha256` pass over the adapter file
 LINK_TARGET_S = 0.050  # without the digest
 _ids = itertools.count()
 
@@ -83,6 +86,13 @@ def time_baseline(src: Path, dst: Path, cold: bool, extra: tuple[str, ...] = ())
     elapsed = time.perf_counter() - started
     shutil.rmtree(dst)
     return elapsed
+
+
+def time_openssl(adapter_file: Path, cold: bool) -> float:
+    drop_caches(cold)
+    started = time.perf_counter()
+    subprocess.run(["openssl", "dgst", "-sha256", str(adapter_file)], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
 
 
 def time_ours(source: Path, checkpoints: Path, mode: str, cold: bool) -> tuple[float, float]:
@@ -182,6 +192,7 @@ def fs_type(path: Path) -> str:
 
 def print_table(rows: list[Row], baseline: Row, size: int) -> bool:
     ok = True
+    openssl = next((r for r in rows if r.name == "openssl dgst -sha256" and r.totals), None)
     print(f"\n{'case':<22} {'filesystem':<12} {'median s':>9} {'x base':>7} {'digest s':>9} {'w/o digest':>11}  target")
     for row in rows:
         if not row.totals:
@@ -198,6 +209,11 @@ def print_table(rows: list[Row], baseline: Row, size: int) -> bool:
             passed = without <= LINK_TARGET_S
             verdict = f"<= {LINK_TARGET_S * 1000:.0f} ms w/o digest: {'PASS' if passed else 'FAIL'}"
             ok &= passed
+            if row.name == "ours hardlink" and openssl is not None:
+                ratio = median / openssl.median()
+                fast = ratio <= HARDLINK_VS_OPENSSL
+                verdict += f"; {ratio:.2f}x openssl, <= {HARDLINK_VS_OPENSSL}x: {'PASS' if fast else 'FAIL'}"
+                ok &= fast
         print(
             f"{row.name:<22} {row.where:<12} {median:>9.3f} {median / baseline.median():>7.2f} "
             f"{'' if digest is None else f'{digest:.3f}':>9} {'' if without is None else f'{without:.3f}':>11}  "
@@ -219,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     size = args.size_mib << 20
     cold = not args.warm and can_drop_caches()
-    print(f"kernel {platform.release()}, python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+    print(
+        f"kernel {platform.release()}, python {sys.version.split()[0]}, {os.cpu_count()} cpus, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     print("page cache dropped before each run" if cold else "page cache NOT dropped (--warm or not root): warm numbers")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="swap-bench-") as tmp:
         root = Path(tmp)
@@ -227,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints, source = make_run(root, size)
         baseline = Row("baseline cp -r + sync", fs)
         cases: list[Case] = [(baseline, lambda: time_baseline(source, root / "dst", cold))]
+        adapter_file = source / "adapter_model.safetensors"
+        cases.append((Row("openssl dgst -sha256", fs), lambda: time_openssl(adapter_file, cold)))
         for mode in ("copy", "hardlink"):
             cases.append((Row(f"ours {mode}", fs), functools.partial(time_ours, source, checkpoints, mode, cold)))
         with reflink_filesystem(root, size) if not args.skip_reflink else _skipped() as xfs:

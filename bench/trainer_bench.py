@@ -13,16 +13,16 @@ Then, --repeat times each, interleaved, in the same run (the file is in the page
 - stage: the whole `TrainerStage.run` (socket scan, `hello`, `fork`, digest comparison);
 - baseline: in this process, `safetensors.torch.load_file` + `peft.set_peft_model_state_dict` into the same model;
 - set only: `set_peft_model_state_dict` of tensors already in memory (no file read), for reference;
-- digest: reading the file and computing its adapter digest (sha256) in this process: the part of the agent's work
-  the baseline does not do and that cannot be split across cores (the agent overlaps it with the load).
+- digest: reading the file and computing its adapter digest in this process (`digest_of(read_checkpoint(...))`,
+  the tree framing hashed by a pool of threads, one per core): the part of the agent's work the baseline does not
+  do (the agent overlaps it with the load).
 
 Target: agent <= 1.3x baseline (medians). With --device cuda both processes hold the model on the GPU.
 
-What to expect: the agent's time follows the `digest` row. Reading, checking, loading and verifying all overlap
-the hashing thread, but sha256 is one stream (DESIGN.md's digest) and runs at 1-2 GB/s on one core, while the
-baseline is a single memory copy from the page cache; on an idle 16-core host with an H100 (2026-11) the agent took
-84 ms (CPU model) and 96 ms (GPU model) for 96 MiB, against baselines of 12 and 22 ms, with the digest alone at
-95 and 87 ms. Meeting 1.3x needs a digest that can be hashed in parallel (e.g. per tensor), a contract change.
+History: with the previous digest (one sha256 stream, one core) the agent's time followed the `digest` row: on an
+idle 16-core host with an H100 (2026-11) it took 84 ms (CPU model) and 96 ms (GPU model) for 96 MiB, against
+baselines of 12 and 22 ms, the digest alone 95 and 87 ms. The tree framing (`sidecar/digest.py`) splits that work
+over every core; the README has the numbers since.
 """
 
 from __future__ import annotations
