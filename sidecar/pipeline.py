@@ -26,6 +26,7 @@ import psutil
 
 from sidecar import swap
 from sidecar.config import Config
+from sidecar.digest import is_digest
 from sidecar.journal import ForkRecord, Journal, JournalUnwritable
 from sidecar.layout import SERVED_STEP, RunDir
 from sidecar.marker import INPROGRESS, MARKER
@@ -38,6 +39,7 @@ from sidecar.states import ForkState
 __all__ = ["ForkPipeline", "new_fork_id"]
 
 log = logging.getLogger("sidecar.pipeline")
+_UNCHANGED = "unchanged"  # what disk_digest echoes back when 0000 is still the file staged
 
 
 class ClaimRegistry:
@@ -354,6 +356,7 @@ class ForkPipeline:
         while not record.state.terminal:
             try:
                 _check_in_place(record, held.opened)
+                self._redigest_old(record, held)
                 steps[record.state](record, held)
             except (ForkFailed, RunIOError) as e:
                 self._logger(record).error("fork failed: %s", e)
@@ -365,6 +368,23 @@ class ForkPipeline:
                     return
                 self._logger(record).exception("internal error in state %s", record.state)
                 self._finish_failed(record, f"internal error in state {record.state} ({e!r}); see journalctl.", held)
+
+    def _redigest_old(self, record: ForkRecord, held: HeldRun) -> None:
+        """A fork journaled by a fork-sidecar with the old digest framing (`sha256:`, one stream): once its copy is
+        0000, and only while 0000 is still the file it staged (same inode, size and mtime), digest it again, so that
+        no later step compares an old digest with a new one (an agent's, say). Otherwise verify fails the fork, as it
+        does for any 0000 replaced after the swap."""
+        if record.digest is None or is_digest(record.digest) or record.state in (ForkState.CLAIMED, ForkState.STAGED):
+            return
+        staged = record.stages.get("swap", {}).get("adapter_fingerprint")
+        if staged is None or held.io.disk_digest(staged, _UNCHANGED) != _UNCHANGED:
+            return
+        served = held.io.served_digest()
+        if served is None:
+            return
+        self._logger(record).info("journaled digest %s is of the old framing; 0000 holds %s", record.digest, served)
+        record.digest = served
+        self.journal.save(record)
 
     def _stage(self, record: ForkRecord, held: HeldRun) -> None:
         assert record.source is not None

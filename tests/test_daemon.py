@@ -198,6 +198,32 @@ def test_sigkill_at_each_journaled_state_then_restart_finishes(tmp_path: Path, a
     assert list((tmp_path / "state" / "forks").iterdir()) == []
 
 
+@pytest.mark.parametrize("crash_after", ["staged", "swapped"])
+def test_a_fork_journaled_with_the_old_digest_framing_resumes_with_the_new_one(
+    tmp_path: Path, art: Path, crash_after: str
+) -> None:
+    """An upgrade in the middle of a fork: its journal holds a `sha256:` digest of the old one-stream framing. Writing
+    that old value into the journal of a fork killed after the state stands in for the old release's daemon."""
+    from sidecar.adapter import adapter_digest
+
+    model_dir = make_run(art)
+    config = write_config(tmp_path / "config.yaml", [art], tmp_path / "state", tmp_path / "run")
+    crashing = DaemonProcess(config, tmp_path / "daemon.log", env={"FORK_SIDECAR_CRASH_AFTER": crash_after})
+    crashing.start()
+    (model_dir / ".fork").write_text("step: 7")
+    assert crashing.proc is not None
+    crashing.proc.wait(30)
+    crashing.kill()
+    [journaled] = (tmp_path / "state" / "forks").iterdir()
+    record = json.loads(journaled.read_text())
+    record["digest"] = "sha256:" + "ab" * 32
+    journaled.write_text(json.dumps(record))
+    with DaemonProcess(config, tmp_path / "daemon.log"):
+        outcome = assert_forked(model_dir, model_dir / "checkpoints" / "0007")
+    assert outcome["digest"] == adapter_digest(model_dir / "checkpoints" / "0007")
+    assert str(outcome["digest"]).startswith("sha256-tree:")
+
+
 def test_sigkill_between_claim_and_journal_is_adopted(tmp_path: Path, art: Path) -> None:
     """A `.fork.inprogress` that no journal knows (killed right after the claim) is taken over at the next start."""
     model_dir = make_run(art)
