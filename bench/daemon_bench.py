@@ -12,8 +12,9 @@ ours also does the whole fork between markers. Prints medians, p50/p99, ratios o
 
 Idle CPU is the process's user + system time over a window of --idle seconds centred on the first periodic full
 rescan (the defaults: `watch.rescan_interval` 60 s after the first scan), so the window holds every periodic job the
-defaults schedule: that rescan, the main loop's 1 s tick (watchdog ping, orphan-claim offers), status writes every
-10 s. Start-up housekeeping (one walk over every run after READY=1) is over long before the window opens.
+defaults schedule: that rescan, the refresh of the run owners' agent directories (every 60 s), the main loop's 1 s
+tick (watchdog ping, orphan-claim offers), status writes every 10 s. Start-up housekeeping (one walk over every
+run after READY=1) is over long before the window opens.
 """
 
 from __future__ import annotations
