@@ -23,9 +23,12 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sidecar.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from sidecar.preload.art_compat import ArtInfo
 
 __all__ = ["CHECKS", "Context", "Finding", "add_parser", "main", "run", "run_checks"]
 
@@ -37,7 +40,7 @@ _INOTIFY = Path("/proc/sys/fs/inotify")
 
 @dataclass(frozen=True)
 class Finding:
-    check: str  # which check: inotify, filesystem, runtime_dir, rename_exchange, state_dir, preload, agents, vllm
+    check: str  # which check: inotify, filesystem, runtime_dir, rename_exchange, state_dir, preload, art, agents, vllm
     level: Level
     message: str  # what was found
     fix: str | None = None  # one sentence saying what to do (problems always have one)
@@ -430,6 +433,40 @@ def check_preload(ctx: Context) -> list[Finding]:
     return out
 
 
+# --- openpipe-art in trainer environments -----------------------------------------------------------------------------
+def check_art(ctx: Context) -> list[Finding]:
+    """openpipe-art in each trainer environment: a version without what the preload relies on is a problem."""
+    from sidecar.preload import install
+    from sidecar.preload.art_compat import probe_art
+
+    out = []
+    for python in ctx.pythons:
+        try:
+            interpreter = install.probe_interpreter(os.path.abspath(python) if os.sep in python else python)
+        except install.PreloadError:
+            continue  # the preload check already says this interpreter is unusable
+        out.append(_art_finding(python, probe_art(interpreter.executable)))
+    return out
+
+
+def _art_finding(python: str, art: ArtInfo) -> Finding:
+    from sidecar.preload.art_compat import TESTED_ART_VERSIONS
+
+    problem, line = art.verdict()
+    if problem:
+        newest = TESTED_ART_VERSIONS[-1]
+        return Finding(
+            "art",
+            "problem",
+            f"{python}: {line}",
+            f"pin a tested openpipe-art there (0.5.18 on Python 3.11, {newest} on Python 3.12), e.g. "
+            f"`{python} -m pip install openpipe-art=={newest}`; until then forks do not reach that trainer "
+            "(restart it after each fork) and ART's own forks get no marker (use `fork-sidecar fork`).",
+        )
+    level: Level = "ok" if art.tested or not art.installed else "info"
+    return Finding("art", level, f"{python}: {line}")
+
+
 # --- agents -----------------------------------------------------------------------------------------------------------
 def check_agents(ctx: Context) -> list[Finding]:
     from sidecar.trainers import agent_statuses
@@ -572,6 +609,7 @@ CHECKS: tuple[tuple[str, Callable[[Context], list[Finding]]], ...] = (
     ("rename_exchange", check_exchange),
     ("state_dir", check_state_dir),
     ("preload", check_preload),
+    ("art", check_art),
     ("agents", check_agents),
     ("vllm", check_vllm),
 )
@@ -598,6 +636,7 @@ Check this node's setup for fork-sidecar and say how to fix each problem found:
   rename_exchange  renameat2(RENAME_EXCHANGE) in each root (tried on two scratch directories, then removed)
   state_dir        writable, lock held only by a live daemon, journal files readable
   preload          installed and current in each trainer interpreter given with --python
+  art              openpipe-art there: a tested version, or one with every ART internal the preload relies on
   agents           every trainer agent socket in runtime_dir/<uid>/ answers
   vllm             every configured or discovered vLLM server answers GET /v1/models with its key and has
                    runtime LoRA loading (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)

@@ -24,6 +24,7 @@ import pytest
 
 from sidecar import __version__
 from sidecar.preload import install as preload_install
+from tests.support.art_venvs import ART_VERSIONS, art_python
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = REPO / "tests" / "support" / "fake_unsloth"
@@ -371,3 +372,112 @@ def test_arming_after_unsloth_was_imported_rebinds_the_aliases(trainer_venv: tup
     assert all_fail(result["before"])
     assert all_match(result["after"]) and all_match(result["autograd"])
     assert "Unsloth was imported before the preload armed: 10 by-name aliases rebound" in done.stderr
+
+
+# --- which openpipe-art is there ----------------------------------------------------------------------------------
+ART_FILES = (("local", "backend.py"), ("model.py",), ("unsloth", "service.py"))
+
+
+def art_as(version: str, root: Path, edits: dict[str, tuple[str, str]] | None = None) -> Path:
+    """A venv whose openpipe-art is the real 0.5.23's source (the files the probe reads), claiming `version`, with
+    `edits` (file -> (old, new)) applied: what a future or locally changed ART looks like to the probe."""
+    real = purelib_of(art_python("0.5.23")) / "art"
+    python, purelib = make_venv(root)
+    for parts in ART_FILES:
+        target = purelib.joinpath("art", *parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = real.joinpath(*parts).read_text()
+        old, new = (edits or {}).get(parts[-1], ("", ""))
+        assert old in text
+        target.write_text(text.replace(old, new, 1) if old else text)
+    (purelib / "art" / "__init__.py").write_text("")
+    info = purelib / f"openpipe_art-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: openpipe-art\nVersion: {version}\n")
+    return python
+
+
+def purelib_of(python: Path) -> Path:
+    out = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip())
+
+
+def art_status(python: Path) -> tuple[dict[str, Any], str]:
+    as_json = cli("status", "--python", str(python), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    return json.loads(as_json.stdout)["art"], cli("status", "--python", str(python)).stdout
+
+
+def doctor_art(python: Path, tmp_path: Path) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "doctor", "--python", str(python), "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    return [f for f in json.loads(done.stdout)["findings"] if f["check"] == "art"]
+
+
+@pytest.mark.parametrize("version", ART_VERSIONS)
+def test_status_names_a_tested_art(version: str, tmp_path: Path) -> None:
+    art, text = art_status(art_python(version))
+    assert (art["version"], art["tested"], art["problem"]) == (version, True, False)
+    assert f"ART:           openpipe-art {version}: a tested version\n" in text
+    assert "Model._storage_name" not in text  # the internals are listed for untested versions only
+    storage = next(c for c in art["checks"] if c["name"] == "Model._storage_name")
+    assert storage["found"] is (version != "0.5.18")  # 0.5.18 stores a run under model.name
+    assert [f["level"] for f in doctor_art(art_python(version), tmp_path)] == ["ok"]
+
+
+def test_status_of_an_untested_art_lists_each_internal(tmp_path: Path) -> None:
+    art, text = art_status(art_as("0.5.99", tmp_path / "venv"))
+    assert (art["tested"], art["problem"]) == (False, False)
+    assert "untested (tested: 0.5.18, 0.5.23); every ART internal the preload uses is there" in text
+    for line in (
+        "ok      LocalBackend._experimental_fork_checkpoint: async def (self, model, from_model, from_project, "
+        "from_s3_bucket, not_after_step, verbose, prefix)",
+        "ok      Model._storage_name: defined on Model, TrainableModel",
+        "ok      UnslothService._state: functools.cached_property",
+        "ok      UnslothService._train_shared: async generator",
+    ):
+        assert f"  {line}\n" in text
+    assert [f["level"] for f in doctor_art(art_as("0.5.99", tmp_path / "venv2"), tmp_path)] == ["info"]
+
+
+def test_a_changed_art_is_a_doctor_problem_with_the_fix(tmp_path: Path) -> None:
+    python = art_as(
+        "0.6.0",
+        tmp_path / "venv",
+        {
+            "service.py": ("@cached_property\n    def _state(", "@property\n    def _state("),
+            "backend.py": ("async def _experimental_fork_checkpoint(", "async def fork_checkpoint("),
+        },
+    )
+    art, text = art_status(python)
+    assert art["problem"] is True
+    assert "  MISSING UnslothService._state: not a cached_property\n" in text
+    assert "  MISSING LocalBackend._experimental_fork_checkpoint: missing\n" in text
+    (finding,) = doctor_art(python, tmp_path)
+    assert finding["level"] == "problem"
+    assert finding["message"].startswith(f"{python}: openpipe-art 0.6.0 lacks what the preload relies on (")
+    assert f"`{python} -m pip install openpipe-art==0.5.23`" in finding["fix"]
+
+
+def test_no_art_is_no_problem(tmp_path: Path) -> None:
+    python, _ = make_venv(tmp_path / "venv")
+    art, text = art_status(python)
+    assert art == {
+        "version": None,
+        "tested": False,
+        "problem": False,
+        "note": "openpipe-art is not installed there",
+        "checks": [],
+    }
+    assert "ART:           openpipe-art is not installed there\n" in text

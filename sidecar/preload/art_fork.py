@@ -1,13 +1,20 @@
 """Zero-touch forks from ART: after `LocalBackend._experimental_fork_checkpoint` succeeds, write the `.fork` marker.
 
-openpipe-art 0.5.18's `_experimental_fork_checkpoint(self, model, from_model, from_project=None, from_s3_bucket=None,
-not_after_step=None, verbose=False, prefix=None)` (async, returns None) picks the newest all-digit step of
-`{art_path}/{from_project}/models/{from_model}/checkpoints` that is <= not_after_step (after an optional S3 pull),
-copies it to `{art_path}/{model.project}/models/{model.name}/checkpoints/{step:04d}` and stops there: vLLM keeps
-serving the old `0000` and the trainer keeps its weights. When `art.local.backend` is imported, the post-import hook
-calls `on_art_local_backend`, which wraps that method so that once it has returned, the destination run gets a marker
-`step: N` (N = the copied step) written atomically; the daemon then does the rest. ART's own result and exceptions
-pass through untouched; a marker that cannot be written is logged, never raised into the training script.
+`_experimental_fork_checkpoint(self, model, from_model, from_project=None, from_s3_bucket=None, not_after_step=None,
+verbose=False, prefix=None)` (async, returns None; the same in openpipe-art 0.5.18 and 0.5.23) picks the newest
+all-digit step of `{art_path}/{from_project}/models/{from_model}/checkpoints` that is <= not_after_step, removes
+the destination step dir if present and copies the source step there, and stops: vLLM keeps serving the old `0000`
+and the trainer keeps its weights. The destination run is `{art_path}/{model.project}/models/{storage name}`, where
+the storage name is `model._storage_name()` in ART versions that have it (0.5.23: `run_name`) and `model.name`
+before (0.5.18) - which is why the destination is derived here the way ART derives it, never from `model.name`.
+
+Forking the wrong run is the one failure that must never happen, so a marker is written only when the call is
+seen to have created exactly the step directory ART's own rule selects, in the directory ART's helpers name, with
+the source step's files (names and sizes): "created" means a directory entry that did not exist before the call or
+is a different directory than before (the old one's inode is held open across the call, so it cannot be reused).
+The marker then names that exact checkpoint (`source: <new step dir>`) and lies two levels above it. In any other
+case nothing is written and one sentence says which `fork-sidecar fork` command to run instead. ART's own result
+and exceptions pass through untouched; a marker that cannot be written is logged, never raised into the script.
 
 `FORK_SIDECAR_ART_AUTOFORK=0` (read at each call) turns this off; `FORK_SIDECAR_PRELOAD=0` turns the preload off.
 """
@@ -16,11 +23,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -33,7 +43,7 @@ AUTOFORK_ENV = "FORK_SIDECAR_ART_AUTOFORK"
 BACKEND_CLASS = "LocalBackend"
 FORK_METHOD = "_experimental_fork_checkpoint"
 _PATCHED = "__fork_sidecar_autofork__"
-_Identity = tuple[int, int]
+_OutputDir = Callable[..., str]
 
 
 def _log(key: str, level: int, message: str, *args: object) -> None:
@@ -64,11 +74,11 @@ def on_art_local_backend(module: ModuleType) -> None:
     patch_backend_class(cls, getattr(module, "get_output_dir_from_model_properties", None))
 
 
-def patch_backend_class(cls: type, output_dir: Callable[..., str] | None = None) -> bool:
+def patch_backend_class(cls: type, output_dir: _OutputDir | None = None) -> bool:
     """Wrap `cls._experimental_fork_checkpoint` in place (idempotent); False when its shape is not one we know.
 
-    `output_dir` is ART's `get_output_dir_from_model_properties(project, name, art_path)`, so the destination is
-    computed exactly as ART computes it; without it, ART 0.5's layout is assumed.
+    `output_dir` is ART's `get_output_dir_from_model_properties(project, name, art_path)`, so directories are
+    computed exactly as ART computes them; without it, ART 0.5's `{art_path}/{project}/models/{name}` is assumed.
     """
     original = inspect.getattr_static(cls, FORK_METHOD, None)  # through the MRO, as a call would find it
     if getattr(original, _PATCHED, False):
@@ -83,7 +93,7 @@ def patch_backend_class(cls: type, output_dir: Callable[..., str] | None = None)
         )
         return False
     signature = inspect.signature(original)
-    if "model" not in signature.parameters or "from_model" not in signature.parameters:
+    if not {"model", "from_model"} <= signature.parameters.keys():
         _log(
             "art-fork-layout",
             logging.WARNING,
@@ -100,17 +110,19 @@ def patch_backend_class(cls: type, output_dir: Callable[..., str] | None = None)
 
 
 def _wrap(
-    original: Callable[..., Coroutine[Any, Any, Any]], signature: inspect.Signature, output_dir: Callable[..., str]
+    original: Callable[..., Coroutine[Any, Any, Any]], signature: inspect.Signature, output_dir: _OutputDir
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
     @functools.wraps(original)
     async def fork_checkpoint_then_mark(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not autofork_enabled():
             return await original(self, *args, **kwargs)
         plan = _plan(self, signature, output_dir, args, kwargs)
-        before = _step_identities(plan["dest"] / "checkpoints") if plan else {}
-        result = await original(self, *args, **kwargs)  # ART's exceptions propagate; no marker for a failed fork
-        if plan is not None:
-            _mark(plan, before)
+        if plan is None:
+            return await original(self, *args, **kwargs)
+        with _held_steps(plan.dest / "checkpoints") as created:
+            result = await original(self, *args, **kwargs)  # ART's exceptions propagate; no marker for a failed fork
+            new_steps = created()
+        _mark(plan, new_steps)
         return result
 
     return fork_checkpoint_then_mark
@@ -120,10 +132,19 @@ def _art_output_dir(project: str, name: str, art_path: str | None = None) -> str
     return f"{art_path}/{project}/models/{name}"
 
 
+# --- where ART forks from and to ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    dest: Path  # the run directory ART copies into
+    source: Path  # the run directory ART copies from
+    not_after_step: int | None
+    label: str  # how the destination was derived, for messages
+
+
 def _plan(
-    backend: Any, signature: inspect.Signature, output_dir: Callable[..., str], args: Any, kwargs: Any
-) -> dict[str, Any] | None:
-    """Source and destination run dirs and the step limit, from the call's arguments as ART reads them."""
+    backend: Any, signature: inspect.Signature, output_dir: _OutputDir, args: Any, kwargs: Any
+) -> _Plan | None:
+    """Source and destination run dirs as ART derives them from this call's arguments; None when we cannot tell."""
     try:
         bound = signature.bind(backend, *args, **kwargs)
         bound.apply_defaults()
@@ -131,86 +152,163 @@ def _plan(
         model = arguments["model"]
         art_path = str(backend._path)
         project = str(model.project)
+        storage_name, label = _storage_name(model)
         source_project = str(arguments.get("from_project") or project)
-        return {
-            "dest": Path(output_dir(project=project, name=str(model.name), art_path=art_path)),
-            "source": Path(output_dir(project=source_project, name=str(arguments["from_model"]), art_path=art_path)),
-            "not_after_step": arguments.get("not_after_step"),
-        }
-    except Exception as e:  # wrong arguments: let ART raise its own TypeError; we just write no marker
-        _log("art-fork-plan", logging.WARNING, "cannot tell where an ART fork goes (%r); no marker will be written", e)
+        return _Plan(
+            dest=Path(output_dir(project=project, name=storage_name, art_path=art_path)),
+            source=Path(output_dir(project=source_project, name=str(arguments["from_model"]), art_path=art_path)),
+            not_after_step=arguments.get("not_after_step"),
+            label=label,
+        )
+    except Exception as e:  # wrong arguments: ART raises its own TypeError; we only write no marker
+        _log(
+            "art-fork-plan",
+            logging.WARNING,
+            "cannot tell which run an ART fork writes into (%r); no .fork marker will be written for it, so run "
+            "`fork-sidecar fork MODEL_DIR --step N` for that run once ART's fork has returned",
+            e,
+        )
         return None
 
 
-def _step_identities(checkpoints: Path) -> dict[str, _Identity]:
-    out = {}
+def _storage_name(model: Any) -> tuple[str, str]:
+    """The directory name ART stores `model` under: its own `_storage_name()` where ART has one (0.5.2x)."""
+    storage_name = getattr(model, "_storage_name", None)
+    if callable(storage_name):
+        return str(storage_name()), "model._storage_name()"
+    return str(model.name), "model.name"  # openpipe-art <= 0.5.18 stores runs under the model's name
+
+
+# --- which step directory the call created -----------------------------------------------------------------------
+@contextmanager
+def _held_steps(checkpoints: Path) -> Iterator[Callable[[], list[str]]]:
+    """Hold each existing step dir open across the call; yields a function naming the step dirs created since."""
+    held: dict[str, tuple[int, tuple[int, int]]] = {}
+    try:
+        for name in _step_names(checkpoints):
+            try:
+                fd = os.open(checkpoints / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError:
+                continue  # gone or unreadable: if ART creates it, it counts as new
+            st = os.fstat(fd)
+            held[name] = (fd, (st.st_dev, st.st_ino))
+
+        def created() -> list[str]:
+            out = []
+            for name in _step_names(checkpoints):
+                try:
+                    st = os.stat(checkpoints / name, follow_symlinks=False)
+                except OSError:
+                    continue
+                before = held.get(name)
+                if before is None or before[1] != (st.st_dev, st.st_ino):
+                    out.append(name)
+            return sorted(out)
+
+        yield created
+    finally:
+        for fd, _ in held.values():
+            os.close(fd)
+
+
+def _step_names(checkpoints: Path) -> list[str]:
     try:
         with os.scandir(checkpoints) as it:
-            for entry in it:
-                if entry.name.isdigit() and entry.is_dir(follow_symlinks=False):
-                    st = entry.stat(follow_symlinks=False)
-                    out[entry.name] = (st.st_ino, st.st_ctime_ns)
+            return [e.name for e in it if e.name.isdigit() and e.is_dir(follow_symlinks=False)]
     except OSError:
-        pass
+        return []
+
+
+def _selected_step(plan: _Plan) -> int | None:
+    """The step ART's rule picks from the source run (newest all-digit step not after `not_after_step`)."""
+    steps = sorted(int(n) for n in _step_names(plan.source / "checkpoints"))
+    limit = plan.not_after_step
+    steps = [s for s in steps if limit is None or s <= limit]
+    return steps[-1] if steps else None
+
+
+def _files(step_dir: Path) -> dict[str, int] | None:
+    """Relative file name -> size under `step_dir`; None when it cannot be read."""
+    out = {}
+    try:
+        for root, _, names in os.walk(step_dir, onerror=_raise):
+            for name in names:
+                path = Path(root, name)
+                out[str(path.relative_to(step_dir))] = path.stat(follow_symlinks=False).st_size
+    except OSError:
+        return None
     return out
 
 
-def _copied_step(plan: dict[str, Any], before: dict[str, _Identity]) -> int | None:
-    """The step ART just copied: the one step dir that is new or replaced in the destination; else ART's own rule."""
-    after = _step_identities(plan["dest"] / "checkpoints")
-    changed = [name for name, ident in after.items() if before.get(name) != ident]
-    if len(changed) == 1:
-        return int(changed[0])
-    steps = sorted(int(name) for name in _step_identities(plan["source"] / "checkpoints"))
-    limit = plan["not_after_step"]
-    steps = [s for s in steps if limit is None or s <= limit]
-    return steps[-1] if steps and f"{steps[-1]:04d}" in after else None
+def _raise(error: OSError) -> None:
+    raise error
 
 
-def _mark(plan: dict[str, Any], before: dict[str, _Identity]) -> None:
-    dest: Path = plan["dest"]
-    step = _copied_step(plan, before)
+def _confirmed_step(plan: _Plan, created: list[str]) -> tuple[Path | None, str]:
+    """The step dir this call created in `plan.dest`, or None and the reason in a few words."""
+    step = _selected_step(plan)
     if step is None:
+        return None, f"{plan.source}/checkpoints has no step ART could have copied"
+    expected = f"{step:04d}"
+    if created != [expected]:
+        found = ", ".join(created) if created else "none"
+        return None, f"ART's copy of step {step} did not appear as the one new step dir there (new: {found})"
+    new_dir = plan.dest / "checkpoints" / expected
+    source_files = _files(plan.source / "checkpoints" / expected)
+    if not source_files or _files(new_dir) != source_files:
+        return None, f"{new_dir} does not hold the files of {plan.source}/checkpoints/{expected}"
+    return new_dir, ""
+
+
+# --- the marker --------------------------------------------------------------------------------------------------
+def _mark(plan: _Plan, created: list[str]) -> None:
+    new_dir, why = _confirmed_step(plan, created)
+    if new_dir is None:
+        step = _selected_step(plan)
         _log(
-            f"art-fork-step-{dest}",
+            f"art-fork-unsure-{plan.dest}-{time.monotonic_ns()}",
             logging.WARNING,
-            "ART forked into %s but the copied step is unclear; no marker",
-            dest,
+            "ART forked %s into %s (from %s) but %s, so no .fork marker was written; "
+            "run `fork-sidecar fork MODEL_DIR --step %s` for the run ART actually forked into",
+            plan.source,
+            plan.dest,
+            plan.label,
+            why,
+            step if step is not None else "N",
         )
         return
-    if step == 0:
-        # ART copied the source's step 0 straight over our checkpoints/0000, which a `step:` marker cannot name;
-        # the source checkpoint itself can, and the daemon then makes vLLM and the trainers load it.
-        body = f"source: {_yaml_str(str(Path(os.path.abspath(plan['source'])) / 'checkpoints' / '0000'))}\n"
+    run_dir = new_dir.parent.parent  # the marker goes where the new checkpoint is, by construction
+    if new_dir.name == "0000":
+        # ART copied the source's step 0 straight over this run's checkpoints/0000, which cannot be a fork source;
+        # the identical checkpoint ART copied from can, and the daemon then makes vLLM and the trainers load it.
+        source = Path(os.path.abspath(plan.source)) / "checkpoints" / "0000"
     else:
-        body = f"step: {step}\n"
+        source = Path(os.path.abspath(new_dir))
     request_id = "art-" + time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    body = f"source: {json.dumps(str(source))}\nrequest_id: {request_id}\n"  # a JSON string is a YAML string
     try:
-        path = write_fork_marker(dest, body + f"request_id: {request_id}\n")
+        path = write_fork_marker(run_dir, body)
     except OSError as e:
         _log(
             f"art-fork-{request_id}",
             logging.ERROR,
-            "ART forked %s but the .fork marker could not be written: %s",
-            dest,
+            "ART forked %s but the .fork marker could not be written (%s); run `fork-sidecar fork %s --source %s`",
+            run_dir,
             e,
+            run_dir,
+            source,
         )
         return
     _log(
         f"art-fork-{request_id}",
         logging.INFO,
-        "ART forked step %d into %s: wrote %s (request %s)",
-        step,
-        dest,
+        "ART forked %s into %s: wrote %s (source %s, request %s)",
+        plan.source,
+        new_dir,
         path,
+        source,
         request_id,
     )
-
-
-def _yaml_str(text: str) -> str:
-    import json
-
-    return json.dumps(text)  # a JSON string is a YAML string, quoting whatever the path holds
 
 
 def write_fork_marker(model_dir: Path, content: str) -> Path:

@@ -26,6 +26,7 @@ from typing import Any
 
 import sidecar
 from sidecar.preload import dtype_patch
+from sidecar.preload.art_compat import ArtInfo, probe_art
 
 __all__ = [
     "MIN_PYTHON",
@@ -140,9 +141,10 @@ class PreloadStatus:
     unsloth_version: str | None
     unsloth_tested: bool
     dtype_patch_note: str
+    art: ArtInfo  # openpipe-art there: its version, whether tested, the internals the preload relies on
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "art": self.art.to_json()}
 
     def lines(self) -> list[str]:
         if self.installed:
@@ -159,6 +161,7 @@ class PreloadStatus:
             f"preload:       {preload}",
             f"{PRELOAD_DISABLE_ENV}: {switch}",
             f"dtype patch:   {verdict}: {self.dtype_patch_note}",
+            *self.art.lines(),
         ]
         if self.shadowed_by:
             lines.append(f"note:          `import sidecar` there is {self.shadowed_by}, which takes precedence")
@@ -463,4 +466,5 @@ def status(python: str | None = None, environ: Mapping[str, str] | None = None) 
         unsloth_version=interpreter.unsloth.version,
         unsloth_tested=interpreter.unsloth.version in dtype_patch.TESTED_UNSLOTH_VERSIONS,
         dtype_patch_note=patch_note,
+        art=probe_art(interpreter.executable),
     )
