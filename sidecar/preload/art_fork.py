@@ -141,9 +141,7 @@ class _Plan:
     label: str  # how the destination was derived, for messages
 
 
-def _plan(
-    backend: Any, signature: inspect.Signature, output_dir: _OutputDir, args: Any, kwargs: Any
-) -> _Plan | None:
+def _plan(backend: Any, signature: inspect.Signature, output_dir: _OutputDir, args: Any, kwargs: Any) -> _Plan | None:
     """Source and destination run dirs as ART derives them from this call's arguments; None when we cannot tell."""
     try:
         bound = signature.bind(backend, *args, **kwargs)

@@ -27,9 +27,10 @@ def purelib(python: Path | str) -> Path:
     return Path(out.stdout.strip())
 
 
-def chained_venv(where: Path, target_site: Path | None = None) -> Path:
-    """Create a venv at `where` chained to `target_site` (default: this interpreter's); returns its python."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True, capture_output=True)
+def chained_venv(where: Path, target_site: Path | None = None, base: Path | str = sys.executable) -> Path:
+    """Create a venv at `where` with `base`'s Python, chained to `target_site` (default: this interpreter's site);
+    returns its python. `base` must be the Python version `target_site` was built for."""
+    subprocess.run([str(base), "-m", "venv", "--without-pip", str(where)], check=True, capture_output=True)
     python = where / "bin" / "python"
     site = target_site or purelib(sys.executable)
     (purelib(python) / "00_chain.pth").write_text(f"import site; site.addsitedir({str(site)!r})\n")
