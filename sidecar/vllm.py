@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar.config import Config
-from sidecar.layout import run_owner
+from sidecar.layout import latest_step, run_owner
 from sidecar.stages import ForkContext, StageOutcome
+from sidecar.vllm_art import names_to_fork
 from sidecar.vllm_client import (
     BadAnswer,
     ConnectFailed,
@@ -264,7 +265,7 @@ class VllmStage:
             return report
         client = self._client(target)
         target_root = Path(os.path.realpath(snapshot))
-        current = {c.id: _resolve_root(c.root, target.cwd) for c in survey.cards or []}
+        current = {c.id: _resolve_root(c.root, target.cwd) for c in survey.cards or [] if c.parent is not None}
         try:
             for name in survey.adapters:
                 if current.get(name) == target_root:
@@ -316,8 +317,8 @@ class VllmStage:
         try:
             return "inplace", load(True)
         except HttpError as e:
-            if not (e.status == 400 and "already been loaded" in e.message):
-                raise
+            if not (e.status == 400 and "already been loaded" in e.message) or target.art:
+                raise  # never unload a name ART tracks: ART's own bookkeeping would no longer match the server
             attempts = e.attempts
         # A vLLM without load_inplace: the adapter is missing between these two calls.
         _, n = call_with_retries(lambda: client.unload_adapter(name, deadline), deadline=deadline, policy=self.policy)
@@ -407,13 +408,19 @@ def _resolve_root(root: str | None, cwd: Path | None) -> Path | None:
 
 
 def _run_adapters(cards: Iterable[ModelCard], target: ServerTarget, checkpoints: Path) -> list[str]:
-    """Names of the adapters whose root is the run's checkpoints/0000 or one of its fork snapshots."""
+    """Names of the adapters whose root is the run's checkpoints/0000 or one of its fork snapshots, and on a server ART
+    started, the names ART's client requests for the run (sidecar/vllm_art.py), which may not be loaded yet."""
     base = Path(os.path.realpath(checkpoints))
-    names = []
+    names, from_run = [], []
     for card in cards:
         root = _resolve_root(card.root, target.cwd) if card.parent is not None else None
-        if root is not None and root.parent == base and (root.name == "0000" or is_snapshot_name(root.name)):
-            names.append(card.id)
+        if root is not None and root.parent == base:
+            from_run.append(card.id)
+            if root.name == "0000" or is_snapshot_name(root.name):
+                names.append(card.id)
+    if target.art and from_run:
+        newest = latest_step(base, exclude_served=False)
+        names += [n for n in names_to_fork(from_run, newest) if n not in names]
     return names
 
 
@@ -466,7 +473,7 @@ def _has_fork_leftovers(checkpoints: Path) -> bool:
 
 
 def _verify_roots(cards: list[ModelCard], names: list[str], target: ServerTarget, expected: Path) -> str | None:
-    roots = {c.id: _resolve_root(c.root, target.cwd) for c in cards}
+    roots = {c.id: _resolve_root(c.root, target.cwd) for c in cards if c.parent is not None}  # ART: base named alike
     for name in names:
         if roots.get(name) != expected:
             seen = roots.get(name) or "nothing"

@@ -61,6 +61,7 @@ class ServerCommand:
     tls: bool = False
     api_key: str | None = field(default=None, repr=False)
     lora_paths: tuple[str, ...] = ()
+    art: bool = False  # started by ART (art-vllm-runtime-server, art.vllm.dedicated_server): ART names its adapters
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class ServerTarget:
     pid: int | None = None  # the discovered process (or the one whose key a configured server borrowed)
     uid: int | None = None  # the uid that process runs as
     configured: bool = False  # listed under vllm.servers: explicit, so trusted for the runs it names
+    art: bool = False  # ART's own server: the names ART's client requests serve the fork too (sidecar/vllm_art.py)
 
 
 def server_url(host: str | None, port: int, tls: bool = False) -> str:
@@ -119,6 +121,7 @@ def parse_server_command(argv: Sequence[str]) -> ServerCommand | None:
         tls="--ssl-certfile" in opts,
         api_key=api_keys[0] if api_keys else None,
         lora_paths=tuple(lora_paths),
+        art=kind == "art",
     )
 
 
@@ -236,7 +239,9 @@ def _target_of(proc: psutil.Process, command: ServerCommand) -> ServerTarget:
     paths = tuple(_absolute(p, cwd) for p in command.lora_paths)
     url = server_url(command.host, command.port, command.tls)
     found = tuple(p for p in paths if p is not None)
-    return ServerTarget(url, f"pid {proc.pid}", api_key, cwd, found, pid=proc.pid, uid=proc.uids().effective)
+    return ServerTarget(
+        url, f"pid {proc.pid}", api_key, cwd, found, pid=proc.pid, uid=proc.uids().effective, art=command.art
+    )
 
 
 def _absolute(path: str, cwd: Path | None) -> Path | None:
@@ -292,7 +297,7 @@ def merge_targets(configured: Sequence[ServerTarget], discovered: Sequence[Serve
     for t in configured:
         seen = by_url.pop(t.url, None)
         if seen is not None:
-            t = replace(t, cwd=seen.cwd, lora_paths=seen.lora_paths)
+            t = replace(t, cwd=seen.cwd, lora_paths=seen.lora_paths, art=seen.art)
             if t.api_key is None and seen.api_key is not None:
                 t = replace(t, api_key=seen.api_key, pid=seen.pid, uid=seen.uid)
         out.append(t)

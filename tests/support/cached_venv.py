@@ -88,8 +88,11 @@ def build(where: Path, python: str, requirements: list[str]) -> None:
 
 
 def link(link_path: Path, target: Path) -> None:
-    if link_path.exists() and not link_path.is_symlink():
-        sys.exit(f"cached_venv: {link_path} is a directory, not a link to the cache; remove it (rm -r {link_path})")
+    if link_path.is_dir() and not link_path.is_symlink():
+        if not (link_path / "pyvenv.cfg").exists():
+            sys.exit(f"cached_venv: {link_path} is a directory, not a venv; move it away and run this again")
+        print(f"cached_venv: replacing the venv built inside the clone, {link_path}, with a link to the cache")
+        shutil.rmtree(link_path)
     tmp = link_path.with_name(link_path.name + ".link-tmp")
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target)
