@@ -41,7 +41,7 @@ def test_an_art_server_never_gets_unload_and_load(
 ) -> None:
     checkpoints = run_dir / "checkpoints"
     fake = start_fake(fakes, {"m@5": str(checkpoints / "0005")}, inplace=False)
-    art_server = ServerTarget(fake.url, "pid 1", lora_paths=(checkpoints / "0005",), claimed=True, art=True)
+    art_server = ServerTarget(fake.url, "pid 1", lora_paths=(checkpoints / "0005",), claimed=True, uid=0, art=True)
     stage = VllmStage(make_config(tmp_path, discover=True), discover=lambda: [art_server], policy=FAST)
 
     outcome = stage.run(swap_in(run_dir, checkpoints / "0005"))
