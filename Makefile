@@ -52,14 +52,10 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not vllm and not slow"
 
 # The package, the preload and the fast suite on Python 3.12, with ART 0.5.23's stack (torch 2.11, transformers 5.2).
-# Left out there, for that environment rather than the code: two tests that match torch 2.13's wording of the
-# unpatched dtype crash (torch 2.11 words the decode case "Bad in-place call: input tensor dtype Half and output tensor
-# dtype BFloat16 should match"; the patched results are checked and pass), the unit-file check (it wants the package's
+# Left out there, for that environment rather than the code: the unit-file check (it wants the package's
 # console script next to the interpreter; the cached venv holds no project) and the not-writable check run as
 # `nobody` (pyenv's 3.12 under /root does not start for nobody here).
 PY312_LEFT_OUT := \
-	tests/test_dtype_patch.py::test_the_stand_in_fails_like_unsloth_without_the_patch \
-	tests/test_dtype_patch.py::test_patch_before_import_through_the_bootstrap \
 	tests/test_systemd_unit.py::test_systemd_analyze_verify_prints_nothing \
 	tests/test_preload_install.py::test_site_packages_not_writable_says_sudo_or_venv
 test-py312: art-venvs
