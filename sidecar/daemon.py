@@ -290,7 +290,7 @@ class Daemon:
             with self._lock:
                 self._orphans |= orphans
             for stage in self.pipeline.stages:
-                stage.on_start([r.path for r in runs])
+                stage.on_start([r.path for r in runs], self.pipeline.hold_files)
         except Exception:  # chores must never take the daemon down
             log.exception("start-up housekeeping failed; forks are unaffected")
         self.wake.set()

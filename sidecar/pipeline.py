@@ -150,7 +150,7 @@ class ForkPipeline:
         me = os.geteuid()
         if me != 0 or opened.uid == me:
             return LocalRunIO(opened.run, opened.fd, frozenset({opened.uid, 0, me}))
-        return OwnerRunIO(opened.run, opened.fd, owner_of(opened.uid), float(self.config.timeouts.swap))
+        return OwnerRunIO(opened.run, opened.fd, owner_of(opened.uid, opened.gid), float(self.config.timeouts.swap))
 
     def resume(self, record: ForkRecord) -> None:
         """Finish a fork a previous daemon journaled but did not end, unless another daemon took its claim over."""
@@ -199,6 +199,30 @@ class ForkPipeline:
                     log.error("leftovers of fork %s: %s", fork_id, e)
                 else:
                     log.info("leftovers of fork %s in %s: %s", fork_id, run.checkpoints, done)
+
+    @contextlib.contextmanager
+    def hold_files(self, model_dir: Path) -> Iterator[RunIO | None]:
+        """The run's files as a fork would handle them (as its owner, through its fd), for a stage's start-up chores.
+
+        No claim is touched: a fork of this run may be under way on another worker."""
+        try:
+            opened = open_run(run_dir_of_record(model_dir))
+        except RunDirError:
+            yield None
+            return
+        try:
+            try:
+                io = self._io_for(opened)
+            except (RunIOError, OSError) as e:
+                log.error("%s: %s", model_dir, e)
+                yield None
+                return
+            try:
+                yield io
+            finally:
+                io.close()
+        finally:
+            opened.close()
 
     def _drop_lost_claim(self, record: ForkRecord, info: dict[str, Any] | None, held: HeldRun | None) -> None:
         """The claim of a journaled fork is gone or another's: finish the record without acting on the run.
@@ -348,8 +372,8 @@ class ForkPipeline:
         steps: dict[ForkState, Callable[[ForkRecord, HeldRun], None]] = {
             ForkState.CLAIMED: self._stage,
             ForkState.STAGED: self._swap,
-            ForkState.SWAPPED: lambda r, h: self._notify(r, "trainers", ForkState.TRAINERS),
-            ForkState.TRAINERS: lambda r, h: self._notify(r, "vllm", ForkState.VLLM),
+            ForkState.SWAPPED: lambda r, h: self._notify(r, h, "trainers", ForkState.TRAINERS),
+            ForkState.TRAINERS: lambda r, h: self._notify(r, h, "vllm", ForkState.VLLM),
             ForkState.VLLM: self._verify,
             ForkState.VERIFIED: self._finish_done,
         }
@@ -418,19 +442,29 @@ class ForkPipeline:
         self._advance(record, ForkState.SWAPPED)
         self._logger(record, "swap").info("checkpoints/%s now holds %s", SERVED_STEP, record.digest)
 
-    def _notify(self, record: ForkRecord, name: str, reached: ForkState) -> None:
-        outcome = self._run_stage(record, name)
+    def _notify(self, record: ForkRecord, held: HeldRun, name: str, reached: ForkState) -> None:
+        outcome = self._run_stage(record, held, name)
         record.stages[name] = outcome.to_json()
         self._advance(record, reached)
 
-    def _run_stage(self, record: ForkRecord, name: str) -> StageOutcome:
+    def _run_stage(self, record: ForkRecord, held: HeldRun, name: str) -> StageOutcome:
         stage = next((s for s in self.stages if s.name == name), None)
         if stage is None:
             return StageOutcome("skipped", error="none found")
         assert record.digest is not None and record.source is not None
         timeout = float(getattr(self.config.timeouts, name))
+        opened = held.opened
         ctx = ForkContext(
-            record.fork_id, Path(record.model_dir), Path(record.source), record.digest, time.monotonic() + timeout
+            record.fork_id,
+            Path(record.model_dir),
+            Path(record.source),
+            record.digest,
+            time.monotonic() + timeout,
+            # Whose run this is: the directory opened and claimed, never the path looked at again (_check_in_place
+            # has just made sure the path still names it).
+            owner_uid=opened.uid,
+            run_id=(opened.dev, opened.ino),
+            files=held.io,
         )
         logger = self._logger(record, name)
         started = time.monotonic()

@@ -15,7 +15,7 @@ import os
 import pwd
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 from sidecar import swap
 from sidecar.adapter import ADAPTER_FILE, AdapterError, TreeLimits, adapter_digest
 from sidecar.fsops import write_atomic_at
-from sidecar.layout import SERVED_STEP, RunDir
+from sidecar.layout import CHECKPOINTS, SERVED_STEP, RunDir
 from sidecar.marker import (
     DONE,
     FAILED,
@@ -38,9 +38,10 @@ from sidecar.marker import (
     read_marker_file,
 )
 from sidecar.resolve import ResolveError, open_source, open_source_path
-from sidecar.rundir import DIR_FLAGS, remove_at
+from sidecar.rundir import DIR_FLAGS, RunDirError, open_run, remove_at
+from sidecar.vllm_snapshots import collect_snapshots, create_snapshot
 
-__all__ = ["LocalRunIO", "Owner", "RunIO", "RunIOError", "owner_of"]
+__all__ = ["LocalRunIO", "Owner", "RunIO", "RunIOError", "local_run_files", "owner_of"]
 
 # File names of a staged checkpoint kept in the outcome; the count is always there.
 MAX_LISTED_FILES = 100
@@ -58,14 +59,15 @@ class Owner:
     name: str
 
 
-def owner_of(uid: int) -> Owner:
-    """The account that owns a run directory, with the groups it has when it logs in."""
+def owner_of(uid: int, gid: int) -> Owner:
+    """The account that owns a run directory (`uid`, the directory's group `gid`), with the groups it has when it
+    logs in. A uid with no account on this host (files from another machine, a user removed, an LDAP outage) is
+    still the owner: the fork runs as that bare uid with the directory's group and no supplementary groups, so it
+    can do what a process of that uid could, and no more."""
     try:
         entry = pwd.getpwuid(uid)
     except KeyError:
-        raise RunIOError(
-            f"the run directory is owned by uid {uid}, which has no account on this host; chown it to its user."
-        ) from None
+        return Owner(uid, gid, (), f"uid {uid}")
     return Owner(uid, entry.pw_gid, tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)))), entry.pw_name)
 
 
@@ -158,6 +160,15 @@ class RunIO:
     def read_outcome(self) -> dict[str, Any] | None:
         result = self._call("read_outcome")
         return dict(result) if result is not None else None
+
+    # --- vLLM snapshots (stages.RunFiles) -----------------------------------------------------------------
+    def snapshot(self, fork_id: str) -> tuple[str, str]:
+        name, method = self._call("snapshot", fork_id=fork_id)
+        return str(name), str(method)
+
+    def collect_snapshots(self, keep: Collection[str] | None) -> tuple[list[str], list[str]]:
+        removed, left = self._call("collect_snapshots", keep=None if keep is None else sorted(keep))
+        return [str(n) for n in removed], [str(n) for n in left]
 
 
 class LocalRunIO(RunIO):
@@ -361,6 +372,41 @@ class LocalRunIO(RunIO):
             if found is not None:
                 return found
         return None
+
+    # --- vLLM snapshots -----------------------------------------------------------------------------------
+    def _op_snapshot(self, fork_id: str) -> list[str]:
+        cfd = os.open(CHECKPOINTS, DIR_FLAGS, dir_fd=self.fd)
+        try:
+            return list(create_snapshot(cfd, fork_id))
+        finally:
+            os.close(cfd)
+
+    def _op_collect_snapshots(self, keep: list[str] | None) -> list[list[str]]:
+        try:
+            cfd = os.open(CHECKPOINTS, DIR_FLAGS, dir_fd=self.fd)
+        except FileNotFoundError:
+            return [[], []]
+        try:
+            return [list(names) for names in collect_snapshots(cfd, keep)]
+        finally:
+            os.close(cfd)
+
+
+@contextlib.contextmanager
+def local_run_files(model_dir: Path) -> Iterator[RunIO | None]:
+    """The run at `model_dir` opened as a fork opens it, its files handled by this process with its own rights: for
+    a stage driven without a fork holding the run (tests, benchmarks). None when it cannot be opened."""
+    try:
+        opened = open_run(run_dir_of_record(model_dir))
+    except RunDirError:
+        yield None
+        return
+    io = LocalRunIO(opened.run, opened.fd, frozenset({opened.uid, 0, os.geteuid()}))
+    try:
+        yield io
+    finally:
+        io.close()
+        opened.close()
 
 
 def run_dir_of_record(model_dir: Path) -> RunDir:

@@ -1,6 +1,9 @@
 """What a notification stage of the fork pipeline is: the context it gets and the outcome it returns.
 
-The pipeline swaps `checkpoints/0000` itself; telling trainers and vLLM servers are stages that plug in here.
+The pipeline swaps `checkpoints/0000` itself; telling trainers and vLLM servers are stages that plug in here. A stage
+learns whose run it is from the directory the fork opened and holds (`owner_uid`, `run_id`), never from the path again,
+and writes what it must in the run (vLLM's snapshots) through the fork's own RunIO (`files`): as the run's owner,
+through the run's descriptor, like the swap.
 A stage never raises for an expected failure (an agent that does not answer, a server that says 400): it returns a
 `StageOutcome` whose `error` is one sentence a person can act on. An unexpected exception is turned into a failed
 outcome by the pipeline, so a bug in one stage cannot leave a fork unrecorded.
@@ -8,15 +11,33 @@ outcome by the pipeline, so a bug in one stage cannot leave a fork unrecorded.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-__all__ = ["ForkContext", "Stage", "StageOutcome", "StageStatus"]
+__all__ = ["ForkContext", "RunFiles", "RunHolder", "Stage", "StageOutcome", "StageStatus"]
 
 StageStatus = Literal["ok", "skipped", "failed"]
+
+
+class RunFiles(Protocol):
+    """What a stage may write in a run (sidecar.run_io.RunIO implements it: as the owner, through the run's fd)."""
+
+    def snapshot(self, fork_id: str) -> tuple[str, str]:
+        """Snapshot `checkpoints/0000` as `checkpoints/.fork-<fork_id>`: (its name, how it was made)."""
+        ...
+
+    def collect_snapshots(self, keep: Collection[str] | None) -> tuple[list[str], list[str]]:
+        """Remove snapshots not named in `keep` (None: only interrupted ones): (removed, left)."""
+        ...
+
+
+# Opens a run (by its model dir) the way a fork would and lends its RunFiles for a while; None if it cannot be opened.
+RunHolder = Callable[[Path], AbstractContextManager[RunFiles | None]]
 
 
 @dataclass(frozen=True)
@@ -28,6 +49,17 @@ class ForkContext:
     source: Path
     digest: str  # adapter digest (sidecar.digest) of the new checkpoints/0000
     deadline: float  # time.monotonic() by which the stage must have returned
+    # The run directory as the fork opened and holds it (sidecar.rundir.OpenRun). None for a stage driven on its own
+    # (tests, benchmarks): the run then counts as root's, and `files` is opened by this process for the call.
+    owner_uid: int | None = None
+    run_id: tuple[int, int] | None = None  # (st_dev, st_ino)
+    files: RunFiles | None = None
+
+    @property
+    def real_model_dir(self) -> Path:
+        """The run's path with the operator's root resolved; the rest has no symlink (the fork opened it so)."""
+        project, _, model = self.model_dir.parts[-3:]
+        return Path(os.path.realpath(self.model_dir.parents[2])) / project / "models" / model
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -66,6 +98,6 @@ class Stage(Protocol):
         """Tell everyone of this run about the fork and verify they took it; must return by ctx.deadline."""
         ...
 
-    def on_start(self, run_dirs: Sequence[Path]) -> None:
-        """Called once when the daemon starts (e.g. to collect leftovers); may do nothing."""
+    def on_start(self, run_dirs: Sequence[Path], hold: RunHolder) -> None:
+        """Called once when the daemon starts (e.g. to collect leftovers, through `hold`); may do nothing."""
         ...

@@ -30,8 +30,7 @@ from sidecar.agent_dirs import ensure_user_dir
 from sidecar.config import Config
 from sidecar.control import ControlError, ForkRequest, agent_dir, call_agent, pid_of_socket, uid_of_agent_dir
 from sidecar.digest import digest_problem
-from sidecar.layout import run_owner
-from sidecar.stages import ForkContext, StageOutcome
+from sidecar.stages import ForkContext, RunHolder, StageOutcome
 
 __all__ = [
     "AgentSocket",
@@ -180,19 +179,20 @@ class TrainerStage:
         self.agent_timeout = float(config.trainer.agent_timeout)
         self.retries = int(config.trainer.retries)
 
-    def on_start(self, run_dirs: Sequence[Path]) -> None:
+    def on_start(self, run_dirs: Sequence[Path], hold: RunHolder) -> None:
         clean_stale_sockets(self.runtime_dir)
 
     def run(self, ctx: ForkContext) -> StageOutcome:
         started = time.monotonic()
-        owner = run_owner(ctx.model_dir)
-        # The run's owner and root: nobody else's trainer may hear of this run (its id, digest, paths).
+        # The owner of the directory the fork holds, and root: nobody else's trainer may hear of this run (its id,
+        # digest, paths), whatever the path names by now.
+        owner = ctx.owner_uid
         uids = {0} if owner is None else {owner, 0}
         if owner is not None:
             ensure_user_dir(self.runtime_dir, owner)  # the daemon's main loop makes it too; a fresh run may beat it
         clean_stale_sockets(self.runtime_dir, uids)
         agents = [a for a in list_agent_sockets(self.runtime_dir, uids) if a.uid in uids]
-        run_dir = str(Path(ctx.model_dir).resolve())
+        run_dir = str(ctx.real_model_dir)
         with ThreadPoolExecutor(max_workers=_MAX_PARALLEL, thread_name_prefix="trainers") as pool:
             hellos = list(pool.map(lambda a: self._hello(a, ctx), agents))
             serving = [h for h in hellos if run_dir in h.runs]
@@ -227,7 +227,7 @@ class TrainerStage:
             )
         if not self.required:
             return StageOutcome("skipped", seconds, "none found", detail)
-        owner = run_owner(ctx.model_dir)
+        owner = ctx.owner_uid
         where = agent_dir(self.runtime_dir, owner) if owner is not None else self.runtime_dir
         sentence = (
             f"no trainer agent serves {ctx.model_dir} (looked in {where}, for its owner's trainers); start the "

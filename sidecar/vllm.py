@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sidecar.config import Config
-from sidecar.layout import latest_step, run_owner
-from sidecar.stages import ForkContext, StageOutcome
+from sidecar.layout import latest_step
+from sidecar.run_io import RunIOError, local_run_files
+from sidecar.stages import ForkContext, RunFiles, RunHolder, StageOutcome
 from sidecar.vllm_art import names_to_fork
 from sidecar.vllm_client import (
     BadAnswer,
@@ -53,13 +54,7 @@ from sidecar.vllm_discovery import (
     merge_targets,
     trusted_for_run,
 )
-from sidecar.vllm_snapshots import (
-    LOADS_IN_FLIGHT,
-    collect_snapshots,
-    create_snapshot,
-    is_snapshot_name,
-    list_snapshots,
-)
+from sidecar.vllm_snapshots import LOADS_IN_FLIGHT, is_snapshot_name, list_snapshots
 
 __all__ = ["VllmStage"]
 
@@ -92,10 +87,15 @@ class _Served:
 
 
 class _SnapshotOnce:
-    """The fork's snapshot, made by the first server that needs it and shared by the others (thread-safe)."""
+    """The fork's snapshot, made by the first server that needs it and shared by the others (thread-safe).
 
-    def __init__(self, ctx: ForkContext) -> None:
+    Made through the fork's RunIO (as the run's owner, through the run's fd), never by path as the daemon: a run
+    swapped for a link to another user's run between the pipeline's check and this moment gets nothing written
+    there."""
+
+    def __init__(self, ctx: ForkContext, files: RunFiles | None) -> None:
         self._ctx = ctx
+        self._files = files
         self._lock = threading.Lock()
         self.path: Path | None = None
         self.method: str | None = None
@@ -104,10 +104,13 @@ class _SnapshotOnce:
     def get(self) -> Path | None:
         with self._lock:
             if self.path is None and self.error is None:
+                where = self._ctx.checkpoint_dir
                 try:
-                    self.path, self.method = create_snapshot(self._ctx.checkpoint_dir, self._ctx.fork_id)
-                except (OSError, ValueError) as e:
-                    where = self._ctx.checkpoint_dir
+                    if self._files is None:
+                        raise RunIOError(f"{self._ctx.model_dir} cannot be opened as a run directory")
+                    name, self.method = self._files.snapshot(self._ctx.fork_id)
+                    self.path = _real_checkpoints(self._ctx) / name
+                except (RunIOError, OSError, ValueError) as e:
                     self.error = f"could not snapshot {where} for vLLM ({e}); check free space and permissions."
             return self.path
 
@@ -158,9 +161,15 @@ class VllmStage:
 
     # --- the stage ------------------------------------------------------------------------------------------------
     def run(self, ctx: ForkContext) -> StageOutcome:
+        if ctx.files is not None:
+            return self._run(ctx, ctx.files)
+        with local_run_files(ctx.model_dir) as files:  # driven on its own, without a fork holding the run
+            return self._run(ctx, files)
+
+    def _run(self, ctx: ForkContext, files: RunFiles | None) -> StageOutcome:
         started = time.monotonic()
-        snapshot = _SnapshotOnce(ctx)
-        served = _parallel(lambda t: self._serve(t, ctx, snapshot), self._targets_for(ctx.model_dir))
+        snapshot = _SnapshotOnce(ctx, files)
+        served = _parallel(lambda t: self._serve(t, ctx, snapshot), self._targets_for(ctx))
         reports = [s.report for s in served if s.report is not None]
         if not reports:
             return self._nobody(ctx, started)
@@ -168,7 +177,8 @@ class VllmStage:
         if snapshot.path is not None:
             detail["snapshot"] = snapshot.path.name
             detail["snapshot_method"] = snapshot.method
-        detail["collected"], kept = self._collect_after_fork(ctx, served) if snapshot.path else ([], [])
+        collected_kept = self._collect_after_fork(ctx, served, files) if snapshot.path and files else ([], [])
+        detail["collected"], kept = collected_kept
         if kept:
             detail["kept"] = kept
         unreached = [s.survey.target.url for s in served if s.survey.cards is None and not s.survey.target.claimed]
@@ -179,7 +189,7 @@ class VllmStage:
 
     def _serve(self, target: ServerTarget, ctx: ForkContext, snapshot: _SnapshotOnce) -> _Served:
         """Survey one server and, if it serves the run, reload it: no waiting for the others in between."""
-        survey = self._survey(target, ctx.checkpoints_dir, ctx.deadline)
+        survey = self._survey(target, _real_checkpoints(ctx), ctx.deadline)
         if not survey.adapters:
             failed = target.claimed and survey.error is not None
             return _Served(survey, _Report(target, [], error=survey.error) if failed else None)
@@ -188,8 +198,9 @@ class VllmStage:
             return _Served(survey, _Report(target, list(survey.adapters), error=snapshot.error))
         return _Served(survey, self._reload(survey, path, ctx.deadline))
 
-    def on_start(self, run_dirs: Sequence[Path]) -> None:
-        """Remove fork snapshots no server lists any more, if every server answers; `.partial` leftovers always."""
+    def on_start(self, run_dirs: Sequence[Path], hold: RunHolder) -> None:
+        """Remove fork snapshots no server lists any more, if every server answers; `.partial` leftovers always.
+        Removed through `hold` (as each run's owner, through its fd); the listing by path only chooses the runs."""
         runs = [Path(r) for r in run_dirs if _has_fork_leftovers(Path(r) / "checkpoints")]
         if not runs:
             return
@@ -199,9 +210,16 @@ class VllmStage:
         deadline = time.monotonic() + min(float(self.config.timeouts.vllm), ON_START_BUDGET_S)
         surveys = _parallel(lambda t: self._survey(t, None, deadline), targets)
         everyone = all(s.cards is not None for s in surveys)
-        referenced = _roots(surveys) if everyone else None
+        keep = _snapshot_names(_roots(surveys)) if everyone else None
         for run in runs:
-            removed = collect_snapshots(run / "checkpoints", referenced)
+            with hold(run) as files:
+                if files is None:
+                    continue
+                try:
+                    removed, _ = files.collect_snapshots(keep)
+                except (RunIOError, OSError) as e:
+                    log.error("%s: fork snapshots not collected: %s", run, e)
+                    continue
             if removed:
                 log.info("%s: removed unreferenced vLLM snapshots %s", run, ", ".join(removed))
         if not everyone:
@@ -209,12 +227,12 @@ class VllmStage:
             log.warning("kept fork snapshots: %s did not answer, so they may still serve them", silent)
 
     # --- finding servers ------------------------------------------------------------------------------------------
-    def _targets_for(self, model_dir: Path) -> list[ServerTarget]:
-        checkpoints = Path(os.path.realpath(model_dir / "checkpoints"))
-        configured = configured_servers(self.config, model_dir)
-        owner = run_owner(model_dir)
-        # Only the run owner's and root's servers: anyone else's could claim the run and fake a successful reload.
-        trusted = [t for t in self._discovered() if trusted_for_run(t, owner)]
+    def _targets_for(self, ctx: ForkContext) -> list[ServerTarget]:
+        checkpoints = _real_checkpoints(ctx)
+        configured = configured_servers(self.config, ctx.model_dir)
+        # Only the servers of the owner of the directory the fork holds, and root's: anyone else's could claim the
+        # run and fake a successful reload.
+        trusted = [t for t in self._discovered() if trusted_for_run(t, ctx.owner_uid)]
         discovered = [t if not _points_into(t.lora_paths, checkpoints) else _claim(t) for t in trusted]
         return merge_targets(configured, discovered)
 
@@ -264,7 +282,7 @@ class VllmStage:
             report.error = wrong
             return report
         client = self._client(target)
-        target_root = Path(os.path.realpath(snapshot))
+        target_root = snapshot  # real already (_real_checkpoints): not resolved again through the run
         current = {c.id: _resolve_root(c.root, target.cwd) for c in survey.cards or [] if c.parent is not None}
         try:
             for name in survey.adapters:
@@ -326,7 +344,7 @@ class VllmStage:
 
     def _landed(self, client: VllmClient, target: ServerTarget, name: str, snapshot: Path, deadline: float) -> bool:
         """Whether a load that timed out shows up in `/v1/models` before the deadline."""
-        expected = Path(os.path.realpath(snapshot))
+        expected = snapshot
         while time.monotonic() + LANDING_POLL_S < deadline:
             time.sleep(LANDING_POLL_S)
             try:
@@ -349,7 +367,9 @@ class VllmStage:
         return {"model": name, "text": choice.get("text"), "logprob": logprobs[0]}
 
     # --- snapshot retention ---------------------------------------------------------------------------------------
-    def _collect_after_fork(self, ctx: ForkContext, served: list[_Served]) -> tuple[list[str], list[str]]:
+    def _collect_after_fork(
+        self, ctx: ForkContext, served: list[_Served], files: RunFiles
+    ) -> tuple[list[str], list[str]]:
         """Remove the snapshots nobody can be reading; returns (removed, kept although no answering server lists
         them). Kept ones are logged, naming why, once per fork; fork_sidecar_snapshots_kept counts them."""
         listings = []
@@ -360,11 +380,15 @@ class VllmStage:
             if cards is None:
                 silent.append(s.survey.target.url)
             listings.append(_Survey(s.survey.target, cards))
-        listed = _roots(listings)
-        in_flight = LOADS_IN_FLIGHT.paths()
-        checkpoints = ctx.checkpoints_dir
-        collected = collect_snapshots(checkpoints, None if silent else listed | in_flight)
-        kept = [p.name for p in list_snapshots(checkpoints) if Path(os.path.realpath(p)) not in listed]
+        listed = _snapshot_names(_roots(listings))
+        in_flight = _snapshot_names(LOADS_IN_FLIGHT.paths())
+        checkpoints = _real_checkpoints(ctx)
+        try:
+            collected, left = files.collect_snapshots(None if silent else listed | in_flight)
+        except (RunIOError, OSError) as e:
+            log.error("%s: fork snapshots not collected: %s", checkpoints, e)
+            return [], []
+        kept = [name for name in left if name not in listed]
         if kept:
             why = (
                 f"{', '.join(silent)} did not answer, so it may still read them"
@@ -407,10 +431,19 @@ def _resolve_root(root: str | None, cwd: Path | None) -> Path | None:
     return Path(os.path.realpath(path))
 
 
-def _run_adapters(cards: Iterable[ModelCard], target: ServerTarget, checkpoints: Path) -> list[str]:
-    """Names of the adapters whose root is the run's checkpoints/0000 or one of its fork snapshots, and on a server ART
-    started, the names ART's client requests for the run (sidecar/vllm_art.py), which may not be loaded yet."""
-    base = Path(os.path.realpath(checkpoints))
+def _real_checkpoints(ctx: ForkContext) -> Path:
+    """The run's checkpoints as servers name them, not resolved again through the run's own path."""
+    return ctx.real_model_dir / "checkpoints"
+
+
+def _snapshot_names(roots: Iterable[Path]) -> set[str]:
+    return {p.name for p in roots if is_snapshot_name(p.name)}
+
+
+def _run_adapters(cards: Iterable[ModelCard], target: ServerTarget, base: Path) -> list[str]:
+    """Names of the adapters whose root is the run's checkpoints/0000 (`base`, real) or one of its fork snapshots,
+    and on a server ART started, the names ART's client requests for the run (sidecar/vllm_art.py), which may not be
+    loaded yet."""
     names, from_run = [], []
     for card in cards:
         root = _resolve_root(card.root, target.cwd) if card.parent is not None else None

@@ -36,7 +36,9 @@ import threading
 from collections.abc import Collection
 from pathlib import Path
 
-from sidecar.fsops import rename_noreplace
+from sidecar.fsops import rename_noreplace_at
+from sidecar.layout import SERVED_STEP
+from sidecar.rundir import DIR_FLAGS
 
 __all__ = [
     "FORK_ID_PATTERN",
@@ -47,6 +49,7 @@ __all__ = [
     "is_snapshot_name",
     "list_snapshots",
     "snapshot_dir",
+    "snapshot_name",
 ]
 
 FORK_ID_PATTERN = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
@@ -60,57 +63,89 @@ def is_snapshot_name(name: str) -> bool:
     return _SNAPSHOT.fullmatch(name) is not None
 
 
-def snapshot_dir(checkpoints: Path, fork_id: str) -> Path:
+def snapshot_name(fork_id: str) -> str:
     if not re.fullmatch(FORK_ID_PATTERN, fork_id):
         raise ValueError(f"fork id {fork_id!r} is not of the form 20261126T083000Z-a1b2c3")
-    return checkpoints / f".fork-{fork_id}"
+    return f".fork-{fork_id}"
 
 
-def create_snapshot(served: Path, fork_id: str) -> tuple[Path, str]:
-    """Snapshot `served` (checkpoints/0000) as `.fork-<fork_id>` beside it; returns (path, "hardlink" | "copy" |
-    "existing"). Built under a `.partial` name and renamed, so an existing snapshot is always complete."""
-    final = snapshot_dir(served.parent, fork_id)
-    if final.is_dir():
+def snapshot_dir(checkpoints: Path, fork_id: str) -> Path:
+    return checkpoints / snapshot_name(fork_id)
+
+
+def create_snapshot(checkpoints_fd: int, fork_id: str) -> tuple[str, str]:
+    """Snapshot `0000` of the `checkpoints/` open as `checkpoints_fd` as `.fork-<fork_id>` beside it; returns (its
+    name, "hardlink" | "copy" | "existing"). Built under a `.partial` name and renamed, so an existing snapshot is
+    always complete. Only names below that descriptor are used, none followed if it is a symlink: called through the
+    fork's RunIO, as the run's owner, it can touch nothing but that run."""
+    final = snapshot_name(fork_id)
+    existing = _lstat(checkpoints_fd, final)
+    if existing is not None and stat.S_ISDIR(existing.st_mode):
         return final, "existing"  # a resumed fork: its snapshot was finished before the crash
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    method = "hardlink"
-    for dirpath, dirnames, filenames in os.walk(served):
-        rel = Path(dirpath).relative_to(served)
-        for d in dirnames:
-            (partial / rel / d).mkdir()
-        for f in filenames:
-            if not _link_or_copy(Path(dirpath) / f, partial / rel / f):
-                method = "copy"
-    for dirpath, _, _ in os.walk(partial, topdown=False):  # modes last: a read-only 0000 is copied as such
-        _same_owner_and_mode(served / Path(dirpath).relative_to(partial), Path(dirpath))
-    rename_noreplace(partial, final)
-    return final, method
+    partial = final + ".partial"
+    _remove_tree(checkpoints_fd, partial)
+    os.mkdir(partial, 0o700, dir_fd=checkpoints_fd)
+    copied = _fill(checkpoints_fd, checkpoints_fd, partial)
+    rename_noreplace_at(checkpoints_fd, partial, final)
+    return final, "copy" if copied else "hardlink"
 
 
-def _link_or_copy(src: Path, dst: Path) -> bool:
-    """Hardlink src to dst (True), or copy it where links are not possible (False)."""
+def _fill(src_parent: int, dst_parent: int, name: str, src_name: str = SERVED_STEP) -> bool:
+    """Fills the directory `name` of `dst_parent` with what `src_name` of `src_parent` holds; True if a file had to
+    be copied (no hardlink possible). Modes last: a read-only 0000 is snapshotted as such."""
+    src = os.open(src_name, DIR_FLAGS, dir_fd=src_parent)
     try:
-        os.link(src, dst)
+        dst = os.open(name, DIR_FLAGS, dir_fd=dst_parent)
+        try:
+            copied = False
+            for entry in sorted(os.listdir(src)):
+                info = os.stat(entry, dir_fd=src, follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode):
+                    os.mkdir(entry, 0o700, dir_fd=dst)
+                    copied = _fill(src, dst, entry, entry) or copied
+                elif stat.S_ISLNK(info.st_mode):
+                    os.symlink(os.readlink(entry, dir_fd=src), entry, dir_fd=dst)
+                elif not _link_or_copy(src, dst, entry, info):
+                    copied = True
+            _same_owner_and_mode(os.fstat(src), dst)
+            return copied
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _link_or_copy(src_dir: int, dst_dir: int, name: str, info: os.stat_result) -> bool:
+    """Hardlink `name` from src_dir into dst_dir (True), or copy it where links are not possible (False)."""
+    try:
+        os.link(name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
         return True
     except OSError as e:
         if e.errno not in _NO_LINK:
             raise
-    shutil.copy2(src, dst)
-    _same_owner_and_mode(src, dst)
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    try:
+        dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_dir)
+        try:
+            while chunk := os.read(src, 1 << 20):
+                os.write(dst, chunk)
+            _same_owner_and_mode(info, dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
     return False
 
 
-def _same_owner_and_mode(src: Path, dst: Path) -> None:
-    # vLLM may run as another user than the daemon: the snapshot must be as readable to it as 0000 is.
-    info = src.stat()
+def _same_owner_and_mode(info: os.stat_result, dst_fd: int) -> None:
+    # vLLM may run as another user than the fork: the snapshot must be as readable to it as 0000 is.
     with contextlib.suppress(PermissionError):
-        os.chown(dst, info.st_uid, info.st_gid)
-    dst.chmod(stat.S_IMODE(info.st_mode))
+        os.fchown(dst_fd, info.st_uid, info.st_gid)
+    os.fchmod(dst_fd, stat.S_IMODE(info.st_mode))
 
 
 def list_snapshots(checkpoints: Path) -> list[Path]:
+    """The snapshots in `checkpoints` by path: for looking only (doctor, whether a run has any)."""
     try:
         with os.scandir(checkpoints) as it:
             return sorted(Path(e.path) for e in it if is_snapshot_name(e.name) and e.is_dir(follow_symlinks=False))
@@ -118,24 +153,33 @@ def list_snapshots(checkpoints: Path) -> list[Path]:
         return []
 
 
-def collect_snapshots(checkpoints: Path, referenced: Collection[Path] | None) -> list[str]:
-    """Remove `.partial` leftovers of interrupted snapshots and, unless `referenced` is None (some server's adapter
-    roots are unknown), every snapshot whose real path is not in `referenced`; returns the names removed."""
-    removed = []
-    try:
-        with os.scandir(checkpoints) as it:
-            names = [e.name for e in it if e.is_dir(follow_symlinks=False)]
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return []
-    keep = None if referenced is None else {os.path.realpath(p) for p in referenced}
-    for name in sorted(names):
-        path = checkpoints / name
-        unreferenced = keep is not None and is_snapshot_name(name) and os.path.realpath(path) not in keep
-        if unreferenced or _PARTIAL.fullmatch(name):
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(path)
+def collect_snapshots(checkpoints_fd: int, keep: Collection[str] | None) -> tuple[list[str], list[str]]:
+    """Remove `.partial` leftovers of interrupted snapshots and, unless `keep` is None (some server's adapter roots
+    are unknown), every snapshot whose name is not in `keep`, in the `checkpoints/` open as `checkpoints_fd`;
+    returns (the names removed, the snapshots left). Fork ids are unique, so a name tells a snapshot apart."""
+    removed, left = [], []
+    for name in sorted(os.listdir(checkpoints_fd)):
+        info = _lstat(checkpoints_fd, name)
+        if info is None or not stat.S_ISDIR(info.st_mode):
+            continue
+        if _PARTIAL.fullmatch(name) or (keep is not None and is_snapshot_name(name) and name not in keep):
+            _remove_tree(checkpoints_fd, name)
             removed.append(name)
-    return removed
+        elif is_snapshot_name(name):
+            left.append(name)
+    return removed, left
+
+
+def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _remove_tree(dir_fd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(name, dir_fd=dir_fd)  # the fd-based variant: it never follows a symlink
 
 
 class LoadsInFlight:

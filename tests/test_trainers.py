@@ -25,6 +25,7 @@ from sidecar.adapter import adapter_digest  # noqa: E402
 from sidecar.config import Config, Duration, TrainerConfig, load_config  # noqa: E402
 from sidecar.control import agent_dir, agent_socket_path  # noqa: E402
 from sidecar.preload import art  # noqa: E402
+from sidecar.run_io import local_run_files  # noqa: E402
 from sidecar.stages import ForkContext  # noqa: E402
 from sidecar.trainers import TrainerStage, agent_statuses, clean_stale_sockets, list_agent_sockets  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
@@ -220,7 +221,7 @@ sys.stdin.read()
             child.wait()
     # Killed trainers cannot remove their sockets; the next fork (or the daemon's start) does.
     assert len(list_agent_sockets(runtime_dir)) == 2
-    TrainerStage(config(runtime_dir)).on_start([run_dir])
+    TrainerStage(config(runtime_dir)).on_start([run_dir], local_run_files)
     assert list_agent_sockets(runtime_dir) == []
 
 

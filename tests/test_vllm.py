@@ -28,6 +28,7 @@ import yaml
 
 from sidecar import swap
 from sidecar.config import Config, load_config
+from sidecar.run_io import local_run_files
 from sidecar.stages import ForkContext
 from sidecar.vllm import VllmStage
 from sidecar.vllm_client import BadAnswer, ConnectFailed, HttpError, RetryPolicy, VllmClient, call_with_retries
@@ -617,10 +618,15 @@ def test_snapshot_keeps_mode_and_is_reused_when_it_exists(run_dir: Path) -> None
     served = run_dir / "checkpoints" / "0000"
     served.chmod(0o750)
     fid = "20261126T083000Z-a1b2c3"
-    path, how = create_snapshot(served, fid)
-    assert how == "hardlink" and (path.stat().st_mode & 0o777) == 0o750
-    assert names_in(path) == names_in(served)
-    assert create_snapshot(served, fid) == (path, "existing")
+    cfd = os.open(served.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        name, how = create_snapshot(cfd, fid)
+        path = served.parent / name
+        assert how == "hardlink" and (path.stat().st_mode & 0o777) == 0o750
+        assert names_in(path) == names_in(served)
+        assert create_snapshot(cfd, fid) == (name, "existing")
+    finally:
+        os.close(cfd)
 
 
 def test_collection_removes_only_unreferenced_fork_snapshots(run_dir: Path) -> None:
@@ -635,8 +641,13 @@ def test_collection_removes_only_unreferenced_fork_snapshots(run_dir: Path) -> N
     for d in (keep, drop, *(checkpoints / n for n in names)):
         d.mkdir()
 
-    assert collect_snapshots(checkpoints, None) == [names[0]]  # servers unknown: only our own partial leftovers
-    assert collect_snapshots(checkpoints, {keep}) == [drop.name]
+    cfd = os.open(checkpoints, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        # Servers unknown: only our own partial leftovers.
+        assert collect_snapshots(cfd, None) == ([names[0]], [keep.name, drop.name])
+        assert collect_snapshots(cfd, {keep.name}) == ([drop.name], [keep.name])
+    finally:
+        os.close(cfd)
     assert names_in(checkpoints) == sorted(["0000", "0005", keep.name, *names[1:]])
 
 
@@ -651,14 +662,16 @@ def test_on_start_collects_only_when_every_server_answers(tmp_path: Path, run_di
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
 
-    VllmStage(make_config(tmp_path, servers=[{"url": fake.url}, {"url": dead}]), policy=FAST).on_start([run_dir])
+    VllmStage(make_config(tmp_path, servers=[{"url": fake.url}, {"url": dead}]), policy=FAST).on_start(
+        [run_dir], local_run_files
+    )
     assert used.is_dir() and unused.is_dir() and not partial.exists()
 
-    VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST).on_start([run_dir])
+    VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST).on_start([run_dir], local_run_files)
     assert used.is_dir() and not unused.exists()
 
 
 def test_on_start_without_snapshots_asks_nobody(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:
     fake = start_fake(fakes, {})
-    VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST).on_start([run_dir])
+    VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST).on_start([run_dir], local_run_files)
     assert fake.requests == []
