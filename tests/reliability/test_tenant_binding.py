@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.fsops import exchange_dirs
 from tests.reliability.support import Fleet, make_run, write_marker_atomically
 from tests.reliability.tenants import (
     SYSTEM_PYTHON,
@@ -280,3 +281,56 @@ def test_a_fake_server_of_another_user_cannot_claim_a_run(world: World) -> None:
         assert logged_requests(alice_log) == []
     finally:
         stop(fake)
+
+
+def _open_fifo_for_writing(fifo: Path) -> int | None:
+    """The FIFO's write end once its reader (the daemon) has opened it, else None (ENXIO: nobody reads yet)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+
+
+def test_a_run_swapped_during_the_vllm_stage_is_still_the_forks_own(world: World) -> None:
+    """The vLLM stage must take the run's owner, its checkpoints and where it writes from the directory the fork
+    holds, not from the path looked at again: alice exchanges her run with a symlink bob made to his own run, in
+    the models directory she shares (0777), while the stage runs (after the pipeline's last check). An operator's
+    server whose key file is a FIFO holds the stage there, so the window is the same every time."""
+    art = world.base / "art"
+    alices = make_run(art, project="pa", steps=(3,))
+    world.alice.chown(art / "pa")
+    models = alices.parent
+    models.chmod(0o777)
+    made = subprocess.run(
+        ["ln", "-s", str(world.model_dir), str(models / "m.evil")], user=world.bob.uid, group=world.bob.gid, check=False
+    )
+    assert made.returncode == 0 and (models / "m.evil").lstat().st_uid == world.bob.uid
+    bobs_checkpoints = sorted(os.listdir(world.model_dir / "checkpoints"))
+    fifo = world.base / "key.fifo"
+    os.mkfifo(fifo)
+    port = free_port()
+    bob_log = world.file_for(world.bob, "bob-vllm.jsonl")
+    bob_server = vllm_serve(world, world.bob, port, bob_log)  # serves bob's own checkpoints/0000
+    servers = [{"url": f"http://127.0.0.1:{free_port()}", "api_key_file": str(fifo), "runs": ["pa/m"]}]
+    try:
+        wait_for(lambda: listening(bob_log.with_suffix(".out")), 20, "bob's server")
+        with fleet_for(world, vllm={"discover": True, "request_timeout": "2s", "servers": servers}) as fleet:
+            fleet.start(0)
+            write_marker_atomically(alices, "step: 3\n")
+            writer = wait_for(lambda: _open_fifo_for_writing(fifo), 60, "the vLLM stage to read its key file")
+            try:
+                models_fd = os.open(models, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    exchange_dirs(models_fd, "m", "m.evil")  # pa/models/m is now bob's symlink to his run
+                finally:
+                    os.close(models_fd)
+                os.write(writer, b"sk-operator\n")
+            finally:
+                os.close(writer)
+            outcome = wait_outcome(models / "m.evil", 60)
+        # Nothing was written into bob's run, and his server heard nothing of alice's fork.
+        assert sorted(os.listdir(world.model_dir / "checkpoints")) == bobs_checkpoints, outcome["vllm"]
+        assert logged_requests(bob_log) == [], outcome["vllm"]
+        assert f"127.0.0.1:{port}" not in json.dumps(outcome["vllm"]), outcome["vllm"]
+    finally:
+        stop(bob_server)
