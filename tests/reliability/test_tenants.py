@@ -439,3 +439,41 @@ def test_a_sparse_100_gb_file_is_refused_before_it_fills_the_disk(fleet: Fleet, 
         assert outcome["status"] == "failed" and "no space left" in str(outcome["error"]), outcome
         frsize = os.statvfs(small).f_frsize
         assert (free_before - lowest[0]) * frsize < 4 << 20, "the copy ate into the free space before failing"
+
+
+# --- owners without an account ------------------------------------------------------------------------------------
+def _uid_without_account() -> int:
+    uid = 61000
+    while True:
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+        uid += 1
+
+
+def test_a_run_of_a_uid_with_no_account_is_forked_as_that_bare_uid(fleet: Fleet, art: Path) -> None:
+    """Files from another host, or a user removed: the uid owns the run all the same. The fork runs as that uid with
+    the run dir's group and no supplementary groups (nothing of root's), and ends with an outcome like any other."""
+    uid = _uid_without_account()
+    gid = uid  # no such group either
+    nobody = User(f"uid{uid}", uid, gid)
+    model_dir = make_owned_run(art, "px", "m", nobody, steps=(3,))
+    # A checkpoint only root's group may read: readable to a fork that kept any of root's groups.
+    closed = make_owned_run(art, "pr", "r", User("root", 0, 0), steps=(4,))
+    for p in (closed / "checkpoints" / "0004").rglob("*"):
+        p.chmod(0o640)
+    fleet.start(0)
+    (model_dir / ".fork").write_text("step: 3\n")  # root may write any run's marker
+    outcome = outcome_of(fleet, model_dir)
+    assert outcome["status"] == "done", (outcome, fleet.daemons[0].log())
+    served = model_dir / "checkpoints" / "0000"
+    assert tree_digest(served) == tree_digest(model_dir / "checkpoints" / "0003")
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in [served, *served.rglob("*")]} == {(uid, gid)}
+    done = (model_dir / ".fork.done").stat()
+    assert (done.st_uid, done.st_gid) == (uid, gid)
+
+    (model_dir / ".fork.done").unlink()
+    (model_dir / ".fork").write_text(f"source: {closed / 'checkpoints' / '0004'}\n")
+    outcome = outcome_of(fleet, model_dir)
+    assert outcome["status"] == "failed" and "Permission denied" in str(outcome["error"]), outcome
