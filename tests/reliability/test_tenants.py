@@ -25,8 +25,9 @@ import pytest
 from sidecar.fsops import exchange_dirs
 from sidecar.marker import MAX_RECORD_BYTES
 from tests.reliability.support import Fleet, mounted_tmpfs, proc_sample, tree_digest, wait_settled
+from tests.reliability.tenants import Tenant, install_scripts, logged_requests, stop
 from tests.support.adapters import write_adapter, write_big_adapter
-from tests.support.daemon import wait_for
+from tests.support.daemon import wait_for, wait_outcome
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -365,6 +366,55 @@ def test_alices_busy_runs_never_delay_bobs_fork(fleet: Fleet, art: Path, alice: 
         writer.wait()
     assert outcome["status"] == "done", outcome
     assert waited < 6.0, f"bob's fork waited {waited:.1f}s behind alice's"
+
+
+def test_alices_hanging_trainer_holding_8_forks_never_delays_bobs_fork(
+    base: Path, art: Path, alice: User, bob: User
+) -> None:
+    """Issue 18's case: 8 of alice's forks held by her own trainer agent, which hangs in every fork (a real agent
+    process of hers, the real preload agent). Each holds its worker for the trainers stage (agent_timeout 60 s);
+    bob's unrelated fork must take only its own time, not wait for a worker she holds."""
+    runs = [make_owned_run(art, "pa", f"m{i}", alice, steps=(1,)) for i in range(8)]
+    bobs_run = make_owned_run(art, "pb", "b", bob, steps=(1,))
+    bin_dir = install_scripts(base)
+    agent_log = base / "alice-agent.jsonl"
+    overrides = {"log": {"level": "info"}, "trainer": {"agent_timeout": "60s", "retries": 0}}
+    agent_log.touch()
+    os.chown(agent_log, alice.uid, alice.gid)
+    with Fleet(base, [art], overrides=overrides) as fleet:  # its runtime dir, base/run0, is reachable by alice
+        fleet.start(0)
+        runtime_dir = base / "run0"
+        tenant = Tenant(alice.name, alice.uid, alice.gid)
+        out = base / "alice-agent.out"
+        trainer = tenant.python(
+            bin_dir / "stub_trainer.py",
+            ":".join(str(r) for r in runs),
+            str(agent_log),
+            "hang",
+            env={"FORK_SIDECAR_RUNTIME_DIR": str(runtime_dir)},
+            log=out,
+        )
+        try:
+            wait_for(lambda: "registered" in out.read_text() or trainer.poll() is not None, 30, "alice's trainer")
+            assert trainer.poll() is None, out.read_text()
+            for run in runs:
+                write_marker_as(alice, run, "step: 1")
+            # Her agent holds every fork the daemon lets her have at once (forks.per_owner), all hanging.
+            wait_for(lambda: len(logged_requests(agent_log)) >= 2, 60, "alice's forks to hang in her agent")
+            time.sleep(1.0)
+            started = time.monotonic()
+            write_marker_as(bob, bobs_run, "step: 1")
+            # Not outcome_of: it waits for the whole journal to settle, and alice's forks are meant to stay.
+            outcome = wait_outcome(bobs_run, 30)
+            waited = time.monotonic() - started
+            still_held = [r for r in runs if (r / ".fork.inprogress").exists() or (r / ".fork").exists()]
+            log = fleet.daemons[0].log()
+        finally:
+            stop(trainer)
+    assert outcome["status"] == "done", outcome
+    assert len(still_held) == 8, "alice's forks ended before bob's: nothing was holding her workers"
+    # His own work: a small swap and no trainer of his; nowhere near the 60 s a held worker would cost him.
+    assert waited < 6.0, f"bob's fork waited {waited:.1f}s behind alice's hanging forks:\n{log}"
 
 
 def test_a_thousand_markers_do_not_cost_a_thousand_threads(fleet: Fleet, art: Path) -> None:
