@@ -6,7 +6,12 @@ Run it with the trainer venv's python, by path (not -m), so that `sidecar` comes
 
 It loads the base model with the adapter as trainable LoRA, registers it for the run and trains forever on random
 tokens (AdamW), one JSON line per step in `{control}/steps.jsonl`: the step, the loss, the pid and a fingerprint of
-the LoRA tensors as they were at the start of that step. Between steps it obeys files in the control dir:
+the LoRA tensors as that step's forward found them. The fingerprint is taken in a forward pre-hook registered after
+`register()`'s, so after the agent's step gate has marked the step begun: taken in the loop before the forward, it
+could predate a fork the agent loads "between steps" in that gap (the gate sees no step until the forward starts),
+and the step would be logged as starting from the old weights while it trained from the fork.
+
+Between steps it obeys files in the control dir:
 
 - `pause`    : stop stepping (the model is idle) and create `paused`; removing `pause` resumes.
 - `dump`     : write the LoRA tensors as they are now to `dump.safetensors`, then remove `dump`.
@@ -68,6 +73,13 @@ def train(args: argparse.Namespace) -> int:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     if not args.no_register:
         register(model, args.run_dir, optimizer=None if args.auto_optimizer else optimizer)
+    starts: list[str] = []  # the LoRA as the current step's first forward saw it
+
+    def record_start(module: Any, inputs: Any) -> None:
+        if not starts:
+            starts.append(lora_fingerprint(get_peft_model_state_dict(model)))
+
+    model.register_forward_pre_hook(record_start)  # after register(): runs once the gate has let the step begin
     runtime = os.environ.get("FORK_SIDECAR_RUNTIME_DIR", "/run/fork-sidecar")
     _write_json(
         control / "ready.json",
@@ -99,9 +111,10 @@ def train(args: argparse.Namespace) -> int:
             if args.max_steps and step >= args.max_steps:
                 time.sleep(0.02)
                 continue
-            fingerprint = lora_fingerprint(get_peft_model_state_dict(model))
+            starts.clear()
             tokens = torch.randint(3, vocab, (2, 16), generator=gen)
             loss = model(input_ids=tokens, labels=tokens).loss
+            fingerprint = starts[0]
             loss.backward()
             while (control / "hold").exists():
                 (control / "holding").touch()
