@@ -21,7 +21,6 @@ __all__ = [
     "iter_run_dirs",
     "latest_step",
     "run_dir_of",
-    "run_owner",
     "step_dirs",
 ]
 
@@ -107,14 +106,3 @@ def latest_step(checkpoints: Path | int, *, not_after: int | None = None, exclud
 def checkpoint_dir(checkpoints: Path, step: int) -> Path:
     """Where ART keeps `step`: zero-padded to four digits, wider when the step needs it."""
     return checkpoints / f"{step:04d}"
-
-
-def run_owner(model_dir: Path) -> int | None:
-    """The uid owning a run directory: the only user (with root) whose trainers and servers hear of its forks.
-
-    Not followed through a symlink: a run swapped for a link to another user's run names the link's owner, so the
-    other user's trainers are not disturbed (the pipeline fails such a fork anyway; this is the narrow window)."""
-    try:
-        return os.lstat(model_dir).st_uid
-    except OSError:
-        return None
