@@ -9,6 +9,7 @@ so each attack can be tried for real; the daemon must be safe with it anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -21,7 +22,12 @@ from typing import Any
 
 import pytest
 
+from sidecar.adapter import adapter_digest
+from sidecar.agent_dirs import ensure_user_dir
+from sidecar.config import load_config
 from sidecar.fsops import exchange_dirs
+from sidecar.stages import ForkContext
+from sidecar.trainers import TrainerStage
 from tests.reliability.support import Fleet, make_run, write_marker_atomically
 from tests.reliability.tenants import (
     SYSTEM_PYTHON,
@@ -334,3 +340,53 @@ def test_a_run_swapped_during_the_vllm_stage_is_still_the_forks_own(world: World
         assert f"127.0.0.1:{port}" not in json.dumps(outcome["vllm"]), outcome["vllm"]
     finally:
         stop(bob_server)
+
+
+def test_the_trainers_stage_tells_the_owner_of_the_directory_the_fork_holds(world: World) -> None:
+    """The trainers stage as the pipeline runs it, with the owner of the directory the fork opened: alice's run path
+    names a symlink bob made to his own run by then (swapped in after the pipeline's check, as above). Taken from the
+    path, the owner would be bob and the run his, so bob's trainer would be told to load alice's fork."""
+    art = world.base / "art"
+    alices = make_run(art, project="pa", steps=(3,))
+    world.alice.chown(art / "pa")
+    models = alices.parent
+    models.chmod(0o777)
+    made = subprocess.run(
+        ["ln", "-s", str(world.model_dir), str(models / "m.evil")], user=world.bob.uid, group=world.bob.gid, check=False
+    )
+    assert made.returncode == 0
+    rt = world.runtime_dir
+    rt.mkdir(mode=0o755)
+    for tenant in (world.alice, world.bob):
+        ensure_user_dir(rt, tenant.uid)  # what the daemon does for each run owner
+    bob_trainer, bob_log = world.start_trainer(world.bob)
+    alice_log = world.file_for(world.alice, "alice-trainer.jsonl")
+    out = world.base / "alice-trainer.out"
+    env = {"FORK_SIDECAR_RUNTIME_DIR": str(rt)}
+    alice_trainer = world.alice.python(world.bin / "stub_trainer.py", str(alices), str(alice_log), env=env, log=out)
+    try:
+        wait_for(lambda: "registered" in out.read_text() or alice_trainer.poll() is not None, 20, "alice's trainer")
+        held = os.stat(alices, follow_symlinks=False)  # what the fork opened and holds
+        models_fd = os.open(models, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            exchange_dirs(models_fd, "m", "m.evil")
+        finally:
+            os.close(models_fd)
+        source = models / "m.evil" / "checkpoints" / "0003"
+        ctx = ForkContext(
+            "20261201T000000Z-abcdef",
+            alices,
+            source,
+            adapter_digest(source),
+            time.monotonic() + 30,
+            owner_uid=held.st_uid,
+            run_id=(held.st_dev, held.st_ino),
+        )
+        outcome = TrainerStage(dataclasses.replace(load_config(None), runtime_dir=rt)).run(ctx)
+        # Only alice's agent is asked (it refuses: the path it is given now resolves into bob's run, which it does
+        # not train), and bob's trainer hears nothing of her fork.
+        assert [a["pid"] for a in outcome.detail["agents"]] == [alice_trainer.pid], outcome
+        assert [r for r in logged_requests(bob_log) if r.get("op") == "fork"] == []
+        assert logged_requests(alice_log) == []
+    finally:
+        stop(bob_trainer, alice_trainer)
