@@ -17,7 +17,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -34,6 +34,7 @@ from sidecar.logs import setup_logging
 from sidecar.marker import INPROGRESS
 from sidecar.metrics import Metrics, MetricsError
 from sidecar.pipeline import ForkPipeline
+from sidecar.run_io import RunIO
 from sidecar.rundir import RunDirError, open_run
 from sidecar.scheduler import FairQueue
 from sidecar.sdnotify import Notifier
@@ -224,11 +225,7 @@ class Daemon:
     # --- scheduling -----------------------------------------------------------------------------------------
     def _submit(self, model_dir: Path) -> None:
         """Called for every marker seen: queue the run under its owner, or have its worker look again after."""
-        try:
-            owner = os.lstat(model_dir).st_uid  # for fairness only: the fork itself acts as the owner it opens
-        except OSError:
-            owner = -1
-        self._queue.submit(model_dir, owner)
+        self._queue.submit(model_dir, _owner_for_fairness(model_dir))
 
     def _work(self, model_dir: Path, settle: bool) -> None:
         pipeline = self.pipeline
@@ -290,10 +287,25 @@ class Daemon:
             with self._lock:
                 self._orphans |= orphans
             for stage in self.pipeline.stages:
-                stage.on_start([r.path for r in runs], self.pipeline.hold_files)
+                stage.on_start([r.path for r in runs], self._hold_idle_run)
         except Exception:  # chores must never take the daemon down
             log.exception("start-up housekeeping failed; forks are unaffected")
         self.wake.set()
+
+    @contextlib.contextmanager
+    def _hold_idle_run(self, model_dir: Path) -> Iterator[RunIO | None]:
+        """A run's files for a start-up chore, only while no worker forks that run: a fork under way (the first
+        scan's markers start before housekeeping ends) has a `.partial` snapshot or one no server lists yet, which
+        the chore would take for a leftover. None for a busy run: its snapshots are kept until the next start."""
+        owner = _owner_for_fairness(model_dir)
+        if not self._queue.reserve(model_dir, owner):
+            yield None
+            return
+        try:
+            with self.pipeline.hold_files(model_dir) as files:
+                yield files
+        finally:
+            self._queue.release(model_dir)
 
     def _collect_leftovers(self, runs: Sequence[RunDir]) -> None:
         """Remove staging/retired copies of forks that no journal and no claim knows (a crash before the journal),
@@ -349,6 +361,14 @@ class Daemon:
 
 
 _TEMP_FILE = re.compile(r"^\.\.fork(?:\.[a-z]+)?\.tmp-(\d+)-[0-9a-f]{6}$")
+
+
+def _owner_for_fairness(model_dir: Path) -> int:
+    """Whose turn a run takes in the worker queue; the fork itself acts as the owner of the directory it opens."""
+    try:
+        return os.lstat(model_dir).st_uid
+    except OSError:
+        return -1
 
 
 def _remove_dead_temp_files(run: RunDir) -> None:

@@ -53,9 +53,13 @@ class ClaimRegistry:
         with self._lock:
             self._claims[path] = (io, info)
 
-    def release(self, path: Path) -> None:
+    def release(self, path: Path, io: RunIO | None = None) -> None:
+        """Stop renewing `path`; with `io`, only if that RunIO registered it (another hold of the same run, such as
+        start-up leftover collection beside a running fork, must not stop the fork's heartbeats)."""
         with self._lock:
-            self._claims.pop(path, None)
+            held = self._claims.get(path)
+            if held is not None and (io is None or held[0] is io):
+                del self._claims[path]
 
     def items(self) -> list[tuple[Path, RunIO, dict[str, Any]]]:
         with self._lock:
@@ -140,7 +144,7 @@ class ForkPipeline:
             try:
                 yield HeldRun(opened, io)
             finally:
-                self.claims.release(run.path / INPROGRESS)  # one fork per run: whatever it held ends here
+                self.claims.release(run.path / INPROGRESS, io)  # whatever this hold's fork claimed ends here
                 io.close()
         finally:
             opened.close()

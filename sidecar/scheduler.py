@@ -60,6 +60,21 @@ class FairQueue:
         with self._lock:
             return sorted(set(self._queued) | self._again)
 
+    def reserve(self, run: Path, owner: int) -> bool:
+        """Hold `run` as a worker would, for a chore on its files outside any fork (start-up snapshot collection):
+        False while a worker has it or it waits for one. A marker seen meanwhile is taken after `release`."""
+        with self._lock:
+            if self._stopping or run in self._active or run in self._queued:
+                return False
+            self._active[run] = owner
+            self._per_owner_active[owner] += 1
+            return True
+
+    def release(self, run: Path) -> None:
+        with self._lock:
+            self._finish(run)
+            self._spawn_if_needed()
+
     def stop(self, timeout: float) -> None:
         """No new work is taken; waits up to `timeout` for the workers' current forks."""
         with self._lock:

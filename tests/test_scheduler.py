@@ -81,3 +81,30 @@ def test_a_run_resubmitted_while_it_works_runs_again_once_after_and_never_twice_
     gate.set()
     wait_for(lambda: len(seen) == 2 and not queue.has(Path("r")), 5, "one more pass")
     assert seen == [(Path("r"), False), (Path("r"), True)] and not overlap
+
+
+def test_a_reserved_run_is_never_given_to_a_worker_and_its_marker_is_taken_after_release() -> None:
+    work = Blocking()
+    queue = FairQueue(workers=2, per_owner=2, work=work)
+    run = Path("chore")
+    assert queue.reserve(run, owner=1000)
+    assert not queue.reserve(run, owner=1000)  # one holder at a time
+    queue.submit(run, owner=1000)  # a marker seen during the chore
+    time.sleep(0.2)
+    assert work.started == []
+    queue.release(run)
+    wait_for(lambda: work.started == [run], 5, "the run's marker taken after the chore")
+
+
+def test_a_run_a_worker_holds_or_awaits_cannot_be_reserved() -> None:
+    work = Blocking()
+    queue = FairQueue(workers=1, per_owner=1, work=work)
+    queue.submit(Path("stuck-a"), owner=1000)
+    wait_for(lambda: work.started == [Path("stuck-a")], 5, "the first run started")
+    queue.submit(Path("stuck-b"), owner=1000)  # waits: the only worker is busy
+    assert not queue.reserve(Path("stuck-a"), owner=1000)
+    assert not queue.reserve(Path("stuck-b"), owner=1000)
+    assert queue.reserve(Path("idle"), owner=1001)
+    queue.release(Path("idle"))
+    work.release.set()
+    queue.stop(timeout=5)
