@@ -30,9 +30,12 @@ FAKE = REPO / "tests" / "support" / "fake_unsloth"
 MISMATCH = "must have the same dtype"
 # How torch words the unpatched crash depends on the op and the torch version: 2.13's out-of-place matmul and addmm_ say
 # MISMATCH; 2.11 (the cp312 build ART 0.5.23 brings) words an in-place addmv_/addmm_ "Bad in-place call: input tensor
-# dtype c10::Half and output tensor dtype c10::BFloat16 should match".
+# dtype c10::Half and output tensor dtype c10::BFloat16 should match" (either way round: the GPU run measured the
+# other order at decode bsz 1) or, for addmv_ into an fp16 result, "expected scalar type BFloat16 but found Half".
+_HALVES = r"(c10::)?(Half|BFloat16)"
 MISMATCH_IN_PLACE = re.compile(
-    r"Bad in-place call: input tensor dtype (c10::)?Half and output tensor dtype (c10::)?BFloat16"
+    rf"Bad in-place call: input tensor dtype {_HALVES} and output tensor dtype {_HALVES}"
+    r"|expected scalar type (Half|BFloat16) but found (Half|BFloat16)"
 )
 
 
@@ -172,10 +175,14 @@ def test_the_stand_in_decode_fails_like_unsloth_at_batch_above_one(fake: Any) ->
     assert str(raised.value) == OUT_MISMATCH
 
 
-def test_kv_cache_decode_at_every_batch_size_writes_the_callers_buffers(fake: Any) -> None:
-    """Before issue 11's fix, batch 2 and 4 raised OUT_MISMATCH here (the wrapper saw X == autocast's dtype)."""
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "4bit"])
+def test_kv_cache_decode_at_every_batch_size_writes_the_callers_buffers(fake: Any, quantized: bool) -> None:
+    """Before issue 11's fix, batch 2 and 4 raised OUT_MISMATCH here (the wrapper saw X == autocast's dtype).
+    4bit: every projection quantized (fast_gemv at batch 1, fast_dequantize above)."""
+    for case, result in fake.check_decode((1, 2), quantized=quantized).items():
+        assert result["error"] is not None, (case, result)  # unpatched: the first step fails
     patch_now()
-    decode = fake.check_decode((1, 2, 4))
+    decode = fake.check_decode((1, 2, 4), quantized=quantized)
     assert len(decode) == 6, decode
     for case, result in decode.items():
         assert result["error"] is None, (case, result)
@@ -330,3 +337,120 @@ def test_patch_before_import_through_the_bootstrap(tmp_path: Path) -> None:
             assert "rebound" not in done.stderr  # patched before any other module imported the names
             # suspended() also reaches the aliases that were bound to the wrappers by those imports
             assert all(is_dtype_mismatch(case["error"]) for case in result["originals"].values())
+
+
+# The quantized path: a 4-bit weight with a bitsandbytes-style quant_state (tests/support/fake_unsloth). Unsloth
+# 2026.3.3 dequantizes it to quant_state.dtype for prefill and decode at batch > 1 (`fast_dequantize`), and at batch 1
+# hands X, the packed weight and `out` to bitsandbytes' gemv through raw pointers (`fast_gemv`).
+OUT_MISMATCH_BF16 = "Expected out tensor to have dtype c10::BFloat16, but got c10::Half instead"
+GEMV_MISMATCH = "expected m1 and m2 to have the same dtype, but got: c10::Half != c10::BFloat16"
+
+
+def quantized_case(fake: Any, bsz: int, q_len: int, x_dtype: Any, buffer_dtype: Any = None) -> tuple[Any, ...]:
+    proj = fake.projection(fake.HIDDEN, fake.INTER, seed=9, quantized=True)
+    x = fake.activation((bsz, q_len, fake.HIDDEN), seed=bsz).to(x_dtype)
+    buffer = None if buffer_dtype is None else torch.zeros(bsz, q_len, fake.INTER, dtype=buffer_dtype)
+    return proj, x, buffer
+
+
+def quantized_call(fake: Any, proj: Any, x: Any, buffer: Any) -> Any:
+    utils = sys.modules["unsloth.kernels.utils"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        if x.shape[1] != 1:
+            out = None if buffer is None else buffer.view(-1, buffer.shape[-1])
+            return utils.matmul_lora(x, *fake.get_lora_parameters(proj), out=out)
+        return utils.fast_linear_forward(proj, x, out=buffer)
+
+
+QUANTIZED_CASES = [
+    pytest.param(bsz, q_len, x_dtype, buffer_dtype, id=f"{phase}-x_{x_name}-out_{out_name}")
+    for phase, bsz, q_len in (("prefill", 2, 5), ("decode_bsz1", 1, 1), ("decode_bsz3", 3, 1))
+    for x_name, x_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+    for out_name, buffer_dtype in (("none", None), ("bf16", torch.bfloat16), ("fp16", torch.float16))
+]
+
+
+def test_the_quantized_stand_in_dequantizes_to_the_quant_state_dtype(fake: Any) -> None:
+    utils = sys.modules["unsloth.kernels.utils"]
+    proj = fake.projection(fake.HIDDEN, fake.INTER, seed=9, quantized=True)
+    packed, quant_state = fake.get_lora_parameters(proj)[:2]
+    assert packed.dtype == torch.uint8 and packed.shape == (fake.HIDDEN * fake.INTER // 2, 1)
+    with torch.autocast("cpu", dtype=torch.float16):
+        weight = utils.fast_dequantize(packed, quant_state)
+        transposed = utils.fast_dequantize(packed.t(), quant_state)
+    assert weight.dtype == transposed.dtype == torch.bfloat16 and weight.shape == (fake.INTER, fake.HIDDEN)
+    assert torch.equal(transposed, weight.t())
+    assert fake.rel_err(weight, proj.dequantized) <= 1e-2
+    # bitsandbytes' gemv takes no autocast and no cast: X, weight and out share the dequantized dtype or it fails
+    x = fake.activation((1, 1, fake.HIDDEN))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert utils.fast_gemv(x, packed, quant_state).dtype == torch.bfloat16
+        with pytest.raises(RuntimeError) as raised:
+            utils.fast_gemv(x.half(), packed, quant_state)  # its own out is allocated in the dequantized dtype
+        assert str(raised.value) == OUT_MISMATCH
+        with pytest.raises(RuntimeError) as raised:
+            utils.fast_gemv(x.half(), packed, quant_state, out=torch.empty(1, 1, fake.INTER, dtype=torch.float16))
+        assert str(raised.value) == GEMV_MISMATCH
+        with pytest.raises(RuntimeError) as raised:
+            utils.fast_gemv(x, packed, quant_state, out=torch.empty(1, 1, fake.INTER, dtype=torch.float16))
+        assert str(raised.value) == OUT_MISMATCH_BF16
+
+
+@pytest.mark.parametrize(("bsz", "q_len", "x_dtype", "buffer_dtype"), QUANTIZED_CASES)
+def test_quantized_calls_under_an_fp16_autocast(
+    fake: Any, bsz: int, q_len: int, x_dtype: Any, buffer_dtype: Any
+) -> None:
+    """Unpatched, every mixed quantized call raises (in the LoRA addmm_/addmv_, the out= matmul or the gemv);
+    patched it matches fp32, and a caller's buffer holds the result in its own dtype."""
+    proj, x, buffer = quantized_case(fake, bsz, q_len, x_dtype, buffer_dtype)
+    if x_dtype == torch.float16 and buffer is None and bsz * q_len > 1:
+        # fp16 X, nothing preallocated, no gemv: every operand is autocast's fp16 and Unsloth computes in it
+        assert quantized_call(fake, proj, x, buffer).dtype == torch.float16
+    else:
+        with pytest.raises(RuntimeError) as raised:
+            quantized_call(fake, proj, x, buffer)
+        error = str(raised.value)
+        assert is_dtype_mismatch(error) or error in (OUT_MISMATCH, OUT_MISMATCH_BF16, GEMV_MISMATCH), error
+    patch_now()
+    proj, x, buffer = quantized_case(fake, bsz, q_len, x_dtype, buffer_dtype)  # fresh: no stale _fast_lora copy
+    out = quantized_call(fake, proj, x, buffer)
+    assert out.shape == (bsz, q_len, fake.INTER)
+    assert fake.rel_err(out, fake.reference(proj, x.float())) <= 1e-2
+    if buffer is None:
+        assert out.dtype == torch.bfloat16  # the dequantized dtype, as Unsloth computes without autocast
+    else:
+        assert out.dtype == buffer.dtype and out.data_ptr() == buffer.data_ptr()
+        assert fake.rel_err(buffer, fake.reference(proj, x.float())) <= 1e-2
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_same_dtype_quantized_calls_reach_the_original_untouched(fake: Any, autocast_dtype: Any) -> None:
+    """No autocast, or a bf16 one on a bf16 QLoRA layer: the original gets the caller's very tensors, autocast as is."""
+    utils = sys.modules["unsloth.kernels.utils"]
+    seen: list[tuple[tuple[Any, ...], dict[str, Any], bool]] = []
+
+    def spy_on(original: Any) -> Any:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            seen.append((args, kwargs, torch.is_autocast_enabled("cpu")))
+            return original(*args, **kwargs)
+
+        return spy
+
+    for name in dtype_patch.KERNEL_FUNCTIONS:
+        setattr(utils, name, spy_on(getattr(utils, name)))  # before patching: the wrapper's original is the spy
+    patch_now()
+    enabled = autocast_dtype is not None
+    for bsz, q_len in ((2, 5), (1, 1), (3, 1)):
+        proj, x, buffer = quantized_case(fake, bsz, q_len, torch.bfloat16, torch.bfloat16)
+        with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+            if q_len != 1:
+                flat = buffer.view(-1, fake.INTER)
+                out = utils.matmul_lora(x, *fake.get_lora_parameters(proj), out=flat)
+                assert seen[-1][0][0] is x and seen[-1][1]["out"] is flat
+            else:
+                out = utils.fast_linear_forward(proj, x, out=buffer)
+                args, kwargs, _ = seen[-1]
+                assert args[0] is proj and args[1] is x and kwargs["out"] is buffer
+        assert seen[-1][2] is enabled
+        assert out.data_ptr() == buffer.data_ptr() and out.dtype == torch.bfloat16
+        assert fake.rel_err(out, fake.reference(proj, x.float())) <= 1e-2

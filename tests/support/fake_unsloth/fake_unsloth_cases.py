@@ -38,7 +38,10 @@ def get_lora_parameters(proj: Any) -> tuple[Any, ...]:
     return tuple(get_lora_parameters(proj))
 
 
-def projection(in_features: int, out_features: int, seed: int, dtype: torch.dtype = torch.bfloat16) -> Any:
+def projection(
+    in_features: int, out_features: int, seed: int, dtype: torch.dtype = torch.bfloat16, quantized: bool = False
+) -> Any:
+    """A LoRA layer in `dtype`; `quantized`: its frozen weight 4-bit with a quant_state of `dtype` (a QLoRA layer)."""
     from unsloth.kernels.utils import LoraProjection
 
     generator = torch.Generator().manual_seed(seed)
@@ -46,12 +49,40 @@ def projection(in_features: int, out_features: int, seed: int, dtype: torch.dtyp
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=generator) / shape[-1] ** 0.5).to(dtype)
 
-    return LoraProjection(rand(out_features, in_features), rand(RANK, in_features), rand(out_features, RANK), SCALE)
+    weight = rand(out_features, in_features)
+    proj = LoraProjection(weight, rand(RANK, in_features), rand(out_features, RANK), SCALE)
+    if quantized:
+        packed, proj.dequantized = quantize_4bit(weight)
+        proj.base_layer.weight = torch.nn.Parameter(packed, requires_grad=False)
+        proj.base_layer.weight.quant_state = packed.quant_state
+    return proj
+
+
+class QuantState:
+    """The fields of bitsandbytes' QuantState the kernels read: per-block absmax, the 16-entry code, the block size,
+    the original shape and `dtype`, the dtype the weight dequantizes to (the model's, not autocast's)."""
+
+    def __init__(self, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: torch.Size, dtype: Any):
+        self.absmax, self.code, self.blocksize, self.shape, self.dtype = absmax, code, blocksize, shape, dtype
+
+
+def quantize_4bit(weight: torch.Tensor, blocksize: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed, fp32 dequantized values): blockwise absmax 4-bit codes, two per uint8 in a `(numel / 2, 1)` tensor as
+    bitsandbytes' Params4bit stores them, `packed.quant_state` in the weight's dtype."""
+    code = (torch.arange(16, dtype=torch.float32) - 7.5) / 7.5
+    blocks = weight.float().reshape(-1, blocksize)
+    absmax = blocks.abs().amax(1)
+    codes = (blocks / absmax[:, None] * 7.5 + 7.5).round().clamp(0, 15).to(torch.uint8).reshape(-1, 2)
+    packed = (codes[:, 0] << 4 | codes[:, 1]).reshape(-1, 1)
+    packed.quant_state = QuantState(absmax, code, blocksize, weight.shape, weight.dtype)  # type: ignore[attr-defined]
+    dequantized = (code[codes.reshape(-1, blocksize).long()] * absmax[:, None]).reshape(weight.shape)
+    return packed, dequantized
 
 
 def reference(proj: Any, x: torch.Tensor) -> torch.Tensor:
-    """fp32 X W^T + s (X A^T) B^T from the layer's own tensors."""
+    """fp32 X W^T + s (X A^T) B^T from the layer's own tensors (a quantized layer's weight as it dequantizes)."""
     weight, _, a, b, scaling = get_lora_parameters(proj)
+    weight = getattr(proj, "dequantized", weight)
     return x @ weight.float().t() + scaling * (x @ a.float().t()) @ b.float().t()
 
 
@@ -96,11 +127,11 @@ class _Holder(torch.nn.Module):
     pass
 
 
-def _mlp() -> Any:
+def _mlp(quantized: bool = False) -> Any:
     mlp = _Holder()
-    mlp.gate_proj = projection(HIDDEN, INTER, seed=11)
-    mlp.up_proj = projection(HIDDEN, INTER, seed=12)
-    mlp.down_proj = projection(INTER, HIDDEN, seed=13)
+    mlp.gate_proj = projection(HIDDEN, INTER, seed=11, quantized=quantized)
+    mlp.up_proj = projection(HIDDEN, INTER, seed=12, quantized=quantized)
+    mlp.down_proj = projection(INTER, HIDDEN, seed=13, quantized=quantized)
     return mlp
 
 
@@ -171,19 +202,19 @@ def check_autograd() -> dict[str, dict[str, Any]]:
 HEADS, KV_HEADS, CACHED = 4, 2, 6
 
 
-def _decoder(bsz: int) -> tuple[Any, Any, tuple[torch.Tensor, torch.Tensor]]:
+def _decoder(bsz: int, quantized: bool = False) -> tuple[Any, Any, tuple[torch.Tensor, torch.Tensor]]:
     """An attention holder with Llama's decode attributes, an MLP and a bf16 KV cache of `CACHED` tokens."""
     attention = _Holder()
     head_dim = HIDDEN // HEADS
     attention.n_heads, attention.n_kv_heads, attention.head_dim, attention.hidden_size = (
         HEADS, KV_HEADS, head_dim, HIDDEN
     )  # fmt: skip
-    attention.q_proj = projection(HIDDEN, HIDDEN, seed=31)
-    attention.k_proj = projection(HIDDEN, KV_HEADS * head_dim, seed=32)
-    attention.v_proj = projection(HIDDEN, KV_HEADS * head_dim, seed=33)
-    attention.o_proj = projection(HIDDEN, HIDDEN, seed=34)
+    attention.q_proj = projection(HIDDEN, HIDDEN, seed=31, quantized=quantized)
+    attention.k_proj = projection(HIDDEN, KV_HEADS * head_dim, seed=32, quantized=quantized)
+    attention.v_proj = projection(HIDDEN, KV_HEADS * head_dim, seed=33, quantized=quantized)
+    attention.o_proj = projection(HIDDEN, HIDDEN, seed=34, quantized=quantized)
     cache = (activation((bsz, KV_HEADS, CACHED, head_dim), seed=35), activation((bsz, KV_HEADS, CACHED, head_dim), 36))
-    return attention, _mlp(), cache
+    return attention, _mlp(quantized), cache
 
 
 def _attention_reference(attention: Any, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -200,13 +231,14 @@ def _attention_reference(attention: Any, x: torch.Tensor, cache: tuple[torch.Ten
     return reference(attention.o_proj, (weights @ v).transpose(1, 2).reshape(bsz, 1, HIDDEN))
 
 
-def check_decode(batch_sizes: tuple[int, ...] = (1, 2, 4)) -> dict[str, dict[str, Any]]:
+def check_decode(batch_sizes: tuple[int, ...] = (1, 2, 4), quantized: bool = False) -> dict[str, dict[str, Any]]:
     """Unsloth's KV-cache decode step (attention, then the MLP with its temp_mlp buffers) on bf16 layers under the
     fp16 autocast, two steps per batch size (the first allocates the buffers), against fp32 references. Also
-    whether each projection's result is the caller's buffer (its storage), as without autocast."""
+    whether each projection's result is the caller's buffer (its storage), as without autocast. `quantized`: every
+    projection 4-bit (fast_gemv at batch 1, fast_dequantize above)."""
     results = {}
     for bsz in batch_sizes:
-        attention, mlp, cache = _decoder(bsz)
+        attention, mlp, cache = _decoder(bsz, quantized)
         temp_mlp = torch.empty((2, bsz, 1, INTER), dtype=torch.bfloat16)
         for step in range(2):
             decode = _DecodeStep(attention, mlp, temp_mlp, activation((bsz, 1, HIDDEN), seed=40 + step), cache, step)

@@ -4,7 +4,14 @@ import torch
 
 torch_matmul = torch.matmul
 torch_mm = torch.mm
-torch_mv = torch.mv
+
+
+def torch_mv(A, x, out=None):
+    """Unsloth's `torch.mv`, with CUDA's autocast rule: CUDA's fp16 autocast list has mv, CPU's does not (it has
+    matmul, which without `out=` autocasts the same matrix-vector product and with `out=` does not)."""
+    return torch.matmul(A, x, out=out)
+
+
 # Unsloth decorates for "cuda"; this stand-in runs on CPU, where the same autocast rules apply.
 torch_amp_custom_fwd = torch.amp.custom_fwd(device_type="cpu")
 torch_amp_custom_bwd = torch.amp.custom_bwd(device_type="cpu")
@@ -34,18 +41,46 @@ def get_lora_parameters(proj):
     """(W, W_quant, A, B, s) of a PEFT-style LoRA layer."""
     base = getattr(proj, "base_layer", proj)
     adapter = proj.active_adapters[0]
-    return base.weight, None, proj.lora_A[adapter].weight, proj.lora_B[adapter].weight, proj.scaling[adapter]
+    W = base.weight
+    A, B = proj.lora_A[adapter].weight, proj.lora_B[adapter].weight
+    return W, getattr(W, "quant_state", None), A, B, proj.scaling[adapter]
 
 
 def get_lora_parameters_bias(proj):
     return (*get_lora_parameters(proj), getattr(proj, "base_layer", proj).bias)
 
 
+@torch.inference_mode()
+def fast_dequantize(W, quant_state=None):
+    """A 4-bit weight (bitsandbytes' layout: two codes per uint8, `(numel / 2, 1)`) back to `quant_state.shape`,
+    always in `quant_state.dtype`, whatever the autocast: bitsandbytes' kernel writes the buffer through a raw
+    pointer. Called with the packed weight transposed (`(1, numel / 2)`), it returns the weight transposed too."""
+    if quant_state is None:
+        return W
+    codes = torch.stack((W.reshape(-1) >> 4, W.reshape(-1) & 15), -1).reshape(-1, quant_state.blocksize)
+    values = quant_state.code[codes.long()] * quant_state.absmax[:, None]
+    weight = values.to(quant_state.dtype).reshape(quant_state.shape)
+    return weight.t() if W.shape[0] == 1 else weight
+
+
+def fast_gemv(X, W, quant_state, out=None):
+    """bitsandbytes' 4-bit gemv (decode at batch 1): it reads X and W and writes `out` (allocated in the dequantized
+    dtype when not given) through raw pointers, so autocast never applies and nothing is cast. The real kernel
+    reinterprets an X or `out` of another dtype silently; this stand-in raises torch's own error instead."""
+    if quant_state is None:
+        return torch_matmul(X, W, out=out)
+    if out is None:
+        out = torch.empty((1, 1, quant_state.shape[0]), dtype=quant_state.dtype, device=W.device)
+    with torch.autocast(X.device.type, enabled=False):
+        return torch_matmul(X, fast_dequantize(W, quant_state).t(), out=out)
+
+
 def matmul_lora(X, W, W_quant, A, B, s, out=None):
-    """X @ W.t() + s * (X @ A.t()) @ B.t(), the LoRA term added in place."""
+    """X @ W.t() + s * (X @ A.t()) @ B.t(), the LoRA term added in place; a quantized W is dequantized first."""
     dtype = X.dtype
     shape = X.shape
     X = X.reshape(-1, shape[-1])
+    W = fast_dequantize(W, W_quant)
     out = torch_matmul(X, W.t(), out=out)
     if A is not None:
         XA = torch_matmul(X, A.t().to(dtype))
@@ -55,12 +90,18 @@ def matmul_lora(X, W, W_quant, A, B, s, out=None):
 
 def fast_linear_forward(proj, X, temp_lora=None, out=None):
     """Decode path (q_len == 1): the base product into the caller's `out` (torch.matmul with out=, which autocast
-    does not touch), then the LoRA term with addmv_ (bsz 1) / addmm_ (bsz > 1); prefill goes through matmul_lora."""
+    does not touch; a quantized weight through fast_gemv at bsz 1, else dequantized, transposed), then the LoRA term
+    with addmv_ (bsz 1) / addmm_ (bsz > 1); prefill goes through matmul_lora."""
     W, W_quant, A, B, s, bias = get_lora_parameters_bias(proj)
     bsz, q_len, in_dim = X.shape
     if q_len != 1:
         return matmul_lora(X, W, W_quant, A, B, s)
-    out = torch_matmul(X, W.t(), out=out)
+    if W_quant is None:
+        out = torch_matmul(X, W.t(), out=out)
+    elif bsz == 1:
+        out = fast_gemv(X, W, W_quant, out=out)
+    else:
+        out = torch_matmul(X, fast_dequantize(W.t(), W_quant), out=out)
     dtype = X.dtype
     out_dim = out.shape[2]
     if not hasattr(A, "_fast_lora"):
