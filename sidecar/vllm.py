@@ -35,7 +35,7 @@ from sidecar.config import Config
 from sidecar.layout import latest_step
 from sidecar.run_io import RunIOError, local_run_files
 from sidecar.stages import ForkContext, RunFiles, RunHolder, StageOutcome
-from sidecar.vllm_art import names_to_fork
+from sidecar.vllm_art import names_to_fork, pins_a_step
 from sidecar.vllm_client import (
     BadAnswer,
     ConnectFailed,
@@ -444,16 +444,21 @@ def _run_adapters(cards: Iterable[ModelCard], target: ServerTarget, base: Path) 
     """Names of the adapters whose root is the run's checkpoints/0000 (`base`, real) or one of its fork snapshots,
     and on a server ART started, the names ART's client requests for the run (sidecar/vllm_art.py), which may not be
     loaded yet."""
-    names, from_run = [], []
+    names, from_run, from_snapshots = [], [], set()
     for card in cards:
         root = _resolve_root(card.root, target.cwd) if card.parent is not None else None
         if root is not None and root.parent == base:
             from_run.append(card.id)
             if root.name == "0000" or is_snapshot_name(root.name):
                 names.append(card.id)
+            if is_snapshot_name(root.name):
+                from_snapshots.add(card.id)
     if target.art and from_run:
-        newest = latest_step(base, exclude_served=False)
-        names += [n for n in names_to_fork(from_run, newest) if n not in names]
+        current = names_to_fork(from_run, latest_step(base, exclude_served=False))
+        # A step name an earlier fork loaded from its snapshot keeps that step's weights (the snapshot never
+        # changes) unless it is still ART's current name; one served from 0000 must follow 0000, which changed.
+        names = [n for n in names if n in current or not (n in from_snapshots and pins_a_step(n))]
+        names += [n for n in current if n not in names]
     return names
 
 

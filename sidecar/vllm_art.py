@@ -6,8 +6,9 @@ openpipe-art 0.5.23 (`UnslothService`, `LocalBackend._model_inference_name`) sta
 dedicated mode and `{model}@{newest step directory}` in shared mode; with `rollout_weight_update_mode:
 in_flight_lora` it serves one slot `{model}:active` instead, plus `{model}:eval@{step}` for exact evaluations.
 `{model}` is the model's `name`, which need not be its run directory (that is `run_name`). After a fork of the run
-the current policy is the fork, so each of these names must serve it; names of older steps stay as ART loaded them
-(ART pins them for rollouts and evaluations of exactly those steps, and unloads them itself).
+the current policy is the fork, so each of these names must serve it; names of older steps stay as ART loaded them,
+or as an earlier fork loaded them from its snapshot (ART pins them for rollouts and evaluations of exactly those
+steps, and unloads them itself).
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["names_to_fork"]
+__all__ = ["names_to_fork", "pins_a_step"]
 
 _STEP_NAME = re.compile(r"^(?P<model>.+)@(?P<step>\d+)$")
 ACTIVE_SLOT = ":active"
 EVAL_MARK = ":eval"
+
+
+def pins_a_step(name: str) -> bool:
+    """Whether ART uses `name` for exactly one step (`{model}@{step}`, `{model}:eval@{step}`), not a moving slot."""
+    return _STEP_NAME.match(name) is not None
 
 
 def names_to_fork(served: Iterable[str], newest_step: int | None) -> list[str]:

@@ -12,6 +12,7 @@ import pytest
 from sidecar.vllm import VllmStage
 from sidecar.vllm_art import names_to_fork
 from sidecar.vllm_discovery import ServerTarget
+from tests.support.adapters import write_adapter
 from tests.test_vllm import FAST, FakeVllm, fakes, make_config, run_dir, start_fake, swap_in
 
 __all__ = ["fakes", "run_dir"]
@@ -49,3 +50,38 @@ def test_an_art_server_never_gets_unload_and_load(
     assert outcome.status == "failed" and "already been loaded" in (outcome.error or "")
     assert [p for _, p, _, _ in fake.requests if "lora" in p] == ["/v1/load_lora_adapter"]
     assert fake.adapters == {"m@5": str(checkpoints / "0005")}  # still there, as ART's bookkeeping says
+
+
+def test_a_second_fork_leaves_the_step_names_of_the_first_as_they_are(
+    tmp_path: Path,
+    run_dir: Path,
+    fakes: list[FakeVllm],
+) -> None:
+    """ART pins `{model}@{step}` for rollouts and evaluations of exactly that step. The first fork's step names are
+    served from its snapshot once ART has trained past them; the next fork must reach only ART's current names, not
+    load its weights under the names of the steps before (which a snapshot, never written again, still serves)."""
+    checkpoints = run_dir / "checkpoints"
+    write_adapter(checkpoints / "0003", seed=3)
+    fake = start_fake(fakes, {"m@3": str(checkpoints / "0003")})
+    art_server = ServerTarget(fake.url, "pid 1", lora_paths=(checkpoints / "0003",), claimed=True, uid=0, art=True)
+    stage = VllmStage(make_config(tmp_path, discover=True), discover=lambda: [art_server], policy=FAST)
+
+    first = stage.run(swap_in(run_dir, checkpoints / "0005"))  # ART forked into step 5
+    assert first.status == "ok", first.error
+    first_snapshot = str(checkpoints / str(first.detail["snapshot"]))
+    assert fake.adapters == {"m@3": first_snapshot, "m@5": first_snapshot}
+
+    write_adapter(checkpoints / "0006", seed=6)  # ART trains step 6 and serves it under its own new name
+    fake.adapters["m@6"] = str(checkpoints / "0006")
+    write_adapter(checkpoints / "0007", seed=7)  # then forks again, into step 7
+    second = stage.run(swap_in(run_dir, checkpoints / "0007"))
+
+    assert second.status == "ok", second.error
+    second_snapshot = str(checkpoints / str(second.detail["snapshot"]))
+    assert fake.adapters == {
+        "m@3": first_snapshot,
+        "m@5": first_snapshot,  # step 5's weights, as ART expects for that name
+        "m@6": second_snapshot,
+        "m@7": second_snapshot,
+    }
+    assert (checkpoints / str(first.detail["snapshot"])).is_dir()  # still served: never collected
