@@ -171,8 +171,9 @@ class VllmStage:
         snapshot = _SnapshotOnce(ctx, files)
         served = _parallel(lambda t: self._serve(t, ctx, snapshot), self._targets_for(ctx))
         reports = [s.report for s in served if s.report is not None]
+        silent = [s.survey for s in served if s.survey.cards is None and not s.survey.target.claimed]
         if not reports:
-            return self._nobody(ctx, started)
+            return self._nobody(ctx, started, silent)
         detail: dict[str, Any] = {"servers": [r.to_json() for r in reports]}
         if snapshot.path is not None:
             detail["snapshot"] = snapshot.path.name
@@ -181,9 +182,8 @@ class VllmStage:
         detail["collected"], kept = collected_kept
         if kept:
             detail["kept"] = kept
-        unreached = [s.survey.target.url for s in served if s.survey.cards is None and not s.survey.target.claimed]
-        if unreached:
-            detail["unreached"] = unreached
+        if silent:
+            detail["unreached"] = [s.target.url for s in silent]
         errors = [r.error for r in reports if r.error]
         return StageOutcome("failed" if errors else "ok", time.monotonic() - started, _summarise(errors), detail)
 
@@ -258,8 +258,16 @@ class VllmStage:
         adapters = _run_adapters(cards, target, checkpoints) if checkpoints is not None else []
         return _Survey(target, cards, adapters)
 
-    def _nobody(self, ctx: ForkContext, started: float) -> StageOutcome:
+    def _nobody(self, ctx: ForkContext, started: float, silent: list[_Survey]) -> StageOutcome:
         seconds = time.monotonic() - started
+        if silent:
+            # A server that did not answer may be this run's, still serving the old adapter: say so, as the trainers
+            # stage does for a silent agent, rather than "none found".
+            more = f" (and {len(silent) - 1} more server(s) did not answer)" if len(silent) > 1 else ""
+            why = f"no vLLM server that answered serves {ctx.model_dir}, and one that did not may: {silent[0].error}"
+            why += more
+            detail = {"servers": [], "unreached": [s.target.url for s in silent]}
+            return StageOutcome("failed" if self.config.vllm.required else "skipped", seconds, why, detail)
         if self.config.vllm.required:
             model = ctx.model_dir.name
             return StageOutcome(

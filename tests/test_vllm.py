@@ -42,7 +42,7 @@ from sidecar.vllm_discovery import (
 )
 from sidecar.vllm_snapshots import collect_snapshots, create_snapshot, is_snapshot_name, snapshot_dir
 from tests.support.adapters import write_adapter
-from tests.support.fake_vllm import FakeVllm
+from tests.support.fake_vllm import MODELS, FakeVllm
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = RetryPolicy(attempts=3, initial=0.01, cap=0.02)
@@ -675,3 +675,21 @@ def test_on_start_without_snapshots_asks_nobody(tmp_path: Path, run_dir: Path, f
     fake = start_fake(fakes, {})
     VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST).on_start([run_dir], local_run_files)
     assert fake.requests == []
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_a_silent_server_that_may_serve_the_run_is_named_not_none_found(
+    tmp_path: Path, run_dir: Path, fakes: list[FakeVllm], required: bool
+) -> None:
+    """A server of the run's owner found in the process table (its adapters loaded through the API, so its command
+    line does not tell which runs it serves) that does not answer `GET /v1/models` may hold this run's old adapter:
+    the outcome names it, as the trainers stage names a silent agent, instead of "none found"."""
+    fake = start_fake(fakes, {}, hang_paths=(MODELS,))
+    silent = ServerTarget(fake.url, "pid 1", uid=0)
+    stage = VllmStage(make_config(tmp_path, discover=True, required=required), discover=lambda: [silent], policy=FAST)
+
+    outcome = stage.run(swap_in(run_dir, run_dir / "checkpoints" / "0005", timeout=1.0))
+
+    assert outcome.status == ("failed" if required else "skipped")
+    assert fake.url in (outcome.error or "") and "did not answer" in (outcome.error or "")
+    assert outcome.detail["unreached"] == [fake.url]
