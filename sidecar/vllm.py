@@ -35,7 +35,7 @@ from sidecar.config import Config
 from sidecar.layout import latest_step
 from sidecar.run_io import RunIOError, local_run_files
 from sidecar.stages import ForkContext, RunFiles, RunHolder, StageOutcome
-from sidecar.vllm_art import names_to_fork, pins_a_step
+from sidecar.vllm_art import names_to_fork, superseded
 from sidecar.vllm_client import (
     BadAnswer,
     ConnectFailed,
@@ -452,21 +452,23 @@ def _run_adapters(cards: Iterable[ModelCard], target: ServerTarget, base: Path) 
     """Names of the adapters whose root is the run's checkpoints/0000 (`base`, real) or one of its fork snapshots,
     and on a server ART started, the names ART's client requests for the run (sidecar/vllm_art.py), which may not be
     loaded yet."""
-    names, from_run, from_snapshots = [], [], set()
+    names: list[str] = []
+    from_run: list[str] = []
+    from_snapshots: list[str] = []
+    from_step_dirs: list[str] = []
     for card in cards:
         root = _resolve_root(card.root, target.cwd) if card.parent is not None else None
         if root is not None and root.parent == base:
             from_run.append(card.id)
             if root.name == "0000" or is_snapshot_name(root.name):
                 names.append(card.id)
-            if is_snapshot_name(root.name):
-                from_snapshots.add(card.id)
+            (from_snapshots if is_snapshot_name(root.name) else from_step_dirs).append(card.id)
     if target.art and from_run:
-        current = names_to_fork(from_run, latest_step(base, exclude_served=False))
         # A step name an earlier fork loaded from its snapshot keeps that step's weights (the snapshot never
-        # changes) unless it is still ART's current name; one served from 0000 must follow 0000, which changed.
-        names = [n for n in names if n in current or not (n in from_snapshots and pins_a_step(n))]
-        names += [n for n in current if n not in names]
+        # changes) once ART has loaded a newer step itself; until then it may be ART's current name, so it follows.
+        behind = set(superseded(from_snapshots, from_step_dirs))
+        names = [n for n in names if n not in behind]
+        names += [n for n in names_to_fork(from_run, latest_step(base, exclude_served=False)) if n not in names]
     return names
 
 

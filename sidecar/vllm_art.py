@@ -7,8 +7,9 @@ dedicated mode and `{model}@{newest step directory}` in shared mode; with `rollo
 in_flight_lora` it serves one slot `{model}:active` instead, plus `{model}:eval@{step}` for exact evaluations.
 `{model}` is the model's `name`, which need not be its run directory (that is `run_name`). After a fork of the run
 the current policy is the fork, so each of these names must serve it; names of older steps stay as ART loaded them,
-or as an earlier fork loaded them from its snapshot (ART pins them for rollouts and evaluations of exactly those
-steps, and unloads them itself).
+or, once ART has loaded a newer step itself, as an earlier fork loaded them from its snapshot (ART pins them for
+rollouts and evaluations of exactly those steps, and unloads them itself). Before that, a step name a fork reloaded
+may still be the one ART's dedicated-mode client asks for (its `_latest_step` does not move on a fork), so it follows.
 """
 
 from __future__ import annotations
@@ -16,16 +17,25 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["names_to_fork", "pins_a_step"]
+__all__ = ["names_to_fork", "superseded"]
 
 _STEP_NAME = re.compile(r"^(?P<model>.+)@(?P<step>\d+)$")
 ACTIVE_SLOT = ":active"
 EVAL_MARK = ":eval"
 
 
-def pins_a_step(name: str) -> bool:
-    """Whether ART uses `name` for exactly one step (`{model}@{step}`, `{model}:eval@{step}`), not a moving slot."""
-    return _STEP_NAME.match(name) is not None
+def superseded(snapshot_names: Iterable[str], loaded_names: Iterable[str]) -> list[str]:
+    """Among the step names served from fork snapshots, those older than a step ART itself has loaded since (a name
+    served from a step directory): ART pins them for that step, and no fork's weights belong under them any more."""
+    newest: dict[str, int] = {}
+    for name in loaded_names:
+        if (match := _STEP_NAME.match(name)) is not None:
+            newest[match["model"]] = max(int(match["step"]), newest.get(match["model"], -1))
+    return [
+        name
+        for name in snapshot_names
+        if (match := _STEP_NAME.match(name)) is not None and int(match["step"]) < newest.get(match["model"], -1)
+    ]
 
 
 def names_to_fork(served: Iterable[str], newest_step: int | None) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.vllm import VllmStage
-from sidecar.vllm_art import names_to_fork
+from sidecar.vllm_art import names_to_fork, superseded
 from sidecar.vllm_discovery import ServerTarget
 from tests.support.adapters import write_adapter
 from tests.test_vllm import FAST, FakeVllm, fakes, make_config, run_dir, start_fake, swap_in
@@ -85,3 +85,38 @@ def test_a_second_fork_leaves_the_step_names_of_the_first_as_they_are(
         "m@7": second_snapshot,
     }
     assert (checkpoints / str(first.detail["snapshot"])).is_dir()  # still served: never collected
+
+
+def test_a_second_fork_before_art_trains_again_reaches_the_names_the_first_reached(
+    tmp_path: Path,
+    run_dir: Path,
+    fakes: list[FakeVllm],
+) -> None:
+    """Until ART loads a newer step itself, the step name it asks for in dedicated mode is still the one the first
+    fork reloaded from its snapshot (ART's `_latest_step` does not move on a fork): the second fork reaches it too."""
+    checkpoints = run_dir / "checkpoints"
+    write_adapter(checkpoints / "0003", seed=3)
+    fake = start_fake(fakes, {"m@3": str(checkpoints / "0003")})
+    art_server = ServerTarget(fake.url, "pid 1", lora_paths=(checkpoints / "0003",), claimed=True, uid=0, art=True)
+    stage = VllmStage(make_config(tmp_path, discover=True), discover=lambda: [art_server], policy=FAST)
+
+    assert stage.run(swap_in(run_dir, checkpoints / "0005")).status == "ok"
+    write_adapter(checkpoints / "0007", seed=7)
+    second = stage.run(swap_in(run_dir, checkpoints / "0007"))
+
+    assert second.status == "ok", second.error
+    snapshot = str(checkpoints / str(second.detail["snapshot"]))
+    assert fake.adapters == {"m@3": snapshot, "m@5": snapshot, "m@7": snapshot}
+
+
+@pytest.mark.parametrize(
+    ("from_snapshots", "from_step_dirs", "expected"),
+    [
+        (["m@3", "m@5"], ["m@6"], ["m@3", "m@5"]),
+        (["m@3", "m@5"], ["m@1"], []),  # ART has loaded nothing newer: any of them may be its current name
+        (["m@3", "m@7"], ["m@5"], ["m@3"]),
+        (["m@3", "ref", "m:active"], ["m@6", "other@9"], ["m@3"]),
+    ],
+)
+def test_superseded(from_snapshots: list[str], from_step_dirs: list[str], expected: list[str]) -> None:
+    assert superseded(from_snapshots, from_step_dirs) == expected
