@@ -412,7 +412,10 @@ class ForkPipeline:
             return
         self._logger(record).info("journaled digest %s is of the old framing; 0000 holds %s", record.digest, served)
         record.digest = served
-        self.journal.save(record)
+        try:
+            self.journal.save(record)
+        except JournalUnwritable as e:  # as in _advance: the record goes on in memory, a restart re-digests again
+            self._logger(record).warning("re-digested record not journaled, carrying on: %s", e)
 
     def _stage(self, record: ForkRecord, held: HeldRun) -> None:
         assert record.source is not None
