@@ -66,43 +66,74 @@ class OwnerRunIO(RunIO):
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": package_parent, "LC_ALL": "C.UTF-8"},
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
+        # Written by hand, never blocking: the worker runs as the owner, who may stop it (kill -STOP), and then a
+        # full pipe must not hold the daemon's main loop, which posts every claim's heartbeat.
         self._stdin: IO[bytes] = self._proc.stdin
+        self._stdin_fd = self._stdin.fileno()
+        os.set_blocking(self._stdin_fd, False)
+        self._unsent = b""  # the rest of a message the pipe did not take yet: always finished before the next one
         self._stdout_fd = self._proc.stdout.fileno()
         self._buffer = b""
         self._write_lock = threading.Lock()
         self._call_lock = threading.Lock()
         self._next_id = 0
 
-    def _send(self, message: dict[str, Any]) -> None:
-        with self._write_lock:
-            self._stdin.write(json.dumps(message).encode() + b"\n")
-            self._stdin.flush()
+    def _write_some(self) -> None:
+        """Whatever of `_unsent` the pipe takes now."""
+        while self._unsent:
+            try:
+                written = os.write(self._stdin_fd, self._unsent)
+            except BlockingIOError:
+                return
+            self._unsent = self._unsent[written:]
 
     def _call(self, op: str, **args: Any) -> Any:
         with self._call_lock:
             self._next_id += 1
+            deadline = time.monotonic() + self.timeout
             try:
-                self._send({"id": self._next_id, "op": op, "args": args})
+                with self._write_lock:
+                    self._unsent += json.dumps({"id": self._next_id, "op": op, "args": args}).encode() + b"\n"
+                    self._write_some()
+                    while self._unsent:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise self._timed_out(op)
+                        select.select([], [self._stdin_fd], [], min(left, 1.0))
+                        self._write_some()
             except (BrokenPipeError, OSError):
                 raise self._died() from None
-            reply = self._read_reply(time.monotonic() + self.timeout, op)
+            reply = self._read_reply(deadline, op)
         if "error" in reply:
             raise RunIOError(str(reply["error"]))
         return reply.get("ok")
 
     def _post(self, op: str, **args: Any) -> None:
-        with contextlib.suppress(OSError, ValueError):  # ValueError: the pipe was closed, the fork is over
-            self._send({"op": op, "args": args, "noreply": True})
+        """Sent if the pipe takes it now; else dropped (a heartbeat: the next one follows), never waited for."""
+        if not self._write_lock.acquire(blocking=False):
+            return
+        try:
+            self._write_some()
+            if not self._unsent:
+                self._unsent = json.dumps({"op": op, "args": args, "noreply": True}).encode() + b"\n"
+                self._write_some()
+        except (OSError, ValueError):  # ValueError: the pipe was closed, the fork is over
+            pass
+        finally:
+            self._write_lock.release()
+
+    def _timed_out(self, op: str) -> RunIOError:
+        self._kill()
+        return RunIOError(
+            f"{self.run.path}: the fork's {op} step, done as {self.owner.name}, did not finish within "
+            f"{self.timeout:.0f}s (timeouts.swap); check that filesystem and fork again."
+        )
 
     def _read_reply(self, deadline: float, op: str) -> dict[str, Any]:
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
             if left <= 0:
-                self._kill()
-                raise RunIOError(
-                    f"{self.run.path}: the fork's {op} step, done as {self.owner.name}, did not finish within "
-                    f"{self.timeout:.0f}s (timeouts.swap); check that filesystem and fork again."
-                )
+                raise self._timed_out(op)
             ready, _, _ = select.select([self._stdout_fd], [], [], min(left, 1.0))
             if not ready:
                 continue

@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -23,7 +24,11 @@ from pathlib import Path
 import pytest
 
 from sidecar.fsops import exchange_dirs
+from sidecar.layout import RunDir
 from sidecar.marker import MAX_RECORD_BYTES
+from sidecar.owner_worker import OwnerRunIO
+from sidecar.run_io import RunIOError, owner_of
+from sidecar.rundir import open_run
 from tests.reliability.support import Fleet, mounted_tmpfs, proc_sample, tree_digest, wait_settled
 from tests.reliability.tenants import Tenant, install_scripts, logged_requests, stop
 from tests.support.adapters import write_adapter, write_big_adapter
@@ -527,3 +532,46 @@ def test_a_run_of_a_uid_with_no_account_is_forked_as_that_bare_uid(fleet: Fleet,
     (model_dir / ".fork").write_text(f"source: {closed / 'checkpoints' / '0004'}\n")
     outcome = outcome_of(fleet, model_dir)
     assert outcome["status"] == "failed" and "Permission denied" in str(outcome["error"]), outcome
+
+
+# --- the owner worker: alice may signal it (its real uid is hers); nothing she does to it may stall the daemon ---
+
+
+def _worker_for(model_dir: Path, timeout: float) -> OwnerRunIO:
+    opened = open_run(RunDir(model_dir.parents[2], model_dir.parts[-3], model_dir.name))
+    io = OwnerRunIO(opened.run, opened.fd, owner_of(opened.uid, opened.gid), timeout)
+    os.close(opened.fd)  # the worker has its own copy
+    return io
+
+
+def _stop_as(user: User, pid: int) -> None:
+    done = user.run(f"kill -STOP {pid}")
+    assert done.returncode == 0, done.stderr
+
+
+def test_alice_stopping_her_worker_never_blocks_the_heartbeat_loop(alices: Path, alice: User) -> None:
+    """A heartbeat carries the claim's marker (up to 64 KiB): one fills the pipe of a worker she stopped, and a
+    blocking write there held the daemon's main loop (no watchdog pings: systemd killed the daemon after 30 s)."""
+    io = _worker_for(alices, timeout=3.0)
+    try:
+        assert io.served_digest() is not None  # the worker is up and answering as alice
+        _stop_as(alice, io._proc.pid)
+        info = {"fork_id": "x", "marker": "a" * 65536, "heartbeat_at": 0.0}
+        returned = threading.Event()
+
+        def beat() -> None:
+            for _ in range(3):  # three rounds of the main loop
+                io.heartbeat(info)
+            returned.set()
+
+        threading.Thread(target=beat, daemon=True).start()
+        assert returned.wait(5.0), "a heartbeat to alice's stopped worker blocked the daemon's main loop"
+        # Her own fork's next step fails with the timeout sentence, in bounded time, and kills the worker.
+        started = time.monotonic()
+        with pytest.raises(RunIOError, match="did not finish within 3s"):
+            io.served_digest()
+        assert time.monotonic() - started < 10.0
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed already by the timeout, as it should be
+            os.kill(io._proc.pid, signal.SIGKILL)
+        io.close()
