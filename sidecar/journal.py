@@ -24,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import threading
@@ -37,11 +38,13 @@ from sidecar.fsops import fsync_dir, write_atomic
 from sidecar.marker import write_json_atomic
 from sidecar.states import ForkState, check_transition
 
-__all__ = ["ForkRecord", "Journal", "JournalError", "JournalUnwritable", "StateDirLocked", "read_history"]
+__all__ = ["FORK_ID", "ForkRecord", "Journal", "JournalError", "JournalUnwritable", "StateDirLocked", "read_history"]
 
 log = logging.getLogger("sidecar.journal")
 
 HISTORY_KEEP = 1000
+# What a fork id may be: a plain file name part. A claim's fork id is text the run's owner may have written.
+FORK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 HISTORY_TRIM_BYTES = 4 * 1024 * 1024
 # A fork record is a few KiB (more with many files): a probe of this size says "room for one more record".
 _PROBE_BYTES = 64 * 1024
@@ -143,6 +146,11 @@ class Journal:
     # --- fork records -----------------------------------------------------------------------------------------
     def _path(self, fork_id: str) -> Path:
         return self.forks_dir / f"{fork_id}.json"
+
+    def has_record(self, fork_id: object) -> bool:
+        """Whether `fork_id` is journaled. Never a look outside forks_dir: a claim's id (the run owner's text, read
+        by root) such as `../../home/bob/keys` would tell her whether bob's `keys.json` exists."""
+        return isinstance(fork_id, str) and FORK_ID.fullmatch(fork_id) is not None and self._path(fork_id).exists()
 
     def create(self, record: ForkRecord) -> None:
         self._write(record)

@@ -307,7 +307,7 @@ class ForkPipeline:
         return time.time() - float(state["ctime"]) >= self.config.timeouts.orphan_claim
 
     def journaled(self, fork_id: str) -> bool:
-        return (self.journal.forks_dir / f"{fork_id}.json").exists()
+        return self.journal.has_record(fork_id)
 
     def _claimer_gone(self, info: dict[str, Any]) -> bool:
         claimer = info.get("claimed_by") or {}

@@ -55,6 +55,7 @@ from sidecar.fsops import exchange_dirs
 from sidecar.fsops import fsync_dir_fd as _fsync_dir
 from sidecar.fsops import libc as _libc
 from sidecar.fsops import rename_noreplace_at as rename_noreplace
+from sidecar.journal import FORK_ID
 
 __all__ = [
     "COPY_MODES",
@@ -83,8 +84,7 @@ RETIRED_PREFIX = ".fork-retired-"
 COPY_MODES = ("auto", "reflink", "hardlink", "copy")
 COPY_CHUNK = 64 << 20  # per copy_file_range call; also the progress granularity
 
-_FORK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-_LEFTOVER = re.compile(rf"({re.escape(STAGE_PREFIX)}|{re.escape(RETIRED_PREFIX)})({_FORK_ID.pattern})")
+_LEFTOVER = re.compile(rf"({re.escape(STAGE_PREFIX)}|{re.escape(RETIRED_PREFIX)})({FORK_ID.pattern})")
 _SYNC_FILE_RANGE_WRITE = 2
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int); fcntl.FICLONE only exists from Python 3.12
 # Errors meaning "this filesystem (or kernel) cannot do that", as opposed to a real failure.
@@ -131,7 +131,7 @@ def retired_name(fork_id: str) -> str:
 
 
 def _checked_fork_id(fork_id: str) -> str:
-    if not isinstance(fork_id, str) or not _FORK_ID.fullmatch(fork_id):
+    if not isinstance(fork_id, str) or not FORK_ID.fullmatch(fork_id):
         raise ValueError(f"fork id {fork_id!r} must be 1-64 characters of A-Z, a-z, 0-9, '_' and '-'")
     return fork_id
 

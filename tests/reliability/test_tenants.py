@@ -575,3 +575,34 @@ def test_alice_stopping_her_worker_never_blocks_the_heartbeat_loop(alices: Path,
         with contextlib.suppress(ProcessLookupError):  # killed already by the timeout, as it should be
             os.kill(io._proc.pid, signal.SIGKILL)
         io.close()
+
+
+# --- the claim record alice writes is read by root: its fork id must not become a root existence oracle --------------
+def test_a_claim_alice_writes_tells_her_nothing_about_root_only_files(
+    fleet: Fleet, base: Path, art: Path, alice: User, bob: User
+) -> None:
+    """The daemon looked up a claim's `fork_id` in its journal as `{forks_dir}/{fork_id}.json`, as root: with
+    `../../…/bobhome/keys` alice learned whether bob's 0700 `keys.json` exists (an orphan claim is adopted, or
+    left alone as if journaled). Both claims below must be treated alike: adopted."""
+    home = base / "bobhome"
+    home.mkdir()
+    (home / "keys.json").write_text("{}\n")
+    chown_tree(home, bob)
+    home.chmod(0o700)
+    climb = "/".join([".."] * len(fleet.state_dir(0).resolve().parts))
+    runs = {}
+    for name, target in [("present", home / "keys"), ("absent", home / "no-such-keys")]:
+        model_dir = make_owned_run(art, "pa", name, alice, steps=(1,))
+        claim = {
+            "fork_id": f"{climb}{target}",
+            "claimed_by": {"host": "another-node", "pid": 4242, "state_dir": "/var/lib/fork-sidecar"},
+            "heartbeat_at": time.time() - 3600,
+            "request": {"kind": "step", "step": 1},
+            "marker": "step: 1\n",
+        }
+        done = alice.run(f"printf '%s' '{json.dumps(claim)}' > '{model_dir / '.fork.inprogress'}'")
+        assert done.returncode == 0, done.stderr
+        runs[name] = model_dir
+    fleet.start(0)
+    outcomes = {name: outcome_of(fleet, model_dir, timeout=30)["status"] for name, model_dir in runs.items()}
+    assert outcomes == {"present": "done", "absent": "done"}, (outcomes, fleet.daemons[0].log())
