@@ -115,7 +115,12 @@ def _create(path: Path, uid: int) -> Path | None:
         _log_once(logging.ERROR, "cannot create %s (%s); that user's agents wait until it exists", path, e.strerror)
         return None
     # Through an fd of the directory just made: a name can be swapped in a world-writable parent, an fd cannot.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    # There another user may also rename it away (or put a symlink there) before the open: looked at again next round.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        _log_once(logging.WARNING, "%s was replaced while it was being created (%s); will look again", path, e.strerror)
+        return None
     try:
         if os.fstat(fd).st_uid != os.geteuid():
             log.error("%s is not the directory the daemon just created; will look again", path)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sidecar.agent_dirs import AgentDirs, RuntimeDirError, ensure_runtime_dir, ensure_user_dir
+from tests.reliability.tenants import SYSTEM_PYTHON
 
 OTHER, THIRD = 4242, 4343
 
@@ -102,3 +105,38 @@ def test_agent_dirs_follow_the_owners_of_runs(base: Path, as_root: None) -> None
     shutil.rmtree(runtime / str(THIRD))  # cleaned away (tmpfiles): made again
     dirs.see_runs(runs)
     assert owner_and_mode(runtime / str(THIRD)) == (THIRD, 0o700)
+
+
+RACER = """
+import os, sys
+rt, name = sys.argv[1], sys.argv[2]
+i = 0
+while True:
+    i += 1
+    try:
+        os.rename(os.path.join(rt, name), os.path.join(rt, f"moved-{i}"))
+        os.symlink("/", os.path.join(rt, name))
+    except OSError:
+        pass
+"""
+
+
+def test_a_tenant_racing_the_creation_in_a_world_writable_runtime_dir_never_stops_the_daemon(
+    base: Path, as_root: None
+) -> None:
+    """Under a 0777 runtime dir (warned about, still supported) another user may rename the directory just made and
+    put a symlink at its name before the daemon opens it: the open (O_NOFOLLOW) failed with an OSError that went up
+    through the daemon's main loop and stopped the daemon. Real racing process of an unprivileged uid."""
+    base.chmod(0o777)
+    racer = subprocess.Popen([SYSTEM_PYTHON, "-c", RACER, str(base), str(OTHER)], user=THIRD, group=THIRD)
+    try:
+        deadline = time.monotonic() + 8.0  # the old code raised about 6 times a second here
+        rounds = 0
+        while time.monotonic() < deadline:
+            rounds += 1
+            made = ensure_user_dir(base, OTHER)  # never raises: None or the user's directory
+            assert made is None or made == base / str(OTHER)
+    finally:
+        racer.kill()
+        racer.wait()
+    assert rounds > 100
