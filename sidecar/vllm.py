@@ -522,9 +522,12 @@ def _has_fork_leftovers(checkpoints: Path) -> bool:
 
 def _verify_roots(cards: list[ModelCard], names: list[str], target: ServerTarget, expected: Path) -> str | None:
     roots = {c.id: _resolve_root(c.root, target.cwd) for c in cards if c.parent is not None}  # ART: base named alike
+    reported = {c.id: c.root for c in cards if c.parent is not None}
     for name in names:
         if roots.get(name) != expected:
-            seen = roots.get(name) or "nothing"
+            # As the server reported it, never as resolved here: that is done as root, and a server of the run's
+            # owner listing `/proc/<another user's pid>/cwd` would have its outcome tell where that process works.
+            seen = reported.get(name) or "nothing"
             return (
                 f"vLLM server {target.url} lists {name} with root {seen} after the reload, not {expected}; fork again."
             )

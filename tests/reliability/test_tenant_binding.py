@@ -289,6 +289,39 @@ def test_a_fake_server_of_another_user_cannot_claim_a_run(world: World) -> None:
         stop(fake)
 
 
+def test_a_root_a_server_of_alices_reports_is_never_resolved_as_root_for_her(world: World) -> None:
+    """alice's own fake server is trusted for her own run; after the reload it lists her adapter with the root
+    `/proc/<bob's pid>/cwd`. The daemon resolved that as root and wrote the result into alice's outcome ("lists m
+    with root /home/bob/plans-2027 ..."): bob's working directory, which alice cannot read."""
+    home = world.base / "bobhome"
+    (home / "plans-2027").mkdir(parents=True)
+    world.bob.chown(home, home / "plans-2027")
+    home.chmod(0o700)
+    sleeper = subprocess.Popen(["/bin/sleep", "120"], cwd=home / "plans-2027", user=world.bob.uid, group=world.bob.gid)
+    alices = make_run(world.base / "art", project="pa", steps=(3,))
+    world.alice.chown(world.base / "art" / "pa")
+    port = free_port()
+    alice_log = world.file_for(world.alice, "alice-own-vllm.jsonl")
+    argv = [SYSTEM_PYTHON, str(world.bin / "vllm"), "serve", "base", "--port", str(port)]
+    argv += ["--lora-modules", f"m@0={alices}/checkpoints/0000"]
+    fake = world.alice.popen(
+        argv,
+        env={"FAKE_LOG": str(alice_log), "FAKE_ROOT": f"/proc/{sleeper.pid}/cwd"},
+        log=alice_log.with_suffix(".out"),
+    )
+    try:
+        wait_for(lambda: listening(alice_log.with_suffix(".out")), 20, "alice's fake server")
+        with fleet_for(world, vllm={"discover": True, "request_timeout": "2s"}) as fleet:
+            fleet.start(0)
+            outcome = fork(alices)
+        assert outcome["vllm"]["status"] == "failed", outcome["vllm"]  # her server did not load the fork
+        assert "plans-2027" not in json.dumps(outcome), outcome["vllm"]
+    finally:
+        stop(fake)
+        sleeper.kill()
+        sleeper.wait()
+
+
 def _open_fifo_for_writing(fifo: Path) -> int | None:
     """The FIFO's write end once its reader (the daemon) has opened it, else None (ENXIO: nobody reads yet)."""
     try:
