@@ -79,7 +79,9 @@ class OwnerRunIO(RunIO):
         self._next_id = 0
 
     def _write_some(self) -> None:
-        """Whatever of `_unsent` the pipe takes now."""
+        """Whatever of `_unsent` the pipe takes now (called with `_write_lock` held)."""
+        if self._stdin.closed:  # its number may already be another file's: never write to it
+            raise ValueError("the worker's pipe is closed")
         while self._unsent:
             try:
                 written = os.write(self._stdin_fd, self._unsent)
@@ -101,7 +103,7 @@ class OwnerRunIO(RunIO):
                             raise self._timed_out(op)
                         select.select([], [self._stdin_fd], [], min(left, 1.0))
                         self._write_some()
-            except (BrokenPipeError, OSError):
+            except (OSError, ValueError):  # ValueError: closed already
                 raise self._died() from None
             reply = self._read_reply(deadline, op)
         if "error" in reply:
@@ -168,7 +170,7 @@ class OwnerRunIO(RunIO):
             self._proc.wait(5)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
+        with self._write_lock, contextlib.suppress(OSError):  # not while a heartbeat is being written
             self._stdin.close()
         try:
             self._proc.wait(10)

@@ -606,3 +606,24 @@ def test_a_claim_alice_writes_tells_her_nothing_about_root_only_files(
     fleet.start(0)
     outcomes = {name: outcome_of(fleet, model_dir, timeout=30)["status"] for name, model_dir in runs.items()}
     assert outcomes == {"present": "done", "absent": "done"}, (outcomes, fleet.daemons[0].log())
+
+
+def test_a_heartbeat_after_the_fork_ended_never_writes_into_a_reused_descriptor(
+    base: Path, alices: Path, alice: User
+) -> None:
+    """The main loop may post a heartbeat to a claim whose fork has just closed its worker; the pipe's number may by
+    then be another file's (written by hand, not through the closed file object)."""
+    io = _worker_for(alices, timeout=3.0)
+    stdin_fd = io._stdin_fd
+    io.close()
+    other = base / "reused"
+    fd = os.open(other, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        if fd != stdin_fd:
+            os.dup2(fd, stdin_fd)  # the number taken by the next open, as in a busy daemon
+        io.heartbeat({"fork_id": "x", "heartbeat_at": 0.0})
+    finally:
+        os.close(fd)
+        if fd != stdin_fd:
+            os.close(stdin_fd)
+    assert other.read_bytes() == b""
