@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import select
 import socket
 import stat
 import struct
@@ -37,6 +36,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sidecar.fdwait import readable
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -363,7 +364,7 @@ class ControlServer:
         self._inode: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self._owner_pid = os.getpid()
-        self._wake_r, self._wake_w = os.pipe()  # close() writes here to end select() at once
+        self._wake_r, self._wake_w = os.pipe()  # close() writes here to end the wait at once
         self._rebind_failing = False
         self.waiting: str | None = None  # why the socket is not bound yet, while it waits for its directory
 
@@ -422,7 +423,7 @@ class ControlServer:
                 staged.unlink()
             with contextlib.suppress(OSError):
                 private.rmdir()
-        sock.setblocking(False)  # accepted only when select() says so
+        sock.setblocking(False)  # accepted only when poll() says so
         self._sock, self._inode = sock, (st.st_dev, st.st_ino)
 
     def _still_bound(self) -> bool:
@@ -459,7 +460,7 @@ class ControlServer:
                     os.close(fd)
 
     def _serve(self) -> None:
-        # select() with a wake-up pipe: no polling while idle, a prompt exit on close(), and a look every
+        # poll() with a wake-up pipe: no polling while idle, a prompt exit on close(), and a look every
         # few seconds at whether the socket file is still ours.
         while not self._stop.is_set():
             sock = self._sock
@@ -469,7 +470,7 @@ class ControlServer:
                     self._stop.wait(_REBIND_EVERY_S)
                 continue
             try:
-                ready, _, _ = select.select([sock.fileno(), self._wake_r], [], [], _REBIND_EVERY_S)
+                ready = readable([sock.fileno(), self._wake_r], _REBIND_EVERY_S)
             except (OSError, ValueError):
                 ready = []
             if self._stop.is_set():

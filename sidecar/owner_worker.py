@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import queue
-import select
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import sidecar
+from sidecar.fdwait import readable, wait_writable
 from sidecar.layout import RunDir
 from sidecar.run_io import LocalRunIO, Owner, RunIO, RunIOError
 
@@ -101,7 +101,7 @@ class OwnerRunIO(RunIO):
                         left = deadline - time.monotonic()
                         if left <= 0:
                             raise self._timed_out(op)
-                        select.select([], [self._stdin_fd], [], min(left, 1.0))
+                        wait_writable(self._stdin_fd, min(left, 1.0))
                         self._write_some()
             except (OSError, ValueError):  # ValueError: closed already
                 raise self._died() from None
@@ -136,7 +136,7 @@ class OwnerRunIO(RunIO):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self._timed_out(op)
-            ready, _, _ = select.select([self._stdout_fd], [], [], min(left, 1.0))
+            ready = readable([self._stdout_fd], min(left, 1.0))
             if not ready:
                 continue
             chunk = os.read(self._stdout_fd, 65536)

@@ -418,3 +418,25 @@ def test_module_is_stdlib_only() -> None:
     code = "import sys, sidecar.control; print(sorted(m for m in ('torch', 'psutil', 'yaml') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_agent_in_a_process_with_over_1024_open_files_still_answers(runtime_dir: Path) -> None:
+    """select() refuses descriptors >= 1024: a trainer with many open files (data loaders, shards) must still be
+    reachable. Before poll(), the server's wait raised, was swallowed, and no client was ever accepted."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        srv = ControlServer(agent_socket_path(runtime_dir, os.geteuid(), os.getpid()), echo_handler)
+        srv.start()
+        try:
+            reply = call_agent(srv.path, {"op": "hello"}, timeout=5, pid=os.getpid())
+            assert reply["ok"] is True and reply["peer_pid"] == os.getpid()
+        finally:
+            srv.close(wait=True)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
