@@ -20,6 +20,7 @@ __all__ = [
     "fsync_dir",
     "fsync_dir_fd",
     "libc",
+    "lstat_at",
     "rename_noreplace",
     "rename_noreplace_at",
     "renameat2",
@@ -31,6 +32,14 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _RENAMEAT2_SYSCALL = {"x86_64": 316, "aarch64": 276, "ppc64le": 357, "s390x": 347}
+
+
+def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    """`name` in `dir_fd` as it is (a symlink is not followed), or None when nothing is there."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
 
 
 @functools.cache

@@ -51,7 +51,7 @@ from sidecar.adapter import (
     read_header,
     walk_checkpoint,
 )
-from sidecar.fsops import exchange_dirs
+from sidecar.fsops import exchange_dirs, lstat_at
 from sidecar.fsops import fsync_dir_fd as _fsync_dir
 from sidecar.fsops import libc as _libc
 from sidecar.fsops import rename_noreplace_at as rename_noreplace
@@ -139,16 +139,9 @@ def _checked_fork_id(fork_id: str) -> str:
 # ------------------------------------------------------------------------------------------ syscalls
 
 
-def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
 def _remove_entry(dir_fd: int, name: str) -> bool:
     """Removes `name` (a tree, a file or a symlink) from `dir_fd`; False if it was not there."""
-    info = _lstat(dir_fd, name)
+    info = lstat_at(dir_fd, name)
     if info is None:
         return False
     if stat.S_ISDIR(info.st_mode):
@@ -476,7 +469,7 @@ class _Stager:
         with_ctime = self.mode != "hardlink"
         if _Fingerprint.of(os.fstat(src), with_ctime=with_ctime) != before:
             raise _SourceChanged(f"{entry.relpath} was modified")
-        named = _lstat(src_dir, name)
+        named = lstat_at(src_dir, name)
         if named is None:
             raise _SourceChanged(f"{entry.relpath} was deleted")
         if (named.st_ino, named.st_dev) != (before.ino, before.dev):
@@ -573,11 +566,11 @@ def stage_checkpoint(
     cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
     try:
         # A 0000 that install would refuse (a symlink, a file) is refused before a whole adapter is copied.
-        _check_live_is_dir(checkpoints_dir, _lstat(cfd, LIVE_NAME))
+        _check_live_is_dir(checkpoints_dir, lstat_at(cfd, LIVE_NAME))
         src_fd = _open_source(source) if source_fd is None else os.dup(source_fd)
         try:
             src_stat = os.fstat(src_fd)
-            stale = _lstat(cfd, name)
+            stale = lstat_at(cfd, name)
             if stale is not None and (stale.st_ino, stale.st_dev) == (src_stat.st_ino, src_stat.st_dev):
                 raise SwapError(source, f"{printable(source)}: is the staging directory itself; fork from a step.")
             try:
@@ -767,7 +760,7 @@ def install_staged(
                 resumed = action == "retire" or (action == "promote" and present[retired] is not None)
             if action == "done":
                 _fsync_dir(cfd)  # a crash may have come between the last rename and its fsync
-                left = checkpoints_dir / retired if _lstat(cfd, retired) is not None else None
+                left = checkpoints_dir / retired if lstat_at(cfd, retired) is not None else None
                 return SwapResult(checkpoints_dir / LIVE_NAME, new_digest, how, left, resumed)
             if action.startswith("error:"):
                 raise _install_error(action, checkpoints_dir, stage, retired, new_digest)
@@ -787,7 +780,7 @@ def install_staged(
 
 def _present(cfd: int, checkpoints_dir: Path, names: tuple[str, ...]) -> dict[str, os.stat_result | None]:
     """lstat of each name; anything but a real directory under our names is refused."""
-    present = {name: _lstat(cfd, name) for name in names}
+    present = {name: lstat_at(cfd, name) for name in names}
     _check_live_is_dir(checkpoints_dir, present.get(LIVE_NAME))
     for name, info in present.items():
         if info is not None and not stat.S_ISDIR(info.st_mode):
@@ -876,8 +869,8 @@ def abort_staged(checkpoints_dir: Path, fork_id: str, *, run_fd: int | None = No
     """
     cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
     try:
-        missing_live = _lstat(cfd, LIVE_NAME) is None
-        has_retired = _lstat(cfd, retired_name(fork_id)) is not None
+        missing_live = lstat_at(cfd, LIVE_NAME) is None
+        has_retired = lstat_at(cfd, retired_name(fork_id)) is not None
     finally:
         os.close(cfd)
     if missing_live and has_retired:

@@ -36,7 +36,7 @@ import threading
 from collections.abc import Collection
 from pathlib import Path
 
-from sidecar.fsops import rename_noreplace_at
+from sidecar.fsops import lstat_at, rename_noreplace_at
 from sidecar.layout import SERVED_STEP
 from sidecar.rundir import DIR_FLAGS
 
@@ -79,7 +79,7 @@ def create_snapshot(checkpoints_fd: int, fork_id: str) -> tuple[str, str]:
     always complete. Only names below that descriptor are used, none followed if it is a symlink: called through the
     fork's RunIO, as the run's owner, it can touch nothing but that run."""
     final = snapshot_name(fork_id)
-    existing = _lstat(checkpoints_fd, final)
+    existing = lstat_at(checkpoints_fd, final)
     if existing is not None and stat.S_ISDIR(existing.st_mode):
         return final, "existing"  # a resumed fork: its snapshot was finished before the crash
     partial = final + ".partial"
@@ -159,7 +159,7 @@ def collect_snapshots(checkpoints_fd: int, keep: Collection[str] | None) -> tupl
     returns (the names removed, the snapshots left). Fork ids are unique, so a name tells a snapshot apart."""
     removed, left = [], []
     for name in sorted(os.listdir(checkpoints_fd)):
-        info = _lstat(checkpoints_fd, name)
+        info = lstat_at(checkpoints_fd, name)
         if info is None or not stat.S_ISDIR(info.st_mode):
             continue
         if _PARTIAL.fullmatch(name) or (keep is not None and is_snapshot_name(name) and name not in keep):
@@ -168,13 +168,6 @@ def collect_snapshots(checkpoints_fd: int, keep: Collection[str] | None) -> tupl
         elif is_snapshot_name(name):
             left.append(name)
     return removed, left
-
-
-def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
 
 
 def _remove_tree(dir_fd: int, name: str) -> None:

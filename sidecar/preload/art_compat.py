@@ -11,17 +11,17 @@ line and a problem or not.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.preload.probe import run_python_probe
+
 __all__ = ["TESTED_ART_VERSIONS", "ArtCheck", "ArtInfo", "probe_art"]
 
 # Each of these runs in `make test` against the real package (tests/test_art.py, tests/test_art_fork.py).
 TESTED_ART_VERSIONS = ("0.5.18", "0.5.23")
-PROBE_TIMEOUT_S = 60
 
 # The probe runs in the target interpreter as a file, through runpy so that sys.path stays as that environment has it.
 _PROBE = Path(__file__).with_name("art_probe.py")
@@ -90,17 +90,8 @@ class ArtInfo:
 
 def probe_art(executable: str) -> ArtInfo:
     """Read ART's version and internals in `executable`'s environment; ART counts as absent if the probe fails."""
-    env = {**os.environ, "FORK_SIDECAR_PRELOAD": "0"}  # the probe itself must not arm the preload
     try:
-        done = subprocess.run(
-            [executable, "-c", _RUN_PROBE, str(_PROBE)],
-            capture_output=True,
-            text=True,
-            timeout=PROBE_TIMEOUT_S,
-            env=env,
-            cwd="/",  # `-c` puts the working directory on sys.path; ours must not decide what it finds
-            check=False,
-        )
+        done = run_python_probe(executable, _RUN_PROBE, str(_PROBE))
         info = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         info = {}

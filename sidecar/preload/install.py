@@ -27,6 +27,7 @@ from typing import Any
 import sidecar
 from sidecar.preload import dtype_patch
 from sidecar.preload.art_compat import ArtInfo, probe_art
+from sidecar.preload.probe import PRELOAD_DISABLE_ENV, PROBE_TIMEOUT_S, run_python_probe
 
 __all__ = [
     "MIN_PYTHON",
@@ -45,13 +46,11 @@ __all__ = [
 ]
 
 # The variable sidecar.preload.bootstrap reads (not imported from there: importing the bootstrap arms the preload).
-PRELOAD_DISABLE_ENV = "FORK_SIDECAR_PRELOAD"
 PTH_NAME = "_fork_sidecar.pth"
 PRIVATE_DIR = "_fork_sidecar"
 MANIFEST_NAME = "manifest.json"
 PTH_MARK = "# fork-sidecar preload"
 MIN_PYTHON = (3, 10)
-PROBE_TIMEOUT_S = 60
 
 # Runs inside the target interpreter (any Python 3): where its site-packages is, whether another `sidecar` is
 # importable there, and what Unsloth it has, read from metadata and source without importing Unsloth.
@@ -200,17 +199,8 @@ def probe_interpreter(python: str | None = None) -> Interpreter:
     if executable is None or not _is_executable_file(executable):
         raise PreloadError(f"{given} is not a Python interpreter (no executable file by that name).")
     wanted = [*dtype_patch.KERNEL_FUNCTIONS, *dtype_patch.INPLACE_HELPERS, *dtype_patch.AUTOGRAD_FUNCTIONS]
-    env = {**os.environ, PRELOAD_DISABLE_ENV: "0"}  # the probe itself must not arm the preload
     try:
-        done = subprocess.run(
-            [executable, "-c", _PROBE, *wanted],
-            capture_output=True,
-            text=True,
-            timeout=PROBE_TIMEOUT_S,
-            env=env,
-            cwd="/",  # `-c` puts the working directory on sys.path; ours must not decide what it finds
-            check=False,
-        )
+        done = run_python_probe(executable, _PROBE, *wanted)
         info = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
     except subprocess.TimeoutExpired:
         raise PreloadError(f"{given} did not answer within {PROBE_TIMEOUT_S} s; is it a Python interpreter?") from None
