@@ -73,12 +73,17 @@ class Tenant:
         return self.popen([SYSTEM_PYTHON, str(script), *args], env=env, log=log)
 
 
-def _ensure_user(name: str) -> Tenant:
+def ensure_user(name: str) -> pwd.struct_passwd:
+    """The account `name`, created with `useradd` (no home, no shell) if this host lacks it."""
     try:
-        entry = pwd.getpwnam(name)
+        return pwd.getpwnam(name)
     except KeyError:
         subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
-        entry = pwd.getpwnam(name)
+        return pwd.getpwnam(name)
+
+
+def _ensure_user(name: str) -> Tenant:
+    entry = ensure_user(name)
     return Tenant(name, entry.pw_uid, entry.pw_gid)
 
 

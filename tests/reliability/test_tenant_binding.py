@@ -330,11 +330,8 @@ def _open_fifo_for_writing(fifo: Path) -> int | None:
         return None
 
 
-def test_a_run_swapped_during_the_vllm_stage_is_still_the_forks_own(world: World) -> None:
-    """The vLLM stage must take the run's owner, its checkpoints and where it writes from the directory the fork
-    holds, not from the path looked at again: alice exchanges her run with a symlink bob made to his own run, in
-    the models directory she shares (0777), while the stage runs (after the pipeline's last check). An operator's
-    server whose key file is a FIFO holds the stage there, so the window is the same every time."""
+def _alices_run_beside_bobs_symlink(world: World) -> tuple[Path, Path]:
+    """alice's run `pa/m` in a models directory she shares (0777), where bob made `m.evil`, a symlink to his run."""
     art = world.base / "art"
     alices = make_run(art, project="pa", steps=(3,))
     world.alice.chown(art / "pa")
@@ -344,6 +341,15 @@ def test_a_run_swapped_during_the_vllm_stage_is_still_the_forks_own(world: World
         ["ln", "-s", str(world.model_dir), str(models / "m.evil")], user=world.bob.uid, group=world.bob.gid, check=False
     )
     assert made.returncode == 0 and (models / "m.evil").lstat().st_uid == world.bob.uid
+    return alices, models
+
+
+def test_a_run_swapped_during_the_vllm_stage_is_still_the_forks_own(world: World) -> None:
+    """The vLLM stage must take the run's owner, its checkpoints and where it writes from the directory the fork
+    holds, not from the path looked at again: alice exchanges her run with a symlink bob made to his own run, in
+    the models directory she shares (0777), while the stage runs (after the pipeline's last check). An operator's
+    server whose key file is a FIFO holds the stage there, so the window is the same every time."""
+    alices, models = _alices_run_beside_bobs_symlink(world)
     bobs_checkpoints = sorted(os.listdir(world.model_dir / "checkpoints"))
     fifo = world.base / "key.fifo"
     os.mkfifo(fifo)
@@ -379,15 +385,7 @@ def test_the_trainers_stage_tells_the_owner_of_the_directory_the_fork_holds(worl
     """The trainers stage as the pipeline runs it, with the owner of the directory the fork opened: alice's run path
     names a symlink bob made to his own run by then (swapped in after the pipeline's check, as above). Taken from the
     path, the owner would be bob and the run his, so bob's trainer would be told to load alice's fork."""
-    art = world.base / "art"
-    alices = make_run(art, project="pa", steps=(3,))
-    world.alice.chown(art / "pa")
-    models = alices.parent
-    models.chmod(0o777)
-    made = subprocess.run(
-        ["ln", "-s", str(world.model_dir), str(models / "m.evil")], user=world.bob.uid, group=world.bob.gid, check=False
-    )
-    assert made.returncode == 0
+    alices, models = _alices_run_beside_bobs_symlink(world)
     rt = world.runtime_dir
     rt.mkdir(mode=0o755)
     for tenant in (world.alice, world.bob):

@@ -30,7 +30,7 @@ from sidecar.owner_worker import OwnerRunIO
 from sidecar.run_io import RunIOError, owner_of
 from sidecar.rundir import open_run
 from tests.reliability.support import Fleet, mounted_tmpfs, proc_sample, tree_digest, wait_settled
-from tests.reliability.tenants import Tenant, install_scripts, logged_requests, stop
+from tests.reliability.tenants import Tenant, ensure_user, install_scripts, logged_requests, stop
 from tests.support.adapters import write_adapter, write_big_adapter
 from tests.support.daemon import wait_for, wait_outcome
 
@@ -61,11 +61,7 @@ class User:
 
 
 def _user(name: str) -> User:
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
-        entry = pwd.getpwnam(name)
+    entry = ensure_user(name)
     return User(name, entry.pw_uid, entry.pw_gid)
 
 
