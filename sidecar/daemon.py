@@ -134,7 +134,7 @@ class Daemon:
             self._retry_state_dir()
             if time.monotonic() - self._last_heartbeat > self.config.timeouts.claim_lease / 4:
                 self._last_heartbeat = time.monotonic()
-                self.pipeline.refresh_heartbeats()
+                self.pipeline.claims.renew()
             if time.monotonic() - self._last_status > STATUS_EVERY_S:
                 self._write_status()
             self._keep_agent_dirs()

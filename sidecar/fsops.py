@@ -10,10 +10,12 @@ import contextlib
 import ctypes
 import errno
 import functools
+import json
 import os
 import platform
 import secrets
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "exchange_dirs",
@@ -26,6 +28,7 @@ __all__ = [
     "renameat2",
     "write_atomic",
     "write_atomic_at",
+    "write_json_atomic",
 ]
 
 RENAME_NOREPLACE = 1
@@ -165,3 +168,8 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o644) -
             os.unlink(tmp, dir_fd=dir_fd)
         raise
     fsync_dir_fd(dir_fd)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any], *, mode: int = 0o644) -> None:
+    """Replace `path` with `data` as JSON, atomically and durably (see write_atomic)."""
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode(), mode=mode)

@@ -1,9 +1,9 @@
-"""The `.fork` marker: its format, claiming it, and the outcome files that end it.
+"""The `.fork` marker: its format, reading it, and the outcome files that end it.
 
-Lifecycle in a model dir: `.fork` (a request) -> renamed to `.fork.inprogress` (claimed; the rename is the arbiter
-when several daemons share a filesystem) -> `.fork.done` or `.fork.failed` (a JSON outcome). A `.fork` written while
-another is in progress stays where it is and is taken after it: one file is exactly one queued request, and
-re-touching it does not queue more (the last content written before the claim wins).
+Lifecycle in a model dir: `.fork` (a request) -> renamed to `.fork.inprogress` (claimed: see sidecar/claims/)
+-> `.fork.done` or `.fork.failed` (a JSON outcome). A `.fork` written while another is in progress stays where it is
+and is taken after it: one file is exactly one queued request, and re-touching it does not queue more (the last
+content written before the claim wins).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sidecar.fsops import rename_noreplace, rename_noreplace_at, write_atomic
+from sidecar.fsops import write_json_atomic
 
 __all__ = [
     "DONE",
@@ -31,12 +31,10 @@ __all__ = [
     "ForkRequest",
     "MarkerError",
     "bounded_outcome",
-    "claim_marker",
     "parse_marker",
     "read_json_object",
     "read_marker_file",
     "remove_quietly",
-    "write_json_atomic",
     "write_outcome",
 ]
 
@@ -216,69 +214,12 @@ def read_json_object(path: Path, limit: int = MAX_RECORD_BYTES, *, dir_fd: int |
     return value if isinstance(value, dict) else None
 
 
-def claim_marker(model_dir: Path, *, dir_fd: int | None = None) -> bool:
-    """Atomically take `.fork` as `.fork.inprogress`; False when there is no marker or one is already in progress.
-
-    link()+unlink() rather than rename(): rename would silently replace an in-progress claim, and link fails with
-    EEXIST atomically on every filesystem, NFS included, so exactly one of several daemons wins.
-    With `dir_fd`, the model dir is the directory open as `dir_fd` (`model_dir` only names it).
-    """
-    if dir_fd is not None:
-        return _claim_at(dir_fd)
-    marker, claimed = model_dir / MARKER, model_dir / INPROGRESS
-    try:
-        os.link(marker, claimed, follow_symlinks=False)
-    except FileExistsError:
-        return False
-    except FileNotFoundError:
-        return False
-    except OSError as e:
-        if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
-            # Filesystems without hard links (and directories/FIFOs named .fork on some): fall back to a rename
-            # that refuses to replace an existing claim.
-            return _rename_noreplace(marker, claimed)
-        raise
-    remove_quietly(marker)
-    return True
-
-
-def _claim_at(dir_fd: int) -> bool:
-    try:
-        os.link(MARKER, INPROGRESS, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-    except (FileExistsError, FileNotFoundError):
-        return False
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
-            raise
-        try:  # see claim_marker
-            rename_noreplace_at(dir_fd, MARKER, INPROGRESS)
-        except (FileExistsError, FileNotFoundError):
-            return False
-        return True
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(MARKER, dir_fd=dir_fd)
-    return True
-
-
-def _rename_noreplace(src: Path, dst: Path) -> bool:
-    try:
-        rename_noreplace(src, dst)
-    except (FileExistsError, FileNotFoundError):
-        return False
-    return True
-
-
 def remove_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if path.is_dir() and not path.is_symlink():
             os.rmdir(path)
         else:
             os.unlink(path)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any], *, mode: int = 0o644) -> None:
-    """Replace `path` with `data` as JSON, atomically and durably (see fsops.write_atomic)."""
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode(), mode=mode)
 
 
 # Beyond these, an outcome's fields are trimmed so that the record stays well under MAX_RECORD_BYTES.

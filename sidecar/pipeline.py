@@ -14,17 +14,15 @@ import logging
 import os
 import secrets
 import socket
-import stat
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from sidecar import swap
+from sidecar.claims.base import Claims, claim_info, wait_until_settled
+from sidecar.claims.filesystem import FilesystemClaims
 from sidecar.config import Config
 from sidecar.digest import is_digest
 from sidecar.journal import ForkRecord, Journal, JournalUnwritable
@@ -40,30 +38,6 @@ __all__ = ["ForkPipeline", "new_fork_id"]
 
 log = logging.getLogger("sidecar.pipeline")
 _UNCHANGED = "unchanged"  # what disk_digest echoes back when 0000 is still the file staged
-
-
-class ClaimRegistry:
-    """The `.fork.inprogress` files this daemon holds, the RunIO that writes them and their content (heartbeats)."""
-
-    def __init__(self) -> None:
-        self._claims: dict[Path, tuple[RunIO, dict[str, Any]]] = {}
-        self._lock = threading.Lock()
-
-    def hold(self, path: Path, io: RunIO, info: dict[str, Any]) -> None:
-        with self._lock:
-            self._claims[path] = (io, info)
-
-    def release(self, path: Path, io: RunIO | None = None) -> None:
-        """Stop renewing `path`; with `io`, only if that RunIO registered it (another hold of the same run, such as
-        start-up leftover collection beside a running fork, must not stop the fork's heartbeats)."""
-        with self._lock:
-            held = self._claims.get(path)
-            if held is not None and (io is None or held[0] is io):
-                del self._claims[path]
-
-    def items(self) -> list[tuple[Path, RunIO, dict[str, Any]]]:
-        with self._lock:
-            return [(path, io, info) for path, (io, info) in self._claims.items()]
 
 
 @dataclasses.dataclass
@@ -87,16 +61,15 @@ def _iso(ts: float | None) -> str | None:
 
 
 class ForkPipeline:
-    def __init__(
-        self, config: Config, journal: Journal, stages: Sequence[Stage], claims: ClaimRegistry | None = None
-    ) -> None:
+    def __init__(self, config: Config, journal: Journal, stages: Sequence[Stage], claims: Claims | None = None) -> None:
         self.config = config
         self.journal = journal
         self.stages = list(stages)
         self.host = socket.gethostname()
         self.on_finish: Callable[[ForkRecord], None] | None = None
         # Shared by the pipelines a daemon builds over SIGHUPs, so forks started before a reload keep their lease.
-        self.claims = claims if claims is not None else ClaimRegistry()
+        self.claims = claims if claims is not None else FilesystemClaims(config)
+        self.claims.reconfigure(config)
 
     # --- entry points ---------------------------------------------------------------------------------------
     def process_run(self, run: RunDir, *, settle: bool = False) -> bool:
@@ -112,7 +85,7 @@ class ForkPipeline:
             self.journal.wait_for_writes(run.path)
             return False
         if settle:
-            _wait_until_settled(run.path / MARKER)
+            wait_until_settled(run.path / MARKER)
         with self._hold(run, need_marker=True) as held:
             return held is not None and self._take_next(run, held)
 
@@ -169,7 +142,7 @@ class ForkPipeline:
                 logger.error("the run directory is gone, moved or replaced since the fork was claimed")
                 self._drop_lost_claim(record, None, None)
                 return
-            info = _claim_info(held.io.claim_state())
+            info = claim_info(held.io.claim_state())
             if info is None or info.get("fork_id") != record.fork_id:
                 self._drop_lost_claim(record, info, held)
                 return
@@ -193,7 +166,7 @@ class ForkPipeline:
         with self._hold(run, need_marker=False) as held:
             if held is None:
                 return
-            claimed = (_claim_info(held.io.claim_state()) or {}).get("fork_id")
+            claimed = (claim_info(held.io.claim_state()) or {}).get("fork_id")
             for fork_id in sorted({fork_id for _, fork_id in found}):
                 if fork_id == claimed or known(fork_id):
                     continue
@@ -260,17 +233,11 @@ class ForkPipeline:
             return
         self._close(record)
 
-    def refresh_heartbeats(self) -> None:
-        """Renew the lease of every claim this pipeline holds (called periodically by the daemon's main loop)."""
-        for _claimed, io, info in self.claims.items():
-            info["heartbeat_at"] = time.time()
-            io.heartbeat(info)  # never blocks: a worker busy copying still renews the lease
-
     # --- claiming -----------------------------------------------------------------------------------------------
     def _take_next(self, run: RunDir, held: HeldRun) -> bool:
         # A `.fork` of any kind (directory, FIFO, symlink) is claimed, so that reading it can fail it with an outcome.
         try:
-            claimed = held.io.claim()
+            claimed = self.claims.take(run.path, held.io)
         except (RunIOError, OSError) as e:
             log.error("%s: cannot claim the marker: %s", run.path, e)
             return False
@@ -285,7 +252,7 @@ class ForkPipeline:
         state = held.io.claim_state()
         if not self._adoptable(state):
             return False
-        info = _claim_info(state)
+        info = claim_info(state)
         log.warning("adopting %s: its claimer is gone", claimed)
         if info is not None and isinstance(info.get("fork_id"), str):
             # The dead claimer's copies, if any: leave one complete 0000 before our own fork stages anything.
@@ -296,30 +263,11 @@ class ForkPipeline:
 
     def _adoptable(self, state: dict[str, Any] | None) -> bool:
         """Whether the `.fork.inprogress` described by `state` (RunIO.claim_state) has lost its claimer."""
-        if state is None:
-            return False
-        info = _claim_info(state)
-        if info is not None:
-            if info.get("fork_id") and self.journaled(str(info["fork_id"])):
-                return False  # ours, being resumed from the journal
-            return self._claimer_gone(info)
-        # Its claimer may be another host's daemon between its claim (which set the ctime) and its record.
-        return time.time() - float(state["ctime"]) >= self.config.timeouts.orphan_claim
+        fork_id = (claim_info(state) or {}).get("fork_id")
+        return self.claims.adoptable(state, journaled=bool(fork_id) and self.journaled(str(fork_id)))
 
     def journaled(self, fork_id: str) -> bool:
         return self.journal.has_record(fork_id)
-
-    def _claimer_gone(self, info: dict[str, Any]) -> bool:
-        claimer = info.get("claimed_by") or {}
-        if claimer.get("host") == self.host:
-            pid = claimer.get("pid")
-            if pid == os.getpid():  # ours if we hold it; else a previous process that had our pid (containers)
-                return info.get("fork_id") not in {held.get("fork_id") for _, _, held in self.claims.items()}
-            return not (isinstance(pid, int) and psutil.pid_exists(pid))
-        # Another host: only its heartbeat tells. Wall clock, since hosts share no other; keep the lease well above
-        # the clock skew between nodes.
-        beat = info.get("heartbeat_at")
-        return not isinstance(beat, int | float) or time.time() - beat > self.config.timeouts.claim_lease
 
     def _start(self, run: RunDir, held: HeldRun, origin: str, claim: dict[str, Any] | None = None) -> None:
         model_dir = run.path
@@ -360,16 +308,7 @@ class ForkPipeline:
         return [str(r) for r in self.config.allowed_source_roots]
 
     def _write_claim(self, held: HeldRun, record: ForkRecord, raw: str) -> None:
-        # Host, pid and a heartbeat let another daemon on a shared filesystem tell a live claim from a dead one.
-        info = {
-            "fork_id": record.fork_id,
-            "claimed_by": {"host": self.host, "pid": os.getpid(), "state_dir": str(self.config.state_dir)},
-            "heartbeat_at": time.time(),
-            "request": record.request,
-            "marker": raw,
-        }
-        held.io.write_claim(info)
-        self.claims.hold(held.opened.run.path / INPROGRESS, held.io, info)
+        self.claims.record(held.opened.run.path / INPROGRESS, held.io, record.fork_id, record.request, raw)
 
     # --- the steps ----------------------------------------------------------------------------------------------
     def _run_steps(self, record: ForkRecord, held: HeldRun) -> None:
@@ -604,29 +543,6 @@ class _ForkLogger(logging.LoggerAdapter[logging.Logger]):
         extra = self.extra or {}
         kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
         return f"[{extra.get('run')} {extra.get('fork_id')}] {msg}", kwargs
-
-
-# How long a marker must have been left alone before a worker that was not told of its close() takes it.
-MARKER_SETTLE_S = 0.25
-
-
-def _wait_until_settled(marker: Path) -> None:
-    for _ in range(40):  # bounded: a marker rewritten forever is taken after about 10 s anyway
-        try:
-            st = os.lstat(marker)
-        except OSError:
-            return
-        if not stat.S_ISREG(st.st_mode):
-            return
-        age = time.time() - st.st_mtime
-        if age >= MARKER_SETTLE_S or age < -1.0:  # a clock step backwards must not stall the run
-            return
-        time.sleep(MARKER_SETTLE_S - age)
-
-
-def _claim_info(state: dict[str, Any] | None) -> dict[str, Any] | None:
-    data = state.get("info") if state is not None and state.get("regular") else None
-    return data if isinstance(data, dict) and "claimed_by" in data else None
 
 
 def _same_run(record: ForkRecord, opened: OpenRun) -> bool:

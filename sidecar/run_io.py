@@ -22,6 +22,7 @@ from typing import Any
 
 from sidecar import swap
 from sidecar.adapter import ADAPTER_FILE, AdapterError, TreeLimits, adapter_digest
+from sidecar.claims.filesystem import read_claimed_marker, take_marker_at
 from sidecar.fsops import write_atomic_at
 from sidecar.layout import CHECKPOINTS, SERVED_STEP, RunDir
 from sidecar.marker import (
@@ -32,10 +33,8 @@ from sidecar.marker import (
     ForkRequest,
     MarkerError,
     bounded_outcome,
-    claim_marker,
     parse_marker,
     read_json_object,
-    read_marker_file,
 )
 from sidecar.resolve import ResolveError, open_source, open_source_path
 from sidecar.rundir import DIR_FLAGS, RunDirError, open_run, remove_at
@@ -208,7 +207,7 @@ class LocalRunIO(RunIO):
 
     # --- claims -------------------------------------------------------------------------------------------
     def _op_claim(self) -> bool:
-        return claim_marker(self.run.path, dir_fd=self.fd)
+        return take_marker_at(self.fd)
 
     def _op_claim_state(self) -> dict[str, Any] | None:
         try:
@@ -230,7 +229,7 @@ class LocalRunIO(RunIO):
                 f"{shown} was written by uid {st.st_uid}, not by the run's owner or root; only they may fork "
                 f"{self.run.path} — ask its owner."
             )
-        raw = embedded.encode() if embedded is not None else read_marker_file(self._shown(INPROGRESS), dir_fd=self.fd)
+        raw = embedded.encode() if embedded is not None else read_claimed_marker(shown, self.fd)
         request = parse_marker(raw, shown)
         return request.to_json(), raw.decode("utf-8", errors="replace")
 

@@ -1,11 +1,10 @@
-"""Marker parsing, reading (without following links or blocking on FIFOs), claiming and outcome files."""
+"""Marker parsing, reading (without following links or blocking on FIFOs) and outcome files."""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,9 @@ from hypothesis import strategies as st
 from sidecar.marker import (
     DONE,
     FAILED,
-    INPROGRESS,
-    MARKER,
     ForkRequest,
     MarkerError,
     bounded_outcome,
-    claim_marker,
     parse_marker,
     read_json_object,
     read_marker_file,
@@ -127,47 +123,6 @@ def test_read_refuses_symlink_fifo_directory_and_big_files(tmp_path: Path) -> No
         read_marker_file(tmp_path / "big")
     (tmp_path / "ok").write_text("step: 3")
     assert read_marker_file(tmp_path / "ok") == b"step: 3"
-
-
-def test_claim_is_exclusive_and_keeps_a_queued_marker(tmp_path: Path) -> None:
-    (tmp_path / MARKER).write_text("step: 1")
-    assert claim_marker(tmp_path)
-    assert (tmp_path / INPROGRESS).read_text() == "step: 1"
-    assert not (tmp_path / MARKER).exists()
-    assert not claim_marker(tmp_path)  # nothing to claim
-    (tmp_path / MARKER).write_text("step: 2")
-    assert not claim_marker(tmp_path)  # one in progress: the new marker waits
-    assert (tmp_path / MARKER).read_text() == "step: 2"
-    assert (tmp_path / INPROGRESS).read_text() == "step: 1"
-
-
-def test_claim_race_has_exactly_one_winner(tmp_path: Path) -> None:
-    for _ in range(50):
-        (tmp_path / MARKER).write_text("")
-        results: list[bool] = []
-        barrier = threading.Barrier(4)
-
-        def claim(barrier: threading.Barrier, results: list[bool]) -> None:
-            barrier.wait()
-            results.append(claim_marker(tmp_path))
-
-        threads = [threading.Thread(target=claim, args=(barrier, results)) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert results.count(True) == 1
-        (tmp_path / INPROGRESS).unlink()
-
-
-def test_claim_takes_directories_and_fifos_so_they_can_be_failed(tmp_path: Path) -> None:
-    (tmp_path / MARKER).mkdir()
-    assert claim_marker(tmp_path)
-    assert (tmp_path / INPROGRESS).is_dir()
-    os.rmdir(tmp_path / INPROGRESS)
-    os.mkfifo(tmp_path / MARKER)
-    assert claim_marker(tmp_path)
-    assert stat.S_ISFIFO(os.lstat(tmp_path / INPROGRESS).st_mode)
 
 
 def test_outcome_replaces_the_other_kind_and_is_not_world_writable(tmp_path: Path) -> None:

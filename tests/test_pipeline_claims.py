@@ -41,12 +41,14 @@ def test_collecting_leftovers_beside_a_running_fork_keeps_its_claim_renewed(tmp_
         opened = open_run(run)
         try:
             forks_io = LocalRunIO(run, opened.fd, frozenset({0}))
-            pipeline.claims.hold(model_dir / INPROGRESS, forks_io, {"fork_id": "running"})
+            pipeline.claims.registry.hold(model_dir / INPROGRESS, forks_io, {"fork_id": "running"})
             pipeline.collect_leftovers(run, known=lambda _fork_id: False)
             assert not (checkpoints / swap.stage_name(dead_fork)).exists()  # the chore really ran in the run
-            assert [(path, io) for path, io, _ in pipeline.claims.items()] == [(model_dir / INPROGRESS, forks_io)]
+            assert [(path, io) for path, io, _ in pipeline.claims.registry.items()] == [
+                (model_dir / INPROGRESS, forks_io)
+            ]
             pipeline.claims.release(model_dir / INPROGRESS, forks_io)
-            assert pipeline.claims.items() == []
+            assert pipeline.claims.registry.items() == []
         finally:
             opened.close()
     finally:

@@ -437,10 +437,9 @@ def test_set_roots_adds_and_removes_roots(
 
 
 def claim_like_the_daemon(model_dir: Path) -> None:
-    """What `marker.claim_marker` and the claim record do: link the marker to `.fork.inprogress`, unlink it, then
-    replace the claim with its record by rename."""
-    os.link(model_dir / ".fork", model_dir / ".fork.inprogress")
-    os.unlink(model_dir / ".fork")
+    """What `claims.filesystem.take_marker_at` and the claim record do on a local filesystem: rename the marker to
+    `.fork.inprogress`, then replace the claim with its record by rename."""
+    os.rename(model_dir / ".fork", model_dir / ".fork.inprogress")
     (model_dir / ".fork.inprogress.tmp").write_text('{"fork_id": "x"}')
     os.replace(model_dir / ".fork.inprogress.tmp", model_dir / ".fork.inprogress")
 
