@@ -561,7 +561,8 @@ os.register_at_fork(after_in_child=_forget_servers_in_child)
 
 # --- daemon end: the client --------------------------------------------------------------------------------------
 class ControlError(Exception):
-    """Talking to an agent failed. `code`: unreachable, timeout, refused (trust check), protocol."""
+    """Talking to an agent failed. `code`: unreachable, gone (the process or its socket), timeout, refused (trust
+    check), protocol; sidecar/protocol/reasons.py names the reason of each."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -584,14 +585,14 @@ def verify_agent_socket(path: Path, pid: int) -> int:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise ControlError("unreachable", f"{path} is gone") from None
+        raise ControlError("gone", f"{path} is gone") from None
     except OSError as e:
         raise ControlError("unreachable", f"cannot stat {path} ({e.strerror})") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise ControlError("refused", f"{path} is not a socket")
     uid = process_uid(pid)
     if uid is None:
-        raise ControlError("unreachable", f"process {pid} of {path.name} is gone")
+        raise ControlError("gone", f"process {pid} of {path.name} is gone")
     if uid != expected:
         raise ControlError("refused", f"{path} is in uid {expected}'s directory but pid {pid} runs as uid {uid}")
     if st.st_uid != uid:

@@ -469,6 +469,7 @@ def _art_finding(python: str, art: ArtInfo) -> Finding:
 
 # --- agents -----------------------------------------------------------------------------------------------------------
 def check_agents(ctx: Context) -> list[Finding]:
+    from sidecar.protocol.reasons import Reason
     from sidecar.trainers import agent_statuses
 
     agents = agent_statuses(ctx.config.runtime_dir)
@@ -477,7 +478,7 @@ def check_agents(ctx: Context) -> list[Finding]:
     out = []
     for agent in agents:
         pid, error = agent.get("pid"), agent.get("error")
-        if error and "stale socket" in str(error):
+        if error and agent.get("reason") == Reason.TRAINER_GONE:
             out.append(Finding("agents", "info", f"pid {pid}: {error}; the daemon removes it"))
         elif error:
             out.append(

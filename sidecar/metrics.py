@@ -15,7 +15,7 @@ Names (all prefixed `fork_sidecar_`):
   last_success_timestamp_seconds        wall clock of the newest fork that ended done
   agents_seen                           trainer agents told about the newest finished fork
   vllm_servers_seen                     vLLM servers asked to reload for the newest finished fork
-  reload_errors_total{reason}           per failed agent or server, by reason (see REASONS)
+  reload_errors_total{reason}           per failed agent or server, by the reason it carries (protocol/reasons.py)
   snapshots_kept                        vLLM fork snapshots kept although no answering server lists them (a server
                                         did not answer, or a load of them may still be running), over all runs
   state_dir_writable                    1, or 0 while the state dir refuses writes (no fork is claimed then)
@@ -25,10 +25,9 @@ Names (all prefixed `fork_sidecar_`):
 from __future__ import annotations
 
 import logging
-import re
 import socket
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from http.server import HTTPServer
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from prometheus_client.exposition import MetricsHandler, generate_latest
 from sidecar.config import ConfigError, MetricsConfig
 from sidecar.fsops import write_atomic
 from sidecar.journal import ForkRecord
+from sidecar.protocol.reasons import TRAINER_REASONS, VLLM_REASONS, Reason
 
 __all__ = ["REASONS", "STAGES", "Metrics", "MetricsError", "parse_listen", "reload_error_reasons"]
 
@@ -49,30 +49,8 @@ STAGES = ("swap", "trainers", "vllm", "verify", "total")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _SCRAPE_TIMEOUT_S = 10.0
 
-# (reason, pattern) in order; the first pattern found in an error sentence names its reason. The sentences are the
-# ones sidecar/vllm.py and sidecar/trainers.py write into the outcome file.
-_VLLM_REASONS = (
-    ("vllm_route_missing", re.compile(r"no runtime LoRA loading")),
-    ("vllm_unauthorized", re.compile(r"requires an API key|api_key_(file|env)")),
-    ("vllm_unreachable", re.compile(r"did not answer")),
-    ("vllm_not_vllm", re.compile(r"is not a vLLM OpenAI server")),
-    ("vllm_root_mismatch", re.compile(r"after the reload, not")),
-    ("vllm_snapshot", re.compile(r"could not snapshot")),
-    ("vllm_none_found", re.compile(r"no vLLM server serves")),
-    ("vllm_http_error", re.compile(r"HTTP \d{3}")),
-)
-_TRAINER_REASONS = (
-    ("trainer_digest_mismatch", re.compile(r"did not load the forked adapter")),
-    ("trainer_none_found", re.compile(r"no trainer agent serves")),
-    ("trainer_timeout", re.compile(r"timed out|timeout|no time left|deadline", re.IGNORECASE)),
-    ("trainer_unreachable", re.compile(r"refused|unreachable|not answer|connect|closed", re.IGNORECASE)),
-)
-REASONS = (
-    *(r for r, _ in _VLLM_REASONS),
-    "vllm_other",
-    *(r for r, _ in _TRAINER_REASONS),
-    "trainer_other",
-)
+# Every reason an agent or a server can fail with (sidecar/protocol/reasons.py), in a stable order.
+REASONS = (*VLLM_REASONS, *TRAINER_REASONS)
 
 
 class MetricsError(ConfigError):
@@ -89,26 +67,24 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _classify(error: str, table: Iterable[tuple[str, re.Pattern[str]]], other: str) -> str:
-    return next((reason for reason, pattern in table if pattern.search(error)), other)
-
-
 def reload_error_reasons(stages: Mapping[str, Any]) -> list[str]:
-    """One reason per agent or server that failed in a record's `trainers` and `vllm` stages (pure)."""
-    reasons: list[str] = []
-    vllm = stages.get("vllm") or {}
-    if vllm.get("status") == "failed":
-        errors = [str(s["error"]) for s in vllm.get("servers") or [] if isinstance(s, dict) and s.get("error")]
-        if not errors and vllm.get("error"):
-            errors = [str(vllm["error"])]  # a stage-level failure: no snapshot, or no server where one is required
-        reasons += [_classify(e, _VLLM_REASONS, "vllm_other") for e in errors]
-    trainers = stages.get("trainers") or {}
-    if trainers.get("status") == "failed":
-        errors = [str(a["error"]) for a in trainers.get("agents") or [] if isinstance(a, dict) and a.get("error")]
-        if not errors and trainers.get("error"):
-            errors = [str(trainers["error"])]
-        reasons += [_classify(e, _TRAINER_REASONS, "trainer_other") for e in errors]
-    return reasons
+    """One reason per agent or server that failed in a record's `trainers` and `vllm` stages (pure).
+
+    Read from the `reason` each stage set where the failure was known; a failure without a known one (a record
+    written by an older daemon) counts as that side's `_other`."""
+    return [
+        *_failed(stages.get("vllm"), "servers", VLLM_REASONS, Reason.VLLM_OTHER),
+        *_failed(stages.get("trainers"), "agents", TRAINER_REASONS, Reason.TRAINER_OTHER),
+    ]
+
+
+def _failed(stage: Any, peers: str, known: tuple[Reason, ...], other: Reason) -> list[str]:
+    if not isinstance(stage, Mapping) or stage.get("status") != "failed":
+        return []
+    failed = [p for p in stage.get(peers) or [] if isinstance(p, Mapping) and p.get("error")]
+    if not failed and stage.get("error"):
+        failed = [stage]  # a stage-level failure: no snapshot, or none found where one is required
+    return [str(p["reason"]) if p.get("reason") in known else str(other) for p in failed]
 
 
 class _QuietHTTPServer(HTTPServer):

@@ -29,6 +29,7 @@ from sidecar.journal import ForkRecord, Journal, JournalUnwritable
 from sidecar.layout import SERVED_STEP, RunDir
 from sidecar.marker import INPROGRESS, MARKER
 from sidecar.owner_worker import OwnerRunIO
+from sidecar.protocol.reasons import Reason
 from sidecar.run_io import LocalRunIO, RunIO, RunIOError, owner_of, run_dir_of_record
 from sidecar.rundir import OpenRun, RunDirError, lexists_at, open_run
 from sidecar.stages import ForkContext, Stage, StageOutcome
@@ -38,6 +39,9 @@ __all__ = ["ForkPipeline", "new_fork_id"]
 
 log = logging.getLogger("sidecar.pipeline")
 _UNCHANGED = "unchanged"  # what disk_digest echoes back when 0000 is still the file staged
+# The reasons of a notification stage that is not configured, and of one that raised (a bug).
+_NONE_FOUND = {"trainers": Reason.TRAINER_NONE_FOUND, "vllm": Reason.VLLM_NONE_FOUND}
+_OTHER = {"trainers": Reason.TRAINER_OTHER, "vllm": Reason.VLLM_OTHER}
 
 
 @dataclasses.dataclass
@@ -396,7 +400,7 @@ class ForkPipeline:
     def _run_stage(self, record: ForkRecord, held: HeldRun, name: str) -> StageOutcome:
         stage = next((s for s in self.stages if s.name == name), None)
         if stage is None:
-            return StageOutcome("skipped", error="none found")
+            return StageOutcome("skipped", error="none found", reason=_NONE_FOUND.get(name))
         assert record.digest is not None and record.source is not None
         timeout = float(getattr(self.config.timeouts, name))
         opened = held.opened
@@ -418,11 +422,13 @@ class ForkPipeline:
             outcome = stage.run(ctx)
         except Exception as e:  # a stage bug is a failed stage, not a stranded fork
             logger.exception("%s stage raised", name)
-            outcome = StageOutcome("failed", error=f"internal error in the {name} stage ({e!r}); see journalctl.")
+            outcome = StageOutcome(
+                "failed", error=f"internal error in the {name} stage ({e!r}); see journalctl.", reason=_OTHER.get(name)
+            )
         if not outcome.seconds:
-            outcome = StageOutcome(outcome.status, time.monotonic() - started, outcome.error, outcome.detail)
+            outcome = dataclasses.replace(outcome, seconds=time.monotonic() - started)
         level = logging.ERROR if outcome.status == "failed" else logging.INFO
-        why = outcome.error or outcome.detail.get("reason")
+        why = outcome.error or outcome.reason
         logger.log(level, "%s stage %s%s", name, outcome.status, f": {why}" if why else "")
         return outcome
 

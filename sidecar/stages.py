@@ -5,7 +5,8 @@ learns whose run it is from the directory the fork opened and holds (`owner_uid`
 and writes what it must in the run (vLLM's snapshots) through the fork's own RunIO (`files`): as the run's owner,
 through the run's descriptor, like the swap.
 A stage never raises for an expected failure (an agent that does not answer, a server that says 400): it returns a
-`StageOutcome` whose `error` is one sentence a person can act on. An unexpected exception is turned into a failed
+`StageOutcome` whose `error` is one sentence a person can act on and whose `reason` is the code for machines
+(sidecar/protocol/reasons.py), set where the failure is known. An unexpected exception is turned into a failed
 outcome by the pipeline, so a bug in one stage cannot leave a fork unrecorded.
 """
 
@@ -18,6 +19,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from sidecar.protocol.reasons import Reason
 
 __all__ = ["ForkContext", "RunFiles", "RunHolder", "Stage", "StageOutcome", "StageStatus"]
 
@@ -80,11 +83,14 @@ class StageOutcome:
     error: str | None = None
     # Stage-specific, JSON-serialisable facts for `.fork.done` (agents told, servers and adapter names reloaded).
     detail: Mapping[str, Any] = field(default_factory=dict)
+    reason: Reason | None = None  # why it failed (or was skipped), as a stable code; None when it is ok
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.status, "seconds": round(self.seconds, 4)}
         if self.error:
             out["error"] = self.error
+        if self.reason is not None:
+            out["reason"] = str(self.reason)
         out.update(self.detail)
         return out
 

@@ -28,8 +28,16 @@ import psutil
 
 from sidecar.agent_dirs import ensure_user_dir
 from sidecar.config import Config
-from sidecar.control import ControlError, ForkRequest, agent_dir, call_agent, pid_of_socket, uid_of_agent_dir
+from sidecar.control import (
+    ControlError,
+    ForkRequest,
+    agent_dir,
+    call_agent,
+    pid_of_socket,
+    uid_of_agent_dir,
+)
 from sidecar.digest import digest_problem
+from sidecar.protocol.reasons import Reason, of_agent_code, of_control_code
 from sidecar.stages import ForkContext, RunHolder, StageOutcome
 
 __all__ = [
@@ -134,19 +142,40 @@ def agent_statuses(runtime_dir: Path) -> list[dict[str, Any]]:
     for agent in list_agent_sockets(runtime_dir):
         entry: dict[str, Any] = {"pid": agent.pid, "uid": agent.uid, "socket": str(agent.path)}
         if _is_stale(agent):
-            out.append({**entry, "error": "stale socket (process gone)"})
+            out.append({**entry, "error": "stale socket (process gone)", "reason": Reason.TRAINER_GONE})
             continue
         try:
             reply = call_agent(agent.path, {"op": "status"}, timeout=STATUS_TIMEOUT_S, pid=agent.pid)
         except ControlError as e:
-            out.append({**entry, "error": e.message})
+            out.append({**entry, "error": e.message, "reason": _control_reason(e, agent)})
             continue
         if reply.get("ok"):
             reply.pop("ok", None)
             out.append({**entry, **reply})
         else:
-            out.append({**entry, "error": _reply_error(reply)})
+            out.append({**entry, "error": _reply_error(reply), "reason": _reply_reason(reply)})
     return out
+
+
+def _reply_reason(reply: dict[str, Any]) -> Reason:
+    error = reply.get("error")
+    return of_agent_code(error.get("code") if isinstance(error, dict) else None)
+
+
+def _control_reason(e: ControlError, agent: AgentSocket) -> Reason:
+    # A trainer killed while it was asked drops the connection ("closed", "reset"): the process table says why.
+    if e.code in ("unreachable", "protocol") and _process_gone(agent.pid):
+        return Reason.TRAINER_GONE
+    return of_control_code(e.code)
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # dead, not reaped yet by its parent
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
 
 
 def _reply_error(reply: dict[str, Any]) -> str:
@@ -161,6 +190,7 @@ class _Hello:
     agent: AgentSocket
     reply: dict[str, Any] | None = None
     error: str | None = None
+    reason: Reason | None = None
 
     @property
     def runs(self) -> list[str]:
@@ -197,7 +227,7 @@ class TrainerStage:
             hellos = list(pool.map(lambda a: self._hello(a, ctx), agents))
             serving = [h for h in hellos if run_dir in h.runs]
             results = list(pool.map(lambda h: self._fork(h, ctx, run_dir), serving))
-        unreachable = [{"pid": h.agent.pid, "error": h.error} for h in hellos if h.error]
+        unreachable = [{"pid": h.agent.pid, "error": h.error, "reason": h.reason} for h in hellos if h.error]
         detail: dict[str, Any] = {"agents": results}
         if unreachable:
             detail["unreachable"] = unreachable
@@ -207,7 +237,7 @@ class TrainerStage:
         failed = [r for r in results if r.get("error")]
         if failed:
             more = f" (and {len(failed) - 1} more agent(s) failed)" if len(failed) > 1 else ""
-            return StageOutcome("failed", seconds, f"{failed[0]['error']}{more}", detail)
+            return StageOutcome("failed", seconds, f"{failed[0]['error']}{more}", detail, failed[0]["reason"])
         return StageOutcome("ok", seconds, None, detail)
 
     def _none_found(self, ctx: ForkContext, seconds: float, detail: dict[str, Any]) -> StageOutcome:
@@ -220,29 +250,30 @@ class TrainerStage:
                 f"no agent that answered serves {ctx.model_dir}, but trainer pid {first['pid']}{more} did not answer "
                 f"hello ({first.get('error')}) and may serve it"
             )
+            reason = first.get("reason")
             if not self.required:
-                return StageOutcome("skipped", seconds, why, detail)
+                return StageOutcome("skipped", seconds, why, detail, reason)
             return StageOutcome(
-                "failed", seconds, f"{why}; check whether that trainer is stuck, then fork again", detail
+                "failed", seconds, f"{why}; check whether that trainer is stuck, then fork again", detail, reason
             )
         if not self.required:
-            return StageOutcome("skipped", seconds, "none found", detail)
+            return StageOutcome("skipped", seconds, "none found", detail, Reason.TRAINER_NONE_FOUND)
         owner = ctx.owner_uid
         where = agent_dir(self.runtime_dir, owner) if owner is not None else self.runtime_dir
         sentence = (
             f"no trainer agent serves {ctx.model_dir} (looked in {where}, for its owner's trainers); start the "
             "trainer with the preload installed (`fork-sidecar preload install`), or set trainer.required: false"
         )
-        return StageOutcome("failed", seconds, sentence, detail)
+        return StageOutcome("failed", seconds, sentence, detail, Reason.TRAINER_NONE_FOUND)
 
     def _hello(self, agent: AgentSocket, ctx: ForkContext) -> _Hello:
         timeout = min(HELLO_TIMEOUT_S, max(ctx.remaining(), 0.1))
         try:
             reply = call_agent(agent.path, {"op": "hello"}, timeout=timeout, pid=agent.pid)
         except ControlError as e:
-            return _Hello(agent, error=e.message)
+            return _Hello(agent, error=e.message, reason=_control_reason(e, agent))
         if not reply.get("ok"):
-            return _Hello(agent, error=_reply_error(reply))
+            return _Hello(agent, error=_reply_error(reply), reason=_reply_reason(reply))
         return _Hello(agent, reply=reply)
 
     def _fork(self, hello: _Hello, ctx: ForkContext, run_dir: str) -> dict[str, Any]:
@@ -253,14 +284,16 @@ class TrainerStage:
         attempts = 0
         while True:
             attempts += 1
-            reply, error, retry = self._fork_once(agent, ctx, run_dir)
-            if error is None or not retry or attempts > self.retries or ctx.remaining() <= 0:
+            reply, failure, retry = self._fork_once(agent, ctx, run_dir)
+            if failure is None or not retry or attempts > self.retries or ctx.remaining() <= 0:
                 break
         outcome["attempts"] = attempts
         outcome["seconds"] = round(time.monotonic() - started, 4)
-        if error is not None:
+        if failure is not None:
+            error, reason = failure
             outcome["result"] = "failed"
             outcome["error"] = f"trainer pid {agent.pid}{_on(host)}: {error}"
+            outcome["reason"] = reason
             return outcome
         assert reply is not None
         result = reply.get("result")
@@ -273,22 +306,25 @@ class TrainerStage:
             problem = digest_problem(digest)
             if problem is not None:  # e.g. a preload copy older than the daemon: never compare across framings
                 outcome["error"] = f"trainer pid {agent.pid}{_on(host)} answered with a digest that {problem}"
+                outcome["reason"] = Reason.TRAINER_PROTOCOL
             elif digest != ctx.digest:
                 outcome["error"] = (
                     f"trainer pid {agent.pid}{_on(host)} holds {digest} but {ctx.checkpoint_dir} is {ctx.digest}; "
                     "it did not load the forked adapter"
                 )
+                outcome["reason"] = Reason.TRAINER_DIGEST_MISMATCH
         elif result != RESULT_PENDING:
             outcome["error"] = f"trainer pid {agent.pid}{_on(host)} answered an unknown result {result!r}"
+            outcome["reason"] = Reason.TRAINER_PROTOCOL
         return outcome
 
     def _fork_once(
         self, agent: AgentSocket, ctx: ForkContext, run_dir: str
-    ) -> tuple[dict[str, Any] | None, str | None, bool]:
-        """One attempt: (reply, error sentence, worth retrying)."""
+    ) -> tuple[dict[str, Any] | None, tuple[str, Reason] | None, bool]:
+        """One attempt: (reply, (error sentence, reason) or None, worth retrying)."""
         timeout = min(self.agent_timeout, ctx.remaining())
         if timeout <= 0:
-            return None, "no time left before the trainers stage deadline", False
+            return None, ("no time left before the trainers stage deadline", Reason.TRAINER_TIMEOUT), False
         request = ForkRequest(
             fork_id=ctx.fork_id,
             run_dir=run_dir,
@@ -300,11 +336,11 @@ class TrainerStage:
         try:
             reply = call_agent(agent.path, request.to_message(), timeout=timeout, pid=agent.pid)
         except ControlError as e:
-            return None, e.message, e.code in _RETRY_CONTROL_CODES
+            return None, (e.message, _control_reason(e, agent)), e.code in _RETRY_CONTROL_CODES
         if not reply.get("ok"):
             error = reply.get("error")
             code = error.get("code") if isinstance(error, dict) else None
-            return None, _reply_error(reply), code in _RETRY_REPLY_CODES
+            return None, (_reply_error(reply), _reply_reason(reply)), code in _RETRY_REPLY_CODES
         return reply, None, False
 
 

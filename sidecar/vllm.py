@@ -33,11 +33,11 @@ from typing import Any, TypeVar
 
 from sidecar.config import Config
 from sidecar.layout import latest_step
+from sidecar.protocol.reasons import Reason
 from sidecar.run_io import RunIOError, local_run_files
-from sidecar.stages import ForkContext, RunFiles, RunHolder, StageOutcome
+from sidecar.stages import ForkContext, RunFiles, RunHolder, StageOutcome, StageStatus
 from sidecar.vllm_art import names_to_fork, superseded
 from sidecar.vllm_client import (
-    BadAnswer,
     ConnectFailed,
     HttpError,
     ModelCard,
@@ -76,6 +76,7 @@ class _Survey:
     cards: list[ModelCard] | None = None  # None: it did not answer
     adapters: list[str] = field(default_factory=list)  # names served from this run
     error: str | None = None
+    reason: Reason | None = None
 
 
 @dataclass
@@ -100,6 +101,7 @@ class _SnapshotOnce:
         self.path: Path | None = None
         self.method: str | None = None
         self.error: str | None = None
+        self.reason: Reason | None = None
 
     def get(self) -> Path | None:
         with self._lock:
@@ -112,6 +114,7 @@ class _SnapshotOnce:
                     self.path = _real_checkpoints(self._ctx) / name
                 except (RunIOError, OSError, ValueError) as e:
                     self.error = f"could not snapshot {where} for vLLM ({e}); check free space and permissions."
+                    self.reason = Reason.VLLM_SNAPSHOT
             return self.path
 
 
@@ -125,6 +128,7 @@ class _Report:
     attempts: int = 0
     seconds: float = 0.0
     error: str | None = None
+    reason: Reason | None = None
     probe: dict[str, Any] | None = None
     cards: list[ModelCard] | None = None  # the listing after the reload, for snapshot collection
 
@@ -138,6 +142,8 @@ class _Report:
             "seconds": round(self.seconds, 4),
             "error": self.error,
         }
+        if self.reason is not None:
+            out["reason"] = str(self.reason)
         if self.method == "unload+load":
             out["briefly_absent"] = True
         if self.probe is not None:
@@ -184,18 +190,23 @@ class VllmStage:
             detail["kept"] = kept
         if silent:
             detail["unreached"] = [s.target.url for s in silent]
-        errors = [r.error for r in reports if r.error]
-        return StageOutcome("failed" if errors else "ok", time.monotonic() - started, _summarise(errors), detail)
+        failed = [r for r in reports if r.error]
+        seconds = time.monotonic() - started
+        if not failed:
+            return StageOutcome("ok", seconds, None, detail)
+        errors = [r.error for r in failed if r.error]
+        return StageOutcome("failed", seconds, _summarise(errors), detail, failed[0].reason)
 
     def _serve(self, target: ServerTarget, ctx: ForkContext, snapshot: _SnapshotOnce) -> _Served:
         """Survey one server and, if it serves the run, reload it: no waiting for the others in between."""
         survey = self._survey(target, _real_checkpoints(ctx), ctx.deadline)
         if not survey.adapters:
             failed = target.claimed and survey.error is not None
-            return _Served(survey, _Report(target, [], error=survey.error) if failed else None)
+            report = _Report(target, [], error=survey.error, reason=survey.reason) if failed else None
+            return _Served(survey, report)
         path = snapshot.get()
         if path is None:
-            return _Served(survey, _Report(target, list(survey.adapters), error=snapshot.error))
+            return _Served(survey, _Report(target, list(survey.adapters), error=snapshot.error, reason=snapshot.reason))
         return _Served(survey, self._reload(survey, path, ctx.deadline))
 
     def on_start(self, run_dirs: Sequence[Path], hold: RunHolder) -> None:
@@ -243,18 +254,19 @@ class VllmStage:
         return VllmClient(target.url, target.api_key, float(self.config.vllm.request_timeout))
 
     def _survey(self, target: ServerTarget, checkpoints: Path | None, deadline: float) -> _Survey:
-        if target.problem:
-            return _Survey(target, error=target.problem)
+        if target.problem:  # its key file cannot be read
+            return _Survey(target, error=target.problem, reason=Reason.VLLM_UNAUTHORIZED)
         if wrong := _stranger_listens(target):
-            return _Survey(target, error=wrong)
+            return _Survey(target, error=wrong, reason=Reason.VLLM_NOT_ASKED)
         try:
             cards, _ = call_with_retries(
                 lambda: self._client(target).models(deadline), deadline=deadline, policy=self.policy
             )
         except RequestFailed as e:
-            return _Survey(target, error=_explain(e, target, "GET /v1/models"))
+            error, reason = _explain(e, target, "GET /v1/models")
+            return _Survey(target, error=error, reason=reason)
         if checkpoints is not None and target.claimed and (unknown := _unresolvable(cards, target)):
-            return _Survey(target, cards, error=unknown)
+            return _Survey(target, cards, error=unknown, reason=Reason.VLLM_RELATIVE_ROOT)
         adapters = _run_adapters(cards, target, checkpoints) if checkpoints is not None else []
         return _Survey(target, cards, adapters)
 
@@ -267,7 +279,8 @@ class VllmStage:
             why = f"no vLLM server that answered serves {ctx.model_dir}, and one that did not may: {silent[0].error}"
             why += more
             detail = {"servers": [], "unreached": [s.target.url for s in silent]}
-            return StageOutcome("failed" if self.config.vllm.required else "skipped", seconds, why, detail)
+            status: StageStatus = "failed" if self.config.vllm.required else "skipped"
+            return StageOutcome(status, seconds, why, detail, silent[0].reason)
         if self.config.vllm.required:
             model = ctx.model_dir.name
             return StageOutcome(
@@ -275,8 +288,9 @@ class VllmStage:
                 seconds,
                 f"vllm.required is true but no vLLM server serves {ctx.model_dir}; start one with "
                 f"--lora-modules {model}@0={ctx.checkpoint_dir} or list it under vllm.servers.",
+                reason=Reason.VLLM_NONE_FOUND,
             )
-        return StageOutcome("skipped", seconds, detail={"servers": [], "reason": "none found"})
+        return StageOutcome("skipped", seconds, detail={"servers": []}, reason=Reason.VLLM_NONE_FOUND)
 
     # --- reloading one server -------------------------------------------------------------------------------------
     def _reload(self, survey: _Survey, snapshot: Path, deadline: float) -> _Report:
@@ -284,10 +298,10 @@ class VllmStage:
         target = survey.target
         report = _Report(target, list(survey.adapters))
         if survey.error:
-            report.error = survey.error
+            report.error, report.reason = survey.error, survey.reason
             return report
         if wrong := _stranger_listens(target):  # again: the snapshot took a moment, and the port may have changed
-            report.error = wrong
+            report.error, report.reason = wrong, Reason.VLLM_NOT_ASKED
             return report
         client = self._client(target)
         target_root = snapshot  # real already (_real_checkpoints): not resolved again through the run
@@ -303,11 +317,13 @@ class VllmStage:
             cards, _ = call_with_retries(lambda: client.models(deadline), deadline=deadline, policy=self.policy)
             report.cards = cards
             report.error = _verify_roots(cards, survey.adapters, target, target_root)
-            if report.error is None and self.config.vllm.probe:
+            if report.error is not None:
+                report.reason = Reason.VLLM_ROOT_MISMATCH
+            elif self.config.vllm.probe:
                 report.probe = self._probe(client, survey.adapters[0], deadline)
         except RequestFailed as e:
             report.attempts += e.attempts
-            report.error = _explain(e, target, f"reload {', '.join(survey.adapters)} from {snapshot}")
+            report.error, report.reason = _explain(e, target, f"reload {', '.join(survey.adapters)} from {snapshot}")
         report.seconds = time.monotonic() - started
         if report.error:
             log.error("%s", report.error)
@@ -534,46 +550,47 @@ def _verify_roots(cards: list[ModelCard], names: list[str], target: ServerTarget
     return None
 
 
-def _explain(e: RequestFailed, target: ServerTarget, what: str) -> str:
-    """One sentence a person can act on, for a request that failed (never containing the key)."""
-    sentence = _sentence(e, target, what)
-    return sentence.replace(target.api_key, "***") if target.api_key else sentence
+def _explain(e: RequestFailed, target: ServerTarget, what: str) -> tuple[str, Reason]:
+    """One sentence a person can act on, for a request that failed (never containing the key), and its reason."""
+    sentence, reason = _sentence(e, target, what)
+    return (sentence.replace(target.api_key, "***") if target.api_key else sentence), reason
 
 
-def _sentence(e: RequestFailed, target: ServerTarget, what: str) -> str:
+def _sentence(e: RequestFailed, target: ServerTarget, what: str) -> tuple[str, Reason]:
     url = target.url
     if isinstance(e, ConnectFailed) and e.maybe_applied and not what.startswith("GET"):
         return (
             f"vLLM server {url} ({target.origin}) did not answer {what} in time ({e}) and does not list the new "
             "root; it may still apply it (its snapshot is kept) - check its log, then fork again."
-        )
+        ), Reason.VLLM_UNREACHABLE
     if isinstance(e, ConnectFailed):
         return (
             f"vLLM server {url} ({target.origin}) did not answer {what} ({e}) after {e.attempts} attempt(s); "
             "check that it runs - a restarted server loads checkpoints/0000, which already holds the fork."
-        )
-    if isinstance(e, BadAnswer):
+        ), Reason.VLLM_UNREACHABLE
+    if not isinstance(e, HttpError):  # BadAnswer, or an answer of the wrong shape
         return (
             f"vLLM server {url} ({target.origin}) answered {what} with {e}; check that the URL is the vLLM server "
             "itself (not a proxy or another service) and that it is healthy."
-        )
-    assert isinstance(e, HttpError)
+        ), Reason.VLLM_BAD_ANSWER
     if e.route_missing and what.startswith("GET"):
-        return f"{url} ({target.origin}) is not a vLLM OpenAI server (HTTP {e.status} on {what}); check its URL."
+        sentence = f"{url} ({target.origin}) is not a vLLM OpenAI server (HTTP {e.status} on {what}); check its URL."
+        return sentence, Reason.VLLM_NOT_VLLM
     if e.route_missing:
         return (
             f"vLLM server {url} has no runtime LoRA loading (HTTP {e.status} on /v1/load_lora_adapter); restart it "
             "with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment."
-        )
+        ), Reason.VLLM_ROUTE_MISSING
     if e.status in (401, 403):
         fix = (
             "the configured key was refused; check api_key_file / api_key_env"
             if target.api_key
             else "give its key with api_key_file or api_key_env under vllm.servers (or run the daemon as its user)"
         )
-        return f"vLLM server {url} requires an API key (HTTP {e.status} on {what}); {fix}."
+        return f"vLLM server {url} requires an API key (HTTP {e.status} on {what}); {fix}.", Reason.VLLM_UNAUTHORIZED
     tries = f"after {e.attempts} attempt(s)"
-    return f"vLLM server {url} ({target.origin}) failed to {what} (HTTP {e.status}: {e.message}) {tries}."
+    sentence = f"vLLM server {url} ({target.origin}) failed to {what} (HTTP {e.status}: {e.message}) {tries}."
+    return sentence, Reason.VLLM_HTTP_ERROR
 
 
 def _summarise(errors: list[str]) -> str | None:

@@ -21,9 +21,9 @@ from sidecar.config import Config, load_config
 from sidecar.control import ControlServer, PeerCred, agent_socket_path, ok_reply
 from sidecar.doctor import Context, Finding, run_checks
 from sidecar.journal import Journal
+from tests.support.fake_vllm import FakeVllm
 from tests.test_preload_install import make_venv
 from tests.test_swap import fuse_without_exchange
-from tests.test_vllm import FakeVllm
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from sidecar.pipeline import ForkPipeline
 from sidecar.states import ForkState
 from tests.support.adapters import write_adapter
 from tests.support.daemon import DaemonProcess, wait_for, wait_outcome, write_config
-from tests.test_vllm import FakeVllm
+from tests.support.fake_vllm import FakeVllm
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -115,6 +115,7 @@ def test_a_failed_fork_counts_one_reason_per_failed_server_and_agent(metrics: Me
                 {
                     "pid": 7,
                     "error": "trainer pid 7 holds sha256:aa but x is sha256:bb; it did not load the forked adapter",
+                    "reason": "trainer_digest_mismatch",
                 },
                 {"pid": 8, "result": "loaded"},
             ],
@@ -123,8 +124,8 @@ def test_a_failed_fork_counts_one_reason_per_failed_server_and_agent(metrics: Me
             "status": "failed",
             "seconds": 0.4,
             "servers": [
-                {"url": "http://a", "error": "vLLM server http://a has no runtime LoRA loading (HTTP 404 on ...)"},
-                {"url": "http://b", "error": "vLLM server http://b requires an API key (HTTP 401 on GET /v1/models)"},
+                {"url": "http://a", "error": "no runtime LoRA loading", "reason": "vllm_route_missing"},
+                {"url": "http://b", "error": "requires an API key", "reason": "vllm_unauthorized"},
                 {"url": "http://c", "error": None},
             ],
         },
@@ -144,28 +145,23 @@ def test_a_failed_fork_counts_one_reason_per_failed_server_and_agent(metrics: Me
 @pytest.mark.parametrize(
     ("stages", "reasons"),
     [
-        ({"vllm": {"status": "failed", "error": "could not snapshot /x for vLLM (ENOSPC)"}}, ["vllm_snapshot"]),
+        ({"vllm": {"status": "failed", "error": "e", "reason": "vllm_snapshot"}}, ["vllm_snapshot"]),
         (
-            {"vllm": {"status": "failed", "error": "vllm.required is true but no vLLM server serves /x; start one"}},
-            ["vllm_none_found"],
-        ),
-        (
-            {"vllm": {"status": "failed", "servers": [{"error": "vLLM server u (pid 3) did not answer GET (x)"}]}},
+            {"vllm": {"status": "failed", "servers": [{"error": "e", "reason": "vllm_unreachable"}, {"error": None}]}},
             ["vllm_unreachable"],
         ),
         (
-            {"vllm": {"status": "failed", "servers": [{"error": "vLLM server u failed to reload (HTTP 500: boom)"}]}},
-            ["vllm_http_error"],
+            {"trainers": {"status": "failed", "agents": [{"error": "e", "reason": "trainer_timeout"}]}},
+            ["trainer_timeout"],
         ),
-        (
-            {"trainers": {"status": "failed", "error": "no trainer agent serves /x (looked in /run)"}},
-            ["trainer_none_found"],
-        ),
-        ({"trainers": {"status": "skipped", "error": "none found"}}, []),
+        # A failure without a reason (written by an older daemon), or one this daemon does not know: that side's other.
+        ({"vllm": {"status": "failed", "servers": [{"error": "HTTP 500"}]}}, ["vllm_other"]),
+        ({"trainers": {"status": "failed", "error": "e", "reason": "vllm_snapshot"}}, ["trainer_other"]),
+        ({"trainers": {"status": "skipped", "error": "none found", "reason": "trainer_none_found"}}, []),
         ({"swap": {"status": "failed"}}, []),
     ],
 )
-def test_reload_error_reasons(stages: dict[str, object], reasons: list[str]) -> None:
+def test_reload_error_reasons_are_read_from_the_outcome(stages: dict[str, object], reasons: list[str]) -> None:
     assert reload_error_reasons(stages) == reasons
     assert set(reasons) <= set(REASONS)
 

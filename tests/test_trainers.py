@@ -24,6 +24,7 @@ from sidecar import preload  # noqa: E402
 from sidecar.adapter import adapter_digest  # noqa: E402
 from sidecar.config import Config, Duration, TrainerConfig, load_config  # noqa: E402
 from sidecar.control import agent_dir, agent_socket_path  # noqa: E402
+from sidecar.metrics import reload_error_reasons  # noqa: E402
 from sidecar.preload import art  # noqa: E402
 from sidecar.run_io import local_run_files  # noqa: E402
 from sidecar.stages import ForkContext  # noqa: E402
@@ -56,6 +57,11 @@ def dead_pid() -> int:
     return int(done.stdout)
 
 
+def counted(outcome: Any) -> list[str]:
+    """The `fork_sidecar_reload_errors_total` labels this stage outcome counts, as the daemon records it."""
+    return reload_error_reasons({"trainers": outcome.to_json()})
+
+
 def leave_socket(path: Path) -> None:
     """A socket file with nobody listening, as a killed trainer leaves behind."""
     s = socket.socket(socket.AF_UNIX)
@@ -67,8 +73,10 @@ def leave_socket(path: Path) -> None:
 def test_no_agent_is_skipped_unless_required(runtime_dir: Path, run_dir: Path) -> None:
     outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
     assert outcome.status == "skipped" and outcome.error == "none found"
+    assert outcome.to_json()["reason"] == "trainer_none_found" and counted(outcome) == []
     outcome = TrainerStage(config(runtime_dir, required=True)).run(context(run_dir))
     assert outcome.status == "failed"
+    assert counted(outcome) == ["trainer_none_found"]
     assert str(run_dir) in (outcome.error or "") and "fork-sidecar preload install" in (outcome.error or "")
 
 
@@ -99,6 +107,7 @@ def test_a_digest_mismatch_fails_with_who_holds_what(runtime_dir: Path, run_dir:
     held = adapter_digest(run_dir / "checkpoints" / "0000")
     assert f"trainer pid {os.getpid()}" in (outcome.error or "")
     assert held in (outcome.error or "") and claimed in (outcome.error or "")
+    assert counted(outcome) == ["trainer_digest_mismatch"]
 
 
 def test_an_agent_replying_with_the_old_digest_framing_is_refused_with_the_fix(
@@ -125,6 +134,7 @@ def test_an_agent_replying_with_the_old_digest_framing_is_refused_with_the_fix(
     error = outcome.error or ""
     assert f"trainer pid {os.getpid()}" in error and "old adapter digest" in error, error
     assert "fork-sidecar preload install" in error
+    assert counted(outcome) == ["trainer_protocol"]
 
 
 def test_an_agent_that_cannot_load_fails_the_stage(runtime_dir: Path, run_dir: Path, model: Any) -> None:
@@ -135,6 +145,7 @@ def test_an_agent_that_cannot_load_fails_the_stage(runtime_dir: Path, run_dir: P
     outcome = TrainerStage(config(runtime_dir)).run(ctx)
     assert outcome.status == "failed" and "damaged" in (outcome.error or "")
     assert outcome.detail["agents"][0]["attempts"] == 1  # a refusal is not retried
+    assert counted(outcome) == ["trainer_load_failed"]
 
 
 def test_a_step_that_never_ends_is_retried_then_reported(runtime_dir: Path, run_dir: Path, model: Any) -> None:
@@ -144,6 +155,9 @@ def test_a_step_that_never_ends_is_retried_then_reported(runtime_dir: Path, run_
     assert outcome.status == "failed"
     assert outcome.detail["agents"][0]["attempts"] == 2
     assert "training step was still running" in (outcome.error or "")
+    # A step that never ends is a timeout (the old sentence regexes counted it as trainer_other).
+    assert outcome.detail["agents"][0]["reason"] == "trainer_timeout"
+    assert counted(outcome) == ["trainer_timeout"]
 
 
 def test_retry_succeeds_once_the_step_ends(runtime_dir: Path, run_dir: Path, model: Any) -> None:

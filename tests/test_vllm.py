@@ -503,8 +503,14 @@ def test_no_server_means_skipped_unless_required(tmp_path: Path, run_dir: Path, 
     skipped = VllmStage(config, policy=FAST).run(ctx)
     required = VllmStage(make_config(tmp_path, required=True), policy=FAST).run(ctx)
 
-    assert skipped.status == "skipped" and skipped.detail == {"servers": [], "reason": "none found"}
+    assert skipped.status == "skipped" and skipped.to_json() == {
+        "status": "skipped",
+        "seconds": round(skipped.seconds, 4),
+        "reason": "vllm_none_found",
+        "servers": [],
+    }
     assert required.status == "failed" and required.error is not None
+    assert required.to_json()["reason"] == "vllm_none_found"
     assert "vllm.required is true" in required.error and f"m@0={run_dir / 'checkpoints' / '0000'}" in required.error
     assert elsewhere.requests == []
 

@@ -7,6 +7,9 @@ a 5xx; never a 4xx), and the outcome names the peer (trainer pid, server URL) an
 is not undone by a notification failure: `checkpoints/0000` holds the new adapter, the outcome says `failed`, and
 the daemon keeps forking other runs.
 
+Each failure is counted under the right `fork_sidecar_reload_errors_total{reason}` label (issue 12: the reason is
+set where the failure is known, never read back from the sentence), read from the daemon's own metrics textfile.
+
 The peers are real: the agent stand-in is a separate Python process listening on
 `{runtime_dir}/<its uid>/agent-<its pid>.sock` (so the daemon's SO_PEERCRED, directory and socket-owner checks pass as
 they would for a trainer) and speaking the protocol of sidecar/control.py by hand, because the real agent never hangs
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.control import agent_socket_path
 from tests.reliability.support import Fleet, Settled, make_run, settled, silent_server, tree_digest, wait_settled
@@ -34,9 +38,10 @@ pytestmark = pytest.mark.timeout(60)
 
 # A trainer agent serving run argv[2] that receives the op named argv[4] ("fork" or "hello") and never answers it;
 # it answers `hello` otherwise. It writes each fork_id it receives to argv[3], so the test knows the request
-# arrived before it kills the process.
+# arrived before it kills the process. With argv[4] "refuse" it closes its listener and lives on: its socket file
+# stays and every connection is refused, as for a trainer whose agent thread died.
 AGENT_STAND_IN = r"""
-import json, os, socket, sys
+import json, os, socket, sys, time
 runtime, run_dir, got, hang_on = sys.argv[1:5]
 os.makedirs(os.path.join(runtime, str(os.geteuid())), mode=0o700, exist_ok=True)
 path = os.path.join(runtime, str(os.geteuid()), f"agent-{os.getpid()}.sock")
@@ -44,6 +49,10 @@ listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 listener.bind(path)
 os.chmod(path, 0o600)
 listener.listen(16)
+if hang_on == "refuse":
+    listener.close()
+    while True:
+        time.sleep(60)
 held = []
 while True:
     conn, _ = listener.accept()
@@ -107,6 +116,30 @@ def agent_factory(tmp_path: Path) -> Iterator[Any]:
         agent.kill()
 
 
+def metered(tmp_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` with the daemon's metrics written to a textfile in `tmp_path` (read by `reload_errors`)."""
+    return {**overrides, "metrics": {"textfile": str(tmp_path / "metrics.prom")}}
+
+
+def reload_errors(tmp_path: Path, within: float = 10.0) -> dict[str, float]:
+    """The non-zero `fork_sidecar_reload_errors_total` samples by reason, once the daemon has counted a failure."""
+
+    def counted() -> dict[str, float]:
+        try:
+            text = (tmp_path / "metrics.prom").read_text()
+        except FileNotFoundError:
+            return {}
+        return {
+            s.labels["reason"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "fork_sidecar_reload_errors_total" and s.value
+        }
+
+    found: dict[str, float] = wait_for(counted, within, "a reload error counted in the metrics textfile")
+    return found
+
+
 def forks_another_run(fleet: Fleet, art: Path, name: str) -> dict[str, Any]:
     model_dir = make_run(art, project="alive", model=name, steps=(5,))
     (model_dir / ".fork").write_text("step: 5\n")
@@ -148,7 +181,7 @@ def test_agent_that_hangs_mid_fork_is_bounded_and_named(tmp_path: Path, agent_fa
     art = tmp_path / "art"
     model_dir = make_run(art, steps=(3,))
     agent = agent_factory(model_dir)
-    with Fleet(tmp_path, [art], overrides=TRAINER_OVERRIDES) as fleet:
+    with Fleet(tmp_path, [art], overrides=metered(tmp_path, TRAINER_OVERRIDES)) as fleet:
         fleet.start(0)
         (model_dir / ".fork").write_text("step: 3\n")
         outcome = assert_swapped_but_failed(fleet, model_dir, 3, 20)
@@ -156,6 +189,9 @@ def test_agent_that_hangs_mid_fork_is_bounded_and_named(tmp_path: Path, agent_fa
         assert trainers["status"] == "failed", trainers
         assert f"trainer pid {agent.pid}" in outcome["error"], outcome["error"]
         assert "in time" in trainers["error"], trainers  # "peer did not send a complete message in time"
+        # A hung agent is a timeout (the old sentence regexes counted it as trainer_other).
+        assert trainers["reason"] == trainers["agents"][0]["reason"] == "trainer_timeout", trainers
+        assert reload_errors(tmp_path) == {"trainer_timeout": 1}
         # One attempt per agent_timeout (1 s), one retry (a timeout is worth another try), all inside 3 s.
         (report,) = trainers["agents"]
         assert report["pid"] == agent.pid and report["attempts"] == 2, report
@@ -173,7 +209,7 @@ def test_agent_killed_mid_fork_is_reported_at_once_and_its_socket_cleaned(tmp_pa
     agent = agent_factory(model_dir)
     # A long agent_timeout: a death must be noticed from the connection, not by waiting the timeout out.
     overrides = {"trainer": {"agent_timeout": "10s", "retries": 1}, "timeouts": {"trainers": "20s"}}
-    with Fleet(tmp_path, [art], overrides=overrides) as fleet:
+    with Fleet(tmp_path, [art], overrides=metered(tmp_path, overrides)) as fleet:
         fleet.start(0)
         (model_dir / ".fork").write_text("step: 3\n")
         wait_for(agent.forks_received, 10, "the fork request at the agent")
@@ -184,6 +220,8 @@ def test_agent_killed_mid_fork_is_reported_at_once_and_its_socket_cleaned(tmp_pa
         error = trainers["error"]
         assert f"trainer pid {agent.pid}" in error, error
         assert any(w in error for w in ("is gone", "connection", "Connection refused", "closed")), error
+        assert trainers["reason"] == "trainer_gone", trainers
+        assert reload_errors(tmp_path) == {"trainer_gone": 1}
         assert trainers["seconds"] < 5.0, trainers
         assert len(agent.forks_received()) == 1  # the retry found the process gone; nothing else received it
         assert agent.socket.exists()  # a killed process cannot remove its own socket...
@@ -215,7 +253,7 @@ def test_silent_agent_is_named_in_the_stage_error(tmp_path: Path, agent_factory:
     model_dir = make_run(art, steps=(3,))
     agent = agent_factory(model_dir, hang_on="hello")
     overrides = {**TRAINER_OVERRIDES, "trainer": {**TRAINER_OVERRIDES["trainer"], "required": required}}
-    with Fleet(tmp_path, [art], overrides=overrides) as fleet:
+    with Fleet(tmp_path, [art], overrides=metered(tmp_path, overrides)) as fleet:
         fleet.start(0)
         (model_dir / ".fork").write_text("step: 3\n")
         view = wait_settled(model_dir, [fleet.state_dir(0)], 20)
@@ -224,6 +262,25 @@ def test_silent_agent_is_named_in_the_stage_error(tmp_path: Path, agent_factory:
         assert trainers["status"] == ("failed" if required else "skipped"), trainers
         # It may be this run's trainer, stuck: the sentence a person reads must say which pid did not answer.
         assert f"pid {agent.pid}" in trainers["error"], trainers
+        assert trainers["reason"] == trainers["unreachable"][0]["reason"] == "trainer_timeout", trainers
+        if required:
+            assert reload_errors(tmp_path) == {"trainer_timeout": 1}
+
+
+def test_agent_that_refuses_connections_is_counted_unreachable(tmp_path: Path, agent_factory: Any) -> None:
+    art = tmp_path / "art"
+    model_dir = make_run(art, steps=(3,))
+    agent = agent_factory(model_dir, hang_on="refuse")
+    overrides = {**TRAINER_OVERRIDES, "trainer": {**TRAINER_OVERRIDES["trainer"], "required": True}}
+    with Fleet(tmp_path, [art], overrides=metered(tmp_path, overrides)) as fleet:
+        fleet.start(0)
+        (model_dir / ".fork").write_text("step: 3\n")
+        outcome = assert_swapped_but_failed(fleet, model_dir, 3, 20)
+        trainers = outcome["trainers"]
+        assert f"pid {agent.pid}" in trainers["error"] and "refused" in trainers["error"], trainers
+        assert trainers["reason"] == "trainer_unreachable", trainers
+        assert reload_errors(tmp_path) == {"trainer_unreachable": 1}
+        assert agent.proc.poll() is None  # alive: not taken for a gone trainer
 
 
 # --- vLLM servers -----------------------------------------------------------------------------------------------
@@ -252,7 +309,7 @@ def vllm_overrides(url: str, stage_s: float) -> dict[str, Any]:
 def test_vllm_that_accepts_but_never_answers_is_bounded_and_named(tmp_path: Path) -> None:
     art = tmp_path / "art"
     model_dir = make_run(art, steps=(3,))
-    with silent_server() as url, Fleet(tmp_path, [art], overrides=vllm_overrides(url, 2.0)) as fleet:
+    with silent_server() as url, Fleet(tmp_path, [art], overrides=metered(tmp_path, vllm_overrides(url, 2.0))) as fleet:
         fleet.start(0)
         (model_dir / ".fork").write_text("step: 3\n")
         outcome = assert_swapped_but_failed(fleet, model_dir, 3, 20)
@@ -262,6 +319,8 @@ def test_vllm_that_accepts_but_never_answers_is_bounded_and_named(tmp_path: Path
         assert vllm["seconds"] <= 2.0 + 0.5, vllm
         (server,) = vllm["servers"]
         assert server["url"] == url
+        assert server["reason"] == vllm["reason"] == "vllm_unreachable", vllm
+        assert reload_errors(tmp_path) == {"vllm_unreachable": 1}
         assert leftovers_of(model_dir) == []  # no snapshot made for a server that never listed the run
 
 
@@ -276,7 +335,7 @@ def test_vllm_load_errors_retry_5xx_only_and_name_the_server(
     art = tmp_path / "art"
     model_dir = make_run(art, steps=(3,))
     server = vllm_factory(model_dir, load_error=(status, "engine dead" if status >= 500 else "bad adapter config"))
-    with Fleet(tmp_path, [art], overrides=vllm_overrides(server.url, 3.0)) as fleet:
+    with Fleet(tmp_path, [art], overrides=metered(tmp_path, vllm_overrides(server.url, 3.0))) as fleet:
         fleet.start(0)
         (model_dir / ".fork").write_text("step: 3\n")
         outcome = assert_swapped_but_failed(fleet, model_dir, 3, 20)
@@ -284,6 +343,8 @@ def test_vllm_load_errors_retry_5xx_only_and_name_the_server(
         assert vllm["status"] == "failed", vllm
         assert server.url in vllm["error"] and f"HTTP {status}" in vllm["error"], vllm
         (report,) = vllm["servers"]
+        assert report["reason"] == vllm["reason"] == "vllm_http_error", vllm
+        assert reload_errors(tmp_path) == {"vllm_http_error": 1}
         assert report["attempts"] == len(server.arrived("/v1/load_lora_adapter")), (
             report,
             len(server.arrived("/v1/load_lora_adapter")),
@@ -303,6 +364,33 @@ def test_vllm_load_errors_retry_5xx_only_and_name_the_server(
             model_dir / "checkpoints" / "0003"
         )
         forks_another_run(fleet, art, f"after-{status}")  # the server lists no adapter of that run: skipped
+
+
+@pytest.mark.parametrize(
+    ("knobs", "reason"),
+    [
+        ({"hang_paths": ("/v1/load_lora_adapter",)}, "vllm_unreachable"),
+        ({"api_key": "the-servers-key"}, "vllm_unauthorized"),
+        ({"runtime_lora": False}, "vllm_route_missing"),
+        ({"ignore_loads": True}, "vllm_root_mismatch"),
+    ],
+    ids=["hangs", "401", "404", "keeps-the-old-root"],
+)
+def test_each_vllm_failure_is_counted_under_its_reason(
+    tmp_path: Path, vllm_factory: Any, knobs: dict[str, Any], reason: str
+) -> None:
+    art = tmp_path / "art"
+    model_dir = make_run(art, steps=(3,))
+    server = vllm_factory(model_dir, **knobs)
+    with Fleet(tmp_path, [art], overrides=metered(tmp_path, vllm_overrides(server.url, 2.0))) as fleet:
+        fleet.start(0)
+        (model_dir / ".fork").write_text("step: 3\n")
+        outcome = assert_swapped_but_failed(fleet, model_dir, 3, 20)
+        vllm = outcome["vllm"]
+        (report,) = vllm["servers"]
+        assert server.url in vllm["error"], vllm
+        assert report["reason"] == vllm["reason"] == reason, vllm
+        assert reload_errors(tmp_path) == {reason: 1}
 
 
 def test_vllm_restarted_during_the_stage_is_retried_to_success(tmp_path: Path, vllm_factory: Any) -> None:

@@ -1,0 +1,1 @@
+"""What both ends of the control socket share (the daemon and the preload inside trainers)."""
