@@ -706,7 +706,8 @@ def _which_is_new(
 
 
 def _plan_install(has_live: bool, has_stage: bool, has_retired: bool, new: str | None) -> str:
-    """Pure: the next operation for the names present and which entry is new ("0000", "stage", None).
+    """Pure: the next operation for the names present and which entry holds the new adapter ("live" is 0000,
+    "stage", or None for neither).
 
     Returns one of: "exchange" (stage <-> 0000), "retire" (stage -> retired), "promote" (stage -> 0000),
     "done", or "error:<reason>".

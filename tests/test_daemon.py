@@ -341,32 +341,40 @@ def test_verify_catches_a_writer_that_replaced_0000_after_the_swap(tmp_path: Pat
     assert outcome["verify"]["disk_digest"] != outcome["digest"]  # type: ignore[index]
 
 
-@pytest.mark.parametrize(("age_s", "adopted"), [(600.0, True), (0.0, False)])
-def test_claim_of_another_host_is_taken_over_only_after_its_lease(
-    tmp_path: Path, art: Path, age_s: float, adopted: bool
-) -> None:
-    """Shared filesystems: a claim whose heartbeat is older than timeouts.claim_lease belongs to a dead daemon."""
-    model_dir = make_run(art)
-    claim = {
-        "fork_id": "20260101T000000Z-0a0b0c",
-        "claimed_by": {"host": "another-node", "pid": 4242, "state_dir": "/var/lib/fork-sidecar"},
-        "heartbeat_at": time.time() - age_s,
-        "request": {"kind": "step", "step": 3},
-        "marker": "step: 3\n",
-    }
-    (model_dir / ".fork.inprogress").write_text(json.dumps(claim))
-    # The dead claimer had staged its copy; taking over must settle it, leaving one complete 0000.
-    write_adapter(model_dir / "checkpoints" / ".fork-stage-20260101T000000Z-0a0b0c", seed=5)
+def test_claim_of_another_host_is_taken_over_only_after_its_lease(tmp_path: Path, art: Path) -> None:
+    """Shared filesystems: a claim whose heartbeat is older than timeouts.claim_lease belongs to a dead daemon.
+
+    Two runs claimed by another host, one heartbeat an hour old (the control: it must be adopted), one fresh; once the
+    daemon has adopted and finished the stale one, the fresh one has been offered for adoption as often, and is not
+    taken."""
+    claims = {}
+    for model, age_s, fork_id in (
+        ("stale", 3600.0, "20260101T000000Z-0a0b0c"),
+        ("fresh", 0.0, "20260101T000000Z-0d0e0f"),
+    ):
+        model_dir = make_run(art, model=model)
+        claim = {
+            "fork_id": fork_id,
+            "claimed_by": {"host": "another-node", "pid": 4242, "state_dir": "/var/lib/fork-sidecar"},
+            "heartbeat_at": time.time() - age_s,
+            "request": {"kind": "step", "step": 3},
+            "marker": "step: 3\n",
+        }
+        (model_dir / ".fork.inprogress").write_text(json.dumps(claim))
+        # The claimer had staged its copy; taking over must settle it, leaving one complete 0000.
+        write_adapter(model_dir / "checkpoints" / f".fork-stage-{fork_id}", seed=5)
+        claims[model] = (model_dir, claim)
     config = write_config(
         tmp_path / "config.yaml", [art], tmp_path / "state", tmp_path / "run", timeouts={"claim_lease": "30s"}
     )
+    stale, _ = claims["stale"]
+    fresh, fresh_claim = claims["fresh"]
     with DaemonProcess(config, tmp_path / "daemon.log"):
-        if adopted:
-            assert_forked(model_dir, model_dir / "checkpoints" / "0003")
-        else:
-            time.sleep(2.5)  # several main-loop ticks, each offering the claim for adoption
-            assert json.loads((model_dir / ".fork.inprogress").read_text())["fork_id"] == claim["fork_id"]
-            assert read_outcome(model_dir) is None
+        assert_forked(stale, stale / "checkpoints" / "0003")
+        time.sleep(1.0)  # a few more main-loop ticks, each offering the fresh claim for adoption again
+        assert json.loads((fresh / ".fork.inprogress").read_text())["fork_id"] == fresh_claim["fork_id"]
+        assert read_outcome(fresh) is None
+        assert (fresh / "checkpoints" / f".fork-stage-{fresh_claim['fork_id']}").is_dir()  # its stage left alone
 
 
 def test_temp_files_of_dead_writers_are_collected_at_start(tmp_path: Path, art: Path, daemon: DaemonProcess) -> None:

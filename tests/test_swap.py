@@ -316,13 +316,44 @@ def test_identical_weights_count_as_installed(checkpoints: Path) -> None:
     assert names(checkpoints) == [RETIRED, "0000", "0005"]
 
 
-def test_plan_covers_every_combination() -> None:
-    for live in (False, True):
-        for staged in (False, True):
-            for retired in (False, True):
-                for new in ("live", "stage", None):
-                    action = _plan_install(live, staged, retired, new)
-                    assert action in {"exchange", "retire", "promote", "done"} or action.startswith("error:")
+# Every input of the install planner against the action it must take: (0000 present, stage present, retired
+# present, which of 0000 / stage holds the new adapter) -> next action. 24 rows, all of them.
+PLAN = [
+    # 0000  stage  retired new      action
+    (True, True, True, "stage", "error:conflict"),
+    (True, True, True, "live", "error:conflict"),
+    (True, True, True, None, "error:conflict"),
+    (True, True, False, "stage", "exchange"),
+    (True, True, False, "live", "retire"),
+    (True, True, False, None, "error:neither"),
+    (True, False, True, "stage", "error:stage-gone"),
+    (True, False, True, "live", "done"),
+    (True, False, True, None, "error:stage-gone"),
+    (True, False, False, "stage", "error:stage-gone"),
+    (True, False, False, "live", "done"),
+    (True, False, False, None, "error:stage-gone"),
+    (False, True, True, "stage", "promote"),
+    (False, True, True, "live", "error:neither"),
+    (False, True, True, None, "error:neither"),
+    (False, True, False, "stage", "promote"),
+    (False, True, False, "live", "error:neither"),
+    (False, True, False, None, "error:neither"),
+    (False, False, True, "stage", "error:retired-only"),
+    (False, False, True, "live", "error:retired-only"),
+    (False, False, True, None, "error:retired-only"),
+    (False, False, False, "stage", "error:nothing"),
+    (False, False, False, "live", "error:nothing"),
+    (False, False, False, None, "error:nothing"),
+]
+
+
+def test_plan_table_is_complete() -> None:
+    assert len({row[:4] for row in PLAN}) == 2 * 2 * 2 * 3
+
+
+@pytest.mark.parametrize(("live", "staged", "retired", "new", "action"), PLAN)
+def test_plan_takes_the_expected_action(live: bool, staged: bool, retired: bool, new: str | None, action: str) -> None:
+    assert _plan_install(live, staged, retired, new) == action
 
 
 @pytest.mark.parametrize(

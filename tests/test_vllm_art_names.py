@@ -13,7 +13,8 @@ from sidecar.vllm import VllmStage
 from sidecar.vllm_art import names_to_fork, superseded
 from sidecar.vllm_discovery import ServerTarget
 from tests.support.adapters import write_adapter
-from tests.test_vllm import FAST, FakeVllm, fakes, make_config, run_dir, start_fake, swap_in
+from tests.support.fake_vllm import FakeVllm
+from tests.test_vllm import FAST, fakes, make_config, run_dir, start_fake, swap_in
 
 __all__ = ["fakes", "run_dir"]
 
