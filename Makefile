@@ -42,10 +42,10 @@ art-venvs art-venv:
 	$(CACHED_VENV) $(ART_VENV) art-0.5.18 --python $(PYTHON)
 	$(CACHED_VENV) $(ART523_VENV) art-0.5.23 --python $(PYTHON312)
 
-# Every test, each ART test against every supported openpipe-art (a missing ART venv fails, never skips), then the
-# fast suite again on Python 3.12.
+# Every test, each ART test against every supported openpipe-art (a missing ART venv fails, never skips), the etcd
+# tests against a real etcd (a missing `etcd` binary fails too), then the fast suite again on Python 3.12.
 test: $(STAMP) $(VLLM_STAMP) art-venvs
-	FORK_SIDECAR_REQUIRE_ART=1 $(PY) -m pytest -q -ra
+	FORK_SIDECAR_REQUIRE_ART=1 FORK_SIDECAR_REQUIRE_ETCD=1 $(PY) -m pytest -q -ra
 	$(MAKE) --no-print-directory test-py312
 
 test-fast: $(STAMP)
@@ -54,12 +54,13 @@ test-fast: $(STAMP)
 # The package, the preload and the fast suite on Python 3.12, with ART 0.5.23's stack (torch 2.11, transformers 5.2).
 # Left out there, for that environment rather than the code: the unit-file check (it wants the package's
 # console script next to the interpreter; the cached venv holds no project) and the not-writable check run as
-# `nobody` (pyenv's 3.12 under /root does not start for nobody here).
+# `nobody` (pyenv's 3.12 under /root does not start for nobody here), and the etcd tests (the cached venv has no
+# etcd3gw; the coordination code is the same Python either way).
 PY312_LEFT_OUT := \
 	tests/test_systemd_unit.py::test_systemd_analyze_verify_prints_nothing \
 	tests/test_preload_install.py::test_site_packages_not_writable_says_sudo_or_venv
 test-py312: art-venvs
-	$(ART523_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider -m "not vllm and not slow" \
+	$(ART523_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider -m "not vllm and not slow and not etcd" \
 		$(addprefix --deselect ,$(PY312_LEFT_OUT))
 
 test-vllm-fast: $(STAMP) $(VLLM_STAMP)

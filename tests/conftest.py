@@ -12,11 +12,17 @@ from typing import Any
 
 import pytest
 
+from tests.support.etcd_server import EtcdServer, start_etcd
 from tests.support.tiny_model import TinyAssets
 from tests.support.vllm_server import VLLM_VENV, VllmServer, start_vllm_server, vllm_python
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, so `-m "not etcd"` sees the marks added here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        # Everything that starts a real etcd is an etcd test, whether or not its author marked it.
+        if "etcd_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.etcd)
     if vllm_python() is not None:
         return
     skip = pytest.mark.skip(reason=f"needs the vLLM CPU server in {VLLM_VENV}: run `make vllm-venv` (about 4 min)")
@@ -100,6 +106,18 @@ def vllm_run(tiny_assets: TinyAssets, tmp_path_factory: pytest.TempPathFactory) 
         yield run
     finally:
         run.server.stop()
+
+
+@pytest.fixture
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """A real, healthy single-member etcd on loopback with its own data dir (tests/support/etcd_server.py has the
+    API: endpoints, kill, restart, freeze/thaw, enable_auth). Skips without `etcd`, fails under
+    FORK_SIDECAR_REQUIRE_ETCD=1."""
+    server = start_etcd(tmp_path_factory.mktemp("etcd"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # --- trainer-side fixtures (test_agent, test_trainers, test_art); torch is imported only when they are used ------
