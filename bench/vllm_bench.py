@@ -35,7 +35,7 @@ from typing import Any
 from sidecar import swap
 from sidecar.config import load_config
 from sidecar.stages import ForkContext
-from sidecar.vllm import VllmStage
+from sidecar.vllm.stage import VllmStage
 from tests.support.tiny_model import tiny_assets
 from tests.support.vllm_server import VllmServer, start_vllm_server, vllm_python
 

@@ -52,7 +52,7 @@ AGENT_DIRS_EVERY_S = 60.0
 
 def build_stages(config: Config) -> list[Stage]:
     from sidecar.trainers import TrainerStage
-    from sidecar.vllm import VllmStage
+    from sidecar.vllm.stage import VllmStage
 
     return [TrainerStage(config), VllmStage(config)]
 

@@ -57,7 +57,7 @@ class Context:
     pythons: Sequence[str] = ()
     inotify_dir: Path = _INOTIFY
     proc: Path = Path("/proc")
-    discover: Callable[[], list[Any]] | None = None  # vLLM discovery; default sidecar.vllm_discovery.discover_servers
+    discover: Callable[[], list[Any]] | None = None  # vLLM discovery; default sidecar.vllm.discovery.discover_servers
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -498,7 +498,7 @@ def check_agents(ctx: Context) -> list[Finding]:
 
 # --- vLLM -------------------------------------------------------------------------------------------------------------
 def _vllm_targets(ctx: Context) -> list[Any]:
-    from sidecar.vllm_discovery import configured_servers, discover_servers, merge_targets
+    from sidecar.vllm.discovery import configured_servers, discover_servers, merge_targets
 
     config = ctx.config
     # Every configured server, whatever runs it is for: make each match any run, then reuse the key loading.
@@ -514,8 +514,8 @@ def probe_vllm(target: Any, request_timeout: float = PROBE_TIMEOUT_S) -> Finding
     """Reachable with its key (GET /v1/models) and runtime LoRA loading enabled (the load route exists)."""
     import time
 
-    from sidecar.vllm_client import ConnectFailed, HttpError, RequestFailed, VllmClient
-    from sidecar.vllm_discovery import listener_check
+    from sidecar.vllm.client import ConnectFailed, HttpError, RequestFailed, VllmClient
+    from sidecar.vllm.discovery import listener_check
 
     where = f"{target.url} ({target.origin})"
     if target.problem:
@@ -598,7 +598,7 @@ def check_vllm(ctx: Context) -> list[Finding]:
 
 def _fork_snapshots(config: Config) -> list[Path]:
     from sidecar.layout import iter_run_dirs
-    from sidecar.vllm_snapshots import list_snapshots
+    from sidecar.vllm.snapshots import list_snapshots
 
     return [p for root in watched_roots(config) for run in iter_run_dirs(root) for p in list_snapshots(run.checkpoints)]
 

@@ -38,7 +38,7 @@ from sidecar.marker import (
 )
 from sidecar.resolve import ResolveError, open_source, open_source_path
 from sidecar.rundir import DIR_FLAGS, RunDirError, open_run, remove_at
-from sidecar.vllm_snapshots import collect_snapshots, create_snapshot
+from sidecar.vllm.snapshots import collect_snapshots, create_snapshot
 
 __all__ = ["LocalRunIO", "Owner", "RunIO", "RunIOError", "local_run_files", "owner_of"]
 

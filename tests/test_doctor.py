@@ -337,7 +337,7 @@ def test_vllm_unreachable_and_unreadable_key(tmp_path: Path) -> None:
 def test_vllm_discovered_servers_are_probed_and_none_is_fine_unless_required(
     tmp_path: Path, servers: list[FakeVllm]
 ) -> None:
-    from sidecar.vllm_discovery import ServerTarget
+    from sidecar.vllm.discovery import ServerTarget
 
     fake = Vllm032({}).start()
     servers.append(fake)

@@ -30,9 +30,8 @@ from sidecar import swap
 from sidecar.config import Config, load_config
 from sidecar.run_io import local_run_files
 from sidecar.stages import ForkContext
-from sidecar.vllm import VllmStage
-from sidecar.vllm_client import BadAnswer, ConnectFailed, HttpError, RetryPolicy, VllmClient, call_with_retries
-from sidecar.vllm_discovery import (
+from sidecar.vllm.client import BadAnswer, ConnectFailed, HttpError, RetryPolicy, VllmClient, call_with_retries
+from sidecar.vllm.discovery import (
     ServerCommand,
     ServerTarget,
     configured_servers,
@@ -40,7 +39,8 @@ from sidecar.vllm_discovery import (
     parse_server_command,
     server_url,
 )
-from sidecar.vllm_snapshots import collect_snapshots, create_snapshot, is_snapshot_name, snapshot_dir
+from sidecar.vllm.snapshots import collect_snapshots, create_snapshot, is_snapshot_name, snapshot_dir
+from sidecar.vllm.stage import VllmStage
 from tests.support.adapters import write_adapter
 from tests.support.fake_vllm import MODELS, FakeVllm
 

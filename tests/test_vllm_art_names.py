@@ -1,4 +1,4 @@
-"""Which adapter names a fork reaches on a vLLM server ART started (sidecar/vllm_art.py), and that none is unloaded.
+"""Which adapter names a fork reaches on a vLLM server ART started (vllm/art_names.py), and that none is unloaded.
 
 The whole path against the real vLLM CPU server started by ART 0.5.23's own launcher is tests/test_vllm_art.py.
 """
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.vllm import VllmStage
-from sidecar.vllm_art import names_to_fork, superseded
-from sidecar.vllm_discovery import ServerTarget
+from sidecar.vllm.art_names import names_to_fork, superseded
+from sidecar.vllm.discovery import ServerTarget
+from sidecar.vllm.stage import VllmStage
 from tests.support.adapters import write_adapter
 from tests.support.fake_vllm import FakeVllm
 from tests.test_vllm import FAST, fakes, make_config, run_dir, start_fake, swap_in

