@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import watch
-from sidecar.watch import MarkerWatcher, WatchMode, fs_type_of, needs_polling
+from sidecar.watch import NETWORK_FILESYSTEMS, MarkerWatcher, WatchMode, fs_type_of, needs_polling
+from sidecar.watch import inotify as watch_inotify
+from sidecar.watch import loop as watch_loop
 
 WAIT_S = 5.0
 WriteSoon = Callable[[Callable[[], object]], None]
@@ -538,14 +539,14 @@ def test_watch_limit_falls_back_to_scanning(
 ) -> None:
     # ENOSPC from inotify_add_watch is injected: producing it for real means lowering fs.inotify.max_user_watches,
     # a host-wide setting tests must not touch.
-    real_add_watch = watch._Inotify.add_watch
+    real_add_watch = watch_inotify.Inotify.add_watch
 
-    def add_watch(self: watch._Inotify, path: str, mask: int) -> int:
+    def add_watch(self: watch_inotify.Inotify, path: str, mask: int) -> int:
         if "/full" in path:
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return real_add_watch(self, path, mask)
 
-    monkeypatch.setattr(watch._Inotify, "add_watch", add_watch)
+    monkeypatch.setattr(watch_inotify.Inotify, "add_watch", add_watch)
     unwatched, watched = make_run(root, "full", "a"), make_run(root, "p", "b")
     make_run(root, "full", "c")
     rec = Recorder()
@@ -569,7 +570,7 @@ def test_auto_mode_polls_roots_on_network_filesystems(
 ) -> None:
     # No NFS mount can be made here, so the filesystem type is faked; the rest (watches, scans) is real.
     local, remote = tmp_path / "local", tmp_path / "remote"
-    monkeypatch.setattr(watch, "needs_polling", lambda path: "nfs4" if str(path) == str(remote) else None)
+    monkeypatch.setattr(watch_loop, "needs_polling", lambda path: "nfs4" if str(path) == str(remote) else None)
     local_run, remote_run = make_run(local, "p", "a"), make_run(remote, "p", "b")
     rec = Recorder()
     watcher = make_inotify_watcher([local, remote], rec, mode="auto")
@@ -693,6 +694,6 @@ def test_fs_type_of_takes_the_longest_mount_point() -> None:
 def test_needs_polling_on_this_machine(tmp_path: Path) -> None:
     fs_type = fs_type_of(str(tmp_path.resolve()), Path("/proc/self/mountinfo").read_text())
     assert fs_type is not None
-    expected = fs_type if fs_type in watch.NETWORK_FILESYSTEMS or fs_type.startswith("fuse.") else None
+    expected = fs_type if fs_type in NETWORK_FILESYSTEMS or fs_type.startswith("fuse.") else None
     assert needs_polling(tmp_path) == expected
     assert needs_polling(tmp_path / "does" / "not" / "exist") == expected

@@ -9,215 +9,63 @@ marker (or a claim) must never be missed, so on top of inotify events the tree i
 network filesystems in `auto` mode, every root in `poll` mode, dirs whose watch failed, e.g. on the
 `max_user_watches` limit) are scanned every `poll_interval` instead. Both ways share one loop and one scan; "backend"
 only decides whether a root gets watches or is polled.
-
-Why ctypes and not watchdog: watchdog's `Observer` runs a thread per scheduled watch (DESIGN.md: 2,000 run dirs ->
-2,003 threads) and does not pass queue overflows to handlers. Its lower layer, `watchdog.observers.inotify_c.InotifyFD`
-(watchdog 7; watchdog 6, which pyproject allows, has no such class), does put many watches on one fd, but it is itself
-a Thread whose read loop polls only its fd and a private kill pipe, so waking it for a rescan or a timer means reaching
-into private attributes; it opens the fd with `inotify_init` (no close-on-exec, so children spawned without close_fds
-inherit it); its `IN_NONBLOCK`/`IN_CLOEXEC` constants are not the kernel's (0x4000/0x2000000 for 0x800/0x80000 on
-x86-64); and an `add_watch` refused with EACCES is stored as a watch with wd -1. The three syscalls and the event struct
-take a few dozen lines here, with the wake-up eventfd in the same poll set.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import itertools
 import logging
 import math
 import os
-import re
 import select
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from enum import IntEnum
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
 from sidecar.marker import INPROGRESS, MARKER
+from sidecar.watch.inotify import (
+    IN_DELETE,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_Q_OVERFLOW,
+    Inotify,
+    read_sysctl,
+)
+from sidecar.watch.mounts import needs_polling
+from sidecar.watch.tree import (
+    CLAIM_BYTES,
+    MARKER_BYTES,
+    MASKS,
+    Dir,
+    Level,
+    iter_models,
+    join,
+    marker_event_ready,
+    normalise_roots,
+    tracked_name,
+)
 
-__all__ = ["MARKER_SETTLE_S", "MarkerWatcher", "WatchMode", "fs_type_of", "needs_polling"]
+__all__ = ["MARKER_SETTLE_S", "MarkerWatcher", "WatchMode"]
 
 logger = logging.getLogger("sidecar.watch")
 
 WatchMode = Literal["auto", "inotify", "poll"]
 
-# Filesystems where changes made on another host never reach local inotify: a root on one of these is polled in `auto`.
-NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "lustre", "cifs", "smb3", "smbfs", "9p", "ceph", "gpfs", "beegfs"})
-
-# inotify ABI (<sys/inotify.h>); stable since Linux 2.6.
-IN_CLOSE_WRITE = 0x00000008
-IN_MOVED_FROM = 0x00000040
-IN_MOVED_TO = 0x00000080
-IN_CREATE = 0x00000100
-IN_DELETE = 0x00000200
-IN_MOVE_SELF = 0x00000800
-IN_Q_OVERFLOW = 0x00004000
-IN_IGNORED = 0x00008000
-IN_ONLYDIR = 0x01000000
-IN_DONT_FOLLOW = 0x02000000
-IN_ISDIR = 0x40000000
-_EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
-_READ_SIZE = 64 * 1024
 
 # A regular-file marker that a scan finds younger than this is reported only once it has stopped changing for this
 # long: a scan can land between `open(O_CREAT)` and `write()` of `echo step: 3 > .fork` (the mkdir -p + write race
 # does exactly that), and an empty marker is a different request. Events need no such wait: IN_CLOSE_WRITE and
 # IN_MOVED_TO come after the content.
 MARKER_SETTLE_S = 0.25
-
-_MARKER_BYTES = os.fsencode(MARKER)
-_CLAIM_BYTES = os.fsencode(INPROGRESS)
-_MODELS = "models"
-
-
-class _Level(IntEnum):
-    ROOT = 0
-    PROJECT = 1
-    MODELS = 2
-    MODEL = 3
-
-
-# Directory levels only need to hear about subdirectories appearing or leaving. A model dir only needs `.fork`:
-# close-after-write, rename into place, and create (see _marker_event_ready); the same events show a claim appearing
-# (`link(.fork, .fork.inprogress)` is a create, a rewritten claim record a rename into place). No IN_MODIFY anywhere,
-# and nothing below a model dir is watched, so ART writing thousands of files into checkpoints/ and trajectories/
-# costs nothing.
-_DIR_EVENTS = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_ONLYDIR
-_MASKS = {
-    # The root may be a symlink the admin configured, so it is followed; it has no watched parent, so it needs
-    # IN_MOVE_SELF to learn that it was moved away (deletion arrives as IN_IGNORED on every watch).
-    _Level.ROOT: _DIR_EVENTS | IN_MOVE_SELF,
-    _Level.PROJECT: _DIR_EVENTS | IN_DONT_FOLLOW,
-    _Level.MODELS: _DIR_EVENTS | IN_DONT_FOLLOW,
-    _Level.MODEL: IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_ONLYDIR | IN_DONT_FOLLOW,
-}
-
-
-def needs_polling(path: Path | str) -> str | None:
-    """The filesystem type of `path` when inotify cannot see changes there (network and FUSE filesystems), else None."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            mountinfo = f.read()
-    except OSError:
-        return None
-    fs_type = fs_type_of(os.path.realpath(path), mountinfo)
-    if fs_type is not None and (fs_type in NETWORK_FILESYSTEMS or fs_type == "fuse" or fs_type.startswith("fuse.")):
-        return fs_type
-    return None
-
-
-def fs_type_of(path: str, mountinfo: str) -> str | None:
-    """The filesystem type of the mount with the longest mount point containing `path` (an absolute, real path)."""
-    best_len, best_type = -1, None
-    for line in mountinfo.splitlines():
-        fields = line.split(" ")
-        if "-" not in fields[6:] or len(fields) < 9:
-            continue
-        mount_point = _unescape_mountinfo(fields[4])
-        fs_type = fields[fields.index("-", 6) + 1]
-        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
-        # `>=`: a later line mounted over the same point hides the earlier one.
-        if inside and len(mount_point) >= best_len:
-            best_len, best_type = len(mount_point), fs_type
-    return best_type
-
-
-def _unescape_mountinfo(field_text: str) -> str:
-    # The kernel writes space, tab, newline and backslash in mount points as 3-digit octal escapes.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_text)
-
-
-class _Inotify:
-    """One inotify instance: watches added and removed by path, raw events read without blocking."""
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        try:
-            init1, self._add, self._rm = libc.inotify_init1, libc.inotify_add_watch, libc.inotify_rm_watch
-        except AttributeError:
-            raise OSError(errno.ENOSYS, "this C library has no inotify") from None
-        init1.argtypes = (ctypes.c_int,)
-        self._add.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
-        self._rm.argtypes = (ctypes.c_int, ctypes.c_int)
-        fd = int(init1(os.O_NONBLOCK | os.O_CLOEXEC))
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"inotify_init1 failed: {os.strerror(err)}")
-        self.fd = fd
-
-    def add_watch(self, path: str, mask: int) -> int:
-        wd = int(self._add(self.fd, os.fsencode(path), mask))
-        if wd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-        return wd
-
-    def rm_watch(self, wd: int) -> None:
-        # EINVAL when the kernel already dropped it (directory deleted); nothing to do then.
-        self._rm(self.fd, wd)
-
-    def read(self) -> list[tuple[int, int, bytes]]:
-        """Events queued now as (wd, mask, name); empty when none. One read: poll says when there is more."""
-        try:
-            buf = os.read(self.fd, _READ_SIZE)
-        except BlockingIOError:
-            return []
-        events, offset, end = [], 0, len(buf)
-        while offset < end:
-            wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(buf, offset)
-            offset += _EVENT_HEADER.size
-            events.append((wd, mask, buf[offset : offset + length].rstrip(b"\0")))
-            offset += length
-        return events
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-@dataclass(eq=False, slots=True)
-class _Dir:
-    """A directory of the watched layout. `ino` tells a directory from a new one reusing its name."""
-
-    path: str
-    level: _Level
-    parent: _Dir | None
-    children: dict[str, _Dir] = field(default_factory=dict)
-    ino: int | None = None
-    wd: int | None = None
-    polled: bool = False  # roots only: scanned every poll_interval instead of watched
-
-
-def _marker_event_ready(mask: int, model_dir: str) -> bool:
-    if mask & (IN_CLOSE_WRITE | IN_MOVED_TO):
-        return True
-    if not mask & IN_CREATE:
-        return False
-    # A regular file that was just created is reported on its IN_CLOSE_WRITE, not now: `echo step: 3 > .fork` creates
-    # an empty file first, and an empty marker means a different request ("fork from the newest step"). Anything that
-    # is never closed after writing is reported on creation, so the daemon can claim it or fail it with a reason: a
-    # directory, FIFO, socket or symlink named .fork, and a hard link to an existing file (a fresh file has one link).
-    # A regular file created and closed without writing (open O_CREAT|O_RDONLY) yields neither event; rescans find it.
-    try:
-        st = os.lstat(_join(model_dir, MARKER))
-    except OSError:
-        return False
-    return not stat.S_ISREG(st.st_mode) or st.st_nlink > 1
-
-
-def _tracked_name(level: _Level, name: str) -> bool:
-    """Whether a subdirectory `name` of a directory at `level` is part of the layout."""
-    if level is _Level.PROJECT:
-        return name == _MODELS
-    return not name.startswith(".")
 
 
 class MarkerWatcher:
@@ -260,14 +108,14 @@ class MarkerWatcher:
         # Requests from other threads (or a signal handler) are plain attribute writes plus a wake-up, so they never
         # wait on a lock: roots as (sequence number, roots), applied when the number changes.
         self._request_ids = itertools.count(1)
-        self._roots_request: tuple[int, tuple[str, ...]] = (0, _normalise_roots(roots))
+        self._roots_request: tuple[int, tuple[str, ...]] = (0, normalise_roots(roots))
         self._roots_applied = -1
         self._rescan_requested = False
         self._overflowed = False
-        self._roots: dict[str, _Dir] = {}
-        self._by_wd: dict[int, _Dir] = {}
-        self._polled: set[_Dir] = set()  # polled roots, and dirs whose watch could not be added
-        self._missing: set[_Dir] = set()  # roots that do not exist (yet)
+        self._roots: dict[str, Dir] = {}
+        self._by_wd: dict[int, Dir] = {}
+        self._polled: set[Dir] = set()  # polled roots, and dirs whose watch could not be added
+        self._missing: set[Dir] = set()  # roots that do not exist (yet)
         self._settling: dict[str, _Settling] = {}  # model dir -> young marker found by a scan, reported when settled
         self._logged: set[str] = set()
         self._claims_found: list[str] = []  # model dirs holding a claim, seen since the last report (under _lock)
@@ -325,7 +173,7 @@ class MarkerWatcher:
 
     def set_roots(self, roots: Sequence[Path]) -> None:
         """Replace the roots (config reload). Kept roots keep their state; new ones are scanned, then all are."""
-        self._roots_request = (next(self._request_ids), _normalise_roots(roots))
+        self._roots_request = (next(self._request_ids), normalise_roots(roots))
         self._wake()
 
     def alive(self) -> bool:
@@ -430,7 +278,7 @@ class MarkerWatcher:
                 if not self._overflowed:
                     logger.warning(
                         "inotify queue overflowed (fs.inotify.max_queued_events=%s): events were lost; rescanning",
-                        _read_sysctl("max_queued_events"),
+                        read_sysctl("max_queued_events"),
                     )
                 self._overflowed = True
                 continue
@@ -442,11 +290,11 @@ class MarkerWatcher:
                 del self._by_wd[wd]
                 node.wd = None
                 self._revisit(node, found)
-            elif node.level is _Level.MODEL:
-                if name == _MARKER_BYTES and _marker_event_ready(mask, node.path):
+            elif node.level is Level.MODEL:
+                if name == MARKER_BYTES and marker_event_ready(mask, node.path):
                     found.append(node.path)
                     self._settling.pop(node.path, None)
-                elif name == _CLAIM_BYTES and self._on_claim is not None:
+                elif name == CLAIM_BYTES and self._on_claim is not None:
                     self._claims_found.append(node.path)
             elif mask & IN_MOVE_SELF:
                 # Only roots ask for this (other dirs hear of a move from their parent): the watch now follows the
@@ -456,8 +304,8 @@ class MarkerWatcher:
             elif mask & IN_ISDIR:
                 self._child_changed(node, os.fsdecode(name), mask, found)
 
-    def _child_changed(self, parent: _Dir, name: str, mask: int, found: list[str]) -> None:
-        if not _tracked_name(parent.level, name):
+    def _child_changed(self, parent: Dir, name: str, mask: int, found: list[str]) -> None:
+        if not tracked_name(parent.level, name):
             return
         if mask & (IN_MOVED_FROM | IN_DELETE):
             child = parent.children.pop(name, None)
@@ -484,7 +332,7 @@ class MarkerWatcher:
             logger.info("stopped watching root %s", path)
         for path in wanted:
             if path not in self._roots:
-                self._roots[path] = _Dir(path, _Level.ROOT, None)
+                self._roots[path] = Dir(path, Level.ROOT, None)
                 self._tree_version += 1
                 logger.info("watching root %s", path)
 
@@ -499,7 +347,7 @@ class MarkerWatcher:
             if node in self._polled:  # not dropped by an earlier scan in this loop
                 self._revisit(node, found, watch=False)
 
-    def _scan_root(self, root: _Dir, found: list[str]) -> None:
+    def _scan_root(self, root: Dir, found: list[str]) -> None:
         try:
             st: os.stat_result | None = os.stat(root.path)
         except OSError:
@@ -542,7 +390,7 @@ class MarkerWatcher:
             )
         return fs_type is not None
 
-    def _revisit(self, node: _Dir, found: list[str], *, watch: bool = True) -> None:
+    def _revisit(self, node: Dir, found: list[str], *, watch: bool = True) -> None:
         """Look at `node`'s path again: rescan it if it is still a directory, else drop it."""
         if node.parent is None:
             self._scan_root(node, found)
@@ -555,7 +403,7 @@ class MarkerWatcher:
         if not stat.S_ISDIR(st.st_mode) or not self._scan(node, st.st_ino, found, watch=watch):
             self._detach(node)
 
-    def _scan(self, node: _Dir, ino: int, found: list[str], *, watch: bool) -> bool:
+    def _scan(self, node: Dir, ino: int, found: list[str], *, watch: bool) -> bool:
         """Bring `node`'s subtree in line with the disk; False when the directory is gone."""
         if node.ino != ino:
             if node.ino is not None:
@@ -563,7 +411,7 @@ class MarkerWatcher:
             node.ino = ino
         if watch and node.wd is None:
             self._watch(node)  # before listing: whatever appears after the listing then raises an event
-        if node.level is _Level.MODEL:
+        if node.level is Level.MODEL:
             return self._check_marker(node, found)
         listing = self._list(node)
         if listing is None:
@@ -578,7 +426,7 @@ class MarkerWatcher:
                 self._drop(node.children.pop(name))
         return True
 
-    def _list(self, node: _Dir) -> dict[str, int] | None:
+    def _list(self, node: Dir) -> dict[str, int] | None:
         """The tracked subdirectories of `node` with their inode numbers; None when `node` is gone."""
         try:
             entries = os.scandir(node.path)
@@ -590,7 +438,7 @@ class MarkerWatcher:
         listing: dict[str, int] = {}
         with entries:
             for entry in entries:
-                if not _tracked_name(node.level, entry.name):
+                if not tracked_name(node.level, entry.name):
                     continue
                 try:
                     if entry.is_dir(follow_symlinks=False):
@@ -602,12 +450,12 @@ class MarkerWatcher:
                     continue
         return listing
 
-    def _check_marker(self, node: _Dir, found: list[str]) -> bool:
+    def _check_marker(self, node: Dir, found: list[str]) -> bool:
         # faccessat without following a link: no stat buffer and no exception for the usual "no claim" (half the cost
         # of lexists, which every rescan pays for every run).
-        if self._on_claim is not None and os.access(_join(node.path, INPROGRESS), os.F_OK, follow_symlinks=False):
+        if self._on_claim is not None and os.access(join(node.path, INPROGRESS), os.F_OK, follow_symlinks=False):
             self._claims_found.append(node.path)
-        marker = _join(node.path, MARKER)
+        marker = join(node.path, MARKER)
         # In a watched dir (inotify_add_watch needed read access) the usual answer, "no marker", comes from faccessat
         # without an exception; polled dirs keep lstat's reasons (EACCES under NFS root_squash is logged below).
         if node.wd is not None and not os.access(marker, os.F_OK, follow_symlinks=False):
@@ -639,7 +487,7 @@ class MarkerWatcher:
         """Report young markers that have not changed since a scan saw them; wait longer for those that did."""
         for model_dir, pending in [(d, p) for d, p in self._settling.items() if p.recheck_at <= now]:
             try:
-                st = os.lstat(_join(model_dir, MARKER))
+                st = os.lstat(join(model_dir, MARKER))
             except OSError:
                 del self._settling[model_dir]  # claimed or removed meanwhile
                 continue
@@ -651,10 +499,10 @@ class MarkerWatcher:
 
     # Watches ---------------------------------------------------------------------------------------------------
 
-    def _watch(self, node: _Dir) -> None:
+    def _watch(self, node: Dir) -> None:
         assert self._inotify is not None
         try:
-            wd = self._inotify.add_watch(node.path, _MASKS[node.level])
+            wd = self._inotify.add_watch(node.path, MASKS[node.level])
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR):  # gone: the listing that follows drops it
                 self._watch_failed(node, exc)
@@ -669,7 +517,7 @@ class MarkerWatcher:
         node.wd = wd
         self._polled.discard(node)
 
-    def _watch_failed(self, node: _Dir, exc: OSError) -> None:
+    def _watch_failed(self, node: Dir, exc: OSError) -> None:
         self._polled.add(node)
         if exc.errno == errno.ENOSPC:
             self._log_once(
@@ -678,7 +526,7 @@ class MarkerWatcher:
                 "inotify watch limit reached at %s (fs.inotify.max_user_watches=%s): directories without a watch are "
                 "scanned every %gs instead; raise the limit for instant detection",
                 node.path,
-                _read_sysctl("max_user_watches"),
+                read_sysctl("max_user_watches"),
                 self._poll_interval,
             )
         else:
@@ -691,7 +539,7 @@ class MarkerWatcher:
                 self._poll_interval,
             )
 
-    def _unwatch(self, node: _Dir) -> None:
+    def _unwatch(self, node: Dir) -> None:
         if node.wd is None:
             return
         if self._by_wd.get(node.wd) is node:
@@ -700,7 +548,7 @@ class MarkerWatcher:
             self._inotify.rm_watch(node.wd)
         node.wd = None
 
-    def _forget_contents(self, node: _Dir) -> None:
+    def _forget_contents(self, node: Dir) -> None:
         """Drop `node`'s children and its watch, keeping the node itself (and whether it is polled)."""
         for child in node.children.values():
             self._drop(child)
@@ -708,20 +556,20 @@ class MarkerWatcher:
         self._unwatch(node)
         node.ino = None
 
-    def _add_child(self, parent: _Dir, name: str) -> _Dir:
-        child = parent.children[name] = _Dir(_join(parent.path, name), _Level(parent.level + 1), parent)
+    def _add_child(self, parent: Dir, name: str) -> Dir:
+        child = parent.children[name] = Dir(join(parent.path, name), Level(parent.level + 1), parent)
         self._tree_version += 1
         return child
 
-    def _drop(self, node: _Dir) -> None:
+    def _drop(self, node: Dir) -> None:
         """Forget a node that left the tree, and everything below it."""
         self._tree_version += 1
         self._forget_contents(node)
         self._polled.discard(node)
-        if node.level is _Level.MODEL:
+        if node.level is Level.MODEL:
             self._settling.pop(node.path, None)
 
-    def _detach(self, node: _Dir) -> None:
+    def _detach(self, node: Dir) -> None:
         parent = node.parent
         assert parent is not None
         name = node.path.rpartition("/")[2]
@@ -732,11 +580,11 @@ class MarkerWatcher:
     # Small things ----------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _open_inotify(mode: WatchMode, poll_interval: float) -> _Inotify | None:
+    def _open_inotify(mode: WatchMode, poll_interval: float) -> Inotify | None:
         if mode == "poll":
             return None
         try:
-            return _Inotify()
+            return Inotify()
         except OSError as exc:
             if mode == "inotify":
                 msg = f"inotify cannot be used ({exc.strerror}); set watch.mode to auto or poll"
@@ -767,7 +615,7 @@ class MarkerWatcher:
         """The model dirs, sorted, as of this version of the tree (the caller holds _lock)."""
         version, runs = self._runs
         if version != self._tree_version:
-            paths = sorted(m.path for root in self._roots.values() for m in _iter_models(root))
+            paths = sorted(m.path for root in self._roots.values() for m in iter_models(root))
             runs = [Path(p) for p in paths]
             self._runs = (self._tree_version, runs)
         return runs
@@ -796,34 +644,3 @@ def _call_each(callback: Callable[[Path], None], paths: list[str], label: str) -
             callback(Path(path))
         except Exception:
             logger.exception("%s failed for %s", label, path)
-
-
-def _iter_models(root: _Dir) -> list[_Dir]:
-    return [m for project in root.children.values() for ms in project.children.values() for m in ms.children.values()]
-
-
-def _join(directory: str, name: str) -> str:
-    # Paths are str throughout the tree: a scan of 10,000 runs would otherwise build 30,000 Path objects.
-    return directory + name if directory.endswith("/") else directory + "/" + name
-
-
-def _normalise_roots(roots: Sequence[Path]) -> tuple[str, ...]:
-    # absolute() only, neither resolve() nor abspath(): reported model dirs must sit under the root exactly as
-    # configured (the daemon maps them back with Path.relative_to), symlinks and `..` included.
-    paths = list(dict.fromkeys(str(Path(r).absolute()) for r in roots))
-    kept = []
-    for path in paths:
-        outer = next((p for p in paths if p != path and path.startswith(p.rstrip("/") + "/")), None)
-        if outer is None:
-            kept.append(path)
-        else:
-            logger.warning("watch root %s is inside watch root %s; ignoring it", path, outer)
-    return tuple(kept)
-
-
-def _read_sysctl(name: str) -> str:
-    try:
-        with open(f"/proc/sys/fs/inotify/{name}", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
