@@ -21,8 +21,8 @@ Target: agent <= 1.3x baseline (medians). With --device cuda both processes hold
 
 History: with the previous digest (one sha256 stream, one core) the agent's time followed the `digest` row: on an
 idle 16-core host with an H100 (2026-11) it took 84 ms (CPU model) and 96 ms (GPU model) for 96 MiB, against
-baselines of 12 and 22 ms, the digest alone 95 and 87 ms. The tree framing (`sidecar/digest.py`) splits that work
-over every core; the README has the numbers since.
+baselines of 12 and 22 ms, the digest alone 95 and 87 ms. The tree framing (`sidecar/protocol/digest.py`) splits that
+work over every core; the README has the numbers since.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ from typing import Any
 
 from sidecar.adapter import adapter_digest
 from sidecar.config import load_config
-from sidecar.control import ForkRequest, agent_socket_path, call_agent
+from sidecar.protocol.client import call_agent
+from sidecar.protocol.messages import ForkRequest
+from sidecar.protocol.paths import agent_socket_path
 from sidecar.stages import ForkContext
 from sidecar.trainers import TrainerStage
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.digest import CHUNK_BYTES, TensorRecord, digest_tensors
+from sidecar.protocol.digest import CHUNK_BYTES, TensorRecord, digest_tensors
 
 __all__ = [
     "ADAPTER_FILE",

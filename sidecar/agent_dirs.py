@@ -1,7 +1,7 @@
 """The daemon's side of where agents live: it creates `runtime_dir` and, in it, one 0700 directory per run owner.
 
 `{runtime_dir}/{uid}/` belongs to `uid` and only that user's trainers can put sockets in it, so no user can squat the
-name of another user's future `agent-<pid>.sock` or pose as their trainer (sidecar/control.py checks the rest).
+name of another user's future `agent-<pid>.sock` or pose as their trainer (sidecar/protocol/client.py checks the rest).
 The daemon makes a user's directory as soon as it sees a run that user owns; creating it needs root (chown), so a
 daemon running as an ordinary user makes only its own. Whatever stands at a user's name and is not that user's
 private directory (another user's directory, a file, a symlink: left from a world-writable runtime dir) is removed
@@ -21,7 +21,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from sidecar.control import agent_dir
+from sidecar.protocol.paths import agent_dir
 
 __all__ = ["RUNTIME_DIR_MODE", "AgentDirs", "RuntimeDirError", "ensure_runtime_dir", "ensure_user_dir"]
 

@@ -19,10 +19,10 @@ import psutil
 from sidecar import __version__
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.doctor import add_parser as add_doctor_parser
-from sidecar.fsops import write_atomic
 from sidecar.journal import read_history
 from sidecar.marker import DONE, FAILED, INPROGRESS, MARKER, read_json_object
 from sidecar.preload.preload_cli import add_parser as add_preload_parser
+from sidecar.protocol.atomic_write import write_atomic
 
 __all__ = ["main"]
 

@@ -237,7 +237,7 @@ def check_runtime_dir(ctx: Context) -> list[Finding]:
 
 def _user_dir_findings(runtime_dir: Path) -> list[Finding]:
     """A problem for each `<uid>` entry that is not that user's private directory, and for sockets of old agents."""
-    from sidecar.control import pid_of_socket, uid_of_agent_dir
+    from sidecar.protocol.paths import pid_of_socket, uid_of_agent_dir
 
     try:
         entries = sorted(runtime_dir.iterdir())

@@ -6,29 +6,20 @@ RENAME_NOREPLACE refuses to overwrite; both go through ctypes here (glibc's wrap
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import functools
-import json
 import os
 import platform
-import secrets
 from pathlib import Path
-from typing import Any
 
 __all__ = [
     "exchange_dirs",
-    "fsync_dir",
-    "fsync_dir_fd",
     "libc",
     "lstat_at",
     "rename_noreplace",
     "rename_noreplace_at",
     "renameat2",
-    "write_atomic",
-    "write_atomic_at",
-    "write_json_atomic",
 ]
 
 RENAME_NOREPLACE = 1
@@ -117,59 +108,3 @@ def rename_noreplace(src: Path, dst: Path) -> None:
         rename_noreplace_at(fd, src.name, dst.name)
     finally:
         os.close(fd)
-
-
-def fsync_dir_fd(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some filesystems (vfat over FUSE, a few network ones) cannot fsync a directory; the renames are then as
-        # durable as that filesystem makes them, and there is nothing better to do.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EROFS):
-            raise
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fsync_dir_fd(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write `data` beside `path`, fsync, rename over it, fsync the directory: readers see old or new, whole.
-
-    The temporary name starts with a dot and never equals a name anyone watches (`.fork` appears only by the
-    rename), and its mode is set explicitly, so an outcome is never world-writable whatever the umask.
-    """
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        write_atomic_at(dir_fd, path.name, data, mode=mode)
-    finally:
-        os.close(dir_fd)
-
-
-def write_atomic_at(dir_fd: int, name: str, data: bytes, *, mode: int = 0o644) -> None:
-    """write_atomic of `name` inside the directory open as `dir_fd` (no path is resolved again)."""
-    tmp = f".{name}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
-    fsync_dir_fd(dir_fd)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any], *, mode: int = 0o644) -> None:
-    """Replace `path` with `data` as JSON, atomically and durably (see write_atomic)."""
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode(), mode=mode)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.fsops import fsync_dir, write_atomic, write_json_atomic
+from sidecar.protocol.atomic_write import fsync_dir, write_atomic, write_json_atomic
 from sidecar.states import ForkState, check_transition
 
 __all__ = ["FORK_ID", "ForkRecord", "Journal", "JournalError", "JournalUnwritable", "StateDirLocked", "read_history"]

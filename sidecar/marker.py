@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sidecar.fsops import write_json_atomic
+from sidecar.protocol.atomic_write import write_json_atomic
 
 __all__ = [
     "DONE",

@@ -36,8 +36,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import MetricsHandler, generate_latest
 
 from sidecar.config import ConfigError, MetricsConfig
-from sidecar.fsops import write_atomic
 from sidecar.journal import ForkRecord
+from sidecar.protocol.atomic_write import write_atomic
 from sidecar.protocol.reasons import TRAINER_REASONS, VLLM_REASONS, Reason
 
 __all__ = ["REASONS", "STAGES", "Metrics", "MetricsError", "parse_listen", "reload_error_reasons"]

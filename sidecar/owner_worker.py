@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import sidecar
-from sidecar.fdwait import readable, wait_writable
 from sidecar.layout import RunDir
+from sidecar.protocol.fdwait import readable, wait_writable
 from sidecar.run_io import LocalRunIO, Owner, RunIO, RunIOError
 
 __all__ = ["OwnerRunIO", "main"]

@@ -24,11 +24,11 @@ from sidecar import swap
 from sidecar.claims.base import Claims, claim_info, wait_until_settled
 from sidecar.claims.filesystem import FilesystemClaims
 from sidecar.config import Config
-from sidecar.digest import is_digest
 from sidecar.journal import ForkRecord, Journal, JournalUnwritable
 from sidecar.layout import SERVED_STEP, RunDir
 from sidecar.marker import INPROGRESS, MARKER
 from sidecar.owner_worker import OwnerRunIO
+from sidecar.protocol.digest import is_digest
 from sidecar.protocol.reasons import Reason
 from sidecar.run_io import LocalRunIO, RunIO, RunIOError, owner_of, run_dir_of_record
 from sidecar.rundir import OpenRun, RunDirError, lexists_at, open_run

@@ -23,7 +23,6 @@ from typing import Any
 from sidecar import swap
 from sidecar.adapter import ADAPTER_FILE, AdapterError, TreeLimits, adapter_digest
 from sidecar.claims.filesystem import read_claimed_marker, take_marker_at
-from sidecar.fsops import write_atomic_at
 from sidecar.layout import CHECKPOINTS, SERVED_STEP, RunDir
 from sidecar.marker import (
     DONE,
@@ -36,6 +35,7 @@ from sidecar.marker import (
     parse_marker,
     read_json_object,
 )
+from sidecar.protocol.atomic_write import write_atomic_at
 from sidecar.resolve import ResolveError, open_source, open_source_path
 from sidecar.rundir import DIR_FLAGS, RunDirError, open_run, remove_at
 from sidecar.vllm.snapshots import collect_snapshots, create_snapshot

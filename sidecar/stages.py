@@ -50,7 +50,7 @@ class ForkContext:
     fork_id: str
     model_dir: Path
     source: Path
-    digest: str  # adapter digest (sidecar.digest) of the new checkpoints/0000
+    digest: str  # adapter digest (sidecar.protocol.digest) of the new checkpoints/0000
     deadline: float  # time.monotonic() by which the stage must have returned
     # The run directory as the fork opened and holds it (sidecar.rundir.OpenRun). None for a stage driven on its own
     # (tests, benchmarks): the run then counts as root's, and `files` is opened by this process for the call.

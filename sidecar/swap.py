@@ -52,10 +52,10 @@ from sidecar.adapter import (
     walk_checkpoint,
 )
 from sidecar.fsops import exchange_dirs, lstat_at
-from sidecar.fsops import fsync_dir_fd as _fsync_dir
 from sidecar.fsops import libc as _libc
 from sidecar.fsops import rename_noreplace_at as rename_noreplace
 from sidecar.journal import FORK_ID
+from sidecar.protocol.atomic_write import fsync_dir_fd as _fsync_dir
 
 __all__ = [
     "COPY_MODES",

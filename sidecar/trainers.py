@@ -1,6 +1,6 @@
 """The trainers stage: find the agents that serve a run, tell them about the fork, check what they loaded.
 
-Agents live inside trainer processes and listen on `{runtime_dir}/{uid}/agent-<pid>.sock` (sidecar/control.py). A run
+Agents live inside trainer processes and listen on `{runtime_dir}/{uid}/agent-<pid>.sock` (sidecar/protocol/). A run
 is told only to agents of its owner (the uid owning the run directory) and of root: for a fork this stage asks every
 live agent in those two users' directories `hello` (in parallel) to learn which runs it serves, sends `fork` to those
 serving this run, and compares the digest each one reports with the digest of the new `checkpoints/0000`. An agent
@@ -28,15 +28,10 @@ import psutil
 
 from sidecar.agent_dirs import ensure_user_dir
 from sidecar.config import Config
-from sidecar.control import (
-    ControlError,
-    ForkRequest,
-    agent_dir,
-    call_agent,
-    pid_of_socket,
-    uid_of_agent_dir,
-)
-from sidecar.digest import digest_problem
+from sidecar.protocol.client import ControlError, call_agent
+from sidecar.protocol.digest import digest_problem
+from sidecar.protocol.messages import ForkRequest
+from sidecar.protocol.paths import agent_dir, pid_of_socket, uid_of_agent_dir
 from sidecar.protocol.reasons import Reason, of_agent_code, of_control_code
 from sidecar.stages import ForkContext, RunHolder, StageOutcome
 

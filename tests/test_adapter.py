@@ -116,7 +116,7 @@ def test_real_peft_adapter_passes_and_digests_like_the_trainer_side(tmp_path: Pa
     peft = pytest.importorskip("peft")
     from safetensors.torch import load_file
 
-    from sidecar.digest import digest_of_tensors
+    from sidecar.protocol.digest import digest_of_tensors
 
     class Inner(torch.nn.Module):
         def __init__(self) -> None:

@@ -26,9 +26,11 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 from sidecar import preload  # noqa: E402
 from sidecar.adapter import adapter_digest  # noqa: E402
-from sidecar.control import ForkRequest, agent_socket_path, call_agent  # noqa: E402
 from sidecar.preload import agent as agent_module  # noqa: E402
 from sidecar.preload.agent import PeftTarget, register_peft_model, shutdown_agent  # noqa: E402
+from sidecar.protocol.client import call_agent  # noqa: E402
+from sidecar.protocol.messages import ForkRequest  # noqa: E402
+from sidecar.protocol.paths import agent_socket_path  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
 
 pytestmark = pytest.mark.trainer

@@ -35,8 +35,10 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from sidecar.adapter import adapter_digest  # noqa: E402
-from sidecar.control import ForkRequest, agent_socket_path, call_agent  # noqa: E402
 from sidecar.preload import art  # noqa: E402
+from sidecar.protocol.client import call_agent  # noqa: E402
+from sidecar.protocol.messages import ForkRequest  # noqa: E402
+from sidecar.protocol.paths import agent_socket_path  # noqa: E402
 from tests.support import cpu_art  # noqa: E402
 from tests.support.art_venvs import ART_VERSIONS, art_python  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402

@@ -18,27 +18,12 @@ from typing import Any
 
 import pytest
 
-from sidecar.control import (
-    MAX_MESSAGE_BYTES,
-    AgentDirPending,
-    ControlError,
-    ControlServer,
-    ForkRequest,
-    HelloRequest,
-    PeerCred,
-    ProtocolError,
-    Request,
-    StatusRequest,
-    agent_socket_path,
-    call_agent,
-    encode_message,
-    ensure_private_dir,
-    parse_request,
-    peer_credentials,
-    pid_of_socket,
-    process_uid,
-    uid_of_agent_dir,
-)
+from sidecar.protocol.client import ControlError, call_agent
+from sidecar.protocol.framing import MAX_MESSAGE_BYTES, ProtocolError, encode_message
+from sidecar.protocol.messages import ForkRequest, HelloRequest, Request, StatusRequest, parse_request
+from sidecar.protocol.paths import agent_socket_path, pid_of_socket, uid_of_agent_dir
+from sidecar.protocol.peercred import PeerCred, peer_credentials, process_uid
+from sidecar.protocol.server import AgentDirPending, ControlServer, ensure_private_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # The system interpreter: the dev venv's python lives under /root, which `nobody` cannot enter.
@@ -415,7 +400,10 @@ def test_peer_credentials_and_process_uid() -> None:
 
 
 def test_module_is_stdlib_only() -> None:
-    code = "import sys, sidecar.control; print(sorted(m for m in ('torch', 'psutil', 'yaml') if m in sys.modules))"
+    code = (
+        "import sys, sidecar.protocol.server, sidecar.protocol.client; "
+        "print(sorted(m for m in ('torch', 'psutil', 'yaml') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
 

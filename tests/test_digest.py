@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.adapter import AdapterError, adapter_digest, digest_open_file
-from sidecar.digest import (
+from sidecar.protocol.digest import (
     CHUNK_BYTES,
     DIGEST_PREFIX,
     TensorRecord,
@@ -29,7 +29,7 @@ from tests.support.adapters import RawTensor, write_adapter, write_raw_safetenso
 
 
 def framing_by_hand(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
-    """The digest as the README and sidecar/digest.py define it, computed straight from the file with struct + json."""
+    """The digest as the README and sidecar/protocol/digest.py define it, computed from the file with struct + json."""
     blob = path.read_bytes()
     (header_len,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8 : 8 + header_len])
@@ -166,14 +166,14 @@ def test_piece_order_and_thread_count_do_not_change_the_digest(sizes: list[int],
             by_hand.update(hashlib.sha256(blob[at : at + chunk]).digest())
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sidecar.digest.CHUNK_BYTES", chunk)
+        patch.setattr("sidecar.protocol.digest.CHUNK_BYTES", chunk)
         digest = digest_tensors(records, lambda i, at, n: blobs[i][at : at + n], threads=threads)
 
     assert digest == DIGEST_PREFIX + by_hand.hexdigest()
 
 
 def test_pieces_are_hashed_on_several_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sidecar.digest.CHUNK_BYTES", 1024)
+    monkeypatch.setattr("sidecar.protocol.digest.CHUNK_BYTES", 1024)
     seen: set[int] = set()
     barrier = threading.Barrier(3, timeout=10)
 
@@ -190,7 +190,7 @@ def test_pieces_are_hashed_on_several_threads(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_a_failing_source_stops_the_pool_and_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sidecar.digest.CHUNK_BYTES", 16)
+    monkeypatch.setattr("sidecar.protocol.digest.CHUNK_BYTES", 16)
     calls: list[int] = []
 
     def source(index: int, offset: int, length: int) -> bytes:

@@ -18,9 +18,12 @@ import yaml
 
 from sidecar import doctor
 from sidecar.config import Config, load_config
-from sidecar.control import ControlServer, PeerCred, agent_socket_path, ok_reply
 from sidecar.doctor import Context, Finding, run_checks
 from sidecar.journal import Journal
+from sidecar.protocol.messages import ok_reply
+from sidecar.protocol.paths import agent_socket_path
+from sidecar.protocol.peercred import PeerCred
+from sidecar.protocol.server import ControlServer
 from tests.support.fake_vllm import FakeVllm
 from tests.test_preload_install import make_venv
 from tests.test_swap import fuse_without_exchange

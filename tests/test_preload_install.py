@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,8 @@ def test_install_then_uninstall_leaves_site_packages_as_it_was(tmp_path: Path) -
     manifest = json.loads((private / "manifest.json").read_text())
     assert manifest["version"] == __version__
     assert "sidecar/preload/bootstrap.py" in manifest["files"] and "sidecar/__init__.py" in manifest["files"]
-    for name in manifest["files"]:
-        assert (private / name).read_bytes() == (REPO / name).read_bytes()
+    for name in manifest["files"]:  # copies, but for the copy's own package __init__
+        assert name == "sidecar/__init__.py" or (private / name).read_bytes() == (REPO / name).read_bytes()
     assert list((private / "sidecar" / "preload" / "__pycache__").glob("bootstrap.*.pyc"))  # compiled at install
     state = json.loads(cli("status", "--python", str(python), "--json").stdout)
     assert state["installed"] is True and state["up_to_date"] is True and state["installed_version"] == __version__
@@ -481,3 +482,70 @@ def test_no_art_is_no_problem(tmp_path: Path) -> None:
         "checks": [],
     }
     assert "ART:           openpipe-art is not installed there\n" in text
+
+
+DAEMON_MODULES = ("daemon.py", "pipeline.py", "swap.py", "watch", "doctor.py", "cli.py", "journal.py", "vllm")
+
+
+@pytest.mark.slow
+@pytest.mark.trainer
+def test_the_copy_is_the_trainer_side_only_and_serves_forks_from_there(tmp_path: Path) -> None:
+    """Only `sidecar/preload/` and `sidecar/protocol/` (under the copy's own __init__) go into a trainer venv, and a
+    real trainer process started from that venv answers on its socket and loads a fork with nothing else."""
+    pytest.importorskip("peft")
+    from sidecar.adapter import adapter_digest
+    from sidecar.protocol.client import call_agent
+    from sidecar.protocol.messages import ForkRequest
+    from sidecar.protocol.paths import agent_socket_path
+    from tests.support.tiny_model import tiny_assets
+    from tests.support.venvs import chained_venv, install_preload
+
+    python = chained_venv(tmp_path / "venv")
+    done = install_preload(python)
+    assert done.returncode == 0, done.stderr
+    copy = purelib_of(python) / preload_install.PRIVATE_DIR / "sidecar"
+    assert sorted(p.name for p in copy.iterdir() if p.name != "__pycache__") == ["__init__.py", "preload", "protocol"]
+    assert not [name for name in DAEMON_MODULES if list(copy.rglob(name))]
+
+    assets = tiny_assets()
+    run_dir = tmp_path / "art" / "proj" / "models" / "m"
+    served = run_dir / "checkpoints" / "0000"
+    shutil.copytree(assets.adapter_a, served)
+    runtime_dir, control = tmp_path / "runtime", tmp_path / "control"
+    runtime_dir.mkdir(mode=0o755)
+    control.mkdir()
+    args = ["--base", str(assets.base), "--adapter", str(served), "--run-dir", str(run_dir), "--control", str(control)]
+    environ = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    with open(control / "stderr.log", "wb") as log:
+        trainer = subprocess.Popen(
+            [str(python), str(REPO / "tests" / "support" / "trainer_script.py"), *args],
+            env={**environ, "FORK_SIDECAR_RUNTIME_DIR": str(runtime_dir)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not (control / "ready.json").exists():
+            assert trainer.poll() is None, (control / "stderr.log").read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, "the trainer did not register in 120 s"
+            time.sleep(0.1)
+        ready = json.loads((control / "ready.json").read_text())
+        assert str(ready["sidecar"]).startswith(str(copy))
+        socket_path = agent_socket_path(runtime_dir, os.geteuid(), trainer.pid)
+        hello = call_agent(socket_path, {"op": "hello"}, timeout=10, pid=trainer.pid)
+        assert hello["ok"] is True and hello["runs"] == [os.path.realpath(run_dir)], hello
+        shutil.rmtree(served)
+        shutil.copytree(assets.adapter_b, served)
+        digest = adapter_digest(served)
+        request = ForkRequest("copy-1", str(run_dir), str(served), digest, timeout=30.0)
+        reply = call_agent(socket_path, request.to_message(), timeout=60, pid=trainer.pid)
+        assert reply["ok"] is True, reply
+        assert reply["result"] == "loaded" and reply["digest"] == digest, reply
+    finally:
+        (control / "exit").touch()
+        try:
+            trainer.wait(30)
+        except subprocess.TimeoutExpired:
+            trainer.kill()
+            trainer.wait()

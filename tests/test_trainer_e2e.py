@@ -32,7 +32,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from sidecar.adapter import adapter_digest  # noqa: E402
 from sidecar.config import Config, load_config  # noqa: E402
-from sidecar.control import agent_socket_path  # noqa: E402
+from sidecar.protocol.paths import agent_socket_path  # noqa: E402
 from sidecar.stages import ForkContext, StageOutcome  # noqa: E402
 from sidecar.trainers import TrainerStage, agent_statuses  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
@@ -366,7 +366,8 @@ def test_preload_off_in_one_process(
 def test_preload_without_torch_loads_nothing_heavy(trainer_python: Path, runtime_dir: Path) -> None:
     code = (
         "import json, sys; "
-        "heavy = ['torch', 'peft', 'transformers', 'sidecar.preload.agent', 'sidecar.preload.art', 'sidecar.control']; "
+        "heavy = ['torch', 'peft', 'transformers', 'sidecar.preload.agent', 'sidecar.preload.art', "
+        "'sidecar.protocol.server']; "
         "armed = any(getattr(f, 'fork_sidecar_post_import_finder', False) for f in sys.meta_path); "
         "print(json.dumps({'armed': armed, 'loaded': [m for m in heavy if m in sys.modules]}))"
     )

@@ -23,9 +23,9 @@ pytest.importorskip("transformers")
 from sidecar import preload  # noqa: E402
 from sidecar.adapter import adapter_digest  # noqa: E402
 from sidecar.config import Config, Duration, TrainerConfig, load_config  # noqa: E402
-from sidecar.control import agent_dir, agent_socket_path  # noqa: E402
 from sidecar.metrics import reload_error_reasons  # noqa: E402
 from sidecar.preload import art  # noqa: E402
+from sidecar.protocol.paths import agent_dir, agent_socket_path  # noqa: E402
 from sidecar.run_io import local_run_files  # noqa: E402
 from sidecar.stages import ForkContext  # noqa: E402
 from sidecar.trainers import TrainerStage, agent_statuses, clean_stale_sockets, list_agent_sockets  # noqa: E402

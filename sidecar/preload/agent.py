@@ -1,4 +1,4 @@
-"""The agent inside a trainer process: serves `{runtime_dir}/{uid}/agent-<pid>.sock` (sidecar/control.py says who
+"""The agent inside a trainer process: serves `{runtime_dir}/{uid}/agent-<pid>.sock` (sidecar/protocol/ says who
 makes that directory) and applies forks to what it was given to serve.
 
 Two kinds of target:
@@ -38,18 +38,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sidecar import __version__
-from sidecar.control import (
+from sidecar.protocol.messages import (
     PROTOCOL_VERSION,
-    ControlServer,
     ForkRequest,
     HelloRequest,
-    PeerCred,
     Request,
     StatusRequest,
-    agent_socket_path,
     error_reply,
     ok_reply,
 )
+from sidecar.protocol.paths import agent_socket_path
+from sidecar.protocol.peercred import PeerCred
+from sidecar.protocol.server import ControlServer
 
 __all__ = [
     "RESULT_LOADED",

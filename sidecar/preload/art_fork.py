@@ -311,7 +311,7 @@ def _mark(plan: _Plan, created: list[str]) -> None:
 
 def write_fork_marker(model_dir: Path, content: str) -> Path:
     """Write `{model_dir}/.fork` atomically, as `fork-sidecar fork` does; raises OSError."""
-    from sidecar.fsops import write_atomic  # stdlib only, like the rest of what the preload imports
+    from sidecar.protocol.atomic_write import write_atomic  # stdlib only, like the rest of what the preload imports
 
     marker = model_dir / ".fork"
     write_atomic(marker, content.encode())  # the daemon's watcher sees one complete marker appear

@@ -1,9 +1,11 @@
 """Installs the preload into a trainer's Python environment, removes it, and reports on it.
 
 What `install` writes into that interpreter's site-packages (purelib), and nothing else:
-- `_fork_sidecar/`: a private copy of the `sidecar` package (small, imports lazily) plus `manifest.json` (version,
-  content digest, the files written). The trainer's environment imports the preload from here, so nothing of the
-  daemon's environment leaks into it and upgrading the daemon never changes a running trainer's code.
+- `_fork_sidecar/`: a private copy of the trainer side of the `sidecar` package, `sidecar/preload/` and
+  `sidecar/protocol/` (stdlib only, imports lazily) under a package `__init__` of its own, plus `manifest.json`
+  (version, content digest, the files written). None of the daemon is copied. The trainer's environment imports
+  the preload from here, so nothing of the daemon's environment leaks into it and upgrading the daemon never
+  changes a running trainer's code.
 - `_fork_sidecar.pth`: one `import` line that appends that directory to sys.path and imports
   `sidecar.preload.bootstrap`, inside try/except, unless FORK_SIDECAR_PRELOAD=0. Being a `.pth` file it runs in
   every interpreter started from that environment: the trainer, its multiprocessing spawn/forkserver children and
@@ -231,20 +233,33 @@ def _package_root() -> Path:
     return Path(sidecar.__file__).resolve().parent
 
 
-def _package_files(root: Path) -> list[str]:
-    """Paths, relative to the directory holding `sidecar/`, of every source file of the package."""
-    files = [
-        path.relative_to(root.parent).as_posix()
-        for path in root.rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts and (path.suffix == ".py" or path.name == "py.typed")
-    ]
-    return sorted(files)
+# The trainer side: everything a trainer process runs lives in these two packages (the daemon imports them too).
+TRAINER_PACKAGES = ("preload", "protocol")
+_INIT = "sidecar/__init__.py"
+# The daemon's own __init__ starts its SIGHUP guard when argv[1] is "run", whose module is not copied (and a trainer
+# started as `python train.py run` must not try to import it); the copy's says only which version it is.
+_INIT_TEXT = '''"""fork-sidecar's trainer side: preload and protocol, copied by `fork-sidecar preload install`."""
+
+__all__ = ["__version__"]
+__version__ = {version!r}
+'''
 
 
-def _digest(base: Path, files: list[str]) -> str:
+def _trainer_files(root: Path) -> dict[str, bytes]:
+    """The copy's contents by path relative to the directory holding `sidecar/`: the trainer packages' source files
+    as they are, and the copy's own package __init__."""
+    files = {_INIT: _INIT_TEXT.format(version=sidecar.__version__).encode()}
+    for package in TRAINER_PACKAGES:
+        for path in (root / package).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts and (path.suffix == ".py" or path.name == "py.typed"):
+                files[path.relative_to(root.parent).as_posix()] = path.read_bytes()
+    return dict(sorted(files.items()))
+
+
+def _digest(files: Mapping[str, bytes]) -> str:
     hasher = hashlib.sha256()
-    for name in files:
-        hasher.update(name.encode() + b"\0" + (base / name).read_bytes() + b"\0")
+    for name, content in files.items():
+        hasher.update(name.encode() + b"\0" + content + b"\0")
     return "sha256:" + hasher.hexdigest()
 
 
@@ -280,18 +295,19 @@ def install(python: str | None = None) -> InstallReport:
     private, pth = purelib / PRIVATE_DIR, purelib / PTH_NAME
     previous = _read_manifest(private) if private.exists() else None
     root = _package_root()
-    files = _package_files(root)
+    contents = _trainer_files(root)
+    files = list(contents)
     staging = purelib / f"{PRIVATE_DIR}.new-{os.getpid()}"
     retired = purelib / f"{PRIVATE_DIR}.old-{os.getpid()}"
     try:
-        for name in files:
+        for name, content in contents.items():
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(root.parent / name, target)
+            target.write_bytes(content)
         manifest = {
             "format": 1,
             "version": sidecar.__version__,
-            "digest": _digest(root.parent, files),
+            "digest": _digest(contents),
             "files": files,
             "pth": PTH_NAME,
             "source": str(root),
@@ -389,8 +405,7 @@ def _compare(manifest: dict[str, Any]) -> tuple[bool, str]:
         return False, f"older than this CLI's {cli}: run `fork-sidecar preload install` to update it"
     if _numeric(installed) > _numeric(cli):
         return False, f"newer than this CLI's {cli}"
-    root = _package_root()
-    if manifest.get("digest") != _digest(root.parent, _package_files(root)):
+    if manifest.get("digest") != _digest(_trainer_files(_package_root())):
         return False, "same version as this CLI but different files: run `fork-sidecar preload install` to update it"
     return True, "same as this CLI"
 

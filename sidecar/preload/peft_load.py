@@ -2,8 +2,8 @@
 
 Only `adapter_model.safetensors` is read (never pickle): the file is read once into memory, its header is checked
 here (the same rules as the safetensors library: known dtypes, sizes that match shapes, contiguous in-bounds byte
-ranges), and the digest (`sidecar.digest`) is computed over exactly those bytes by a pool of threads that follows
-the read while the tensors are cast and loaded, so hashing costs next to nothing on a multi-core trainer.
+ranges), and the digest (`sidecar.protocol.digest`) is computed over exactly those bytes by a pool of threads that
+follows the read while the tensors are cast and loaded, so hashing costs next to nothing on a multi-core trainer.
 
 Everything that can fail is checked before the model is touched: missing or unexpected keys, shapes, the LoRA
 hyper-parameters in `adapter_config.json` (a different `lora_alpha` would silently rescale the update). After the load
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.digest import TensorRecord, digest_tensors
+from sidecar.protocol.digest import TensorRecord, digest_tensors
 
 __all__ = ["ADAPTER_FILE", "AdapterLoadError", "CheckpointTensors", "load_adapter_from_checkpoint", "read_checkpoint"]
 

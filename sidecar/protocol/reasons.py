@@ -5,7 +5,7 @@ its `error` sentence. The sentence is for a person and may be reworded; the code
 once released: it is the `reason` label of `fork_sidecar_reload_errors_total`, and alerts match on it. Add codes,
 never rename one.
 
-The agent answers errors with its own protocol codes (`step_timeout`, `busy`, ...: sidecar/control.py); the daemon
+The agent answers errors with its own protocol codes (`step_timeout`, `busy`, ...: protocol/server.py); the daemon
 names the reason from that code (`of_agent_code`), so a preload copy older than the daemon still gets the right label.
 """
 
@@ -46,7 +46,7 @@ class Reason(StrEnum):
 VLLM_REASONS = tuple(r for r in Reason if r.startswith("vllm_"))
 TRAINER_REASONS = tuple(r for r in Reason if r.startswith("trainer_"))
 
-# The agent's error codes (error_reply in sidecar/preload/agent.py and art.py, ControlServer in sidecar/control.py).
+# The agent's error codes (error_reply in sidecar/preload/agent.py and art.py, ControlServer in protocol/server.py).
 _AGENT_CODES = {
     "step_timeout": Reason.TRAINER_TIMEOUT,
     "timeout": Reason.TRAINER_TIMEOUT,

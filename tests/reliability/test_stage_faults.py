@@ -12,7 +12,7 @@ set where the failure is known, never read back from the sentence), read from th
 
 The peers are real: the agent stand-in is a separate Python process listening on
 `{runtime_dir}/<its uid>/agent-<its pid>.sock` (so the daemon's SO_PEERCRED, directory and socket-owner checks pass as
-they would for a trainer) and speaking the protocol of sidecar/control.py by hand, because the real agent never hangs
+they would for a trainer) and speaking the protocol of sidecar/protocol/ by hand, because the real agent never hangs
 or dies on cue. The vLLM stand-in is tests/support/fake_vllm.py, an http.server on loopback answering the routes the
 stage uses; it really stops listening during a "restart".
 """
@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.control import agent_socket_path
+from sidecar.protocol.paths import agent_socket_path
 from tests.reliability.support import Fleet, Settled, make_run, settled, silent_server, tree_digest, wait_settled
 from tests.support.daemon import wait_for
 from tests.support.fake_vllm import FakeVllm

@@ -11,8 +11,8 @@ import os
 import sys
 import time
 
-from sidecar.control import ok_reply
 from sidecar.preload.agent import current_agent
+from sidecar.protocol.messages import ok_reply
 
 run_dirs, log_path = sys.argv[1:3]
 hang = sys.argv[3:4] == ["hang"]

@@ -1,0 +1,104 @@
+"""The requests an agent answers (hello, status, fork) and the shape of its replies."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.protocol.framing import ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ForkRequest",
+    "HelloRequest",
+    "Request",
+    "StatusRequest",
+    "error_reply",
+    "ok_reply",
+    "parse_request",
+]
+
+PROTOCOL_VERSION = 1
+
+
+def ok_reply(**fields: Any) -> dict[str, Any]:
+    return {"ok": True, **fields}
+
+
+def error_reply(code: str, message: str, **fields: Any) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message}, **fields}
+
+
+@dataclass(frozen=True)
+class HelloRequest:
+    op = "hello"
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    op = "status"
+
+
+@dataclass(frozen=True)
+class ForkRequest:
+    """Load the adapter in `checkpoint_dir` (normally `{run_dir}/checkpoints/0000`) into what serves `run_dir`."""
+
+    fork_id: str
+    run_dir: str
+    checkpoint_dir: str
+    digest: str | None  # what the daemon read from disk; the agent reports its own, the daemon compares
+    timeout: float  # how long the agent may wait for a step boundary before answering
+
+    op = "fork"
+
+    def to_message(self) -> dict[str, Any]:
+        return {
+            "op": self.op,
+            "v": PROTOCOL_VERSION,
+            "fork_id": self.fork_id,
+            "run_dir": self.run_dir,
+            "checkpoint_dir": self.checkpoint_dir,
+            "digest": self.digest,
+            "timeout": self.timeout,
+        }
+
+
+Request = HelloRequest | StatusRequest | ForkRequest
+
+
+def parse_request(obj: Mapping[str, Any]) -> Request:
+    op = obj.get("op")
+    if op == "hello":
+        return HelloRequest()
+    if op == "status":
+        return StatusRequest()
+    if op == "fork":
+        return _parse_fork(obj)
+    raise ProtocolError("unknown_op", f"unknown op {op!r}; this agent knows hello, status and fork")
+
+
+def _parse_fork(obj: Mapping[str, Any]) -> ForkRequest:
+    def text(key: str, *, path: bool = False) -> str:
+        value = obj.get(key)
+        if not isinstance(value, str) or not value or len(value) > 4096 or "\0" in value:
+            raise ProtocolError("bad_request", f"fork needs {key!r} as a non-empty string")
+        if path and not Path(value).is_absolute():
+            raise ProtocolError("bad_request", f"fork needs {key!r} as an absolute path, got {value!r}")
+        return value
+
+    digest = obj.get("digest")
+    if digest is not None and not isinstance(digest, str):
+        raise ProtocolError("bad_request", "fork's 'digest' must be a string or null")
+    timeout = obj.get("timeout", 30.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout < 0:
+        raise ProtocolError("bad_request", "fork's 'timeout' must be a non-negative number of seconds")
+    return ForkRequest(
+        fork_id=text("fork_id"),
+        run_dir=text("run_dir", path=True),
+        checkpoint_dir=text("checkpoint_dir", path=True),
+        digest=digest,
+        timeout=float(timeout),
+    )
