@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: a bare requirement would pull a multi-GB CUDA build (see DESIGN.md).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,trainer]'
+	$(PY) -m pip install -q -e '.[dev,trainer,etcd]'
 	touch $@
 
 vllm-venv: $(VLLM_STAMP)
