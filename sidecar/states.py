@@ -1,7 +1,7 @@
 """The states of one fork and the transitions between them; stdlib only, no I/O.
 
 A state names the last step that COMPLETED and was journaled, so resuming after a crash means running the step
-that follows the journaled state. Every step after `claimed` is idempotent (see swap.py and the stages), which is
+that follows the journaled state. Every step after `claimed` is idempotent (see sidecar/swap/ and the stages), which is
 what makes "run the next step again" correct after a SIGKILL at any point.
 """
 

@@ -484,7 +484,7 @@ def test_no_art_is_no_problem(tmp_path: Path) -> None:
     assert "ART:           openpipe-art is not installed there\n" in text
 
 
-DAEMON_MODULES = ("daemon.py", "pipeline.py", "swap.py", "watch", "doctor.py", "cli.py", "journal.py", "vllm")
+DAEMON_MODULES = ("daemon.py", "pipeline.py", "swap", "watch", "doctor.py", "cli.py", "journal.py", "vllm")
 
 
 @pytest.mark.slow

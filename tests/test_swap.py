@@ -23,21 +23,21 @@ from pathlib import Path
 import pytest
 
 from sidecar.adapter import TreeLimits, adapter_digest
+from sidecar.fsops import exchange_dirs
+from sidecar.fsops import rename_noreplace_at as rename_noreplace
 from sidecar.swap import (
     StagedCheckpoint,
     SwapError,
-    _plan_install,
     abort_staged,
     discard_retired,
-    exchange_dirs,
     install_staged,
     leftovers,
-    rename_noreplace,
     retired_name,
     settle_leftover,
     stage_checkpoint,
     stage_name,
 )
+from sidecar.swap.install import _plan_install
 from tests.support.adapters import write_adapter, write_big_adapter
 
 FORK = "f1"

@@ -1,26 +1,5 @@
-"""Replacing `checkpoints/0000` with a forked checkpoint, atomically (the etcd / Prometheus TSDB recipe).
-
-1. stage_checkpoint: copy every file of the source into `checkpoints/.fork-stage-<id>` (same filesystem;
-   a hidden, never all-digit name, because ART treats all-digit names as steps), by reflink where the
-   filesystem can, else by copy (hardlinks only when asked); fsync each file and directory; check the
-   staged adapter; compute its digest.
-2. install_staged: `renameat2(RENAME_EXCHANGE)` the stage with `0000`, fsync `checkpoints/`, then rename
-   the stage name (now holding the old checkpoint) to `.fork-retired-<id>` and fsync again. Readers see
-   the old directory or the new one, never a mix. Where the filesystem cannot exchange (vfat, NFS,
-   most FUSE filesystems answer EINVAL), rename `0000` aside to `.fork-retired-<id>` and the stage to
-   `0000`: there is a moment without `0000`, which install_staged completes when called again.
-3. discard_retired: remove `.fork-retired-<id>` once nothing needs it.
-
-Every step is a function of (checkpoints dir, fork id, expected digest) that looks at which names
-exist and brings the directory to its end state, so a journaled caller resumes after a SIGKILL by
-calling the step it recorded again. `leftovers` and `settle_leftover` clean up after forks that no
-journal knows. Every failure is a SwapError with one sentence naming the path and what to do; before
-install nothing in `checkpoints/` but the stage changes, and a failed stage is removed.
-
-All work happens through directory file descriptors opened with O_NOFOLLOW, so a symlink swapped in
-after a check is never followed. `0000` stays a real directory: ART deletes checkpoints with
-`shutil.rmtree`, which refuses symlinks.
-"""
+"""Staging: copying a source checkpoint into `checkpoints/.fork-stage-<id>` (reflink, copy or hardlink), fsynced and
+checked, its adapter digest computed while the bytes are copied."""
 
 from __future__ import annotations
 
@@ -29,8 +8,6 @@ import errno
 import fcntl
 import logging
 import os
-import re
-import shutil
 import stat
 import threading
 import time
@@ -43,7 +20,6 @@ from sidecar.adapter import (
     AdapterError,
     CheckpointEntry,
     TreeLimits,
-    adapter_digest,
     check_adapter,
     digest_open_file,
     open_checkpoint_dir,
@@ -51,54 +27,32 @@ from sidecar.adapter import (
     read_header,
     walk_checkpoint,
 )
-from sidecar.fsops import exchange_dirs, lstat_at
 from sidecar.fsops import libc as _libc
-from sidecar.fsops import rename_noreplace_at as rename_noreplace
-from sidecar.journal import FORK_ID
+from sidecar.fsops import lstat_at
 from sidecar.protocol.atomic_write import fsync_dir_fd as _fsync_dir
+from sidecar.swap.dirs import (
+    LIVE_NAME,
+    STAGE_PREFIX,
+    SwapError,
+    check_live_is_dir,
+    open_checkpoints_dir,
+    remove_entry,
+    stage_name,
+)
 
-__all__ = [
-    "COPY_MODES",
-    "LIVE_NAME",
-    "Progress",
-    "StagedCheckpoint",
-    "SwapError",
-    "SwapResult",
-    "abort_staged",
-    "discard_retired",
-    "exchange_dirs",
-    "install_staged",
-    "leftovers",
-    "rename_noreplace",
-    "retired_name",
-    "settle_leftover",
-    "stage_checkpoint",
-    "stage_name",
-]
+__all__ = ["COPY_CHUNK", "COPY_MODES", "Progress", "StagedCheckpoint", "stage_checkpoint"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.swap")
 
-LIVE_NAME = "0000"
-STAGE_PREFIX = ".fork-stage-"
-RETIRED_PREFIX = ".fork-retired-"
 COPY_MODES = ("auto", "reflink", "hardlink", "copy")
 COPY_CHUNK = 64 << 20  # per copy_file_range call; also the progress granularity
 
-_LEFTOVER = re.compile(rf"({re.escape(STAGE_PREFIX)}|{re.escape(RETIRED_PREFIX)})({FORK_ID.pattern})")
 _SYNC_FILE_RANGE_WRITE = 2
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int); fcntl.FICLONE only exists from Python 3.12
 # Errors meaning "this filesystem (or kernel) cannot do that", as opposed to a real failure.
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV})
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-
-
-class SwapError(Exception):
-    """A swap step failed; the message is one sentence naming the path and what to do."""
-
-    def __init__(self, path: str | os.PathLike[str], message: str) -> None:
-        self.path = Path(path)
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -111,88 +65,6 @@ class StagedCheckpoint:
     method: str  # "reflink", "copy" or "hardlink"
     inode: int  # of the stage directory: lets install_staged tell old from new without reading them
     digest_s: float = 0.0  # how long staging waited for the digest once the bytes were in place (copies overlap it)
-
-
-@dataclass(frozen=True)
-class SwapResult:
-    live: Path  # checkpoints/0000, now the new checkpoint
-    digest: str
-    how: str  # "exchange", "aside", "rename", or "none" when 0000 was already the new checkpoint
-    retired: Path | None  # where the previous 0000 now is, if it still exists
-    resumed: bool  # this call found and finished an install interrupted earlier
-
-
-def stage_name(fork_id: str) -> str:
-    return STAGE_PREFIX + _checked_fork_id(fork_id)
-
-
-def retired_name(fork_id: str) -> str:
-    return RETIRED_PREFIX + _checked_fork_id(fork_id)
-
-
-def _checked_fork_id(fork_id: str) -> str:
-    if not isinstance(fork_id, str) or not FORK_ID.fullmatch(fork_id):
-        raise ValueError(f"fork id {fork_id!r} must be 1-64 characters of A-Z, a-z, 0-9, '_' and '-'")
-    return fork_id
-
-
-# ------------------------------------------------------------------------------------------ syscalls
-
-
-def _remove_entry(dir_fd: int, name: str) -> bool:
-    """Removes `name` (a tree, a file or a symlink) from `dir_fd`; False if it was not there."""
-    info = lstat_at(dir_fd, name)
-    if info is None:
-        return False
-    if stat.S_ISDIR(info.st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)  # the fd-based variant: it never follows a symlink
-    else:
-        os.unlink(name, dir_fd=dir_fd)
-    return True
-
-
-def _open_checkpoints_dir(checkpoints_dir: Path, run_fd: int | None = None) -> int:
-    """`checkpoints_dir`, or with `run_fd` the `checkpoints` entry of the run directory open as `run_fd` (the
-    path then only names it in messages: nothing is resolved by name again)."""
-    shown = printable(checkpoints_dir)
-    where, dir_fd = (checkpoints_dir, None) if run_fd is None else (Path(checkpoints_dir.name), run_fd)
-    try:
-        return os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise SwapError(checkpoints_dir, f"{shown}: no such directory; is this an ART run directory?") from None
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(where, dir_fd):
-            raise SwapError(
-                checkpoints_dir,
-                f"{shown}: is a symlink; the checkpoints directory must be real so 0000 is swapped where ART "
-                f"looks — replace the link with the directory.",
-            ) from None
-        if exc.errno == errno.ENOTDIR:
-            raise SwapError(checkpoints_dir, f"{shown}: is not a directory; is this an ART run directory?") from None
-        raise SwapError(checkpoints_dir, f"{shown}: cannot open ({exc.strerror}); check its permissions.") from None
-
-
-def _is_symlink(path: Path, dir_fd: int | None) -> bool:
-    try:
-        return stat.S_ISLNK(os.stat(path, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
-
-
-def _check_live_is_dir(checkpoints_dir: Path, info: os.stat_result | None) -> None:
-    if info is None or stat.S_ISDIR(info.st_mode):
-        return
-    shown = printable(checkpoints_dir / LIVE_NAME)
-    if stat.S_ISLNK(info.st_mode):
-        raise SwapError(
-            checkpoints_dir / LIVE_NAME,
-            f"{shown}: is a symlink; ART deletes checkpoints with shutil.rmtree, which refuses symlinks — "
-            f"replace it with a real directory.",
-        )
-    raise SwapError(checkpoints_dir / LIVE_NAME, f"{shown}: is not a directory; move it away and fork again.")
-
-
-# ------------------------------------------------------------------------------------------ staging
 
 
 @dataclass(frozen=True)
@@ -557,16 +429,16 @@ def stage_checkpoint(
     nothing else in `checkpoints_dir` has changed.
 
     `source_fd`: the source as the resolver opened (and checked) it; `source` then only names it. `run_fd`: see
-    _open_checkpoints_dir. `limits`: bounds on the source tree, checked (with the free space) before copying.
+    open_checkpoints_dir. `limits`: bounds on the source tree, checked (with the free space) before copying.
     """
     name = stage_name(fork_id)
     if copy_mode not in COPY_MODES:
         raise ValueError(f"copy_mode {copy_mode!r} is not one of {', '.join(COPY_MODES)}")
     stage = checkpoints_dir / name
-    cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
+    cfd = open_checkpoints_dir(checkpoints_dir, run_fd)
     try:
         # A 0000 that install would refuse (a symlink, a file) is refused before a whole adapter is copied.
-        _check_live_is_dir(checkpoints_dir, lstat_at(cfd, LIVE_NAME))
+        check_live_is_dir(checkpoints_dir, lstat_at(cfd, LIVE_NAME))
         src_fd = _open_source(source) if source_fd is None else os.dup(source_fd)
         try:
             src_stat = os.fstat(src_fd)
@@ -582,7 +454,7 @@ def stage_checkpoint(
             except AdapterError as exc:
                 raise SwapError(exc.path, str(exc)) from None
             try:
-                _remove_entry(cfd, name)
+                remove_entry(cfd, name)
                 os.mkdir(name, 0o700, dir_fd=cfd)  # private until its contents are complete
             except OSError as exc:
                 raise _staging_error(exc, source, stage) from None
@@ -667,271 +539,6 @@ def _staging_error(exc: OSError, source: Path, stage: Path) -> SwapError:
 
 def _remove_quietly(dir_fd: int, name: str) -> None:
     try:
-        _remove_entry(dir_fd, name)
+        remove_entry(dir_fd, name)
     except OSError as exc:  # the original error matters more; the next stage removes it anyway
         log.warning("could not remove %s after a failed stage: %s", name, exc)
-
-
-# ------------------------------------------------------------------------------------------ install
-
-
-def _digest_matches(cfd: int, checkpoints_dir: Path, name: str, new_digest: str) -> bool:
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cfd)
-    try:
-        return adapter_digest(checkpoints_dir / name, dir_fd=fd) == new_digest
-    except (AdapterError, OSError):
-        return False
-    finally:
-        os.close(fd)
-
-
-def _which_is_new(
-    cfd: int, checkpoints_dir: Path, candidates: dict[str, os.stat_result], new_digest: str, stage_inode: int | None
-) -> str | None:
-    """Which of the candidate entries holds the staged checkpoint.
-
-    The stage directory's inode travels with it through renames and exchanges, so when the caller
-    passes it, one fstatat answers. Without it, or on a filesystem whose inode numbers changed (some
-    FUSE and network filesystems after a remount), the adapter digests decide; if both hold the same
-    tensors, 0000 counts as new (the fork changed no weights).
-    """
-    if stage_inode is not None:
-        for name, info in candidates.items():
-            if info.st_ino == stage_inode:
-                return name
-    for name in candidates:
-        if _digest_matches(cfd, checkpoints_dir, name, new_digest):
-            return name
-    return None
-
-
-def _plan_install(has_live: bool, has_stage: bool, has_retired: bool, new: str | None) -> str:
-    """Pure: the next operation for the names present and which entry holds the new adapter ("live" is 0000,
-    "stage", or None for neither).
-
-    Returns one of: "exchange" (stage <-> 0000), "retire" (stage -> retired), "promote" (stage -> 0000),
-    "done", or "error:<reason>".
-    """
-    if has_stage and has_live:
-        if has_retired:
-            return "error:conflict"
-        if new == "stage":
-            return "exchange"
-        if new == "live":
-            return "retire"  # exchanged earlier; the stage name holds the old checkpoint
-        return "error:neither"
-    if has_stage:
-        return "promote" if new == "stage" else "error:neither"
-    if has_live:
-        return "done" if new == "live" else "error:stage-gone"
-    return "error:retired-only" if has_retired else "error:nothing"
-
-
-def install_staged(
-    checkpoints_dir: Path,
-    fork_id: str,
-    new_digest: str,
-    *,
-    stage_inode: int | None = None,
-    allow_exchange: bool = True,
-    run_fd: int | None = None,
-) -> SwapResult:
-    """Brings `checkpoints_dir` to: 0000 is the staged checkpoint, the previous 0000 at .fork-retired-<id>.
-
-    Idempotent: after a crash at any point inside it, call it again with the same arguments. Pass
-    `stage_inode` (StagedCheckpoint.inode) so it can tell old from new without reading adapters;
-    without it the adapter digests decide, which reads them. `allow_exchange=False` forces the
-    rename-aside path, which leaves a moment without 0000.
-    """
-    stage, retired = stage_name(fork_id), retired_name(fork_id)
-    cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
-    try:
-        how, resumed = "none", False
-        for step in range(4):  # the longest path is aside, promote, done
-            present = _present(cfd, checkpoints_dir, (LIVE_NAME, stage, retired))
-            candidates = {n: i for n, i in present.items() if i is not None and n != retired}
-            new_name = _which_is_new(cfd, checkpoints_dir, candidates, new_digest, stage_inode)
-            action = _plan_install(
-                present[LIVE_NAME] is not None,
-                present[stage] is not None,
-                present[retired] is not None,
-                {LIVE_NAME: "live", stage: "stage"}.get(new_name or ""),
-            )
-            if step == 0:
-                resumed = action == "retire" or (action == "promote" and present[retired] is not None)
-            if action == "done":
-                _fsync_dir(cfd)  # a crash may have come between the last rename and its fsync
-                left = checkpoints_dir / retired if lstat_at(cfd, retired) is not None else None
-                return SwapResult(checkpoints_dir / LIVE_NAME, new_digest, how, left, resumed)
-            if action.startswith("error:"):
-                raise _install_error(action, checkpoints_dir, stage, retired, new_digest)
-            used = _apply(action, cfd, stage, retired, allow_exchange=allow_exchange)
-            if how == "none" and used != "retire":
-                how = used
-        raise SwapError(checkpoints_dir, f"{printable(checkpoints_dir)}: the install did not settle; report a bug.")
-    except OSError as exc:
-        raise SwapError(
-            checkpoints_dir,
-            f"{printable(checkpoints_dir)}: {exc.strerror or exc} while installing fork {fork_id}; fix the cause "
-            f"and install again (the step is safe to repeat).",
-        ) from None
-    finally:
-        os.close(cfd)
-
-
-def _present(cfd: int, checkpoints_dir: Path, names: tuple[str, ...]) -> dict[str, os.stat_result | None]:
-    """lstat of each name; anything but a real directory under our names is refused."""
-    present = {name: lstat_at(cfd, name) for name in names}
-    _check_live_is_dir(checkpoints_dir, present.get(LIVE_NAME))
-    for name, info in present.items():
-        if info is not None and not stat.S_ISDIR(info.st_mode):
-            shown = printable(checkpoints_dir / name)
-            raise SwapError(checkpoints_dir / name, f"{shown}: is not a directory; remove it and fork again.")
-    return present
-
-
-def _apply(action: str, cfd: int, stage: str, retired: str, *, allow_exchange: bool) -> str:
-    """Performs one planned rename (then fsyncs checkpoints/); returns how: exchange, aside, rename, retire."""
-    if action == "exchange":
-        if allow_exchange:
-            try:
-                exchange_dirs(cfd, stage, LIVE_NAME)
-                _fsync_dir(cfd)
-                return "exchange"
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                log.info("this filesystem cannot exchange directories (%s); renaming 0000 aside", exc.strerror)
-        # Rename-aside: 0000 is missing until the next step (promote), which a re-run also performs.
-        rename_noreplace(cfd, LIVE_NAME, retired)
-        return "aside"
-    if action == "retire":
-        rename_noreplace(cfd, stage, retired)
-        _fsync_dir(cfd)
-        return "retire"
-    if action == "promote":
-        rename_noreplace(cfd, stage, LIVE_NAME)
-        _fsync_dir(cfd)
-        return "rename"
-    raise AssertionError(action)
-
-
-def _install_error(action: str, checkpoints_dir: Path, stage: str, retired: str, digest: str) -> SwapError:
-    live = printable(checkpoints_dir / LIVE_NAME)
-    reasons = {
-        "error:conflict": (
-            f"{printable(checkpoints_dir / retired)}: already exists beside {stage} and 0000, so this fork id was "
-            f"used before; remove that directory after checking it, then install again."
-        ),
-        "error:neither": (
-            f"{printable(checkpoints_dir / stage)}: neither it nor 0000 holds the staged adapter ({digest}); "
-            f"stage the checkpoint again."
-        ),
-        "error:stage-gone": (
-            f"{live}: does not hold the staged adapter ({digest}) and {stage} is gone; stage the checkpoint again."
-        ),
-        "error:retired-only": (
-            f"{live}: is missing and only {retired} (the previous checkpoint) is left; rename it back to 0000 "
-            f"and fork again."
-        ),
-        "error:nothing": f"{live}: is missing and so is {stage}; stage the checkpoint again.",
-    }
-    return SwapError(checkpoints_dir, reasons[action])
-
-
-# ------------------------------------------------------------------------------------------ cleanup
-
-
-def _remove_named(checkpoints_dir: Path, name: str, run_fd: int | None) -> None:
-    cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
-    try:
-        if _remove_entry(cfd, name):
-            _fsync_dir(cfd)
-    except OSError as exc:
-        shown = printable(checkpoints_dir / name)
-        raise SwapError(
-            checkpoints_dir / name, f"{shown}: cannot remove ({exc.strerror}); remove it by hand."
-        ) from None
-    finally:
-        os.close(cfd)
-
-
-def discard_retired(checkpoints_dir: Path, fork_id: str, *, run_fd: int | None = None) -> None:
-    """Removes .fork-retired-<id> (the checkpoint 0000 held before the fork); nothing if it is gone."""
-    _remove_named(checkpoints_dir, retired_name(fork_id), run_fd)
-
-
-def abort_staged(checkpoints_dir: Path, fork_id: str, *, run_fd: int | None = None) -> None:
-    """Removes the stage of a fork that failed before install_staged was called; nothing if it is gone.
-
-    Once install_staged has started, a fork can only go forward: call install_staged again instead.
-    Refuses when 0000 is missing and the retired copy exists (a half-done rename-aside), because
-    removing the stage then would leave the run without 0000.
-    """
-    cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
-    try:
-        missing_live = lstat_at(cfd, LIVE_NAME) is None
-        has_retired = lstat_at(cfd, retired_name(fork_id)) is not None
-    finally:
-        os.close(cfd)
-    if missing_live and has_retired:
-        shown = printable(checkpoints_dir / LIVE_NAME)
-        raise SwapError(
-            checkpoints_dir,
-            f"{shown}: is missing because fork {fork_id} was half installed; finish it with install_staged "
-            f"instead of aborting.",
-        )
-    _remove_named(checkpoints_dir, stage_name(fork_id), run_fd)
-
-
-def leftovers(checkpoints_dir: Path, *, run_fd: int | None = None) -> list[tuple[str, str]]:
-    """(kind, fork id) for each .fork-stage-* ("stage") and .fork-retired-* ("retired") entry, sorted."""
-    try:
-        cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
-    except SwapError:
-        return []
-    try:
-        names = os.listdir(cfd)
-    finally:
-        os.close(cfd)
-    found = []
-    for name in names:
-        match = _LEFTOVER.fullmatch(name)
-        if match:
-            found.append(("stage" if match.group(1) == STAGE_PREFIX else "retired", match.group(2)))
-    return sorted(found)
-
-
-def settle_leftover(checkpoints_dir: Path, fork_id: str, *, run_fd: int | None = None) -> str:
-    """Cleans up after a fork no journal knows: leaves 0000 a complete checkpoint and removes the rest.
-
-    If 0000 is missing, a half-done rename-aside is completed (the stage had been checked before
-    install began) or, with no stage, the retired copy is put back. Then the stage and the retired
-    copy are removed. Returns what it did, for the log.
-    """
-    stage, retired = stage_name(fork_id), retired_name(fork_id)
-    cfd = _open_checkpoints_dir(checkpoints_dir, run_fd)
-    try:
-        present = _present(cfd, checkpoints_dir, (LIVE_NAME, stage, retired))
-        done = []
-        if present[LIVE_NAME] is None:
-            if present[stage] is not None and present[retired] is not None:
-                rename_noreplace(cfd, stage, LIVE_NAME)
-                done.append(f"completed the install of {stage}")
-            elif present[retired] is not None:
-                rename_noreplace(cfd, retired, LIVE_NAME)
-                done.append(f"put {retired} back as 0000")
-            _fsync_dir(cfd)
-        for name in (stage, retired):
-            if _remove_entry(cfd, name):
-                done.append(f"removed {name}")
-        _fsync_dir(cfd)
-        return "; ".join(done) or "nothing to do"
-    except OSError as exc:
-        raise SwapError(
-            checkpoints_dir,
-            f"{printable(checkpoints_dir)}: {exc.strerror or exc} while cleaning up fork {fork_id}; "
-            f"check the directory by hand.",
-        ) from None
-    finally:
-        os.close(cfd)
