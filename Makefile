@@ -43,9 +43,11 @@ art-venvs art-venv:
 	$(CACHED_VENV) $(ART523_VENV) art-0.5.23 --python $(PYTHON312)
 
 # Every test, each ART test against every supported openpipe-art (a missing ART venv fails, never skips), the etcd
-# tests against a real etcd (a missing `etcd` binary fails too), then the fast suite again on Python 3.12.
+# tests against a real etcd and the alert rules through the real promtool (a missing `etcd` or `promtool` fails too),
+# then the fast suite again on Python 3.12.
+REQUIRE := FORK_SIDECAR_REQUIRE_ART=1 FORK_SIDECAR_REQUIRE_ETCD=1 FORK_SIDECAR_REQUIRE_PROMTOOL=1
 test: $(STAMP) $(VLLM_STAMP) art-venvs
-	FORK_SIDECAR_REQUIRE_ART=1 FORK_SIDECAR_REQUIRE_ETCD=1 $(PY) -m pytest -q -ra
+	$(REQUIRE) $(PY) -m pytest -q -ra
 	$(MAKE) --no-print-directory test-py312
 
 test-fast: $(STAMP)

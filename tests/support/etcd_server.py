@@ -35,7 +35,6 @@ import base64
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -46,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.support.tools import required_tool
 
 __all__ = [
     "EtcdAuth",
@@ -59,7 +58,7 @@ __all__ = [
     "unb64",
 ]
 
-INSTALL_HINT = "install etcd 3.4+ (`apt-get install etcd-server` on Debian/Ubuntu) or point FORK_SIDECAR_ETCD at it"
+INSTALL_HINT = "install etcd 3.4+ (`apt-get install etcd-server` on Debian/Ubuntu)"
 _CALL_TIMEOUT_S = 5.0
 # How a call authenticates: True = as root once auth is on (no token before), a str = that token, None/False = none.
 Auth = str | bool | None
@@ -79,13 +78,9 @@ class EtcdCallError(RuntimeError):
 
 def etcd_binary() -> Path:
     """The etcd executable; skips the calling test without one, or fails it under FORK_SIDECAR_REQUIRE_ETCD=1."""
-    found = os.environ.get("FORK_SIDECAR_ETCD") or shutil.which("etcd")
-    if found and os.access(found, os.X_OK):
-        return Path(found)
-    message = f"needs a real etcd server binary: {INSTALL_HINT}"
-    if os.environ.get("FORK_SIDECAR_REQUIRE_ETCD") == "1":
-        pytest.fail(message + " (FORK_SIDECAR_REQUIRE_ETCD=1 is set, as `make test` does)", pytrace=False)
-    pytest.skip(message)
+    return required_tool(
+        "etcd", override_env="FORK_SIDECAR_ETCD", require_env="FORK_SIDECAR_REQUIRE_ETCD", install_hint=INSTALL_HINT
+    )
 
 
 def b64(text: str | bytes) -> str:
