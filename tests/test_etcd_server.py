@@ -28,6 +28,9 @@ def test_a_key_survives_sigkill_and_restart_on_the_same_ports(etcd_server: EtcdS
     assert (etcd_server.url, etcd_server.endpoints) == (url, [url])
     assert etcd_server.pid != pid
     assert etcd_server.get("/fork-sidecar/k") == "v1"
+    etcd_server.put("/fork-sidecar/l", "v2")
+    etcd_server.put("/fork-sidecar-other/k", "v3")
+    assert etcd_server.keys("/fork-sidecar/") == ["/fork-sidecar/k", "/fork-sidecar/l"]
 
 
 def test_a_frozen_server_answers_nothing_until_thawed(etcd_server: EtcdServer) -> None:

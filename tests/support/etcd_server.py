@@ -19,6 +19,8 @@ marked `etcd` automatically):
                                       creates `root` (role root) and `user` with a role granting read-write on
                                       `prefix` and everything under it, then `auth enable`; returns EtcdAuth with
                                       the root password and a password file for `user` (mode 0600)
+    server.put(k, v) / get(k) / keys(prefix)
+                                      plain KV through the gateway (as root once auth is on; auth= a token or None)
     server.call(path, body, auth=...) one v3 gateway call, e.g. call("/v3/kv/put", {"key": b64("k"), ...}); returns
                                       the decoded JSON answer; raises EtcdCallError (with .status and .body)
     b64(text) / unb64(text)           the base64 the gateway uses for keys and values
@@ -300,6 +302,11 @@ class EtcdServer:
         """The value at `key`, or None."""
         kvs = self.call("/v3/kv/range", {"key": b64(key)}, auth=auth).get("kvs") or []
         return unb64(kvs[0].get("value", "")) if kvs else None
+
+    def keys(self, prefix: str, *, auth: Auth = True) -> list[str]:
+        """Every key starting with `prefix`, in key order."""
+        body = {"key": b64(prefix), "range_end": _prefix_end(prefix), "keys_only": True}
+        return [unb64(kv["key"]) for kv in self.call("/v3/kv/range", body, auth=auth).get("kvs") or []]
 
     def _get(self, path: str) -> dict[str, Any]:
         with urllib.request.urlopen(self.url + path, timeout=_CALL_TIMEOUT_S) as answer:
