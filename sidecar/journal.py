@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -48,7 +47,6 @@ HISTORY_TRIM_BYTES = 4 * 1024 * 1024
 # A fork record is a few KiB (more with many files): a probe of this size says "room for one more record".
 _PROBE_BYTES = 64 * 1024
 _PROBE_EVERY_S = 1.0
-_CRASH_AFTER = os.environ.get("FORK_SIDECAR_CRASH_AFTER", "")
 
 
 class JournalError(Exception):
@@ -74,7 +72,6 @@ class ForkRecord:
     started_at: float  # wall clock, for people; durations use the monotonic clock
     source: str | None = None
     digest: str | None = None
-    previous_digest: str | None = None
     stages: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     finished_at: float | None = None
@@ -175,10 +172,6 @@ class Journal:
             self._sick(error)
             raise error from None
         self._healthy()
-        if _CRASH_AFTER and record.state.value == _CRASH_AFTER:
-            # Fault injection for the crash tests: a SIGKILL exactly after a state became durable, which no real
-            # part can be made to deliver at that precise point.
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def finish(self, record: ForkRecord) -> bool:
         """Append to the history, then forget the record (the outcome file beside the marker is the durable result).

@@ -21,6 +21,8 @@ from sidecar.adapter import (
     parse_header,
     read_header,
 )
+from sidecar.preload import peft_load
+from sidecar.protocol.safetensors_header import LORA_DTYPES
 from tests.support.adapters import (
     lora_tensor_name,
     lora_tensors,
@@ -472,6 +474,51 @@ def test_generated_headers_agree_with_safetensors(tmp_path: Path, case: tuple[by
         # entry (duplicate keys and -0 cannot come out of json.dumps).
         entries = [v for k, v in json.loads(raw).items() if k != "__metadata__"]
         assert any(isinstance(v, dict) and set(v) - {"dtype", "shape", "data_offsets"} for v in entries)
+
+
+def preload_accepts(checkpoint_dir: Path) -> bool:
+    """True if the trainer side's reader (sidecar/preload/peft_load.py) takes the file; any other exception fails."""
+    try:
+        peft_load.read_checkpoint(checkpoint_dir)
+        return True
+    except peft_load.AdapterLoadError:
+        return False
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=near_valid_headers())
+def test_the_preload_reads_headers_by_the_same_rules(tmp_path: Path, case: tuple[bytes, int]) -> None:
+    """One parser for both sides: the preload takes exactly what the daemon's header check takes with LoRA dtypes
+    only, and all of that safetensors takes too."""
+    raw, data_size = case
+    path = tmp_path / "adapter_model.safetensors"
+    write_raw_safetensors(path, raw, b"\7" * data_size)
+    daemon = check_file(path)
+    lora_dtypes_only = daemon and all(t.dtype in LORA_DTYPES for t in parse_header(raw, data_size)[0])
+    assert preload_accepts(tmp_path) == lora_dtypes_only
+    if lora_dtypes_only:
+        assert safetensors_accepts(path)
+
+
+@pytest.mark.parametrize(
+    ("header", "fragment"),
+    [
+        (b'{"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}}', "dtype 'F8_E4M3'"),
+        (
+            b'{"w":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"w":{"dtype":"F16","shape":[1],"data_offsets":[0,2]}}',
+            "names w twice",
+        ),
+        (b'{"w":{"dtype":"F16","shape":[1],"data_offsets":[0,2],"x":1}}', "exactly dtype, shape and data_offsets"),
+    ],
+    ids=["f8-weights", "duplicate-name", "unknown-field"],
+)
+def test_the_preload_refuses_what_the_daemon_refuses(tmp_path: Path, header: bytes, fragment: str) -> None:
+    """The preload's old parser took F8 LoRA weights, a tensor named twice (the last one won) and unknown fields."""
+    path = tmp_path / "adapter_model.safetensors"
+    write_raw_safetensors(path, header, b"\0" * 2)
+    with pytest.raises(peft_load.AdapterLoadError) as e:
+        peft_load.read_checkpoint(tmp_path)
+    assert fragment in str(e.value) and str(path) in str(e.value), str(e.value)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.adapters import write_adapter, write_big_adapter
+from tests.support.crash import crash_env
 from tests.support.daemon import DaemonProcess, read_outcome, wait_for, wait_outcome, write_config
 
 pytestmark = pytest.mark.timeout(180)
@@ -183,7 +184,7 @@ def test_sigkill_at_each_journaled_state_then_restart_finishes(tmp_path: Path, a
     old = tree(model_dir / "checkpoints" / "0000")
     new = tree(model_dir / "checkpoints" / "0007")
     config = write_config(tmp_path / "config.yaml", [art], tmp_path / "state", tmp_path / "run")
-    crashing = DaemonProcess(config, tmp_path / "daemon.log", env={"FORK_SIDECAR_CRASH_AFTER": crash_after})
+    crashing = DaemonProcess(config, tmp_path / "daemon.log", env=crash_env(crash_after))
     crashing.start()
     (model_dir / ".fork").write_text("")
     assert crashing.proc is not None
@@ -208,7 +209,7 @@ def test_a_fork_journaled_with_the_old_digest_framing_resumes_with_the_new_one(
 
     model_dir = make_run(art)
     config = write_config(tmp_path / "config.yaml", [art], tmp_path / "state", tmp_path / "run")
-    crashing = DaemonProcess(config, tmp_path / "daemon.log", env={"FORK_SIDECAR_CRASH_AFTER": crash_after})
+    crashing = DaemonProcess(config, tmp_path / "daemon.log", env=crash_env(crash_after))
     crashing.start()
     (model_dir / ".fork").write_text("step: 7")
     assert crashing.proc is not None
@@ -326,7 +327,7 @@ def _history(state_dir: Path) -> list[dict[str, object]]:
 def test_verify_catches_a_writer_that_replaced_0000_after_the_swap(tmp_path: Path, art: Path) -> None:
     model_dir = make_run(art)
     config = write_config(tmp_path / "config.yaml", [art], tmp_path / "state", tmp_path / "run")
-    crashing = DaemonProcess(config, tmp_path / "daemon.log", env={"FORK_SIDECAR_CRASH_AFTER": "vllm"})
+    crashing = DaemonProcess(config, tmp_path / "daemon.log", env=crash_env("vllm"))
     crashing.start()
     (model_dir / ".fork").write_text("step: 7")
     assert crashing.proc is not None

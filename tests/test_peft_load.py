@@ -191,10 +191,10 @@ def test_different_lora_alpha_is_refused(model: Any, assets: TinyAssets, workdir
     ("damage", "fragment"),
     [
         (lambda b: b[:4], "shorter than a safetensors header"),
-        (lambda b: b[:-10], "cover"),
+        (lambda b: b[:-10], "the file is truncated"),
         (lambda b: (10**9).to_bytes(8, "little") + b[8:], "header"),
         (lambda b: b[:8] + b"}" + b[9:], "not JSON"),
-        (lambda b: b.replace(b'"F32"', b'"I64"', 1), "dtype 'I64'"),
+        (lambda b: b.replace(b'"F32"', b'"I32"', 1), "dtype 'I32'"),  # same size: only the dtype is wrong
     ],
     ids=["truncated-header", "truncated-data", "huge-header", "bad-json", "int-dtype"],
 )

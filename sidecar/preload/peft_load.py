@@ -1,9 +1,10 @@
 """`load_adapter_from_checkpoint`: put a forked LoRA checkpoint into a live PEFT model, all or nothing.
 
 Only `adapter_model.safetensors` is read (never pickle): the file is read once into memory, its header is checked
-here (the same rules as the safetensors library: known dtypes, sizes that match shapes, contiguous in-bounds byte
-ranges), and the digest (`sidecar.protocol.digest`) is computed over exactly those bytes by a pool of threads that
-follows the read while the tensors are cast and loaded, so hashing costs next to nothing on a multi-core trainer.
+by the daemon's own parser (sidecar/protocol/safetensors_header.py: the safetensors library's rules and no duplicate
+names) and its dtypes against the LoRA ones, and the digest (`sidecar.protocol.digest`) is computed over exactly
+those bytes by a pool of threads that follows the read while the tensors are cast and loaded, so hashing costs next
+to nothing on a multi-core trainer.
 
 Everything that can fail is checked before the model is touched: missing or unexpected keys, shapes, the LoRA
 hyper-parameters in `adapter_config.json` (a different `lora_alpha` would silently rescale the update). After the load
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import sys
 import threading
@@ -28,21 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.protocol.digest import TensorRecord, digest_tensors
+from sidecar.protocol.safetensors_header import LORA_DTYPES, MAX_HEADER_BYTES, parse_header, printable
 
 __all__ = ["ADAPTER_FILE", "AdapterLoadError", "CheckpointTensors", "load_adapter_from_checkpoint", "read_checkpoint"]
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 _MAX_CONFIG = 1024 * 1024
-# safetensors dtype name -> (torch dtype attribute, bytes per element). LoRA weights are floating point.
+# safetensors dtype name -> (torch dtype attribute, bytes per element), for each of LORA_DTYPES.
 _DTYPES: dict[str, tuple[str, int]] = {
     "F64": ("float64", 8),
     "F32": ("float32", 4),
     "F16": ("float16", 2),
     "BF16": ("bfloat16", 2),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
 }
 # Hyper-parameters that change what the same tensors mean; a mismatch is refused rather than loaded.
 _CONFIG_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
@@ -135,7 +133,7 @@ def _read_header(path: Path, f: io.BufferedReader) -> CheckpointTensors:
     if len(head) < 8:
         raise AdapterLoadError(f"{path} is shorter than a safetensors header; the checkpoint is damaged")
     header_len = int.from_bytes(head, "little")
-    if header_len > min(_MAX_HEADER, size - 8):
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
         raise AdapterLoadError(f"{path} declares a {header_len}-byte header in a {size}-byte file; damaged")
     header_bytes = f.read(header_len)
     data_len = size - 8 - header_len
@@ -166,42 +164,20 @@ def _buffer(size: int) -> memoryview:
 
 
 def _parse_header(path: Path, header_bytes: bytes, data_len: int) -> dict[str, TensorEntry]:
+    """The daemon's parser (sidecar/protocol/safetensors_header.py), then the LoRA dtypes: one set of rules for both."""
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise AdapterLoadError(f"{path} has a header that is not JSON; the checkpoint is damaged") from None
-    if not isinstance(header, dict):
-        raise AdapterLoadError(f"{path} has a header that is not a JSON object; the checkpoint is damaged")
+        parsed, _ = parse_header(header_bytes, data_len)
+    except ValueError as e:
+        raise AdapterLoadError(f"{path}: {e}; the checkpoint is damaged") from None
+    data_start = 8 + len(header_bytes)
     entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        entries[name] = _parse_entry(path, name, info)
-    spans = sorted((e.begin, e.end, n) for n, e in entries.items())
-    at = 0
-    for begin, end, name in spans:
-        if begin != at:
-            raise AdapterLoadError(f"{path}: tensor {name} does not follow the previous one (gap or overlap); damaged")
-        at = end
-    if at != data_len:
-        raise AdapterLoadError(f"{path}: tensors cover {at} of {data_len} data bytes; the file is damaged")
+    for t in parsed:
+        if t.dtype not in LORA_DTYPES:
+            raise AdapterLoadError(
+                f"{path}: tensor {printable(t.name)} has dtype {t.dtype!r}; LoRA weights must be F16, BF16, F32 or F64"
+            )
+        entries[t.name] = TensorEntry(t.dtype, t.shape, t.begin - data_start, t.end - data_start)
     return entries
-
-
-def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
-    if not isinstance(info, dict):
-        raise AdapterLoadError(f"{path}: header entry {name} is not an object; the checkpoint is damaged")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in _DTYPES:
-        raise AdapterLoadError(f"{path}: tensor {name} has dtype {dtype!r}; LoRA weights must be F16, BF16, F32, ...")
-    if not isinstance(shape, list) or any(type(d) is not int or d < 0 for d in shape):
-        raise AdapterLoadError(f"{path}: tensor {name} has an invalid shape {shape!r}; the checkpoint is damaged")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise AdapterLoadError(f"{path}: tensor {name} has invalid data_offsets; the checkpoint is damaged")
-    begin, end = offsets
-    if not 0 <= begin <= end or end - begin != math.prod(shape) * _DTYPES[dtype][1]:
-        raise AdapterLoadError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape} {dtype}; damaged")
-    return TensorEntry(dtype, tuple(shape), begin, end)
 
 
 class _ReadFailed(Exception):

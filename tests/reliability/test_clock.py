@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.support import Fleet, history, make_run, tree_digest, wait_settled
+from tests.support.crash import crash_env
 from tests.support.daemon import REPO
 
 pytestmark = pytest.mark.timeout(60)
@@ -73,6 +74,11 @@ if _path:
     # function would be bound; staticmethod objects are callable since Python 3.10.
     time.gmtime = staticmethod(lambda secs=None: _gmtime(time.time() if secs is None else secs))
     time.localtime = staticmethod(lambda secs=None: _localtime(time.time() if secs is None else secs))
+
+# Only the first sitecustomize on the path runs: the crash tests' one (tests/support/crash.py) is chained here.
+from tests.support.crash import install
+
+install()
 '''
 
 
@@ -171,7 +177,7 @@ def test_journaled_fork_resumes_after_sigkill_under_another_wall_clock(tmp_path:
     model_dir = make_run(art, steps=(3,))
     old, new = tree_digest(model_dir / "checkpoints" / "0000"), tree_digest(model_dir / "checkpoints" / "0003")
     with Fleet(tmp_path, [art]) as fleet:
-        crashing = fleet.start(0, env=clock.env(FORK_SIDECAR_CRASH_AFTER="staged"))
+        crashing = fleet.start(0, env={**clock.env(), **crash_env("staged", shims=[clock.dir])})
         (model_dir / ".fork").write_text("step: 3\n")
         assert crashing.proc is not None
         crashing.proc.wait(20)  # SIGKILLed by itself right after `staged` became durable

@@ -25,6 +25,7 @@ from tests.reliability.support import (
     write_marker_atomically,
 )
 from tests.support.adapters import write_adapter
+from tests.support.crash import crash_env
 from tests.support.daemon import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -98,7 +99,7 @@ def test_three_daemons_on_shared_roots_fork_each_marker_exactly_once(tmp_path: P
 def crash_one_mid_fork(tmp_path: Path, fleet: Fleet) -> Path:
     art = tmp_path / "art"
     model_dir = make_run(art, steps=(3,))
-    crashing = fleet.start(0, env={"FORK_SIDECAR_CRASH_AFTER": "staged"})
+    crashing = fleet.start(0, env=crash_env("staged"))
     (model_dir / ".fork").write_text("step: 3\n")
     assert crashing.proc is not None
     crashing.proc.wait(30)

@@ -16,6 +16,7 @@ import pytest
 
 from tests.reliability.support import Fleet, crash_trial, history, journal_files, make_run
 from tests.support.adapters import write_big_adapter
+from tests.support.crash import crash_env
 from tests.support.daemon import wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -51,7 +52,7 @@ def test_sigkill_right_after_the_terminal_state_is_journaled(tmp_path: Path, sta
     art = tmp_path / "art"
     model_dir = make_run(art, steps=(3,))
     with Fleet(tmp_path, [art]) as fleet:
-        crashing = fleet.start(0, env={"FORK_SIDECAR_CRASH_AFTER": state})
+        crashing = fleet.start(0, env=crash_env(state))
         if state == "failed":  # a source that resolves but fails the adapter check while staging (journaled)
             model_file = model_dir / "checkpoints" / "0003" / "adapter_model.safetensors"
             model_file.write_bytes(model_file.read_bytes()[:20])
