@@ -6,7 +6,7 @@ The parent builds `--runs` model dirs (`{root}/p{i}/models/m{j}/checkpoints/`) i
 side in its own subprocess so threads, RSS and CPU time are that side's alone:
 
 - ours: MarkerWatcher in inotify mode (one inotify fd, one thread),
-- watchdog: `Observer` with one non-recursive `schedule()` per model dir (what DESIGN.md measured: a thread per watch),
+- watchdog: `Observer` with one non-recursive `schedule()` per model dir (a thread per watch),
 - ours-poll: MarkerWatcher in poll mode (the NFS fallback), with fewer markers since each waits for a poll tick.
 
 Each worker measures start (until it is ready to report markers), threads, RSS, idle CPU (process CPU time over wall

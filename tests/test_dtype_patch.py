@@ -1,8 +1,8 @@
 """The Unsloth mixed-dtype patch against the CPU stand-in (tests/support/fake_unsloth), with real torch errors.
 
-DESIGN.md: under `torch.autocast("cpu", dtype=torch.float16)` a bf16 LoRA layer fails in the in-place `addmm_`
-exactly as Unsloth's kernels fail on the GPU, so the patch's rule, its aliasing and its autograd coverage are all
-checked here; tests/gpu/ repeats the essentials against the real Unsloth 2026.3.3 kernels.
+Found with torch 2.13 on CPU: under `torch.autocast("cpu", dtype=torch.float16)` a bf16 LoRA layer fails in the in-place
+`addmm_` exactly as Unsloth's kernels fail on the GPU, so the patch's rule, its aliasing and its autograd coverage are
+all checked here; tests/gpu/ repeats the essentials against the real Unsloth 2026.3.3 kernels.
 """
 
 from __future__ import annotations

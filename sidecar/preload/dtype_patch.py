@@ -79,8 +79,9 @@ AUTOGRAD_FUNCTIONS = ("LoRA_MLP", "LoRA_QKV", "LoRA_W")
 ORIGINAL_ATTR = "__fork_sidecar_original__"
 UTILS_MODULE = "unsloth.kernels.utils"
 FAST_LORA_MODULE = "unsloth.kernels.fast_lora"
-# DESIGN.md: the kernel functions are imported by name into unsloth.kernels, .fast_lora, .models.llama and, via
-# `import *`, most model modules; unsloth_zoo and Unsloth's compiled cache modules share the prefix.
+# Unsloth 2026.3.3 (probed on a GPU, tests/gpu/): the kernel functions are imported by name into unsloth.kernels,
+# .fast_lora, .models.llama and, via `import *`, most model modules; unsloth_zoo and Unsloth's compiled cache modules
+# share the prefix.
 ALIAS_MODULE_PREFIX = "unsloth"
 
 _LOG = logging.INFO

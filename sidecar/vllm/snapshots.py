@@ -1,9 +1,9 @@
 """Immutable per-fork snapshots of `checkpoints/0000` for vLLM to load from: `checkpoints/.fork-<fork_id>/`.
 
-vLLM keys its prefix cache by (adapter name, adapter path), so an in-place reload from the path it already loaded
-keeps serving KV blocks computed with the old weights (DESIGN.md). Each fork therefore points vLLM at a directory it
-has never seen, whose files never change afterwards. They are hardlinks to the swapped files where the filesystem
-allows (no bytes copied), else copies. The name is never all digits, so ART does not take it for a step.
+vLLM keys its prefix cache by (adapter name, adapter path), so an in-place reload from the path it already loaded keeps
+serving KV blocks computed with the old weights (seen on vLLM 0.32 and 0.33). Each fork therefore points vLLM at a
+directory it has never seen, whose files never change afterwards. They are hardlinks to the swapped files where the
+filesystem allows (no bytes copied), else copies. The name is never all digits, so ART does not take it for a step.
 
 A snapshot may be removed only when no server lists it as an adapter root: an adapter evicted from vLLM's LRU cache is
 re-read from its path without any API call. Only names `.fork-<fork id>` (and our own `.partial` leftovers) are ever

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-# Where Unsloth's layout puts a by-name copy of each kernel (DESIGN.md); the stand-in mirrors it.
+# Where Unsloth's layout puts a by-name copy of each kernel (Unsloth 2026.3.3, see sidecar/preload/dtype_patch.py); the
+# stand-in mirrors it.
 ALIASES = {
     "matmul_lora": (
         "unsloth.kernels.utils",
