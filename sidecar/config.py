@@ -18,6 +18,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from sidecar.watch.inotify import WatchMode
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -45,7 +47,6 @@ class Duration(float):
     """Seconds; written in YAML as a number of seconds or as `500ms`, `30s`, `2m`, `1h`."""
 
 
-WatchMode = Literal["auto", "inotify", "poll"]
 CopyMode = Literal["auto", "reflink", "hardlink", "copy"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "text", "journal"]

@@ -15,10 +15,18 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import struct
+from typing import Literal, get_args
 
-__all__ = ["Inotify", "read_sysctl"]
+__all__ = ["WATCH_MODES", "Inotify", "WatchMode", "open_inotify", "read_sysctl"]
+
+logger = logging.getLogger("sidecar.watch")
+
+# watch.mode: inotify where it can follow changes (auto), inotify everywhere, or polling everywhere.
+WatchMode = Literal["auto", "inotify", "poll"]
+WATCH_MODES: tuple[WatchMode, ...] = get_args(WatchMode)
 
 # inotify ABI (<sys/inotify.h>); stable since Linux 2.6.
 IN_CLOSE_WRITE = 0x00000008
@@ -81,6 +89,20 @@ class Inotify:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def open_inotify(mode: WatchMode, poll_interval: float) -> Inotify | None:
+    """The inotify instance `mode` asks for: None for poll, and for auto where inotify cannot be had (logged)."""
+    if mode == "poll":
+        return None
+    try:
+        return Inotify()
+    except OSError as exc:
+        if mode == "inotify":
+            msg = f"inotify cannot be used ({exc.strerror}); set watch.mode to auto or poll"
+            raise OSError(exc.errno, msg) from exc
+        logger.warning("inotify cannot be used (%s); polling every %gs instead", exc.strerror, poll_interval)
+        return None
 
 
 def read_sysctl(name: str) -> str:

@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
 
 from sidecar.marker import INPROGRESS, MARKER
 from sidecar.watch.inotify import (
@@ -37,10 +36,13 @@ from sidecar.watch.inotify import (
     IN_MOVE_SELF,
     IN_MOVED_FROM,
     IN_Q_OVERFLOW,
-    Inotify,
+    WATCH_MODES,
+    WatchMode,
+    open_inotify,
     read_sysctl,
 )
 from sidecar.watch.mounts import needs_polling
+from sidecar.watch.settle import SettlingMarkers
 from sidecar.watch.tree import (
     CLAIM_BYTES,
     MARKER_BYTES,
@@ -54,18 +56,9 @@ from sidecar.watch.tree import (
     tracked_name,
 )
 
-__all__ = ["MARKER_SETTLE_S", "MarkerWatcher", "WatchMode"]
+__all__ = ["MarkerWatcher"]
 
 logger = logging.getLogger("sidecar.watch")
-
-WatchMode = Literal["auto", "inotify", "poll"]
-
-
-# A regular-file marker that a scan finds younger than this is reported only once it has stopped changing for this
-# long: a scan can land between `open(O_CREAT)` and `write()` of `echo step: 3 > .fork` (the mkdir -p + write race
-# does exactly that), and an empty marker is a different request. Events need no such wait: IN_CLOSE_WRITE and
-# IN_MOVED_TO come after the content.
-MARKER_SETTLE_S = 0.25
 
 
 class MarkerWatcher:
@@ -88,7 +81,7 @@ class MarkerWatcher:
         on_overflow: Callable[[], None] | None = None,
         on_claim: Callable[[Path], None] | None = None,
     ) -> None:
-        if mode not in ("auto", "inotify", "poll"):
+        if mode not in WATCH_MODES:
             raise ValueError(f"watch mode {mode!r} is not one of auto, inotify, poll")
         if not poll_interval > 0 or not rescan_interval > 0:
             raise ValueError("poll_interval and rescan_interval must be positive numbers of seconds")
@@ -98,7 +91,7 @@ class MarkerWatcher:
         self._mode = mode
         self._poll_interval = poll_interval
         self._rescan_interval = rescan_interval
-        self._inotify = self._open_inotify(mode, poll_interval)
+        self._inotify = open_inotify(mode, poll_interval)
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._fd_lock = threading.Lock()  # guards closing the fds against a concurrent wake-up
         self._closed = False
@@ -116,7 +109,7 @@ class MarkerWatcher:
         self._by_wd: dict[int, Dir] = {}
         self._polled: set[Dir] = set()  # polled roots, and dirs whose watch could not be added
         self._missing: set[Dir] = set()  # roots that do not exist (yet)
-        self._settling: dict[str, _Settling] = {}  # model dir -> young marker found by a scan, reported when settled
+        self._settling = SettlingMarkers()  # young markers found by scans, reported once settled
         self._logged: set[str] = set()
         self._claims_found: list[str] = []  # model dirs holding a claim, seen since the last report (under _lock)
         # Bumped whenever a directory joins or leaves the tree: run_count() and run_dirs() answer from a list built
@@ -226,8 +219,9 @@ class MarkerWatcher:
         deadline = schedule.next_full
         if self._polled or self._missing:
             deadline = min(deadline, schedule.next_poll)
-        if self._settling:
-            deadline = min(deadline, min(s.recheck_at for s in self._settling.values()))
+        recheck_at = self._settling.next_recheck()
+        if recheck_at is not None:
+            deadline = min(deadline, recheck_at)
         ready = poller.poll(math.ceil(max(deadline - now, 0.0) * 1000))
         if self._stopping.is_set():
             return
@@ -250,7 +244,7 @@ class MarkerWatcher:
             elif now >= schedule.next_poll:
                 self._poll_scan(found)
                 schedule.next_poll = now + self._poll_interval
-            self._recheck_settling(now, found)
+            self._settling.recheck(now, found)
         if overflowed:
             self._notify_overflow()
         self._report(found)
@@ -293,7 +287,7 @@ class MarkerWatcher:
             elif node.level is Level.MODEL:
                 if name == MARKER_BYTES and marker_event_ready(mask, node.path):
                     found.append(node.path)
-                    self._settling.pop(node.path, None)
+                    self._settling.forget(node.path)
                 elif name == CLAIM_BYTES and self._on_claim is not None:
                     self._claims_found.append(node.path)
             elif mask & IN_MOVE_SELF:
@@ -470,32 +464,11 @@ class MarkerWatcher:
         except OSError as exc:
             self._log_once(logging.WARNING, f"marker:{node.path}", "cannot check %s for a marker (%s)", node.path, exc)
             return True
-        young = abs(time.time_ns() - st.st_mtime_ns) < MARKER_SETTLE_S * 1e9
-        if stat.S_ISREG(st.st_mode) and young:
-            self._settle(node.path, st)
+        if SettlingMarkers.is_young(st):
+            self._settling.add(node.path, st)
         else:
             found.append(node.path)
         return True
-
-    def _settle(self, model_dir: str, st: os.stat_result) -> None:
-        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
-        current = self._settling.get(model_dir)
-        if current is None or current.signature != signature:
-            self._settling[model_dir] = _Settling(time.monotonic() + MARKER_SETTLE_S, signature)
-
-    def _recheck_settling(self, now: float, found: list[str]) -> None:
-        """Report young markers that have not changed since a scan saw them; wait longer for those that did."""
-        for model_dir, pending in [(d, p) for d, p in self._settling.items() if p.recheck_at <= now]:
-            try:
-                st = os.lstat(join(model_dir, MARKER))
-            except OSError:
-                del self._settling[model_dir]  # claimed or removed meanwhile
-                continue
-            if stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns) != pending.signature:
-                self._settle(model_dir, st)
-            else:
-                del self._settling[model_dir]
-                found.append(model_dir)
 
     # Watches ---------------------------------------------------------------------------------------------------
 
@@ -567,7 +540,7 @@ class MarkerWatcher:
         self._forget_contents(node)
         self._polled.discard(node)
         if node.level is Level.MODEL:
-            self._settling.pop(node.path, None)
+            self._settling.forget(node.path)
 
     def _detach(self, node: Dir) -> None:
         parent = node.parent
@@ -578,19 +551,6 @@ class MarkerWatcher:
         self._drop(node)
 
     # Small things ----------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _open_inotify(mode: WatchMode, poll_interval: float) -> Inotify | None:
-        if mode == "poll":
-            return None
-        try:
-            return Inotify()
-        except OSError as exc:
-            if mode == "inotify":
-                msg = f"inotify cannot be used ({exc.strerror}); set watch.mode to auto or poll"
-                raise OSError(exc.errno, msg) from exc
-            logger.warning("inotify cannot be used (%s); polling every %gs instead", exc.strerror, poll_interval)
-            return None
 
     def _wake(self) -> None:
         # Non-blocking: a signal handler may call this while its own thread is closing the fds.
@@ -630,12 +590,6 @@ class MarkerWatcher:
 class _Schedule:
     next_full: float
     next_poll: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Settling:
-    recheck_at: float  # time.monotonic()
-    signature: tuple[int, int, int]  # inode, size, mtime_ns of the marker when last seen
 
 
 def _call_each(callback: Callable[[Path], None], paths: list[str], label: str) -> None:
