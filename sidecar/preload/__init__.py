@@ -21,15 +21,24 @@ import os
 # The bootstrap imports this package at interpreter start: import nothing the interpreter has not loaded already.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from contextlib import AbstractContextManager
     from typing import Any
 
-__all__ = ["enabled", "load_adapter_from_checkpoint", "register", "training_step"]
+__all__ = ["DISABLE_ENV", "enabled", "is_disabled", "load_adapter_from_checkpoint", "register", "training_step"]
+
+DISABLE_ENV = "FORK_SIDECAR_PRELOAD"  # =0 turns the preload off in the processes that see it
+
+
+def is_disabled(environ: Mapping[str, str] | None = None) -> bool:
+    """True when FORK_SIDECAR_PRELOAD=0 in `environ` (default: this process's environment)."""
+    env = os.environ if environ is None else environ
+    return env.get(DISABLE_ENV, "").strip() == "0"
 
 
 def enabled() -> bool:
     """False when FORK_SIDECAR_PRELOAD=0 turns the preload off for this process."""
-    return os.environ.get("FORK_SIDECAR_PRELOAD", "").strip() != "0"
+    return not is_disabled()
 
 
 def register(peft_model: Any, run_dir: str | os.PathLike[str], *, optimizer: Any | None = None) -> None:

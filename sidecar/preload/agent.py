@@ -59,7 +59,6 @@ __all__ = [
     "StepGate",
     "Target",
     "current_agent",
-    "enabled",
     "register_peft_model",
     "runtime_dir",
     "shutdown_agent",
@@ -70,11 +69,6 @@ RESULT_LOADED = "loaded"
 RESULT_PENDING = "load pending"
 DEFAULT_RUNTIME_DIR = "/run/fork-sidecar"
 _RECENT = 16
-
-
-def enabled() -> bool:
-    """False when FORK_SIDECAR_PRELOAD=0 turns the preload off in this process."""
-    return os.environ.get("FORK_SIDECAR_PRELOAD", "").strip() != "0"
 
 
 def runtime_dir() -> Path:

@@ -39,7 +39,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from sidecar.preload.agent import RESULT_PENDING, current_agent, enabled
+from sidecar.preload import enabled
+from sidecar.preload.agent import RESULT_PENDING, current_agent
 from sidecar.protocol.messages import ForkRequest, error_reply, ok_reply
 
 __all__ = ["ArtServices", "on_art_service", "patch_service_class", "tracked_services"]

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from sidecar.preload.agent import enabled
+from sidecar.preload import enabled
 
 __all__ = ["AUTOFORK_ENV", "autofork_enabled", "on_art_local_backend", "patch_backend_class", "write_fork_marker"]
 

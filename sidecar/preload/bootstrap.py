@@ -8,22 +8,14 @@ process. Arming twice (a second copy, a reload) is a no-op; any failure is logge
 
 from __future__ import annotations
 
-import os
+from sidecar.preload import is_disabled
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable
     from types import ModuleType
 
-__all__ = ["DISABLE_ENV", "arm", "is_disabled"]
-
-DISABLE_ENV = "FORK_SIDECAR_PRELOAD"
-
-
-def is_disabled(environ: Mapping[str, str] | None = None) -> bool:
-    """True when FORK_SIDECAR_PRELOAD=0 in `environ` (default: this process's environment)."""
-    env = os.environ if environ is None else environ
-    return env.get(DISABLE_ENV, "").strip() == "0"
+__all__ = ["arm"]
 
 
 def _lazy_target(target: str) -> Callable[[ModuleType], None]:

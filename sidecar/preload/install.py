@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import sidecar
-from sidecar.preload import dtype_patch
+from sidecar.preload import DISABLE_ENV as PRELOAD_DISABLE_ENV
+from sidecar.preload import dtype_patch, is_disabled
 from sidecar.preload.art_compat import ArtInfo, probe_art
-from sidecar.preload.probe import PRELOAD_DISABLE_ENV, PROBE_TIMEOUT_S, run_python_probe
+from sidecar.preload.probe import PROBE_TIMEOUT_S, run_python_probe
 
 __all__ = [
     "MIN_PYTHON",
@@ -429,7 +430,7 @@ def _dtype_patch_verdict(interpreter: Interpreter, installed: bool, environ: Map
     patchable = tuple(name for name in candidates if name in unsloth.functions)
     if not installed:
         return False, "the preload is not installed there"
-    if environ.get(PRELOAD_DISABLE_ENV, "").strip() == "0":
+    if is_disabled(environ):
         return False, f"{PRELOAD_DISABLE_ENV}=0 in this environment"
     if dtype_patch.is_disabled(environ):
         return False, f"{dtype_patch.DISABLE_ENV}=0 in this environment"
@@ -451,7 +452,7 @@ def status(python: str | None = None, environ: Mapping[str, str] | None = None) 
     manifest = _read_manifest(private) if private.exists() else None
     installed = manifest is not None and pth.is_file()
     up_to_date, note = _compare(manifest) if manifest is not None else (None, "")
-    disabled_here = env.get(PRELOAD_DISABLE_ENV, "").strip() == "0"
+    disabled_here = is_disabled(env)
     applies, patch_note = _dtype_patch_verdict(interpreter, installed, env)
     shadow = interpreter.sidecar_origin
     return PreloadStatus(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 
-__all__ = ["PRELOAD_DISABLE_ENV", "PROBE_TIMEOUT_S", "run_python_probe"]
+from sidecar.preload import DISABLE_ENV
+
+__all__ = ["PROBE_TIMEOUT_S", "run_python_probe"]
 
 PROBE_TIMEOUT_S = 60
-PRELOAD_DISABLE_ENV = "FORK_SIDECAR_PRELOAD"
 
 
 def run_python_probe(executable: str, code: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -20,7 +21,7 @@ def run_python_probe(executable: str, code: str, *args: str) -> subprocess.Compl
         capture_output=True,
         text=True,
         timeout=PROBE_TIMEOUT_S,
-        env={**os.environ, PRELOAD_DISABLE_ENV: "0"},
+        env={**os.environ, DISABLE_ENV: "0"},
         cwd="/",
         check=False,
     )
