@@ -9,6 +9,7 @@ working directory, and the daemon watches `./.art` (ART's default art path).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import types
@@ -19,6 +20,13 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from sidecar.watch.inotify import WatchMode
+
+log = logging.getLogger("sidecar.config")
+
+# Keys that once were part of the schema and do nothing now: accepted with a warning, so an old config still loads.
+_RETIRED_KEYS = {
+    "timeouts.verify": "it never limited anything: nothing read it",
+}
 
 __all__ = [
     "Config",
@@ -98,10 +106,10 @@ class SwapConfig:
 
 @dataclass(frozen=True)
 class TimeoutsConfig:
+    # Each call into the run made as its owner (the owner worker: staging copy, exchange, digests, outcome write).
     swap: Duration = Duration(600.0)
     trainers: Duration = Duration(120.0)
     vllm: Duration = Duration(120.0)
-    verify: Duration = Duration(30.0)
     # A `.fork.inprogress` without a live claimer (a daemon killed right after claiming) is adopted after this.
     orphan_claim: Duration = Duration(10.0)
     # A claim by a daemon on another host whose heartbeat is older than this is taken over (shared filesystems).
@@ -202,6 +210,10 @@ class _Reader:
             raise self.fail(path or "(top level)", f"expected a mapping, got {type(data).__name__}")
         hints = get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_file"}
+        for key in [str(k) for k in data if _join(path, str(k)) in _RETIRED_KEYS]:
+            where = self.origin or "built-in config"
+            log.warning("%s: %s is ignored (%s); remove it", where, _join(path, key), _RETIRED_KEYS[_join(path, key)])
+            data = {k: v for k, v in data.items() if k != key}
         unknown = sorted(str(k) for k in data if k not in fields)
         if unknown:
             raise self.fail(_join(path, unknown[0]), f"unknown key (known here: {', '.join(sorted(fields))})")

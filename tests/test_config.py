@@ -118,3 +118,15 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     assert fail.returncode == 2
     assert fail.stderr.strip().startswith(f"fork-sidecar: {bad}: watch.mode:")
     assert fail.stderr.strip().count("\n") == 0
+
+
+def test_timeouts_verify_is_retired_an_old_config_still_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """timeouts.verify was documented as a limit and never read: gone from the schema, accepted in old configs."""
+    assert "verify" not in {f.name for f in dataclasses.fields(cfg.TimeoutsConfig)}
+    path = write(tmp_path, "timeouts:\n  verify: 30s\n  vllm: 1m\n")
+    with caplog.at_level("WARNING", logger="sidecar.config"):
+        config = load_config(path)
+    assert float(config.timeouts.vllm) == 60.0
+    assert f"{path}: timeouts.verify is ignored" in caplog.text and "remove it" in caplog.text
+    with pytest.raises(ConfigError, match=r"timeouts\.verify2: unknown key"):  # only that one retired key
+        load_config(write(tmp_path, "timeouts:\n  verify2: 30s\n"))

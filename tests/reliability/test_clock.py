@@ -3,10 +3,10 @@ backwards and forwards while the daemon runs; a journaled fork resumes after a S
 and a live same-host claim is never adopted because the clock makes its heartbeat and ctime look ancient.
 
 Which clock each timer reads (from the code, so the promises below follow):
-- monotonic (immune to jumps): every stage deadline (`ForkContext.deadline` = monotonic + timeouts.swap / trainers /
-  vllm / verify), control-socket I/O deadlines and `trainer.agent_timeout`, vLLM request timeouts and the retry
-  backoff deadline, and the daemon's main loop (orphan claims offered every tick, heartbeat refresh every
-  claim_lease / 4, status writes).
+- monotonic (immune to jumps): every stage deadline (`ForkContext.deadline` = monotonic + timeouts.trainers / vllm), the
+  owner worker's per-call limit (timeouts.swap), control-socket I/O deadlines and `trainer.agent_timeout`, vLLM request
+  timeouts and the retry backoff deadline, and the daemon's main loop (orphan claims offered every tick, heartbeat
+  refresh every claim_lease / 4, status writes).
 - wall clock (can be fooled by a jump): a claim's `heartbeat_at` against `timeouts.claim_lease`, used only for a claim
   by ANOTHER host (same host: the claimer's pid decides); `timeouts.orphan_claim` against the ctime of a
   `.fork.inprogress` that has no readable claim record; the marker settle wait (st_mtime age; a backward step of
