@@ -248,10 +248,16 @@ def test_agent_that_hangs_on_hello_is_bounded_and_listed_as_unreachable(tmp_path
 
 
 @pytest.mark.parametrize("required", [False, True], ids=["optional", "required"])
-def test_silent_agent_is_named_in_the_stage_error(tmp_path: Path, agent_factory: Any, required: bool) -> None:
+@pytest.mark.parametrize(
+    ("hang_on", "reason"), [("hello", "trainer_timeout"), ("refuse", "trainer_unreachable")], ids=["hangs", "refuses"]
+)
+def test_silent_agent_is_named_in_the_stage_error(
+    tmp_path: Path, agent_factory: Any, required: bool, hang_on: str, reason: str
+) -> None:
+    """An agent that never answers hello, or whose socket refuses connections (a live trainer whose agent died)."""
     art = tmp_path / "art"
     model_dir = make_run(art, steps=(3,))
-    agent = agent_factory(model_dir, hang_on="hello")
+    agent = agent_factory(model_dir, hang_on=hang_on)
     overrides = {**TRAINER_OVERRIDES, "trainer": {**TRAINER_OVERRIDES["trainer"], "required": required}}
     with Fleet(tmp_path, [art], overrides=metered(tmp_path, overrides)) as fleet:
         fleet.start(0)
@@ -262,24 +268,9 @@ def test_silent_agent_is_named_in_the_stage_error(tmp_path: Path, agent_factory:
         assert trainers["status"] == ("failed" if required else "skipped"), trainers
         # It may be this run's trainer, stuck: the sentence a person reads must say which pid did not answer.
         assert f"pid {agent.pid}" in trainers["error"], trainers
-        assert trainers["reason"] == trainers["unreachable"][0]["reason"] == "trainer_timeout", trainers
+        assert trainers["reason"] == trainers["unreachable"][0]["reason"] == reason, trainers
         if required:
-            assert reload_errors(tmp_path) == {"trainer_timeout": 1}
-
-
-def test_agent_that_refuses_connections_is_counted_unreachable(tmp_path: Path, agent_factory: Any) -> None:
-    art = tmp_path / "art"
-    model_dir = make_run(art, steps=(3,))
-    agent = agent_factory(model_dir, hang_on="refuse")
-    overrides = {**TRAINER_OVERRIDES, "trainer": {**TRAINER_OVERRIDES["trainer"], "required": True}}
-    with Fleet(tmp_path, [art], overrides=metered(tmp_path, overrides)) as fleet:
-        fleet.start(0)
-        (model_dir / ".fork").write_text("step: 3\n")
-        outcome = assert_swapped_but_failed(fleet, model_dir, 3, 20)
-        trainers = outcome["trainers"]
-        assert f"pid {agent.pid}" in trainers["error"] and "refused" in trainers["error"], trainers
-        assert trainers["reason"] == "trainer_unreachable", trainers
-        assert reload_errors(tmp_path) == {"trainer_unreachable": 1}
+            assert reload_errors(tmp_path) == {reason: 1}
         assert agent.proc.poll() is None  # alive: not taken for a gone trainer
 
 
