@@ -12,7 +12,6 @@ gets disk and vLLM forks), it is logged, and `fork-sidecar doctor` reports it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pwd
@@ -153,8 +152,6 @@ class AgentDirs:
 
     def __init__(self, runtime_dir: Path) -> None:
         self.runtime_dir = Path(runtime_dir)
-        self._owner_of: dict[str, int] = {}  # run dir -> owner uid, for runs already looked at
-        self._uids: set[int] = set()
 
     def prepare(self) -> bool:
         """At start: create the runtime dir; False (logged) when that is impossible."""
@@ -165,17 +162,7 @@ class AgentDirs:
             return False
         return True
 
-    def see_runs(self, run_dirs: Iterable[Path], *, fresh: bool = False) -> None:
-        """Make sure every owner of these runs has a directory; only runs not seen before are looked at, unless
-        `fresh` (a run's owner can change: created by root, then handed over with chown)."""
-        current = {str(p) for p in run_dirs}
-        if fresh:
-            self._owner_of.clear()
-        for gone in self._owner_of.keys() - current:
-            del self._owner_of[gone]
-        for run in current - self._owner_of.keys():
-            with contextlib.suppress(OSError):
-                self._owner_of[run] = os.stat(run).st_uid
-        self._uids = set(self._owner_of.values())
-        for uid in sorted(self._uids):
+    def keep(self, owners: Iterable[int]) -> None:
+        """Make sure each of these run owners (the watcher knows them: MarkerWatcher.owners) has a directory."""
+        for uid in sorted(owners):
             ensure_user_dir(self.runtime_dir, uid)

@@ -46,7 +46,8 @@ __all__ = ["Daemon", "build_stages"]
 log = logging.getLogger("sidecar.daemon")
 
 STATUS_EVERY_S = 10.0
-# Agent directories are made as soon as the number of runs changes; all of them are looked at again this often.
+# Agent directories are made as soon as the set of run owners changes; all of them are looked at again this often
+# (one lstat per owner, not per run: a directory cleaned away is made again).
 AGENT_DIRS_EVERY_S = 60.0
 
 
@@ -80,7 +81,7 @@ class Daemon:
         self._last_status = 0.0
         self._last_heartbeat = time.monotonic()
         self.agent_dirs = AgentDirs(config.runtime_dir)
-        self._agent_dirs_seen: tuple[int, float] = (-1, 0.0)  # run count and time of the last look
+        self._agent_dirs_seen: tuple[frozenset[int] | None, float] = (None, 0.0)  # owners and time of the last look
 
     # --- life cycle -----------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -140,13 +141,13 @@ class Daemon:
             self._keep_agent_dirs()
 
     def _keep_agent_dirs(self) -> None:
-        """Each run owner's agent directory (sidecar/agent_dirs.py): at once for new runs, all again every minute."""
+        """Each run owner's agent directory (sidecar/agent_dirs.py): at once for a new owner, all again every minute."""
         assert self.watcher is not None
-        count, at = self.watcher.run_count(), time.monotonic()
+        owners, at = self.watcher.owners(), time.monotonic()
         every = at - self._agent_dirs_seen[1] >= AGENT_DIRS_EVERY_S
-        if count != self._agent_dirs_seen[0] or every:
-            self._agent_dirs_seen = (count, at if every else self._agent_dirs_seen[1])
-            self.agent_dirs.see_runs(self.watcher.run_dirs(), fresh=every)
+        if owners != self._agent_dirs_seen[0] or every:
+            self._agent_dirs_seen = (owners, at if every else self._agent_dirs_seen[1])
+            self.agent_dirs.keep(owners)
 
     def _install_signals(self) -> None:
         def stop(signum: int, frame: FrameType | None) -> None:
@@ -186,7 +187,7 @@ class Daemon:
                 log.error("metrics endpoint not reopened: %s", e)
         if new.runtime_dir != old.runtime_dir:
             self.agent_dirs = AgentDirs(new.runtime_dir)
-            self._agent_dirs_seen = (-1, 0.0)
+            self._agent_dirs_seen = (None, 0.0)
             self.agent_dirs.prepare()
         self.config = new
         self._queue.configure(new.forks.workers, new.forks.per_owner)

@@ -15,6 +15,7 @@ import pytest
 
 from sidecar.agent_dirs import AgentDirs, RuntimeDirError, ensure_runtime_dir, ensure_user_dir
 from tests.reliability.tenants import SYSTEM_PYTHON
+from tests.support.daemon import DaemonProcess, wait_for, write_config
 
 OTHER, THIRD = 4242, 4343
 
@@ -85,26 +86,34 @@ def test_whatever_squats_a_users_name_is_replaced(base: Path, as_root: None, squ
     assert (target / "keep").read_text() == "not to be touched"  # a symlink is removed, never followed
 
 
-def test_agent_dirs_follow_the_owners_of_runs(base: Path, as_root: None) -> None:
+def test_keep_makes_each_owners_directory_and_makes_it_again(base: Path, as_root: None) -> None:
     runtime = base / "run"
-    runs = [base / "art" / "p" / "models" / m for m in ("a", "b", "c")]
-    for run, uid in zip(runs, (OTHER, OTHER, THIRD), strict=True):
-        run.mkdir(parents=True)
-        os.chown(run, uid, -1)
     dirs = AgentDirs(runtime)
     dirs.prepare()
-    dirs.see_runs(runs[:2])
-    assert sorted(p.name for p in runtime.iterdir()) == [str(OTHER)]
-    dirs.see_runs(runs)
-    assert sorted(p.name for p in runtime.iterdir()) == [str(OTHER), str(THIRD)]
-    os.chown(runs[0], 0, -1)  # handed over after creation: seen on the next full look
-    dirs.see_runs(runs)
-    assert not (runtime / "0").exists()
-    dirs.see_runs(runs, fresh=True)
-    assert owner_and_mode(runtime / "0") == (0, 0o700)
-    shutil.rmtree(runtime / str(THIRD))  # cleaned away (tmpfiles): made again
-    dirs.see_runs(runs)
+    dirs.keep({OTHER, THIRD})
+    assert owner_and_mode(runtime / str(OTHER)) == (OTHER, 0o700)
     assert owner_and_mode(runtime / str(THIRD)) == (THIRD, 0o700)
+    shutil.rmtree(runtime / str(THIRD))  # cleaned away (tmpfiles): made again at the next look
+    dirs.keep({OTHER, THIRD})
+    assert owner_and_mode(runtime / str(THIRD)) == (THIRD, 0o700)
+
+
+def test_the_daemon_follows_a_runs_chown_without_waiting_for_a_rescan(base: Path, as_root: None) -> None:
+    # Owners come from the watcher's tree (IN_ATTRIB on the run dir), not from a stat of every run every minute:
+    # a run created by root and then handed over gets its owner's directory at once. The old minute-long refresh
+    # made it only up to 60 s later, past this test's wait.
+    runtime, art = base / "run", base / "art"
+    handed, late = art / "p" / "models" / "handed", art / "p" / "models" / "late"
+    handed.mkdir(parents=True)
+    config = write_config(base / "config.yaml", [art], base / "state", runtime, watch={"rescan_interval": "1h"})
+    with DaemonProcess(config, base / "daemon.log"):
+        assert owner_and_mode(runtime / "0") == (0, 0o700)  # made before READY=1
+        os.chown(handed, OTHER, -1)
+        wait_for(lambda: (runtime / str(OTHER)).is_dir(), timeout=10.0, what="the new owner's agent directory")
+        assert owner_and_mode(runtime / str(OTHER)) == (OTHER, 0o700)
+        late.mkdir()
+        os.chown(late, THIRD, -1)
+        wait_for(lambda: (runtime / str(THIRD)).is_dir(), timeout=10.0, what="a new run's owner's agent directory")
 
 
 RACER = """

@@ -470,6 +470,26 @@ def test_claims_are_reported_at_start_when_made_and_on_every_rescan(
     assert left in claims.reported and made in claims.reported
 
 
+def test_owners_follow_new_runs_removed_runs_and_chown(root: Path, mode: WatchMode, made: list[MarkerWatcher]) -> None:
+    # The daemon makes each owner's agent directory from owners() alone (no stat of every run every minute).
+    if os.geteuid() != 0:
+        pytest.skip("handing a directory to another uid needs root")
+    other, third = 4242, 4343
+    kept, handed = make_run(root, "p", "kept"), make_run(root, "p", "handed")
+    os.chown(kept, other, -1)
+    watcher = _factory(mode, made)([root], Recorder())
+    watcher.start()
+    assert watcher.owners() == {other, 0}
+    os.chown(handed, third, -1)  # created by root, then handed over
+    if mode == "poll":
+        watcher.rescan()  # no events there: every full rescan reads a polled run's owner again
+    wait_until(lambda: watcher.owners() == {other, third}, "the chown to be seen")
+    make_run(root, "q", "late")
+    wait_until(lambda: watcher.owners() == {other, third, 0}, "a new run's owner")
+    shutil.rmtree(root / "p")
+    wait_until(lambda: watcher.owners() == {0}, "the removed runs' owners to be forgotten")
+
+
 # Recovery: rescans -----------------------------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ WatchMode = Literal["auto", "inotify", "poll"]
 WATCH_MODES: tuple[WatchMode, ...] = get_args(WatchMode)
 
 # inotify ABI (<sys/inotify.h>); stable since Linux 2.6.
+IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_FROM = 0x00000040
 IN_MOVED_TO = 0x00000080

@@ -27,9 +27,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 from sidecar.marker import INPROGRESS, MARKER
 from sidecar.watch.inotify import (
+    IN_ATTRIB,
     IN_DELETE,
     IN_IGNORED,
     IN_ISDIR,
@@ -116,6 +118,12 @@ class MarkerWatcher:
         # once per version (the daemon asks every tick and every minute; building 10,000 Paths took 68 ms).
         self._tree_version = 0
         self._runs: tuple[int, list[Path]] = (-1, [])
+        # Owners of model dirs come from the tree, not from a stat of every run every minute (10,000 stats cost as much
+        # CPU as a rescan): a dir's owner is read when it joins the tree, again on its IN_ATTRIB (chown), in every full
+        # rescan for dirs without a watch (polled), and in the rescan after an overflow (events lost) for all.
+        self._owner_changes = 0
+        self._owners: tuple[tuple[int, int], frozenset[int]] = ((-1, -1), frozenset())
+        self._restat_owners: Literal["new", "unwatched", "all"] = "new"
 
     # Public API ---------------------------------------------------------------------------------------------------
 
@@ -183,6 +191,16 @@ class MarkerWatcher:
         with self._lock:
             return list(self._known_runs())
 
+    def owners(self) -> frozenset[int]:
+        """The uids owning the known model dirs (built once per change of the tree or of an owner)."""
+        with self._lock:
+            version, owners = self._owners
+            if version != (self._tree_version, self._owner_changes):
+                models = (m for root in self._roots.values() for m in iter_models(root))
+                owners = frozenset(m.uid for m in models if m.uid is not None)
+                self._owners = ((self._tree_version, self._owner_changes), owners)
+            return owners
+
     def __enter__(self) -> MarkerWatcher:
         self.start()
         return self
@@ -239,7 +257,11 @@ class MarkerWatcher:
             if self._overflowed or self._rescan_requested or roots_changed or now >= schedule.next_full:
                 overflowed, self._overflowed, self._rescan_requested = self._overflowed, False, False
                 self._apply_roots()
-                self._full_scan(found)
+                self._restat_owners = "all" if overflowed else "unwatched"
+                try:
+                    self._full_scan(found)
+                finally:
+                    self._restat_owners = "new"
                 schedule.next_full, schedule.next_poll = now + self._rescan_interval, now + self._poll_interval
             elif now >= schedule.next_poll:
                 self._poll_scan(found)
@@ -285,11 +307,7 @@ class MarkerWatcher:
                 node.wd = None
                 self._revisit(node, found)
             elif node.level is Level.MODEL:
-                if name == MARKER_BYTES and marker_event_ready(mask, node.path):
-                    found.append(node.path)
-                    self._settling.forget(node.path)
-                elif name == CLAIM_BYTES and self._on_claim is not None:
-                    self._claims_found.append(node.path)
+                self._model_event(node, mask, name, found)
             elif mask & IN_MOVE_SELF:
                 # Only roots ask for this (other dirs hear of a move from their parent): the watch now follows the
                 # directory elsewhere, so drop everything and look at the configured path again.
@@ -297,6 +315,16 @@ class MarkerWatcher:
                 self._scan_root(node, found)
             elif mask & IN_ISDIR:
                 self._child_changed(node, os.fsdecode(name), mask, found)
+
+    def _model_event(self, node: Dir, mask: int, name: bytes, found: list[str]) -> None:
+        if mask & IN_ATTRIB:
+            if not name:  # the model dir itself (chown, chmod); its files' attributes do not matter here
+                self._read_owner(node)
+        elif name == MARKER_BYTES and marker_event_ready(mask, node.path):
+            found.append(node.path)
+            self._settling.forget(node.path)
+        elif name == CLAIM_BYTES and self._on_claim is not None:
+            self._claims_found.append(node.path)
 
     def _child_changed(self, parent: Dir, name: str, mask: int, found: list[str]) -> None:
         if not tracked_name(parent.level, name):
@@ -403,9 +431,13 @@ class MarkerWatcher:
             if node.ino is not None:
                 self._forget_contents(node)  # a different directory now has this name
             node.ino = ino
+            node.uid = None
         if watch and node.wd is None:
             self._watch(node)  # before listing: whatever appears after the listing then raises an event
         if node.level is Level.MODEL:
+            restat = self._restat_owners
+            if node.uid is None or restat == "all" or (restat == "unwatched" and node.wd is None):
+                self._read_owner(node)
             return self._check_marker(node, found)
         listing = self._list(node)
         if listing is None:
@@ -469,6 +501,15 @@ class MarkerWatcher:
         else:
             found.append(node.path)
         return True
+
+    def _read_owner(self, node: Dir) -> None:
+        try:
+            uid: int | None = os.lstat(node.path).st_uid
+        except OSError:
+            uid = None  # gone or unreadable: the scan that follows decides; a later one looks again
+        if uid != node.uid:
+            node.uid = uid
+            self._owner_changes += 1
 
     # Watches ---------------------------------------------------------------------------------------------------
 

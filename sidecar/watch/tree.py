@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sidecar.marker import INPROGRESS, MARKER
 from sidecar.watch.inotify import (
+    IN_ATTRIB,
     IN_CLOSE_WRITE,
     IN_CREATE,
     IN_DELETE,
@@ -40,7 +41,8 @@ class Level(IntEnum):
 # close-after-write, rename into place, and create (see marker_event_ready); the same events show a claim appearing
 # (`link(.fork, .fork.inprogress)` is a create, a rewritten claim record a rename into place). No IN_MODIFY anywhere,
 # and nothing below a model dir is watched, so ART writing thousands of files into checkpoints/ and trajectories/
-# costs nothing.
+# costs nothing. IN_ATTRIB on a model dir tells its chown (the owner gets an agent directory, sidecar/agent_dirs.py):
+# with it no periodic stat of every run is needed; attribute changes of the files in it are ignored.
 _DIR_EVENTS = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_ONLYDIR
 MASKS = {
     # The root may be a symlink the admin configured, so it is followed; it has no watched parent, so it needs
@@ -48,7 +50,7 @@ MASKS = {
     Level.ROOT: _DIR_EVENTS | IN_MOVE_SELF,
     Level.PROJECT: _DIR_EVENTS | IN_DONT_FOLLOW,
     Level.MODELS: _DIR_EVENTS | IN_DONT_FOLLOW,
-    Level.MODEL: IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_ONLYDIR | IN_DONT_FOLLOW,
+    Level.MODEL: IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_ATTRIB | IN_ONLYDIR | IN_DONT_FOLLOW,
 }
 
 
@@ -63,6 +65,7 @@ class Dir:
     ino: int | None = None
     wd: int | None = None
     polled: bool = False  # roots only: scanned every poll_interval instead of watched
+    uid: int | None = None  # model dirs only: the owner, once looked at
 
 
 def marker_event_ready(mask: int, model_dir: str) -> bool:
