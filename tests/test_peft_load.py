@@ -232,3 +232,38 @@ def test_unsloth_decode_cache_is_dropped(model: Any, assets: TinyAssets) -> None
         p._fast_lora = p.detach().clone()
     load_adapter_from_checkpoint(model, assets.adapter_b)
     assert not any(hasattr(p, "_fast_lora") for p in params)
+
+
+# --- the in-place load and its check -----------------------------------------------------------------------------
+def test_an_adapter_whose_state_dict_is_computed_is_never_copied_into_that_copy(
+    assets: TinyAssets, workdir: Path
+) -> None:
+    # Prompt tuning saves `prompt_embeddings` computed from its encoder, not a parameter: copying into that tensor
+    # would change nothing in the model, and checking the same tensor afterwards would pass. Such adapters go
+    # through peft's set_peft_model_state_dict, which (peft 0.x) does not place it: refused, never a false success.
+    from peft import PromptTuningConfig, get_peft_model
+
+    def prompt_model(seed: int) -> Any:
+        torch.manual_seed(seed)
+        base = LlamaForCausalLM.from_pretrained(assets.base, dtype=torch.float32)
+        return get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+
+    prompt_model(1).save_pretrained(workdir / "prompt", safe_serialization=True)
+    model = prompt_model(2)
+    with pytest.raises(AdapterLoadError, match="did not place 1 tensor"):
+        load_adapter_from_checkpoint(model, workdir / "prompt")
+
+
+def test_the_check_is_bitwise() -> None:
+    from sidecar.preload.peft_load import _same_bits
+
+    a = torch.tensor([0.0, 1.0, float("nan")])
+    assert _same_bits(a, a.clone())  # NaN equals itself
+    assert not _same_bits(a, torch.tensor([-0.0, 1.0, float("nan")]))  # -0.0 is not 0.0
+    assert not _same_bits(a, a.to(torch.float64))
+    assert not _same_bits(a, a[:2])
+    assert _same_bits(torch.empty(0), torch.empty(0))
+    big = torch.randn(1 << 20)
+    other = big.clone()
+    other[-1] = torch.nextafter(other[-1], torch.tensor(float("inf")))  # one bit of the last element
+    assert not _same_bits(big, other)
