@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from sidecar.adapter import adapter_digest
+from sidecar.metrics import reload_error_reasons
 from sidecar.stages import StageOutcome
 from sidecar.vllm.discovery import discover_servers
 from sidecar.vllm.snapshots import is_snapshot_name
@@ -153,6 +154,7 @@ def test_rank_above_max_lora_rank_surfaces_vllms_error(vllm_run: VllmRun, tmp_pa
     assert outcome.status == "failed"
     assert outcome.error is not None and "LoRA rank 32 is greater than max_lora_rank 16" in outcome.error
     assert run.server.url in outcome.error
+    assert reload_error_reasons({"vllm": outcome.to_json()}) == ["vllm_http_error"]  # vLLM's own 400
     # vLLM kept serving the previous adapter from the previous snapshot, which was therefore kept.
     assert adapter_roots(run)[run.served_name] == before and Path(before).is_dir()
     assert_same_outputs(run, run.served_name, "ref-b")
@@ -170,6 +172,8 @@ def test_unreachable_configured_url_beside_a_real_server(vllm_run: VllmRun, tmp_
     )
     by_url = {s["url"]: s for s in outcome.detail["servers"]}
     assert by_url[run.server.url]["error"] is None  # the real one was reloaded all the same
+    assert by_url[dead]["reason"] == "vllm_unreachable"
+    assert reload_error_reasons({"vllm": outcome.to_json()}) == ["vllm_unreachable"]  # one label, for the dead one
     assert_same_outputs(run, run.served_name, "ref-a")
 
 
@@ -250,6 +254,7 @@ def test_api_key_required_and_supplied(vllm_run: VllmRun, tmp_path: Path) -> Non
     discovered = fork(run, tmp_path, "0005")  # the key comes from the server's --api-key
 
     assert refused.status == "failed" and refused.error is not None and "requires an API key" in refused.error
+    assert reload_error_reasons({"vllm": refused.to_json()}) == ["vllm_unauthorized"]  # the real server's 401
     assert configured.status == "ok", configured.error
     assert discovered.status == "ok", discovered.error
     assert_same_outputs(run, run.served_name, "ref-b")
