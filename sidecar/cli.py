@@ -23,6 +23,7 @@ from sidecar.journal import read_history
 from sidecar.marker import DONE, FAILED, INPROGRESS, MARKER, read_json_object
 from sidecar.preload.preload_cli import add_parser as add_preload_parser
 from sidecar.protocol.atomic_write import write_atomic
+from sidecar.protocol.run_layout import CHECKPOINTS
 
 __all__ = ["main"]
 
@@ -112,7 +113,7 @@ def _marker_text(args: argparse.Namespace, request_id: str) -> str:
 
 def cmd_fork(args: argparse.Namespace) -> int:
     model_dir = Path(args.model_dir).absolute()
-    if not (model_dir / "checkpoints").is_dir():
+    if not (model_dir / CHECKPOINTS).is_dir():
         print(
             f"fork-sidecar: {model_dir} is not an ART run directory (it has no checkpoints/); "
             "pass {art_path}/{project}/models/{model}.",

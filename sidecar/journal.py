@@ -24,7 +24,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import secrets
 import threading
 import time
@@ -33,16 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sidecar.fork_ids import is_fork_id
 from sidecar.protocol.atomic_write import fsync_dir, write_atomic, write_json_atomic
 from sidecar.states import ForkState, check_transition
 
-__all__ = ["FORK_ID", "ForkRecord", "Journal", "JournalError", "JournalUnwritable", "StateDirLocked", "read_history"]
+__all__ = ["ForkRecord", "Journal", "JournalError", "JournalUnwritable", "StateDirLocked", "read_history"]
 
 log = logging.getLogger("sidecar.journal")
 
 HISTORY_KEEP = 1000
 # What a fork id may be: a plain file name part. A claim's fork id is text the run's owner may have written.
-FORK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 HISTORY_TRIM_BYTES = 4 * 1024 * 1024
 # A fork record is a few KiB (more with many files): a probe of this size says "room for one more record".
 _PROBE_BYTES = 64 * 1024
@@ -146,7 +145,7 @@ class Journal:
     def has_record(self, fork_id: object) -> bool:
         """Whether `fork_id` is journaled. Never a look outside forks_dir: a claim's id (the run owner's text, read
         by root) such as `../../home/bob/keys` would tell her whether bob's `keys.json` exists."""
-        return isinstance(fork_id, str) and FORK_ID.fullmatch(fork_id) is not None and self._path(fork_id).exists()
+        return is_fork_id(fork_id) and self._path(fork_id).exists()
 
     def create(self, record: ForkRecord) -> None:
         self._write(record)

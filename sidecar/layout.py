@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from sidecar.protocol.run_layout import CHECKPOINTS
+
 __all__ = [
-    "CHECKPOINTS",
-    "SERVED_STEP",
     "RunDir",
     "checkpoint_dir",
     "iter_run_dirs",
@@ -23,9 +23,6 @@ __all__ = [
     "run_dir_of",
     "step_dirs",
 ]
-
-CHECKPOINTS = "checkpoints"
-SERVED_STEP = "0000"
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ __all__ = [
     "FAILED",
     "INPROGRESS",
     "MARKER",
+    "MARKER_SETTLE_S",
     "MAX_MARKER_BYTES",
-    "ForkRequest",
     "MarkerError",
+    "MarkerRequest",
     "bounded_outcome",
     "parse_marker",
     "read_json_object",
@@ -45,6 +46,13 @@ FAILED = ".fork.failed"
 MAX_MARKER_BYTES = 64 * 1024
 MAX_RECORD_BYTES = 1024 * 1024
 
+# A regular-file marker that a scan finds younger than this is reported only once it has stopped changing for this
+# long: a scan can land between `open(O_CREAT)` and `write()` of `echo step: 3 > .fork` (the mkdir -p + write race
+# does exactly that), and an empty marker is a different request. Events need no such wait: IN_CLOSE_WRITE and
+# IN_MOVED_TO come after the content.
+# A worker that was not told of a marker's close() waits as long before it takes the marker (sidecar/claims/).
+MARKER_SETTLE_S = 0.25
+
 RequestKind = Literal["latest", "source", "step", "from_model"]
 _SOURCE_KEYS = ("source", "step", "from_model")
 _OPTIONAL_KEYS = ("from_project", "not_after_step", "request_id")
@@ -56,7 +64,7 @@ class MarkerError(Exception):
 
 
 @dataclass(frozen=True)
-class ForkRequest:
+class MarkerRequest:
     kind: RequestKind
     source: str | None = None
     step: int | None = None
@@ -81,14 +89,14 @@ class ForkRequest:
         return "the newest checkpoint"
 
 
-def parse_marker(content: bytes, where: Path) -> ForkRequest:
+def parse_marker(content: bytes, where: Path) -> MarkerRequest:
     """Parse marker bytes; empty or whitespace means "fork from the newest checkpoint of this run"."""
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError:
         raise _bad(where, "is not UTF-8 text") from None
     if not text.strip():
-        return ForkRequest("latest")
+        return MarkerRequest("latest")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -98,7 +106,7 @@ def parse_marker(content: bytes, where: Path) -> ForkRequest:
     return _request_from_mapping(data, where)
 
 
-def _request_from_mapping(data: dict[Any, Any], where: Path) -> ForkRequest:
+def _request_from_mapping(data: dict[Any, Any], where: Path) -> MarkerRequest:
     unknown = sorted(str(k) for k in data if k not in _SOURCE_KEYS + _OPTIONAL_KEYS)
     if unknown:
         raise _bad(where, f"has unknown key {unknown[0]!r}")
@@ -113,17 +121,17 @@ def _request_from_mapping(data: dict[Any, Any], where: Path) -> ForkRequest:
     if (not_after is not None or from_project is not None) and given != ["from_model"]:
         raise _bad(where, "uses from_project/not_after_step without from_model")
     if not given:
-        return ForkRequest("latest", request_id=request_id)
+        return MarkerRequest("latest", request_id=request_id)
     if given[0] == "step":
-        return ForkRequest("step", step=_optional_step(data, "step", where), request_id=request_id)
+        return MarkerRequest("step", step=_optional_step(data, "step", where), request_id=request_id)
     value = _optional_str(data, given[0], where)
     if not value:
         raise _bad(where, f"has an empty {given[0]!r}")
     if given[0] == "source":
-        return ForkRequest("source", source=value, request_id=request_id)
+        return MarkerRequest("source", source=value, request_id=request_id)
     if "/" in value or value in (".", ".."):
         raise _bad(where, f"has from_model {value!r}, which must be a model name, not a path")
-    return ForkRequest(
+    return MarkerRequest(
         "from_model", from_model=value, from_project=from_project, not_after_step=not_after, request_id=request_id
     )
 

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,18 +23,20 @@ from sidecar import swap
 from sidecar.claims.base import Claims, claim_info, wait_until_settled
 from sidecar.claims.filesystem import FilesystemClaims
 from sidecar.config import Config
+from sidecar.fork_ids import new_fork_id
 from sidecar.journal import ForkRecord, Journal, JournalUnwritable
-from sidecar.layout import SERVED_STEP, RunDir
+from sidecar.layout import RunDir
 from sidecar.marker import INPROGRESS, MARKER
 from sidecar.owner_worker import OwnerRunIO
 from sidecar.protocol.digest import is_digest
 from sidecar.protocol.reasons import Reason
+from sidecar.protocol.run_layout import CHECKPOINTS, SERVED_STEP
 from sidecar.run_io import LocalRunIO, RunIO, RunIOError, owner_of, run_dir_of_record
 from sidecar.rundir import OpenRun, RunDirError, lexists_at, open_run
 from sidecar.stages import ForkContext, Stage, StageOutcome
 from sidecar.states import ForkState
 
-__all__ = ["ForkPipeline", "new_fork_id"]
+__all__ = ["ForkPipeline"]
 
 log = logging.getLogger("sidecar.pipeline")
 _UNCHANGED = "unchanged"  # what disk_digest echoes back when 0000 is still the file staged
@@ -54,10 +55,6 @@ class HeldRun:
 
 class ForkFailed(Exception):
     """Ends a fork as failed with this sentence."""
-
-
-def new_fork_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -434,7 +431,7 @@ class ForkPipeline:
 
     def _verify(self, record: ForkRecord, held: HeldRun) -> None:
         started = time.monotonic()
-        checkpoints = Path(record.model_dir) / "checkpoints"
+        checkpoints = Path(record.model_dir) / CHECKPOINTS
         on_disk = held.io.disk_digest(record.stages.get("swap", {}).get("adapter_fingerprint"), record.digest)
         problems = []
         if on_disk != record.digest:

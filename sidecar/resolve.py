@@ -1,4 +1,4 @@
-"""Turning a ForkRequest into the checkpoint directory to fork from, inside the allowed roots only.
+"""Turning a MarkerRequest into the checkpoint directory to fork from, inside the allowed roots only.
 
 The source is opened, and what was opened is checked: its real path is read back from the descriptor
 (`/proc/self/fd`), so no rename of a parent between the check and the copy can point the copy elsewhere, and
@@ -14,8 +14,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from sidecar.layout import CHECKPOINTS, SERVED_STEP, RunDir, latest_step
-from sidecar.marker import ForkRequest
+from sidecar.layout import RunDir, latest_step
+from sidecar.marker import MarkerRequest
+from sidecar.protocol.run_layout import CHECKPOINTS, SERVED_STEP
 from sidecar.rundir import DIR_FLAGS, RunDirError, lexists_at, open_run
 
 __all__ = ["ResolveError", "open_source", "open_source_path", "resolve_source"]
@@ -27,7 +28,7 @@ class ResolveError(Exception):
     """The request names no usable checkpoint, as one sentence naming the path and the fix."""
 
 
-def resolve_source(request: ForkRequest, run: RunDir, allowed_roots: Sequence[Path]) -> Path:
+def resolve_source(request: MarkerRequest, run: RunDir, allowed_roots: Sequence[Path]) -> Path:
     """The real path of the source checkpoint dir (opening the run itself; the daemon uses open_source)."""
     try:
         opened = open_run(run)
@@ -41,7 +42,7 @@ def resolve_source(request: ForkRequest, run: RunDir, allowed_roots: Sequence[Pa
         opened.close()
 
 
-def open_source(request: ForkRequest, run: RunDir, allowed_roots: Sequence[Path], run_fd: int) -> tuple[int, Path]:
+def open_source(request: MarkerRequest, run: RunDir, allowed_roots: Sequence[Path], run_fd: int) -> tuple[int, Path]:
     """The source checkpoint dir, open (the caller closes it), and its real path, checked against the roots."""
     try:
         cfd = os.open(CHECKPOINTS, DIR_FLAGS, dir_fd=run_fd)
@@ -75,7 +76,7 @@ def open_source_path(path: Path, allowed_roots: Sequence[Path]) -> tuple[int, Pa
         raise
 
 
-def _open_candidate(request: ForkRequest, run: RunDir, run_fd: int, cfd: int) -> tuple[Path, int]:
+def _open_candidate(request: MarkerRequest, run: RunDir, run_fd: int, cfd: int) -> tuple[Path, int]:
     if request.kind == "source":
         assert request.source is not None
         path = Path(request.source)
@@ -99,7 +100,7 @@ def _open_candidate(request: ForkRequest, run: RunDir, run_fd: int, cfd: int) ->
     return run.checkpoints / name, _open_dir(Path(name), run.checkpoints / name, cfd)
 
 
-def _open_sibling(request: ForkRequest, run: RunDir) -> tuple[Path, int]:
+def _open_sibling(request: MarkerRequest, run: RunDir) -> tuple[Path, int]:
     assert request.from_model is not None
     other = run.sibling(request.from_model, request.from_project)
     try:

@@ -23,19 +23,20 @@ from typing import Any
 from sidecar import swap
 from sidecar.adapter import ADAPTER_FILE, AdapterError, TreeLimits, adapter_digest
 from sidecar.claims.filesystem import read_claimed_marker, take_marker_at
-from sidecar.layout import CHECKPOINTS, SERVED_STEP, RunDir
+from sidecar.layout import RunDir
 from sidecar.marker import (
     DONE,
     FAILED,
     INPROGRESS,
     MARKER,
-    ForkRequest,
     MarkerError,
+    MarkerRequest,
     bounded_outcome,
     parse_marker,
     read_json_object,
 )
 from sidecar.protocol.atomic_write import write_atomic_at
+from sidecar.protocol.run_layout import CHECKPOINTS, SERVED_STEP
 from sidecar.resolve import ResolveError, open_source, open_source_path
 from sidecar.rundir import DIR_FLAGS, RunDirError, open_run, remove_at
 from sidecar.vllm.snapshots import collect_snapshots, create_snapshot
@@ -256,7 +257,7 @@ class LocalRunIO(RunIO):
 
     # --- the fork -----------------------------------------------------------------------------------------
     def _op_resolve(self, request: dict[str, Any], allowed_roots: list[str]) -> str:
-        fd, real = open_source(ForkRequest(**request), self.run, [Path(r) for r in allowed_roots], self.fd)
+        fd, real = open_source(MarkerRequest(**request), self.run, [Path(r) for r in allowed_roots], self.fd)
         self._drop_source()
         self._source_fd = (str(real), fd)  # the staging copy reads what was checked, not the path again
         return str(real)
@@ -301,7 +302,7 @@ class LocalRunIO(RunIO):
             return f"unreadable ({e})"
 
     def _served_digest(self) -> str:
-        cfd = os.open("checkpoints", DIR_FLAGS, dir_fd=self.fd)
+        cfd = os.open(CHECKPOINTS, DIR_FLAGS, dir_fd=self.fd)
         try:
             sfd = os.open(SERVED_STEP, DIR_FLAGS, dir_fd=cfd)
         finally:
@@ -313,7 +314,7 @@ class LocalRunIO(RunIO):
 
     def _fingerprint(self, step_name: str) -> list[int] | None:
         try:
-            cfd = os.open("checkpoints", DIR_FLAGS, dir_fd=self.fd)
+            cfd = os.open(CHECKPOINTS, DIR_FLAGS, dir_fd=self.fd)
         except OSError:
             return None
         try:

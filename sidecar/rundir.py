@@ -14,7 +14,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from sidecar.layout import CHECKPOINTS, RunDir
+from sidecar.layout import RunDir
+from sidecar.protocol.run_layout import CHECKPOINTS
 
 __all__ = [
     "DIR_FLAGS",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from sidecar.protocol.reasons import Reason
+from sidecar.protocol.run_layout import CHECKPOINTS, SERVED_STEP
 
 __all__ = ["ForkContext", "RunFiles", "RunHolder", "Stage", "StageOutcome", "StageStatus"]
 
@@ -66,11 +67,11 @@ class ForkContext:
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.model_dir / "checkpoints"
+        return self.model_dir / CHECKPOINTS
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.checkpoints_dir / "0000"
+        return self.checkpoints_dir / SERVED_STEP
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.monotonic())

@@ -33,6 +33,7 @@ from sidecar.protocol.digest import digest_problem
 from sidecar.protocol.messages import ForkRequest
 from sidecar.protocol.paths import agent_dir, pid_of_socket, uid_of_agent_dir
 from sidecar.protocol.reasons import Reason, of_agent_code, of_control_code
+from sidecar.protocol.run_layout import CHECKPOINTS, SERVED_STEP
 from sidecar.stages import ForkContext, RunHolder, StageOutcome
 
 __all__ = [
@@ -323,7 +324,7 @@ class TrainerStage:
         request = ForkRequest(
             fork_id=ctx.fork_id,
             run_dir=run_dir,
-            checkpoint_dir=str(Path(run_dir) / "checkpoints" / "0000"),
+            checkpoint_dir=str(Path(run_dir) / CHECKPOINTS / SERVED_STEP),
             digest=ctx.digest,
             # Half the budget may go to waiting for a step boundary; the rest is for reading and loading.
             timeout=round(timeout / 2, 3),

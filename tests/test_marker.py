@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from sidecar.marker import (
     DONE,
     FAILED,
-    ForkRequest,
     MarkerError,
+    MarkerRequest,
     bounded_outcome,
     parse_marker,
     read_json_object,
@@ -29,20 +29,20 @@ WHERE = Path("/art/p/models/m/.fork")
 @pytest.mark.parametrize(
     ("text", "request_"),
     [
-        ("", ForkRequest("latest")),
-        ("  \n\t\n", ForkRequest("latest")),
-        ("source: ../other/0003\n", ForkRequest("source", source="../other/0003")),
-        ("step: 12", ForkRequest("step", step=12)),
-        ("from_model: base", ForkRequest("from_model", from_model="base")),
+        ("", MarkerRequest("latest")),
+        ("  \n\t\n", MarkerRequest("latest")),
+        ("source: ../other/0003\n", MarkerRequest("source", source="../other/0003")),
+        ("step: 12", MarkerRequest("step", step=12)),
+        ("from_model: base", MarkerRequest("from_model", from_model="base")),
         (
             "from_model: base\nfrom_project: p2\nnot_after_step: 30\n",
-            ForkRequest("from_model", from_model="base", from_project="p2", not_after_step=30),
+            MarkerRequest("from_model", from_model="base", from_project="p2", not_after_step=30),
         ),
-        ("request_id: abc-1\n", ForkRequest("latest", request_id="abc-1")),
-        ('{"step": 4}', ForkRequest("step", step=4)),
+        ("request_id: abc-1\n", MarkerRequest("latest", request_id="abc-1")),
+        ('{"step": 4}', MarkerRequest("step", step=4)),
     ],
 )
-def test_valid_markers(text: str, request_: ForkRequest) -> None:
+def test_valid_markers(text: str, request_: MarkerRequest) -> None:
     assert parse_marker(text.encode(), WHERE) == request_
 
 

@@ -8,10 +8,11 @@ import yaml
 
 from sidecar import swap
 from sidecar.config import load_config
+from sidecar.fork_ids import new_fork_id
 from sidecar.journal import Journal
 from sidecar.layout import run_dir_of
 from sidecar.marker import INPROGRESS
-from sidecar.pipeline import ForkPipeline, new_fork_id
+from sidecar.pipeline import ForkPipeline
 from sidecar.run_io import LocalRunIO
 from sidecar.rundir import open_run
 from tests.support.adapters import write_adapter

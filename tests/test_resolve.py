@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.layout import RunDir
-from sidecar.marker import ForkRequest
+from sidecar.marker import MarkerRequest
 from sidecar.resolve import ResolveError, open_source, resolve_source
 
 
@@ -23,35 +23,35 @@ def art(tmp_path: Path) -> Path:
     return root
 
 
-def resolve(art: Path, request: ForkRequest, allowed: tuple[Path, ...] | None = None) -> Path:
+def resolve(art: Path, request: MarkerRequest, allowed: tuple[Path, ...] | None = None) -> Path:
     return resolve_source(request, RunDir(art, "p", "m"), allowed or (art,))
 
 
 def test_each_request_kind(art: Path) -> None:
     cp = art / "p/models/m/checkpoints"
-    assert resolve(art, ForkRequest("latest")) == cp / "0007"
-    assert resolve(art, ForkRequest("step", step=3)) == cp / "0003"
-    assert resolve(art, ForkRequest("source", source="checkpoints/0003")) == cp / "0003"
-    assert resolve(art, ForkRequest("source", source=str(cp / "0007"))) == cp / "0007"
+    assert resolve(art, MarkerRequest("latest")) == cp / "0007"
+    assert resolve(art, MarkerRequest("step", step=3)) == cp / "0003"
+    assert resolve(art, MarkerRequest("source", source="checkpoints/0003")) == cp / "0003"
+    assert resolve(art, MarkerRequest("source", source=str(cp / "0007"))) == cp / "0007"
     base = art / "p/models/base/checkpoints"
-    assert resolve(art, ForkRequest("from_model", from_model="base")) == base / "0020"
-    assert resolve(art, ForkRequest("from_model", from_model="base", not_after_step=15)) == base / "0010"
-    other = ForkRequest("from_model", from_model="other", from_project="q")
+    assert resolve(art, MarkerRequest("from_model", from_model="base")) == base / "0020"
+    assert resolve(art, MarkerRequest("from_model", from_model="base", not_after_step=15)) == base / "0010"
+    other = MarkerRequest("from_model", from_model="other", from_project="q")
     assert resolve(art, other) == art / "q/models/other/checkpoints/0004"
 
 
 @pytest.mark.parametrize(
     ("request_", "problem"),
     [
-        (ForkRequest("step", step=5), "does not exist"),
-        (ForkRequest("step", step=0), "step 0 itself"),
-        (ForkRequest("source", source="checkpoints/0000"), "checkpoints/0000 itself"),
-        (ForkRequest("source", source="checkpoints/0003/adapter_config.json"), "does not exist"),
-        (ForkRequest("from_model", from_model="nope"), "does not exist"),
-        (ForkRequest("from_model", from_model="other", from_project="q", not_after_step=1), "at or before step 1"),
+        (MarkerRequest("step", step=5), "does not exist"),
+        (MarkerRequest("step", step=0), "step 0 itself"),
+        (MarkerRequest("source", source="checkpoints/0000"), "checkpoints/0000 itself"),
+        (MarkerRequest("source", source="checkpoints/0003/adapter_config.json"), "does not exist"),
+        (MarkerRequest("from_model", from_model="nope"), "does not exist"),
+        (MarkerRequest("from_model", from_model="other", from_project="q", not_after_step=1), "at or before step 1"),
     ],
 )
-def test_unusable_requests(art: Path, request_: ForkRequest, problem: str) -> None:
+def test_unusable_requests(art: Path, request_: MarkerRequest, problem: str) -> None:
     with pytest.raises(ResolveError, match=problem):
         resolve(art, request_)
 
@@ -59,37 +59,37 @@ def test_unusable_requests(art: Path, request_: ForkRequest, problem: str) -> No
 def test_source_that_is_a_file(art: Path) -> None:
     (art / "p/models/m/checkpoints/0003/adapter_config.json").write_text("{}")
     with pytest.raises(ResolveError, match="not a directory"):
-        resolve(art, ForkRequest("source", source="checkpoints/0003/adapter_config.json"))
+        resolve(art, MarkerRequest("source", source="checkpoints/0003/adapter_config.json"))
 
 
 def test_no_checkpoint_but_0000(tmp_path: Path) -> None:
     (tmp_path / "p/models/m/checkpoints/0000").mkdir(parents=True)
     with pytest.raises(ResolveError, match="no checkpoint other than 0000"):
-        resolve(tmp_path, ForkRequest("latest"))
+        resolve(tmp_path, MarkerRequest("latest"))
 
 
 def test_missing_checkpoints_dir(tmp_path: Path) -> None:
     (tmp_path / "p/models/m").mkdir(parents=True)
     with pytest.raises(ResolveError, match="is missing or not a real directory"):
-        resolve(tmp_path, ForkRequest("latest"))
+        resolve(tmp_path, MarkerRequest("latest"))
 
 
 def test_outside_allowed_roots_even_through_a_symlink(art: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside/ckpt"
     outside.mkdir(parents=True)
     with pytest.raises(ResolveError, match="outside the allowed source roots"):
-        resolve(art, ForkRequest("source", source=str(outside)))
+        resolve(art, MarkerRequest("source", source=str(outside)))
     os.symlink(outside, art / "p/models/m/checkpoints/0009")
     with pytest.raises(ResolveError, match="outside the allowed source roots"):
-        resolve(art, ForkRequest("step", step=9))
-    assert resolve(art, ForkRequest("source", source=str(outside)), (art, tmp_path / "outside")) == outside
+        resolve(art, MarkerRequest("step", step=9))
+    assert resolve(art, MarkerRequest("source", source=str(outside)), (art, tmp_path / "outside")) == outside
 
 
 def test_symlink_loop(art: Path) -> None:
     loop = art / "p/models/m/loop"
     os.symlink(loop, loop)
     with pytest.raises(ResolveError, match="cannot be resolved"):
-        resolve(art, ForkRequest("source", source="loop"))
+        resolve(art, MarkerRequest("source", source="loop"))
 
 
 def test_the_opened_source_is_what_was_checked_whatever_happens_to_its_name(art: Path, tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_the_opened_source_is_what_was_checked_whatever_happens_to_its_name(art:
     (art / "p/models/m/dir/ckpt").mkdir(parents=True)
     run_fd = os.open(art / "p/models/m", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fd, real = open_source(ForkRequest("source", source="dir/ckpt"), RunDir(art, "p", "m"), (art,), run_fd)
+        fd, real = open_source(MarkerRequest("source", source="dir/ckpt"), RunDir(art, "p", "m"), (art,), run_fd)
     finally:
         os.close(run_fd)
     try:
@@ -118,7 +118,7 @@ def test_relative_sources_resolve_from_the_run_directory_held_open(art: Path, tm
     try:
         os.rename(run.path, run.path.with_name("m-moved"))
         os.symlink(art / "q/models/other", run.path)  # the name now leads into another run
-        fd, real = open_source(ForkRequest("source", source="checkpoints/0003"), run, (art,), run_fd)
+        fd, real = open_source(MarkerRequest("source", source="checkpoints/0003"), run, (art,), run_fd)
         os.close(fd)
     finally:
         os.close(run_fd)

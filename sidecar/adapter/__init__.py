@@ -28,6 +28,7 @@ from sidecar.adapter.files import (
 )
 from sidecar.adapter.lora import check_lora_tensors, parse_lora_config
 from sidecar.adapter.tree import CheckpointEntry, TreeLimits, walk_checkpoint
+from sidecar.protocol.run_layout import CONFIG_FILE
 from sidecar.protocol.safetensors_header import DTYPE_BITS, TensorEntry, parse_header, printable
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
     "walk_checkpoint",
 ]
 
-CONFIG_FILE = "adapter_config.json"
 MAX_CONFIG_BYTES = 16 << 20
 
 

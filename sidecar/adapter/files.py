@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sidecar.adapter.errors import SAFETENSORS_ADVICE, AdapterError, human_size, length_text
 from sidecar.protocol.digest import CHUNK_BYTES, TensorRecord, digest_tensors
+from sidecar.protocol.run_layout import ADAPTER_FILE
 from sidecar.protocol.safetensors_header import MAX_HEADER_BYTES, TensorEntry, parse_header, printable
 
 __all__ = [
@@ -29,8 +30,6 @@ __all__ = [
     "read_header",
     "read_small_file",
 ]
-
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)

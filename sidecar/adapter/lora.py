@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.adapter.errors import LORA_ADVICE, AdapterError
+from sidecar.protocol.run_layout import CONFIG_FILE
 from sidecar.protocol.safetensors_header import LORA_DTYPES, HeaderProblem, TensorEntry, printable, strict_json_object
 
 __all__ = ["PEFT_PREFIX", "LoraConfig", "check_lora_tensors", "parse_lora_config"]
@@ -45,7 +46,7 @@ class LoraConfig:
 
 def parse_lora_config(raw: bytes) -> LoraConfig:
     """Pure: adapter_config.json bytes -> the parts the checks need (ValueError on a problem)."""
-    obj = strict_json_object(raw, "adapter_config.json")
+    obj = strict_json_object(raw, CONFIG_FILE)
     peft_type = obj.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise HeaderProblem(f"peft_type is {peft_type!r:.40}, and only LoRA adapters can be forked")

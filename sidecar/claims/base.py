@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sidecar.config import Config
+from sidecar.marker import MARKER_SETTLE_S
 
-__all__ = ["MARKER_SETTLE_S", "ClaimFiles", "ClaimRegistry", "Claims", "claim_info", "wait_until_settled"]
-
-# How long a marker must have been left alone before a worker that was not told of its close() takes it.
-MARKER_SETTLE_S = 0.25
+__all__ = ["ClaimFiles", "ClaimRegistry", "Claims", "claim_info", "wait_until_settled"]
 
 
 class ClaimFiles(Protocol):

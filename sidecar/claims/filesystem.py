@@ -16,9 +16,9 @@ from typing import Any
 
 import psutil
 
-from sidecar.claims.base import MARKER_SETTLE_S, Claims
+from sidecar.claims.base import Claims
 from sidecar.fsops import RENAME_NOREPLACE, rename_noreplace_at, renameat2
-from sidecar.marker import INPROGRESS, MARKER, read_marker_file
+from sidecar.marker import INPROGRESS, MARKER, MARKER_SETTLE_S, read_marker_file
 
 __all__ = ["FilesystemClaims", "read_claimed_marker", "take_marker_at"]
 

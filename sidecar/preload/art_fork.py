@@ -36,6 +36,7 @@ from types import ModuleType
 from typing import Any
 
 from sidecar.preload import enabled
+from sidecar.protocol.run_layout import CHECKPOINTS, SERVED_STEP
 
 __all__ = ["AUTOFORK_ENV", "autofork_enabled", "on_art_local_backend", "patch_backend_class", "write_fork_marker"]
 
@@ -119,7 +120,7 @@ def _wrap(
         plan = _plan(self, signature, output_dir, args, kwargs)
         if plan is None:
             return await original(self, *args, **kwargs)
-        with _held_steps(plan.dest / "checkpoints") as created:
+        with _held_steps(plan.dest / CHECKPOINTS) as created:
             result = await original(self, *args, **kwargs)  # ART's exceptions propagate; no marker for a failed fork
             new_steps = created()
         _mark(plan, new_steps)
@@ -219,7 +220,7 @@ def _step_names(checkpoints: Path) -> list[str]:
 
 def _selected_step(plan: _Plan) -> int | None:
     """The step ART's rule picks from the source run (newest all-digit step not after `not_after_step`)."""
-    steps = sorted(int(n) for n in _step_names(plan.source / "checkpoints"))
+    steps = sorted(int(n) for n in _step_names(plan.source / CHECKPOINTS))
     limit = plan.not_after_step
     steps = [s for s in steps if limit is None or s <= limit]
     return steps[-1] if steps else None
@@ -251,8 +252,8 @@ def _confirmed_step(plan: _Plan, created: list[str]) -> tuple[Path | None, str]:
     if created != [expected]:
         found = ", ".join(created) if created else "none"
         return None, f"ART's copy of step {step} did not appear as the one new step dir there (new: {found})"
-    new_dir = plan.dest / "checkpoints" / expected
-    source_files = _files(plan.source / "checkpoints" / expected)
+    new_dir = plan.dest / CHECKPOINTS / expected
+    source_files = _files(plan.source / CHECKPOINTS / expected)
     if not source_files or _files(new_dir) != source_files:
         return None, f"{new_dir} does not hold the files of {plan.source}/checkpoints/{expected}"
     return new_dir, ""
@@ -276,10 +277,10 @@ def _mark(plan: _Plan, created: list[str]) -> None:
         )
         return
     run_dir = new_dir.parent.parent  # the marker goes where the new checkpoint is, by construction
-    if new_dir.name == "0000":
+    if new_dir.name == SERVED_STEP:
         # ART copied the source's step 0 straight over this run's checkpoints/0000, which cannot be a fork source;
         # the identical checkpoint ART copied from can, and the daemon then makes vLLM and the trainers load it.
-        source = Path(os.path.abspath(plan.source)) / "checkpoints" / "0000"
+        source = Path(os.path.abspath(plan.source)) / CHECKPOINTS / SERVED_STEP
     else:
         source = Path(os.path.abspath(new_dir))
     request_id = "art-" + time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)

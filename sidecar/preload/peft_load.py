@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.protocol.digest import TensorRecord, digest_tensors
+from sidecar.protocol.run_layout import ADAPTER_FILE, CONFIG_FILE
 from sidecar.protocol.safetensors_header import LORA_DTYPES, MAX_HEADER_BYTES, parse_header, printable
 
 __all__ = ["ADAPTER_FILE", "AdapterLoadError", "CheckpointTensors", "load_adapter_from_checkpoint", "read_checkpoint"]
 
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 _MAX_CONFIG = 1024 * 1024
 # safetensors dtype name -> (torch dtype attribute, bytes per element), for each of LORA_DTYPES.
 _DTYPES: dict[str, tuple[str, int]] = {
@@ -54,7 +53,7 @@ class AdapterLoadError(Exception):
 
 
 @dataclass(frozen=True)
-class TensorEntry:
+class TensorSpan:
     dtype: str
     shape: tuple[int, ...]
     begin: int
@@ -68,7 +67,7 @@ class CheckpointTensors:
     are in memory, so hashing runs alongside the read instead of after it.
     """
 
-    def __init__(self, path: Path, entries: Mapping[str, TensorEntry], data: memoryview) -> None:
+    def __init__(self, path: Path, entries: Mapping[str, TensorSpan], data: memoryview) -> None:
         self.path = path
         self.entries = entries
         self.data = data
@@ -165,20 +164,20 @@ def _buffer(size: int) -> memoryview:
     return numpy.empty(size, dtype=numpy.uint8).data
 
 
-def _parse_header(path: Path, header_bytes: bytes, data_len: int) -> dict[str, TensorEntry]:
+def _parse_header(path: Path, header_bytes: bytes, data_len: int) -> dict[str, TensorSpan]:
     """The daemon's parser (sidecar/protocol/safetensors_header.py), then the LoRA dtypes: one set of rules for both."""
     try:
         parsed, _ = parse_header(header_bytes, data_len)
     except ValueError as e:
         raise AdapterLoadError(f"{path}: {e}; the checkpoint is damaged") from None
     data_start = 8 + len(header_bytes)
-    entries: dict[str, TensorEntry] = {}
+    entries: dict[str, TensorSpan] = {}
     for t in parsed:
         if t.dtype not in LORA_DTYPES:
             raise AdapterLoadError(
                 f"{path}: tensor {printable(t.name)} has dtype {t.dtype!r}; LoRA weights must be F16, BF16, F32 or F64"
             )
-        entries[t.name] = TensorEntry(t.dtype, t.shape, t.begin - data_start, t.end - data_start)
+        entries[t.name] = TensorSpan(t.dtype, t.shape, t.begin - data_start, t.end - data_start)
     return entries
 
 

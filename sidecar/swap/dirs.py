@@ -11,8 +11,9 @@ import stat
 from pathlib import Path
 
 from sidecar.adapter import printable
+from sidecar.fork_ids import FORK_ID, checked_fork_id
 from sidecar.fsops import lstat_at
-from sidecar.journal import FORK_ID
+from sidecar.protocol.run_layout import SERVED_STEP
 
 __all__ = [
     "LEFTOVER_NAME",
@@ -30,7 +31,7 @@ __all__ = [
 
 log = logging.getLogger("sidecar.swap")
 
-LIVE_NAME = "0000"
+LIVE_NAME = SERVED_STEP  # the name a fork replaces
 STAGE_PREFIX = ".fork-stage-"
 RETIRED_PREFIX = ".fork-retired-"
 
@@ -46,17 +47,11 @@ class SwapError(Exception):
 
 
 def stage_name(fork_id: str) -> str:
-    return STAGE_PREFIX + _checked_fork_id(fork_id)
+    return STAGE_PREFIX + checked_fork_id(fork_id)
 
 
 def retired_name(fork_id: str) -> str:
-    return RETIRED_PREFIX + _checked_fork_id(fork_id)
-
-
-def _checked_fork_id(fork_id: str) -> str:
-    if not isinstance(fork_id, str) or not FORK_ID.fullmatch(fork_id):
-        raise ValueError(f"fork id {fork_id!r} must be 1-64 characters of A-Z, a-z, 0-9, '_' and '-'")
-    return fork_id
+    return RETIRED_PREFIX + checked_fork_id(fork_id)
 
 
 def remove_entry(dir_fd: int, name: str) -> bool:

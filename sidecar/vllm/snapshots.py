@@ -37,7 +37,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from sidecar.fsops import lstat_at, rename_noreplace_at
-from sidecar.layout import SERVED_STEP
+from sidecar.protocol.run_layout import SERVED_STEP
 from sidecar.rundir import DIR_FLAGS
 
 __all__ = [

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from sidecar.config import Config
 from sidecar.layout import latest_step
 from sidecar.protocol.reasons import Reason
+from sidecar.protocol.run_layout import CHECKPOINTS, SERVED_STEP
 from sidecar.run_io import RunIOError, local_run_files
 from sidecar.stages import ForkContext, RunFiles, RunHolder, StageOutcome, StageStatus
 from sidecar.vllm.art_names import names_to_fork, superseded
@@ -212,7 +213,7 @@ class VllmStage:
     def on_start(self, run_dirs: Sequence[Path], hold: RunHolder) -> None:
         """Remove fork snapshots no server lists any more, if every server answers; `.partial` leftovers always.
         Removed through `hold` (as each run's owner, through its fd); the listing by path only chooses the runs."""
-        runs = [Path(r) for r in run_dirs if _has_fork_leftovers(Path(r) / "checkpoints")]
+        runs = [Path(r) for r in run_dirs if _has_fork_leftovers(Path(r) / CHECKPOINTS)]
         if not runs:
             return
         targets = merge_targets([t for r in runs for t in configured_servers(self.config, r)], self._discovered())
@@ -457,7 +458,7 @@ def _resolve_root(root: str | None, cwd: Path | None) -> Path | None:
 
 def _real_checkpoints(ctx: ForkContext) -> Path:
     """The run's checkpoints as servers name them, not resolved again through the run's own path."""
-    return ctx.real_model_dir / "checkpoints"
+    return ctx.real_model_dir / CHECKPOINTS
 
 
 def _snapshot_names(roots: Iterable[Path]) -> set[str]:
@@ -476,7 +477,7 @@ def _run_adapters(cards: Iterable[ModelCard], target: ServerTarget, base: Path) 
         root = _resolve_root(card.root, target.cwd) if card.parent is not None else None
         if root is not None and root.parent == base:
             from_run.append(card.id)
-            if root.name == "0000" or is_snapshot_name(root.name):
+            if root.name == SERVED_STEP or is_snapshot_name(root.name):
                 names.append(card.id)
             (from_snapshots if is_snapshot_name(root.name) else from_step_dirs).append(card.id)
     if target.art and from_run:

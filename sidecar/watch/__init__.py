@@ -4,6 +4,5 @@
 from sidecar.watch.inotify import WatchMode
 from sidecar.watch.loop import MarkerWatcher
 from sidecar.watch.mounts import NETWORK_FILESYSTEMS, fs_type_of, needs_polling
-from sidecar.watch.settle import MARKER_SETTLE_S
 
-__all__ = ["MARKER_SETTLE_S", "NETWORK_FILESYSTEMS", "MarkerWatcher", "WatchMode", "fs_type_of", "needs_polling"]
+__all__ = ["NETWORK_FILESYSTEMS", "MarkerWatcher", "WatchMode", "fs_type_of", "needs_polling"]

@@ -7,16 +7,10 @@ import stat
 import time
 from dataclasses import dataclass
 
-from sidecar.marker import MARKER
+from sidecar.marker import MARKER, MARKER_SETTLE_S
 from sidecar.watch.tree import join
 
-__all__ = ["MARKER_SETTLE_S", "SettlingMarkers"]
-
-# A regular-file marker that a scan finds younger than this is reported only once it has stopped changing for this
-# long: a scan can land between `open(O_CREAT)` and `write()` of `echo step: 3 > .fork` (the mkdir -p + write race
-# does exactly that), and an empty marker is a different request. Events need no such wait: IN_CLOSE_WRITE and
-# IN_MOVED_TO come after the content.
-MARKER_SETTLE_S = 0.25
+__all__ = ["SettlingMarkers"]
 
 
 @dataclass(frozen=True, slots=True)
