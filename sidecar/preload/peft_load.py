@@ -9,7 +9,7 @@ to nothing on a multi-core trainer.
 Everything that can fail is checked before the model is touched: missing or unexpected keys, shapes, the LoRA
 hyper-parameters in `adapter_config.json` (a different `lora_alpha` would silently rescale the update). When the
 adapter's state dict is the parameters themselves (LoRA), each tensor is copied into its parameter with copy_ and at
-once compared bit for bit with its file tensor cast to the parameter's dtype (while both are in cache); other adapter
+once compared bit for bit with its file tensor cast to the parameter's dtype; other adapter
 kinds go through peft's set_peft_model_state_dict and are compared after it. Then gradients of those
 parameters are dropped and their optimizer state cleared, so the next step starts from the forked weights the way
 a fresh start from that checkpoint would.
@@ -441,31 +441,11 @@ def _refuse_differences(bad: list[str], path: Path) -> None:
 
 
 def _same_bits(a: Any, b: Any) -> bool:
-    """Bitwise, so NaNs in a checkpoint compare equal to themselves and -0.0 differs from 0.0."""
+    """Bitwise (as integers of the same width), so NaNs in a checkpoint compare equal to themselves and -0.0 differs
+    from 0.0. torch.equal runs on every intra-op thread: on 16 cores 3x faster than one memcmp over 96 MiB."""
     import torch
 
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    a, b = a.detach().contiguous(), b.detach().contiguous()
-    if a.device.type == "cpu" and b.device.type == "cpu":
-        # libc's memcmp: several times faster than torch.equal on CPU, and ctypes lets go of the GIL meanwhile, so
-        # the digest's threads go on hashing.
-        size = a.numel() * a.element_size()
-        return size == 0 or int(_memcmp()(a.data_ptr(), b.data_ptr(), size)) == 0
-    # Same-width integer views: equal bits, and several times faster than comparing bytes.
     view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return bool(torch.equal(a.view(view), b.view(view)))
-
-
-_MEMCMP: list[Any] = []
-
-
-def _memcmp() -> Any:
-    if not _MEMCMP:
-        import ctypes
-
-        memcmp = ctypes.CDLL(None).memcmp
-        memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-        memcmp.restype = ctypes.c_int
-        _MEMCMP.append(memcmp)
-    return _MEMCMP[0]
+    return bool(torch.equal(a.detach().contiguous().view(view), b.detach().contiguous().view(view)))
