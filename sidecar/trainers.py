@@ -34,6 +34,7 @@ from sidecar.protocol.messages import ForkRequest
 from sidecar.protocol.paths import agent_dir, pid_of_socket, uid_of_agent_dir
 from sidecar.protocol.reasons import Reason, of_agent_code, of_control_code
 from sidecar.protocol.run_layout import CHECKPOINTS, SERVED_STEP
+from sidecar.rank_jobs import JobView, jobs_of, ranked_agent
 from sidecar.stages import ForkContext, RunHolder, StageOutcome
 
 __all__ = [
@@ -221,12 +222,23 @@ class TrainerStage:
         run_dir = str(ctx.real_model_dir)
         with ThreadPoolExecutor(max_workers=_MAX_PARALLEL, thread_name_prefix="trainers") as pool:
             hellos = list(pool.map(lambda a: self._hello(a, ctx), agents))
-            serving = [h for h in hellos if run_dir in h.runs]
-            results = list(pool.map(lambda h: self._fork(h, ctx, run_dir), serving))
+        serving = [h for h in hellos if run_dir in h.runs]
         unreachable = [{"pid": h.agent.pid, "error": h.error, "reason": h.reason} for h in hellos if h.error]
-        detail: dict[str, Any] = {"agents": results}
+        jobs = jobs_of(ranked_agent(h.agent.pid, h.reply or {}) for h in serving)
+        detail: dict[str, Any] = {"agents": []}
+        if jobs:
+            detail["jobs"] = [job.to_json() for job in jobs]
         if unreachable:
             detail["unreachable"] = unreachable
+        incomplete = [job for job in jobs if job.missing]
+        if incomplete:
+            # Ranks load only together: telling the others would only make them wait out their timeout.
+            sentence = _missing_ranks_sentence(incomplete[0], ctx, unreachable)
+            return StageOutcome("failed", time.monotonic() - started, sentence, detail, Reason.TRAINER_RANKS_MISSING)
+        # Every rank of a job must hear of the fork at once (each waits for the others): one thread per agent.
+        with ThreadPoolExecutor(max_workers=max(_MAX_PARALLEL, len(serving)), thread_name_prefix="trainers") as pool:
+            results = list(pool.map(lambda h: self._fork(h, ctx, run_dir), serving))
+        detail["agents"] = results
         seconds = time.monotonic() - started
         if not results:
             return self._none_found(ctx, seconds, detail)
@@ -234,6 +246,9 @@ class TrainerStage:
         if failed:
             more = f" (and {len(failed) - 1} more agent(s) failed)" if len(failed) > 1 else ""
             return StageOutcome("failed", seconds, f"{failed[0]['error']}{more}", detail, failed[0]["reason"])
+        split = _split_steps(results)
+        if split is not None:
+            return StageOutcome("failed", seconds, split, detail, Reason.TRAINER_RANKS_OFF)
         return StageOutcome("ok", seconds, None, detail)
 
     def _none_found(self, ctx: ForkContext, seconds: float, detail: dict[str, Any]) -> StageOutcome:
@@ -275,7 +290,11 @@ class TrainerStage:
     def _fork(self, hello: _Hello, ctx: ForkContext, run_dir: str) -> dict[str, Any]:
         agent = hello.agent
         host = (hello.reply or {}).get("host")
-        outcome: dict[str, Any] = {"pid": agent.pid, "host": host}
+        ranked = ranked_agent(agent.pid, hello.reply or {})
+        outcome: dict[str, Any] = {"pid": agent.pid, "host": host, "rank": ranked.rank, "world_size": ranked.world_size}
+        if ranked.job is not None:
+            outcome["job"] = ranked.job
+        who = f"trainer pid {agent.pid}{_of_job(ranked.rank, ranked.world_size)}{_on(host)}"
         started = time.monotonic()
         attempts = 0
         while True:
@@ -288,12 +307,15 @@ class TrainerStage:
         if failure is not None:
             error, reason = failure
             outcome["result"] = "failed"
-            outcome["error"] = f"trainer pid {agent.pid}{_on(host)}: {error}"
+            outcome["error"] = f"{who}: {error}"
             outcome["reason"] = reason
             return outcome
         assert reply is not None
         result = reply.get("result")
         outcome["result"] = result
+        outcome["loaded_at_step"] = reply.get("loaded_at_step")
+        if isinstance(reply.get("job"), str):
+            outcome["job"] = reply["job"]
         for key in ("digest", "message", "state", "applied"):
             if key in reply:
                 outcome[key] = reply[key]
@@ -301,16 +323,15 @@ class TrainerStage:
             digest = reply.get("digest")
             problem = digest_problem(digest)
             if problem is not None:  # e.g. a preload copy older than the daemon: never compare across framings
-                outcome["error"] = f"trainer pid {agent.pid}{_on(host)} answered with a digest that {problem}"
+                outcome["error"] = f"{who} answered with a digest that {problem}"
                 outcome["reason"] = Reason.TRAINER_PROTOCOL
             elif digest != ctx.digest:
                 outcome["error"] = (
-                    f"trainer pid {agent.pid}{_on(host)} holds {digest} but {ctx.checkpoint_dir} is {ctx.digest}; "
-                    "it did not load the forked adapter"
+                    f"{who} holds {digest} but {ctx.checkpoint_dir} is {ctx.digest}; it did not load the forked adapter"
                 )
                 outcome["reason"] = Reason.TRAINER_DIGEST_MISMATCH
         elif result != RESULT_PENDING:
-            outcome["error"] = f"trainer pid {agent.pid}{_on(host)} answered an unknown result {result!r}"
+            outcome["error"] = f"{who} answered an unknown result {result!r}"
             outcome["reason"] = Reason.TRAINER_PROTOCOL
         return outcome
 
@@ -342,3 +363,38 @@ class TrainerStage:
 
 def _on(host: object) -> str:
     return f" on {host}" if isinstance(host, str) and host else ""
+
+
+def _of_job(rank: int, world_size: int) -> str:
+    return f" (rank {rank} of {world_size})" if world_size > 1 else ""
+
+
+def _missing_ranks_sentence(job: JobView, ctx: ForkContext, unreachable: list[dict[str, Any]]) -> str:
+    missing = job.missing
+    where = (
+        f"should run on this node (local world size {job.local_world_size})"
+        if job.local_world_size
+        else "should run on this node (no LOCAL_WORLD_SIZE: the whole job is expected here)"
+    )
+    pids = ", ".join(str(u["pid"]) for u in unreachable)
+    silent = f"; trainer pid(s) {pids} did not answer hello" if unreachable else ""
+    ranks = ", ".join(map(str, missing))
+    return (
+        f"rank{'s' if len(missing) > 1 else ''} {ranks} of the {job.world_size}-rank job training {ctx.model_dir} "
+        f"{where} but no agent of {'theirs' if len(missing) > 1 else 'its'} serves the run{silent}; no rank was told, "
+        "since ranks load a fork only together: check that rank, then fork again"
+    )
+
+
+def _split_steps(results: list[dict[str, Any]]) -> str | None:
+    """A sentence when the ranks of one job report different `loaded_at_step`s (the agreement should rule it out)."""
+    steps: dict[tuple[str | None, int], set[object]] = {}
+    for r in results:
+        if r.get("world_size", 1) > 1 and r.get("result") == RESULT_LOADED:
+            steps.setdefault((r.get("job"), r["world_size"]), set()).add(r.get("loaded_at_step"))
+    for (job, world), seen in steps.items():
+        if len(seen) > 1:
+            shown = ", ".join(sorted(map(str, seen)))
+            name = f" {job}" if job else ""
+            return f"the ranks of the {world}-rank job{name} loaded the fork at different optimizer steps ({shown})"
+    return None

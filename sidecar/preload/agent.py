@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sidecar import __version__
+from sidecar.preload.rank_agreement import LoadHooks, RankAgreement, expects_ranks, rank_info
 from sidecar.protocol.messages import (
     PROTOCOL_VERSION,
     ForkRequest,
@@ -130,6 +131,8 @@ class StepGate:
         self._job: _Job | None = None
         self.steps = 0
         self.disabled = False
+        # Called on the training thread at every boundary, after the step count moved (the ranks' agreement).
+        self.on_boundary: Callable[[], None] | None = None
         _gates.add(self)
 
     # training-thread side (hooks and training_step) ------------------------------------------------------------
@@ -172,12 +175,29 @@ class StepGate:
             if self._in_step:
                 self.steps += 1
             self._in_step = False
+        if self.on_boundary is not None:
+            self.on_boundary()
+        with self._cond:
             job = self._job
             if job is None or job.taken:
                 self._cond.notify_all()
                 return
             job.taken, job.where, self._applying = True, "step boundary", True
         self._run(job)
+
+    @contextlib.contextmanager
+    def forwards_held(self) -> Iterator[None]:
+        """Hold forwards of other threads back (and wait for running ones) while the weights change."""
+        with self._cond:
+            while self._forwards or self._applying:
+                self._cond.wait()
+            self._applying = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._applying = False
+                self._cond.notify_all()
 
     # agent side -------------------------------------------------------------------------------------------------
     def run_between_steps(self, fn: Callable[[], Any], timeout: float) -> tuple[Any, str]:
@@ -256,7 +276,7 @@ class PeftTarget:
 
     kind = "peft"
 
-    def __init__(self, model: Any, run_dir: str, optimizer: Any | None) -> None:
+    def __init__(self, model: Any, run_dir: str, optimizer: Any | None, index: int = 0) -> None:
         self._model = weakref.ref(model)
         self.run_dir = run_dir
         self.gate = StepGate()
@@ -270,6 +290,28 @@ class PeftTarget:
         if optimizer is not None:
             self.add_optimizer(optimizer)
         self._install_hooks(model)
+        self.ranks = self._rank_agreement(index)
+
+    def _rank_agreement(self, index: int) -> RankAgreement:
+        from sidecar.preload.peft_load import prepare_adapter_load
+
+        def prepare(checkpoint: Path) -> Any:
+            model = self._model()
+            if model is None:
+                raise RuntimeError("the registered model has been garbage-collected")
+            return prepare_adapter_load(model, checkpoint)
+
+        agreement = RankAgreement(
+            LoadHooks(
+                prepare=prepare,
+                apply=lambda prepared: str(prepared.apply(list(self._optimizers))),
+                steps=lambda: self.gate.steps,
+                hold_forwards=self.gate.forwards_held,
+                index=index,
+            )
+        )
+        self.gate.on_boundary = agreement.at_boundary
+        return agreement
 
     def add_optimizer(self, optimizer: Any) -> None:
         self._optimizers.add(optimizer)
@@ -321,20 +363,26 @@ class PeftTarget:
         if model is None:
             return error_reply("gone", "the registered model has been garbage-collected")
         started = time.monotonic()
+        if expects_ranks():
+            # One rank of a torch.distributed job: loaded only at the optimizer step all ranks agree on.
+            del model
+            return self._remember(request, self.ranks.request(request, checkpoint_dir, request.timeout), started)
         if not self._fork_lock.acquire(timeout=max(0.0, request.timeout)):
             return error_reply("busy", "another fork of this model is still being applied")
+
+        def load() -> tuple[str, int]:
+            digest = load_adapter_from_checkpoint(model, checkpoint_dir, optimizers=list(self._optimizers))
+            return digest, self.gate.steps
+
         try:
-            digest, where = self.gate.run_between_steps(
-                lambda: load_adapter_from_checkpoint(model, checkpoint_dir, optimizers=list(self._optimizers)),
-                request.timeout,
-            )
+            (digest, steps), where = self.gate.run_between_steps(load, request.timeout)
         except StepTimeout as e:
-            return self._remember(request, error_reply("step_timeout", str(e)), started)
+            return self._remember(request, error_reply("step_timeout", str(e), **rank_info()), started)
         except AdapterLoadError as e:
-            return self._remember(request, error_reply("load_failed", str(e)), started)
+            return self._remember(request, error_reply("load_failed", str(e), **rank_info()), started)
         finally:
             self._fork_lock.release()
-        reply = ok_reply(result=RESULT_LOADED, digest=digest, applied=where)
+        reply = ok_reply(result=RESULT_LOADED, digest=digest, applied=where, loaded_at_step=steps, **rank_info())
         return self._remember(request, reply, started)
 
     def _remember(self, request: ForkRequest, reply: dict[str, Any], started: float) -> dict[str, Any]:
@@ -350,6 +398,7 @@ class PeftTarget:
             "model": type(model).__name__ if model is not None else None,
             "optimizers": len(self._optimizers),
             "gate": self.gate.describe(),
+            "ranks": self.ranks.describe(),
             "last_fork": self.last,
         }
 
@@ -436,6 +485,7 @@ class Agent:
             runs=runs,
             kinds=sorted({t.kind for t in targets}),
             versions=_versions(),
+            **rank_info(),
         )
 
     def status(self) -> dict[str, Any]:
@@ -568,7 +618,7 @@ def register_peft_model(model: Any, run_dir: str | os.PathLike[str], *, optimize
             if optimizer is not None:
                 target.add_optimizer(optimizer)
             return target
-    target = PeftTarget(model, run, optimizer)
+    target = PeftTarget(model, run, optimizer, index=len([t for t in _peft_targets if t.alive()]))
     _install_step_hook()
     _peft_targets[:] = [t for t in _peft_targets if t.alive()] + [target]
     agent.add(target)

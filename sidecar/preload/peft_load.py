@@ -33,7 +33,15 @@ from sidecar.protocol.digest import TensorRecord, digest_tensors
 from sidecar.protocol.run_layout import ADAPTER_FILE, CONFIG_FILE
 from sidecar.protocol.safetensors_header import LORA_DTYPES, MAX_HEADER_BYTES, parse_header, printable
 
-__all__ = ["ADAPTER_FILE", "AdapterLoadError", "CheckpointTensors", "load_adapter_from_checkpoint", "read_checkpoint"]
+__all__ = [
+    "ADAPTER_FILE",
+    "AdapterLoadError",
+    "CheckpointTensors",
+    "PreparedLoad",
+    "load_adapter_from_checkpoint",
+    "prepare_adapter_load",
+    "read_checkpoint",
+]
 
 _MAX_CONFIG = 1024 * 1024
 # safetensors dtype name -> (torch dtype attribute, bytes per element), for each of LORA_DTYPES.
@@ -244,8 +252,59 @@ def load_adapter_from_checkpoint(
     checkpoint does not fit the model. Call it between optimizer steps; `optimizers` get their state for the
     loaded parameters cleared (ART's trainer optimizer, the one passed to `sidecar.preload.register`, ...).
     """
-    import torch
+    return prepare_adapter_load(peft_model, checkpoint_dir, adapter_name=adapter_name).apply(optimizers)
 
+
+class PreparedLoad:
+    """A checkpoint read, checked and cast for one model, not yet put into it (`apply`), or dropped (`discard`).
+
+    The two halves let the ranks of a distributed job all read and check a fork before any of them changes its
+    weights (sidecar/preload/rank_agreement.py)."""
+
+    def __init__(self, peft_model: Any, name: str, tensors: CheckpointTensors, digest: _DigestThread) -> None:
+        self.model = peft_model
+        self.name = name
+        self.tensors = tensors
+        self._digest = digest
+        self.live: dict[str, Any] = {}
+        self.cast: dict[str, Any] = {}
+
+    def digest(self) -> str:
+        """The adapter digest of what was read (waits for the hashing threads)."""
+        return self._digest.value()
+
+    def apply(self, optimizers: Iterable[Any] = ()) -> str:
+        """Put the tensors into the model and return the digest (see load_adapter_from_checkpoint)."""
+        import torch
+
+        try:
+            params = _params_of(self.model, self.live.values())
+            in_place = _shares_parameter_storage(self.live, params)
+            with torch.no_grad():
+                if in_place:
+                    _copy_and_verify(self.live, self.cast, self.tensors.path)
+                else:
+                    _set_state(self.model, self.cast, self.name)
+                for p in params:
+                    p.grad = None
+                _clear_optimizer_state(optimizers, params)
+                _drop_unsloth_decode_cache(params)
+            if not in_place:
+                # peft may have put new tensors in: ask the model again for what it now holds.
+                _verify(_live_adapter_tensors(self.model, self.name), self.cast, self.tensors.path)
+        finally:
+            self._digest.join()  # never leave the hashing thread reading a buffer we are done with
+        return self._digest.value()
+
+    def discard(self) -> None:
+        self._digest.join()
+
+
+def prepare_adapter_load(
+    peft_model: Any, checkpoint_dir: str | os.PathLike[str], *, adapter_name: str | None = None
+) -> PreparedLoad:
+    """Read and check the checkpoint for `peft_model` and cast it to the live tensors' dtypes, devices and (for
+    FSDP2's sharded DTensor parameters) placements; the model is not touched. Raises AdapterLoadError."""
     name = _adapter_name(peft_model, adapter_name)
     threads: list[_DigestThread] = []
 
@@ -259,31 +318,37 @@ def load_adapter_from_checkpoint(
         for thread in threads:
             thread.join()
         raise
-    digest = threads[0]
+    prepared = PreparedLoad(peft_model, name, tensors, threads[0])
     try:
-        live = _live_adapter_tensors(peft_model, name)
+        prepared.live = live = _live_adapter_tensors(peft_model, name)
         _check_keys_and_shapes(tensors, live)
         _check_config(Path(checkpoint_dir), peft_model, name)
         # Cast (and moved) before the model is touched: a cast that fails (out of memory) leaves it as it was. Of
         # the same dtype and device, the cast is the view of the bytes read.
-        cast = {key: _as_tensor(tensors, key).to(device=t.device, dtype=t.dtype) for key, t in live.items()}
-        params = _params_of(peft_model, live.values())
-        in_place = _shares_parameter_storage(live, params)
-        with torch.no_grad():
-            if in_place:
-                _copy_and_verify(live, cast, tensors.path)
-            else:
-                _set_state(peft_model, cast, name)
-            for p in params:
-                p.grad = None
-            _clear_optimizer_state(optimizers, params)
-            _drop_unsloth_decode_cache(params)
-        if not in_place:
-            # peft may have put new tensors in: ask the model again for what it now holds.
-            _verify(_live_adapter_tensors(peft_model, name), cast, tensors.path)
-    finally:
-        digest.join()  # never leave the hashing thread reading a buffer we are done with
-    return digest.value()
+        prepared.cast = {key: _like(_as_tensor(tensors, key), t) for key, t in live.items()}
+    except BaseException:
+        prepared.discard()
+        raise
+    return prepared
+
+
+def _like(tensor: Any, live: Any) -> Any:
+    """`tensor` (the file's, full size) as the live tensor holds it: same dtype and device, and for a DTensor
+    (FSDP2 shards parameters as DTensors) the same mesh and placements. Every rank read the whole file, so each
+    takes its own shard locally (src_data_rank=None: no communication)."""
+    local = tensor.to(device=live.device, dtype=live.dtype)
+    mesh = getattr(live, "device_mesh", None)
+    if mesh is None:
+        return local
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(local, mesh, live.placements, src_data_rank=None)
+
+
+def _local(tensor: Any) -> Any:
+    """The part of a tensor this process holds (a DTensor's local shard; any other tensor itself)."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 def _drop_unsloth_decode_cache(params: Iterable[Any]) -> None:
@@ -386,18 +451,19 @@ def _as_tensor(tensors: CheckpointTensors, key: str) -> Any:
 
 
 def _params_of(peft_model: Any, live: Iterable[Any]) -> list[Any]:
-    pointers = {t.data_ptr() for t in live if t.numel()}
-    return [p for p in peft_model.parameters() if p.numel() and p.data_ptr() in pointers]
+    pointers = {_local(t).data_ptr() for t in live if _local(t).numel()}
+    return [p for p in peft_model.parameters() if _local(p).numel() and _local(p).data_ptr() in pointers]
 
 
 def _shares_parameter_storage(live: Mapping[str, Any], params: list[Any]) -> bool:
     """Whether every tensor of the adapter's state dict is a whole parameter (its storage, its shape): then it is
     loaded with copy_, the in-place copy load_state_dict makes too, without peft's generic key mapping (43 % of a
     reload). Adapter kinds whose state dict is computed (prompt learning) take peft's path."""
-    whole = {(p.data_ptr(), tuple(p.shape), p.dtype, p.device) for p in params}
+    shards = [_local(p) for p in params]
+    whole = {(p.data_ptr(), tuple(p.shape), p.dtype, p.device) for p in shards}
     return all(
         t.numel() and t.is_contiguous() and (t.data_ptr(), tuple(t.shape), t.dtype, t.device) in whole
-        for t in live.values()
+        for t in map(_local, live.values())
     )
 
 
@@ -445,6 +511,7 @@ def _same_bits(a: Any, b: Any) -> bool:
     from 0.0. torch.equal runs on every intra-op thread: on 16 cores 3x faster than one memcmp over 96 MiB."""
     import torch
 
+    a, b = _local(a), _local(b)  # DTensors: this rank's shards (the same placements, cast by _like)
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]

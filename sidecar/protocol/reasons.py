@@ -41,6 +41,9 @@ class Reason(StrEnum):
     TRAINER_LOAD_FAILED = "trainer_load_failed"  # tried and could not load the adapter (damaged, wrong shapes)
     TRAINER_PROTOCOL = "trainer_protocol"  # an answer this daemon cannot use (old digest framing, unknown result)
     TRAINER_OTHER = "trainer_other"  # a bug in the agent or the stage (see the trainer's log / journalctl)
+    # Ranks of a torch.distributed job (sidecar/preload/rank_agreement.py, sidecar/rank_jobs.py)
+    TRAINER_RANKS_MISSING = "trainer_ranks_missing"  # ranks expected on this node have no agent serving the run
+    TRAINER_RANKS_OFF = "trainer_ranks_off"  # the ranks cannot agree (a rank without the preload, a failed collective)
 
 
 VLLM_REASONS = tuple(r for r in Reason if r.startswith("vllm_"))
@@ -61,6 +64,8 @@ _AGENT_CODES = {
     "bad_message": Reason.TRAINER_REFUSED,
     "too_large": Reason.TRAINER_REFUSED,
     "io": Reason.TRAINER_UNREACHABLE,
+    "ranks_off": Reason.TRAINER_RANKS_OFF,
+    "superseded": Reason.TRAINER_BUSY,  # a newer fork came before the ranks agreed on this one; the newer one loads
 }
 # ControlError codes of the daemon's client (call_agent).
 _CONTROL_CODES = {

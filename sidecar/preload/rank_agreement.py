@@ -1,0 +1,389 @@
+"""The ranks of one torch.distributed job load a fork at the same optimizer step, agreed through the job's own
+default process group (no channel of ours between ranks, nothing new in the training script).
+
+Each rank's agent is told about a fork by its node's daemon at its own moment, and the trainer's ranks reach step
+boundaries at their own moments too. Left alone, each rank loaded at its own next boundary: a 2-rank DDP job with
+`broadcast_buffers=False` had one rank a step ahead on 4 forks of 5, and DDP never re-syncs parameters, so the
+ranks trained on silently different weights from then on. So, on the training thread, at every optimizer-step
+boundary of a registered model (the step gate's boundary: gradient accumulation counts once), each rank:
+
+1. reads the result of the tiny all_reduce it started at the previous boundary: MAX over `[t, -t]`, where `t` is
+   the token of the newest fork this rank had been told of (0: none), gives the highest and the lowest token;
+2. decides with `decide()`: only when every rank had been told the same fork (highest == lowest), and it is not
+   the one already acted on. The same reduced values give the same decision on every rank; a rank not told yet
+   holds everyone back, and of two quick forks the ranks converge on the newer one before anyone loads;
+3. on a decision, loads in two phases: every rank reads and checks the file (digest against what its daemon
+   read from disk), one all_reduce says whether all succeeded and all hold the same digest, then all put it into
+   the model, or none does;
+4. starts the next all_reduce with `async_op=True` and returns: the step pays for launching it, not for a round
+   trip (on CUDA the result goes to pinned memory behind an event, so reading it later waits for nothing else).
+
+So a fork loads at the second boundary after the last rank was told, on every rank at the same step. Before the
+first reduce, every rank writes its key into the job's store and waits (`HANDSHAKE_ENV`, default 60 s) for all
+world_size keys: a rank without the preload (or without a registered model) never issues these collectives, and
+a collective the other ranks issue alone would be matched with the job's own gradient all_reduce. If the keys do
+not all appear, agreement stays off on every rank and forks are refused with the reason.
+
+Collectives are only ever issued here, on the training thread, in step order; the agent thread only records what
+it was told and waits for the outcome. torch is never imported here: `torch.distributed` is looked up in
+`sys.modules` (a trainer that uses it has imported it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.protocol.messages import ForkRequest, error_reply, ok_reply
+
+__all__ = [
+    "HANDSHAKE_ENV",
+    "RankAgreement",
+    "decide",
+    "distributed_world",
+    "expects_ranks",
+    "fork_token",
+    "rank_info",
+]
+
+HANDSHAKE_ENV = "FORK_SIDECAR_RANK_HANDSHAKE_S"
+_HANDSHAKE_S = 60.0
+_STORE_PREFIX = "fork-sidecar/agree/v1"
+_TOKEN_MASK = (1 << 62) - 1  # positive, and -t fits an int64 too
+APPLIED = "agreed step boundary"
+
+
+def _log(key: str, level: int, message: str, *args: object) -> None:
+    from sidecar.preload.hooks import log_once
+
+    log_once(key, level, message, *args)
+
+
+# --- pure parts --------------------------------------------------------------------------------------------------
+def fork_token(text: str) -> int:
+    """A positive 62-bit number for a fork id or a digest, the same in every process (0 means "none")."""
+    return (int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") & _TOKEN_MASK) | 1
+
+
+def decide(highest: int, lowest: int, settled: int) -> int | None:
+    """The fork token every rank loads now, or None: all ranks told the same fork, and not the one acted on."""
+    if highest == lowest and highest != 0 and highest != settled:
+        return highest
+    return None
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _dist() -> Any:
+    return sys.modules.get("torch.distributed")
+
+
+def distributed_world() -> tuple[int, int] | None:
+    """(rank, world_size) when this process is in an initialized torch.distributed job of 2 or more ranks."""
+    dist = _dist()
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    world = int(dist.get_world_size())
+    return (int(dist.get_rank()), world) if world > 1 else None
+
+
+def expects_ranks() -> bool:
+    """True when forks must be agreed with other ranks: an initialized job, or a launcher's WORLD_SIZE > 1 (a fork
+    that arrives before init_process_group still waits for the agreement)."""
+    return distributed_world() is not None or (_env_int("WORLD_SIZE") or 1) > 1
+
+
+_job_lock = threading.Lock()
+_job_id: str | None = None
+
+
+def rank_info() -> dict[str, Any]:
+    """What an agent reports about its place in the job: always `rank` and `world_size` (0 and 1 for a
+    single-process trainer); `local_rank`, `local_world_size` (torchrun's env) and `job` (agreed at the first
+    boundary) when known, so the daemon can tell ranks missing on its node from ranks on other nodes."""
+    world = distributed_world()
+    if world is not None:
+        rank, size = world
+    else:
+        rank, size = _env_int("RANK") or 0, _env_int("WORLD_SIZE") or 1
+    out: dict[str, Any] = {"rank": rank, "world_size": size}
+    if size > 1:
+        for key, env in (("local_rank", "LOCAL_RANK"), ("local_world_size", "LOCAL_WORLD_SIZE")):
+            value = _env_int(env)
+            if value is not None:
+                out[key] = value
+        out["initialized"] = world is not None
+        if _job_id is not None:
+            out["job"] = _job_id
+    return out
+
+
+# --- the reductions ----------------------------------------------------------------------------------------------
+def _reduce_device(dist: Any, torch: Any) -> Any:
+    """Where the default group's backend takes tensors: CPU for gloo (also in a mixed "cpu:gloo,cuda:nccl"),
+    else the current accelerator (NCCL wants the current CUDA device)."""
+    backend = str(dist.get_backend()).lower()
+    if "gloo" in backend or backend == "mpi":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class _InFlight:
+    """One all_reduce(MAX) of [t, -t] started at a boundary and read at the next."""
+
+    def __init__(self, dist: Any, torch: Any, device: Any, token: int) -> None:
+        self.buf = torch.tensor([token, -token], dtype=torch.int64, device=device)
+        self.work = dist.all_reduce(self.buf, op=dist.ReduceOp.MAX, async_op=True)
+        self.host: Any = None
+        self.event: Any = None
+        if device.type == "cuda":
+            self.work.wait()  # orders the copy after the reduce on the stream; the CPU does not wait
+            self.host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            self.host.copy_(self.buf, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self) -> tuple[int, int]:
+        if self.event is not None:
+            self.event.synchronize()  # recorded a whole step ago: long done
+            highest, negated = self.host.tolist()
+        else:
+            self.work.wait()
+            highest, negated = self.buf.tolist()
+        return int(highest), int(-negated)
+
+
+# --- the agreement of one registered model -----------------------------------------------------------------------
+@dataclass
+class _Told:
+    token: int
+    request: ForkRequest
+    checkpoint: Path
+    reply: dict[str, Any] | None = None
+    withdrawn: bool = False
+
+
+@dataclass
+class LoadHooks:
+    """What the agreement needs of its target: read+check a checkpoint (-> PreparedLoad), apply it, the step count,
+    and a guard that holds forwards of other threads back while weights change."""
+
+    prepare: Callable[[Path], Any]
+    apply: Callable[[Any], str]
+    steps: Callable[[], int]
+    hold_forwards: Callable[[], contextlib.AbstractContextManager[None]]
+    index: int = 0
+
+
+class RankAgreement:
+    """See the module docstring; `request` runs on the agent's thread, `at_boundary` on the training thread."""
+
+    def __init__(self, hooks: LoadHooks) -> None:
+        self.hooks = hooks
+        self._cond = threading.Condition()
+        self._told: _Told | None = None
+        self._settled = 0
+        self._settled_reply: dict[str, Any] | None = None
+        self._in_flight: _InFlight | None = None
+        self._in_flight_told: _Told | None = None
+        self._joined = False
+        self.off: str | None = None  # why agreement is off for good (handshake failed, a collective failed)
+        self.last_reduce: tuple[int, int] | None = None
+        self.boundaries = 0
+
+    # agent side -------------------------------------------------------------------------------------------------
+    def request(self, request: ForkRequest, checkpoint: Path, timeout: float) -> dict[str, Any]:
+        """Record the fork as this rank's newest and wait until the ranks have acted on it (or `timeout`)."""
+        token = fork_token(request.fork_id)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self.off is not None:
+                return error_reply("ranks_off", self.off, **rank_info())
+            if token == self._settled and self._settled_reply is not None:
+                return self._settled_reply  # e.g. a retry after a timeout that raced the load
+            told = self._told
+            if told is not None and told.token != token and told.reply is None:
+                told.reply = error_reply(
+                    "superseded",
+                    f"fork {request.fork_id} came before the ranks agreed on fork {told.request.fork_id}; "
+                    "the newer one is loaded on every rank instead",
+                    **rank_info(),
+                )
+                self._cond.notify_all()
+            if told is None or told.token != token or told.withdrawn:
+                told = _Told(token, request, checkpoint)
+                self._told = told
+            while told.reply is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.off is not None:
+                    break
+                self._cond.wait(remaining)
+            if told.reply is not None:
+                return told.reply
+            told.withdrawn = True  # no longer offered from the next boundary on: the ranks cannot all agree now
+            return error_reply("step_timeout", self._waiting_sentence(timeout), **rank_info())
+
+    def _waiting_sentence(self, timeout: float) -> str:
+        if self.off is not None:
+            return self.off
+        if not self._joined:
+            why = (
+                "torch.distributed is not initialized in this rank yet"
+                if distributed_world() is None
+                else "this rank reached no optimizer step since torch.distributed was initialized"
+            )
+            return f"{why} after {timeout:.1f}s; nothing was loaded (ranks load forks only at an agreed step)"
+        if self.last_reduce is not None and self.last_reduce[0] != self.last_reduce[1]:
+            return (
+                f"not every rank had been told of this fork after {timeout:.1f}s (the ranks' newest forks differed "
+                "at the last step); no rank loaded it, since ranks load only together"
+            )
+        return (
+            f"no optimizer step came within {timeout:.1f}s to agree on (the job may be stuck in a collective, "
+            "or a rank is gone); no rank loaded it"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        with self._cond:
+            out: dict[str, Any] = {"joined": self._joined, "boundaries": self.boundaries}
+            if self.off is not None:
+                out["off"] = self.off
+            if self.last_reduce is not None:
+                out["last_reduce"] = list(self.last_reduce)
+            if self._told is not None:
+                out["told"] = self._told.request.fork_id
+            return out
+
+    # training-thread side ---------------------------------------------------------------------------------------
+    def at_boundary(self) -> None:
+        """One optimizer-step boundary of the model: read, decide, maybe load, start the next reduce. Never raises."""
+        if self.off is not None:
+            return
+        world = distributed_world()
+        if world is None:
+            return
+        try:
+            self._step(*world)
+        except Exception as e:  # a dead peer, a torn-down group: the training's own next collective says so too
+            self._turn_off(f"the ranks' agreement failed ({type(e).__name__}: {e}); nothing was loaded")
+
+    def _step(self, rank: int, world: int) -> None:
+        dist = _dist()
+        torch = sys.modules["torch"]
+        if not self._joined:
+            self._handshake(dist, rank, world)
+            self._joined = True
+        self.boundaries += 1
+        if self._in_flight is not None:
+            highest, lowest = self._in_flight.result()
+            told_then = self._in_flight_told
+            self._in_flight = None
+            self.last_reduce = (highest, lowest)
+            token = decide(highest, lowest, self._settled)
+            if token is not None:
+                assert told_then is not None and told_then.token == token  # every rank offered it, this one too
+                self._load(dist, torch, rank, world, told_then)
+        with self._cond:
+            told = self._told
+            offered = told if told is not None and not told.withdrawn and told.token != self._settled else None
+        self._in_flight_told = offered
+        self._in_flight = _InFlight(dist, torch, _reduce_device(dist, torch), offered.token if offered else 0)
+
+    def _handshake(self, dist: Any, rank: int, world: int) -> None:
+        global _job_id
+        from datetime import timedelta
+
+        store = dist.distributed_c10d._get_default_store()
+        prefix = f"{_STORE_PREFIX}/{self.hooks.index}"
+        if rank == 0:
+            store.set(f"{_STORE_PREFIX}/job", secrets.token_hex(8))
+        store.set(f"{prefix}/rank/{rank}", str(os.getpid()))
+        keys = [f"{prefix}/rank/{r}" for r in range(world)] + [f"{_STORE_PREFIX}/job"]
+        seconds = float(os.environ.get(HANDSHAKE_ENV) or _HANDSHAKE_S)
+        try:
+            store.wait(keys, timedelta(seconds=seconds))
+        except Exception:
+            missing = [r for r in range(world) if not store.check([f"{prefix}/rank/{r}"])]
+            raise RuntimeError(
+                f"rank(s) {_ranks(missing)} of the {world}-rank job reached no optimizer step with the fork-sidecar "
+                f"preload and a registered model within {seconds:g}s of this rank (install the preload in every "
+                "rank's environment and call register() on every rank)"
+            ) from None
+        with _job_lock:
+            _job_id = store.get(f"{_STORE_PREFIX}/job").decode()
+
+    def _load(self, dist: Any, torch: Any, rank: int, world: int, told: _Told) -> None:
+        prepared, problem, digest = None, None, None
+        try:
+            prepared = self.hooks.prepare(told.checkpoint)
+            digest = prepared.digest()
+            if told.request.digest is not None and digest != told.request.digest:
+                problem = f"read {digest} but its daemon read {told.request.digest} from disk"
+        except Exception as e:  # AdapterLoadError and anything else: this rank cannot load it, so nobody does
+            problem = str(e)
+        votes = torch.zeros(world + 2, dtype=torch.int64, device=_reduce_device(dist, torch))
+        if problem is not None:
+            votes[rank] = 1
+        else:
+            assert digest is not None
+            votes[world], votes[world + 1] = fork_token(digest), -fork_token(digest)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        values = votes.tolist()
+        failed = [r for r in range(world) if values[r]]
+        steps = self.hooks.steps()
+        info = {**rank_info(), "loaded_at_step": None}
+        if failed or values[world] != -values[world + 1]:
+            if prepared is not None:
+                prepared.discard()
+            why = (
+                f"rank(s) {_ranks(failed)} could not load it" if failed else "the ranks read different adapters"
+            ) + "; no rank loaded it"
+            if problem is not None:
+                why += f" (this rank: {problem})"
+            reply = error_reply("load_failed", why, **info)
+        else:
+            assert prepared is not None
+            with self.hooks.hold_forwards():
+                loaded = self.hooks.apply(prepared)
+            info["loaded_at_step"] = steps
+            reply = ok_reply(result="loaded", digest=loaded, applied=APPLIED, **info)
+        with self._cond:
+            self._settled, self._settled_reply = told.token, reply
+            for waiting in (told, self._told):  # a retry after a timeout waits on an entry of its own
+                if waiting is not None and waiting.token == told.token and waiting.reply is None:
+                    waiting.reply = reply
+            self._cond.notify_all()
+        if told.withdrawn:
+            _log(
+                f"late-load:{told.request.fork_id}",
+                logging.INFO,
+                "fork-sidecar: fork %s was agreed by all ranks just after this rank's request timed out; %s",
+                told.request.fork_id,
+                "loaded" if reply.get("ok") else "not loaded",
+            )
+
+    def _turn_off(self, why: str) -> None:
+        _log(f"ranks-off:{self.hooks.index}", logging.WARNING, "fork-sidecar: %s", why)
+        with self._cond:
+            self.off = why
+            self._in_flight = None
+            if self._told is not None and self._told.reply is None:
+                self._told.reply = error_reply("ranks_off", why, **rank_info())
+            self._cond.notify_all()
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks)) if ranks else "?"

@@ -1,0 +1,196 @@
+"""A real (tiny) torch.distributed LoRA trainer for the rank tests and the benchmark: one process per rank.
+
+Launch it with torchrun from a venv with the preload installed (gloo on CPU, or nccl on GPUs):
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/support/ddp_script.py \\
+        --base DIR --adapter DIR --run-dir DIR --control DIR [--fsdp] [--no-broadcast-buffers] ...
+
+Every rank loads the tiny Llama with the adapter as trainable LoRA, wraps it in DistributedDataParallel (or shards
+it with FSDP2's `fully_shard`), calls `sidecar.preload.register` on its PEFT model (the one call a single-process
+trainer makes too) and trains on random tokens of its own. Rank 0 pauses `--rank0-pause` between steps, the others
+`--pause` (rank 0 does more between steps in real jobs: logging, evaluation). Per rank, `{control}/steps-{rank}.jsonl`
+gets one line per optimizer step: `step` (optimizer steps completed), `start` (a fingerprint of the LoRA tensors as
+that step's forward found them, DDP only) and `after` (as they are once `optimizer.step()` has returned, which is
+where a fork agreed at that step has been loaded). With FSDP the fingerprints are over full tensors
+(`DTensor.full_tensor()`, a collective every rank makes at the same point).
+
+Control files (checked between steps):
+- `exit`: every rank stops after the step in which any rank saw it (agreed with an all_reduce of the job's own);
+- `hold-{rank}`: that rank waits after backward, before its optimizer step, while the file exists (`holding-{rank}`);
+- with `--save-every K`, rank 0 writes its LoRA tensors to `saves/{step}.safetensors` every K steps, one tensor at a
+  time over `--save-seconds` (a slow checkpoint save), and logs `saved` with the fingerprint of what it wrote.
+`ready-{rank}.json` appears once the model is registered. `--steps N` stops after N steps (the benchmark);
+`timing-{rank}.json` then holds the steady-state seconds per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["fingerprint", "main"]
+
+
+def fingerprint(tensors: dict[str, Any]) -> str:
+    """sha256 over (name, raw bytes) in name order of CPU tensors (the same as trainer_script.lora_fingerprint)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + b"\0")
+        h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _full(tensors: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in tensors.items()}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def _build(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
+    """(the PEFT model, what the loop calls: DDP around it, or the FSDP2-sharded model itself)."""
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, args.adapter, is_trainable=True).to(device)
+    peft_model.train()
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in peft_model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(peft_model)
+        return peft_model, peft_model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return peft_model, DistributedDataParallel(peft_model, broadcast_buffers=args.broadcast_buffers)
+
+
+def train(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+    from peft import get_peft_model_state_dict
+
+    from sidecar.preload import register
+
+    cuda = args.backend == "nccl"
+    dist.init_process_group(args.backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(1)
+    control = Path(args.control)
+    peft_model, model = _build(args, device)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
+    if not args.no_register:
+        register(peft_model, args.run_dir)
+
+    def lora() -> dict[str, Any]:
+        tensors = dict(get_peft_model_state_dict(peft_model))
+        return _full(tensors) if args.fsdp else tensors
+
+    starts: list[str] = []
+    if not args.fsdp:  # a forward pre-hook after register()'s: the weights this step trains from
+
+        def record_start(module: Any, inputs: Any) -> None:
+            if args.record and not starts:
+                starts.append(fingerprint(lora()))
+
+        peft_model.register_forward_pre_hook(record_start)
+    _write_json(control / f"ready-{rank}.json", {"pid": os.getpid(), "rank": rank, "world_size": world})
+    gen = torch.Generator().manual_seed(1000 + rank)
+    vocab = peft_model.get_base_model().config.vocab_size
+    pause = args.rank0_pause if rank == 0 else args.pause
+    stop = torch.zeros(1, device=device)
+    step, timed_from = 0, time.perf_counter()
+    with open(control / f"steps-{rank}.jsonl", "a", buffering=1) as log:
+        while True:
+            if step == args.warmup:
+                timed_from = time.perf_counter()
+            starts.clear()
+            tokens = torch.randint(3, vocab, (2, 16), generator=gen).to(device)
+            model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+            _hold(control, rank)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            _after_step(args, step, rank, lora, starts, log)
+            if (args.steps and step >= args.steps) or _told_to_stop(control, stop):
+                break
+            time.sleep(pause)
+    if args.steps:
+        timed = {"steps": step - args.warmup, "seconds": time.perf_counter() - timed_from}
+        _write_json(control / f"timing-{rank}.json", timed)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _after_step(args: argparse.Namespace, step: int, rank: int, lora: Any, starts: list[str], log: Any) -> None:
+    if args.record:
+        log.write(json.dumps({"step": step, "rank": rank, "after": fingerprint(lora()), "start": starts}) + "\n")
+    if args.save_every and step % args.save_every == 0 and rank == 0:
+        _save_slowly(Path(args.control), step, lora(), args.save_seconds, log)
+
+
+def _told_to_stop(control: Path, flag: Any) -> bool:
+    """Whether any rank saw `exit` (every rank must stop after the same step, or the others hang in DDP)."""
+    import torch.distributed as dist
+
+    flag.fill_(1.0 if (control / "exit").exists() else 0.0)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _hold(control: Path, rank: int) -> None:
+    while (control / f"hold-{rank}").exists():
+        (control / f"holding-{rank}").touch()
+        time.sleep(0.01)
+
+
+def _save_slowly(control: Path, step: int, tensors: dict[str, Any], seconds: float, log: Any) -> None:
+    from safetensors.torch import save_file
+
+    saved: dict[str, Any] = {}
+    for name in sorted(tensors):  # one tensor at a time: a fork arriving now must not change the rest
+        saved[name] = tensors[name].detach().clone().contiguous()
+        time.sleep(seconds / len(tensors))
+    (control / "saves").mkdir(exist_ok=True)
+    save_file(saved, str(control / "saves" / f"{step}.safetensors"))
+    log.write(json.dumps({"saved": step, "fingerprint": fingerprint(saved)}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--control", required=True)
+    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
+    parser.add_argument("--no-broadcast-buffers", dest="broadcast_buffers", action="store_false")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--pause", type=float, default=0.02)
+    parser.add_argument("--rank0-pause", type=float, default=0.08)
+    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--save-seconds", type=float, default=0.3)
+    parser.add_argument("--steps", type=int, default=0, help="stop after N steps (benchmark)")
+    parser.add_argument("--warmup", type=int, default=5, help="steps before the timing starts (with --steps)")
+    parser.add_argument("--no-record", dest="record", action="store_false", help="no per-step fingerprints")
+    parser.add_argument("--no-register", action="store_true")
+    return train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
