@@ -9,6 +9,7 @@ goes missing. Rank 0 waits longer between steps than the others, as it does in r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -53,22 +54,37 @@ def trainer_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return python
 
 
+@contextlib.contextmanager
+def short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="fs-rk-", dir="/tmp"))  # short: socket paths are limited to 107 bytes
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def runtime_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fs-rk-", dir="/tmp"))  # short: socket paths are limited to 107 bytes
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_dir() as path:
+        yield path
 
 
 class Run:
-    """A run dir whose 0000 is adapter A; 0002 holds A too and 0003 holds B (forks to either change the weights)."""
+    """A run dir whose 0000 is adapter A; 0002 holds A too, 0003 holds B and 0004 B halved (each fork changes the
+    weights: training has moved away from A by then)."""
 
     def __init__(self, root: Path, assets: TinyAssets) -> None:
+        from safetensors.torch import save_file
+
         self.art = root / "art"
         self.model_dir = self.art / "proj" / "models" / "m"
-        shutil.copytree(assets.adapter_a, self.model_dir / "checkpoints" / "0000")
-        shutil.copytree(assets.adapter_a, self.model_dir / "checkpoints" / "0002")
-        shutil.copytree(assets.adapter_b, self.model_dir / "checkpoints" / "0003")
+        checkpoints = self.model_dir / "checkpoints"
+        shutil.copytree(assets.adapter_a, checkpoints / "0000")
+        shutil.copytree(assets.adapter_a, checkpoints / "0002")
+        shutil.copytree(assets.adapter_b, checkpoints / "0003")
+        shutil.copytree(assets.adapter_b, checkpoints / "0004")
+        halved = {k: v * 0.5 for k, v in load_file(str(checkpoints / "0003" / "adapter_model.safetensors")).items()}
+        save_file(halved, str(checkpoints / "0004" / "adapter_model.safetensors"))
 
     def tensors_of(self, step: int) -> str:
         path = self.model_dir / "checkpoints" / f"{step:04d}" / "adapter_model.safetensors"
@@ -97,6 +113,7 @@ class Job:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd="/",
+            start_new_session=True,  # torchrun does not pass a SIGKILL on to its ranks: stop() kills the group
         )
         self.pids = [int(self._ready(r)["pid"]) for r in range(nproc)]
 
@@ -125,31 +142,50 @@ class Job:
     def steps(self, rank: int) -> list[dict[str, Any]]:
         return [r for r in self.records(rank) if "step" in r]
 
+    def last_step(self) -> int:
+        return max(len(self.steps(r)) for r in range(self.nproc))
+
     def wait_steps(self, n: int) -> None:
         wait_for(lambda: all(len(self.steps(r)) >= n for r in range(self.nproc)), START_S, f"{n} steps on every rank")
 
     def stop(self) -> None:
         (self.control / "exit").touch()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
         self.log.close()
+
+
+@contextlib.contextmanager
+def daemon_for_run(root: Path, runtime_dir: Path) -> Iterator[tuple[Run, DaemonProcess]]:
+    run = Run(root, tiny_assets())
+    trainer = {"required": True, "agent_timeout": "12s", "retries": 0}
+    config = write_config(root / "config.yaml", [run.art], root / "state", runtime_dir, trainer=trainer)
+    with DaemonProcess(config, root / "daemon.log") as process:
+        yield run, process
 
 
 @pytest.fixture
 def daemon(tmp_path: Path, runtime_dir: Path) -> Iterator[tuple[Run, DaemonProcess]]:
-    run = Run(tmp_path, tiny_assets())
-    config = write_config(
-        tmp_path / "config.yaml",
-        [run.art],
-        tmp_path / "state",
-        runtime_dir,
-        trainer={"required": True, "agent_timeout": "12s", "retries": 0},
-    )
-    with DaemonProcess(config, tmp_path / "daemon.log") as process:
-        yield run, process
+    with daemon_for_run(tmp_path, runtime_dir) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def pair_job(trainer_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Run, Job]]:
+    """One 2-rank DDP job (broadcast_buffers off, rank 0 saving a slow checkpoint every 3 steps) and its daemon,
+    for the tests below in order (each job costs 10-40 s to start on two busy cores)."""
+    root = tmp_path_factory.mktemp("pair")
+    save = ("--save-every", "3", "--save-seconds", "1.0")
+    with short_dir() as runtime_dir, daemon_for_run(root, runtime_dir) as (run, _):
+        job = Job(trainer_python, run, runtime_dir, root / "control", 2, "--no-broadcast-buffers", *save)
+        try:
+            job.wait_steps(2)
+            yield run, job
+        finally:
+            job.stop()
 
 
 def by_step(job: Job) -> dict[int, dict[int, dict[str, Any]]]:
@@ -187,32 +223,19 @@ def check_fork_landed(steps: dict[int, dict[int, dict[str, Any]]], at: int, fork
     assert all(r["after"] != forked for r in steps.get(at - 1, {}).values())
 
 
-@pytest.mark.parametrize(
-    ("nproc", "extra"),
-    [(2, ("--no-broadcast-buffers",)), (4, ())],
-    ids=["2-ranks-broadcast-buffers-off", "4-ranks-broadcast-buffers-on"],
-)
-def test_every_rank_loads_each_fork_at_the_same_step(
-    trainer_python: Path,
-    runtime_dir: Path,
-    daemon: tuple[Run, DaemonProcess],
-    tmp_path: Path,
-    nproc: int,
-    extra: tuple[str, ...],
+def test_four_ranks_with_broadcast_buffers_load_a_fork_at_one_step(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
 ) -> None:
     run, _ = daemon
-    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", nproc, *extra)
+    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 4)
     try:
-        job.wait_steps(3)
-        outcomes = [run.fork(3), run.fork(2)]  # the second straight after, back to adapter A's tensors
-        job.wait_steps(max(len(job.steps(r)) for r in range(nproc)) + 3)
+        job.wait_steps(2)
+        outcome = run.fork(3)
+        job.wait_steps(job.last_step() + 2)
     finally:
         job.stop()
-    steps = assert_ranks_identical(job)  # first: on the old code this is what fails
-    first, second = (assert_loaded_together(o, nproc) for o in outcomes)
-    assert second > first
-    check_fork_landed(steps, first, run.tensors_of(3))
-    check_fork_landed(steps, second, run.tensors_of(2))
+    steps = assert_ranks_identical(job)
+    check_fork_landed(steps, assert_loaded_together(outcome, 4), run.tensors_of(3))
 
 
 def test_fsdp2_sharded_lora_loads_each_ranks_shard_at_the_same_step(
@@ -221,81 +244,67 @@ def test_fsdp2_sharded_lora_loads_each_ranks_shard_at_the_same_step(
     run, _ = daemon
     job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--fsdp")
     try:
-        job.wait_steps(3)
+        job.wait_steps(2)
         outcome = run.fork(3)
-        job.wait_steps(max(len(job.steps(r)) for r in range(2)) + 2)
+        job.wait_steps(job.last_step() + 2)
     finally:
         job.stop()
-    at = assert_loaded_together(outcome, 2)
     # Fingerprints over the full tensors: a shard loaded a step early or late would show half old, half new.
     steps = assert_ranks_identical(job)
-    check_fork_landed(steps, at, run.tensors_of(3))
+    check_fork_landed(steps, assert_loaded_together(outcome, 2), run.tensors_of(3))
 
 
-def test_a_fork_during_a_checkpoint_save_never_lands_inside_it(
-    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
+# The 2-rank job below is shared by the last two tests (module scope: it stops when the module ends).
+def test_two_forks_back_to_back_one_during_a_checkpoint_save_land_on_every_rank_at_one_step(
+    pair_job: tuple[Run, Job],
 ) -> None:
-    run, _ = daemon
-    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--save-every", "2", "--save-seconds", "0.6")
-    try:
-        job.wait_steps(2)
-        outcome = run.fork(3)
-        job.wait_steps(max(len(job.steps(r)) for r in range(2)) + 4)
-    finally:
-        job.stop()
-    steps = assert_ranks_identical(job)
-    at = assert_loaded_together(outcome, 2)
-    check_fork_landed(steps, at, run.tensors_of(3))
-    saves = [r for r in job.records(0) if "saved" in r]
-    assert len(saves) >= 3
-    for save in saves:  # each save holds exactly the weights of the step it followed: never half old, half new
-        assert save["fingerprint"] == steps[save["saved"]][0]["after"], save
+    run, job = pair_job
+    first = run.fork(3)
+    wait_for(lambda: (job.control / "saving").exists(), 60, "rank 0 to save a checkpoint")
+    second = run.fork(2)  # told while rank 0 writes its checkpoint: back to adapter A's tensors
+    job.wait_steps(job.last_step() + 4)
+    steps = assert_ranks_identical(job)  # first: on the old code this is what fails
+    saves = [r for r in job.records(0) if "saved" in r and r["saved"] in steps]
+    for saved in saves:  # each save holds exactly the weights of the step it followed: never half old, half new
+        assert saved["fingerprint"] == steps[saved["saved"]][0]["after"], saved
+    at_first, at_second = assert_loaded_together(first, 2), assert_loaded_together(second, 2)
+    assert at_second > at_first and any(s["saved"] < at_second for s in saves)
+    check_fork_landed(steps, at_first, run.tensors_of(3))
+    check_fork_landed(steps, at_second, run.tensors_of(2))
 
 
-def test_a_hung_rank_mid_fork_keeps_every_rank_on_the_old_weights(
-    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
-) -> None:
-    run, _ = daemon
-    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--no-broadcast-buffers")
+def test_a_stopped_or_hung_rank_fails_the_fork_naming_it_and_no_rank_loads_alone(pair_job: tuple[Run, Job]) -> None:
+    run, job = pair_job
     control = job.control
+    forked = run.tensors_of(4)
+    # Stopped before the fork: its agent cannot answer hello, so nobody is told.
+    os.kill(job.pids[1], signal.SIGSTOP)
     try:
-        job.wait_steps(2)
-        (control / "hold-1").touch()  # rank 1 stops inside a step; rank 0 soon waits in DDP's all_reduce
-        wait_for(lambda: (control / "holding-1").exists(), 30, "rank 1 to hold")
-        outcome = run.fork(3)
-        assert outcome["status"] == "failed"
-        agents = {a["rank"]: a for a in outcome["trainers"]["agents"]}
-        assert sorted(agents) == [0, 1] and {a["result"] for a in agents.values()} == {"failed"}
-        assert "no rank loaded it" in agents[0]["error"] and "rank 0 of 2" in agents[0]["error"]
-        assert "rank 1 of 2" in agents[1]["error"]
-        (control / "hold-1").unlink()
-        job.wait_steps(len(job.steps(0)) + 4)
+        stopped = run.fork(4)
     finally:
-        job.stop()
+        os.kill(job.pids[1], signal.SIGCONT)
+    # Hung mid-fork: rank 1 stops inside a step (after backward), rank 0 then waits in DDP's own all_reduce.
+    (control / "hold-1").touch()
+    wait_for(lambda: (control / "holding-1").exists(), 30, "rank 1 to hold")
+    hung = run.fork(4)
+    (control / "hold-1").unlink()
+    job.wait_steps(job.last_step() + 3)
+    after = run.fork(4)  # the same checkpoint once both ranks step again
+    job.wait_steps(job.last_step() + 2)
     steps = assert_ranks_identical(job)
-    forked = run.tensors_of(3)
-    assert all(r["after"] != forked for ranks in steps.values() for r in ranks.values())
+    at = assert_loaded_together(after, 2)
+    assert all(r["after"] != forked for s, ranks in steps.items() if s < at for r in ranks.values())
+    check_fork_landed(steps, at, forked)
 
+    assert stopped["status"] == "failed"
+    error = stopped["trainers"]["error"]
+    assert error.startswith("rank 1 of the 2-rank job training ") and f"pid(s) {job.pids[1]}" in error, error
+    assert stopped["trainers"]["agents"] == []  # rank 0 was never told
+    assert stopped["trainers"]["jobs"][0]["ranks_missing"] == [1]
+    assert stopped["trainers"]["reason"] == "trainer_ranks_missing"
 
-def test_a_stopped_rank_fails_the_fork_naming_it_and_nobody_is_told(
-    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
-) -> None:
-    run, _ = daemon
-    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--no-broadcast-buffers")
-    try:
-        job.wait_steps(2)
-        os.kill(job.pids[1], signal.SIGSTOP)  # its agent cannot answer hello either
-        try:
-            outcome = run.fork(3)
-        finally:
-            os.kill(job.pids[1], signal.SIGCONT)
-        assert outcome["status"] == "failed"
-        error = outcome["trainers"]["error"]
-        assert error.startswith("rank 1 of the 2-rank job training ") and f"pid(s) {job.pids[1]}" in error, error
-        assert outcome["trainers"]["agents"] == []  # rank 0 was never told
-        assert outcome["trainers"]["jobs"][0]["ranks_missing"] == [1]
-        job.wait_steps(len(job.steps(0)) + 3)
-    finally:
-        job.stop()
-    steps = assert_ranks_identical(job)
-    assert all(r["after"] != run.tensors_of(3) for ranks in steps.values() for r in ranks.values())
+    assert hung["status"] == "failed"
+    agents = {a["rank"]: a for a in hung["trainers"]["agents"]}
+    assert sorted(agents) == [0, 1] and {a["result"] for a in agents.values()} == {"failed"}
+    assert "rank 0 of 2" in agents[0]["error"] and "no rank loaded it" in agents[0]["error"], agents[0]
+    assert "rank 1 of 2" in agents[1]["error"], agents[1]

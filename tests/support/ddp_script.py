@@ -18,7 +18,8 @@ Control files (checked between steps):
 - `exit`: every rank stops after the step in which any rank saw it (agreed with an all_reduce of the job's own);
 - `hold-{rank}`: that rank waits after backward, before its optimizer step, while the file exists (`holding-{rank}`);
 - with `--save-every K`, rank 0 writes its LoRA tensors to `saves/{step}.safetensors` every K steps, one tensor at a
-  time over `--save-seconds` (a slow checkpoint save), and logs `saved` with the fingerprint of what it wrote.
+  time over `--save-seconds` (a slow checkpoint save; `saving` exists meanwhile), and logs `saved` with the
+  fingerprint of what it wrote.
 `ready-{rank}.json` appears once the model is registered. `--steps N` stops after N steps (the benchmark);
 `timing-{rank}.json` then holds the steady-state seconds per step.
 """
@@ -163,9 +164,11 @@ def _save_slowly(control: Path, step: int, tensors: dict[str, Any], seconds: flo
     from safetensors.torch import save_file
 
     saved: dict[str, Any] = {}
+    (control / "saving").touch()
     for name in sorted(tensors):  # one tensor at a time: a fork arriving now must not change the rest
         saved[name] = tensors[name].detach().clone().contiguous()
         time.sleep(seconds / len(tensors))
+    (control / "saving").unlink()
     (control / "saves").mkdir(exist_ok=True)
     save_file(saved, str(control / "saves" / f"{step}.safetensors"))
     log.write(json.dumps({"saved": step, "fingerprint": fingerprint(saved)}) + "\n")
