@@ -267,3 +267,21 @@ def test_the_check_is_bitwise() -> None:
     other = big.clone()
     other[-1] = torch.nextafter(other[-1], torch.tensor(float("inf")))  # one bit of the last element
     assert not _same_bits(big, other)
+
+
+def test_a_file_of_many_pieces_is_read_exactly_by_the_parallel_readers(workdir: Path) -> None:
+    # Several threads read 4 MiB pieces at once and the digest follows the prefix read so far: the bytes in memory
+    # and the digest must be the file's (an odd-sized last piece, and more pieces than readers).
+    from sidecar.preload.peft_load import _PIECE, _READERS, ADAPTER_FILE, digest_of, read_checkpoint
+
+    adapter = workdir / "big"
+    adapter.mkdir()
+    floats = 3 * _READERS * _PIECE // 4 + 3_087
+    tensors = {"a": torch.randn(floats // 2), "b": torch.randn(floats - floats // 2)}
+    save_file(tensors, str(adapter / ADAPTER_FILE))
+    raw = (adapter / ADAPTER_FILE).read_bytes()
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    read = read_checkpoint(adapter)
+    assert len(read.data) > _READERS * _PIECE and len(read.data) % _PIECE
+    assert bytes(read.data) == raw[header_end:]
+    assert digest_of(read) == adapter_digest(adapter)

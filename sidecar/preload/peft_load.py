@@ -105,13 +105,16 @@ class CheckpointTensors:
             self._cond.notify_all()
 
 
-_CHUNK = 16 * 1024 * 1024
+# The data is read in pieces of this size by a few threads at once (pread releases the GIL): one thread copying
+# 96 MiB from the page cache into fresh memory took 29 ms on a 16-core host, eight took 5 ms.
+_PIECE = 4 * 1024 * 1024
+_READERS = 8
 
 
 def read_checkpoint(
     checkpoint_dir: Path, *, follow: Callable[[CheckpointTensors], None] | None = None
 ) -> CheckpointTensors:
-    """Read and check `adapter_model.safetensors` of `checkpoint_dir` (stdlib only; one open, sequential reads).
+    """Read and check `adapter_model.safetensors` of `checkpoint_dir` (stdlib only; one open, parallel preads).
 
     The header is checked before any data is read. `follow(tensors)` is called once the buffer exists and before
     the data is read, to start a consumer that uses `wait_for`.
@@ -151,14 +154,36 @@ def _read_header(path: Path, f: io.BufferedReader) -> CheckpointTensors:
 
 
 def _read_data(tensors: CheckpointTensors, f: io.BufferedReader) -> None:
-    data, done = tensors.data, 0
-    while done < len(data):
-        got = f.readinto(data[done : done + _CHUNK])
-        if not got:
-            raise AdapterLoadError(f"{tensors.path} got shorter while it was read; fork again")
-        done += got
-        tensors._advance(done)
-    if f.read(1):
+    """The data after the header, by up to _READERS threads; `tensors` advances over the prefix read so far."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data, fd, start = tensors.data, f.fileno(), f.tell()
+    offsets = list(range(0, len(data), _PIECE))
+    done = [False] * len(offsets)
+    lock = threading.Lock()
+    prefix = 0  # pieces [0, prefix) are all in memory
+
+    def read_piece(index: int) -> None:
+        nonlocal prefix
+        at, end = offsets[index], min(offsets[index] + _PIECE, len(data))
+        while at < end:
+            got = os.preadv(fd, [data[at:end]], start + at)
+            if not got:
+                raise AdapterLoadError(f"{tensors.path} got shorter while it was read; fork again")
+            at += got
+        with lock:
+            done[index] = True
+            while prefix < len(done) and done[prefix]:
+                prefix += 1
+            tensors._advance(min(prefix * _PIECE, len(data)))
+
+    workers = max(1, min(_READERS, os.cpu_count() or 1, len(offsets)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="fork-sidecar-read") as pool:
+        futures = [pool.submit(read_piece, i) for i in range(len(offsets))]
+        errors = [e for e in (fut.exception() for fut in futures) if e is not None]
+    if errors:
+        raise errors[0]
+    if os.pread(fd, 1, start + len(data)):
         raise AdapterLoadError(f"{tensors.path} got longer while it was read; fork again")
 
 
