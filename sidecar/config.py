@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import re
+import socket
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,12 @@ _RETIRED_KEYS = {
 __all__ = [
     "Config",
     "ConfigError",
+    "CoordinationConfig",
     "Duration",
+    "EtcdConfig",
     "LogConfig",
     "MetricsConfig",
+    "NodeConfig",
     "SourcesConfig",
     "SwapConfig",
     "TimeoutsConfig",
@@ -153,6 +157,34 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class NodeConfig:
+    # This daemon's name among the daemons coordinating through etcd (their keys, outcomes' `nodes`).
+    name: str = field(default_factory=socket.gethostname)
+
+
+CoordinationBackend = Literal["filesystem", "etcd"]
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...] = ()
+    prefix: str = "/fork-sidecar"
+    lease_ttl: Duration = Duration(10.0)
+    # TLS and auth, as etcdctl takes them (--cacert, --cert, --key, --user with the password read from a file).
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    user: str | None = None
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class CoordinationConfig:
+    backend: CoordinationBackend = "filesystem"
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     watch: WatchConfig = field(default_factory=WatchConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
@@ -165,6 +197,8 @@ class Config:
     vllm: VllmConfig = field(default_factory=VllmConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
+    coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
     # Not a key: where this config came from (None = built-in defaults).
     source_file: Path | None = field(default=None, compare=False)
 
@@ -319,3 +353,34 @@ def _check_semantics(config: Config, reader: _Reader) -> None:
             raise reader.fail(f"vllm.servers[{i}].url", f"expected an http:// or https:// URL, got {server.url!r}")
         if server.api_key_file is not None and server.api_key_env is not None:
             raise reader.fail(f"vllm.servers[{i}]", "give api_key_file or api_key_env, not both")
+    _check_coordination(config, reader)
+
+
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def _check_coordination(config: Config, reader: _Reader) -> None:
+    if not _NODE_NAME.match(config.node.name):
+        raise reader.fail(
+            "node.name", f"expected 1-63 letters, digits, '.', '_' or '-' (a host name), got {config.node.name!r}"
+        )
+    etcd = config.coordination.etcd
+    if config.coordination.backend == "etcd" and not etcd.endpoints:
+        raise reader.fail("coordination.etcd.endpoints", "needs at least one URL such as http://10.0.0.1:2379")
+    for i, url in enumerate(etcd.endpoints):
+        if not re.fullmatch(r"https?://[\w.\-\[\]:]+:\d{1,5}/?", url):
+            raise reader.fail(f"coordination.etcd.endpoints[{i}]", f"expected http(s)://HOST:PORT, got {url!r}")
+    if not re.fullmatch(r"(/[\w.\-]+)+", etcd.prefix):
+        raise reader.fail(
+            "coordination.etcd.prefix", f"expected a key prefix such as /fork-sidecar, got {etcd.prefix!r}"
+        )
+    if etcd.lease_ttl < 2:
+        raise reader.fail(
+            "coordination.etcd.lease_ttl", f"must be at least 2s (etcd counts whole seconds), got {etcd.lease_ttl}s"
+        )
+    if (etcd.cert_file is None) != (etcd.key_file is None):
+        raise reader.fail(
+            "coordination.etcd", "give cert_file and key_file together (the client certificate and its key)"
+        )
+    if (etcd.user is None) != (etcd.password_file is None):
+        raise reader.fail("coordination.etcd", "give user and password_file together")

@@ -26,8 +26,10 @@ import psutil
 
 from sidecar import __version__
 from sidecar.agent_dirs import AgentDirs
+from sidecar.claims import claims_for
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.early_signals import sighup_held
+from sidecar.fanout import tell_this_node
 from sidecar.journal import ForkRecord, Journal
 from sidecar.layout import RunDir, iter_run_dirs, run_dir_of
 from sidecar.logs import setup_logging
@@ -67,7 +69,9 @@ class Daemon:
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.reload_requested = False
-        self.pipeline = ForkPipeline(config, self.journal, build_stages(config))
+        self.pipeline = ForkPipeline(config, self.journal, build_stages(config), claims_for(config))
+        # Forks other nodes publish are told to this node's agents and servers by the pipeline of the moment.
+        self.pipeline.claims.on_published = lambda published: tell_this_node(self.pipeline, published)
         self.watcher: MarkerWatcher | None = None
         self._lock = threading.Lock()
         self._queue = FairQueue(config.forks.workers, config.forks.per_owner, self._work)
@@ -80,6 +84,7 @@ class Daemon:
         self._counts = {"done": 0, "failed": 0}
         self._last_status = 0.0
         self._last_heartbeat = time.monotonic()
+        self._coordination_seen: tuple[object, ...] = ()
         self.agent_dirs = AgentDirs(config.runtime_dir)
         self._agent_dirs_seen: tuple[frozenset[int] | None, float] = (None, 0.0)  # owners and time of the last look
 
@@ -112,6 +117,7 @@ class Daemon:
             self.watcher.stop()
             self._queue.stop(timeout=10.0)
             self._write_status(stopped=True)
+            self.pipeline.claims.close()
             self.metrics.close()
             self.journal.unlock()
         return 0
@@ -133,6 +139,7 @@ class Daemon:
                 self.notifier.watchdog()
             self._offer_orphans()
             self._retry_state_dir()
+            self._retry_coordination()
             if time.monotonic() - self._last_heartbeat > self.config.timeouts.claim_lease / 4:
                 self._last_heartbeat = time.monotonic()
                 self.pipeline.claims.renew()
@@ -177,6 +184,10 @@ class Daemon:
         if new.state_dir != self.config.state_dir:
             log.warning("state_dir changed in %s; that takes effect only after a restart", path)
             new = _with_state_dir(new, self.config.state_dir)
+        if (new.node, new.coordination) != (self.config.node, self.config.coordination):
+            # A daemon changing its name or its etcd under running claims would strand them.
+            log.warning("node / coordination changed in %s; that takes effect only after a restart", path)
+            new = dataclasses.replace(new, node=self.config.node, coordination=self.config.coordination)
         setup_logging(new.log.level, new.log.format)
         old = self.config
         if new.metrics.listen != old.metrics.listen:
@@ -270,6 +281,17 @@ class Daemon:
             self._submit(model_dir)
         self._write_status()
 
+    def _retry_coordination(self) -> None:
+        """Offer again the runs whose marker waited while the coordination backend could not be asked."""
+        waiting = self.pipeline.claims.take_waiting()
+        for model_dir in waiting:
+            self._submit(model_dir)
+        claims = self.pipeline.claims.describe()
+        seen = (claims["up"], claims.get("problem"), claims.get("members"), claims.get("waiting"))
+        if waiting or seen != self._coordination_seen:
+            self._coordination_seen = seen
+            self._write_status()
+
     def _count(self, record: ForkRecord) -> None:
         key = "done" if record.state.value == "done" else "failed"
         with self._lock:
@@ -348,9 +370,12 @@ class Daemon:
             # systemctl status, the log and fork_sidecar_state_dir_writable say it).
             "state_dir_problem": self.journal.problem,
             "waiting_for_state_dir": sorted(str(p) for p in self.journal.waiting_runs),
+            # With etcd: whether it answers, and why not (then no marker is claimed; they wait where they are).
+            "coordination": self.pipeline.claims.describe(),
         }
         self.metrics.set_runs(watched=status["watched_runs"], pending=len(active) + len(queued))
         self.metrics.set_state_dir(writable=self.journal.problem is None, waiting=len(self.journal.waiting_runs))
+        self.metrics.set_coordination(status["coordination"])
         self.metrics.publish(self.config.metrics)
         try:
             self.journal.write_status(status)
@@ -358,6 +383,8 @@ class Daemon:
             log.warning("cannot write %s/status.json: %s", self.config.state_dir, e)
         if not stopped:
             problem = f"; {self.journal.problem}" if self.journal.problem else ""
+            if coordination_problem := status["coordination"].get("problem"):
+                problem += f"; etcd: {coordination_problem}"
             self.notifier.status(self._summary() + problem)
 
 

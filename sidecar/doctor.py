@@ -603,6 +603,13 @@ def _fork_snapshots(config: Config) -> list[Path]:
     return [p for root in watched_roots(config) for run in iter_run_dirs(root) for p in list_snapshots(run.checkpoints)]
 
 
+# --- coordination -----------------------------------------------------------------------------------------------------
+def check_coordination(ctx: Context) -> list[Finding]:
+    from sidecar.claims.etcd_health import coordination_findings
+
+    return [Finding("coordination", level, message, fix) for level, message, fix in coordination_findings(ctx.config)]
+
+
 CHECKS: tuple[tuple[str, Callable[[Context], list[Finding]]], ...] = (
     ("inotify", check_inotify),
     ("filesystem", check_filesystems),
@@ -613,6 +620,7 @@ CHECKS: tuple[tuple[str, Callable[[Context], list[Finding]]], ...] = (
     ("art", check_art),
     ("agents", check_agents),
     ("vllm", check_vllm),
+    ("coordination", check_coordination),
 )
 
 
@@ -641,6 +649,8 @@ Check this node's setup for fork-sidecar and say how to fix each problem found:
   agents           every trainer agent socket in runtime_dir/<uid>/ answers
   vllm             every configured or discovered vLLM server answers GET /v1/models with its key and has
                    runtime LoRA loading (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)
+  coordination     with coordination.backend etcd: each endpoint answers, the credentials are accepted, a lease
+                   granted reads back and refreshes (etcd's clock only), and this node's daemon holds a live lease
 
 Run it as the daemon's user (usually root) to see what the daemon sees.
 

@@ -20,6 +20,13 @@ Names (all prefixed `fork_sidecar_`):
                                         did not answer, or a load of them may still be running), over all runs
   state_dir_writable                    1, or 0 while the state dir refuses writes (no fork is claimed then)
   forks_waiting_for_state_dir           runs whose marker waits for the state dir
+  coordination_up{backend}              1 while claims can be taken (etcd answers); 0 while markers wait for it
+  markers_waiting_for_coordination      runs whose marker waits for etcd
+  cluster_members                       daemons registered in etcd (under their leases), this one included
+  lease_keepalive_failures_total        etcd lease keepalives that got no answer
+  nodes_reported                        histogram: nodes whose stage results a fanned-out fork had (claimer included)
+  nodes_missing_total{node}             forks a node served but did not report on (lease expired, timed out)
+  fanout_seconds                        histogram: from publishing a fork to the last node's report
 """
 
 from __future__ import annotations
@@ -141,6 +148,37 @@ class Metrics:
         self.waiting_for_state_dir = Gauge(
             "fork_sidecar_forks_waiting_for_state_dir", "Runs whose marker waits for the state dir.", registry=r
         )
+        self.coordination_up = Gauge(
+            "fork_sidecar_coordination_up",
+            "1 while claims can be taken; 0 while the coordination backend (etcd) cannot be reached.",
+            ["backend"],
+            registry=r,
+        )
+        self.waiting_for_coordination = Gauge(
+            "fork_sidecar_markers_waiting_for_coordination", "Runs whose marker waits for etcd.", registry=r
+        )
+        self.cluster_members = Gauge(
+            "fork_sidecar_cluster_members", "Daemons registered in etcd under a live lease.", registry=r
+        )
+        self.keepalive_failures = Counter(
+            "fork_sidecar_lease_keepalive_failures", "etcd lease keepalives that got no answer.", registry=r
+        )
+        self._keepalive_failures_seen = 0
+        self.nodes_reported = Histogram(
+            "fork_sidecar_nodes_reported",
+            "Nodes that reported their stage results, per fork fanned out.",
+            buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+            registry=r,
+        )
+        self.nodes_missing = Counter(
+            "fork_sidecar_nodes_missing", "Forks a serving node did not report on, by node.", ["node"], registry=r
+        )
+        self.fanout_seconds = Histogram(
+            "fork_sidecar_fanout_seconds",
+            "From publishing a fork to the last node's report.",
+            buckets=BUCKETS,
+            registry=r,
+        )
         # Every label value exists from the start, so rate() and absent() behave before the first fork.
         for status in ("done", "failed"):
             self.forks.labels(status)
@@ -169,6 +207,13 @@ class Metrics:
         vllm = record.stages.get("vllm") or {}
         self.agents_seen.set(len(trainers.get("agents") or []))
         self.vllm_servers_seen.set(len(vllm.get("servers") or []))
+        fanout = record.stages.get("fanout")
+        if isinstance(fanout, dict):
+            self.nodes_reported.observe(int(fanout.get("reported") or 0))
+            if isinstance(fanout.get("seconds"), int | float):
+                self.fanout_seconds.observe(max(0.0, float(fanout["seconds"])))
+            for node in fanout.get("missing") or []:
+                self.nodes_missing.labels(str(node)).inc()
         for reason in reload_error_reasons(record.stages):
             self.reload_errors.labels(reason).inc()
         self._kept_by_run[record.model_dir] = len(vllm.get("kept") or [])
@@ -181,6 +226,16 @@ class Metrics:
     def set_state_dir(self, *, writable: bool, waiting: int) -> None:
         self.state_dir_writable.set(1 if writable else 0)
         self.waiting_for_state_dir.set(waiting)
+
+    def set_coordination(self, described: Mapping[str, Any]) -> None:
+        """From Claims.describe(): up, waiting markers, members, keepalive failures (a running count)."""
+        self.coordination_up.labels(str(described.get("backend", "filesystem"))).set(1 if described.get("up") else 0)
+        self.waiting_for_coordination.set(int(described.get("waiting", 0)))
+        self.cluster_members.set(int(described.get("members", 1)))
+        failures = int(described.get("lease_keepalive_failures", 0))
+        if failures > self._keepalive_failures_seen:
+            self.keepalive_failures.inc(failures - self._keepalive_failures_seen)
+            self._keepalive_failures_seen = failures
 
     def render(self) -> bytes:
         """The text exposition format, as a scrape gets it."""

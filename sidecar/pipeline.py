@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import swap
-from sidecar.claims.base import Claims, claim_info, wait_until_settled
+from sidecar.claims.base import ClaimLost, Claims, claim_info, wait_until_settled
 from sidecar.claims.filesystem import FilesystemClaims
 from sidecar.config import Config
+from sidecar.fanout import node_problems, nodes_of_fork
 from sidecar.fork_ids import new_fork_id
 from sidecar.journal import ForkRecord, Journal, JournalUnwritable
 from sidecar.layout import RunDir
@@ -85,6 +86,11 @@ class ForkPipeline:
             # (the daemon offers this run again then). Logged once by the journal, not once per marker.
             self.journal.wait_for_writes(run.path)
             return False
+        if not self.claims.usable():
+            # Nobody may claim while the coordination backend cannot be asked: the marker stays where it is and
+            # the daemon offers this run again once it answers (logged once by the backend).
+            self.claims.wait_for_coordination(run.path)
+            return False
         if settle:
             wait_until_settled(run.path / MARKER)
         with self._hold(run, need_marker=True) as held:
@@ -105,12 +111,12 @@ class ForkPipeline:
             if (
                 need_marker
                 and not lexists_at(opened.fd, MARKER)
-                and not self._adoptable(LocalRunIO(run, opened.fd, frozenset()).claim_state())
+                and not self._adoptable(run.path, LocalRunIO(run, opened.fd, frozenset()).claim_state())
             ):
                 yield None
                 return
             try:
-                io = self._io_for(opened)
+                io = self.io_for(opened)
             except (RunIOError, OSError) as e:
                 log.error("%s: not forked: %s", run.path, e)
                 yield None
@@ -123,7 +129,7 @@ class ForkPipeline:
         finally:
             opened.close()
 
-    def _io_for(self, opened: OpenRun) -> RunIO:
+    def io_for(self, opened: OpenRun) -> RunIO:
         """Who does the fork's work: this process when it is not root or the run is root's, else the owner."""
         me = os.geteuid()
         if me != 0 or opened.uid == me:
@@ -190,7 +196,7 @@ class ForkPipeline:
             return
         try:
             try:
-                io = self._io_for(opened)
+                io = self.io_for(opened)
             except (RunIOError, OSError) as e:
                 log.error("%s: %s", model_dir, e)
                 yield None
@@ -238,7 +244,7 @@ class ForkPipeline:
     def _take_next(self, run: RunDir, held: HeldRun) -> bool:
         # A `.fork` of any kind (directory, FIFO, symlink) is claimed, so that reading it can fail it with an outcome.
         try:
-            claimed = self.claims.take(run.path, held.io)
+            claimed = self.claims.take(run.path / INPROGRESS, held.io)
         except (RunIOError, OSError) as e:
             log.error("%s: cannot claim the marker: %s", run.path, e)
             return False
@@ -251,21 +257,64 @@ class ForkPipeline:
         """Take over a `.fork.inprogress` whose claimer is gone (timeouts.orphan_claim, the claim record)."""
         claimed = run.path / INPROGRESS
         state = held.io.claim_state()
-        if not self._adoptable(state):
+        if not self._adoptable(run.path, state):
             return False
         info = claim_info(state)
+        if not self.claims.adopt(claimed, info):
+            return False
+        if not _same_claim(state, held.io.claim_state()):
+            # Its fork ended (or another daemon's took its place) between our look and our adoption.
+            self.claims.give_back(claimed)
+            return False
+        fork_id = (info or {}).get("fork_id")
+        recorded = self.claims.recorded(claimed, fork_id) if isinstance(fork_id, str) else None
+        if recorded is not None and info is not None:
+            self._resume_adopted(held, ForkRecord.from_json(recorded), info)
+            return True
         log.warning("adopting %s: its claimer is gone", claimed)
-        if info is not None and isinstance(info.get("fork_id"), str):
+        if isinstance(fork_id, str):
             # The dead claimer's copies, if any: leave one complete 0000 before our own fork stages anything.
             with contextlib.suppress(RunIOError, ValueError, OSError):
-                held.io.settle_leftover(info["fork_id"])
+                held.io.settle_leftover(fork_id)
         self._start(run, held, ORIGIN_ORPHAN, claim=info)
         return True
 
-    def _adoptable(self, state: dict[str, Any] | None) -> bool:
+    def _resume_adopted(self, held: HeldRun, record: ForkRecord, info: dict[str, Any]) -> None:
+        """Carry on a dead claimer's fork from the state it recorded with the claim (same fork id, same copies)."""
+        logger = self._logger(record)
+        logger.warning(
+            "adopting the fork of %s (claimer gone) from state %s",
+            (info.get("claimed_by") or {}).get("host", "another daemon"),
+            record.state,
+        )
+        # The run as this daemon opened it: a shared filesystem's device number differs between hosts.
+        record.stages["run"] = {"dev": held.opened.dev, "ino": held.opened.ino, "uid": held.opened.uid}
+        try:
+            self.journal.create(record)
+        except JournalUnwritable as e:  # as in _advance: the fork goes on in memory
+            logger.warning("adopted fork not journaled, carrying on: %s", e)
+        with self._unless_lost(record):
+            self._write_claim(held, record, str(info.get("marker", "")))
+            if record.state.terminal:  # the claimer died between journaling its end and filing it
+                self._write_outcome(record, record.state.value, held)
+                self._close(record)
+                return
+            self._run_steps(record, held)
+
+    def _adoptable(self, path: Path, state: dict[str, Any] | None) -> bool:
         """Whether the `.fork.inprogress` described by `state` (RunIO.claim_state) has lost its claimer."""
         fork_id = (claim_info(state) or {}).get("fork_id")
-        return self.claims.adoptable(state, journaled=bool(fork_id) and self.journaled(str(fork_id)))
+        return self.claims.adoptable(path / INPROGRESS, state, journaled=bool(fork_id) and self.journaled(str(fork_id)))
+
+    @contextlib.contextmanager
+    def _unless_lost(self, record: ForkRecord) -> Iterator[None]:
+        """Stops the fork quietly when its claim turns out to be another daemon's: that daemon files the outcome."""
+        try:
+            yield
+        except ClaimLost as e:
+            self._logger(record).error("fork stopped without an outcome: %s", e)
+            with contextlib.suppress(OSError):
+                self.journal.forget(record)
 
     def journaled(self, fork_id: str) -> bool:
         return self.journal.has_record(fork_id)
@@ -285,7 +334,8 @@ class ForkPipeline:
             record.source = held.io.resolve(record.request, self._roots())
         except RunIOError as e:
             logger.error("fork rejected: %s", e)
-            self._finish_failed(record, str(e), held)
+            with self._unless_lost(record):
+                self._finish_failed(record, str(e), held)
             return
         logger.info("fork claimed (%s): %s -> %s/%s", origin, record.request, run.checkpoints, SERVED_STEP)
         try:
@@ -313,6 +363,11 @@ class ForkPipeline:
 
     # --- the steps ----------------------------------------------------------------------------------------------
     def _run_steps(self, record: ForkRecord, held: HeldRun) -> None:
+        with self._unless_lost(record):
+            self._steps(record, held)
+
+    def _steps(self, record: ForkRecord, held: HeldRun) -> None:
+        claim = held.opened.run.path / INPROGRESS
         steps: dict[ForkState, Callable[[ForkRecord, HeldRun], None]] = {
             ForkState.CLAIMED: self._stage,
             ForkState.STAGED: self._swap,
@@ -323,12 +378,15 @@ class ForkPipeline:
         }
         while not record.state.terminal:
             try:
+                self.claims.check(claim)
                 _check_in_place(record, held.opened)
                 self._redigest_old(record, held)
                 steps[record.state](record, held)
             except (ForkFailed, RunIOError) as e:
                 self._logger(record).error("fork failed: %s", e)
                 self._finish_failed(record, str(e), held)
+            except ClaimLost:
+                raise
             except Exception as e:  # a bug must still end the fork with an outcome, never strand the claim
                 if record.state.terminal:
                     # The outcome is written and the end recorded: bookkeeping after that must never rewrite it.
@@ -395,25 +453,33 @@ class ForkPipeline:
         self._advance(record, reached)
 
     def _run_stage(self, record: ForkRecord, held: HeldRun, name: str) -> StageOutcome:
-        stage = next((s for s in self.stages if s.name == name), None)
-        if stage is None:
-            return StageOutcome("skipped", error="none found", reason=_NONE_FOUND.get(name))
         assert record.digest is not None and record.source is not None
-        timeout = float(getattr(self.config.timeouts, name))
+        if name == "trainers":  # after the swap: every other node serving the run is told too (etcd backend)
+            self.claims.publish(held.opened.run.path / INPROGRESS, record, self._stage_budget())
         opened = held.opened
         ctx = ForkContext(
             record.fork_id,
             Path(record.model_dir),
             Path(record.source),
             record.digest,
-            time.monotonic() + timeout,
+            time.monotonic() + float(getattr(self.config.timeouts, name)),
             # Whose run this is: the directory opened and claimed, never the path looked at again (_check_in_place
             # has just made sure the path still names it).
             owner_uid=opened.uid,
             run_id=(opened.dev, opened.ino),
             files=held.io,
         )
-        logger = self._logger(record, name)
+        return self.run_stage(name, ctx, self._logger(record, name))
+
+    def _stage_budget(self) -> float:
+        """How long the notification stages may take together: the bound on waiting for other nodes' reports."""
+        return float(self.config.timeouts.trainers) + float(self.config.timeouts.vllm)
+
+    def run_stage(self, name: str, ctx: ForkContext, logger: logging.LoggerAdapter[logging.Logger]) -> StageOutcome:
+        """One notification stage of this node for `ctx`: its outcome, whatever the stage does (a bug included)."""
+        stage = next((s for s in self.stages if s.name == name), None)
+        if stage is None:
+            return StageOutcome("skipped", error="none found", reason=_NONE_FOUND.get(name))
         started = time.monotonic()
         try:
             outcome = stage.run(ctx)
@@ -442,6 +508,10 @@ class ForkPipeline:
         problems += [
             str(s["error"]) for n in ("trainers", "vllm") if (s := record.stages.get(n, {})).get("status") == "failed"
         ]
+        gathered = self.claims.gather(Path(record.model_dir) / INPROGRESS, record, self._stage_budget())
+        if gathered is not None:
+            record.stages["nodes"], record.stages["fanout"] = nodes_of_fork(record, gathered, self.config)
+            problems += node_problems(gathered, self.config)
         record.stages["verify"] = {
             "status": "failed" if problems else "ok",
             "seconds": round(time.monotonic() - started, 4),
@@ -504,6 +574,9 @@ class ForkPipeline:
         }
         if rid := record.request.get("request_id"):
             outcome["request_id"] = rid
+        if "nodes" in record.stages:  # several nodes (etcd): each serving node's stages, this one's included
+            outcome["nodes"] = record.stages["nodes"]
+        self.claims.confirm(model_dir / INPROGRESS)
         self.claims.release(model_dir / INPROGRESS)
         # Through the directory claimed, wherever it is now: a run moved during the fork gets its outcome there.
         held.io.finish(record.fork_id, outcome)
@@ -519,6 +592,8 @@ class ForkPipeline:
             self.journal.advance(record, state, **changes)
         except JournalUnwritable as e:
             self._logger(record).warning("state %s not journaled, carrying on: %s", state, e)
+        if not record.state.terminal:  # what another daemon resumes from if this one dies (etcd backend)
+            self.claims.progress(Path(record.model_dir) / INPROGRESS, record.to_json())
 
     def _close(self, record: ForkRecord) -> None:
         if not self.journal.finish(record):
@@ -546,6 +621,15 @@ class _ForkLogger(logging.LoggerAdapter[logging.Logger]):
         extra = self.extra or {}
         kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
         return f"[{extra.get('run')} {extra.get('fork_id')}] {msg}", kwargs
+
+
+def _same_claim(before: dict[str, Any] | None, now: dict[str, Any] | None) -> bool:
+    if before is None or now is None:
+        return False
+    fork_id = (claim_info(before) or {}).get("fork_id")
+    if fork_id is not None:
+        return bool((claim_info(now) or {}).get("fork_id") == fork_id)
+    return claim_info(now) is None and bool(now.get("ctime") == before.get("ctime"))
 
 
 def _same_run(record: ForkRecord, opened: OpenRun) -> bool:

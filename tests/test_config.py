@@ -45,6 +45,9 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         cfg.VllmServerConfig,
         cfg.MetricsConfig,
         cfg.LogConfig,
+        cfg.NodeConfig,
+        cfg.CoordinationConfig,
+        cfg.EtcdConfig,
     ):
         for f in dataclasses.fields(section):
             if f.name != "source_file":
@@ -78,6 +81,14 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         ("metrics:\n  listen: nowhere\n", "metrics.listen", "HOST:PORT"),
         ("- just\n- a list\n", "(top level)", "expected a mapping"),
         ("state_dir: 5\n", "state_dir", "expected a path"),
+        ("node:\n  name: 'a b'\n", "node.name", "letters, digits"),
+        ("coordination:\n  backend: zookeeper\n", "coordination.backend", "expected one of filesystem, etcd"),
+        ("coordination:\n  backend: etcd\n", "coordination.etcd.endpoints", "at least one URL"),
+        ("coordination:\n  etcd:\n    endpoints: [10.0.0.1:2379]\n", "coordination.etcd.endpoints[0]", "http(s)://"),
+        ("coordination:\n  etcd:\n    prefix: fork\n", "coordination.etcd.prefix", "key prefix"),
+        ("coordination:\n  etcd:\n    lease_ttl: 1s\n", "coordination.etcd.lease_ttl", "at least 2s"),
+        ("coordination:\n  etcd:\n    cert_file: c.pem\n", "coordination.etcd", "cert_file and key_file together"),
+        ("coordination:\n  etcd:\n    user: me\n", "coordination.etcd", "user and password_file together"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path: Path, text: str, key: str, problem: str) -> None:

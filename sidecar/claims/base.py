@@ -13,13 +13,29 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.config import Config
 from sidecar.marker import MARKER_SETTLE_S
 
-__all__ = ["ClaimFiles", "ClaimRegistry", "Claims", "claim_info", "wait_until_settled"]
+if TYPE_CHECKING:
+    from sidecar.fanout import Gathered
+    from sidecar.journal import ForkRecord
+
+__all__ = [
+    "ClaimFiles",
+    "ClaimLost",
+    "ClaimRegistry",
+    "Claims",
+    "claim_info",
+    "wait_until_settled",
+]
+
+
+class ClaimLost(Exception):
+    """Another daemon holds this fork's claim now: the fork stops at once, with no outcome (the other's counts)."""
 
 
 class ClaimFiles(Protocol):
@@ -68,6 +84,8 @@ class Claims:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Runs this node's stages for a fork another node published, returning their outcomes (set by the daemon).
+        self.on_published: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.host = socket.gethostname()
         self.registry = ClaimRegistry()
 
@@ -77,7 +95,8 @@ class Claims:
 
     # --- what a backend may override ----------------------------------------------------------------------------
     def take(self, path: Path, io: ClaimFiles) -> bool:
-        """Claim the marker of the run at `path`; False when there is none or it is claimed already."""
+        """Claim the marker whose claim is `path` (a run's `.fork.inprogress`, as every path here); False when
+        there is no marker or it is claimed already."""
         return io.claim()
 
     def renew(self) -> None:
@@ -90,13 +109,50 @@ class Claims:
         """The fork of `path` has ended or given its claim back (see ClaimRegistry.release for `io`)."""
         self.registry.release(path, io)
 
-    def claimer_gone(self, info: dict[str, Any]) -> bool:
-        """Whether the claimer named by a claim record is dead, so that its fork may be adopted."""
+    def claimer_gone(self, info: dict[str, Any], path: Path | None = None) -> bool:
+        """Whether the claimer named by the claim record `info` (of the claim at `path`) is dead."""
         raise NotImplementedError
+
+    def adopt(self, path: Path, info: dict[str, Any] | None) -> bool:
+        """Take over the claim at `path` whose claimer is gone; False when another daemon was first."""
+        return True  # on the filesystem alone, the adopter rewrites the claim record: nothing more to take
+
+    def publish(self, path: Path, record: ForkRecord, budget: float) -> None:
+        """After the swap of the fork claimed at `path`: tell the other nodes serving the run (etcd backend)."""
+
+    def gather(self, path: Path, record: ForkRecord, budget: float) -> Gathered | None:
+        """The other nodes' reports on a published fork, waiting at most `budget` seconds; None: a single node."""
+        return None
+
+    def give_back(self, path: Path) -> None:
+        """Undo an `adopt` that turned out to be too late (the claim at `path` ended meanwhile)."""
+
+    def recorded(self, path: Path, fork_id: str) -> dict[str, Any] | None:
+        """The journal record the dead claimer of `fork_id` left for an adopter, if the backend keeps one."""
+        return None
+
+    def progress(self, path: Path, record: dict[str, Any]) -> None:
+        """A fork of `path` reached a new state (its journal record): keep it for an adopter if the backend can."""
+
+    def check(self, path: Path) -> None:
+        """Raises ClaimLost when the claim at `path` is known to be another daemon's now."""
+
+    def confirm(self, path: Path) -> None:
+        """Before the outcome is written: raises ClaimLost unless the claim at `path` is still ours."""
 
     def usable(self) -> bool:
         """Whether claims can be taken now (a backend with a server says no while it cannot reach it)."""
         return True
+
+    def wait_for_coordination(self, run: Path) -> None:
+        """Remember a run whose marker was left unclaimed because claims cannot be taken now."""
+
+    def take_waiting(self) -> list[Path]:
+        """The runs left waiting, once claims can be taken again (each returned once)."""
+        return []
+
+    def waiting_count(self) -> int:
+        return 0
 
     def describe(self) -> dict[str, Any]:
         """What `status` and `doctor` say about coordination."""
@@ -125,14 +181,14 @@ class Claims:
     def holds(self, fork_id: str) -> bool:
         return fork_id in self.registry.fork_ids()
 
-    def adoptable(self, state: dict[str, Any] | None, journaled: bool) -> bool:
-        """Whether the `.fork.inprogress` described by `state` (RunIO.claim_state) has lost its claimer;
+    def adoptable(self, path: Path, state: dict[str, Any] | None, journaled: bool) -> bool:
+        """Whether the `.fork.inprogress` at `path` described by `state` (RunIO.claim_state) has lost its claimer;
         `journaled`: its fork is in this daemon's journal (ours, being resumed)."""
         if state is None:
             return False
         info = claim_info(state)
         if info is not None:
-            return not journaled and self.claimer_gone(info)
+            return not journaled and self.claimer_gone(info, path)
         # Its claimer may be another host's daemon between its claim (which set the ctime) and its record.
         return time.time() - float(state["ctime"]) >= self.config.timeouts.orphan_claim
 

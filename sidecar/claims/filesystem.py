@@ -26,7 +26,7 @@ __all__ = ["FilesystemClaims", "read_claimed_marker", "take_marker_at"]
 class FilesystemClaims(Claims):
     backend = "filesystem"
 
-    def claimer_gone(self, info: dict[str, Any]) -> bool:
+    def claimer_gone(self, info: dict[str, Any], path: Path | None = None) -> bool:
         claimer = info.get("claimed_by") or {}
         if claimer.get("host") == self.host:
             pid = claimer.get("pid")

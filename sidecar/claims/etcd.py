@@ -1,0 +1,398 @@
+"""Claims through etcd: a claim is a key created by a transaction bound to this daemon's lease.
+
+Keys under `coordination.etcd.prefix` (P):
+  P/members/NODE        this daemon, under its lease (gone when the daemon is: dead, frozen past the TTL, cut off)
+  P/claims/RUN          the claim of the run at path RUN, under the claimer's lease: exactly one daemon creates it
+  P/progress/RUN        the claimed fork's journal record, without a lease: what an adopter resumes from
+A claimer that dies stops renewing its lease; etcd deletes its keys when the TTL runs out (etcd's clock alone, no
+comparison between hosts' clocks), and the next daemon to offer the run creates the claim and resumes the fork from
+P/progress/RUN. The marker files are taken as in filesystem mode too, so `.fork.inprogress` still shows the claim.
+
+While etcd cannot be reached, nothing is claimed or adopted: `usable()` is false, markers stay `.fork` and their
+runs wait here until a keepalive passes again. A lease that expired meanwhile is replaced, and every claim held is
+lost (etcd renews every lease when it restarts, so an expired one means etcd ran on while this daemon was frozen or
+cut off, and another may have adopted): those forks stop without an outcome, the adopter's is the one that counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sidecar.claims.base import ClaimFiles, ClaimLost, Claims
+from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession
+from sidecar.config import Config
+from sidecar.fanout import Gathered
+
+__all__ = ["EtcdClaims"]
+
+if TYPE_CHECKING:
+    from sidecar.journal import ForkRecord
+
+log = logging.getLogger("sidecar.claims.etcd")
+T = TypeVar("T")
+
+
+class EtcdClaims(Claims):
+    backend = "etcd"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        etcd = config.coordination.etcd
+        self.node = config.node.name
+        self.prefix = etcd.prefix.rstrip("/")
+        self.ttl = max(2, math.ceil(etcd.lease_ttl))
+        self.session = EtcdSession(etcd, request_timeout=max(0.5, self.ttl / 4))
+        self.lease: int | None = None
+        self.problem: str | None = "connecting to etcd"
+        self.keepalive_failures = 0
+        self.members = 0
+        self._lost: set[Path] = set()
+        self._pending: dict[str, dict[str, Any] | None] = {}  # progress writes/deletes etcd has not taken yet
+        self._unclaims: set[str] = set()  # our claim keys to delete once etcd answers
+        self._waiting: set[Path] = set()
+        self._state = threading.Lock()
+        self._stop = threading.Event()
+        self._changed = threading.Event()  # set whenever coordination comes up or goes down
+        self._logged_down = False
+        # Fan-out: what this node runs for forks other nodes publish (set by the daemon), and those it has run.
+        self._handled: set[str] = set()
+        self._published: dict[str, tuple[float, list[str]]] = {}  # fork id -> (monotonic publish time, members)
+        self._keeper = threading.Thread(target=self._keep, name="etcd-lease", daemon=True)
+        self._keeper.start()
+        self._listener = threading.Thread(target=self._listen, name="etcd-fanout", daemon=True)
+        self._listener.start()
+
+    # --- keys ------------------------------------------------------------------------------------------------
+    def _claim_key(self, path: Path) -> str:
+        return f"{self.prefix}/claims{path.parent}"
+
+    def _progress_key(self, path: Path) -> str:
+        return f"{self.prefix}/progress{path.parent}"
+
+    def _fork_key(self, fork_id: str) -> str:
+        return f"{self.prefix}/forks/{fork_id}"
+
+    def _report_key(self, fork_id: str, node: str = "") -> str:
+        return f"{self.prefix}/reports/{fork_id}/{node}"
+
+    def _member_key(self) -> str:
+        return f"{self.prefix}/members/{self.node}"
+
+    # --- the lease -------------------------------------------------------------------------------------------
+    def _keep(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._renew_lease()
+                self._flush_pending()
+                self.members = len(self.session.get_prefix(f"{self.prefix}/members/"))
+                self._up()
+            except (EtcdDown, EtcdAuthError) as e:
+                self._down(str(e))
+            self._stop.wait(self.ttl / 3 if self.problem is None else min(1.0, self.ttl / 3))
+
+    def _renew_lease(self) -> None:
+        if self.lease is not None:
+            try:
+                ttl = self.session.keepalive(self.lease)
+            except (EtcdDown, EtcdAuthError):
+                self.keepalive_failures += 1
+                raise
+            if ttl > 0:
+                return
+            log.warning(
+                "etcd lease %x expired (this daemon was cut off or frozen past %ss); taking a new one",
+                self.lease,
+                self.ttl,
+            )
+        lease = self.session.grant(self.ttl)
+        self.session.put(self._member_key(), self._member(), lease)
+        old, self.lease = self.lease, lease
+        if old is not None:
+            self._lose_all()
+
+    def _lose_all(self) -> None:
+        """Our lease expired while etcd kept running (etcd renews every lease when it restarts itself): another
+        daemon may have adopted any claim we held, so every fork we were running stops without an outcome."""
+        for path, _io, _info in self.registry.items():
+            log.error("%s: claim lost with the expired lease; another daemon adopts the fork", path.parent)
+            with self._state:
+                self._lost.add(path)
+
+    def _member(self) -> dict[str, Any]:
+        return {"node": self.node, **self.claimer()}
+
+    def _up(self) -> None:
+        if self.problem is not None:
+            if self._logged_down:
+                log.warning("etcd answers again at %s; claiming resumes", ", ".join(self.session.endpoints))
+            else:
+                log.info("coordinating through etcd at %s as node %s", ", ".join(self.session.endpoints), self.node)
+            self.problem = None
+            self._logged_down = False
+            self._changed.set()
+
+    def _down(self, problem: str) -> None:
+        if not self._logged_down:
+            log.error("etcd unreachable, no marker is claimed until it answers: %s", problem)
+            self._logged_down = True
+        self.problem = problem
+        self._changed.set()
+
+    def _flush_pending(self) -> None:
+        with self._state:
+            pending, unclaims = dict(self._pending), set(self._unclaims)
+        for key, value in pending.items():
+            if value is None:
+                self.session.delete(key)
+                if "/forks/" in key:  # a fork's reports go with it
+                    self.session.delete_prefix(self._report_key(key.rsplit("/", 1)[-1]))
+            else:
+                self.session.put(key, value)
+            with self._state:
+                if key in self._pending and self._pending[key] is value:
+                    del self._pending[key]
+        lease = self.lease
+        for key in unclaims:
+            if lease is not None:
+                self.session.delete_if_lease(key, lease)  # under an older lease it expired with that lease
+            with self._state:
+                self._unclaims.discard(key)
+
+    def _later(self, key: str, value: dict[str, Any] | None) -> None:
+        """A write etcd did not take now: the keeper retries it once etcd answers (the newest one per key)."""
+        with self._state:
+            self._pending[key] = value
+
+    # --- Claims ----------------------------------------------------------------------------------------------
+    def usable(self) -> bool:
+        return self.problem is None and self.lease is not None
+
+    def wait_for_coordination(self, run: Path) -> None:
+        with self._state:
+            self._waiting.add(run)
+
+    def take_waiting(self) -> list[Path]:
+        if not self.usable():
+            return []
+        with self._state:
+            waiting, self._waiting = sorted(self._waiting), set()
+        return waiting
+
+    def waiting_count(self) -> int:
+        with self._state:
+            return len(self._waiting)
+
+    def take(self, path: Path, io: ClaimFiles) -> bool:
+        lease = self.lease
+        if lease is None or not self.usable():
+            return False
+        key = self._claim_key(path)
+        if not self._call(lambda: self.session.create(key, {"node": self.node, "state": "claiming"}, lease), False):
+            return False
+        if io.claim():
+            return True
+        with contextlib.suppress(EtcdDown, EtcdAuthError):  # no marker after all (taken by a daemon without etcd?)
+            self.session.delete_if_lease(key, lease)
+        return False
+
+    def adopt(self, path: Path, info: dict[str, Any] | None) -> bool:
+        lease = self.lease
+        if lease is None:
+            return False
+        value = {"node": self.node, "state": "adopting", "from": (info or {}).get("claimed_by")}
+        return self._call(lambda: self.session.create(self._claim_key(path), value, lease), False)
+
+    def give_back(self, path: Path) -> None:
+        lease = self.lease
+        if lease is not None:
+            self._call(lambda: self.session.delete_if_lease(self._claim_key(path), lease), False)
+
+    def claimer_gone(self, info: dict[str, Any], path: Path | None = None) -> bool:
+        if path is None or not self.usable():
+            return False
+        return self._call(lambda: self.session.get(self._claim_key(path)) is None, False)
+
+    def recorded(self, path: Path, fork_id: str) -> dict[str, Any] | None:
+        """The journal record the claimer of `fork_id` left for `path`, if any (what an adopter resumes)."""
+        found = self._call(lambda: self.session.get(self._progress_key(path)), None)
+        if found is None or found.value.get("fork_id") != fork_id:
+            return None
+        return found.value
+
+    def record(self, path: Path, io: ClaimFiles, fork_id: str, request: dict[str, Any], raw: str) -> None:
+        super().record(path, io, fork_id, request, raw)
+        lease = self.lease
+        if lease is not None:
+            value = {"fork_id": fork_id, "node": self.node, "claimed_by": self.claimer()}
+            with contextlib.suppress(EtcdDown, EtcdAuthError):  # the key exists already; this only names the fork
+                self.session.put_if_lease(self._claim_key(path), value, lease)
+
+    def progress(self, path: Path, record: dict[str, Any]) -> None:
+        key = self._progress_key(path)
+        try:
+            self.session.put(key, record)
+        except (EtcdDown, EtcdAuthError):
+            self._later(key, record)
+
+    def check(self, path: Path) -> None:
+        with self._state:
+            lost = path in self._lost
+        if lost:
+            raise ClaimLost(f"the claim of {path.parent} passed to another daemon while this one was cut off")
+
+    def confirm(self, path: Path) -> None:
+        """Before the outcome: the claim must still be ours, as etcd says (waits while etcd cannot be reached)."""
+        while not self._stop.is_set():
+            self.check(path)
+            lease = self.lease
+            if lease is not None and self.usable():
+                try:
+                    found = self.session.get(self._claim_key(path))
+                except (EtcdDown, EtcdAuthError):
+                    found = None
+                else:
+                    if found is None or found.lease != lease:
+                        raise ClaimLost(f"the claim of {path.parent} is no longer this daemon's (its lease expired)")
+                    return
+            self._changed.wait(1.0)
+            self._changed.clear()
+
+    def release(self, path: Path, io: ClaimFiles | None = None) -> None:
+        info = self.registry.release(path, io)
+        if info is None:
+            return
+        progress, claim = self._progress_key(path), self._claim_key(path)
+        with self._state:
+            if path in self._lost:  # the keys are the adopter's now
+                self._lost.discard(path)
+                return
+            self._pending[progress] = None  # replaces a progress write still waiting, which must not come back
+            self._unclaims.add(claim)
+            if fork_id := info.get("fork_id"):
+                self._pending[self._fork_key(str(fork_id))] = None
+        with contextlib.suppress(EtcdDown, EtcdAuthError):  # else the keeper deletes both once etcd answers
+            self._flush_pending()
+
+    # --- fan-out ----------------------------------------------------------------------------------------------
+    def _member_names(self) -> list[str]:
+        return sorted(kv.key.rsplit("/", 1)[-1] for kv in self.session.get_prefix(f"{self.prefix}/members/"))
+
+    def publish(self, path: Path, record: ForkRecord, budget: float) -> None:
+        members: list[str] = []
+        try:
+            members = [m for m in self._member_names() if m != self.node]
+            value = {
+                "fork_id": record.fork_id,
+                "model_dir": record.model_dir,
+                "source": record.source,
+                "digest": record.digest,
+                "node": self.node,
+                "members": members,
+            }
+            self.session.put(self._fork_key(record.fork_id), value)
+        except (EtcdDown, EtcdAuthError) as e:
+            log.error("%s: fork %s not published to the other nodes: %s", path.parent, record.fork_id, e)
+        self._published[record.fork_id] = (time.monotonic(), members)
+
+    def gather(self, path: Path, record: ForkRecord, budget: float) -> Gathered:
+        published_at, members = self._published.pop(record.fork_id, (time.monotonic(), None))
+        if members is None:  # resumed by an adopter after the dead claimer had published: its list stands
+            found = self._call(lambda: self.session.get(self._fork_key(record.fork_id)), None)
+            members = [str(m) for m in (found.value.get("members", []) if found else []) if m != self.node]
+        gathered = Gathered(members=list(members))
+        deadline = time.monotonic() + budget
+        pending = set(members)
+        while pending:
+            try:
+                reports = {
+                    kv.key.rsplit("/", 1)[-1]: kv.value
+                    for kv in self.session.get_prefix(self._report_key(record.fork_id))
+                }
+                alive = set(self._member_names())
+            except (EtcdDown, EtcdAuthError):
+                reports, alive = {}, pending
+            for node in sorted(pending):
+                if node in reports:
+                    gathered.reports[node] = reports[node]
+                    gathered.seconds = time.monotonic() - published_at
+                    pending.discard(node)
+                elif node not in alive:
+                    gathered.missing[node] = "its lease expired before it reported (daemon gone, frozen or cut off)"
+                    pending.discard(node)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        for node in pending:
+            gathered.missing[node] = f"it did not report within {budget:g}s (timeouts.trainers + timeouts.vllm)"
+        return gathered
+
+    def _listen(self) -> None:
+        """Run this node's stages for every fork another node publishes (polled: a few small reads a second)."""
+        while not self._stop.wait(0.1):
+            if not self.usable() or self.on_published is None:
+                continue
+            try:
+                published = self.session.get_prefix(f"{self.prefix}/forks/")
+            except (EtcdDown, EtcdAuthError):
+                continue
+            current = {str(kv.value.get("fork_id")) for kv in published}
+            self._handled &= current
+            for kv in published:
+                fork_id = str(kv.value.get("fork_id"))
+                if kv.value.get("node") == self.node or fork_id in self._handled or self.holds(fork_id):
+                    continue
+                self._handled.add(fork_id)
+                threading.Thread(target=self._report, args=(kv.value,), name=f"fanout-{fork_id}", daemon=True).start()
+
+    def _report(self, published: dict[str, Any]) -> None:
+        assert self.on_published is not None
+        fork_id = str(published["fork_id"])
+        try:
+            report = self.on_published(published)
+        except Exception as e:  # a bug here must still be reported, or the claimer waits out its whole budget
+            log.exception("fork %s published by %s: this node's stages raised", fork_id, published.get("node"))
+            report = {"error": f"internal error on node {self.node} ({e!r})"}
+        lease = self.lease
+        try:
+            self.session.put(self._report_key(fork_id, self.node), report, lease)
+        except (EtcdDown, EtcdAuthError) as e:
+            log.error("fork %s: this node's report did not reach etcd: %s", fork_id, e)
+
+    def _claim_value(self, info: dict[str, Any]) -> dict[str, Any]:
+        return {"fork_id": info.get("fork_id"), "node": self.node, "claimed_by": self.claimer()}
+
+    def _call(self, action: Callable[[], T], failed: T) -> T:
+        """`action`'s result, or `failed` when etcd cannot answer (which also marks coordination down)."""
+        try:
+            return action()
+        except (EtcdDown, EtcdAuthError) as e:
+            self._down(str(e))
+            return failed
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "up": self.usable(),
+            "node": self.node,
+            "endpoints": list(self.session.endpoints),
+            "problem": self.problem,
+            "members": self.members,
+            "waiting": self.waiting_count(),
+            "lease_keepalive_failures": self.keepalive_failures,
+        }
+
+    def close(self) -> None:
+        self._stop.set()
+        self._keeper.join(timeout=5)
+        # Claims held stay under the lease until it runs out, so a fork journaled now is resumed by the next start
+        # or adopted elsewhere; only the membership goes at once.
+        with contextlib.suppress(EtcdDown, EtcdAuthError):
+            if self.lease is not None and not self.registry.items():
+                self.session.revoke(self.lease)

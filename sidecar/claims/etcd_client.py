@@ -1,0 +1,239 @@
+"""The few etcd v3 calls the daemon makes, through etcd3gw (the v3 JSON gateway), with endpoint failover and auth.
+
+Imported only when `coordination.backend` is etcd: the daemon runs without etcd3gw in filesystem mode. Every call
+is bounded by a short request timeout and every failure is one of two exceptions with one sentence each:
+`EtcdDown` (no endpoint answered) and `EtcdAuthError` (an endpoint answered, and refused our credentials).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import Etcd3Exception
+
+from sidecar.config import ConfigError, EtcdConfig
+
+__all__ = ["EtcdAuthError", "EtcdDown", "EtcdSession", "KeyValue"]
+
+
+class EtcdDown(Exception):
+    """No etcd endpoint answered; the sentence names them."""
+
+
+class EtcdAuthError(Exception):
+    """etcd refused the configured credentials; the sentence says which and what to fix."""
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: dict[str, Any]
+    mod_revision: int
+    create_revision: int
+    lease: int
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(data: str) -> str:
+    return base64.b64decode(data).decode()
+
+
+def _range_end(prefix: str) -> str:
+    """The key just past every key starting with `prefix` (etcd's prefix range)."""
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return base64.b64encode(bytes(raw)).decode()
+
+
+_AUTH_WORDS = (
+    "authentication failed",
+    "invalid auth token",
+    "user name is empty",
+    "permission denied",
+    "unauthenticated",
+)
+
+
+class EtcdSession:
+    """One client per endpoint, the last one that answered first; re-authenticates when a token expires."""
+
+    def __init__(self, config: EtcdConfig, request_timeout: float) -> None:
+        self.config = config
+        self.timeout = request_timeout
+        self._lock = threading.Lock()
+        self._clients = [self._client(url) for url in config.endpoints]
+        self._current = 0
+        self._password = _read_password(config)
+
+    def _client(self, url: str) -> Etcd3Client:
+        parts = urlsplit(url)
+        session = requests.Session()
+        if self.config.ca_file is not None:
+            session.verify = str(self.config.ca_file)
+        if self.config.cert_file is not None and self.config.key_file is not None:
+            session.cert = (str(self.config.cert_file), str(self.config.key_file))
+        return Etcd3Client(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 2379,
+            protocol=parts.scheme,
+            timeout=self.timeout,
+            api_path="/v3/",  # etcd >= 3.4; no discovery round trip per client
+            session=session,
+        )
+
+    @property
+    def endpoints(self) -> Sequence[str]:
+        return self.config.endpoints
+
+    # --- transport -------------------------------------------------------------------------------------------
+    def call(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST `payload` to /v3/`path` on the first endpoint that answers; EtcdDown when none does."""
+        with self._lock:
+            order = [(self._current + i) % len(self._clients) for i in range(len(self._clients))]
+        failures = []
+        for index in order:
+            client = self._clients[index]
+            try:
+                result = self._post(client, path, payload)
+            except EtcdDown as e:
+                failures.append(str(e))
+                continue
+            with self._lock:
+                self._current = index
+            return dict(result)
+        raise EtcdDown(f"no etcd endpoint answered ({'; '.join(failures)}); check coordination.etcd.endpoints")
+
+    def _post(self, client: Etcd3Client, path: str, payload: dict[str, Any], *, retried: bool = False) -> Any:
+        url = client.get_url(path)
+        if self.config.user is not None and "Authorization" not in client.session.headers:
+            self._authenticate(client)
+        try:
+            return client.post(url, json=payload)
+        except Etcd3Exception as e:
+            detail = f"{e.detail_text or ''} {e.args[0] if e.args else ''}".lower()
+            if any(word in detail for word in _AUTH_WORDS):
+                if self.config.user is not None and not retried:  # a token that expired: once more with a new one
+                    client.session.headers.pop("Authorization", None)
+                    return self._post(client, path, payload, retried=True)
+                raise EtcdAuthError(
+                    f"etcd at {client.base_url} refused the request ({_short(e)}); check coordination.etcd.user and "
+                    "password_file, and that the user has a role on the prefix"
+                ) from None
+            if type(e).__name__ in ("ConnectionFailedError", "ConnectionTimeoutError"):
+                raise EtcdDown(f"{client.base_url}: {_short(e)}") from None
+            raise EtcdDown(f"{client.base_url} answered {_short(e)}") from None
+
+    def _authenticate(self, client: Etcd3Client) -> None:
+        try:
+            reply = client.post(
+                client.get_url("/auth/authenticate"), json={"name": self.config.user, "password": self._password}
+            )
+        except Etcd3Exception as e:
+            if type(e).__name__ in ("ConnectionFailedError", "ConnectionTimeoutError"):
+                raise EtcdDown(f"{client.base_url}: {_short(e)}") from None
+            raise EtcdAuthError(
+                f"etcd at {client.base_url} refused user {self.config.user!r} ({_short(e)}); check "
+                f"coordination.etcd.user and the password in {self.config.password_file}"
+            ) from None
+        client.session.headers["Authorization"] = str(reply["token"])
+
+    # --- leases ----------------------------------------------------------------------------------------------
+    def grant(self, ttl: int) -> int:
+        return int(self.call("lease/grant", {"TTL": ttl, "ID": 0})["ID"])
+
+    def keepalive(self, lease: int) -> int:
+        """The lease's TTL after the refresh; <= 0 when it has expired (its keys are gone)."""
+        result = self.call("lease/keepalive", {"ID": lease}).get("result", {})
+        return int(result.get("TTL", -1))
+
+    def time_to_live(self, lease: int) -> int:
+        return int(self.call("kv/lease/timetolive", {"ID": lease}).get("TTL", -1))
+
+    def revoke(self, lease: int) -> None:
+        self.call("kv/lease/revoke", {"ID": lease})
+
+    # --- keys ------------------------------------------------------------------------------------------------
+    def get(self, key: str) -> KeyValue | None:
+        found = self.call("kv/range", {"key": _b64(key)}).get("kvs", [])
+        return _kv(found[0]) if found else None
+
+    def get_prefix(self, prefix: str) -> list[KeyValue]:
+        found = self.call("kv/range", {"key": _b64(prefix), "range_end": _range_end(prefix)}).get("kvs", [])
+        return [_kv(item) for item in found]
+
+    def put(self, key: str, value: dict[str, Any], lease: int | None = None) -> None:
+        payload: dict[str, Any] = {"key": _b64(key), "value": _b64(json.dumps(value))}
+        if lease:
+            payload["lease"] = lease
+        self.call("kv/put", payload)
+
+    def delete(self, key: str) -> None:
+        self.call("kv/deleterange", {"key": _b64(key)})
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.call("kv/deleterange", {"key": _b64(prefix), "range_end": _range_end(prefix)})
+
+    def create(self, key: str, value: dict[str, Any], lease: int) -> bool:
+        """Put `key` only if it does not exist, bound to `lease`; whether it was created."""
+        return self._txn(
+            [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+            [{"request_put": {"key": _b64(key), "value": _b64(json.dumps(value)), "lease": lease}}],
+        )
+
+    def put_if_lease(self, key: str, value: dict[str, Any], lease: int) -> bool:
+        """Replace `key` only while it is bound to `lease` (still our claim); whether it was."""
+        return self._txn(
+            [{"key": _b64(key), "result": "EQUAL", "target": "LEASE", "lease": lease}],
+            [{"request_put": {"key": _b64(key), "value": _b64(json.dumps(value)), "lease": lease}}],
+        )
+
+    def delete_if_lease(self, key: str, lease: int) -> bool:
+        return self._txn(
+            [{"key": _b64(key), "result": "EQUAL", "target": "LEASE", "lease": lease}],
+            [{"request_delete_range": {"key": _b64(key)}}],
+        )
+
+    def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> bool:
+        return bool(self.call("kv/txn", {"compare": compare, "success": success, "failure": []}).get("succeeded"))
+
+
+def _read_password(config: EtcdConfig) -> str | None:
+    if config.password_file is None:
+        return None
+    try:
+        return config.password_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"coordination.etcd.password_file: {config.password_file} cannot be read ({e}); "
+            "point it at a readable file holding the etcd user's password."
+        ) from None
+
+
+def _kv(item: dict[str, Any]) -> KeyValue:
+    try:
+        value = json.loads(_unb64(item.get("value", "")))
+    except ValueError:
+        value = {}
+    return KeyValue(
+        _unb64(item["key"]),
+        value if isinstance(value, dict) else {},
+        int(item.get("mod_revision", 0)),
+        int(item.get("create_revision", 0)),
+        int(item.get("lease", 0)),
+    )
+
+
+def _short(e: Exception) -> str:
+    text = str(getattr(e, "detail_text", None) or e).strip().replace("\n", " ")
+    return text[:200] or type(e).__name__

@@ -1,0 +1,75 @@
+"""Daemons on several simulated nodes of one host, coordinated through a real etcd (tests/support/etcd_server.py):
+each with its own node.name, state dir, runtime dir and log, all watching one shared art root."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tests.support.daemon import DaemonProcess, wait_for, write_config
+
+__all__ = ["LEASE_TTL", "Node", "all_history", "prom", "start_all"]
+
+LEASE_TTL = "2s"
+
+
+class Node:
+    """One node: its daemon, its state and runtime dirs, its config (written by `configure`)."""
+
+    def __init__(self, base: Path, name: str, art: Path) -> None:
+        self.name = name
+        self.dir = base / name
+        self.dir.mkdir(parents=True)
+        self.art = art
+        self.state = self.dir / "state"
+        self.runtime = Path(tempfile.mkdtemp(prefix=f"fs-{name}-", dir="/tmp"))  # short: agent socket paths
+        self.config = self.dir / "config.yaml"
+        self.daemon = DaemonProcess(self.config, self.dir / "daemon.log")
+
+    def configure(self, endpoints: list[str], sections: dict[str, Any] | None = None, **etcd: Any) -> None:
+        """Its config: etcd at `endpoints` (with the `etcd` keys given), plus top-level `sections` merged in."""
+        write_config(
+            self.config,
+            [self.art],
+            self.state,
+            self.runtime,
+            node={"name": self.name},
+            coordination={"backend": "etcd", "etcd": {"endpoints": endpoints, "lease_ttl": LEASE_TTL, **etcd}},
+            metrics={"textfile": str(self.dir / "metrics.prom")},
+            **(sections or {}),
+        )
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.state / "status.json").read_text()))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def history(self) -> list[dict[str, Any]]:
+        try:
+            lines = (self.state / "history.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def journaled(self) -> list[Path]:
+        return sorted((self.state / "forks").glob("*.json")) if (self.state / "forks").is_dir() else []
+
+
+def all_history(nodes: list[Node]) -> list[dict[str, Any]]:
+    return [line for node in nodes for line in node.history()]
+
+
+def start_all(nodes: list[Node]) -> None:
+    """Start every node's daemon and wait until each sees all of them as members."""
+    for node in nodes:
+        node.daemon.start()
+    count = len(nodes)
+    wait_for(lambda: all(n.status().get("coordination", {}).get("members") == count for n in nodes), 20, "all members")
+
+
+def prom(nodes: list[Node]) -> str:
+    """Every node's metrics textfile, one after the other."""
+    return "\n".join((n.dir / "metrics.prom").read_text() for n in nodes if (n.dir / "metrics.prom").exists())

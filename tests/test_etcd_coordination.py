@@ -1,0 +1,239 @@
+"""Several daemons coordinated through a real etcd: distinct node names, state and runtime dirs, one shared root.
+
+Claims (exactly once, by an etcd transaction), takeover when a claimer dies (its lease expires, the next daemon
+resumes from the state recorded with the claim) and what happens while etcd cannot be reached (markers wait,
+daemons say so, every waiting fork completes once it is back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.adapters import write_adapter, write_big_adapter
+from tests.support.daemon import read_outcome, wait_for, wait_outcome
+from tests.support.etcd_nodes import Node, all_history, prom, start_all
+from tests.support.etcd_server import EtcdServer
+
+pytest.importorskip("etcd3gw")
+pytestmark = [pytest.mark.etcd, pytest.mark.timeout(240)]
+
+
+@pytest.fixture
+def art(tmp_path: Path) -> Path:
+    path = tmp_path / "art"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, art: Path, etcd_server: EtcdServer) -> Iterator[list[Node]]:
+    made = [Node(tmp_path / "nodes", f"node-{i}", art) for i in range(3)]
+    for node in made:
+        node.configure(etcd_server.endpoints)
+    yield made
+    for node in made:
+        with contextlib.suppress(AssertionError):
+            node.daemon.__exit__()
+
+
+def make_run(art: Path, model: str, steps: tuple[int, ...] = (3,)) -> Path:
+    model_dir = art / "p" / "models" / model
+    write_adapter(model_dir / "checkpoints" / "0000", seed=0)
+    for step in steps:
+        write_adapter(model_dir / "checkpoints" / f"{step:04d}", seed=step)
+    return model_dir
+
+
+def test_three_daemons_fork_each_marker_exactly_once(nodes: list[Node], art: Path) -> None:
+    runs = [make_run(art, f"m{i}") for i in range(9)]
+    for node in nodes:
+        node.daemon.start()
+    wait_for(lambda: all(n.status().get("coordination", {}).get("members") == 3 for n in nodes), 20, "3 members")
+    for model_dir in runs:
+        (model_dir / ".fork").write_text("step: 3")
+    for model_dir in runs:
+        assert wait_outcome(model_dir)["status"] == "done"
+    time.sleep(1.0)  # a second fork of any run, if a second daemon wrongly claimed one, would be filed by now
+    forked = sorted(line["model_dir"] for line in all_history(nodes))
+    assert forked == sorted(str(r) for r in runs)
+    prom = (nodes[0].dir / "metrics.prom").read_text()
+    assert 'fork_sidecar_coordination_up{backend="etcd"} 1.0' in prom
+    assert "fork_sidecar_cluster_members 3.0" in prom
+
+
+def _start_a_long_fork(nodes: list[Node], art: Path, model: str) -> Path:
+    """Every daemon started and a fork of a 256 MiB adapter asked for: long enough to fault it mid-way."""
+    model_dir = make_run(art, model, steps=())
+    write_big_adapter(model_dir / "checkpoints" / "0009", 256 * 1024 * 1024)
+    start_all(nodes)
+    (model_dir / ".fork").write_text("step: 9")
+    return model_dir
+
+
+def _claimer(nodes: list[Node]) -> Node:
+    return wait_for(lambda: next((n for n in nodes if n.journaled()), None), 30, "a node to journal the fork")
+
+
+def test_a_claimer_killed_mid_fork_is_resumed_by_another_node_from_its_recorded_state(
+    nodes: list[Node], art: Path
+) -> None:
+    model_dir = _start_a_long_fork(nodes, art, "big")
+    claimer = _claimer(nodes)
+    record = wait_for(lambda: _swapped_record(claimer), 60, "the claimer to record the swap")
+    claimer.daemon.kill()  # SIGKILL after the swap: the others must resume (same fork id), not fork again
+    outcome = wait_outcome(model_dir, timeout=60)
+    assert outcome["status"] == "done", outcome
+    assert outcome["fork_id"] == record["fork_id"]
+    survivors = [n for n in nodes if n is not claimer]
+    lines = all_history(survivors)
+    assert [line["fork_id"] for line in lines] == [record["fork_id"]]
+    adopter = next(n for n in survivors if n.history())
+    assert "adopting the fork" in adopter.daemon.log() and "from state swapped" in adopter.daemon.log()
+
+
+def _swapped_record(node: Node) -> dict[str, Any] | None:
+    for path in node.journaled():
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            data = json.loads(path.read_text())
+            if data.get("state") in ("swapped", "trainers", "vllm"):
+                return dict(data)
+    return None
+
+
+def test_while_etcd_is_down_markers_wait_and_each_forks_once_when_it_is_back(
+    nodes: list[Node], art: Path, etcd_server: EtcdServer
+) -> None:
+    runs = [make_run(art, f"w{i}") for i in range(4)]
+    for node in nodes:
+        node.daemon.start()
+    wait_for(lambda: all(n.status().get("coordination", {}).get("up") for n in nodes), 20, "coordination up")
+    etcd_server.kill()
+    wait_for(lambda: all(n.status().get("coordination", {}).get("up") is False for n in nodes), 20, "down noticed")
+    for model_dir in runs:
+        (model_dir / ".fork").write_text("step: 3")
+    time.sleep(3.0)  # several lease TTLs: nothing may be claimed meanwhile
+    assert all((r / ".fork").exists() and not (r / ".fork.inprogress").exists() for r in runs)
+    assert all(read_outcome(r) is None for r in runs)
+    status = nodes[0].status()
+    assert status["running"] and status["coordination"]["problem"]
+    assert wait_for(lambda: "fork_sidecar_markers_waiting_for_coordination 4.0" in prom(nodes), 20, "the gauge")
+    assert 'fork_sidecar_coordination_up{backend="etcd"} 0.0' in (nodes[0].dir / "metrics.prom").read_text()
+    assert "etcd unreachable" in nodes[0].daemon.log()
+    etcd_server.restart()
+    for model_dir in runs:
+        assert wait_outcome(model_dir, timeout=60)["status"] == "done"
+    time.sleep(1.0)
+    assert sorted(line["model_dir"] for line in all_history(nodes)) == sorted(str(r) for r in runs)
+
+
+def test_etcd_killed_and_restarted_mid_fork_ends_the_fork_once(
+    nodes: list[Node], art: Path, etcd_server: EtcdServer
+) -> None:
+    model_dir = _start_a_long_fork(nodes, art, "mid")
+    _claimer(nodes)
+    etcd_server.kill()
+    time.sleep(3.0)  # past the lease TTL: nobody can take the claim over while etcd is down
+    etcd_server.restart()
+    outcome = wait_outcome(model_dir, timeout=90)
+    assert outcome["status"] == "done", outcome
+    time.sleep(1.0)
+    assert [line["fork_id"] for line in all_history(nodes)] == [outcome["fork_id"]]
+
+
+def test_a_member_frozen_past_its_lease_loses_the_claim_and_files_nothing(nodes: list[Node], art: Path) -> None:
+    model_dir = _start_a_long_fork(nodes, art, "frozen")
+    claimer = _claimer(nodes)
+    wait_for(lambda: _swapped_record(claimer), 60, "the claimer to record the swap")
+    claimer.daemon.signal(signal.SIGSTOP)
+    try:
+        outcome = wait_outcome(model_dir, timeout=60)  # another node adopts once the frozen one's lease expires
+    finally:
+        claimer.daemon.signal(signal.SIGCONT)
+    assert outcome["status"] == "done", outcome
+    wait_for(lambda: "fork stopped without an outcome" in claimer.daemon.log(), 30, "the thawed claimer to stop")
+    assert claimer.history() == []
+    assert [line["fork_id"] for line in all_history(nodes)] == [outcome["fork_id"]]
+    assert read_outcome(model_dir) == outcome  # the thawed claimer did not overwrite it
+
+
+def test_a_restarted_member_rejoins_and_claims_again(nodes: list[Node], art: Path) -> None:
+    for node in nodes:
+        node.daemon.start()
+    wait_for(lambda: nodes[0].status().get("coordination", {}).get("members") == 3, 20, "3 members")
+    nodes[1].daemon.stop()
+    wait_for(lambda: nodes[0].status().get("coordination", {}).get("members") == 2, 20, "the member to leave")
+    nodes[1].daemon.start()
+    wait_for(lambda: nodes[0].status().get("coordination", {}).get("members") == 3, 20, "the member to rejoin")
+    runs = [make_run(art, f"r{i}") for i in range(6)]
+    for model_dir in runs:
+        (model_dir / ".fork").write_text("step: 3")
+    for model_dir in runs:
+        assert wait_outcome(model_dir)["status"] == "done"
+    assert sorted(line["model_dir"] for line in all_history(nodes)) == sorted(str(r) for r in runs)
+
+
+def test_etcd_refusing_the_credentials_leaves_markers_waiting_and_says_why(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    auth = etcd_server.enable_auth()
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password\n")
+    wrong.chmod(0o600)
+    node = Node(tmp_path / "auth", "node-auth", art)
+    node.configure(etcd_server.endpoints, user=auth.user, password_file=str(wrong))
+    model_dir = make_run(art, "auth")
+    with node.daemon:
+        (model_dir / ".fork").write_text("step: 3")
+        problem = wait_for(
+            lambda: "refused" in (p := node.status().get("coordination", {}).get("problem") or "") and p,
+            20,
+            "the auth problem",
+        )
+        assert "password" in problem
+        time.sleep(1.0)
+        assert (model_dir / ".fork").exists() and read_outcome(model_dir) is None
+    node.configure(etcd_server.endpoints, user=auth.user, password_file=str(auth.password_file))
+    with node.daemon:
+        assert wait_outcome(model_dir)["status"] == "done"
+
+
+def _doctor(node: Node) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "doctor", "--config", str(node.config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return [f for f in json.loads(result.stdout)["findings"] if f["check"] == "coordination"]
+
+
+def test_doctor_checks_endpoints_credentials_and_the_lease_by_etcds_clock(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    node = Node(tmp_path / "doctor", "node-doc", art)
+    node.configure([*etcd_server.endpoints, "http://127.0.0.1:9"])  # a second endpoint that never answers
+    findings = _doctor(node)
+    assert [f["level"] for f in findings if "answers" in f["message"]] == ["ok"]
+    assert any(f["level"] == "problem" and "127.0.0.1:9" in f["message"] for f in findings)
+    assert any(f["level"] == "ok" and "leases work" in f["message"] for f in findings)
+    assert any("no daemon is registered as node node-doc" in f["message"] for f in findings)
+    with node.daemon:
+        wait_for(lambda: node.status().get("coordination", {}).get("up"), 20, "the daemon's lease")
+        assert any("holds a live lease" in f["message"] for f in _doctor(node))
+    auth = etcd_server.enable_auth()
+    wrong = tmp_path / "wrong"
+    wrong.write_text("nope\n")
+    node.configure(etcd_server.endpoints, user=auth.user, password_file=str(wrong))
+    findings = _doctor(node)
+    assert any(f["level"] == "problem" and "refused" in f["message"] for f in findings), findings

@@ -1,0 +1,129 @@
+"""Fan-out through etcd: a fork reaches every node serving its run, and the outcome says what each node did.
+
+Three daemons (distinct node.name, state and runtime dirs, one shared root) and on each node a real trainer process
+(a PEFT model registered with the preload, its agent in that node's runtime dir). The fork is claimed by one node;
+every node's agent must load the forked adapter, and the outcome's `nodes` names all three.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import wait_for, wait_outcome
+from tests.support.etcd_nodes import Node, all_history, prom, start_all
+from tests.support.etcd_server import EtcdServer
+from tests.support.tiny_model import TinyAssets
+
+pytest.importorskip("etcd3gw")
+pytest.importorskip("peft")
+pytestmark = [pytest.mark.etcd, pytest.mark.trainer, pytest.mark.slow, pytest.mark.timeout(300)]
+
+REPO = Path(__file__).resolve().parents[1]
+_TRAINER = """
+import sys
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+from sidecar import preload
+model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(sys.argv[1]), sys.argv[2])
+preload.register(model, sys.argv[3])
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, tiny_assets: TinyAssets) -> Path:
+    model_dir = tmp_path / "art" / "p" / "models" / "m"
+    for step, adapter in (("0000", tiny_assets.adapter_a), ("0003", tiny_assets.adapter_b)):
+        shutil.copytree(adapter, model_dir / "checkpoints" / step)
+    return model_dir
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, run_dir: Path, etcd_server: EtcdServer) -> Iterator[list[Node]]:
+    made = [Node(tmp_path / "nodes", f"node-{i}", tmp_path / "art") for i in range(3)]
+    for node in made:
+        node.configure(etcd_server.endpoints, {"trainer": {"required": True, "agent_timeout": "20s"}})
+    yield made
+    for node in made:
+        node.daemon.signal(signal.SIGCONT) if node.daemon.proc and node.daemon.proc.poll() is None else None
+        node.daemon.__exit__()
+        shutil.rmtree(node.runtime, ignore_errors=True)
+
+
+@pytest.fixture
+def trainers(nodes: list[Node], run_dir: Path, tiny_assets: TinyAssets) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """One real trainer process per node, its agent in that node's runtime dir, serving the run."""
+    children = []
+    for node in nodes:
+        env = {**os.environ, "FORK_SIDECAR_RUNTIME_DIR": str(node.runtime)}
+        args = [
+            sys.executable,
+            "-c",
+            _TRAINER,
+            str(tiny_assets.base),
+            str(run_dir / "checkpoints" / "0000"),
+            str(run_dir),
+        ]
+        children.append(subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO))
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
+        yield children
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
+def test_a_fork_reaches_the_agents_of_every_node_and_the_outcome_names_them(
+    nodes: list[Node], trainers: list[subprocess.Popen[bytes]], run_dir: Path
+) -> None:
+    start_all(nodes)
+    (run_dir / ".fork").write_text("step: 3")
+    outcome = wait_outcome(run_dir, timeout=120)
+    assert outcome["status"] == "done", outcome
+    assert sorted(outcome["nodes"]) == ["node-0", "node-1", "node-2"]
+    pids = {child.pid for child in trainers}
+    told = set()
+    for name, report in outcome["nodes"].items():
+        assert report["trainers"]["status"] == "ok", (name, report)
+        agents = report["trainers"]["agents"]
+        assert {a["result"] for a in agents} == {"loaded"}, (name, agents)
+        assert {a["digest"] for a in agents} == {outcome["digest"]}
+        told |= {a["pid"] for a in agents}
+    assert told == pids  # each node told its own trainer, and only its own
+    wait_for(lambda: all_history(nodes), 10, "the history line")
+    time.sleep(0.5)  # a second history line, if another node forked too, would be there by now
+    assert [line["fork_id"] for line in all_history(nodes)] == [outcome["fork_id"]]
+    wait_for(lambda: "fork_sidecar_nodes_reported_sum 3.0" in prom(nodes), 10, "the fan-out metrics")
+    assert "fork_sidecar_fanout_seconds_count 1.0" in prom(nodes)
+
+
+def test_a_node_frozen_when_the_fork_is_published_is_named_and_fails_the_required_stage(
+    nodes: list[Node], trainers: list[subprocess.Popen[bytes]], run_dir: Path
+) -> None:
+    start_all(nodes)
+    frozen = nodes[2]
+    frozen.daemon.signal(signal.SIGSTOP)  # still a member (its lease runs for up to 2 s), never reports
+    (run_dir / ".fork").write_text("step: 3")
+    outcome = wait_outcome(run_dir, timeout=120)
+    frozen.daemon.signal(signal.SIGCONT)
+    assert outcome["status"] == "failed", outcome
+    assert outcome["nodes"]["node-2"]["status"] == "missing"
+    assert "lease expired" in outcome["nodes"]["node-2"]["error"]
+    assert "node node-2 did not report" in outcome["error"]
+    for name in ("node-0", "node-1"):
+        assert outcome["nodes"][name]["trainers"]["status"] == "ok"
+    wait_for(lambda: all_history(nodes), 10, "the history line")
+    assert frozen.history() == []
+    wait_for(lambda: 'fork_sidecar_nodes_missing_total{node="node-2"} 1.0' in prom(nodes), 10, "the missing node")
