@@ -179,6 +179,8 @@ def test_a_restarted_member_rejoins_and_claims_again(nodes: list[Node], art: Pat
         (model_dir / ".fork").write_text("step: 3")
     for model_dir in runs:
         assert wait_outcome(model_dir)["status"] == "done"
+    wait_for(lambda: len(all_history(nodes)) >= len(runs), 10, "every history line")  # filed after the outcome
+    time.sleep(0.5)  # a second fork of any run would be filed by now
     assert sorted(line["model_dir"] for line in all_history(nodes)) == sorted(str(r) for r in runs)
 
 
