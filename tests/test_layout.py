@@ -1,9 +1,13 @@
-"""The ART run layout: run discovery, step dirs, latest step."""
+"""Layouts: the ART run layout (sidecar/layout.py: run discovery, step dirs, latest step), and the layout of this
+code itself: every module of `sidecar/` has a test module named after it (or one named in COVERED_BY, which says
+where its tests are), and no module is over MAX_MODULE_LINES lines."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import pytest
 
 from sidecar.layout import RunDir, checkpoint_dir, iter_run_dirs, latest_step, run_dir_of, step_dirs
 
@@ -44,3 +48,83 @@ def test_run_dir_of(tmp_path: Path) -> None:
     assert run is not None and run.path == tmp_path / "proj/models/m"
     assert run_dir_of(tmp_path / "proj/m", (tmp_path,)) is None
     assert run_dir_of(tmp_path / "proj/models/m/checkpoints", (tmp_path,)) is None
+
+
+# --- the layout of the code -------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+MAX_MODULE_LINES = 600
+
+# Modules whose tests do not carry their name: where they are tested instead. A new module goes here only with the
+# test module that really exercises it.
+COVERED_BY = {
+    "sidecar/__main__.py": "tests/test_daemon.py",  # `python -m sidecar` is how every daemon test starts it
+    "sidecar/cli.py": "tests/test_daemon.py",
+    "sidecar/claims/__init__.py": "tests/test_claims_filesystem.py",
+    "sidecar/claims/base.py": "tests/test_claims_filesystem.py",
+    "sidecar/fsops.py": "tests/test_swap.py",
+    "sidecar/owner_worker.py": "tests/reliability/test_tenants.py",
+    "sidecar/pipeline.py": "tests/test_pipeline_claims.py",
+    "sidecar/run_io.py": "tests/reliability/test_tenants.py",
+    "sidecar/rundir.py": "tests/reliability/test_tenant_binding.py",
+    "sidecar/sdnotify.py": "tests/test_systemd_unit.py",
+    "sidecar/stages.py": "tests/test_trainers.py",
+    "sidecar/preload/__init__.py": "tests/test_agent.py",
+    "sidecar/preload/art_compat.py": "tests/test_preload_install.py",
+    "sidecar/preload/art_probe.py": "tests/test_preload_install.py",
+    "sidecar/preload/bootstrap.py": "tests/test_preload_install.py",
+    "sidecar/preload/hook_table.py": "tests/test_hooks.py",
+    "sidecar/preload/preload_cli.py": "tests/test_preload_install.py",
+    "sidecar/preload/probe.py": "tests/test_preload_install.py",
+}
+
+
+def sidecar_modules() -> list[str]:
+    return sorted(p.relative_to(REPO).as_posix() for p in (REPO / "sidecar").rglob("*.py"))
+
+
+def all_test_modules() -> list[str]:
+    return sorted(p.relative_to(REPO).as_posix() for p in (REPO / "tests").rglob("test_*.py"))
+
+
+def mirrors(module: str) -> list[str]:
+    """The test module names that count as `module`'s: test_<name>, test_<package>_<name>, test_<package>."""
+    parts = Path(module).with_suffix("").parts[1:]  # without "sidecar"
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    names = {f"test_{'_'.join(parts)}.py", f"test_{parts[-1]}.py"} if parts else set()
+    if len(parts) > 1:
+        names.add(f"test_{parts[0]}.py")  # the package's test module covers its modules
+    return sorted(names)
+
+
+def test_every_module_has_a_test_module_named_after_it() -> None:
+    tests = {Path(t).name for t in all_test_modules()}
+    missing = [
+        m
+        for m in sidecar_modules()
+        if m != "sidecar/__init__.py" and m not in COVERED_BY and not tests.intersection(mirrors(m))
+    ]
+    assert missing == [], f"modules without a test module ({' or '.join(['tests/test_<name>.py', 'COVERED_BY'])})"
+
+
+def test_covered_by_names_real_modules_and_tests() -> None:
+    modules, tests = set(sidecar_modules()), set(all_test_modules())
+    assert [m for m in COVERED_BY if m not in modules] == []
+    assert [t for t in COVERED_BY.values() if t not in tests] == []
+
+
+def test_no_module_is_over_the_line_limit() -> None:
+    long = {m: n for m in sidecar_modules() if (n := len((REPO / m).read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}, f"split these along their concerns (not by line count): {long}"
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        ("sidecar/watch/tree.py", ["test_tree.py", "test_watch.py", "test_watch_tree.py"]),
+        ("sidecar/vllm/__init__.py", ["test_vllm.py"]),
+        ("sidecar/journal.py", ["test_journal.py"]),
+    ],
+)
+def test_the_mirror_rule(module: str, expected: list[str]) -> None:
+    assert mirrors(module) == expected
