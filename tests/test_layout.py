@@ -59,6 +59,12 @@ MAX_MODULE_LINES = 600
 COVERED_BY = {
     "sidecar/__main__.py": "tests/test_daemon.py",  # `python -m sidecar` is how every daemon test starts it
     "sidecar/cli.py": "tests/test_daemon.py",
+    "sidecar/checks/__init__.py": "tests/test_doctor.py",
+    "sidecar/checks/dirs.py": "tests/test_doctor.py",
+    "sidecar/checks/findings.py": "tests/test_doctor.py",
+    "sidecar/checks/host.py": "tests/test_doctor.py",
+    "sidecar/checks/trainers.py": "tests/test_doctor.py",
+    "sidecar/checks/vllm.py": "tests/test_doctor.py",
     "sidecar/claims/__init__.py": "tests/test_claims_filesystem.py",
     "sidecar/claims/base.py": "tests/test_claims_filesystem.py",
     "sidecar/fsops.py": "tests/test_swap.py",
