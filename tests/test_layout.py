@@ -81,6 +81,7 @@ COVERED_BY = {
     "sidecar/preload/hook_table.py": "tests/test_hooks.py",
     "sidecar/preload/preload_cli.py": "tests/test_preload_install.py",
     "sidecar/preload/probe.py": "tests/test_preload_install.py",
+    "sidecar/preload/step_gate.py": "tests/test_agent.py",
 }
 
 

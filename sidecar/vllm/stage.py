@@ -55,6 +55,7 @@ from sidecar.vllm.discovery import (
     merge_targets,
     trusted_for_run,
 )
+from sidecar.vllm.failures import explain_failure, summarise_failures
 from sidecar.vllm.snapshots import LOADS_IN_FLIGHT, is_snapshot_name, list_snapshots
 
 __all__ = ["VllmStage"]
@@ -196,7 +197,7 @@ class VllmStage:
         if not failed:
             return StageOutcome("ok", seconds, None, detail)
         errors = [r.error for r in failed if r.error]
-        return StageOutcome("failed", seconds, _summarise(errors), detail, failed[0].reason)
+        return StageOutcome("failed", seconds, summarise_failures(errors), detail, failed[0].reason)
 
     def _serve(self, target: ServerTarget, ctx: ForkContext, snapshot: _SnapshotOnce) -> _Served:
         """Survey one server and, if it serves the run, reload it: no waiting for the others in between."""
@@ -264,7 +265,7 @@ class VllmStage:
                 lambda: self._client(target).models(deadline), deadline=deadline, policy=self.policy
             )
         except RequestFailed as e:
-            error, reason = _explain(e, target, "GET /v1/models")
+            error, reason = explain_failure(e, target, "GET /v1/models")
             return _Survey(target, error=error, reason=reason)
         if checkpoints is not None and target.claimed and (unknown := _unresolvable(cards, target)):
             return _Survey(target, cards, error=unknown, reason=Reason.VLLM_RELATIVE_ROOT)
@@ -324,7 +325,9 @@ class VllmStage:
                 report.probe = self._probe(client, survey.adapters[0], deadline)
         except RequestFailed as e:
             report.attempts += e.attempts
-            report.error, report.reason = _explain(e, target, f"reload {', '.join(survey.adapters)} from {snapshot}")
+            report.error, report.reason = explain_failure(
+                e, target, f"reload {', '.join(survey.adapters)} from {snapshot}"
+            )
         report.seconds = time.monotonic() - started
         if report.error:
             log.error("%s", report.error)
@@ -549,53 +552,3 @@ def _verify_roots(cards: list[ModelCard], names: list[str], target: ServerTarget
                 f"vLLM server {target.url} lists {name} with root {seen} after the reload, not {expected}; fork again."
             )
     return None
-
-
-def _explain(e: RequestFailed, target: ServerTarget, what: str) -> tuple[str, Reason]:
-    """One sentence a person can act on, for a request that failed (never containing the key), and its reason."""
-    sentence, reason = _sentence(e, target, what)
-    return (sentence.replace(target.api_key, "***") if target.api_key else sentence), reason
-
-
-def _sentence(e: RequestFailed, target: ServerTarget, what: str) -> tuple[str, Reason]:
-    url = target.url
-    if isinstance(e, ConnectFailed) and e.maybe_applied and not what.startswith("GET"):
-        return (
-            f"vLLM server {url} ({target.origin}) did not answer {what} in time ({e}) and does not list the new "
-            "root; it may still apply it (its snapshot is kept) - check its log, then fork again."
-        ), Reason.VLLM_UNREACHABLE
-    if isinstance(e, ConnectFailed):
-        return (
-            f"vLLM server {url} ({target.origin}) did not answer {what} ({e}) after {e.attempts} attempt(s); "
-            "check that it runs - a restarted server loads checkpoints/0000, which already holds the fork."
-        ), Reason.VLLM_UNREACHABLE
-    if not isinstance(e, HttpError):  # BadAnswer, or an answer of the wrong shape
-        return (
-            f"vLLM server {url} ({target.origin}) answered {what} with {e}; check that the URL is the vLLM server "
-            "itself (not a proxy or another service) and that it is healthy."
-        ), Reason.VLLM_BAD_ANSWER
-    if e.route_missing and what.startswith("GET"):
-        sentence = f"{url} ({target.origin}) is not a vLLM OpenAI server (HTTP {e.status} on {what}); check its URL."
-        return sentence, Reason.VLLM_NOT_VLLM
-    if e.route_missing:
-        return (
-            f"vLLM server {url} has no runtime LoRA loading (HTTP {e.status} on /v1/load_lora_adapter); restart it "
-            "with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment."
-        ), Reason.VLLM_ROUTE_MISSING
-    if e.status in (401, 403):
-        fix = (
-            "the configured key was refused; check api_key_file / api_key_env"
-            if target.api_key
-            else "give its key with api_key_file or api_key_env under vllm.servers (or run the daemon as its user)"
-        )
-        return f"vLLM server {url} requires an API key (HTTP {e.status} on {what}); {fix}.", Reason.VLLM_UNAUTHORIZED
-    tries = f"after {e.attempts} attempt(s)"
-    sentence = f"vLLM server {url} ({target.origin}) failed to {what} (HTTP {e.status}: {e.message}) {tries}."
-    return sentence, Reason.VLLM_HTTP_ERROR
-
-
-def _summarise(errors: list[str]) -> str | None:
-    if not errors:
-        return None
-    more = f" (and {len(errors) - 1} more server(s) failed; see servers)" if len(errors) > 1 else ""
-    return errors[0] + more

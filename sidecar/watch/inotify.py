@@ -18,9 +18,10 @@ import errno
 import logging
 import os
 import struct
+from collections.abc import Callable
 from typing import Literal, get_args
 
-__all__ = ["WATCH_MODES", "Inotify", "WatchMode", "open_inotify", "read_sysctl"]
+__all__ = ["WATCH_MODES", "Inotify", "WatchMode", "log_watch_failure", "open_inotify", "read_sysctl"]
 
 logger = logging.getLogger("sidecar.watch")
 
@@ -104,6 +105,29 @@ def open_inotify(mode: WatchMode, poll_interval: float) -> Inotify | None:
             raise OSError(exc.errno, msg) from exc
         logger.warning("inotify cannot be used (%s); polling every %gs instead", exc.strerror, poll_interval)
         return None
+
+
+def log_watch_failure(path: str, exc: OSError, poll_interval: float, log_once: Callable[..., None]) -> None:
+    """Say (once per cause) why a directory gets no watch and is scanned every `poll_interval` instead."""
+    if exc.errno == errno.ENOSPC:
+        log_once(
+            logging.WARNING,
+            "enospc",
+            "inotify watch limit reached at %s (fs.inotify.max_user_watches=%s): directories without a watch are "
+            "scanned every %gs instead; raise the limit for instant detection",
+            path,
+            read_sysctl("max_user_watches"),
+            poll_interval,
+        )
+    else:
+        log_once(
+            logging.WARNING,
+            f"watch:{path}",
+            "cannot watch %s (%s): scanning it every %gs instead",
+            path,
+            exc.strerror,
+            poll_interval,
+        )
 
 
 def read_sysctl(name: str) -> str:

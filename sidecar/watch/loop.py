@@ -40,6 +40,7 @@ from sidecar.watch.inotify import (
     IN_Q_OVERFLOW,
     WATCH_MODES,
     WatchMode,
+    log_watch_failure,
     open_inotify,
     read_sysctl,
 )
@@ -51,8 +52,9 @@ from sidecar.watch.tree import (
     MASKS,
     Dir,
     Level,
-    iter_models,
+    TreeViews,
     join,
+    list_subdirs,
     marker_event_ready,
     normalise_roots,
     tracked_name,
@@ -117,12 +119,11 @@ class MarkerWatcher:
         # Bumped whenever a directory joins or leaves the tree: run_count() and run_dirs() answer from a list built
         # once per version (the daemon asks every tick and every minute; building 10,000 Paths took 68 ms).
         self._tree_version = 0
-        self._runs: tuple[int, list[Path]] = (-1, [])
+        self._views = TreeViews()
         # Owners of model dirs come from the tree, not from a stat of every run every minute (10,000 stats cost as much
         # CPU as a rescan): a dir's owner is read when it joins the tree, again on its IN_ATTRIB (chown), in every full
         # rescan for dirs without a watch (polled), and in the rescan after an overflow (events lost) for all.
         self._owner_changes = 0
-        self._owners: tuple[tuple[int, int], frozenset[int]] = ((-1, -1), frozenset())
         self._restat_owners: Literal["new", "unwatched", "all"] = "new"
 
     # Public API ---------------------------------------------------------------------------------------------------
@@ -194,12 +195,7 @@ class MarkerWatcher:
     def owners(self) -> frozenset[int]:
         """The uids owning the known model dirs (built once per change of the tree or of an owner)."""
         with self._lock:
-            version, owners = self._owners
-            if version != (self._tree_version, self._owner_changes):
-                models = (m for root in self._roots.values() for m in iter_models(root))
-                owners = frozenset(m.uid for m in models if m.uid is not None)
-                self._owners = ((self._tree_version, self._owner_changes), owners)
-            return owners
+            return self._views.owners(self._roots.values(), (self._tree_version, self._owner_changes))
 
     def __enter__(self) -> MarkerWatcher:
         self.start()
@@ -439,7 +435,7 @@ class MarkerWatcher:
             if node.uid is None or restat == "all" or (restat == "unwatched" and node.wd is None):
                 self._read_owner(node)
             return self._check_marker(node, found)
-        listing = self._list(node)
+        listing = list_subdirs(node, self._log_once)
         if listing is None:
             return False
         for name in [n for n in node.children if n not in listing]:
@@ -451,30 +447,6 @@ class MarkerWatcher:
             if not self._scan(child, child_ino, found, watch=watch):
                 self._drop(node.children.pop(name))
         return True
-
-    def _list(self, node: Dir) -> dict[str, int] | None:
-        """The tracked subdirectories of `node` with their inode numbers; None when `node` is gone."""
-        try:
-            entries = os.scandir(node.path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError as exc:
-            self._log_once(logging.WARNING, f"list:{node.path}", "cannot list %s (%s); skipping it", node.path, exc)
-            return {name: child.ino for name, child in node.children.items() if child.ino is not None}
-        listing: dict[str, int] = {}
-        with entries:
-            for entry in entries:
-                if not tracked_name(node.level, entry.name):
-                    continue
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        listing[entry.name] = entry.inode()
-                    elif entry.is_symlink():
-                        # A symlinked project or model dir may lead out of the root; the layout is real dirs only.
-                        self._log_once(logging.DEBUG, f"link:{entry.path}", "skipping symlinked dir %s", entry.path)
-                except OSError:
-                    continue
-        return listing
 
     def _check_marker(self, node: Dir, found: list[str]) -> bool:
         # faccessat without following a link: no stat buffer and no exception for the usual "no claim" (half the cost
@@ -533,25 +505,7 @@ class MarkerWatcher:
 
     def _watch_failed(self, node: Dir, exc: OSError) -> None:
         self._polled.add(node)
-        if exc.errno == errno.ENOSPC:
-            self._log_once(
-                logging.WARNING,
-                "enospc",
-                "inotify watch limit reached at %s (fs.inotify.max_user_watches=%s): directories without a watch are "
-                "scanned every %gs instead; raise the limit for instant detection",
-                node.path,
-                read_sysctl("max_user_watches"),
-                self._poll_interval,
-            )
-        else:
-            self._log_once(
-                logging.WARNING,
-                f"watch:{node.path}",
-                "cannot watch %s (%s): scanning it every %gs instead",
-                node.path,
-                exc.strerror,
-                self._poll_interval,
-            )
+        log_watch_failure(node.path, exc, self._poll_interval, self._log_once)
 
     def _unwatch(self, node: Dir) -> None:
         if node.wd is None:
@@ -614,12 +568,7 @@ class MarkerWatcher:
 
     def _known_runs(self) -> list[Path]:
         """The model dirs, sorted, as of this version of the tree (the caller holds _lock)."""
-        version, runs = self._runs
-        if version != self._tree_version:
-            paths = sorted(m.path for root in self._roots.values() for m in iter_models(root))
-            runs = [Path(p) for p in paths]
-            self._runs = (self._tree_version, runs)
-        return runs
+        return self._views.runs(self._roots.values(), self._tree_version)
 
     def _log_once(self, level: int, key: str, msg: str, *args: object) -> None:
         if key not in self._logged:

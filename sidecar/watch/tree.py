@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -24,6 +24,9 @@ from sidecar.watch.inotify import (
 )
 
 logger = logging.getLogger("sidecar.watch")
+
+# (level, key, message, *args): logs a message once per key
+LogOnce = Callable[..., None]
 
 MARKER_BYTES = os.fsencode(MARKER)
 CLAIM_BYTES = os.fsencode(INPROGRESS)
@@ -113,3 +116,53 @@ def normalise_roots(roots: Sequence[Path]) -> tuple[str, ...]:
         else:
             logger.warning("watch root %s is inside watch root %s; ignoring it", path, outer)
     return tuple(kept)
+
+
+def list_subdirs(node: Dir, log_once: LogOnce) -> dict[str, int] | None:
+    """The tracked subdirectories of `node` with their inode numbers; None when `node` is gone."""
+    try:
+        entries = os.scandir(node.path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        log_once(logging.WARNING, f"list:{node.path}", "cannot list %s (%s); skipping it", node.path, exc)
+        return {name: child.ino for name, child in node.children.items() if child.ino is not None}
+    listing: dict[str, int] = {}
+    with entries:
+        for entry in entries:
+            if not tracked_name(node.level, entry.name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    listing[entry.name] = entry.inode()
+                elif entry.is_symlink():
+                    # A symlinked project or model dir may lead out of the root; the layout is real dirs only.
+                    log_once(logging.DEBUG, f"link:{entry.path}", "skipping symlinked dir %s", entry.path)
+            except OSError:
+                continue
+    return listing
+
+
+class TreeViews:
+    """Answers built from the tree once per version of it, not per question: the daemon asks every tick and every
+    minute, and building 10,000 Paths took 68 ms."""
+
+    def __init__(self) -> None:
+        self._runs: tuple[int, list[Path]] = (-1, [])
+        self._owners: tuple[tuple[int, int], frozenset[int]] = ((-1, -1), frozenset())
+
+    def runs(self, roots: Iterable[Dir], version: int) -> list[Path]:
+        """The model dirs, sorted."""
+        built, runs = self._runs
+        if built != version:
+            runs = [Path(p) for p in sorted(m.path for root in roots for m in iter_models(root))]
+            self._runs = (version, runs)
+        return runs
+
+    def owners(self, roots: Iterable[Dir], version: tuple[int, int]) -> frozenset[int]:
+        """The uids owning the model dirs; `version` also counts owner changes."""
+        built, owners = self._owners
+        if built != version:
+            owners = frozenset(m.uid for root in roots for m in iter_models(root) if m.uid is not None)
+            self._owners = (version, owners)
+        return owners
