@@ -1,6 +1,6 @@
 """`make bench`: run the CPU benchmarks one after another, each printing its own table with ratios.
 
-    .venv/bin/python -m bench [NAME ...]    names: daemon idle watch swap digest trainer vllm (default: all CPU ones)
+    .venv/bin/python -m bench [NAME ...]    names: daemon idle watch swap digest trainer ranks vllm (default: all CPU)
 
 The GPU benchmark (bench/gpu_dtype.py) needs CUDA and the carried Unsloth wheels; see its docstring.
 Each benchmark measures its baseline in the same run; machines are noisy, so read medians and ratios.
@@ -18,6 +18,7 @@ BENCHES = {
     "swap": ["-m", "bench.swap_bench"],
     "digest": ["-m", "bench.digest_bench"],
     "trainer": ["-m", "bench.trainer_bench"],
+    "ranks": ["-m", "bench.ranks_bench"],
     "vllm": ["-m", "bench.vllm_bench"],
 }
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file  # noqa: E402
 from tests.support.daemon import DaemonProcess, wait_for, wait_outcome, write_config  # noqa: E402
 from tests.support.ddp_script import fingerprint  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
-from tests.support.venvs import chained_venv, install_preload  # noqa: E402
+from tests.support.venvs import preloaded_venv  # noqa: E402
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
@@ -48,10 +48,7 @@ def assets() -> TinyAssets:
 
 @pytest.fixture(scope="module")
 def trainer_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    python = chained_venv(tmp_path_factory.mktemp("ranks-venv"))
-    install = install_preload(python)
-    assert install.returncode == 0, install.stderr
-    return python
+    return preloaded_venv(tmp_path_factory.mktemp("ranks-venv"))
 
 
 @contextlib.contextmanager
@@ -223,11 +220,10 @@ def check_fork_landed(steps: dict[int, dict[int, dict[str, Any]]], at: int, fork
     assert all(r["after"] != forked for r in steps.get(at - 1, {}).values())
 
 
-def test_four_ranks_with_broadcast_buffers_load_a_fork_at_one_step(
-    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
-) -> None:
-    run, _ = daemon
-    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 4)
+def fork_once_in_a_new_job(python: Path, run: Run, runtime_dir: Path, control: Path, nproc: int, *extra: str) -> None:
+    """Start a job, fork it to checkpoint 3 after two steps, let it take two more; check the ranks stayed identical
+    and loaded the fork at one step."""
+    job = Job(python, run, runtime_dir, control, nproc, *extra)
     try:
         job.wait_steps(2)
         outcome = run.fork(3)
@@ -235,23 +231,20 @@ def test_four_ranks_with_broadcast_buffers_load_a_fork_at_one_step(
     finally:
         job.stop()
     steps = assert_ranks_identical(job)
-    check_fork_landed(steps, assert_loaded_together(outcome, 4), run.tensors_of(3))
+    check_fork_landed(steps, assert_loaded_together(outcome, nproc), run.tensors_of(3))
+
+
+def test_four_ranks_with_broadcast_buffers_load_a_fork_at_one_step(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
+) -> None:
+    fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 4)
 
 
 def test_fsdp2_sharded_lora_loads_each_ranks_shard_at_the_same_step(
     trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
 ) -> None:
-    run, _ = daemon
-    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--fsdp")
-    try:
-        job.wait_steps(2)
-        outcome = run.fork(3)
-        job.wait_steps(job.last_step() + 2)
-    finally:
-        job.stop()
     # Fingerprints over the full tensors: a shard loaded a step early or late would show half old, half new.
-    steps = assert_ranks_identical(job)
-    check_fork_landed(steps, assert_loaded_together(outcome, 2), run.tensors_of(3))
+    fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 2, "--fsdp")
 
 
 # The 2-rank job below is shared by the last two tests (module scope: it stops when the module ends).

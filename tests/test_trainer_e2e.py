@@ -37,7 +37,7 @@ from sidecar.stages import ForkContext, StageOutcome  # noqa: E402
 from sidecar.trainers import TrainerStage, agent_statuses  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
 from tests.support.trainer_script import lora_fingerprint  # noqa: E402
-from tests.support.venvs import chained_venv, install_preload, purelib  # noqa: E402
+from tests.support.venvs import preloaded_venv  # noqa: E402
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
@@ -65,11 +65,7 @@ def assets() -> TinyAssets:
 @pytest.fixture(scope="module")
 def trainer_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real venv whose site-packages chain to .venv's, with the preload installed by the CLI."""
-    python = chained_venv(tmp_path_factory.mktemp("trainer-venv"))
-    install = install_preload(python)
-    assert install.returncode == 0, install.stderr
-    assert (purelib(python) / "_fork_sidecar.pth").exists()
-    return python
+    return preloaded_venv(tmp_path_factory.mktemp("trainer-venv"))
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,14 @@ class _InFlight:
     """One all_reduce(MAX) of [t, -t] started at a boundary and read at the next."""
 
     def __init__(self, dist: Any, torch: Any, device: Any, token: int) -> None:
-        self.buf = torch.tensor([token, -token], dtype=torch.int64, device=device)
+        if device.type == "cpu":
+            self.buf = torch.tensor([token, -token], dtype=torch.int64)
+        else:
+            # Filled on the device: torch.tensor(..., device=cuda) copies from pageable memory and waits for the
+            # stream, i.e. for the optimizer step just queued; a fill is one more kernel in the queue.
+            self.buf = torch.empty(2, dtype=torch.int64, device=device)
+            self.buf[0].fill_(token)
+            self.buf[1].fill_(-token)
         self.work = dist.all_reduce(self.buf, op=dist.ReduceOp.MAX, async_op=True)
         self.host: Any = None
         self.event: Any = None

@@ -27,23 +27,17 @@ Control files (checked between steps):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run by path, or imported as tests.support.ddp_script
+from trainer_script import lora_fingerprint as fingerprint
+
 __all__ = ["fingerprint", "main"]
-
-
-def fingerprint(tensors: dict[str, Any]) -> str:
-    """sha256 over (name, raw bytes) in name order of CPU tensors (the same as trainer_script.lora_fingerprint)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode() + b"\0")
-        h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
-    return "sha256:" + h.hexdigest()
 
 
 def _full(tensors: dict[str, Any]) -> dict[str, Any]:

@@ -45,3 +45,13 @@ def install_preload(python: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
     )
+
+
+def preloaded_venv(where: Path) -> Path:
+    """A venv at `where` chained to this interpreter's site-packages (torch, peft, transformers), with the preload
+    installed the way a user installs it (`fork-sidecar preload install`); returns its python."""
+    python = chained_venv(where)
+    install = install_preload(python)
+    assert install.returncode == 0, install.stderr
+    assert (purelib(python) / "_fork_sidecar.pth").exists()
+    return python
