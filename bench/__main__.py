@@ -1,6 +1,8 @@
 """`make bench`: run the CPU benchmarks one after another, each printing its own table with ratios.
 
-    .venv/bin/python -m bench [NAME ...]    names: daemon idle watch swap digest trainer ranks vllm (default: all CPU)
+    .venv/bin/python -m bench [NAME ...]
+
+names: daemon idle watch swap digest trainer ranks vllm nodes (default: all CPU ones).
 
 The GPU benchmark (bench/gpu_dtype.py) needs CUDA and the carried Unsloth wheels; see its docstring.
 Each benchmark measures its baseline in the same run; machines are noisy, so read medians and ratios.
@@ -20,6 +22,7 @@ BENCHES = {
     "trainer": ["-m", "bench.trainer_bench"],
     "ranks": ["-m", "bench.ranks_bench"],
     "vllm": ["-m", "bench.vllm_bench"],
+    "nodes": ["-m", "bench.nodes_bench"],
 }
 
 
