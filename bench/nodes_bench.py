@@ -114,7 +114,10 @@ def measure(label: str, work: Path, count: int, forks: int, etcd: EtcdServer | N
             try:
                 seconds, outcome = fork_once(model_dir, STEPS[i % len(STEPS)])
             except AssertionError as e:  # no outcome in time: say where it stands and stop this configuration
-                result.failed.append(f"{e}; node-1's log ends:\n{daemons[0].log()[-1500:]}")
+                markers = sorted(p.name for p in model_dir.glob(".fork*"))
+                result.failed.append(
+                    f"{e} (beside it: {', '.join(markers)}); node-1's log ends:\n{daemons[0].log()[-800:]}"
+                )
                 break
             if outcome.get("status") != "done":
                 result.failed.append(str(outcome.get("error")))
