@@ -7,7 +7,7 @@ in a run directory under --dir, then, --repeat times each, in the same run:
 
 - baseline: `cp -r SRC DST && sync` (a plain copy made durable),
 - openssl: one `openssl dgst -sha256` pass over the adapter file (the cost of hashing it once on one core),
-- copy: stage_checkpoint(copy_mode="copy") + install_staged: copy_file_range, the digest on a second thread,
+- copy: copy_to_staging(copy_mode="copy") + install_staging: copy_file_range, the digest on a second thread,
   fsync of every file and directory, the adapter check, RENAME_EXCHANGE and the fsyncs of checkpoints/,
 - hardlink: the same with copy_mode="hardlink" (the digest must read the shared inode),
 - reflink: the same with copy_mode="reflink", on an xfs loop filesystem made for the purpose (root and
@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.swap import SwapError, discard_retired, install_staged, stage_checkpoint
+from sidecar.swap import SwapError, copy_to_staging, discard_retired, install_staging
 from tests.support.adapters import write_adapter, write_big_adapter
 
 COPY_TARGET = 1.1  # x baseline
@@ -100,8 +100,8 @@ def time_ours(source: Path, checkpoints: Path, mode: str, cold: bool) -> tuple[f
     fork_id = f"bench{next(_ids)}"
     drop_caches(cold)
     started = time.perf_counter()
-    staged = stage_checkpoint(source, checkpoints, fork_id, copy_mode=mode)
-    install_staged(checkpoints, fork_id, staged.digest, stage_inode=staged.inode)
+    staged = copy_to_staging(source, checkpoints, fork_id, copy_mode=mode)
+    install_staging(checkpoints, fork_id, staged.digest, stage_inode=staged.inode)
     elapsed = time.perf_counter() - started
     if staged.method != mode:
         raise SystemExit(f"asked for {mode} but staging used {staged.method}")
@@ -126,7 +126,7 @@ def can_reflink(directory: Path) -> bool:
     probe = directory / "reflink-probe"
     write_adapter(probe / "src")
     try:
-        stage_checkpoint(probe / "src", probe, "probe", copy_mode="reflink")
+        copy_to_staging(probe / "src", probe, "probe", copy_mode="reflink")
         return True
     except SwapError:
         return False

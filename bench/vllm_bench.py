@@ -140,8 +140,8 @@ def in_process(stage: VllmStage, model_dir: Path, i: int) -> tuple[float, Parts]
     source = checkpoints / STEPS[i % 2]
     fork_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{next(_COUNTER):06x}"
     started = time.perf_counter()
-    staged = swap.stage_checkpoint(source, checkpoints, fork_id)
-    swap.install_staged(checkpoints, fork_id, staged.digest, stage_inode=staged.inode)
+    staged = swap.copy_to_staging(source, checkpoints, fork_id)
+    swap.install_staging(checkpoints, fork_id, staged.digest, stage_inode=staged.inode)
     swapped = time.perf_counter()
     outcome = stage.run(ForkContext(fork_id, model_dir, source, staged.digest, time.monotonic() + 60))
     reloaded = time.perf_counter()

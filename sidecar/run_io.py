@@ -269,7 +269,7 @@ class LocalRunIO(RunIO):
             self._drop_source()  # resumed after a restart: open it again, and check it again
             fd, _ = open_source_path(Path(source), [Path(r) for r in allowed_roots])
             self._source_fd = (source, fd)
-        staged = swap.stage_checkpoint(
+        staged = swap.copy_to_staging(
             Path(source),
             self.run.checkpoints,
             fork_id,
@@ -285,11 +285,11 @@ class LocalRunIO(RunIO):
             "bytes": staged.bytes,
             "inode": staged.inode,
             "digest": staged.digest,
-            "adapter_fingerprint": self._fingerprint(swap.stage_name(fork_id)),
+            "adapter_fingerprint": self._fingerprint(swap.staging_name(fork_id)),
         }
 
     def _op_install(self, fork_id: str, digest: str, stage_inode: int | None) -> None:
-        swap.install_staged(self.run.checkpoints, fork_id, digest, stage_inode=stage_inode, run_fd=self.fd)
+        swap.install_staging(self.run.checkpoints, fork_id, digest, stage_inode=stage_inode, run_fd=self.fd)
 
     def _op_disk_digest(self, fingerprint: list[int] | None, digest: str | None) -> str:
         if fingerprint is not None and self._fingerprint(SERVED_STEP) == fingerprint:
@@ -337,7 +337,7 @@ class LocalRunIO(RunIO):
             except (swap.SwapError, OSError):
                 pass  # e.g. 0000 is a symlink: settling refuses to touch it, so just drop our copy below
         with contextlib.suppress(swap.SwapError, OSError):
-            swap.abort_staged(self.run.checkpoints, fork_id, run_fd=self.fd)
+            swap.abort_staging(self.run.checkpoints, fork_id, run_fd=self.fd)
 
     def _op_settle_leftover(self, fork_id: str) -> str:
         return swap.settle_leftover(self.run.checkpoints, fork_id, run_fd=self.fd)

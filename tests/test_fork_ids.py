@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.fork_ids import checked_fork_id, is_fork_id, new_fork_id
-from sidecar.swap import retired_name, stage_name
+from sidecar.swap import retired_name, staging_name
 
 
 def test_new_ids_are_accepted_everywhere_and_differ() -> None:
@@ -13,7 +13,7 @@ def test_new_ids_are_accepted_everywhere_and_differ() -> None:
     assert len(ids) == 50
     for fork_id in ids:
         assert is_fork_id(fork_id) and checked_fork_id(fork_id) == fork_id
-        assert stage_name(fork_id) == f".fork-stage-{fork_id}" and retired_name(fork_id) == f".fork-retired-{fork_id}"
+        assert staging_name(fork_id) == f".fork-stage-{fork_id}" and retired_name(fork_id) == f".fork-retired-{fork_id}"
 
 
 @pytest.mark.parametrize("bad", ["", "-x", "_x", "a/b", "..", "a.b", "a b", "x" * 65, None, 7])
@@ -22,7 +22,7 @@ def test_anything_else_is_refused(bad: object) -> None:
     with pytest.raises(ValueError, match="fork id"):
         checked_fork_id(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="fork id"):
-        stage_name(bad)  # type: ignore[arg-type]
+        staging_name(bad)  # type: ignore[arg-type]
 
 
 def test_the_longest_id_is_64_characters() -> None:

@@ -24,7 +24,7 @@ def test_collecting_leftovers_beside_a_running_fork_keeps_its_claim_renewed(tmp_
     checkpoints = model_dir / "checkpoints"
     write_adapter(checkpoints / "0000", seed=0)
     dead_fork = new_fork_id()
-    write_adapter(checkpoints / swap.stage_name(dead_fork), seed=1)  # a crashed fork's copy, known to no journal
+    write_adapter(checkpoints / swap.staging_name(dead_fork), seed=1)  # a crashed fork's copy, known to no journal
     config_path = tmp_path / "config.yaml"
     config_path.write_text(
         yaml.safe_dump(
@@ -44,7 +44,7 @@ def test_collecting_leftovers_beside_a_running_fork_keeps_its_claim_renewed(tmp_
             forks_io = LocalRunIO(run, opened.fd, frozenset({0}))
             pipeline.claims.registry.hold(model_dir / INPROGRESS, forks_io, {"fork_id": "running"})
             pipeline.collect_leftovers(run, known=lambda _fork_id: False)
-            assert not (checkpoints / swap.stage_name(dead_fork)).exists()  # the chore really ran in the run
+            assert not (checkpoints / swap.staging_name(dead_fork)).exists()  # the chore really ran in the run
             assert [(path, io) for path, io, _ in pipeline.claims.registry.items()] == [
                 (model_dir / INPROGRESS, forks_io)
             ]

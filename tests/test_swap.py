@@ -26,22 +26,22 @@ from sidecar.adapter import TreeLimits, adapter_digest
 from sidecar.fsops import exchange_dirs
 from sidecar.fsops import rename_noreplace_at as rename_noreplace
 from sidecar.swap import (
-    StagedCheckpoint,
+    StagingCopy,
     SwapError,
-    abort_staged,
+    abort_staging,
+    copy_to_staging,
     discard_retired,
-    install_staged,
+    install_staging,
     leftovers,
     retired_name,
     settle_leftover,
-    stage_checkpoint,
-    stage_name,
+    staging_name,
 )
 from sidecar.swap.install import _plan_install
 from tests.support.adapters import write_adapter, write_big_adapter
 
 FORK = "f1"
-STAGE, RETIRED = stage_name(FORK), retired_name(FORK)
+STAGE, RETIRED = staging_name(FORK), retired_name(FORK)
 
 
 def tree(directory: Path) -> dict[str, bytes]:
@@ -69,9 +69,9 @@ def checkpoints(tmp_path: Path) -> Path:
     return directory
 
 
-def fork(checkpoints: Path, copy_mode: str = "auto", source: str = "0005") -> StagedCheckpoint:
-    staged = stage_checkpoint(checkpoints / source, checkpoints, FORK, copy_mode=copy_mode)
-    install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+def fork(checkpoints: Path, copy_mode: str = "auto", source: str = "0005") -> StagingCopy:
+    staged = copy_to_staging(checkpoints / source, checkpoints, FORK, copy_mode=copy_mode)
+    install_staging(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
     return staged
 
 
@@ -127,7 +127,7 @@ def fuse_without_exchange(tmp_path: Path) -> Iterator[Path]:
 @pytest.mark.parametrize("copy_mode", ["auto", "copy", "hardlink"])
 def test_fork_replaces_0000_byte_for_byte(checkpoints: Path, copy_mode: str) -> None:
     old, new = tree(checkpoints / "0000"), tree(checkpoints / "0005")
-    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK, copy_mode=copy_mode)
+    staged = copy_to_staging(checkpoints / "0005", checkpoints, FORK, copy_mode=copy_mode)
 
     assert staged.path == checkpoints / STAGE
     assert staged.digest == adapter_digest(checkpoints / "0005")
@@ -136,7 +136,7 @@ def test_fork_replaces_0000_byte_for_byte(checkpoints: Path, copy_mode: str) -> 
     assert staged.method == ("hardlink" if copy_mode == "hardlink" else "copy")  # ext4/tmpfs cannot reflink
     assert tree(checkpoints / "0000") == old  # staging alone changes nothing visible
 
-    result = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+    result = install_staging(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
 
     assert (result.how, result.resumed) == ("exchange", False)
     assert result.live == checkpoints / "0000"
@@ -152,9 +152,9 @@ def test_fork_replaces_0000_byte_for_byte(checkpoints: Path, copy_mode: str) -> 
 
 def test_fork_without_an_existing_0000(checkpoints: Path) -> None:
     shutil.rmtree(checkpoints / "0000")
-    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    staged = copy_to_staging(checkpoints / "0005", checkpoints, FORK)
 
-    result = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+    result = install_staging(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
 
     assert (result.how, result.retired) == ("rename", None)
     assert tree(checkpoints / "0000") == tree(checkpoints / "0005")
@@ -165,8 +165,8 @@ def test_installing_again_changes_nothing(checkpoints: Path) -> None:
     staged = fork(checkpoints)
     before = tree(checkpoints)
 
-    again = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
-    by_digest = install_staged(checkpoints, FORK, staged.digest)
+    again = install_staging(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+    by_digest = install_staging(checkpoints, FORK, staged.digest)
 
     assert (again.how, again.resumed) == ("none", False)
     assert by_digest.how == "none"
@@ -210,7 +210,7 @@ def test_root_keeps_the_source_owner(checkpoints: Path) -> None:
 def test_progress_reports_every_byte(checkpoints: Path) -> None:
     seen: list[tuple[int, int]] = []
 
-    staged = stage_checkpoint(
+    staged = copy_to_staging(
         checkpoints / "0005", checkpoints, FORK, copy_mode="copy", progress=lambda d, t: seen.append((d, t))
     )
 
@@ -261,7 +261,7 @@ def promote(c: int) -> None:
     rename_noreplace(c, STAGE, "0000")
 
 
-# The filesystem operations install_staged performs on each path, in order; a crash after the first k.
+# The filesystem operations install_staging performs on each path, in order; a crash after the first k.
 PATHS: dict[str, list[Callable[[int], None]]] = {
     "exchange": [exchange, retire_stage],
     "aside": [aside, promote],
@@ -272,7 +272,7 @@ PATHS: dict[str, list[Callable[[int], None]]] = {
 @pytest.mark.parametrize(("path", "k"), [("exchange", 1), ("exchange", 2), ("aside", 1), ("aside", 2)])
 def test_install_finishes_after_a_crash_at_any_point(checkpoints: Path, path: str, k: int, by_inode: bool) -> None:
     old, new = tree(checkpoints / "0000"), tree(checkpoints / "0005")
-    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    staged = copy_to_staging(checkpoints / "0005", checkpoints, FORK)
     c = fd_of(checkpoints)
     try:
         for operation in PATHS[path][:k]:
@@ -280,25 +280,25 @@ def test_install_finishes_after_a_crash_at_any_point(checkpoints: Path, path: st
     finally:
         os.close(c)
 
-    result = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode if by_inode else None)
+    result = install_staging(checkpoints, FORK, staged.digest, stage_inode=staged.inode if by_inode else None)
 
     assert tree(checkpoints / "0000") == new
     assert tree(checkpoints / RETIRED) == old
     assert names(checkpoints) == [RETIRED, "0000", "0005"]
     assert result.resumed == (k < len(PATHS[path]))
-    assert install_staged(checkpoints, FORK, staged.digest).how == "none"
+    assert install_staging(checkpoints, FORK, staged.digest).how == "none"
 
 
 def test_install_finishes_after_a_crash_without_0000(checkpoints: Path) -> None:
     shutil.rmtree(checkpoints / "0000")
-    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    staged = copy_to_staging(checkpoints / "0005", checkpoints, FORK)
     c = fd_of(checkpoints)
     try:
         promote(c)
     finally:
         os.close(c)
 
-    result = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+    result = install_staging(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
 
     assert result.how == "none"
     assert tree(checkpoints / "0000") == tree(checkpoints / "0005")
@@ -308,9 +308,9 @@ def test_identical_weights_count_as_installed(checkpoints: Path) -> None:
     # Forking to a checkpoint with the same tensors: without the inode the digests cannot tell old from new.
     shutil.rmtree(checkpoints / "0000")
     shutil.copytree(checkpoints / "0005", checkpoints / "0000")
-    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    staged = copy_to_staging(checkpoints / "0005", checkpoints, FORK)
 
-    install_staged(checkpoints, FORK, staged.digest)
+    install_staging(checkpoints, FORK, staged.digest)
 
     assert tree(checkpoints / "0000") == tree(checkpoints / "0005")
     assert names(checkpoints) == [RETIRED, "0000", "0005"]
@@ -369,12 +369,12 @@ def test_plan_takes_the_expected_action(live: bool, staged: bool, retired: bool,
 def test_install_refuses_states_it_cannot_explain(
     checkpoints: Path, setup: Callable[[Path], object], fragment: str
 ) -> None:
-    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    staged = copy_to_staging(checkpoints / "0005", checkpoints, FORK)
     setup(checkpoints)
     before = tree(checkpoints)
 
     with pytest.raises(SwapError, match=fragment):
-        install_staged(checkpoints, FORK, staged.digest)
+        install_staging(checkpoints, FORK, staged.digest)
 
     assert tree(checkpoints) == before
 
@@ -383,11 +383,11 @@ KILLER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from sidecar.swap import stage_checkpoint, install_staged
+    from sidecar.swap import copy_to_staging, install_staging
     checkpoints = Path(sys.argv[1])
     print("ready", flush=True)
-    staged = stage_checkpoint(checkpoints / "0001", checkpoints, "k1", copy_mode="copy")
-    install_staged(checkpoints, "k1", staged.digest, stage_inode=staged.inode)
+    staged = copy_to_staging(checkpoints / "0001", checkpoints, "k1", copy_mode="copy")
+    install_staging(checkpoints, "k1", staged.digest, stage_inode=staged.inode)
     print("done", flush=True)
     """
 )
@@ -446,20 +446,20 @@ def test_rename_aside_on_a_filesystem_without_exchange(tmp_path: Path) -> None:
         assert caught.value.errno == errno.EINVAL  # the premise: this filesystem cannot exchange
         (checkpoints / "a").rmdir()
 
-        staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
-        result = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+        staged = copy_to_staging(checkpoints / "0005", checkpoints, FORK)
+        result = install_staging(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
 
         assert result.how == "aside"
         assert tree(checkpoints / "0000") == new
         assert tree(checkpoints / RETIRED) == old
-        assert install_staged(checkpoints, FORK, staged.digest).how == "none"
+        assert install_staging(checkpoints, FORK, staged.digest).how == "none"
 
 
 def test_rename_aside_when_exchange_is_not_allowed(checkpoints: Path) -> None:
     old, new = tree(checkpoints / "0000"), tree(checkpoints / "0005")
-    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    staged = copy_to_staging(checkpoints / "0005", checkpoints, FORK)
 
-    result = install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode, allow_exchange=False)
+    result = install_staging(checkpoints, FORK, staged.digest, stage_inode=staged.inode, allow_exchange=False)
 
     assert result.how == "aside"
     assert (tree(checkpoints / "0000"), tree(checkpoints / RETIRED)) == (new, old)
@@ -477,7 +477,7 @@ def test_disk_full_while_staging(tmp_path: Path) -> None:
         before = tree(checkpoints)
 
         with pytest.raises(SwapError, match="no space left") as caught:
-            stage_checkpoint(tmp_path / "big", checkpoints, FORK, copy_mode="copy")
+            copy_to_staging(tmp_path / "big", checkpoints, FORK, copy_mode="copy")
 
         assert "\n" not in str(caught.value)
         assert tree(checkpoints) == before
@@ -506,7 +506,7 @@ def test_source_changed_during_the_copy(
             changed.append(change(source))
 
     with pytest.raises(SwapError, match=fragment) as caught:
-        stage_checkpoint(source, checkpoints, FORK, copy_mode=copy_mode, progress=progress)
+        copy_to_staging(source, checkpoints, FORK, copy_mode=copy_mode, progress=progress)
 
     assert str(caught.value).startswith(str(source))
     assert tree(checkpoints / "0000") == before
@@ -517,22 +517,22 @@ def test_invalid_source_is_refused_before_copying(checkpoints: Path) -> None:
     (checkpoints / "0005" / "adapter_config.json").write_text("{")
 
     with pytest.raises(SwapError, match=r"0005/adapter_config\.json: adapter_config\.json is not JSON"):
-        stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+        copy_to_staging(checkpoints / "0005", checkpoints, FORK)
 
     assert names(checkpoints) == ["0000", "0005"]
 
 
 def test_symlinked_0000_is_refused(checkpoints: Path) -> None:
-    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    staged = copy_to_staging(checkpoints / "0005", checkpoints, FORK)
     (checkpoints / "0000").rename(checkpoints / "real0000")
     (checkpoints / "0000").symlink_to("real0000")
 
     # Refused before a copy is made (no stage left behind), and by install if it turns into a symlink later.
     with pytest.raises(SwapError, match=r"shutil\.rmtree"):
-        stage_checkpoint(checkpoints / "0005", checkpoints, "other-fork")
+        copy_to_staging(checkpoints / "0005", checkpoints, "other-fork")
     assert ".fork-stage-other-fork" not in names(checkpoints)
     with pytest.raises(SwapError, match=r"shutil\.rmtree"):
-        install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
+        install_staging(checkpoints, FORK, staged.digest, stage_inode=staged.inode)
 
     assert (checkpoints / "0000").is_symlink()
 
@@ -541,9 +541,9 @@ def test_symlinked_checkpoints_dir_is_refused(checkpoints: Path, tmp_path: Path)
     (tmp_path / "link").symlink_to(checkpoints)
 
     with pytest.raises(SwapError, match="link: is a symlink"):
-        stage_checkpoint(checkpoints / "0005", tmp_path / "link", FORK)
+        copy_to_staging(checkpoints / "0005", tmp_path / "link", FORK)
     with pytest.raises(SwapError, match="link: is a symlink"):
-        install_staged(tmp_path / "link", FORK, "sha256:" + "0" * 64)
+        install_staging(tmp_path / "link", FORK, "sha256:" + "0" * 64)
 
     assert STAGE not in names(checkpoints)
 
@@ -551,32 +551,32 @@ def test_symlinked_checkpoints_dir_is_refused(checkpoints: Path, tmp_path: Path)
 def test_symlinks_and_special_files_in_the_source_are_refused(checkpoints: Path, tmp_path: Path) -> None:
     (tmp_path / "link-to-0005").symlink_to(checkpoints / "0005")
     with pytest.raises(SwapError, match="link-to-0005: is a symlink"):
-        stage_checkpoint(tmp_path / "link-to-0005", checkpoints, FORK)
+        copy_to_staging(tmp_path / "link-to-0005", checkpoints, FORK)
 
     (checkpoints / "0005" / "tokenizer.json").symlink_to("/etc/hostname")
     with pytest.raises(SwapError, match=r"tokenizer\.json: is a symlink"):
-        stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+        copy_to_staging(checkpoints / "0005", checkpoints, FORK)
 
     (checkpoints / "0005" / "tokenizer.json").unlink()
     os.mkfifo(checkpoints / "0005" / "fifo")
     with pytest.raises(SwapError, match="fifo: is not a regular file"):
-        stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+        copy_to_staging(checkpoints / "0005", checkpoints, FORK)
 
     assert names(checkpoints) == ["0000", "0005"]
 
 
 def test_the_stage_cannot_be_its_own_source(checkpoints: Path) -> None:
-    staged = stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    staged = copy_to_staging(checkpoints / "0005", checkpoints, FORK)
 
     with pytest.raises(SwapError, match="staging directory itself"):
-        stage_checkpoint(staged.path, checkpoints, FORK)
+        copy_to_staging(staged.path, checkpoints, FORK)
 
     assert tree(staged.path) == tree(checkpoints / "0005")
 
 
 def test_reflink_mode_fails_clearly_where_unsupported(checkpoints: Path) -> None:
     with pytest.raises(SwapError, match=r"cannot reflink.*copy_mode auto or copy"):
-        stage_checkpoint(checkpoints / "0005", checkpoints, FORK, copy_mode="reflink")
+        copy_to_staging(checkpoints / "0005", checkpoints, FORK, copy_mode="reflink")
 
     assert names(checkpoints) == ["0000", "0005"]
 
@@ -589,7 +589,7 @@ def test_hardlink_mode_across_filesystems_fails_clearly(tmp_path: Path) -> None:
         write_adapter(tmp_path / "src", seed=3)
 
         with pytest.raises(SwapError, match=r"cannot be hardlinked.*copy_mode auto or copy"):
-            stage_checkpoint(tmp_path / "src", checkpoints, FORK, copy_mode="hardlink")
+            copy_to_staging(tmp_path / "src", checkpoints, FORK, copy_mode="hardlink")
 
         assert names(checkpoints) == ["0000"]
 
@@ -611,30 +611,30 @@ def test_reflink_on_a_filesystem_that_can(tmp_path: Path, kind: str, copy_mode: 
 
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="fork id"):
-        stage_name("../x")
+        staging_name("../x")
     with pytest.raises(ValueError, match="copy_mode"):
-        stage_checkpoint(Path("/nonexistent"), Path("/nonexistent"), FORK, copy_mode="rsync")
+        copy_to_staging(Path("/nonexistent"), Path("/nonexistent"), FORK, copy_mode="rsync")
 
 
 # ------------------------------------------------------------------------------------------ cleanup
 
 
 def test_abort_and_discard_are_idempotent(checkpoints: Path) -> None:
-    stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    copy_to_staging(checkpoints / "0005", checkpoints, FORK)
 
-    abort_staged(checkpoints, FORK)
-    abort_staged(checkpoints, FORK)
+    abort_staging(checkpoints, FORK)
+    abort_staging(checkpoints, FORK)
     discard_retired(checkpoints, FORK)
 
     assert names(checkpoints) == ["0000", "0005"]
 
 
 def test_abort_refuses_to_leave_the_run_without_0000(checkpoints: Path) -> None:
-    stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    copy_to_staging(checkpoints / "0005", checkpoints, FORK)
     (checkpoints / "0000").rename(checkpoints / RETIRED)  # a crash in the middle of a rename-aside
 
-    with pytest.raises(SwapError, match="install_staged"):
-        abort_staged(checkpoints, FORK)
+    with pytest.raises(SwapError, match="install_staging"):
+        abort_staging(checkpoints, FORK)
 
     assert names(checkpoints) == [RETIRED, STAGE, "0005"]
 
@@ -653,7 +653,7 @@ def test_settle_leftover_leaves_one_whole_0000(
     checkpoints: Path, ops: list[Callable[[int], None]], expect: str
 ) -> None:
     old, new = tree(checkpoints / "0000"), tree(checkpoints / "0005")
-    stage_checkpoint(checkpoints / "0005", checkpoints, FORK)
+    copy_to_staging(checkpoints / "0005", checkpoints, FORK)
     c = fd_of(checkpoints)
     try:
         for operation in ops:
@@ -702,7 +702,7 @@ def test_a_source_over_its_bounds_is_refused_before_anything_is_written(
     grow(checkpoints / "0005")
     before = tree(checkpoints / "0000")
     with pytest.raises(SwapError, match=words) as caught:
-        stage_checkpoint(checkpoints / "0005", checkpoints, FORK, limits=limits)
+        copy_to_staging(checkpoints / "0005", checkpoints, FORK, limits=limits)
     assert "\n" not in str(caught.value)
     assert names(checkpoints) == ["0000", "0005"] and tree(checkpoints / "0000") == before
 
@@ -717,7 +717,7 @@ def test_a_sparse_file_counts_at_its_full_size_against_the_free_space(tmp_path: 
             f.truncate(100 << 30)  # 100 GiB apparent, no blocks used
         free = os.statvfs(checkpoints).f_bavail
         with pytest.raises(SwapError, match="no space left"):
-            stage_checkpoint(checkpoints / "0004", checkpoints, FORK, copy_mode="copy")
+            copy_to_staging(checkpoints / "0004", checkpoints, FORK, copy_mode="copy")
         assert os.statvfs(checkpoints).f_bavail == free  # refused before a block was written
         assert names(checkpoints) == ["0000", "0004"]
 
@@ -734,8 +734,8 @@ def test_steps_work_through_the_run_fd_not_the_path(tmp_path: Path) -> None:
         os.rename(mine, mine.with_name("m.moved"))
         os.symlink(other, mine)
         checkpoints = mine / "checkpoints"
-        staged = stage_checkpoint(mine.with_name("m.moved") / "checkpoints/0005", checkpoints, FORK, run_fd=run_fd)
-        install_staged(checkpoints, FORK, staged.digest, stage_inode=staged.inode, run_fd=run_fd)
+        staged = copy_to_staging(mine.with_name("m.moved") / "checkpoints/0005", checkpoints, FORK, run_fd=run_fd)
+        install_staging(checkpoints, FORK, staged.digest, stage_inode=staged.inode, run_fd=run_fd)
         discard_retired(checkpoints, FORK, run_fd=run_fd)
         assert leftovers(checkpoints, run_fd=run_fd) == []
     finally:

@@ -105,8 +105,8 @@ def swap_in(model_dir: Path, source: Path, fid: str | None = None, timeout: floa
     """Make `source` the run's checkpoints/0000 with the real swap, as the pipeline does before its stages."""
     fid = fid or fork_id()
     checkpoints = model_dir / "checkpoints"
-    staged = swap.stage_checkpoint(source, checkpoints, fid)
-    swap.install_staged(checkpoints, fid, staged.digest, stage_inode=staged.inode)
+    staged = swap.copy_to_staging(source, checkpoints, fid)
+    swap.install_staging(checkpoints, fid, staged.digest, stage_inode=staged.inode)
     swap.discard_retired(checkpoints, fid)
     return ForkContext(fid, model_dir, source, staged.digest, time.monotonic() + timeout)
 

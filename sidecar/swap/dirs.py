@@ -19,23 +19,23 @@ __all__ = [
     "LEFTOVER_NAME",
     "LIVE_NAME",
     "RETIRED_PREFIX",
-    "STAGE_PREFIX",
+    "STAGING_PREFIX",
     "SwapError",
     "check_live_is_dir",
     "open_checkpoints_dir",
     "our_entries",
     "remove_entry",
     "retired_name",
-    "stage_name",
+    "staging_name",
 ]
 
 log = logging.getLogger("sidecar.swap")
 
 LIVE_NAME = SERVED_STEP  # the name a fork replaces
-STAGE_PREFIX = ".fork-stage-"
+STAGING_PREFIX = ".fork-stage-"
 RETIRED_PREFIX = ".fork-retired-"
 
-LEFTOVER_NAME = re.compile(rf"({re.escape(STAGE_PREFIX)}|{re.escape(RETIRED_PREFIX)})({FORK_ID.pattern})")
+LEFTOVER_NAME = re.compile(rf"({re.escape(STAGING_PREFIX)}|{re.escape(RETIRED_PREFIX)})({FORK_ID.pattern})")
 
 
 class SwapError(Exception):
@@ -46,8 +46,8 @@ class SwapError(Exception):
         super().__init__(message)
 
 
-def stage_name(fork_id: str) -> str:
-    return STAGE_PREFIX + checked_fork_id(fork_id)
+def staging_name(fork_id: str) -> str:
+    return STAGING_PREFIX + checked_fork_id(fork_id)
 
 
 def retired_name(fork_id: str) -> str:

@@ -23,10 +23,10 @@ from sidecar.swap.dirs import (
     open_checkpoints_dir,
     our_entries,
     retired_name,
-    stage_name,
+    staging_name,
 )
 
-__all__ = ["SwapResult", "install_staged"]
+__all__ = ["SwapResult", "install_staging"]
 
 log = logging.getLogger("sidecar.swap")
 
@@ -92,7 +92,7 @@ def _plan_install(has_live: bool, has_stage: bool, has_retired: bool, new: str |
     return "error:retired-only" if has_retired else "error:nothing"
 
 
-def install_staged(
+def install_staging(
     checkpoints_dir: Path,
     fork_id: str,
     new_digest: str,
@@ -104,23 +104,23 @@ def install_staged(
     """Brings `checkpoints_dir` to: 0000 is the staged checkpoint, the previous 0000 at .fork-retired-<id>.
 
     Idempotent: after a crash at any point inside it, call it again with the same arguments. Pass
-    `stage_inode` (StagedCheckpoint.inode) so it can tell old from new without reading adapters;
+    `stage_inode` (StagingCopy.inode) so it can tell old from new without reading adapters;
     without it the adapter digests decide, which reads them. `allow_exchange=False` forces the
     rename-aside path, which leaves a moment without 0000.
     """
-    stage, retired = stage_name(fork_id), retired_name(fork_id)
+    staging, retired = staging_name(fork_id), retired_name(fork_id)
     cfd = open_checkpoints_dir(checkpoints_dir, run_fd)
     try:
         how, resumed = "none", False
         for step in range(4):  # the longest path is aside, promote, done
-            present = our_entries(cfd, checkpoints_dir, (LIVE_NAME, stage, retired))
+            present = our_entries(cfd, checkpoints_dir, (LIVE_NAME, staging, retired))
             candidates = {n: i for n, i in present.items() if i is not None and n != retired}
             new_name = _which_is_new(cfd, checkpoints_dir, candidates, new_digest, stage_inode)
             action = _plan_install(
                 present[LIVE_NAME] is not None,
-                present[stage] is not None,
+                present[staging] is not None,
                 present[retired] is not None,
-                {LIVE_NAME: "live", stage: "stage"}.get(new_name or ""),
+                {LIVE_NAME: "live", staging: "stage"}.get(new_name or ""),
             )
             if step == 0:
                 resumed = action == "retire" or (action == "promote" and present[retired] is not None)
@@ -129,8 +129,8 @@ def install_staged(
                 left = checkpoints_dir / retired if lstat_at(cfd, retired) is not None else None
                 return SwapResult(checkpoints_dir / LIVE_NAME, new_digest, how, left, resumed)
             if action.startswith("error:"):
-                raise _install_error(action, checkpoints_dir, stage, retired, new_digest)
-            used = _apply(action, cfd, stage, retired, allow_exchange=allow_exchange)
+                raise _install_error(action, checkpoints_dir, staging, retired, new_digest)
+            used = _apply(action, cfd, staging, retired, allow_exchange=allow_exchange)
             if how == "none" and used != "retire":
                 how = used
         raise SwapError(checkpoints_dir, f"{printable(checkpoints_dir)}: the install did not settle; report a bug.")
@@ -144,12 +144,12 @@ def install_staged(
         os.close(cfd)
 
 
-def _apply(action: str, cfd: int, stage: str, retired: str, *, allow_exchange: bool) -> str:
+def _apply(action: str, cfd: int, staging: str, retired: str, *, allow_exchange: bool) -> str:
     """Performs one planned rename (then fsyncs checkpoints/); returns how: exchange, aside, rename, retire."""
     if action == "exchange":
         if allow_exchange:
             try:
-                exchange_dirs(cfd, stage, LIVE_NAME)
+                exchange_dirs(cfd, staging, LIVE_NAME)
                 _fsync_dir(cfd)
                 return "exchange"
             except OSError as exc:
@@ -160,34 +160,34 @@ def _apply(action: str, cfd: int, stage: str, retired: str, *, allow_exchange: b
         rename_noreplace(cfd, LIVE_NAME, retired)
         return "aside"
     if action == "retire":
-        rename_noreplace(cfd, stage, retired)
+        rename_noreplace(cfd, staging, retired)
         _fsync_dir(cfd)
         return "retire"
     if action == "promote":
-        rename_noreplace(cfd, stage, LIVE_NAME)
+        rename_noreplace(cfd, staging, LIVE_NAME)
         _fsync_dir(cfd)
         return "rename"
     raise AssertionError(action)
 
 
-def _install_error(action: str, checkpoints_dir: Path, stage: str, retired: str, digest: str) -> SwapError:
+def _install_error(action: str, checkpoints_dir: Path, staging: str, retired: str, digest: str) -> SwapError:
     live = printable(checkpoints_dir / LIVE_NAME)
     reasons = {
         "error:conflict": (
-            f"{printable(checkpoints_dir / retired)}: already exists beside {stage} and 0000, so this fork id was "
+            f"{printable(checkpoints_dir / retired)}: already exists beside {staging} and 0000, so this fork id was "
             f"used before; remove that directory after checking it, then install again."
         ),
         "error:neither": (
-            f"{printable(checkpoints_dir / stage)}: neither it nor 0000 holds the staged adapter ({digest}); "
+            f"{printable(checkpoints_dir / staging)}: neither it nor 0000 holds the staged adapter ({digest}); "
             f"stage the checkpoint again."
         ),
         "error:stage-gone": (
-            f"{live}: does not hold the staged adapter ({digest}) and {stage} is gone; stage the checkpoint again."
+            f"{live}: does not hold the staged adapter ({digest}) and {staging} is gone; stage the checkpoint again."
         ),
         "error:retired-only": (
             f"{live}: is missing and only {retired} (the previous checkpoint) is left; rename it back to 0000 "
             f"and fork again."
         ),
-        "error:nothing": f"{live}: is missing and so is {stage}; stage the checkpoint again.",
+        "error:nothing": f"{live}: is missing and so is {staging}; stage the checkpoint again.",
     }
     return SwapError(checkpoints_dir, reasons[action])

@@ -14,16 +14,16 @@ from sidecar.protocol.atomic_write import fsync_dir_fd as _fsync_dir
 from sidecar.swap.dirs import (
     LEFTOVER_NAME,
     LIVE_NAME,
-    STAGE_PREFIX,
+    STAGING_PREFIX,
     SwapError,
     open_checkpoints_dir,
     our_entries,
     remove_entry,
     retired_name,
-    stage_name,
+    staging_name,
 )
 
-__all__ = ["abort_staged", "discard_retired", "leftovers", "settle_leftover"]
+__all__ = ["abort_staging", "discard_retired", "leftovers", "settle_leftover"]
 
 log = logging.getLogger("sidecar.swap")
 
@@ -47,10 +47,10 @@ def discard_retired(checkpoints_dir: Path, fork_id: str, *, run_fd: int | None =
     _remove_named(checkpoints_dir, retired_name(fork_id), run_fd)
 
 
-def abort_staged(checkpoints_dir: Path, fork_id: str, *, run_fd: int | None = None) -> None:
-    """Removes the stage of a fork that failed before install_staged was called; nothing if it is gone.
+def abort_staging(checkpoints_dir: Path, fork_id: str, *, run_fd: int | None = None) -> None:
+    """Removes the stage of a fork that failed before install_staging was called; nothing if it is gone.
 
-    Once install_staged has started, a fork can only go forward: call install_staged again instead.
+    Once install_staging has started, a fork can only go forward: call install_staging again instead.
     Refuses when 0000 is missing and the retired copy exists (a half-done rename-aside), because
     removing the stage then would leave the run without 0000.
     """
@@ -64,10 +64,10 @@ def abort_staged(checkpoints_dir: Path, fork_id: str, *, run_fd: int | None = No
         shown = printable(checkpoints_dir / LIVE_NAME)
         raise SwapError(
             checkpoints_dir,
-            f"{shown}: is missing because fork {fork_id} was half installed; finish it with install_staged "
+            f"{shown}: is missing because fork {fork_id} was half installed; finish it with install_staging "
             f"instead of aborting.",
         )
-    _remove_named(checkpoints_dir, stage_name(fork_id), run_fd)
+    _remove_named(checkpoints_dir, staging_name(fork_id), run_fd)
 
 
 def leftovers(checkpoints_dir: Path, *, run_fd: int | None = None) -> list[tuple[str, str]]:
@@ -84,7 +84,7 @@ def leftovers(checkpoints_dir: Path, *, run_fd: int | None = None) -> list[tuple
     for name in names:
         match = LEFTOVER_NAME.fullmatch(name)
         if match:
-            found.append(("stage" if match.group(1) == STAGE_PREFIX else "retired", match.group(2)))
+            found.append(("stage" if match.group(1) == STAGING_PREFIX else "retired", match.group(2)))
     return sorted(found)
 
 
@@ -95,20 +95,20 @@ def settle_leftover(checkpoints_dir: Path, fork_id: str, *, run_fd: int | None =
     install began) or, with no stage, the retired copy is put back. Then the stage and the retired
     copy are removed. Returns what it did, for the log.
     """
-    stage, retired = stage_name(fork_id), retired_name(fork_id)
+    staging, retired = staging_name(fork_id), retired_name(fork_id)
     cfd = open_checkpoints_dir(checkpoints_dir, run_fd)
     try:
-        present = our_entries(cfd, checkpoints_dir, (LIVE_NAME, stage, retired))
+        present = our_entries(cfd, checkpoints_dir, (LIVE_NAME, staging, retired))
         done = []
         if present[LIVE_NAME] is None:
-            if present[stage] is not None and present[retired] is not None:
-                rename_noreplace(cfd, stage, LIVE_NAME)
-                done.append(f"completed the install of {stage}")
+            if present[staging] is not None and present[retired] is not None:
+                rename_noreplace(cfd, staging, LIVE_NAME)
+                done.append(f"completed the install of {staging}")
             elif present[retired] is not None:
                 rename_noreplace(cfd, retired, LIVE_NAME)
                 done.append(f"put {retired} back as 0000")
             _fsync_dir(cfd)
-        for name in (stage, retired):
+        for name in (staging, retired):
             if remove_entry(cfd, name):
                 done.append(f"removed {name}")
         _fsync_dir(cfd)

@@ -32,15 +32,15 @@ from sidecar.fsops import lstat_at
 from sidecar.protocol.atomic_write import fsync_dir_fd as _fsync_dir
 from sidecar.swap.dirs import (
     LIVE_NAME,
-    STAGE_PREFIX,
+    STAGING_PREFIX,
     SwapError,
     check_live_is_dir,
     open_checkpoints_dir,
     remove_entry,
-    stage_name,
+    staging_name,
 )
 
-__all__ = ["COPY_CHUNK", "COPY_MODES", "Progress", "StagedCheckpoint", "stage_checkpoint"]
+__all__ = ["COPY_CHUNK", "COPY_MODES", "Progress", "StagingCopy", "copy_to_staging"]
 
 log = logging.getLogger("sidecar.swap")
 
@@ -56,14 +56,14 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
 @dataclass(frozen=True)
-class StagedCheckpoint:
+class StagingCopy:
     path: Path  # checkpoints/.fork-stage-<id>
     fork_id: str
     digest: str  # adapter digest of the staged adapter_model.safetensors
     files: tuple[str, ...]  # relative paths, sorted
     bytes: int  # total size of the files
     method: str  # "reflink", "copy" or "hardlink"
-    inode: int  # of the stage directory: lets install_staged tell old from new without reading them
+    inode: int  # of the stage directory: lets install_staging tell old from new without reading them
     digest_s: float = 0.0  # how long staging waited for the digest once the bytes were in place (copies overlap it)
 
 
@@ -178,14 +178,14 @@ class _DigestThread(threading.Thread):
         return self.digest
 
 
-class _Stager:
+class _StagingCopier:
     """Copies one checkpoint tree from `src_fd` into `stage_fd`, checking the source stays put."""
 
     def __init__(
-        self, source: Path, src_fd: int, stage: Path, stage_fd: int, copy_mode: str, progress: Progress | None
+        self, source: Path, src_fd: int, staging: Path, staging_fd: int, copy_mode: str, progress: Progress | None
     ) -> None:
         self.source, self.src_fd = source, src_fd
-        self.stage, self.stage_fd = stage, stage_fd
+        self.staging, self.staging_fd = staging, staging_fd
         self.mode = copy_mode
         self.progress = progress
         self.methods: set[str] = set()
@@ -201,7 +201,7 @@ class _Stager:
 
     def copy_tree(self, entries: list[CheckpointEntry]) -> dict[str, _Fingerprint]:
         self.total = sum(e.stat.st_size for e in entries if not e.is_dir)
-        dir_fds = {"": (self.src_fd, self.stage_fd)}
+        dir_fds = {"": (self.src_fd, self.staging_fd)}
         fingerprints: dict[str, _Fingerprint] = {}
         try:
             for entry in entries:
@@ -326,7 +326,7 @@ class _Stager:
             if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise SwapError(
                     self.source / entry.relpath,
-                    f"{printable(self.source / entry.relpath)}: cannot be hardlinked into {printable(self.stage)} "
+                    f"{printable(self.source / entry.relpath)}: cannot be hardlinked into {printable(self.staging)} "
                     f"({exc.strerror}); use copy_mode auto or copy.",
                 ) from None
             raise
@@ -410,7 +410,7 @@ def _open_source(source: Path) -> int:
         raise SwapError(source, str(exc)) from None
 
 
-def stage_checkpoint(
+def copy_to_staging(
     source: Path,
     checkpoints_dir: Path,
     fork_id: str,
@@ -420,7 +420,7 @@ def stage_checkpoint(
     source_fd: int | None = None,
     run_fd: int | None = None,
     limits: TreeLimits | None = None,
-) -> StagedCheckpoint:
+) -> StagingCopy:
     """Copies the checkpoint `source` to `checkpoints_dir/.fork-stage-<fork_id>`, durably, and checks it.
 
     copy_mode: "auto" (reflink where the filesystem can, else copy), "reflink" (fail if it can't),
@@ -431,10 +431,10 @@ def stage_checkpoint(
     `source_fd`: the source as the resolver opened (and checked) it; `source` then only names it. `run_fd`: see
     open_checkpoints_dir. `limits`: bounds on the source tree, checked (with the free space) before copying.
     """
-    name = stage_name(fork_id)
+    name = staging_name(fork_id)
     if copy_mode not in COPY_MODES:
         raise ValueError(f"copy_mode {copy_mode!r} is not one of {', '.join(COPY_MODES)}")
-    stage = checkpoints_dir / name
+    staging = checkpoints_dir / name
     cfd = open_checkpoints_dir(checkpoints_dir, run_fd)
     try:
         # A 0000 that install would refuse (a symlink, a file) is refused before a whole adapter is copied.
@@ -457,9 +457,9 @@ def stage_checkpoint(
                 remove_entry(cfd, name)
                 os.mkdir(name, 0o700, dir_fd=cfd)  # private until its contents are complete
             except OSError as exc:
-                raise _staging_error(exc, source, stage) from None
+                raise _staging_error(exc, source, staging) from None
             try:
-                return _fill_stage(source, src_fd, stage, cfd, copy_mode, progress, limits)
+                return _fill_staging(source, src_fd, staging, cfd, copy_mode, progress, limits)
             except BaseException:
                 _remove_quietly(cfd, name)
                 raise
@@ -469,28 +469,30 @@ def stage_checkpoint(
         os.close(cfd)
 
 
-def _fill_stage(
+def _fill_staging(
     source: Path,
     src_fd: int,
-    stage: Path,
+    staging: Path,
     cfd: int,
     copy_mode: str,
     progress: Progress | None,
     limits: TreeLimits | None = None,
-) -> StagedCheckpoint:
-    stage_fd = os.open(stage.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cfd)
+) -> StagingCopy:
+    staging_fd = os.open(staging.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cfd)
     try:
-        stager = _Stager(source, src_fd, stage, stage_fd, copy_mode, progress)
+        copier = _StagingCopier(source, src_fd, staging, staging_fd, copy_mode, progress)
         try:
             entries = _walk(source, src_fd, limits)
-            fingerprints = stager.copy_tree(entries)
-            _copy_owner_and_mode(os.fstat(src_fd), stage_fd)
-            _fsync_dir(stage_fd)
+            fingerprints = copier.copy_tree(entries)
+            _copy_owner_and_mode(os.fstat(src_fd), staging_fd)
+            _fsync_dir(staging_fd)
             # Nothing in the source changed while it was copied and digested, so the digest is the stage's.
-            stager.recheck(entries, fingerprints, limits)
-            info = check_adapter(stage, dir_fd=stage_fd, limits=limits)
-            if stager.digest is None:  # check_adapter saw the file, so the walk did too: not expected
-                raise SwapError(stage, f"{printable(stage)}: the adapter was not digested while staged; report a bug.")
+            copier.recheck(entries, fingerprints, limits)
+            info = check_adapter(staging, dir_fd=staging_fd, limits=limits)
+            if copier.digest is None:  # check_adapter saw the file, so the walk did too: not expected
+                raise SwapError(
+                    staging, f"{printable(staging)}: the adapter was not digested while staged; report a bug."
+                )
         except AdapterError as exc:  # the message names the source or the staged file
             raise SwapError(exc.path, str(exc)) from None
         except _SourceChanged as exc:
@@ -501,39 +503,39 @@ def _fill_stage(
             ) from None
         except _ReflinkUnsupported:
             raise SwapError(
-                stage,
-                f"{printable(stage.parent)}: the filesystem cannot reflink (copy_mode reflink); use copy_mode "
+                staging,
+                f"{printable(staging.parent)}: the filesystem cannot reflink (copy_mode reflink); use copy_mode "
                 f"auto or copy.",
             ) from None
         except OSError as exc:
-            raise _staging_error(exc, source, stage) from None
-        methods = stager.methods or {"copy"}
+            raise _staging_error(exc, source, staging) from None
+        methods = copier.methods or {"copy"}
         method = methods.pop() if len(methods) == 1 else "copy"
-        log.info("staged %s into %s: %d bytes by %s", source, stage, info.total_bytes, method)
-        return StagedCheckpoint(
-            path=stage,
-            fork_id=stage.name[len(STAGE_PREFIX) :],
-            digest=stager.digest,
+        log.info("staged %s into %s: %d bytes by %s", source, staging, info.total_bytes, method)
+        return StagingCopy(
+            path=staging,
+            fork_id=staging.name[len(STAGING_PREFIX) :],
+            digest=copier.digest,
             files=info.files,
             bytes=info.total_bytes,
             method=method,
-            inode=os.fstat(stage_fd).st_ino,
-            digest_s=stager.digest_wait_s,
+            inode=os.fstat(staging_fd).st_ino,
+            digest_s=copier.digest_wait_s,
         )
     finally:
-        os.close(stage_fd)
+        os.close(staging_fd)
 
 
-def _staging_error(exc: OSError, source: Path, stage: Path) -> SwapError:
+def _staging_error(exc: OSError, source: Path, staging: Path) -> SwapError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return SwapError(
-            stage,
-            f"{printable(stage.parent)}: no space left while copying {printable(source)} into it; free space "
+            staging,
+            f"{printable(staging.parent)}: no space left while copying {printable(source)} into it; free space "
             f"there or use copy_mode reflink or hardlink.",
         )
     where = printable(exc.filename) if isinstance(exc.filename, str) else printable(source)
     return SwapError(
-        stage, f"{where}: {exc.strerror or exc} while staging {printable(source)}; check permissions and disk."
+        staging, f"{where}: {exc.strerror or exc} while staging {printable(source)}; check permissions and disk."
     )
 
 
