@@ -98,7 +98,8 @@ def test_a_claimer_killed_mid_fork_is_resumed_by_another_node_from_its_recorded_
     lines = all_history(survivors)
     assert [line["fork_id"] for line in lines] == [record["fork_id"]]
     adopter = next(n for n in survivors if n.history())
-    assert "adopting the fork" in adopter.daemon.log() and "from state swapped" in adopter.daemon.log()
+    log = adopter.daemon.log_path.read_text()  # whole: log() keeps only the end
+    assert "adopting the fork" in log and "from state swapped" in log
 
 
 def _swapped_record(node: Node) -> dict[str, Any] | None:
@@ -128,7 +129,7 @@ def test_while_etcd_is_down_markers_wait_and_each_forks_once_when_it_is_back(
     assert status["running"] and status["coordination"]["problem"]
     assert wait_for(lambda: "fork_sidecar_markers_waiting_for_coordination 4.0" in prom(nodes), 20, "the gauge")
     assert 'fork_sidecar_coordination_up{backend="etcd"} 0.0' in (nodes[0].dir / "metrics.prom").read_text()
-    assert "etcd unreachable" in nodes[0].daemon.log()
+    assert "etcd unreachable" in nodes[0].daemon.log_path.read_text()
     etcd_server.restart()
     for model_dir in runs:
         assert wait_outcome(model_dir, timeout=60)["status"] == "done"
@@ -160,7 +161,11 @@ def test_a_member_frozen_past_its_lease_loses_the_claim_and_files_nothing(nodes:
     finally:
         claimer.daemon.signal(signal.SIGCONT)
     assert outcome["status"] == "done", outcome
-    wait_for(lambda: "fork stopped without an outcome" in claimer.daemon.log(), 30, "the thawed claimer to stop")
+    wait_for(
+        lambda: "fork stopped without an outcome" in claimer.daemon.log_path.read_text(),
+        30,
+        "the thawed claimer to stop",
+    )
     assert claimer.history() == []
     assert [line["fork_id"] for line in all_history(nodes)] == [outcome["fork_id"]]
     assert read_outcome(model_dir) == outcome  # the thawed claimer did not overwrite it

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -22,6 +23,9 @@ from tests.support.daemon import wait_for, wait_outcome
 from tests.support.etcd_nodes import Node, all_history, prom, start_all
 from tests.support.etcd_server import EtcdServer
 from tests.support.tiny_model import TinyAssets
+
+if TYPE_CHECKING:
+    from tests.conftest import VllmRun
 
 pytest.importorskip("etcd3gw")
 pytest.importorskip("peft")
@@ -127,3 +131,27 @@ def test_a_node_frozen_when_the_fork_is_published_is_named_and_fails_the_require
     wait_for(lambda: all_history(nodes), 10, "the history line")
     assert frozen.history() == []
     wait_for(lambda: 'fork_sidecar_nodes_missing_total{node="node-2"} 1.0' in prom(nodes), 10, "the missing node")
+
+
+@pytest.mark.vllm
+def test_a_vllm_server_known_to_one_node_is_reloaded_through_that_node(
+    tmp_path: Path, vllm_run: VllmRun, etcd_server: EtcdServer
+) -> None:
+    # Each node knows only its own servers: node-1 lists the real vLLM CPU server, the others none. Whichever node
+    # claims, the server is reloaded by node-1 and the outcome says so under node-1 alone.
+    made = [Node(tmp_path / "nodes", f"node-{i}", vllm_run.art) for i in range(3)]
+    for node in made:
+        servers = [{"url": vllm_run.server.url}] if node.name == "node-1" else []
+        node.configure(etcd_server.endpoints, {"vllm": {"discover": False, "servers": servers}})
+    try:
+        start_all(made)
+        (vllm_run.model_dir / ".fork").write_text("step: 5")
+        outcome = wait_outcome(vllm_run.model_dir, timeout=180)
+    finally:
+        for node in made:
+            node.daemon.__exit__()
+    assert outcome["status"] == "done", outcome
+    assert sorted(outcome["nodes"]) == ["node-1"], outcome["nodes"]
+    vllm = outcome["nodes"]["node-1"]["vllm"]
+    assert vllm["status"] == "ok", vllm
+    assert [s["url"] for s in vllm["servers"]] == [vllm_run.server.url]

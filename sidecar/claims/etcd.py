@@ -209,6 +209,10 @@ class EtcdClaims(Claims):
         value = {"node": self.node, "state": "adopting", "from": (info or {}).get("claimed_by")}
         return self._call(lambda: self.session.create(self._claim_key(path), value, lease), False)
 
+    def renew(self) -> None:
+        """Nothing to write: the lease is the heartbeat (the keeper renews it), and a claim file rewritten by a
+        daemon that has just thawed could bring back a claim its adopter has already ended."""
+
     def give_back(self, path: Path) -> None:
         lease = self.lease
         if lease is not None:
@@ -310,6 +314,7 @@ class EtcdClaims(Claims):
         deadline = time.monotonic() + budget
         pending = set(members)
         while pending:
+            self.check(path)  # a claimer frozen while it waited finds its claim gone: stop, the adopter reports
             try:
                 reports = {
                     kv.key.rsplit("/", 1)[-1]: kv.value
