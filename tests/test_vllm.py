@@ -635,6 +635,26 @@ def test_snapshot_keeps_mode_and_is_reused_when_it_exists(run_dir: Path) -> None
         os.close(cfd)
 
 
+def test_a_snapshot_another_node_is_filling_is_left_alone(run_dir: Path) -> None:
+    # Nodes sharing a run (etcd fan-out) each snapshot the same fork. Each builds under a name of its own: a shared
+    # `.partial` name let one node delete the copy another was filling ("No such file or directory: ...partial").
+    checkpoints = run_dir / "checkpoints"
+    fid = "20261126T083000Z-a1b2c3"
+    others = [checkpoints / f".fork-{fid}.partial", checkpoints / f".fork-{fid}.partial-0a0b0c"]
+    for other in others:
+        other.mkdir()
+        (other / "adapter_config.json").write_text("{}")  # half-way through its copy
+    cfd = os.open(checkpoints, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        name, how = create_snapshot(cfd, fid)
+        assert how == "hardlink" and names_in(checkpoints / name) == names_in(checkpoints / "0000")
+        assert all((other / "adapter_config.json").exists() for other in others)
+        removed, _ = collect_snapshots(cfd, None)  # at start-up, no builder is running: leftovers of both forms go
+        assert sorted(removed) == sorted(other.name for other in others)
+    finally:
+        os.close(cfd)
+
+
 def test_collection_removes_only_unreferenced_fork_snapshots(run_dir: Path) -> None:
     checkpoints = run_dir / "checkpoints"
     keep, drop = checkpoints / ".fork-20261126T083000Z-aaaaaa", checkpoints / ".fork-20261126T083001Z-bbbbbb"

@@ -30,6 +30,7 @@ import contextlib
 import errno
 import os
 import re
+import secrets
 import shutil
 import stat
 import threading
@@ -54,7 +55,7 @@ __all__ = [
 
 FORK_ID_PATTERN = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
 _SNAPSHOT = re.compile(rf"\.fork-{FORK_ID_PATTERN}")
-_PARTIAL = re.compile(rf"\.fork-{FORK_ID_PATTERN}\.partial")
+_PARTIAL = re.compile(rf"\.fork-{FORK_ID_PATTERN}\.partial(?:-[0-9a-f]{{6}})?")
 # Filesystems or mounts where a hardlink cannot be made; anything else is a real error.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
 
@@ -82,11 +83,16 @@ def create_snapshot(checkpoints_fd: int, fork_id: str) -> tuple[str, str]:
     existing = lstat_at(checkpoints_fd, final)
     if existing is not None and stat.S_ISDIR(existing.st_mode):
         return final, "existing"  # a resumed fork: its snapshot was finished before the crash
-    partial = final + ".partial"
-    _remove_tree(checkpoints_fd, partial)
+    # A name of this builder's own: with several nodes on one shared run (etcd fan-out), each node's vLLM stage
+    # snapshots the same fork, and a shared `.partial` name let one node delete the copy another was filling.
+    partial = f"{final}.partial-{secrets.token_hex(3)}"
     os.mkdir(partial, 0o700, dir_fd=checkpoints_fd)
     copied = _fill(checkpoints_fd, checkpoints_fd, partial)
-    rename_noreplace_at(checkpoints_fd, partial, final)
+    try:
+        rename_noreplace_at(checkpoints_fd, partial, final)
+    except FileExistsError:  # another node finished the same snapshot (of the same 0000) first: use that one
+        _remove_tree(checkpoints_fd, partial)
+        return final, "existing"
     return final, "copy" if copied else "hardlink"
 
 
