@@ -11,8 +11,10 @@ each configuration gets its own key prefix). The baseline, measured in the same 
 `coordination.backend: filesystem` and one stand-in.
 
 Latency: from just before the marker is written to the outcome's `finished_at` (same wall clock), one fork at a
-time, alternating between two source checkpoints, after one warm-up fork. Prints medians, p90, the ratio of each
-median to the baseline's, and the nodes the outcomes name. Target: 3 nodes <= 1.5x the baseline.
+time, alternating between two source checkpoints, after one warm-up fork; split at the outcome's `started_at` into
+the claim wait (a marker whose close() the watcher did not report waits out MARKER_SETTLE_S first) and claim ->
+outcome. Prints medians, p90, the ratio of each median to the baseline's, and the nodes the outcomes name.
+Target: 3 nodes <= 1.5x the baseline.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Result:
     label: str
     nodes: int
     latencies: list[float] = field(default_factory=list)
+    claim_waits: list[float] = field(default_factory=list)  # marker written -> the outcome's started_at
     nodes_named: set[int] = field(default_factory=set)
     failed: list[str] = field(default_factory=list)
 
@@ -97,12 +100,13 @@ def nodes(
         yield daemons
 
 
-def fork_once(model_dir: Path, step: int) -> tuple[float, dict[str, Any]]:
-    started = time.time()
+def fork_once(model_dir: Path, step: int) -> tuple[float, float, dict[str, Any]]:
+    """(marker written -> finished_at, marker written -> started_at, the outcome)."""
+    written = time.time()
     (model_dir / ".fork").write_text(f"step: {step}\n")
-    outcome = wait_outcome(model_dir, timeout=60, after=started)
-    finished = datetime.fromisoformat(str(outcome["finished_at"])).timestamp()
-    return finished - started, outcome
+    outcome = wait_outcome(model_dir, timeout=60, after=written)
+    started, finished = (datetime.fromisoformat(str(outcome[k])).timestamp() for k in ("started_at", "finished_at"))
+    return finished - written, started - written, outcome
 
 
 def measure(label: str, work: Path, count: int, forks: int, etcd: EtcdServer | None, prefix: str) -> Result:
@@ -112,7 +116,7 @@ def measure(label: str, work: Path, count: int, forks: int, etcd: EtcdServer | N
     with nodes(work, root, model_dir, count, etcd, prefix) as daemons:
         for i in range(forks + 1):
             try:
-                seconds, outcome = fork_once(model_dir, STEPS[i % len(STEPS)])
+                seconds, claim_wait, outcome = fork_once(model_dir, STEPS[i % len(STEPS)])
             except AssertionError as e:  # no outcome in time: say where it stands and stop this configuration
                 markers = sorted(p.name for p in model_dir.glob(".fork*"))
                 result.failed.append(
@@ -125,6 +129,7 @@ def measure(label: str, work: Path, count: int, forks: int, etcd: EtcdServer | N
             if i == 0:
                 continue  # warm-up: first connections, first imports on the fork path
             result.latencies.append(seconds)
+            result.claim_waits.append(claim_wait)
             result.nodes_named.add(len(outcome.get("nodes") or {}))
         for daemon in daemons:
             daemon.stop()
@@ -132,7 +137,19 @@ def measure(label: str, work: Path, count: int, forks: int, etcd: EtcdServer | N
 
 
 def print_table(results: list[Result], baseline: Result) -> None:
-    rows = [["configuration", "forks", "median (ms)", "p90 (ms)", "median / baseline", "nodes in outcome", "failed"]]
+    rows = [
+        [
+            "configuration",
+            "forks",
+            "median (ms)",
+            "p90 (ms)",
+            "median / baseline",
+            "claim wait median (ms)",
+            "claim -> outcome median (ms)",
+            "nodes in outcome",
+            "failed",
+        ]
+    ]
     for r in results:
         ordered = sorted(r.latencies)
         rows.append(
@@ -142,6 +159,10 @@ def print_table(results: list[Result], baseline: Result) -> None:
                 f"{r.median * 1000:.1f}" if ordered else "-",
                 f"{percentile(ordered, 90) * 1000:.1f}" if ordered else "-",
                 f"{r.median / baseline.median:.2f}x" if ordered and baseline.latencies else "-",
+                f"{statistics.median(r.claim_waits) * 1000:.1f}" if ordered else "-",
+                f"{statistics.median(a - b for a, b in zip(r.latencies, r.claim_waits, strict=True)) * 1000:.1f}"
+                if ordered
+                else "-",
                 ",".join(map(str, sorted(r.nodes_named))) or "-",
                 str(len(r.failed)),
             ]
