@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -80,10 +82,46 @@ def read_claimed_marker(shown: Path, dir_fd: int) -> bytes:
     """The claimed marker's bytes (`shown` names it in messages), once no writer can be between O_TRUNC and write.
 
     `echo step: 3 > .fork` truncates before it writes, and a writer may have opened the file before the claim took
-    it: an empty claim younger than MARKER_SETTLE_S is read again once it has been left alone that long (an empty
-    marker means "the newest checkpoint", a different request). A marker with content was written in one write().
+    it; an empty marker means "the newest checkpoint", a different request. So an empty claim is read again once
+    no writer has it open: the kernel tells exactly (a read lease is refused while any process has the file open
+    for writing). Where leases are not available (NFS, a daemon without CAP_LEASE that does not own the file), an
+    empty claim younger than MARKER_SETTLE_S is read again once it has been left alone that long instead. A marker
+    with content was written in one write().
     """
     raw = read_marker_file(shown.with_name(INPROGRESS), dir_fd=dir_fd)
+    for _ in range(400):  # bounded (about 10 s): a file held open and empty forever is taken as it is
+        if raw.strip():
+            return raw
+        settled = _no_writer(dir_fd)
+        if settled is None:
+            return _settled_by_age(shown, dir_fd, raw)
+        if settled:
+            return read_marker_file(shown.with_name(INPROGRESS), dir_fd=dir_fd)
+        time.sleep(0.025)
+        raw = read_marker_file(shown.with_name(INPROGRESS), dir_fd=dir_fd)
+    return raw
+
+
+def _no_writer(dir_fd: int) -> bool | None:
+    """Whether no process has the claim open for writing; None when the filesystem or our rights cannot tell."""
+    try:
+        fd = os.open(INPROGRESS, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as e:
+        return False if e.errno in (errno.EAGAIN, errno.EBUSY) else None
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _settled_by_age(shown: Path, dir_fd: int, raw: bytes) -> bytes:
     for _ in range(40):  # bounded like the watcher's settling: a file truncated forever is taken as it is
         if raw.strip():
             return raw
