@@ -22,7 +22,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned: a bare requirement would pull a multi-GB CUDA build (see DESIGN.md).
+	# torch first and pinned to 2.13.0, the CPU build this machine keeps on disk: a bare requirement lets pip pick
+	# 2.14.1, a 5.5 GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,trainer,etcd]'
 	touch $@
