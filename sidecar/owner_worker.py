@@ -13,7 +13,8 @@ thread's (glibc broadcasts them); a per-thread raw syscall keeps the effective c
 still read another user's /proc/PID/cwd). A process per fork costs about one interpreter start (tens of ms).
 
 Heartbeats are answered on the reading thread, so a claim's lease is renewed during a ten-minute copy; every other
-call runs in order on one worker thread, one at a time.
+call runs in order on one worker thread, one at a time. A worker killed for outliving `timeouts.swap` (or dead) is
+replaced once, so that the calls ending the fork (dropping its copies, writing `.fork.failed`) still run as the owner.
 """
 
 from __future__ import annotations
@@ -50,33 +51,62 @@ class OwnerRunIO(RunIO):
         self.run = run
         self.owner = owner
         self.timeout = timeout
+        # Our own copy of the run's descriptor: a fresh worker started after a kill must get the same directory,
+        # and the caller's number may be closed (and reused) by then.
+        self._fd = os.dup(fd)
+        self._write_lock = threading.Lock()
+        self._call_lock = threading.Lock()
+        self._next_id = 0
+        self._fresh_started = False
+        self._proc = self._start_worker()
+
+    def _start_worker(self) -> subprocess.Popen[bytes]:
         package_parent = str(Path(sidecar.__file__).resolve().parent.parent)
-        self._proc = subprocess.Popen(
+        proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "sidecar.owner_worker",
-                *(str(fd), str(run.root), run.project, run.model),
-                *(str(owner.uid), str(owner.gid), ",".join(str(g) for g in owner.groups)),
+                *(str(self._fd), str(self.run.root), self.run.project, self.run.model),
+                *(str(self.owner.uid), str(self.owner.gid), ",".join(str(g) for g in self.owner.groups)),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            pass_fds=(fd,),
+            pass_fds=(self._fd,),
             cwd="/",
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": package_parent, "LC_ALL": "C.UTF-8"},
         )
-        assert self._proc.stdin is not None and self._proc.stdout is not None
+        assert proc.stdin is not None and proc.stdout is not None
         # Written by hand, never blocking: the worker runs as the owner, who may stop it (kill -STOP), and then a
         # full pipe must not hold the daemon's main loop, which posts every claim's heartbeat.
-        self._stdin: IO[bytes] = self._proc.stdin
+        self._stdin: IO[bytes] = proc.stdin
         self._stdin_fd = self._stdin.fileno()
         os.set_blocking(self._stdin_fd, False)
         self._unsent = b""  # the rest of a message the pipe did not take yet: always finished before the next one
-        self._stdout_fd = self._proc.stdout.fileno()
+        self._stdout: IO[bytes] = proc.stdout
+        self._stdout_fd = self._stdout.fileno()
         self._buffer = b""
-        self._write_lock = threading.Lock()
-        self._call_lock = threading.Lock()
-        self._next_id = 0
+        return proc
+
+    def _replace_dead_worker(self) -> None:
+        """After a worker was killed (timeouts.swap) or died, the calls that end the fork (drop the copies, write
+        the outcome) go to one fresh worker, under the same limit; pipeline steps never go on after such a call
+        failed, so nothing is done twice. Called with `_call_lock` held."""
+        if self._proc.poll() is None:
+            return
+        if self._fresh_started:
+            raise RunIOError(
+                f"{self.run.path}: the fresh worker acting as {self.owner.name} was lost too; nothing more was done."
+            )
+        self._fresh_started = True
+        with self._write_lock:
+            self._close_pipes()
+            self._proc = self._start_worker()
+
+    def _close_pipes(self) -> None:
+        with contextlib.suppress(OSError):
+            self._stdin.close()
+        self._stdout.close()
 
     def _write_some(self) -> None:
         """Whatever of `_unsent` the pipe takes now (called with `_write_lock` held)."""
@@ -91,6 +121,7 @@ class OwnerRunIO(RunIO):
 
     def _call(self, op: str, **args: Any) -> Any:
         with self._call_lock:
+            self._replace_dead_worker()
             self._next_id += 1
             deadline = time.monotonic() + self.timeout
             try:
@@ -176,8 +207,10 @@ class OwnerRunIO(RunIO):
             self._proc.wait(10)
         except subprocess.TimeoutExpired:
             self._kill()
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
+        self._stdout.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 # --------------------------------------------------------------------------------------------- the child

@@ -27,7 +27,7 @@ from sidecar.fanout import node_problems, nodes_of_fork
 from sidecar.fork_ids import new_fork_id
 from sidecar.journal import ForkRecord, Journal, JournalUnwritable
 from sidecar.layout import RunDir
-from sidecar.marker import INPROGRESS, MARKER
+from sidecar.marker import FAILED, INPROGRESS, MARKER
 from sidecar.owner_worker import OwnerRunIO
 from sidecar.protocol.digest import is_digest
 from sidecar.protocol.reasons import Reason
@@ -304,7 +304,9 @@ class ForkPipeline:
     def _adoptable(self, path: Path, state: dict[str, Any] | None) -> bool:
         """Whether the `.fork.inprogress` described by `state` (RunIO.claim_state) has lost its claimer."""
         fork_id = (claim_info(state) or {}).get("fork_id")
-        return self.claims.adoptable(path / INPROGRESS, state, journaled=bool(fork_id) and self.journaled(str(fork_id)))
+        # One of ours that ended without removing its claim (its outcome could not be written) is not forked again.
+        ours = bool(fork_id) and (self.journaled(str(fork_id)) or self.journal.filed(str(fork_id)))
+        return self.claims.adoptable(path / INPROGRESS, state, journaled=ours)
 
     @contextlib.contextmanager
     def _unless_lost(self, record: ForkRecord) -> Iterator[None]:
@@ -537,7 +539,11 @@ class ForkPipeline:
             with contextlib.suppress(RunIOError, OSError):
                 held.io.discard_copies(record.fork_id, staged=record.state is ForkState.STAGED)
             record.stages.setdefault("swap", {}).update(self._served_now(record, held))
-        self._write_outcome(record, "failed", held)
+        try:
+            self._write_outcome(record, "failed", held)
+        except (RunIOError, OSError) as e:
+            # The journal still ends the fork as failed, and its claim left behind is never adopted (_adoptable).
+            self._logger(record).error("the outcome could not be written to %s: %s", Path(record.model_dir) / FAILED, e)
         if self.journaled(record.fork_id):
             self._advance(record, ForkState.FAILED, finished_at=record.finished_at)
         else:

@@ -29,6 +29,7 @@ from sidecar.marker import MAX_RECORD_BYTES
 from sidecar.owner_worker import OwnerRunIO
 from sidecar.run_io import RunIOError, owner_of
 from sidecar.rundir import open_run
+from sidecar.swap.dirs import STAGE_PREFIX
 from tests.reliability.support import Fleet, mounted_tmpfs, proc_sample, tree_digest, wait_settled
 from tests.reliability.tenants import Tenant, ensure_user, install_scripts, logged_requests, stop
 from tests.support.adapters import write_adapter, write_big_adapter
@@ -623,3 +624,78 @@ def test_a_heartbeat_after_the_fork_ended_never_writes_into_a_reused_descriptor(
         if fd != stdin_fd:
             os.close(stdin_fd)
     assert other.read_bytes() == b""
+
+
+# --- a worker that outlives timeouts.swap is killed: the fork still ends, written by a fresh worker as the owner -----
+def _workers_of(user: User) -> list[int]:
+    """Pids of the owner workers now running as `user` (after their drop from root)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            mine = entry.name.isdigit() and entry.stat().st_uid == user.uid
+            if mine and b"sidecar.owner_worker" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
+def _stall_the_fork(model_dir: Path, alice: User) -> None:
+    """Once the fork's big copy is under way, alice stops her worker, as she may."""
+    staging = model_dir / "checkpoints"
+    wait_for(lambda: any(p.name.startswith(STAGE_PREFIX) for p in staging.iterdir()), 30, "the staging copy")
+    pids = wait_for(lambda: _workers_of(alice), 10, "alice's worker")
+    for pid in pids:
+        _stop_as(alice, pid)
+
+
+@pytest.mark.parametrize("outcome_writable", [True, False], ids=["outcome-written", "outcome-unwritable"])
+def test_a_worker_stopped_past_the_swap_timeout_still_ends_the_fork_as_failed(
+    base: Path, art: Path, alice: User, outcome_writable: bool
+) -> None:
+    """The killed worker was also the one asked to clean up and write `.fork.failed`: every later call died with it,
+    so the fork ended with no outcome, its claim left behind. A fresh worker (as alice, under the same limit) must
+    write the timeout sentence; where even that fails, the journal still ends the fork as failed, the daemon says
+    where the outcome could not go, and the claim left behind is never forked again."""
+    model_dir = art / "pa" / "models" / "m"
+    write_adapter(model_dir / "checkpoints" / "0000", seed=0)
+    write_big_adapter(model_dir / "checkpoints" / "0001", 768 << 20)
+    chown_tree(art / "pa", alice)
+    served = tree_digest(model_dir / "checkpoints" / "0000")
+    state = base / "daemon"
+    state.mkdir(mode=0o700)
+    overrides = {"log": {"level": "info"}, "timeouts": {"swap": "2s", "orphan_claim": "1s", "claim_lease": "1s"}}
+    with Fleet(state, [art], overrides=overrides) as fleet:
+        fleet.start(0)
+        write_marker_as(alice, model_dir, "step: 1")
+        _stall_the_fork(model_dir, alice)
+        if not outcome_writable:
+            assert alice.run(f"chmod 0555 '{model_dir}'").returncode == 0
+        history = fleet.state_dir(0) / "history.jsonl"
+        try:
+            wait_for(lambda: history.exists() and history.read_text().strip(), 30, "the fork's end in the history")
+        except AssertionError as e:
+            files = sorted(p.name for p in [*model_dir.iterdir(), *(model_dir / "checkpoints").iterdir()])
+            raise AssertionError(f"{e}; the run holds {files}; the daemon logged:\n{fleet.daemons[0].log()}") from None
+        ended = [json.loads(line) for line in history.read_text().splitlines()]
+        assert [e["state"] for e in ended] == ["failed"], ended
+        assert "timeouts.swap" in ended[0]["error"] and "did not finish within 2s" in ended[0]["error"], ended
+        leftovers = sorted(p.name for p in (model_dir / "checkpoints").iterdir())
+        assert leftovers == ["0000", "0001"], leftovers  # the fresh worker dropped the staged copy
+        assert tree_digest(model_dir / "checkpoints" / "0000") == served
+        log = fleet.daemons[0].log()
+        if outcome_writable:
+            outcome = wait_outcome(model_dir, 10)
+            assert outcome["status"] == "failed" and outcome["error"] == ended[0]["error"], outcome
+            assert (model_dir / ".fork.failed").stat().st_uid == alice.uid  # written as alice, not as root
+            assert not (model_dir / ".fork.inprogress").exists() and not (model_dir / ".fork").exists()
+        else:
+            assert not (model_dir / ".fork.failed").exists()
+            assert f"the outcome could not be written to {model_dir}/.fork.failed" in log, log
+            # The claim it could not remove outlives its lease: it must not be adopted and forked a second time.
+            time.sleep(3.0)
+            assert alice.run(f"chmod 0755 '{model_dir}'").returncode == 0
+            fleet.daemons[0].stop()
+            fleet.start(0)
+            time.sleep(3.0)
+            assert "adopting" not in fleet.daemons[-1].log(), fleet.daemons[-1].log()
+            assert [json.loads(line)["state"] for line in history.read_text().splitlines()] == ["failed"]
+            assert not (model_dir / ".fork.done").exists()
