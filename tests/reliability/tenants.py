@@ -136,7 +136,7 @@ def stop(*procs: subprocess.Popen[bytes]) -> None:
 # The scripts, as files a tenant can read (the test copies them into the shared base).
 FAKE_AGENT = HERE / "tenant_scripts" / "fake_agent.py"
 STUB_TRAINER = HERE / "tenant_scripts" / "stub_trainer.py"
-FAKE_VLLM = HERE / "tenant_scripts" / "vllm"
+FAKE_VLLM = REPO / "tests" / "support" / "fake_vllm.py"  # installed as `vllm`, the name discovery looks for
 SQUAT = HERE / "tenant_scripts" / "squat.py"
 
 
@@ -144,6 +144,7 @@ def install_scripts(base: Path) -> Path:
     """Copy the tenant scripts where every user can read them; returns that directory."""
     target = base / "bin"
     shutil.copytree(HERE / "tenant_scripts", target)
+    shutil.copy(FAKE_VLLM, target / "vllm")
     for p in [target, *target.iterdir()]:
         p.chmod(0o755)
     return target

@@ -16,6 +16,15 @@ Faults:
   drip_s          bodies of `drip_paths` are sent one byte every drip_s seconds
   hang_paths      requests to these paths are read and never answered (the connection stays open until close())
   on_load         called with each load request's body when it arrives, before anything else (a test's hook)
+  loaded_root     a load answers 200 and lists the adapter with this root instead of the path it was given
+  request_log     a file that gets one JSON line (method, path, Authorization) per request as it arrives
+
+Run as a script it is a tenant's server, a process of another user started from a copy they can read
+(tests/reliability/tenants.py installs it as `vllm`, so the daemon's process-table discovery takes it for one):
+`vllm serve MODEL --port P [--lora-modules NAME=PATH]`, or `vllm listen --port P` (a plain listener nobody
+discovers). Environment: FAKE_LOG (request_log), VLLM_API_KEY (required when set, as vLLM does), FAKE_LISTEN_AFTER
+(a file: listen only once it exists; until then it runs but nothing listens, as a vLLM still loading its model),
+FAKE_ROOT (loaded_root). Stdlib only: it runs under the system interpreter.
 
 Loads of one adapter name are applied one at a time, in arrival order, as vLLM does: its
 `OpenAIServingModels.load_lora_adapter` holds an asyncio.Lock per adapter name (`lora_resolver_lock[lora_name]`)
@@ -26,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -65,6 +76,8 @@ class FakeVllm:
         drip_paths: tuple[str, ...] = (MODELS,),
         hang_paths: tuple[str, ...] = (),
         on_load: Callable[[dict[str, Any]], None] | None = None,
+        loaded_root: str | None = None,
+        request_log: Path | None = None,
         port: int = 0,
     ) -> None:
         self.adapters = dict(adapters)
@@ -83,6 +96,8 @@ class FakeVllm:
         self.drip_paths = drip_paths
         self.hang_paths = hang_paths
         self.on_load = on_load
+        self.loaded_root = loaded_root
+        self.request_log = request_log
         self.requests: list[tuple[str, str, Any, str | None]] = []  # answered: method, path, body, Authorization
         self.arrivals: list[tuple[str, str, Any]] = []  # every request as it arrived, answered or not
         self.applied: list[tuple[str, str, bool]] = []  # loads applied: name, path, whether the path existed then
@@ -188,7 +203,7 @@ class FakeVllm:
         if not exists:
             return vllm_error(404, "NotFoundError", f"Loading lora {name} failed: No adapter found for <path>")
         if not self.ignore_loads:
-            self.adapters[name] = path
+            self.adapters[name] = self.loaded_root or path
         return 200, f"Success: LoRA adapter '{name}' added successfully."
 
     def _before_load(self, body: Any) -> bool:
@@ -208,9 +223,14 @@ class FakeVllm:
         return True
 
     def serve_request(self, handler: _Handler, body: Any) -> None:
+        auth = handler.headers.get("Authorization")
         with self.lock:
             self.arrivals.append((handler.command, handler.path, body))
-        auth = handler.headers.get("Authorization")
+            if self.request_log is not None:
+                with self.request_log.open("a") as log:
+                    log.write(
+                        json.dumps({"method": handler.command, "path": handler.path, "authorization": auth}) + "\n"
+                    )
         if handler.path in self.hang_paths:
             self._closing.wait()
             handler.close_connection = True
@@ -268,3 +288,33 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         with contextlib.suppress(OSError):  # the client hung up, as a bounded client does
             self.server.fake.write_body(self, raw)
+
+
+def main(argv: list[str]) -> None:
+    port = int(argv[argv.index("--port") + 1])
+    adapters = {}
+    if "--lora-modules" in argv:
+        name, _, path = argv[argv.index("--lora-modules") + 1].partition("=")
+        adapters[name] = path
+    after = os.environ.get("FAKE_LISTEN_AFTER")
+    while after and not os.path.exists(after):
+        time.sleep(0.05)
+    log = os.environ.get("FAKE_LOG")
+    while True:  # the port may still be another's listener (a test's squatter): take it once it is free
+        try:
+            fake = FakeVllm(
+                adapters,
+                api_key=os.environ.get("VLLM_API_KEY"),
+                loaded_root=os.environ.get("FAKE_ROOT"),
+                request_log=Path(log) if log else None,
+                port=port,
+            )
+            break
+        except OSError:
+            time.sleep(0.05)
+    print("listening", port, flush=True)
+    fake.httpd.serve_forever(0.05)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
