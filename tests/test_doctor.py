@@ -25,8 +25,8 @@ from sidecar.protocol.paths import agent_socket_path
 from sidecar.protocol.peercred import PeerCred
 from sidecar.protocol.server import ControlServer
 from tests.support.fake_vllm import FakeVllm
-from tests.test_preload_install import make_venv
-from tests.test_swap import fuse_without_exchange
+from tests.support.mounts import fuse_without_exchange
+from tests.support.venvs import make_venv
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,6 +4,7 @@ where its tests are), and no module is over MAX_MODULE_LINES lines."""
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
@@ -148,3 +149,45 @@ def test_no_module_is_over_the_line_limit() -> None:
 )
 def test_the_mirror_rule(module: str, expected: list[str]) -> None:
     assert mirrors(module) == expected
+
+
+# --- tests import helpers from tests/support/, never from another test module --------------------------------------
+def imported_test_modules(source: str) -> list[str]:
+    """The test modules (`test_*`) that `source` imports, however it spells the import."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[-1].startswith("test_")]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.split(".")[-1].startswith("test_"):
+                found.append(node.module)
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("test_")]
+    return found
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in tests/support/: a test module imported by another runs its tests' imports and
+    fixtures twice and hides what is shared. Scripts written out for a subprocess count too."""
+    offenders = {}
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        text = path.read_text()
+        imported = imported_test_modules(text)
+        imported += [line.strip() for line in text.splitlines() if "from tests." in line and ".test_" in line]
+        if imported:
+            offenders[path.relative_to(REPO).as_posix()] = imported
+    offenders.pop("tests/test_layout.py", None)  # this file's own examples below
+    assert offenders == {}, f"move what these import into tests/support/: {offenders}"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from tests.test_swap import fuse_without_exchange", ["tests.test_swap"]),
+        ("from tests.reliability.test_tenants import alice", ["tests.reliability.test_tenants"]),
+        ("import tests.test_vllm as tv", ["tests.test_vllm"]),
+        ("from tests import test_vllm", ["tests.test_vllm"]),
+        ("from tests.support.mounts import mounted", []),
+    ],
+)
+def test_the_import_rule(source: str, expected: list[str]) -> None:
+    assert imported_test_modules(source) == expected

@@ -26,28 +26,11 @@ import pytest
 from sidecar import __version__
 from sidecar.preload import install as preload_install
 from tests.support.art_venvs import ART_VERSIONS, art_python
+from tests.support.venvs import make_venv
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = REPO / "tests" / "support" / "fake_unsloth"
 MISMATCH = "must have the same dtype"
-
-
-def make_venv(root: Path, *packages: Path, base: str = sys.executable) -> tuple[Path, Path]:
-    """A real venv under `root` whose site-packages also sees each of `packages` (one path line each)."""
-    root.mkdir(parents=True, exist_ok=True)
-    subprocess.run([base, "-m", "venv", "--without-pip", str(root)], check=True)
-    python = root / "bin" / "python"
-    purelib = Path(
-        subprocess.run(
-            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    )
-    for index, package_dir in enumerate(packages):
-        (purelib / f"test_path_{index}.pth").write_text(f"{package_dir}\n")
-    return python, purelib
 
 
 def cli(*args: str, env: dict[str, str] | None = None, user: str | None = None) -> subprocess.CompletedProcess[str]:

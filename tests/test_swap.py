@@ -7,7 +7,6 @@ otherwise those tests skip and say why.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
@@ -17,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,7 @@ from sidecar.swap import (
 )
 from sidecar.swap.install import _plan_install
 from tests.support.adapters import write_adapter, write_big_adapter
+from tests.support.mounts import fuse_without_exchange, loop_filesystem, mounted, require_root
 
 FORK = "f1"
 STAGE, RETIRED = staging_name(FORK), retired_name(FORK)
@@ -76,49 +76,6 @@ def fork(checkpoints: Path, copy_mode: str = "auto", source: str = "0005") -> St
 
 
 # ------------------------------------------------------------------------------------------ mounts
-
-
-def require_root(tool: str | None = None) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a filesystem needs root")
-    if tool and shutil.which(tool) is None:
-        pytest.skip(f"{tool} is not installed (apt-get install {tool})")
-
-
-@contextlib.contextmanager
-def mounted(argv: list[str], target: Path) -> Iterator[Path]:
-    target.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount ({' '.join(argv)}): {result.stderr.strip()}")
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=False)
-
-
-@contextlib.contextmanager
-def loop_filesystem(tmp_path: Path, kind: str) -> Iterator[Path]:
-    mkfs = {"xfs": ["mkfs.xfs", "-q"], "btrfs": ["mkfs.btrfs", "-q"]}[kind]
-    require_root(mkfs[0])
-    image = tmp_path / f"{kind}.img"
-    with open(image, "wb") as f:
-        f.truncate(320 << 20)  # sparse; mkfs.xfs wants at least 300 MB
-    subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
-    with mounted(["mount", "-o", "loop", str(image), str(tmp_path / kind)], tmp_path / kind) as root:
-        yield root
-
-
-@contextlib.contextmanager
-def fuse_without_exchange(tmp_path: Path) -> Iterator[Path]:
-    """bindfs: a real FUSE filesystem whose renames take no flags (RENAME_EXCHANGE/NOREPLACE give EINVAL)."""
-    require_root("bindfs")
-    if not Path("/dev/fuse").exists():
-        pytest.skip("no /dev/fuse")
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    with mounted(["bindfs", str(backing), str(tmp_path / "fuse")], tmp_path / "fuse") as root:
-        yield root
 
 
 # ------------------------------------------------------------------------------------------ the happy paths

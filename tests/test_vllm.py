@@ -18,18 +18,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from sidecar import swap
-from sidecar.config import Config, load_config
 from sidecar.run_io import local_run_files
-from sidecar.stages import ForkContext
 from sidecar.vllm.client import BadAnswer, ConnectFailed, HttpError, RetryPolicy, VllmClient, call_with_retries
 from sidecar.vllm.discovery import (
     ServerCommand,
@@ -41,74 +37,12 @@ from sidecar.vllm.discovery import (
 )
 from sidecar.vllm.snapshots import collect_snapshots, create_snapshot, is_snapshot_name, snapshot_dir
 from sidecar.vllm.stage import VllmStage
-from tests.support.adapters import write_adapter
 from tests.support.fake_vllm import MODELS, FakeVllm
+from tests.support.vllm_stage import FAST, fakes, make_config, names_in, run_dir, start_fake, swap_in
+
+__all__ = ["fakes", "run_dir"]  # the fixtures of tests/support/vllm_stage.py, found by pytest under these names
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = RetryPolicy(attempts=3, initial=0.01, cap=0.02)
-
-
-# --- a vLLM-shaped HTTP server (tests/support/fake_vllm.py) ----------------------------------------------------
-def serve_fake_from_argv(argv: Sequence[str]) -> None:
-    """Entry point of the stub `vllm.entrypoints.openai.api_server` used by the discovery test."""
-    command = parse_server_command(["python", "-m", "vllm.entrypoints.openai.api_server", *argv])
-    assert command is not None
-    modules = argv[argv.index("--lora-modules") + 1 :]
-    modules = modules[: next((i for i, m in enumerate(modules) if m.startswith("--")), len(modules))]
-    adapters = dict(m.split("=", 1) for m in modules)
-    FakeVllm(adapters, api_key=command.api_key, port=command.port).httpd.serve_forever()
-
-
-@pytest.fixture
-def fakes() -> Iterator[list[FakeVllm]]:
-    started: list[FakeVllm] = []
-    yield started
-    for fake in started:
-        fake.close()
-
-
-@pytest.fixture
-def run_dir(tmp_path: Path) -> Path:
-    """An ART run with checkpoints 0000 (seed 1) and 0005 (seed 2)."""
-    model_dir = tmp_path / "art" / "proj" / "models" / "m"
-    write_adapter(model_dir / "checkpoints" / "0000", seed=1)
-    write_adapter(model_dir / "checkpoints" / "0005", seed=2)
-    return model_dir
-
-
-def names_in(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
-
-
-def start_fake(fakes: list[FakeVllm], adapters: dict[str, str], **kw: Any) -> FakeVllm:
-    fake = FakeVllm(adapters, **kw).start()
-    fakes.append(fake)
-    return fake
-
-
-def make_config(tmp_path: Path, **vllm: Any) -> Config:
-    """A real config file with a `vllm` section (discovery off unless asked), loaded as the daemon would."""
-    path = tmp_path / "sidecar.yaml"
-    data = {"watch": {"roots": [str(tmp_path / "art")]}, "vllm": {"discover": False, **vllm}}
-    path.write_text(yaml.safe_dump(data))
-    return load_config(path)
-
-
-_IDS = iter(range(1, 10_000))
-
-
-def fork_id() -> str:
-    return f"20261126T0830{next(_IDS) % 60:02d}Z-{next(_IDS):06x}"
-
-
-def swap_in(model_dir: Path, source: Path, fid: str | None = None, timeout: float = 30.0) -> ForkContext:
-    """Make `source` the run's checkpoints/0000 with the real swap, as the pipeline does before its stages."""
-    fid = fid or fork_id()
-    checkpoints = model_dir / "checkpoints"
-    staged = swap.copy_to_staging(source, checkpoints, fid)
-    swap.install_staging(checkpoints, fid, staged.digest, stage_inode=staged.inode)
-    swap.discard_retired(checkpoints, fid)
-    return ForkContext(fid, model_dir, source, staged.digest, time.monotonic() + timeout)
 
 
 # --- command lines ------------------------------------------------------------------------------------------------
@@ -559,7 +493,7 @@ def stub_vllm_process(tmp_path: Path, run_dir: Path) -> Iterator[tuple[subproces
     for d in (pkg, pkg.parent, pkg.parent.parent):
         (d / "__init__.py").write_text("")
     (pkg / "api_server.py").write_text(
-        "import sys\nfrom tests.test_vllm import serve_fake_from_argv\nserve_fake_from_argv(sys.argv[1:])\n"
+        "import sys\nfrom tests.support.vllm_stage import serve_fake_from_argv\nserve_fake_from_argv(sys.argv[1:])\n"
     )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ from sidecar.vllm.discovery import ServerTarget
 from sidecar.vllm.stage import VllmStage
 from tests.support.adapters import write_adapter
 from tests.support.fake_vllm import FakeVllm
-from tests.test_vllm import FAST, fakes, make_config, run_dir, start_fake, swap_in
+from tests.support.vllm_stage import FAST, fakes, make_config, run_dir, start_fake, swap_in
 
 __all__ = ["fakes", "run_dir"]
 

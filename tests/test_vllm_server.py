@@ -27,7 +27,7 @@ from sidecar.vllm.snapshots import is_snapshot_name
 from sidecar.vllm.stage import VllmStage
 from tests.conftest import VllmRun
 from tests.support.tiny_model import _CORPUS, build_lora_adapter
-from tests.test_vllm import make_config, names_in, swap_in
+from tests.support.vllm_stage import make_config, names_in, swap_in
 
 pytestmark = pytest.mark.vllm
 

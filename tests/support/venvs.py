@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-__all__ = ["chained_venv", "install_preload", "purelib"]
+__all__ = ["chained_venv", "install_preload", "make_venv", "purelib"]
 
 
 def purelib(python: Path | str) -> Path:
@@ -55,3 +55,14 @@ def preloaded_venv(where: Path) -> Path:
     assert install.returncode == 0, install.stderr
     assert (purelib(python) / "_fork_sidecar.pth").exists()
     return python
+
+
+def make_venv(root: Path, *packages: Path, base: str = sys.executable) -> tuple[Path, Path]:
+    """A real venv under `root` whose site-packages also sees each of `packages` (one path line each)."""
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    site = purelib(python)
+    for index, package_dir in enumerate(packages):
+        (site / f"test_path_{index}.pth").write_text(f"{package_dir}\n")
+    return python, site
