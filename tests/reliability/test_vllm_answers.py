@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,11 @@ import pytest
 from tests.reliability.support import Fleet, Settled, make_run, settled, silent_server, tree_digest
 from tests.support.daemon import wait_for
 from tests.support.fake_vllm import LOAD, FakeVllm
+from tests.support.vllm_stage import fakes
+
+__all__ = ["fakes"]  # the fixture of tests/support/vllm_stage.py, found by pytest under this name
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def fakes() -> Iterator[list[FakeVllm]]:
-    started: list[FakeVllm] = []
-    yield started
-    for fake in started:
-        fake.close()
 
 
 def serve(fakes: list[FakeVllm], model_dir: Path, **knobs: Any) -> FakeVllm:
