@@ -29,7 +29,7 @@ from sidecar.marker import MAX_RECORD_BYTES
 from sidecar.owner_worker import OwnerRunIO
 from sidecar.run_io import RunIOError, owner_of
 from sidecar.rundir import open_run
-from sidecar.swap.dirs import STAGE_PREFIX
+from sidecar.swap.dirs import STAGING_PREFIX
 from tests.reliability.support import Fleet, mounted_tmpfs, proc_sample, tree_digest, wait_settled
 from tests.reliability.tenants import Tenant, ensure_user, install_scripts, logged_requests, stop
 from tests.support.adapters import write_adapter, write_big_adapter
@@ -641,7 +641,7 @@ def _workers_of(user: User) -> list[int]:
 def _stall_the_fork(model_dir: Path, alice: User) -> None:
     """Once the fork's big copy is under way, alice stops her worker, as she may."""
     staging = model_dir / "checkpoints"
-    wait_for(lambda: any(p.name.startswith(STAGE_PREFIX) for p in staging.iterdir()), 30, "the staging copy")
+    wait_for(lambda: any(p.name.startswith(STAGING_PREFIX) for p in staging.iterdir()), 30, "the staging copy")
     pids = wait_for(lambda: _workers_of(alice), 10, "alice's worker")
     for pid in pids:
         _stop_as(alice, pid)
