@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.adapters import write_adapter, write_big_adapter
 from tests.support.daemon import read_outcome, wait_for, wait_outcome
-from tests.support.etcd_nodes import Node, all_history, prom, start_all
+from tests.support.etcd_nodes import Node, prom, settled_history, start_all
 from tests.support.etcd_server import EtcdServer
 
 pytest.importorskip("etcd3gw")
@@ -63,8 +63,7 @@ def test_three_daemons_fork_each_marker_exactly_once(nodes: list[Node], art: Pat
         (model_dir / ".fork").write_text("step: 3")
     for model_dir in runs:
         assert wait_outcome(model_dir)["status"] == "done"
-    time.sleep(1.0)  # a second fork of any run, if a second daemon wrongly claimed one, would be filed by now
-    forked = sorted(line["model_dir"] for line in all_history(nodes))
+    forked = sorted(line["model_dir"] for line in settled_history(nodes, len(runs)))
     assert forked == sorted(str(r) for r in runs)
     prom = (nodes[0].dir / "metrics.prom").read_text()
     assert 'fork_sidecar_coordination_up{backend="etcd"} 1.0' in prom
@@ -95,7 +94,7 @@ def test_a_claimer_killed_mid_fork_is_resumed_by_another_node_from_its_recorded_
     assert outcome["status"] == "done", outcome
     assert outcome["fork_id"] == record["fork_id"]
     survivors = [n for n in nodes if n is not claimer]
-    lines = all_history(survivors)
+    lines = settled_history(survivors, 1)
     assert [line["fork_id"] for line in lines] == [record["fork_id"]]
     adopter = next(n for n in survivors if n.history())
     log = adopter.daemon.log_path.read_text()  # whole: log() keeps only the end
@@ -133,8 +132,7 @@ def test_while_etcd_is_down_markers_wait_and_each_forks_once_when_it_is_back(
     etcd_server.restart()
     for model_dir in runs:
         assert wait_outcome(model_dir, timeout=60)["status"] == "done"
-    time.sleep(1.0)
-    assert sorted(line["model_dir"] for line in all_history(nodes)) == sorted(str(r) for r in runs)
+    assert sorted(line["model_dir"] for line in settled_history(nodes, len(runs))) == sorted(str(r) for r in runs)
 
 
 def test_etcd_killed_and_restarted_mid_fork_ends_the_fork_once(
@@ -147,8 +145,7 @@ def test_etcd_killed_and_restarted_mid_fork_ends_the_fork_once(
     etcd_server.restart()
     outcome = wait_outcome(model_dir, timeout=90)
     assert outcome["status"] == "done", outcome
-    time.sleep(1.0)
-    assert [line["fork_id"] for line in all_history(nodes)] == [outcome["fork_id"]]
+    assert [line["fork_id"] for line in settled_history(nodes, 1)] == [outcome["fork_id"]]
 
 
 def test_a_member_frozen_past_its_lease_loses_the_claim_and_files_nothing(nodes: list[Node], art: Path) -> None:
@@ -167,7 +164,7 @@ def test_a_member_frozen_past_its_lease_loses_the_claim_and_files_nothing(nodes:
         "the thawed claimer to stop",
     )
     assert claimer.history() == []
-    assert [line["fork_id"] for line in all_history(nodes)] == [outcome["fork_id"]]
+    assert [line["fork_id"] for line in settled_history(nodes, 1)] == [outcome["fork_id"]]
     assert read_outcome(model_dir) == outcome  # the thawed claimer did not overwrite it
 
 
@@ -184,9 +181,7 @@ def test_a_restarted_member_rejoins_and_claims_again(nodes: list[Node], art: Pat
         (model_dir / ".fork").write_text("step: 3")
     for model_dir in runs:
         assert wait_outcome(model_dir)["status"] == "done"
-    wait_for(lambda: len(all_history(nodes)) >= len(runs), 10, "every history line")  # filed after the outcome
-    time.sleep(0.5)  # a second fork of any run would be filed by now
-    assert sorted(line["model_dir"] for line in all_history(nodes)) == sorted(str(r) for r in runs)
+    assert sorted(line["model_dir"] for line in settled_history(nodes, len(runs))) == sorted(str(r) for r in runs)
 
 
 def test_etcd_refusing_the_credentials_leaves_markers_waiting_and_says_why(

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support.daemon import wait_for, wait_outcome
-from tests.support.etcd_nodes import Node, all_history, prom, start_all
+from tests.support.etcd_nodes import Node, prom, settled_history, start_all
 from tests.support.etcd_server import EtcdServer
 from tests.support.tiny_model import TinyAssets
 
@@ -106,9 +105,7 @@ def test_a_fork_reaches_the_agents_of_every_node_and_the_outcome_names_them(
         assert {a["digest"] for a in agents} == {outcome["digest"]}
         told |= {a["pid"] for a in agents}
     assert told == pids  # each node told its own trainer, and only its own
-    wait_for(lambda: all_history(nodes), 10, "the history line")
-    time.sleep(0.5)  # a second history line, if another node forked too, would be there by now
-    assert [line["fork_id"] for line in all_history(nodes)] == [outcome["fork_id"]]
+    assert [line["fork_id"] for line in settled_history(nodes, 1)] == [outcome["fork_id"]]
     wait_for(lambda: "fork_sidecar_nodes_reported_sum 3.0" in prom(nodes), 10, "the fan-out metrics")
     assert "fork_sidecar_fanout_seconds_count 1.0" in prom(nodes)
 
@@ -128,7 +125,7 @@ def test_a_node_frozen_when_the_fork_is_published_is_named_and_fails_the_require
     assert "node node-2 did not report" in outcome["error"]
     for name in ("node-0", "node-1"):
         assert outcome["nodes"][name]["trainers"]["status"] == "ok"
-    wait_for(lambda: all_history(nodes), 10, "the history line")
+    settled_history(nodes, 1)
     assert frozen.history() == []
     wait_for(lambda: 'fork_sidecar_nodes_missing_total{node="node-2"} 1.0' in prom(nodes), 10, "the missing node")
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from tests.support.daemon import DaemonProcess, wait_for, write_config
 
-__all__ = ["LEASE_TTL", "Node", "all_history", "prom", "start_all"]
+__all__ = ["LEASE_TTL", "Node", "all_history", "prom", "settled_history", "start_all"]
 
 LEASE_TTL = "2s"
 
@@ -73,3 +74,11 @@ def start_all(nodes: list[Node]) -> None:
 def prom(nodes: list[Node]) -> str:
     """Every node's metrics textfile, one after the other."""
     return "\n".join((n.dir / "metrics.prom").read_text() for n in nodes if (n.dir / "metrics.prom").exists())
+
+
+def settled_history(nodes: list[Node], count: int) -> list[dict[str, Any]]:
+    """The nodes' history lines once `count` are filed (they follow the outcome files) and a moment more, in which
+    a duplicate fork, if any node made one, would be filed too."""
+    wait_for(lambda: len(all_history(nodes)) >= count, 20, f"{count} history line(s)")
+    time.sleep(0.5)
+    return all_history(nodes)
