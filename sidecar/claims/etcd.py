@@ -63,7 +63,9 @@ class EtcdClaims(Claims):
         self._logged_down = False
         # Fan-out: what this node runs for forks other nodes publish (set by the daemon), and those it has run.
         self._handled: set[str] = set()
-        self._published: dict[str, tuple[float, list[str]]] = {}  # fork id -> (monotonic publish time, members)
+        # fork id -> (monotonic publish time, the other members then, why it could not be published or None)
+        self._published: dict[str, tuple[float, list[str] | None, str | None]] = {}
+        self._known_others: list[str] = []  # the other members at the keeper's last look
         self._keeper = threading.Thread(target=self._keep, name="etcd-lease", daemon=True)
         self._keeper.start()
         self._listener = threading.Thread(target=self._listen, name="etcd-fanout", daemon=True)
@@ -91,7 +93,8 @@ class EtcdClaims(Claims):
             try:
                 self._renew_lease()
                 self._flush_pending()
-                self.members = len(self.session.get_prefix(f"{self.prefix}/members/"))
+                names = self._member_names()
+                self.members, self._known_others = len(names), [n for n in names if n != self.node]
                 self._up()
             except (EtcdDown, EtcdAuthError) as e:
                 self._down(str(e))
@@ -289,24 +292,43 @@ class EtcdClaims(Claims):
         return sorted(kv.key.rsplit("/", 1)[-1] for kv in self.session.get_prefix(f"{self.prefix}/members/"))
 
     def publish(self, path: Path, record: ForkRecord, budget: float) -> None:
-        members: list[str] = []
-        try:
-            members = [m for m in self._member_names() if m != self.node]
-            value = {
-                "fork_id": record.fork_id,
-                "model_dir": record.model_dir,
-                "source": record.source,
-                "digest": record.digest,
-                "node": self.node,
-                "members": members,
-            }
-            self.session.put(self._fork_key(record.fork_id), value)
-        except (EtcdDown, EtcdAuthError) as e:
-            log.error("%s: fork %s not published to the other nodes: %s", path.parent, record.fork_id, e)
-        self._published[record.fork_id] = (time.monotonic(), members)
+        """Publish the fork to the other members; while etcd cannot be reached, retry for at most `budget` (the
+        fork's other nodes must hear of it when etcd is back, not be skipped), then name them as not told."""
+        deadline = time.monotonic() + budget
+        problem = ""
+        while True:
+            self.check(path)
+            try:
+                members = [m for m in self._member_names() if m != self.node]
+                value = {
+                    "fork_id": record.fork_id,
+                    "model_dir": record.model_dir,
+                    "source": record.source,
+                    "digest": record.digest,
+                    "node": self.node,
+                    "members": members,
+                }
+                self.session.put(self._fork_key(record.fork_id), value)
+            except (EtcdDown, EtcdAuthError) as e:
+                problem = str(e)
+                if time.monotonic() >= deadline:
+                    break
+                self._changed.wait(1.0)
+                self._changed.clear()
+                continue
+            self._published[record.fork_id] = (time.monotonic(), members, None)
+            return
+        log.error("%s: fork %s not published to the other nodes: %s", path.parent, record.fork_id, problem)
+        self._published[record.fork_id] = (
+            time.monotonic(),
+            self._known_others,
+            f"etcd could not be reached ({problem})",
+        )
 
     def gather(self, path: Path, record: ForkRecord, budget: float) -> Gathered:
-        published_at, members = self._published.pop(record.fork_id, (time.monotonic(), None))
+        published_at, members, unpublished = self._published.pop(record.fork_id, (time.monotonic(), None, None))
+        if unpublished is not None:  # never published: every other member is missing, for that reason
+            return Gathered(members=list(members or []), missing={m: unpublished for m in members or []})
         if members is None:  # resumed by an adopter after the dead claimer had published: its list stands
             found = self._call(lambda: self.session.get(self._fork_key(record.fork_id)), None)
             members = [str(m) for m in (found.value.get("members", []) if found else []) if m != self.node]
