@@ -71,7 +71,7 @@ def tell_this_node(pipeline: ForkPipeline, published: dict[str, Any]) -> dict[st
                     files=io,
                 )
                 logger = logging.LoggerAdapter(log, {"fork_id": ctx.fork_id, "fork_stage": name})
-                report[name] = pipeline.run_stage(name, ctx, logger).to_json()
+                report[name] = pipeline.steps.run_stage(name, ctx, logger).to_json()
             return report
         finally:
             io.close()

@@ -1,77 +1,61 @@
-"""One fork, start to finish, as journaled steps: claim -> stage -> swap -> trainers -> vllm -> verify -> outcome.
+"""One fork as this daemon comes to it: hold the run, take (or adopt, or resume) its claim, then hand it over.
 
-Each step does its work and then records the state it reached (journal.advance), so after a SIGKILL the daemon
-re-runs the step after the journaled state; every step is idempotent for that reason. Failures are values here:
-whatever goes wrong becomes one sentence in `.fork.failed`, and a failure never undoes a swap that happened
-(checkpoints/0000 is complete either way; the outcome says which adapter it holds).
+Whether this daemon may act on a run at all is decided here: a `.fork` claimed, a `.fork.inprogress` whose claimer
+is gone adopted (from the state it recorded, with the etcd backend), a journaled fork resumed after a restart, or a
+claim found to be another daemon's dropped without touching the run. What the fork then does, step by journaled
+step up to its outcome file, is sidecar/fork_steps.py's (ForkSteps, which this pipeline owns).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sidecar import swap
-from sidecar.claims.base import ClaimLost, Claims, claim_info, wait_until_settled
+from sidecar.claims.base import Claims, claim_info, wait_until_settled
 from sidecar.claims.filesystem import FilesystemClaims
 from sidecar.config import Config
-from sidecar.fanout import node_problems, nodes_of_fork
 from sidecar.fork_ids import new_fork_id
+from sidecar.fork_steps import ForkSteps, HeldRun, fork_logger
 from sidecar.journal import ForkRecord, Journal, JournalUnwritable
 from sidecar.layout import RunDir
-from sidecar.marker import FAILED, INPROGRESS, MARKER
+from sidecar.marker import INPROGRESS, MARKER
 from sidecar.owner_worker import OwnerRunIO
-from sidecar.protocol.digest import is_digest
-from sidecar.protocol.reasons import Reason
-from sidecar.protocol.run_layout import CHECKPOINTS, SERVED_STEP
+from sidecar.protocol.run_layout import SERVED_STEP
 from sidecar.run_io import LocalRunIO, RunIO, RunIOError, owner_of, run_dir_of_record
 from sidecar.rundir import OpenRun, RunDirError, lexists_at, open_run
-from sidecar.stages import ForkContext, Stage, StageOutcome
+from sidecar.stages import Stage
 from sidecar.states import ForkState
 
 __all__ = ["ForkPipeline"]
 
 log = logging.getLogger("sidecar.pipeline")
-_UNCHANGED = "unchanged"  # what disk_digest echoes back when 0000 is still the file staged
-# The reasons of a notification stage that is not configured, and of one that raised (a bug).
-_NONE_FOUND = {"trainers": Reason.TRAINER_NONE_FOUND, "vllm": Reason.VLLM_NONE_FOUND}
-_OTHER = {"trainers": Reason.TRAINER_OTHER, "vllm": Reason.VLLM_OTHER}
-
-
-@dataclasses.dataclass
-class HeldRun:
-    """A run as one fork holds it: the directory opened once, and the RunIO doing the fork's work in it."""
-
-    opened: OpenRun
-    io: RunIO
-
-
-class ForkFailed(Exception):
-    """Ends a fork as failed with this sentence."""
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds")
 
 
 class ForkPipeline:
     def __init__(self, config: Config, journal: Journal, stages: Sequence[Stage], claims: Claims | None = None) -> None:
         self.config = config
         self.journal = journal
-        self.stages = list(stages)
-        self.host = socket.gethostname()
-        self.on_finish: Callable[[ForkRecord], None] | None = None
         # Shared by the pipelines a daemon builds over SIGHUPs, so forks started before a reload keep their lease.
         self.claims = claims if claims is not None else FilesystemClaims(config)
         self.claims.reconfigure(config)
+        self.steps = ForkSteps(config, journal, stages, self.claims)
+        self.stages = self.steps.stages
+
+    @property
+    def on_finish(self) -> Callable[[ForkRecord], None] | None:
+        """Called with every fork's record once its history line is filed (or kept back)."""
+        return self.steps.on_finish
+
+    @on_finish.setter
+    def on_finish(self, hook: Callable[[ForkRecord], None] | None) -> None:
+        self.steps.on_finish = hook
 
     # --- entry points ---------------------------------------------------------------------------------------
     def process_run(self, run: RunDir, *, settle: bool = False) -> bool:
@@ -138,7 +122,7 @@ class ForkPipeline:
 
     def resume(self, record: ForkRecord) -> None:
         """Finish a fork a previous daemon journaled but did not end, unless another daemon took its claim over."""
-        logger = self._logger(record)
+        logger = fork_logger(record)
         if record.state.terminal:
             # Killed between journaling the end and filing it: the outcome file was written before that state.
             logger.info("fork had ended %s; filing it in the history", record.state)
@@ -155,7 +139,7 @@ class ForkPipeline:
                 return
             self._write_claim(held, record, str(info.get("marker", "")))
             logger.info("resuming fork from state %s", record.state)
-            self._run_steps(record, held)
+            self.steps.run(record, held)
 
     def collect_leftovers(self, run: RunDir, known: Callable[[str], bool]) -> None:
         """Removes staging/retired copies of forks for which `known` is false (done as the run's owner)."""
@@ -215,7 +199,7 @@ class ForkPipeline:
         lease ran out while we were down and a daemon on another host adopted the marker, which owns the run now:
         an outcome or a notification from us would overwrite or contradict its own.
         """
-        logger = self._logger(record)
+        logger = fork_logger(record)
         outcome = held.io.read_outcome() if held is not None else None
         if outcome and outcome.get("fork_id") == record.fork_id:
             # Our own outcome: the fork ended, and its record on disk may be older than that (killed before the
@@ -238,7 +222,7 @@ class ForkPipeline:
             with contextlib.suppress(OSError):
                 self.journal.forget(record)
             return
-        self._close(record)
+        self.steps.close(record)
 
     # --- claiming -----------------------------------------------------------------------------------------------
     def _take_next(self, run: RunDir, held: HeldRun) -> bool:
@@ -281,7 +265,7 @@ class ForkPipeline:
 
     def _resume_adopted(self, held: HeldRun, record: ForkRecord, info: dict[str, Any]) -> None:
         """Carry on a dead claimer's fork from the state it recorded with the claim (same fork id, same copies)."""
-        logger = self._logger(record)
+        logger = fork_logger(record)
         logger.warning(
             "adopting the fork of %s (claimer gone) from state %s",
             (info.get("claimed_by") or {}).get("host", "another daemon"),
@@ -293,13 +277,13 @@ class ForkPipeline:
             self.journal.create(record)
         except JournalUnwritable as e:  # as in _advance: the fork goes on in memory
             logger.warning("adopted fork not journaled, carrying on: %s", e)
-        with self._unless_lost(record):
+        with self.steps.unless_lost(record):
             self._write_claim(held, record, str(info.get("marker", "")))
             if record.state.terminal:  # the claimer died between journaling its end and filing it
-                self._write_outcome(record, record.state.value, held)
-                self._close(record)
+                self.steps.write_outcome(record, record.state.value, held)
+                self.steps.close(record)
                 return
-            self._run_steps(record, held)
+            self.steps.run(record, held)
 
     def _adoptable(self, path: Path, state: dict[str, Any] | None) -> bool:
         """Whether the `.fork.inprogress` described by `state` (RunIO.claim_state) has lost its claimer."""
@@ -307,16 +291,6 @@ class ForkPipeline:
         # One of ours that ended without removing its claim (its outcome could not be written) is not forked again.
         ours = bool(fork_id) and (self.journaled(str(fork_id)) or self.journal.filed(str(fork_id)))
         return self.claims.adoptable(path / INPROGRESS, state, journaled=ours)
-
-    @contextlib.contextmanager
-    def _unless_lost(self, record: ForkRecord) -> Iterator[None]:
-        """Stops the fork quietly when its claim turns out to be another daemon's: that daemon files the outcome."""
-        try:
-            yield
-        except ClaimLost as e:
-            self._logger(record).error("fork stopped without an outcome: %s", e)
-            with contextlib.suppress(OSError):
-                self.journal.forget(record)
 
     def journaled(self, fork_id: str) -> bool:
         return self.journal.has_record(fork_id)
@@ -328,16 +302,16 @@ class ForkPipeline:
         record = ForkRecord(fork_id, str(model_dir), ForkState.CLAIMED, request={}, started_at=started)
         # Which directory this fork claimed: a restart finds it again by path and must find the same one.
         record.stages["run"] = {"dev": held.opened.dev, "ino": held.opened.ino, "uid": held.opened.uid}
-        logger = self._logger(record)
+        logger = fork_logger(record)
         try:
             embedded = str(claim["marker"]) if claim is not None and "marker" in claim else None
             record.request, raw = held.io.read_request(embedded)
             self._write_claim(held, record, raw)
-            record.source = held.io.resolve(record.request, self._roots())
+            record.source = held.io.resolve(record.request, self.steps.roots())
         except RunIOError as e:
             logger.error("fork rejected: %s", e)
-            with self._unless_lost(record):
-                self._finish_failed(record, str(e), held)
+            with self.steps.unless_lost(record):
+                self.steps.fail(record, str(e), held)
             return
         logger.info("fork claimed (%s): %s -> %s/%s", origin, record.request, run.checkpoints, SERVED_STEP)
         try:
@@ -347,7 +321,7 @@ class ForkPipeline:
             self._unclaim(held, raw)
             self.journal.wait_for_writes(model_dir)
             return
-        self._run_steps(record, held)
+        self.steps.run(record, held)
 
     def _unclaim(self, held: HeldRun, raw: str) -> None:
         """Undo a claim nothing has acted on: the marker is back as its writer wrote it, the claim gone."""
@@ -357,276 +331,12 @@ class ForkPipeline:
         except (RunIOError, OSError) as e:
             log.error("%s: cannot put the marker back (%s)", held.opened.run.path, e)
 
-    def _roots(self) -> list[str]:
-        return [str(r) for r in self.config.allowed_source_roots]
-
     def _write_claim(self, held: HeldRun, record: ForkRecord, raw: str) -> None:
         self.claims.record(held.opened.run.path / INPROGRESS, held.io, record.fork_id, record.request, raw)
-
-    # --- the steps ----------------------------------------------------------------------------------------------
-    def _run_steps(self, record: ForkRecord, held: HeldRun) -> None:
-        with self._unless_lost(record):
-            self._steps(record, held)
-
-    def _steps(self, record: ForkRecord, held: HeldRun) -> None:
-        claim = held.opened.run.path / INPROGRESS
-        steps: dict[ForkState, Callable[[ForkRecord, HeldRun], None]] = {
-            ForkState.CLAIMED: self._stage,
-            ForkState.STAGED: self._swap,
-            ForkState.SWAPPED: lambda r, h: self._notify(r, h, "trainers", ForkState.TRAINERS),
-            ForkState.TRAINERS: lambda r, h: self._notify(r, h, "vllm", ForkState.VLLM),
-            ForkState.VLLM: self._verify,
-            ForkState.VERIFIED: self._finish_done,
-        }
-        while not record.state.terminal:
-            try:
-                self.claims.check(claim)
-                _check_in_place(record, held.opened)
-                self._redigest_old(record, held)
-                steps[record.state](record, held)
-            except (ForkFailed, RunIOError) as e:
-                self._logger(record).error("fork failed: %s", e)
-                self._finish_failed(record, str(e), held)
-            except ClaimLost:
-                raise
-            except Exception as e:  # a bug must still end the fork with an outcome, never strand the claim
-                if record.state.terminal:
-                    # The outcome is written and the end recorded: bookkeeping after that must never rewrite it.
-                    self._logger(record).exception("after the fork ended %s", record.state)
-                    return
-                self._logger(record).exception("internal error in state %s", record.state)
-                self._finish_failed(record, f"internal error in state {record.state} ({e!r}); see journalctl.", held)
-
-    def _redigest_old(self, record: ForkRecord, held: HeldRun) -> None:
-        """A fork journaled by a fork-sidecar with the old digest framing (`sha256:`, one stream): once its copy is
-        0000, and only while 0000 is still the file it staged (same inode, size and mtime), digest it again, so that
-        no later step compares an old digest with a new one (an agent's, say). Otherwise verify fails the fork, as it
-        does for any 0000 replaced after the swap."""
-        if record.digest is None or is_digest(record.digest) or record.state in (ForkState.CLAIMED, ForkState.STAGED):
-            return
-        staged = record.stages.get("swap", {}).get("adapter_fingerprint")
-        if staged is None or held.io.disk_digest(staged, _UNCHANGED) != _UNCHANGED:
-            return
-        served = held.io.served_digest()
-        if served is None:
-            return
-        self._logger(record).info("journaled digest %s is of the old framing; 0000 holds %s", record.digest, served)
-        record.digest = served
-        try:
-            self.journal.save(record)
-        except JournalUnwritable as e:  # as in _advance: the record goes on in memory, a restart re-digests again
-            self._logger(record).warning("re-digested record not journaled, carrying on: %s", e)
-
-    def _stage(self, record: ForkRecord, held: HeldRun) -> None:
-        assert record.source is not None
-        started = time.monotonic()
-        sources = self.config.sources
-        limits = {"max_files": sources.max_files, "max_bytes": sources.max_bytes, "max_depth": sources.max_depth}
-        staged = held.io.stage(record.fork_id, record.source, self.config.swap.copy_mode, limits, self._roots())
-        record.stages["swap"] = {
-            "status": "ok",
-            "method": staged["method"],
-            "files": staged["files"],  # the first 100 names; file_count has them all
-            "file_count": staged["file_count"],
-            "bytes": staged["bytes"],
-            "stage_seconds": round(time.monotonic() - started, 4),
-            # Lets install tell the staged copy from the old 0000 by inode after a crash, without hashing both.
-            "stage_inode": staged["inode"],
-            "adapter_fingerprint": staged["adapter_fingerprint"],
-        }
-        self._advance(record, ForkState.STAGED, digest=staged["digest"])
-        self._logger(record, "swap").info(
-            "staged %d bytes by %s, digest %s", staged["bytes"], staged["method"], staged["digest"]
-        )
-
-    def _swap(self, record: ForkRecord, held: HeldRun) -> None:
-        assert record.digest is not None
-        started = time.monotonic()
-        held.io.install(record.fork_id, record.digest, record.stages.get("swap", {}).get("stage_inode"))
-        outcome = record.stages.setdefault("swap", {"status": "ok"})
-        outcome["install_seconds"] = round(time.monotonic() - started, 4)
-        outcome["seconds"] = round(outcome.get("stage_seconds", 0.0) + outcome["install_seconds"], 4)
-        self._advance(record, ForkState.SWAPPED)
-        self._logger(record, "swap").info("checkpoints/%s now holds %s", SERVED_STEP, record.digest)
-
-    def _notify(self, record: ForkRecord, held: HeldRun, name: str, reached: ForkState) -> None:
-        outcome = self._run_stage(record, held, name)
-        record.stages[name] = outcome.to_json()
-        self._advance(record, reached)
-
-    def _run_stage(self, record: ForkRecord, held: HeldRun, name: str) -> StageOutcome:
-        assert record.digest is not None and record.source is not None
-        if name == "trainers":  # after the swap: every other node serving the run is told too (etcd backend)
-            self.claims.publish(held.opened.run.path / INPROGRESS, record, self._stage_budget())
-        opened = held.opened
-        ctx = ForkContext(
-            record.fork_id,
-            Path(record.model_dir),
-            Path(record.source),
-            record.digest,
-            time.monotonic() + float(getattr(self.config.timeouts, name)),
-            # Whose run this is: the directory opened and claimed, never the path looked at again (_check_in_place
-            # has just made sure the path still names it).
-            owner_uid=opened.uid,
-            run_id=(opened.dev, opened.ino),
-            files=held.io,
-        )
-        return self.run_stage(name, ctx, self._logger(record, name))
-
-    def _stage_budget(self) -> float:
-        """How long the notification stages may take together: the bound on waiting for other nodes' reports."""
-        return float(self.config.timeouts.trainers) + float(self.config.timeouts.vllm)
-
-    def run_stage(self, name: str, ctx: ForkContext, logger: logging.LoggerAdapter[logging.Logger]) -> StageOutcome:
-        """One notification stage of this node for `ctx`: its outcome, whatever the stage does (a bug included)."""
-        stage = next((s for s in self.stages if s.name == name), None)
-        if stage is None:
-            return StageOutcome("skipped", error="none found", reason=_NONE_FOUND.get(name))
-        started = time.monotonic()
-        try:
-            outcome = stage.run(ctx)
-        except Exception as e:  # a stage bug is a failed stage, not a stranded fork
-            logger.exception("%s stage raised", name)
-            outcome = StageOutcome(
-                "failed", error=f"internal error in the {name} stage ({e!r}); see journalctl.", reason=_OTHER.get(name)
-            )
-        if not outcome.seconds:
-            outcome = dataclasses.replace(outcome, seconds=time.monotonic() - started)
-        level = logging.ERROR if outcome.status == "failed" else logging.INFO
-        why = outcome.error or outcome.reason
-        logger.log(level, "%s stage %s%s", name, outcome.status, f": {why}" if why else "")
-        return outcome
-
-    def _verify(self, record: ForkRecord, held: HeldRun) -> None:
-        started = time.monotonic()
-        checkpoints = Path(record.model_dir) / CHECKPOINTS
-        on_disk = held.io.disk_digest(record.stages.get("swap", {}).get("adapter_fingerprint"), record.digest)
-        problems = []
-        if on_disk != record.digest:
-            problems.append(
-                f"{checkpoints / SERVED_STEP} holds {on_disk}, not the forked {record.digest}; "
-                "another writer replaced it — fork again."
-            )
-        problems += [
-            str(s["error"]) for n in ("trainers", "vllm") if (s := record.stages.get(n, {})).get("status") == "failed"
-        ]
-        gathered = self.claims.gather(Path(record.model_dir) / INPROGRESS, record, self._stage_budget())
-        if gathered is not None:
-            record.stages["nodes"], record.stages["fanout"] = nodes_of_fork(record, gathered, self.config)
-            problems += node_problems(gathered, self.config)
-        record.stages["verify"] = {
-            "status": "failed" if problems else "ok",
-            "seconds": round(time.monotonic() - started, 4),
-            "disk_digest": on_disk,
-        }
-        # The retired copy outlived every reload of this fork (vLLM may read from paths until its reload returns).
-        held.io.discard_retired(record.fork_id)
-        self._advance(record, ForkState.VERIFIED, error=problems[0] if problems else None)
-
-    # --- endings ------------------------------------------------------------------------------------------------
-    def _finish_done(self, record: ForkRecord, held: HeldRun) -> None:
-        if record.error:
-            self._finish_failed(record, record.error, held)
-            return
-        self._write_outcome(record, "done", held)
-        self._advance(record, ForkState.DONE, finished_at=record.finished_at)
-        self._logger(record).info("fork done in %.2fs", (record.finished_at or 0) - record.started_at)
-        self._close(record)
-
-    def _finish_failed(self, record: ForkRecord, error: str, held: HeldRun) -> None:
-        record.error = error
-        if record.state in (ForkState.CLAIMED, ForkState.STAGED):
-            with contextlib.suppress(RunIOError, OSError):
-                held.io.discard_copies(record.fork_id, staged=record.state is ForkState.STAGED)
-            record.stages.setdefault("swap", {}).update(self._served_now(record, held))
-        try:
-            self._write_outcome(record, "failed", held)
-        except (RunIOError, OSError) as e:
-            # The journal still ends the fork as failed, and its claim left behind is never adopted (_adoptable).
-            self._logger(record).error("the outcome could not be written to %s: %s", Path(record.model_dir) / FAILED, e)
-        if self.journaled(record.fork_id):
-            self._advance(record, ForkState.FAILED, finished_at=record.finished_at)
-        else:
-            record.state = ForkState.FAILED
-        self._close(record)
-
-    def _served_now(self, record: ForkRecord, held: HeldRun) -> dict[str, Any]:
-        """After a failure around the swap, say plainly which adapter checkpoints/0000 holds."""
-        try:
-            served = held.io.served_digest()
-        except (RunIOError, OSError):
-            served = None
-        if served is None:
-            return {"status": "failed"}
-        return {"status": "failed", "served_digest": served, "served_is_new": served == record.digest}
-
-    def _write_outcome(self, record: ForkRecord, status: str, held: HeldRun) -> None:
-        record.finished_at = time.time()
-        model_dir = Path(record.model_dir)
-        outcome: dict[str, Any] = {
-            "status": status,
-            "fork_id": record.fork_id,
-            "request": record.request,
-            "source": record.source,
-            "digest": record.digest,
-            "swap": record.stages.get("swap", {"status": "skipped"}),
-            "trainers": record.stages.get("trainers", {"status": "skipped"}),
-            "vllm": record.stages.get("vllm", {"status": "skipped"}),
-            "verify": record.stages.get("verify", {"status": "skipped"}),
-            "error": record.error,
-            "host": self.host,
-            "started_at": _iso(record.started_at),
-            "finished_at": _iso(record.finished_at),
-        }
-        if rid := record.request.get("request_id"):
-            outcome["request_id"] = rid
-        if "nodes" in record.stages:  # several nodes (etcd): each serving node's stages, this one's included
-            outcome["nodes"] = record.stages["nodes"]
-        self.claims.confirm(model_dir / INPROGRESS)
-        self.claims.release(model_dir / INPROGRESS)
-        # Through the directory claimed, wherever it is now: a run moved during the fork gets its outcome there.
-        held.io.finish(record.fork_id, outcome)
-
-    def _advance(self, record: ForkRecord, state: ForkState, **changes: Any) -> None:
-        """journal.advance, except that a state dir refusing the write does not change the fork's course.
-
-        The record goes on in memory: every step is idempotent, so a crash now resumes from the older record
-        and re-runs steps, exactly as after a SIGKILL between a step and its journal write; the history line is
-        kept until the state dir takes it (Journal.finish).
-        """
-        try:
-            self.journal.advance(record, state, **changes)
-        except JournalUnwritable as e:
-            self._logger(record).warning("state %s not journaled, carrying on: %s", state, e)
-        if not record.state.terminal:  # what another daemon resumes from if this one dies (etcd backend)
-            self.claims.progress(Path(record.model_dir) / INPROGRESS, record.to_json())
-
-    def _close(self, record: ForkRecord) -> None:
-        if not self.journal.finish(record):
-            self._logger(record).error(
-                "history line kept back until the state dir %s is writable", self.journal.state_dir
-            )
-        if self.on_finish is not None:
-            self.on_finish(record)
-
-    # --- helpers ------------------------------------------------------------------------------------------------
-    def _logger(self, record: ForkRecord, stage: str | None = None) -> logging.LoggerAdapter[logging.Logger]:
-        run = "/".join(Path(record.model_dir).parts[-3::2])  # project/model
-        extra = {"fork_run": record.model_dir, "fork_id": record.fork_id, "fork_stage": stage or "", "run": run}
-        return _ForkLogger(log, extra)
 
 
 ORIGIN_CLAIM = "marker"
 ORIGIN_ORPHAN = "adopted orphan claim"
-
-
-class _ForkLogger(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes the run and fork id for people; the same values travel as journald fields (FORK_RUN, ...)."""
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        extra = self.extra or {}
-        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
-        return f"[{extra.get('run')} {extra.get('fork_id')}] {msg}", kwargs
 
 
 def _same_claim(before: dict[str, Any] | None, now: dict[str, Any] | None) -> bool:
@@ -641,22 +351,6 @@ def _same_claim(before: dict[str, Any] | None, now: dict[str, Any] | None) -> bo
 def _same_run(record: ForkRecord, opened: OpenRun) -> bool:
     expected = record.stages.get("run")
     return not isinstance(expected, dict) or (expected.get("dev"), expected.get("ino")) == (opened.dev, opened.ino)
-
-
-# The steps that act on the run or tell others about it: each first checks the path still names the run claimed.
-_ACTING = {
-    ForkState.STAGED: "nothing was swapped",
-    ForkState.SWAPPED: "checkpoints/0000 of the directory claimed holds the fork; no trainer or server was told",
-    ForkState.TRAINERS: "checkpoints/0000 of the directory claimed holds the fork; no vLLM server was told",
-}
-
-
-def _check_in_place(record: ForkRecord, opened: OpenRun) -> None:
-    if record.state in _ACTING and not opened.still_in_place():
-        raise ForkFailed(
-            f"{record.model_dir} was moved or replaced during the fork ({_ACTING[record.state]}); "
-            "fork again where the run is now."
-        )
 
 
 def _take_outcome(record: ForkRecord, outcome: dict[str, Any]) -> None:
