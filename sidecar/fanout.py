@@ -83,7 +83,7 @@ def nodes_of_fork(
     record: ForkRecord, gathered: Gathered, config: Config
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The outcome's `nodes` (this node's stages beside the others') and the fan-out facts for metrics."""
-    here = {name: record.stages.get(name, {"status": "skipped"}) for name in STAGE_NAMES}
+    here = {name: record.sections.get(name, {"status": "skipped"}) for name in STAGE_NAMES}
     nodes: dict[str, dict[str, Any]] = {}
     if served(here):
         nodes[config.node.name] = here

@@ -128,7 +128,7 @@ class ForkSteps:
         does for any 0000 replaced after the swap."""
         if record.digest is None or is_digest(record.digest) or record.state in (ForkState.CLAIMED, ForkState.STAGED):
             return
-        staged = record.stages.get("swap", {}).get("adapter_fingerprint")
+        staged = record.sections.get("swap", {}).get("adapter_fingerprint")
         if staged is None or held.io.disk_digest(staged, _UNCHANGED) != _UNCHANGED:
             return
         served = held.io.served_digest()
@@ -147,7 +147,7 @@ class ForkSteps:
         sources = self.config.sources
         limits = {"max_files": sources.max_files, "max_bytes": sources.max_bytes, "max_depth": sources.max_depth}
         staged = held.io.stage(record.fork_id, record.source, self.config.swap.copy_mode, limits, self.roots())
-        record.stages["swap"] = {
+        record.sections["swap"] = {
             "status": "ok",
             "method": staged["method"],
             "files": staged["files"],  # the first 100 names; file_count has them all
@@ -166,8 +166,8 @@ class ForkSteps:
     def _swap(self, record: ForkRecord, held: HeldRun) -> None:
         assert record.digest is not None
         started = time.monotonic()
-        held.io.install(record.fork_id, record.digest, record.stages.get("swap", {}).get("stage_inode"))
-        outcome = record.stages.setdefault("swap", {"status": "ok"})
+        held.io.install(record.fork_id, record.digest, record.sections.get("swap", {}).get("stage_inode"))
+        outcome = record.sections.setdefault("swap", {"status": "ok"})
         outcome["install_seconds"] = round(time.monotonic() - started, 4)
         outcome["seconds"] = round(outcome.get("stage_seconds", 0.0) + outcome["install_seconds"], 4)
         self._advance(record, ForkState.SWAPPED)
@@ -175,7 +175,7 @@ class ForkSteps:
 
     def _notify(self, record: ForkRecord, held: HeldRun, name: str, reached: ForkState) -> None:
         outcome = self._run_stage(record, held, name)
-        record.stages[name] = outcome.to_json()
+        record.sections[name] = outcome.to_json()
         self._advance(record, reached)
 
     def _run_stage(self, record: ForkRecord, held: HeldRun, name: str) -> StageOutcome:
@@ -224,7 +224,7 @@ class ForkSteps:
     def _verify(self, record: ForkRecord, held: HeldRun) -> None:
         started = time.monotonic()
         checkpoints = Path(record.model_dir) / CHECKPOINTS
-        on_disk = held.io.disk_digest(record.stages.get("swap", {}).get("adapter_fingerprint"), record.digest)
+        on_disk = held.io.disk_digest(record.sections.get("swap", {}).get("adapter_fingerprint"), record.digest)
         problems = []
         if on_disk != record.digest:
             problems.append(
@@ -232,13 +232,13 @@ class ForkSteps:
                 "another writer replaced it — fork again."
             )
         problems += [
-            str(s["error"]) for n in ("trainers", "vllm") if (s := record.stages.get(n, {})).get("status") == "failed"
+            str(s["error"]) for n in ("trainers", "vllm") if (s := record.sections.get(n, {})).get("status") == "failed"
         ]
         gathered = self.claims.gather(Path(record.model_dir) / INPROGRESS, record, self._stage_budget())
         if gathered is not None:
-            record.stages["nodes"], record.stages["fanout"] = nodes_of_fork(record, gathered, self.config)
+            record.sections["nodes"], record.sections["fanout"] = nodes_of_fork(record, gathered, self.config)
             problems += node_problems(gathered, self.config)
-        record.stages["verify"] = {
+        record.sections["verify"] = {
             "status": "failed" if problems else "ok",
             "seconds": round(time.monotonic() - started, 4),
             "disk_digest": on_disk,
@@ -263,7 +263,7 @@ class ForkSteps:
         if record.state in (ForkState.CLAIMED, ForkState.STAGED):
             with contextlib.suppress(RunIOError, OSError):
                 held.io.discard_copies(record.fork_id, staged=record.state is ForkState.STAGED)
-            record.stages.setdefault("swap", {}).update(self._served_now(record, held))
+            record.sections.setdefault("swap", {}).update(self._served_now(record, held))
         try:
             self.write_outcome(record, "failed", held)
         except (RunIOError, OSError) as e:
@@ -295,10 +295,10 @@ class ForkSteps:
             "request": record.request,
             "source": record.source,
             "digest": record.digest,
-            "swap": record.stages.get("swap", {"status": "skipped"}),
-            "trainers": record.stages.get("trainers", {"status": "skipped"}),
-            "vllm": record.stages.get("vllm", {"status": "skipped"}),
-            "verify": record.stages.get("verify", {"status": "skipped"}),
+            "swap": record.sections.get("swap", {"status": "skipped"}),
+            "trainers": record.sections.get("trainers", {"status": "skipped"}),
+            "vllm": record.sections.get("vllm", {"status": "skipped"}),
+            "verify": record.sections.get("verify", {"status": "skipped"}),
             "error": record.error,
             "host": self.host,
             "started_at": _iso(record.started_at),
@@ -306,8 +306,8 @@ class ForkSteps:
         }
         if rid := record.request.get("request_id"):
             outcome["request_id"] = rid
-        if "nodes" in record.stages:  # several nodes (etcd): each serving node's stages, this one's included
-            outcome["nodes"] = record.stages["nodes"]
+        if "nodes" in record.sections:  # several nodes (etcd): each serving node's stages, this one's included
+            outcome["nodes"] = record.sections["nodes"]
         self.claims.confirm(model_dir / INPROGRESS)
         self.claims.release(model_dir / INPROGRESS)
         # Through the directory claimed, wherever it is now: a run moved during the fork gets its outcome there.

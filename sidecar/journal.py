@@ -71,7 +71,8 @@ class ForkRecord:
     started_at: float  # wall clock, for people; durations use the monotonic clock
     source: str | None = None
     digest: str | None = None
-    stages: dict[str, Any] = field(default_factory=dict)
+    # What each step found: swap, trainers, vllm, verify, nodes, ... (older journals call it "stages")
+    sections: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     finished_at: float | None = None
 
@@ -83,6 +84,8 @@ class ForkRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ForkRecord:
         names = {f.name for f in dataclasses.fields(cls)}
+        if "stages" in data and "sections" not in data:  # a journal written before the rename
+            data = {**data, "sections": data["stages"]}
         values = {k: v for k, v in data.items() if k in names}
         values["state"] = ForkState(values["state"])
         return cls(**values)

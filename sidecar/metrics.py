@@ -196,25 +196,25 @@ class Metrics:
         done = record.state.value == "done"
         self.forks.labels("done" if done else "failed").inc()
         for stage in STAGES[:-1]:
-            seconds = (record.stages.get(stage) or {}).get("seconds")
+            seconds = (record.sections.get(stage) or {}).get("seconds")
             if isinstance(seconds, int | float) and not isinstance(seconds, bool):
                 self.stage_seconds.labels(stage).observe(max(0.0, float(seconds)))
         if record.finished_at is not None:
             self.stage_seconds.labels("total").observe(max(0.0, record.finished_at - record.started_at))
             if done:
                 self.last_success.set(record.finished_at)
-        trainers = record.stages.get("trainers") or {}
-        vllm = record.stages.get("vllm") or {}
+        trainers = record.sections.get("trainers") or {}
+        vllm = record.sections.get("vllm") or {}
         self.agents_seen.set(len(trainers.get("agents") or []))
         self.vllm_servers_seen.set(len(vllm.get("servers") or []))
-        fanout = record.stages.get("fanout")
+        fanout = record.sections.get("fanout")
         if isinstance(fanout, dict):
             self.nodes_reported.observe(int(fanout.get("reported") or 0))
             if isinstance(fanout.get("seconds"), int | float):
                 self.fanout_seconds.observe(max(0.0, float(fanout["seconds"])))
             for node in fanout.get("missing") or []:
                 self.nodes_missing.labels(str(node)).inc()
-        for reason in reload_error_reasons(record.stages):
+        for reason in reload_error_reasons(record.sections):
             self.reload_errors.labels(reason).inc()
         self._kept_by_run[record.model_dir] = len(vllm.get("kept") or [])
         self.snapshots_kept.set(sum(self._kept_by_run.values()))

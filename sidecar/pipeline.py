@@ -272,7 +272,7 @@ class ForkPipeline:
             record.state,
         )
         # The run as this daemon opened it: a shared filesystem's device number differs between hosts.
-        record.stages["run"] = {"dev": held.opened.dev, "ino": held.opened.ino, "uid": held.opened.uid}
+        record.sections["run"] = {"dev": held.opened.dev, "ino": held.opened.ino, "uid": held.opened.uid}
         try:
             self.journal.create(record)
         except JournalUnwritable as e:  # as in _advance: the fork goes on in memory
@@ -301,7 +301,7 @@ class ForkPipeline:
         started = time.time()
         record = ForkRecord(fork_id, str(model_dir), ForkState.CLAIMED, request={}, started_at=started)
         # Which directory this fork claimed: a restart finds it again by path and must find the same one.
-        record.stages["run"] = {"dev": held.opened.dev, "ino": held.opened.ino, "uid": held.opened.uid}
+        record.sections["run"] = {"dev": held.opened.dev, "ino": held.opened.ino, "uid": held.opened.uid}
         logger = fork_logger(record)
         try:
             embedded = str(claim["marker"]) if claim is not None and "marker" in claim else None
@@ -349,7 +349,7 @@ def _same_claim(before: dict[str, Any] | None, now: dict[str, Any] | None) -> bo
 
 
 def _same_run(record: ForkRecord, opened: OpenRun) -> bool:
-    expected = record.stages.get("run")
+    expected = record.sections.get("run")
     return not isinstance(expected, dict) or (expected.get("dev"), expected.get("ino")) == (opened.dev, opened.ino)
 
 
@@ -360,6 +360,6 @@ def _take_outcome(record: ForkRecord, outcome: dict[str, Any]) -> None:
     record.digest = outcome.get("digest", record.digest)
     for stage in ("swap", "trainers", "vllm", "verify"):
         if isinstance(outcome.get(stage), dict):
-            record.stages[stage] = outcome[stage]
+            record.sections[stage] = outcome[stage]
     with contextlib.suppress(TypeError, ValueError):
         record.finished_at = datetime.fromisoformat(str(outcome.get("finished_at"))).timestamp()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,6 +53,21 @@ def test_records_round_trip_and_transitions_are_checked(tmp_path: Path) -> None:
     assert list(journal.unfinished()) == []
     assert read_history(tmp_path)[-1]["fork_id"] == rec.fork_id
     assert oct(os.stat(tmp_path / "forks").st_mode & 0o777) == "0o700"
+
+
+def test_a_record_written_before_sections_were_named_so_keeps_them(tmp_path: Path) -> None:
+    """A daemon upgraded mid-fork resumes from a journal whose step results are under the old key, `stages`."""
+    journal = Journal(tmp_path)
+    journal.lock()
+    rec = record()
+    rec.sections["swap"] = {"status": "ok", "stage_inode": 42}
+    journal.create(rec)
+    path = next((tmp_path / "forks").iterdir())
+    data = json.loads(path.read_text())
+    data["stages"] = data.pop("sections")
+    path.write_text(json.dumps(data))
+    (loaded,) = list(Journal(tmp_path).unfinished())
+    assert loaded.sections == {"swap": {"status": "ok", "stage_inode": 42}}
 
 
 @pytest.mark.parametrize("content", [b"", b'{"fork_id": "x"', b'{"fork_id": "x", "state": "warp"}', b"[]"])

@@ -39,7 +39,7 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text)[(name, tuple(sorted(labels.items())))]
 
 
-def record(state: ForkState, stages: dict[str, Any], started: float = 1000.0, took: float = 2.5) -> ForkRecord:
+def record(state: ForkState, sections: dict[str, Any], started: float = 1000.0, took: float = 2.5) -> ForkRecord:
     return ForkRecord(
         "20260101T000000Z-abcdef",
         "/art/p/models/m",
@@ -48,7 +48,7 @@ def record(state: ForkState, stages: dict[str, Any], started: float = 1000.0, to
         started,
         source="/art/p/models/m/checkpoints/0007",
         digest="sha256:00",
-        stages=stages,
+        sections=sections,
         finished_at=started + took,
     )
 
