@@ -309,9 +309,11 @@ class ForkSteps:
         if "nodes" in record.sections:  # several nodes (etcd): each serving node's stages, this one's included
             outcome["nodes"] = record.sections["nodes"]
         self.claims.confirm(model_dir / INPROGRESS)
-        self.claims.release(model_dir / INPROGRESS)
         # Through the directory claimed, wherever it is now: a run moved during the fork gets its outcome there.
         held.io.finish(record.fork_id, outcome)
+        # Only once the outcome is filed: released before, another node would see the claimer gone and fork the
+        # marker again, and a finish that raised would find its claim gone when fail() files "failed".
+        self.claims.release(model_dir / INPROGRESS)
 
     def _advance(self, record: ForkRecord, state: ForkState, **changes: Any) -> None:
         """journal.advance, except that a state dir refusing the write does not change the fork's course.
