@@ -325,11 +325,12 @@ class ForkPipeline:
 
     def _unclaim(self, held: HeldRun, raw: str) -> None:
         """Undo a claim nothing has acted on: the marker is back as its writer wrote it, the claim gone."""
-        self.claims.release(held.opened.run.path / INPROGRESS)
         try:
             held.io.unclaim(raw)
         except (RunIOError, OSError) as e:
             log.error("%s: cannot put the marker back (%s)", held.opened.run.path, e)
+        # After the marker is back: released first, another node would adopt the .fork.inprogress still there.
+        self.claims.release(held.opened.run.path / INPROGRESS)
 
     def _write_claim(self, held: HeldRun, record: ForkRecord, raw: str) -> None:
         self.claims.record(held.opened.run.path / INPROGRESS, held.io, record.fork_id, record.request, raw)
