@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sidecar.config import Config
+from sidecar.protocol.reasons import Reason
 from sidecar.run_io import RunIOError, run_dir_of_record
 from sidecar.rundir import RunDirError, open_run
 from sidecar.stages import ForkContext
@@ -24,10 +25,11 @@ if TYPE_CHECKING:
     from sidecar.journal import ForkRecord
     from sidecar.pipeline import ForkPipeline
 
-__all__ = ["Gathered", "node_problems", "nodes_of_fork", "tell_this_node"]
+__all__ = ["OTHER_REASON", "Gathered", "node_problems", "nodes_of_fork", "raised_report", "tell_this_node"]
 
 log = logging.getLogger("sidecar.fanout")
 STAGE_NAMES = ("trainers", "vllm")
+OTHER_REASON = {"trainers": Reason.TRAINER_OTHER, "vllm": Reason.VLLM_OTHER}  # a bug in the stage
 
 
 @dataclass
@@ -43,6 +45,12 @@ class Gathered:
 def served(report: dict[str, Any]) -> bool:
     """Whether a node's stages found anything of the run to tell (an agent, a server)."""
     return any((report.get(name) or {}).get("status") not in (None, "skipped") for name in STAGE_NAMES)
+
+
+def raised_report(error: str) -> dict[str, Any]:
+    """A node's report when its stages raised: every stage failed, so the node is named and fails the fork where
+    a stage is required (a bare error would read as a node that serves nothing of the run)."""
+    return {name: {"status": "failed", "error": error, "reason": OTHER_REASON[name]} for name in STAGE_NAMES}
 
 
 def tell_this_node(pipeline: ForkPipeline, published: dict[str, Any]) -> dict[str, Any]:

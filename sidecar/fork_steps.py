@@ -25,7 +25,7 @@ from typing import Any
 
 from sidecar.claims.base import ClaimLost, Claims
 from sidecar.config import Config
-from sidecar.fanout import node_problems, nodes_of_fork
+from sidecar.fanout import OTHER_REASON, node_problems, nodes_of_fork
 from sidecar.journal import ForkRecord, Journal, JournalUnwritable
 from sidecar.marker import FAILED, INPROGRESS
 from sidecar.protocol.digest import is_digest
@@ -41,9 +41,8 @@ __all__ = ["ForkSteps", "HeldRun", "fork_logger"]
 log = logging.getLogger("sidecar.pipeline")  # the daemon's one fork logger: journald filters and tests use the name
 
 _UNCHANGED = "unchanged"  # what disk_digest echoes back when 0000 is still the file staged
-# The reasons of a notification stage that is not configured, and of one that raised (a bug).
+# The reasons of a notification stage that is not configured (fanout.OTHER_REASON: of one that raised, a bug).
 _NONE_FOUND = {"trainers": Reason.TRAINER_NONE_FOUND, "vllm": Reason.VLLM_NONE_FOUND}
-_OTHER = {"trainers": Reason.TRAINER_OTHER, "vllm": Reason.VLLM_OTHER}
 
 
 @dataclasses.dataclass
@@ -212,7 +211,9 @@ class ForkSteps:
         except Exception as e:  # a stage bug is a failed stage, not a stranded fork
             logger.exception("%s stage raised", name)
             outcome = StageOutcome(
-                "failed", error=f"internal error in the {name} stage ({e!r}); see journalctl.", reason=_OTHER.get(name)
+                "failed",
+                error=f"internal error in the {name} stage ({e!r}); see journalctl.",
+                reason=OTHER_REASON.get(name),
             )
         if not outcome.seconds:
             outcome = dataclasses.replace(outcome, seconds=time.monotonic() - started)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sidecar.claims.base import ClaimFiles, ClaimLost, Claims
 from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession
 from sidecar.config import Config
-from sidecar.fanout import Gathered
+from sidecar.fanout import Gathered, raised_report
 
 __all__ = ["EtcdClaims"]
 
@@ -385,7 +385,7 @@ class EtcdClaims(Claims):
             report = self.on_published(published)
         except Exception as e:  # a bug here must still be reported, or the claimer waits out its whole budget
             log.exception("fork %s published by %s: this node's stages raised", fork_id, published.get("node"))
-            report = {"error": f"internal error on node {self.node} ({e!r})"}
+            report = raised_report(f"internal error on node {self.node} ({e!r}); see journalctl there.")
         lease = self.lease
         try:
             self.session.put(self._report_key(fork_id, self.node), report, lease)
