@@ -19,6 +19,12 @@ from typing import Any
 
 import pytest
 
+from sidecar.claims.etcd import EtcdClaims
+from sidecar.config import load_config
+from sidecar.layout import run_dir_of
+from sidecar.marker import INPROGRESS, MARKER
+from sidecar.run_io import LocalRunIO
+from sidecar.rundir import open_run
 from tests.support.adapters import write_adapter, write_big_adapter
 from tests.support.daemon import read_outcome, wait_for, wait_outcome
 from tests.support.etcd_nodes import Node, prom, settled_history, start_all
@@ -239,3 +245,29 @@ def test_doctor_checks_endpoints_credentials_and_the_lease_by_etcds_clock(
     node.configure(etcd_server.endpoints, user=auth.user, password_file=str(wrong))
     findings = _doctor(node)
     assert any(f["level"] == "problem" and "refused" in f["message"] for f in findings), findings
+
+
+def test_a_claim_key_left_under_this_daemons_own_lease_does_not_block_the_marker(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    node = Node(tmp_path / "nodes", "node-0", art)
+    node.configure(etcd_server.endpoints)
+    model_dir = make_run(art, "leftover")
+    (model_dir / MARKER).write_text(json.dumps({"checkpoint": "0003"}))
+    claims = EtcdClaims(load_config(node.config))
+    try:
+        wait_for(claims.usable, 20, "the etcd lease")
+        claim = model_dir / INPROGRESS
+        assert claims.lease is not None
+        # What a create that committed while its reply was lost leaves (a real txn; only the lost reply is assumed).
+        assert claims.session.create(claims._claim_key(claim), {"node": "node-0", "state": "claiming"}, claims.lease)
+        run = run_dir_of(model_dir, (art,))
+        assert run is not None
+        opened = open_run(run)
+        try:
+            assert claims.take(claim, LocalRunIO(run, opened.fd, frozenset({0})))
+            assert claim.exists() and not (model_dir / MARKER).exists()
+        finally:
+            opened.close()
+    finally:
+        claims.close()

@@ -197,13 +197,29 @@ class EtcdClaims(Claims):
         if lease is None or not self.usable():
             return False
         key = self._claim_key(path)
-        if not self._call(lambda: self.session.create(key, {"node": self.node, "state": "claiming"}, lease), False):
-            return False
-        if io.claim():
-            return True
-        with contextlib.suppress(EtcdDown, EtcdAuthError):  # no marker after all (taken by a daemon without etcd?)
-            self.session.delete_if_lease(key, lease)
-        return False
+        value = {"node": self.node, "state": "claiming"}
+        created = self._call(lambda: self.session.create(key, value, lease), False)
+        if not created and self._own_leftover(path, key, lease):
+            # A create that committed with its reply lost, or an io.claim() that raised: the key under our own
+            # live lease would block the marker for as long as this daemon lives.
+            created = self._call(lambda: self.session.delete_if_lease(key, lease), False) and self._call(
+                lambda: self.session.create(key, value, lease), False
+            )
+        taken = False
+        try:
+            taken = created and io.claim()
+        finally:
+            if not taken:  # the create may have committed unanswered: the keeper deletes it until etcd takes that
+                with self._state:
+                    self._unclaims.add(key)
+                with contextlib.suppress(EtcdDown, EtcdAuthError):
+                    self._flush_pending()
+        return taken
+
+    def _own_leftover(self, path: Path, key: str, lease: int) -> bool:
+        """Whether the claim key of `path` is under our lease while no fork of ours holds it (a failed take's)."""
+        found = self._call(lambda: self.session.get(key), None)
+        return found is not None and found.lease == lease and all(p != path for p, _, _ in self.registry.items())
 
     def adopt(self, path: Path, info: dict[str, Any] | None) -> bool:
         lease = self.lease
