@@ -320,15 +320,20 @@ class RankAgreement:
         store.set(f"{prefix}/rank/{rank}", str(os.getpid()))
         keys = [f"{prefix}/rank/{r}" for r in range(world)] + [f"{_STORE_PREFIX}/job"]
         seconds = float(os.environ.get(HANDSHAKE_ENV) or _HANDSHAKE_S)
-        try:
+        with contextlib.suppress(Exception):  # a timeout: the verdict below says what every rank does
             store.wait(keys, timedelta(seconds=seconds))
-        except Exception:
+        # One verdict for all ranks, first writer wins: a rank that timed out says "off" while a late one may still
+        # see every key; acting on its own view, the late one would issue the per-step reduce alone and have it
+        # matched with the job's gradient all_reduce.
+        mine = "on" if store.check(keys) else "off"
+        if store.compare_set(f"{prefix}/verdict", "", mine).decode() != "on":
             missing = [r for r in range(world) if not store.check([f"{prefix}/rank/{r}"])]
+            late = f"rank(s) {_ranks(missing)}" if missing else "a rank (here now, but after another rank gave up)"
             raise RuntimeError(
-                f"rank(s) {_ranks(missing)} of the {world}-rank job reached no optimizer step with the fork-sidecar "
-                f"preload and a registered model within {seconds:g}s of this rank (install the preload in every "
-                "rank's environment and call register() on every rank)"
-            ) from None
+                f"{late} of the {world}-rank job reached no optimizer step with the fork-sidecar preload and a "
+                f"registered model within {seconds:g}s of the others (install the preload in every rank's "
+                "environment and call register() on every rank)"
+            )
         with _job_lock:
             _job_id = store.get(f"{_STORE_PREFIX}/job").decode()
 
