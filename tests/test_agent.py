@@ -203,6 +203,20 @@ def test_gradient_accumulation_is_one_step(runtime_dir: Path, run_dir: Path, mod
     assert all(p.grad is None for p in model.parameters() if p.requires_grad)
 
 
+def test_an_optimizer_step_outside_a_training_step_is_no_boundary(runtime_dir: Path, run_dir: Path, model: Any) -> None:
+    # The ranks' agreement issues one collective per boundary, so a boundary some ranks see and others do not
+    # (torch.distributed.checkpoint's get_optimizer_state_dict steps on empty state) would mismatch collectives.
+    target = register_peft_model(model, run_dir)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    boundaries: list[int] = []
+    target.gate.on_boundary = lambda: boundaries.append(target.gate.steps)
+    optimizer.step()  # no training forward before it
+    model(input_ids=TOKENS, labels=TOKENS).loss.backward()
+    optimizer.step()
+    optimizer.step()  # a second step of the same training step
+    assert boundaries == [1]
+
+
 def test_a_running_inference_forward_is_waited_for(runtime_dir: Path, run_dir: Path, model: Any) -> None:
     target = register_peft_model(model, run_dir)
     model.eval()

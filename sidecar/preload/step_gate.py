@@ -45,7 +45,8 @@ class StepGate:
         self._job: _Job | None = None
         self.steps = 0
         self.disabled = False
-        # Called on the training thread at every boundary, after the step count moved (the ranks' agreement).
+        # Called on the training thread at the end of every training step, after the step count moved (the ranks'
+        # agreement).
         self.on_boundary: Callable[[], None] | None = None
         _gates.add(self)
 
@@ -86,10 +87,13 @@ class StepGate:
 
     def _boundary(self) -> None:
         with self._cond:
-            if self._in_step:
+            stepped, self._in_step = self._in_step, False
+            if stepped:
                 self.steps += 1
-            self._in_step = False
-        if self.on_boundary is not None:
+        # Only a training step's end: an optimizer.step() outside one (torch.distributed.checkpoint's
+        # get_optimizer_state_dict steps on empty state, a second optimizer) may happen on some ranks only, and the
+        # ranks' agreement issues one collective per boundary.
+        if stepped and self.on_boundary is not None:
             self.on_boundary()
         with self._cond:
             job = self._job
