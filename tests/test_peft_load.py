@@ -269,6 +269,18 @@ def test_the_check_is_bitwise() -> None:
     assert not _same_bits(big, other)
 
 
+def test_a_zero_element_shard_is_loaded_in_place_like_the_others() -> None:
+    # FSDP2 shards a dim smaller than the world size to zero elements on some ranks; taking peft's path on those
+    # ranks only would load differently there (and peft's path is the one that may refuse).
+    from sidecar.preload.peft_load import _params_of, _shares_parameter_storage
+
+    whole, empty = torch.nn.Parameter(torch.zeros(4, 2)), torch.nn.Parameter(torch.zeros(0, 2))
+    live = {"a": whole, "b": empty}
+    params = _params_of(torch.nn.ParameterList([whole, empty]), live.values())
+    assert _shares_parameter_storage(live, params)
+    assert not _shares_parameter_storage({"a": whole.detach().clone(), "b": empty}, params)  # a copy is no parameter
+
+
 def test_a_file_of_many_pieces_is_read_exactly_by_the_parallel_readers(workdir: Path) -> None:
     # Several threads read 4 MiB pieces at once and the digest follows the prefix read so far: the bytes in memory
     # and the digest must be the file's (an odd-sized last piece, and more pieces than readers).

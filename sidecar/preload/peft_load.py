@@ -483,11 +483,13 @@ def _params_of(peft_model: Any, live: Iterable[Any]) -> list[Any]:
 def _shares_parameter_storage(live: Mapping[str, Any], params: list[Any]) -> bool:
     """Whether every tensor of the adapter's state dict is a whole parameter (its storage, its shape): then it is
     loaded with copy_, the in-place copy load_state_dict makes too, without peft's generic key mapping (43 % of a
-    reload). Adapter kinds whose state dict is computed (prompt learning) take peft's path."""
+    reload). Adapter kinds whose state dict is computed (prompt learning) take peft's path. A zero-element local
+    tensor (an FSDP2 shard of a dim smaller than the world size) has nothing to copy and counts as in place: else
+    only the ranks holding one would take peft's path."""
     shards = [_local(p) for p in params]
     whole = {(p.data_ptr(), tuple(p.shape), p.dtype, p.device) for p in shards}
     return all(
-        t.numel() and t.is_contiguous() and (t.data_ptr(), tuple(t.shape), t.dtype, t.device) in whole
+        not t.numel() or (t.is_contiguous() and (t.data_ptr(), tuple(t.shape), t.dtype, t.device) in whole)
         for t in map(_local, live.values())
     )
 
