@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +23,7 @@ from sidecar.preload.rank_agreement import (
     fork_token,
     rank_info,
 )
+from sidecar.protocol.messages import ForkRequest
 
 
 def test_ranks_load_only_when_every_rank_was_told_the_same_new_fork() -> None:
@@ -88,3 +91,80 @@ def test_ranks_that_all_check_in_agree_on(monkeypatch: pytest.MonkeyPatch) -> No
     for t in threads:
         t.join()
     assert results == {0: None, 1: None}
+
+
+class _Prepared:
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint
+
+    def digest(self) -> str:
+        return self.checkpoint.name
+
+    def discard(self) -> None:
+        pass
+
+
+class _OneRank:
+    """A RankAgreement in a real gloo group of one process: the boundaries' collectives run, and the order of
+    events (requests, boundaries) is the test's to set."""
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+        hooks = LoadHooks(
+            prepare=_Prepared,
+            apply=lambda prepared: self.loaded.append(prepared.digest()) or prepared.digest(),
+            steps=lambda: len(self.loaded),
+            hold_forwards=contextlib.nullcontext,
+        )
+        self.agreement = RankAgreement(hooks)
+        self.replies: dict[str, dict[str, Any]] = {}
+        self.threads: list[threading.Thread] = []
+
+    def ask(self, fork_id: str) -> None:
+        request = ForkRequest(fork_id, "/run", f"/run/{fork_id}", None, 30.0)
+
+        def call() -> None:
+            self.replies[fork_id] = self.agreement.request(request, Path(fork_id), 30.0)
+
+        self.threads.append(threading.Thread(target=call))
+        self.threads[-1].start()
+        while self.agreement.describe().get("told") != fork_id:
+            time.sleep(0.01)
+
+    def boundary(self) -> None:
+        self.agreement._step(0, 1)
+
+    def answers(self) -> dict[str, str]:
+        for thread in self.threads:
+            thread.join(10)
+        return {k: v.get("digest") or v["error"]["code"] for k, v in self.replies.items()}
+
+
+@pytest.fixture
+def one_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[_OneRank]:
+    dist = pytest.importorskip("torch.distributed")
+    monkeypatch.setattr(rank_agreement, "_job_id", None)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield _OneRank()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_fork_decided_by_the_reduce_in_flight_is_answered_loaded_not_superseded(one_rank: _OneRank) -> None:
+    one_rank.ask("a")
+    one_rank.boundary()  # fork a goes into the reduce in flight
+    one_rank.ask("b")
+    one_rank.boundary()  # that reduce decides a: it is loaded
+    one_rank.boundary()  # then b
+    assert one_rank.answers() == {"a": "a", "b": "b"}
+    assert one_rank.loaded == ["a", "b"]
+
+
+def test_a_fork_not_yet_in_a_reduce_is_superseded_by_a_newer_one(one_rank: _OneRank) -> None:
+    one_rank.ask("a")
+    one_rank.ask("b")
+    one_rank.boundary()
+    one_rank.boundary()
+    assert one_rank.answers() == {"a": "superseded", "b": "b"}
+    assert one_rank.loaded == ["b"]

@@ -222,14 +222,10 @@ class RankAgreement:
             if token == self._settled and self._settled_reply is not None:
                 return self._settled_reply  # e.g. a retry after a timeout that raced the load
             told = self._told
-            if told is not None and told.token != token and told.reply is None:
-                told.reply = error_reply(
-                    "superseded",
-                    f"fork {request.fork_id} came before the ranks agreed on fork {told.request.fork_id}; "
-                    "the newer one is loaded on every rank instead",
-                    **rank_info(),
-                )
-                self._cond.notify_all()
+            # The reduce in flight may still decide the older fork and load it everywhere: then the next boundary
+            # answers it, loaded or superseded.
+            if told is not None and told.token != token and told.reply is None and told is not self._in_flight_told:
+                self._supersede(told, request.fork_id)
             if told is None or told.token != token or told.withdrawn:
                 told = _Told(token, request, checkpoint)
                 self._told = told
@@ -242,6 +238,15 @@ class RankAgreement:
                 return told.reply
             told.withdrawn = True  # no longer offered from the next boundary on: the ranks cannot all agree now
             return error_reply("step_timeout", self._waiting_sentence(timeout), **rank_info())
+
+    def _supersede(self, told: _Told, newer: str) -> None:
+        told.reply = error_reply(
+            "superseded",
+            f"fork {newer} came before the ranks agreed on fork {told.request.fork_id}; "
+            "the newer one is loaded on every rank instead",
+            **rank_info(),
+        )
+        self._cond.notify_all()
 
     def _waiting_sentence(self, timeout: float) -> str:
         if self.off is not None:
@@ -304,9 +309,12 @@ class RankAgreement:
                 assert told_then is not None and told_then.token == token  # every rank offered it, this one too
                 self._load(dist, torch, rank, world, told_then)
         with self._cond:
+            then, newest = self._in_flight_told, self._told
+            if then is not None and then.reply is None and newest is not None and newest.token != then.token:
+                self._supersede(then, newest.request.fork_id)  # not decided, and a newer fork came meanwhile
             told = self._told
             offered = told if told is not None and not told.withdrawn and told.token != self._settled else None
-        self._in_flight_told = offered
+            self._in_flight_told = offered  # under the lock: `request` asks whether a fork is in flight
         self._in_flight = _InFlight(dist, torch, _reduce_device(dist, torch), offered.token if offered else 0)
 
     def _handshake(self, dist: Any, rank: int, world: int) -> None:
@@ -392,8 +400,9 @@ class RankAgreement:
         with self._cond:
             self.off = why
             self._in_flight = None
-            if self._told is not None and self._told.reply is None:
-                self._told.reply = error_reply("ranks_off", why, **rank_info())
+            for told in (self._told, self._in_flight_told):
+                if told is not None and told.reply is None:
+                    told.reply = error_reply("ranks_off", why, **rank_info())
             self._cond.notify_all()
 
 
