@@ -312,6 +312,19 @@ def test_a_collected_model_is_no_longer_served(runtime_dir: Path, run_dir: Path,
     assert reply["error"]["code"] == "not_serving"
 
 
+def test_a_collected_models_handshake_keys_are_never_given_to_another(
+    runtime_dir: Path, run_dir: Path, assets: TinyAssets, model: Any
+) -> None:
+    # Ranks collect a model at different moments: had the next model taken its keys on some ranks only, their
+    # handshake would find the old model's keys of the other ranks in the job's store.
+    base = LlamaForCausalLM.from_pretrained(assets.base, dtype=torch.float32)
+    transient = PeftModel.from_pretrained(base, assets.adapter_a, is_trainable=True)
+    first = register_peft_model(transient, run_dir).ranks.hooks.index
+    del transient, base
+    gc.collect()
+    assert register_peft_model(model, run_dir).ranks.hooks.index == first + 1
+
+
 def test_preload_off_means_register_does_nothing(
     runtime_dir: Path, run_dir: Path, model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -433,6 +434,10 @@ os.register_at_fork(after_in_child=_forget_in_child)
 
 _peft_targets: list[PeftTarget] = []
 _step_hook: Any = None
+# Names a model's handshake keys in the job's store: the n-th registration of this process, on every rank the same
+# when the ranks register alike. Never reused: a count of the models still alive would give a new model the keys of
+# one collected at different moments on different ranks.
+_registrations = itertools.count()
 
 
 def register_peft_model(model: Any, run_dir: str | os.PathLike[str], *, optimizer: Any | None = None) -> PeftTarget:
@@ -445,7 +450,7 @@ def register_peft_model(model: Any, run_dir: str | os.PathLike[str], *, optimize
             if optimizer is not None:
                 target.add_optimizer(optimizer)
             return target
-    target = PeftTarget(model, run, optimizer, index=len([t for t in _peft_targets if t.alive()]))
+    target = PeftTarget(model, run, optimizer, index=next(_registrations))
     _install_step_hook()
     _peft_targets[:] = [t for t in _peft_targets if t.alive()] + [target]
     agent.add(target)
