@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import swap
-from sidecar.claims.base import Claims, claim_info, wait_until_settled
+from sidecar.claims.base import ClaimLost, Claims, claim_info, wait_until_settled
 from sidecar.claims.filesystem import FilesystemClaims
 from sidecar.config import Config
 from sidecar.fork_ids import new_fork_id
@@ -137,9 +137,13 @@ class ForkPipeline:
             if info is None or info.get("fork_id") != record.fork_id:
                 self._drop_lost_claim(record, info, held)
                 return
-            self._write_claim(held, record, str(info.get("marker", "")))
-            logger.info("resuming fork from state %s", record.state)
-            self.steps.run(record, held)
+            if not self.claims.reclaim(held.opened.run.path / INPROGRESS):  # adopted by another node meanwhile
+                self._drop_lost_claim(record, info, held)
+                return
+            with self.steps.unless_lost(record):
+                self._write_claim(held, record, str(info.get("marker", "")))
+                logger.info("resuming fork from state %s", record.state)
+                self.steps.run(record, held)
 
     def collect_leftovers(self, run: RunDir, known: Callable[[str], bool]) -> None:
         """Removes staging/retired copies of forks for which `known` is false (done as the run's owner)."""
@@ -312,6 +316,9 @@ class ForkPipeline:
             logger.error("fork rejected: %s", e)
             with self.steps.unless_lost(record):
                 self.steps.fail(record, str(e), held)
+            return
+        except ClaimLost as e:  # our lease expired between the take and the claim record: the claim is not ours
+            logger.error("fork stopped before it began: %s", e)
             return
         logger.info("fork claimed (%s): %s -> %s/%s", origin, record.request, run.checkpoints, SERVED_STEP)
         try:

@@ -271,3 +271,19 @@ def test_a_claim_key_left_under_this_daemons_own_lease_does_not_block_the_marker
             opened.close()
     finally:
         claims.close()
+
+
+def test_a_member_killed_mid_fork_and_restarted_resumes_its_fork_under_its_new_lease(
+    nodes: list[Node], art: Path
+) -> None:
+    model_dir = _start_a_long_fork(nodes[:1], art, "restarted")
+    node = nodes[0]
+    record = wait_for(lambda: _swapped_record(node), 60, "the node to record the swap")
+    node.daemon.kill()  # its claim key goes with its lease: the restarted daemon must take it again under its own
+    node.daemon.start()
+    outcome = wait_outcome(model_dir, timeout=60)
+    assert outcome["status"] == "done", outcome
+    assert outcome["fork_id"] == record["fork_id"]
+    assert [line["fork_id"] for line in settled_history([node], 1)] == [record["fork_id"]]
+    log = node.daemon.log_path.read_text()  # whole: log() keeps only the end
+    assert "resuming fork from state" in log and "fork stopped without an outcome" not in log

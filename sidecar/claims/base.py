@@ -124,6 +124,10 @@ class Claims:
         """The other nodes' reports on a published fork, waiting at most `budget` seconds; None: a single node."""
         return None
 
+    def reclaim(self, path: Path) -> bool:
+        """A restarted daemon resumes its fork of `path`: take its claim again; False when another daemon holds it."""
+        return True  # on the filesystem alone, the claim record names this host and the daemon rewrites it
+
     def give_back(self, path: Path) -> None:
         """Undo an `adopt` that turned out to be too late (the claim at `path` ended meanwhile)."""
 

@@ -17,6 +17,7 @@ cut off, and another may have adopted): those forks stop without an outcome, the
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -250,12 +251,37 @@ class EtcdClaims(Claims):
         return found.value
 
     def record(self, path: Path, io: ClaimFiles, fork_id: str, request: dict[str, Any], raw: str) -> None:
-        super().record(path, io, fork_id, request, raw)
         lease = self.lease
         if lease is not None:
             value = {"fork_id": fork_id, "node": self.node, "claimed_by": self.claimer()}
-            with contextlib.suppress(EtcdDown, EtcdAuthError):  # the key exists already; this only names the fork
-                self.session.put_if_lease(self._claim_key(path), value, lease)
+            try:  # before the claim file: a claim that is another's now must not have its record overwritten
+                ours = self.session.put_if_lease(self._claim_key(path), value, lease)
+            except (EtcdDown, EtcdAuthError):  # the key exists already; this only names the fork
+                ours = True
+            if not ours:
+                raise ClaimLost(f"the claim of {path.parent} is no longer this daemon's (its lease expired)")
+        super().record(path, io, fork_id, request, raw)
+
+    def reclaim(self, path: Path) -> bool:
+        """The claim key went with the previous daemon's lease: take it under ours, once that lease has expired if
+        the key is still under it (this node's own); False when another node's live lease holds it."""
+        key = self._claim_key(path)
+        value = {"node": self.node, "state": "resuming"}
+        deadline = None
+        while not self._stop.is_set():
+            lease = self.lease
+            if lease is not None and self.usable():
+                deadline = deadline or time.monotonic() + 2 * self.ttl
+                if self._call(functools.partial(self.session.create, key, value, lease), False):
+                    return True
+                found = self._call(lambda: self.session.get(key), None)
+                if found is not None and (found.lease == lease or found.value.get("node") != self.node):
+                    return found.lease == lease
+                if time.monotonic() > deadline:
+                    return False
+            self._changed.wait(min(1.0, self.ttl / 4))
+            self._changed.clear()
+        return False
 
     def progress(self, path: Path, record: dict[str, Any]) -> None:
         key = self._progress_key(path)
