@@ -21,6 +21,7 @@ import pytest
 
 from sidecar.claims.etcd import EtcdClaims
 from sidecar.config import load_config
+from sidecar.fanout import served
 from sidecar.layout import run_dir_of
 from sidecar.marker import INPROGRESS, MARKER
 from sidecar.run_io import LocalRunIO
@@ -247,16 +248,44 @@ def test_doctor_checks_endpoints_credentials_and_the_lease_by_etcds_clock(
     assert any(f["level"] == "problem" and "refused" in f["message"] for f in findings), findings
 
 
-def test_a_claim_key_left_under_this_daemons_own_lease_does_not_block_the_marker(
-    tmp_path: Path, art: Path, etcd_server: EtcdServer
-) -> None:
+@contextlib.contextmanager
+def _etcd_claims(tmp_path: Path, art: Path, etcd_server: EtcdServer) -> Iterator[EtcdClaims]:
+    """node-0's claims backend in this process (no daemon), its lease granted."""
     node = Node(tmp_path / "nodes", "node-0", art)
     node.configure(etcd_server.endpoints)
-    model_dir = make_run(art, "leftover")
-    (model_dir / MARKER).write_text(json.dumps({"checkpoint": "0003"}))
     claims = EtcdClaims(load_config(node.config))
     try:
         wait_for(claims.usable, 20, "the etcd lease")
+        yield claims
+    finally:
+        claims.close()
+
+
+def test_a_member_whose_stages_raised_reports_both_failed_so_it_is_named(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    with _etcd_claims(tmp_path, art, etcd_server) as claims:
+
+        def raising(_published: dict[str, Any]) -> dict[str, Any]:
+            raise RuntimeError("a bug in this node's stages")  # a fault no real stage produces on demand
+
+        claims.on_published = raising
+        claims._report({"fork_id": "f1", "node": "node-1"})
+        found = claims.session.get(claims._report_key("f1", "node-0"))
+        assert found is not None
+        report = found.value
+        assert served(report)
+        assert [report[name]["status"] for name in ("trainers", "vllm")] == ["failed", "failed"], report
+        assert [report[name]["reason"] for name in ("trainers", "vllm")] == ["trainer_other", "vllm_other"]
+        assert "a bug in this node's stages" in report["vllm"]["error"]
+
+
+def test_a_claim_key_left_under_this_daemons_own_lease_does_not_block_the_marker(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    model_dir = make_run(art, "leftover")
+    (model_dir / MARKER).write_text(json.dumps({"checkpoint": "0003"}))
+    with _etcd_claims(tmp_path, art, etcd_server) as claims:
         claim = model_dir / INPROGRESS
         assert claims.lease is not None
         # What a create that committed while its reply was lost leaves (a real txn; only the lost reply is assumed).
@@ -269,8 +298,6 @@ def test_a_claim_key_left_under_this_daemons_own_lease_does_not_block_the_marker
             assert claim.exists() and not (model_dir / MARKER).exists()
         finally:
             opened.close()
-    finally:
-        claims.close()
 
 
 def test_a_member_killed_mid_fork_and_restarted_resumes_its_fork_under_its_new_lease(
@@ -287,3 +314,23 @@ def test_a_member_killed_mid_fork_and_restarted_resumes_its_fork_under_its_new_l
     assert [line["fork_id"] for line in settled_history([node], 1)] == [record["fork_id"]]
     log = node.daemon.log_path.read_text()  # whole: log() keeps only the end
     assert "resuming fork from state" in log and "fork stopped without an outcome" not in log
+
+
+def test_an_outcome_that_cannot_be_filed_done_is_filed_failed_under_the_claim_still_held(
+    nodes: list[Node], art: Path
+) -> None:
+    model_dir = make_run(art, "undone")
+    (model_dir / ".fork.done" / "keep").mkdir(parents=True)  # a directory: .fork.done cannot be written over it
+    start_all(nodes[:1])
+    (model_dir / ".fork").write_text("step: 3")
+    failed = json.loads(wait_for(lambda: _text_of(model_dir / ".fork.failed"), 60, "the failed outcome"))
+    assert "IsADirectoryError" in failed["error"], failed
+    assert not (model_dir / ".fork.inprogress").exists()
+    log = nodes[0].daemon.log_path.read_text()
+    assert "fork stopped without an outcome" not in log
+
+
+def _text_of(path: Path) -> str | None:
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text()
+    return None
