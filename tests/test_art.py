@@ -34,8 +34,8 @@ from peft import PeftModel, get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from sidecar.adapter import adapter_digest  # noqa: E402
 from sidecar.preload import art  # noqa: E402
+from sidecar.preload.peft_load import digest_of, read_checkpoint  # noqa: E402
 from sidecar.protocol.client import call_agent  # noqa: E402
 from sidecar.protocol.messages import ForkRequest  # noqa: E402
 from sidecar.protocol.paths import agent_socket_path  # noqa: E402
@@ -56,6 +56,14 @@ def assets() -> TinyAssets:
     if IN_REAL_ART:  # built by the outer test with the dev venv's transformers; just read here
         return TinyAssets(*(Path(os.environ[f"FORK_SIDECAR_TINY_{k}"]) for k in ("BASE", "A", "B")))
     return tiny_assets()
+
+
+def adapter_digest(checkpoint: Path) -> str:
+    """The checkpoint's adapter digest as the trainer side computes it: the inner tests run where the preload is
+    installed, and that copy holds only `sidecar/preload` and `sidecar/protocol`, not the daemon's `sidecar.adapter`."""
+    digest = digest_of(read_checkpoint(checkpoint))
+    assert digest is not None, f"{checkpoint} could not be read"
+    return digest
 
 
 def lora(model: Any) -> dict[str, Any]:
