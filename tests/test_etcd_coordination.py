@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -91,11 +92,13 @@ def _claimer(nodes: list[Node]) -> Node:
 
 
 def test_a_claimer_killed_mid_fork_is_resumed_by_another_node_from_its_recorded_state(
-    nodes: list[Node], art: Path
+    nodes: list[Node], art: Path, etcd_server: EtcdServer
 ) -> None:
     model_dir = _start_a_long_fork(nodes, art, "big")
     claimer = _claimer(nodes)
     record = wait_for(lambda: _swapped_record(claimer), 60, "the claimer to record the swap")
+    # What an adopter resumes from is the record in etcd, written just after the journal's: kill once it is there.
+    wait_for(lambda: _swapped_in_etcd(etcd_server, model_dir, record["fork_id"]), 30, "the swap recorded in etcd")
     claimer.daemon.kill()  # SIGKILL after the swap: the others must resume (same fork id), not fork again
     outcome = wait_outcome(model_dir, timeout=60)
     assert outcome["status"] == "done", outcome
@@ -105,7 +108,13 @@ def test_a_claimer_killed_mid_fork_is_resumed_by_another_node_from_its_recorded_
     assert [line["fork_id"] for line in lines] == [record["fork_id"]]
     adopter = next(n for n in survivors if n.history())
     log = adopter.daemon.log_path.read_text()  # whole: log() keeps only the end
-    assert "adopting the fork" in log and "from state swapped" in log
+    assert re.search(r"adopting the fork of .* from state (swapped|trainers|vllm)", log), log[-3000:]
+
+
+def _swapped_in_etcd(etcd_server: EtcdServer, model_dir: Path, fork_id: str) -> bool:
+    raw = etcd_server.get(f"/fork-sidecar/progress{model_dir}")
+    progress = json.loads(raw) if raw else {}
+    return progress.get("fork_id") == fork_id and progress.get("state") in ("swapped", "trainers", "vllm")
 
 
 def _swapped_record(node: Node) -> dict[str, Any] | None:
