@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+pytest.importorskip("etcd3gw")  # before the etcd backend's modules, which import it
+
 from sidecar.claims.etcd import EtcdClaims
 from sidecar.config import load_config
 from sidecar.fanout import served
@@ -32,7 +34,6 @@ from tests.support.daemon import read_outcome, wait_for, wait_outcome
 from tests.support.etcd_nodes import Node, prom, settled_history, start_all
 from tests.support.etcd_server import EtcdServer
 
-pytest.importorskip("etcd3gw")
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(240)]
 
 
