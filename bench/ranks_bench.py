@@ -126,6 +126,7 @@ def fork_latency(
     from sidecar.config import load_config
     from sidecar.stages import ForkContext
     from sidecar.trainers import TrainerStage
+    from tests.support.trainer_script import stop_trainer
 
     runtime = work / "rt"
     runtime.mkdir(exist_ok=True)
@@ -166,12 +167,7 @@ def fork_latency(
                 seconds.append(outcome.seconds)
             out[side] = seconds
         finally:
-            (control / "exit").touch()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_trainer(proc, control, 60)
     return out
 
 

@@ -481,6 +481,7 @@ def test_the_copy_is_the_trainer_side_only_and_serves_forks_from_there(tmp_path:
     from sidecar.protocol.messages import ForkRequest
     from sidecar.protocol.paths import agent_socket_path
     from tests.support.tiny_model import tiny_assets
+    from tests.support.trainer_script import stop_trainer
     from tests.support.venvs import chained_venv, install_preload
 
     python = chained_venv(tmp_path / "venv")
@@ -526,9 +527,4 @@ def test_the_copy_is_the_trainer_side_only_and_serves_forks_from_there(tmp_path:
         assert reply["ok"] is True, reply
         assert reply["result"] == "loaded" and reply["digest"] == digest, reply
     finally:
-        (control / "exit").touch()
-        try:
-            trainer.wait(30)
-        except subprocess.TimeoutExpired:
-            trainer.kill()
-            trainer.wait()
+        stop_trainer(trainer, control, 30)

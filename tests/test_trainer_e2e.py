@@ -36,7 +36,7 @@ from sidecar.protocol.paths import agent_socket_path  # noqa: E402
 from sidecar.stages import ForkContext, StageOutcome  # noqa: E402
 from sidecar.trainers import TrainerStage, agent_statuses  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
-from tests.support.trainer_script import lora_fingerprint  # noqa: E402
+from tests.support.trainer_script import lora_fingerprint, stop_trainer  # noqa: E402
 from tests.support.venvs import preloaded_venv  # noqa: E402
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
@@ -155,12 +155,7 @@ class Trainer:
         return dict(load_file(str(self.control / "dump.safetensors")))
 
     def stop(self) -> None:
-        (self.control / "exit").touch()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_trainer(self.proc, self.control, 30)
         self.log.close()
 
 

@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -47,6 +48,17 @@ def lora_fingerprint(tensors: Mapping[str, Any]) -> str:
         h.update(name.encode() + b"\0")
         h.update(value.tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def stop_trainer(proc: subprocess.Popen[Any], control: Path, timeout: float) -> None:
+    """Ask a trainer run from this script (or from ddp_script.py) to exit through its control dir; kill it if it
+    has not exited within `timeout`."""
+    (control / "exit").touch()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
