@@ -31,6 +31,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def art(tmp_path: Path) -> Path:
+    """An empty ART root for `{art}/PROJECT/models/MODEL` runs; a module needing a populated one overrides it."""
+    path = tmp_path / "art"
+    path.mkdir()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_assets() -> TinyAssets:
     """The tiny Llama base and two distinct LoRA adapters (A, B), built once into `.cache/tiny-model`."""

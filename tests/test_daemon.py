@@ -42,13 +42,6 @@ def assert_forked(model_dir: Path, source: Path) -> dict[str, object]:
 
 
 @pytest.fixture
-def art(tmp_path: Path) -> Path:
-    path = tmp_path / "art"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def daemon(tmp_path: Path, art: Path) -> DaemonProcess:
     """A daemon (not yet started) watching `art`; the test starts it when its runs are in place."""
     config = write_config(tmp_path / "config.yaml", [art], tmp_path / "state", tmp_path / "run")

@@ -38,13 +38,6 @@ pytestmark = [pytest.mark.etcd, pytest.mark.timeout(240)]
 
 
 @pytest.fixture
-def art(tmp_path: Path) -> Path:
-    path = tmp_path / "art"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def nodes(tmp_path: Path, art: Path, etcd_server: EtcdServer) -> Iterator[list[Node]]:
     made = [Node(tmp_path / "nodes", f"node-{i}", art) for i in range(3)]
     for node in made:
