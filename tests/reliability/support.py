@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.adapters import write_adapter, write_big_adapter
-from tests.support.daemon import DaemonProcess, write_config
+from tests.support.daemon import DaemonProcess, wait_for, write_config
 
 __all__ = [
     "Fleet",
+    "HeldVllmStage",
     "ProcSample",
     "Settled",
     "cpu_seconds",
+    "fifo_writer",
     "history",
     "leftovers",
     "make_run",
@@ -313,6 +315,48 @@ def silent_server() -> Iterator[str]:
 def slow_stage_overrides(url: str, seconds: str = "300ms") -> dict[str, Any]:
     """Config sections that make every fork spend `seconds` in the vLLM stage (talking to a silent server)."""
     return {"vllm": {"discover": False, "servers": [{"url": url}], "request_timeout": seconds}}
+
+
+def fifo_writer(fifo: Path) -> int | None:
+    """The FIFO's write end once a reader has it open (or is blocked opening it), else None (ENXIO: nobody reads)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+
+
+class HeldVllmStage:
+    """A `vllm.servers` entry (at `url`) whose api_key_file is a FIFO: every fork's vLLM stage blocks reading the key
+    until release() writes it, so a test holds a fork in flight for as long as it needs, on a fast host as on a
+    loaded one, instead of racing a stage it made slow (silent_server) and hoping it is still running."""
+
+    def __init__(self, base: Path, url: str) -> None:
+        self.fifo = base / "held-stage-key.fifo"
+        os.mkfifo(self.fifo)
+        self.url = url
+        self._writer: int | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        server = {"url": self.url, "api_key_file": str(self.fifo)}
+        return {"vllm": {"discover": False, "servers": [server], "request_timeout": "300ms"}}
+
+    def wait_held(self, timeout: float = 60.0) -> None:
+        """Until a fork's vLLM stage is reading the key, i.e. that fork is in flight and stays so until release()."""
+        self._writer = wait_for(lambda: fifo_writer(self.fifo), timeout, "a fork's vLLM stage reading its key file")
+
+    def release(self) -> None:
+        """Let the held stage go on (it reads the key, then fails against the silent server: the fork ends)."""
+        assert self._writer is not None, "release() without wait_held()"
+        try:
+            # A fresh FIFO at the path first: the released reader may still have the old one open (it reads to EOF),
+            # and the next wait_held() must see only the next fork's reader.
+            fresh = self.fifo.with_name(self.fifo.name + ".next")
+            os.mkfifo(fresh)
+            os.replace(fresh, self.fifo)
+            os.write(self._writer, b"sk-held\n")
+        finally:
+            os.close(self._writer)
+            self._writer = None
 
 
 def write_marker_atomically(model_dir: Path, text: str) -> None:

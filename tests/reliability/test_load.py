@@ -19,6 +19,7 @@ import pytest
 
 from tests.reliability.support import (
     Fleet,
+    HeldVllmStage,
     history,
     make_run,
     rss_kib,
@@ -95,18 +96,21 @@ def test_bursts_over_200_runs_account_for_every_request(tmp_path: Path) -> None:
 def test_fifty_retouches_during_a_fork_queue_exactly_one_more(tmp_path: Path) -> None:
     art = tmp_path / "art"
     model_dir = make_run(art, steps=(3, 5))
-    with silent_server() as url, Fleet(tmp_path, [art], overrides=slow_stage_overrides(url)) as fleet:
-        fleet.start(0)
-        write_marker_atomically(model_dir, "step: 5\n")
-        wait_for(lambda: (model_dir / ".fork.inprogress").exists(), 10, "the first claim")
-        started = time.monotonic()
-        for i in range(50):
-            write_marker_atomically(model_dir, f"step: 3\nrequest_id: touch-{i}\n")
-        assert time.monotonic() - started < 1.0
-        assert (model_dir / ".fork.inprogress").exists(), "the first fork ended before the re-touches"
-        wait_for(lambda: len(history(fleet.state_dir(0))) >= 2, 20, "two forks")
-        wait_settled(model_dir, [fleet.state_dir(0)], 10)
-        entries = history(fleet.state_dir(0))
+    with silent_server() as url:
+        held = HeldVllmStage(tmp_path, url)
+        with Fleet(tmp_path, [art], overrides=held.overrides()) as fleet:
+            fleet.start(0)
+            write_marker_atomically(model_dir, "step: 5\n")
+            held.wait_held()  # the first fork is in its vLLM stage until released: every re-touch lands during it
+            for i in range(50):
+                write_marker_atomically(model_dir, f"step: 3\nrequest_id: touch-{i}\n")
+            assert (model_dir / ".fork.inprogress").exists()
+            held.release()
+            held.wait_held()  # the second fork, for the re-touches
+            held.release()
+            wait_for(lambda: len(history(fleet.state_dir(0))) >= 2, 60, "two forks")
+            wait_settled(model_dir, [fleet.state_dir(0)], 30)
+            entries = history(fleet.state_dir(0))
     assert [h["request"].get("request_id") for h in entries] == [None, "touch-49"]
     assert overlapping(entries) == []
 

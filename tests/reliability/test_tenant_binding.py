@@ -28,7 +28,7 @@ from sidecar.config import load_config
 from sidecar.fsops import exchange_dirs
 from sidecar.stages import ForkContext
 from sidecar.trainers import TrainerStage
-from tests.reliability.support import Fleet, make_run, write_marker_atomically
+from tests.reliability.support import Fleet, fifo_writer, make_run, write_marker_atomically
 from tests.reliability.tenants import (
     SYSTEM_PYTHON,
     Tenant,
@@ -322,14 +322,6 @@ def test_a_root_a_server_of_alices_reports_is_never_resolved_as_root_for_her(wor
         sleeper.wait()
 
 
-def _open_fifo_for_writing(fifo: Path) -> int | None:
-    """The FIFO's write end once its reader (the daemon) has opened it, else None (ENXIO: nobody reads yet)."""
-    try:
-        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:
-        return None
-
-
 def _alices_run_beside_bobs_symlink(world: World) -> tuple[Path, Path]:
     """alice's run `pa/m` in a models directory she shares (0777), where bob made `m.evil`, a symlink to his run."""
     art = world.base / "art"
@@ -362,7 +354,7 @@ def test_a_run_swapped_during_the_vllm_stage_is_still_the_forks_own(world: World
         with fleet_for(world, vllm={"discover": True, "request_timeout": "2s", "servers": servers}) as fleet:
             fleet.start(0)
             write_marker_atomically(alices, "step: 3\n")
-            writer = wait_for(lambda: _open_fifo_for_writing(fifo), 60, "the vLLM stage to read its key file")
+            writer = wait_for(lambda: fifo_writer(fifo), 60, "the vLLM stage to read its key file")
             try:
                 models_fd = os.open(models, os.O_RDONLY | os.O_DIRECTORY)
                 try:
