@@ -25,7 +25,15 @@ if TYPE_CHECKING:
     from sidecar.journal import ForkRecord
     from sidecar.pipeline import ForkPipeline
 
-__all__ = ["OTHER_REASON", "Gathered", "node_problems", "nodes_of_fork", "raised_report", "tell_this_node"]
+__all__ = [
+    "OTHER_REASON",
+    "STAGE_NAMES",
+    "Gathered",
+    "node_problems",
+    "nodes_of_fork",
+    "raised_report",
+    "tell_this_node",
+]
 
 log = logging.getLogger("sidecar.fanout")
 STAGE_NAMES = ("trainers", "vllm")

@@ -277,6 +277,12 @@ class ForkPipeline:
         )
         # The run as this daemon opened it: a shared filesystem's device number differs between hosts.
         record.sections["run"] = {"dev": held.opened.dev, "ino": held.opened.ino, "uid": held.opened.uid}
+        if record.state in (ForkState.TRAINERS, ForkState.VLLM):
+            # Its trainers / vllm sections are what the dead claimer's node did: this node runs its own stages (both
+            # idempotent) and the claimer's node counts by the report it left, or as missing (Claims.gather).
+            record.state = ForkState.SWAPPED
+            for name in ("trainers", "vllm"):
+                record.sections.pop(name, None)
         try:
             self.journal.create(record)
         except JournalUnwritable as e:  # as in _advance: the fork goes on in memory

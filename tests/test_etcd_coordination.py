@@ -273,7 +273,9 @@ def test_a_member_whose_stages_raised_reports_both_failed_so_it_is_named(
             raise RuntimeError("a bug in this node's stages")  # a fault no real stage produces on demand
 
         claims.on_published = raising
-        claims._report({"fork_id": "f1", "node": "node-1"})
+        published = {"fork_id": "f1", "node": "node-1", "nodes": ["node-0", "node-1"]}
+        claims.session.put(claims._fork_key("f1"), published)  # a report is kept only while its fork is published
+        claims._report(published)
         found = claims.session.get(claims._report_key("f1", "node-0"))
         assert found is not None
         report = found.value

@@ -7,6 +7,7 @@ every node's agent must load the forked adapter, and the outcome's `nodes` names
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -128,6 +129,39 @@ def test_a_node_frozen_when_the_fork_is_published_is_named_and_fails_the_require
     settled_history(nodes, 1)
     assert frozen.history() == []
     wait_for(lambda: 'fork_sidecar_nodes_missing_total{node="node-2"} 1.0' in prom(nodes), 10, "the missing node")
+
+
+def test_a_fork_adopted_after_the_publish_names_the_dead_claimers_own_node(
+    nodes: list[Node], trainers: list[subprocess.Popen[bytes]], run_dir: Path, etcd_server: EtcdServer
+) -> None:
+    # Every trainer frozen: the claimer publishes, then waits on its own trainer's hello (5 s) before it has told
+    # it or reported; killed there, its node's trainer keeps the old weights, and the adopter must say so.
+    start_all(nodes)
+    for child in trainers:
+        child.send_signal(signal.SIGSTOP)
+    try:
+        (run_dir / ".fork").write_text("step: 3")
+        published = wait_for(lambda: _published_fork(etcd_server), 60, "the fork to be published")
+        claimer = next(n for n in nodes if n.name == published["node"])
+        claimer.daemon.kill()
+        fork_id = published["fork_id"]
+        assert etcd_server.keys(f"/fork-sidecar/reports/{fork_id}/{claimer.name}") == [], "killed after reporting"
+    finally:
+        for child in trainers:
+            child.send_signal(signal.SIGCONT)
+    outcome = wait_outcome(run_dir, timeout=120)
+    assert outcome["fork_id"] == fork_id
+    assert outcome["status"] == "failed", outcome
+    assert outcome["nodes"][claimer.name]["status"] == "missing", outcome["nodes"]
+    assert "lease expired" in outcome["nodes"][claimer.name]["error"]
+    assert f"node {claimer.name} did not report" in outcome["error"]
+    assert sorted(outcome["nodes"]) == ["node-0", "node-1", "node-2"]
+
+
+def _published_fork(etcd_server: EtcdServer) -> dict[str, Any] | None:
+    keys = etcd_server.keys("/fork-sidecar/forks/")
+    raw = etcd_server.get(keys[0]) if keys else None
+    return dict(json.loads(raw)) if raw else None
 
 
 @pytest.mark.vllm

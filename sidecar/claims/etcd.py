@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sidecar.claims.base import ClaimFiles, ClaimLost, Claims
 from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession
 from sidecar.config import Config
-from sidecar.fanout import Gathered, raised_report
+from sidecar.fanout import STAGE_NAMES, Gathered, raised_report
 
 __all__ = ["EtcdClaims"]
 
@@ -334,23 +334,28 @@ class EtcdClaims(Claims):
         return sorted(kv.key.rsplit("/", 1)[-1] for kv in self.session.get_prefix(f"{self.prefix}/members/"))
 
     def publish(self, path: Path, record: ForkRecord, budget: float) -> None:
-        """Publish the fork to the other members; while etcd cannot be reached, retry for at most `budget` (the
-        fork's other nodes must hear of it when etcd is back, not be skipped), then name them as not told."""
+        """Publish the fork with the nodes that must report on it (this one included, fixed now: an adopter that
+        publishes again finds the dead claimer's list and keeps it); while etcd cannot be reached, retry for at most
+        `budget` (the fork's other nodes must hear of it when etcd is back, not be skipped), then name them as not
+        told."""
         deadline = time.monotonic() + budget
         problem = ""
         while True:
             self.check(path)
             try:
-                members = [m for m in self._member_names() if m != self.node]
+                nodes = self._must_report(record)
                 value = {
                     "fork_id": record.fork_id,
                     "model_dir": record.model_dir,
                     "source": record.source,
                     "digest": record.digest,
                     "node": self.node,
-                    "members": members,
+                    "nodes": nodes,
                 }
-                self.session.put(self._fork_key(record.fork_id), value)
+                key = self._fork_key(record.fork_id)
+                if not self.session.create(key, value, None):  # published before: by us, or by a claimer now dead
+                    found = self.session.get(key)
+                    nodes = _recorded_nodes(found.value if found else value)
             except (EtcdDown, EtcdAuthError) as e:
                 problem = str(e)
                 if time.monotonic() >= deadline:
@@ -358,7 +363,7 @@ class EtcdClaims(Claims):
                 self._changed.wait(1.0)
                 self._changed.clear()
                 continue
-            self._published[record.fork_id] = (time.monotonic(), members, None)
+            self._published[record.fork_id] = (time.monotonic(), [n for n in nodes if n != self.node], None)
             return
         log.error("%s: fork %s not published to the other nodes: %s", path.parent, record.fork_id, problem)
         self._published[record.fork_id] = (
@@ -367,13 +372,21 @@ class EtcdClaims(Claims):
             f"etcd could not be reached ({problem})",
         )
 
+    def _must_report(self, record: ForkRecord) -> list[str]:
+        """The nodes serving the run now: every live member, and this node."""
+        return sorted({self.node, *self._member_names()})
+
     def gather(self, path: Path, record: ForkRecord, budget: float) -> Gathered:
         published_at, members, unpublished = self._published.pop(record.fork_id, (time.monotonic(), None, None))
         if unpublished is not None:  # never published: every other member is missing, for that reason
             return Gathered(members=list(members or []), missing={m: unpublished for m in members or []})
         if members is None:  # resumed by an adopter after the dead claimer had published: its list stands
             found = self._call(lambda: self.session.get(self._fork_key(record.fork_id)), None)
-            members = [str(m) for m in (found.value.get("members", []) if found else []) if m != self.node]
+            members = [m for m in _recorded_nodes(found.value if found else {}) if m != self.node]
+        # This node's own stages, for an adopter if this daemon dies before the outcome (it then counts this node
+        # as reported, with what its stages did, instead of as one whose daemon died before telling its trainers).
+        own = {name: record.sections.get(name, {"status": "skipped"}) for name in STAGE_NAMES}
+        self._call(lambda: self._put_report(record.fork_id, own), False)
         gathered = Gathered(members=list(members))
         deadline = time.monotonic() + budget
         pending = set(members)
@@ -428,11 +441,15 @@ class EtcdClaims(Claims):
         except Exception as e:  # a bug here must still be reported, or the claimer waits out its whole budget
             log.exception("fork %s published by %s: this node's stages raised", fork_id, published.get("node"))
             report = raised_report(f"internal error on node {self.node} ({e!r}); see journalctl there.")
-        lease = self.lease
         try:
-            self.session.put(self._report_key(fork_id, self.node), report, lease)
+            self._put_report(fork_id, report)
         except (EtcdDown, EtcdAuthError) as e:
             log.error("fork %s: this node's report did not reach etcd: %s", fork_id, e)
+
+    def _put_report(self, fork_id: str, report: dict[str, Any]) -> bool:
+        """This node's report, under no lease: it must outlive this daemon (the trainers it told keep the new weights
+        whether or not the daemon lives on); it goes with the fork's key."""
+        return self.session.put_if_exists(self._report_key(fork_id, self.node), report, self._fork_key(fork_id))
 
     def _claim_value(self, info: dict[str, Any]) -> dict[str, Any]:
         return {"fork_id": info.get("fork_id"), "node": self.node, "claimed_by": self.claimer()}
@@ -465,3 +482,12 @@ class EtcdClaims(Claims):
         with contextlib.suppress(EtcdDown, EtcdAuthError):
             if self.lease is not None and not self.registry.items():
                 self.session.revoke(self.lease)
+
+
+def _recorded_nodes(published: dict[str, Any]) -> list[str]:
+    """The nodes that must report on a published fork, as its publisher recorded them."""
+    nodes = published.get("nodes")
+    if not isinstance(nodes, list):  # published by a daemon of before the list named the publisher too
+        others = published.get("members")
+        nodes = [*(others if isinstance(others, list) else []), published.get("node")]
+    return sorted({str(n) for n in nodes if n})

@@ -184,11 +184,21 @@ class EtcdSession:
     def delete_prefix(self, prefix: str) -> None:
         self.call("kv/deleterange", {"key": _b64(prefix), "range_end": _range_end(prefix)})
 
-    def create(self, key: str, value: dict[str, Any], lease: int) -> bool:
-        """Put `key` only if it does not exist, bound to `lease`; whether it was created."""
+    def create(self, key: str, value: dict[str, Any], lease: int | None) -> bool:
+        """Put `key` only if it does not exist, bound to `lease` (None: to none); whether it was created."""
+        put: dict[str, Any] = {"key": _b64(key), "value": _b64(json.dumps(value))}
+        if lease:
+            put["lease"] = lease
         return self._txn(
-            [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
-            [{"request_put": {"key": _b64(key), "value": _b64(json.dumps(value)), "lease": lease}}],
+            [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}], [{"request_put": put}]
+        )
+
+    def put_if_exists(self, key: str, value: dict[str, Any], guard: str) -> bool:
+        """Put `key` (no lease) only while the key `guard` exists; whether it did (a report of a fork that ended
+        meanwhile would otherwise stay in etcd forever)."""
+        return self._txn(
+            [{"key": _b64(guard), "result": "GREATER", "target": "CREATE", "create_revision": 0}],
+            [{"request_put": {"key": _b64(key), "value": _b64(json.dumps(value))}}],
         )
 
     def put_if_lease(self, key: str, value: dict[str, Any], lease: int) -> bool:
