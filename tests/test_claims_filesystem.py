@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from sidecar.claims import filesystem as claims_filesystem
 from sidecar.claims.filesystem import FilesystemClaims, read_claimed_marker, take_marker_at
 from sidecar.config import load_config
 from sidecar.marker import INPROGRESS, MARKER
@@ -122,13 +123,31 @@ def test_a_claim_taken_between_a_writers_truncate_and_its_write_reads_what_it_wr
         timer.join()
 
 
-def test_an_empty_marker_just_closed_by_its_writer_is_read_at_once(tmp_path: Path, run_fd: int) -> None:
-    # No writer has it open (the kernel grants a read lease): no settle wait, however young the file is.
+class _SleepLog:
+    """`time` as sidecar.claims.filesystem sees it, each sleep it asks for recorded (and still slept)."""
+
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        time.sleep(seconds)
+
+
+def test_an_empty_marker_just_closed_by_its_writer_is_read_at_once(
+    tmp_path: Path, run_fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No writer has it open (the kernel grants a read lease): no settle wait, however young the file is. Whether it
+    # waited is read from the sleeps it asked for, not from a stopwatch that a loaded host can stop for 0.2 s.
+    clock = _SleepLog()
+    monkeypatch.setattr(claims_filesystem, "time", clock)
     (tmp_path / MARKER).write_text("")
     assert take_marker_at(run_fd)
-    started = time.monotonic()
     assert read_claimed_marker(tmp_path / MARKER, run_fd) == b""
-    assert time.monotonic() - started < 0.2  # MARKER_SETTLE_S is 0.25: the age-based wait did not run
+    assert clock.slept == []  # neither the age-based wait (MARKER_SETTLE_S) nor the wait for a writer ran
 
 
 @pytest.fixture
