@@ -7,8 +7,9 @@ in a run directory under --dir, then, --repeat times each, in the same run:
 
 - baseline: `cp -r SRC DST && sync` (a plain copy made durable),
 - openssl: one `openssl dgst -sha256` pass over the adapter file (the cost of hashing it once on one core),
-- copy: copy_to_staging(copy_mode="copy") + install_staging: copy_file_range, the digest on a second thread,
-  fsync of every file and directory, the adapter check, RENAME_EXCHANGE and the fsyncs of checkpoints/,
+- copy: copy_to_staging(copy_mode="copy") + install_staging: copy_file_range in 8 MiB steps, the digest hashed
+  from the staged file's pages right behind the copy (sidecar/swap/copy_digest.py), fsync of every file and
+  directory, the adapter check, RENAME_EXCHANGE and the fsyncs of checkpoints/,
 - hardlink: the same with copy_mode="hardlink" (the digest must read the shared inode),
 - reflink: the same with copy_mode="reflink", on an xfs loop filesystem made for the purpose (root and
   mkfs.xfs needed; the row says why when it is missing); its reference is `cp -r --reflink=always && sync` there.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.adapter import TreeLimits, adapter_digest
+from sidecar.adapter import TreeLimits, adapter_digest, read_header
 from sidecar.fsops import exchange_dirs
 from sidecar.fsops import rename_noreplace_at as rename_noreplace
 from sidecar.swap import (
@@ -36,6 +36,7 @@ from sidecar.swap import (
     settle_leftover,
     staging_name,
 )
+from sidecar.swap.copy_digest import CopyDigest, CopyStopped
 from sidecar.swap.install import _plan_install
 from tests.support.adapters import write_adapter, write_big_adapter
 from tests.support.mounts import fuse_without_exchange, loop_filesystem, mounted, require_root
@@ -191,8 +192,49 @@ def test_big_adapter_digest_is_computed_while_copying(tmp_path: Path) -> None:
 
     staged = fork(checkpoints, "copy", source="0001")
 
+    assert staged.method == "copy"  # hashed from the staged copy's pages as they landed (copy_digest)
     assert staged.digest == adapter_digest(checkpoints / "0001") == adapter_digest(checkpoints / "0000")
     assert tree(checkpoints / "0000") == tree(checkpoints / "0001")
+
+
+def copy_with_digest(source: Path, target: Path, *, flip_at: int | None = None, stop_at: int | None = None) -> str:
+    """Copies `source` into a new `target` in 1 MiB steps the way the stage does, reporting each landed prefix to a
+    CopyDigest, optionally writing one byte different from the source (at `flip_at`) or stopping early."""
+    data = source.read_bytes()
+    with open(source, "rb") as f:
+        header = read_header(f.fileno(), source)
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        digest = CopyDigest(fd, header)
+        try:
+            for position in range(0, stop_at if stop_at is not None else len(data), 1 << 20):
+                piece = bytearray(data[position : position + (1 << 20)])
+                if flip_at is not None and position <= flip_at < position + len(piece):
+                    piece[flip_at - position] ^= 0xFF
+                os.pwrite(fd, piece, position)
+                digest.copied(position + len(piece))
+        finally:
+            digest.stop()
+        return digest.result()
+    finally:
+        os.close(fd)
+
+
+def test_copy_digest_is_of_the_bytes_written_not_of_the_source(tmp_path: Path) -> None:
+    source = write_big_adapter(tmp_path / "src", 6 << 20) / "adapter_model.safetensors"
+    last_byte = source.stat().st_size - 1  # inside the last tensor's data
+
+    assert copy_with_digest(source, tmp_path / "same") == adapter_digest(source)
+    flipped = copy_with_digest(source, tmp_path / "flipped", flip_at=last_byte)
+    assert flipped == adapter_digest(tmp_path / "flipped") != adapter_digest(source)
+
+
+def test_copy_digest_of_a_copy_that_stopped_fails_at_once(tmp_path: Path) -> None:
+    source = write_big_adapter(tmp_path / "src", 6 << 20) / "adapter_model.safetensors"
+
+    # Hashing threads wait for bytes that never land; stop() wakes them, and the digest says why it has none.
+    with pytest.raises(CopyStopped, match="the copy stopped before byte"):
+        copy_with_digest(source, tmp_path / "half", stop_at=2 << 20)
 
 
 # ------------------------------------------------------------------------------------------ crashes
