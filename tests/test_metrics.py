@@ -219,15 +219,20 @@ def test_scrape_over_http_on_a_free_loopback_port(metrics: Metrics) -> None:
 
 
 def test_serving_adds_one_thread_and_close_joins_it(metrics: Metrics) -> None:
-    before = threading.active_count()
+    # Threads counted by identity, not threading.active_count(): a thread another test left behind may end meanwhile.
+    before = set(threading.enumerate())
+
+    def added() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in before]
+
     _, port = metrics.serve("127.0.0.1:0")
-    assert threading.active_count() == before + 1
+    [serving] = added()
     for _ in range(3):  # scrapes are answered on that thread, not on new ones
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             r.read()
-    assert threading.active_count() == before + 1
+    assert added() == [serving]
     metrics.close()
-    assert threading.active_count() == before
+    assert added() == [] and not serving.is_alive()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
     metrics.close()  # idempotent
@@ -334,9 +339,8 @@ def test_daemon_serves_and_writes_metrics(tmp_path: Path) -> None:
         metrics={"listen": f"127.0.0.1:{port}", "textfile": str(textfile)},
     )
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
-        text = _scrape(port)
-        if text is None:
-            pytest.skip("the daemon does not serve metrics.listen yet (sidecar/daemon.py wiring of sidecar.metrics)")
+        # The endpoint is up before READY=1 (sidecar/daemon.py); a scrape that a loaded host answers late is retried.
+        wait_for(lambda: _scrape(port), 30, f"an answer on the metrics endpoint 127.0.0.1:{port}")
         # the first scan runs on the watcher's thread: the gauge follows at the next status write
         wait_for(lambda: (t := _scrape(port)) and value(t, "fork_sidecar_watched_runs") == 1, 30, "watched_runs 1")
         (model_dir / ".fork").write_text("step: 3\n")
