@@ -116,7 +116,7 @@ def started_offset(outcome: dict[str, object]) -> float:
 def fork_and_settle(fleet: Fleet, art: Path, name: str, step: int) -> dict[str, object]:
     model_dir = make_run(art, project="clock", model=name, steps=(step,))
     (model_dir / ".fork").write_text(f"step: {step}\n")
-    view = wait_settled(model_dir, [fleet.state_dir(0)], 20)
+    view = wait_settled(model_dir, [fleet.state_dir(0)], 30)
     assert view.ok and view.outcome is not None and view.outcome["status"] == "done", view
     assert tree_digest(model_dir / "checkpoints" / "0000") == tree_digest(model_dir / "checkpoints" / f"{step:04d}")
     return view.outcome
@@ -185,7 +185,7 @@ def test_journaled_fork_resumes_after_sigkill_under_another_wall_clock(tmp_path:
         assert tree_digest(model_dir / "checkpoints" / "0000") in (old, new)
         clock.set(-DAY)  # restarted with the clock a day behind the journal's started_at
         fleet.start(0, env=clock.env())
-        view = wait_settled(model_dir, [fleet.state_dir(0)], 20)
+        view = wait_settled(model_dir, [fleet.state_dir(0)], 30)
     assert view.ok and view.outcome is not None and view.outcome["status"] == "done", view
     assert tree_digest(model_dir / "checkpoints" / "0000") == new
     runs = [h for h in history(fleet.state_dir(0)) if h.get("model_dir") == str(model_dir)]
@@ -233,7 +233,7 @@ def test_live_same_host_claim_is_not_adopted_after_a_forward_jump(
         # Control: once the claimer is really gone, the same daemon adopts the claim and finishes the fork.
         live_claimer.kill()
         live_claimer.wait(10)
-        view = wait_settled(model_dir, [fleet.state_dir(0)], 15)
+        view = wait_settled(model_dir, [fleet.state_dir(0)], 30)
     assert view.ok and view.outcome is not None and view.outcome["status"] == "done", view
     assert tree_digest(model_dir / "checkpoints" / "0000") == tree_digest(model_dir / "checkpoints" / "0003")
 

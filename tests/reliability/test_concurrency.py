@@ -111,8 +111,8 @@ def crash_one_mid_fork(tmp_path: Path, fleet: Fleet) -> Path:
 
 def assert_taken_over_once(fleet: Fleet, model_dir: Path, n: int) -> None:
     states = [fleet.state_dir(i) for i in range(n)]
-    # Lease (orphan_claim 1s) + a rescan tick; generous for a loaded CI box.
-    view = wait_settled(model_dir, states[1:], 10)
+    # Lease (orphan_claim 1s) + a rescan tick, bounded well below claim_lease (120 s), which must not be waited out.
+    view = wait_settled(model_dir, states[1:], 30)
     assert view.outcome is not None and view.outcome["status"] == "done", view
     assert tree_digest(model_dir / "checkpoints" / "0000") == tree_digest(model_dir / "checkpoints" / "0003")
     assert view.markers == [] and view.leftovers == [], view
@@ -135,10 +135,10 @@ def test_the_dead_claimer_coming_back_does_not_fork_again(tmp_path: Path, fleet:
     model_dir = crash_one_mid_fork(tmp_path, fleet)
     fleet.start(1)
     states = [fleet.state_dir(0), fleet.state_dir(1)]
-    wait_settled(model_dir, states[1:], 20)
+    wait_settled(model_dir, states[1:], 30)
     fleet.start(0)  # the node comes back with its journal
-    wait_for(lambda: journal_files(states[0]) == [], 20, "the returning daemon to drop its stale record")
-    view = wait_settled(model_dir, states, 10)
+    wait_for(lambda: journal_files(states[0]) == [], 30, "the returning daemon to drop its stale record")
+    view = wait_settled(model_dir, states, 30)
     entries = [h for h in all_history(fleet, 2) if h["model_dir"] == str(model_dir)]
     assert [h["state"] for h in entries] == ["done"], entries
     assert view.leftovers == [], view
