@@ -158,6 +158,47 @@ def test_a_fork_adopted_after_the_publish_names_the_dead_claimers_own_node(
     assert sorted(outcome["nodes"]) == ["node-0", "node-1", "node-2"]
 
 
+def test_a_node_whose_daemon_stopped_while_its_trainer_runs_is_named_not_running(
+    nodes: list[Node], trainers: list[subprocess.Popen[bytes]], run_dir: Path, etcd_server: EtcdServer
+) -> None:
+    start_all(nodes)
+    down = nodes[2]
+    wait_for(lambda: _serves(etcd_server, down.name, run_dir), 30, "node-2's survey to find its trainer")
+    down.daemon.stop()  # graceful: its lease is revoked, its trainer keeps running with the old adapter
+    wait_for(lambda: nodes[0].status().get("coordination", {}).get("members") == 2, 20, "node-2 to leave")
+    assert _serves(etcd_server, down.name, run_dir)  # what it served outlives it
+    (run_dir / ".fork").write_text("step: 3")
+    outcome = wait_outcome(run_dir, timeout=120)
+    assert outcome["status"] == "failed", outcome
+    assert outcome["nodes"]["node-2"]["status"] == "missing", outcome["nodes"]
+    assert "not running" in outcome["nodes"]["node-2"]["error"]
+    assert "node node-2 did not report" in outcome["error"]
+    for name in ("node-0", "node-1"):
+        assert outcome["nodes"][name]["trainers"]["status"] == "ok"
+
+
+def test_a_node_that_stopped_serving_before_its_daemon_stopped_is_not_waited_for(
+    nodes: list[Node], trainers: list[subprocess.Popen[bytes]], run_dir: Path, etcd_server: EtcdServer
+) -> None:
+    start_all(nodes)
+    down = nodes[2]
+    wait_for(lambda: _serves(etcd_server, down.name, run_dir), 30, "node-2's survey to find its trainer")
+    trainers[2].kill()
+    trainers[2].wait()
+    wait_for(lambda: not _serves(etcd_server, down.name, run_dir), 30, "node-2's survey to see it gone")
+    down.daemon.stop()
+    wait_for(lambda: nodes[0].status().get("coordination", {}).get("members") == 2, 20, "node-2 to leave")
+    (run_dir / ".fork").write_text("step: 3")
+    outcome = wait_outcome(run_dir, timeout=120)
+    assert outcome["status"] == "done", outcome
+    assert sorted(outcome["nodes"]) == ["node-0", "node-1"]
+
+
+def _serves(etcd_server: EtcdServer, node: str, run_dir: Path) -> bool:
+    raw = etcd_server.get(f"/fork-sidecar/serves/{node}")
+    return bool(raw) and str(run_dir.resolve()) in json.loads(raw or "{}").get("runs", [])
+
+
 def _published_fork(etcd_server: EtcdServer) -> dict[str, Any] | None:
     keys = etcd_server.keys("/fork-sidecar/forks/")
     raw = etcd_server.get(keys[0]) if keys else None

@@ -70,6 +70,7 @@ COVERED_BY = {
     "sidecar/claims/base.py": "tests/test_claims_filesystem.py",
     "sidecar/claims/etcd.py": "tests/test_etcd_coordination.py",
     "sidecar/claims/etcd_client.py": "tests/test_etcd_coordination.py",
+    "sidecar/claims/etcd_serves.py": "tests/test_etcd_fanout.py",
     "sidecar/claims/etcd_health.py": "tests/test_etcd_coordination.py",
     "sidecar/fanout.py": "tests/test_etcd_fanout.py",
     "sidecar/fork_steps.py": "tests/test_daemon.py",  # the steps run in the daemon each fork test starts

@@ -1,7 +1,9 @@
 """Claims through etcd: a claim is a key created by a transaction bound to this daemon's lease.
 
 Keys under `coordination.etcd.prefix` (P):
-  P/members/NODE        this daemon, under its lease (gone when the daemon is: dead, frozen past the TTL, cut off)
+  P/members/NODE        this daemon and the runs its node serves, under its lease (gone when the daemon is: dead,
+                        frozen past the TTL, cut off, stopped)
+  P/serves/NODE         the runs its node serves, under no lease: trainers outlive their daemon (etcd_serves.py)
   P/claims/RUN          the claim of the run at path RUN, under the claimer's lease: exactly one daemon creates it
   P/progress/RUN        the claimed fork's journal record, without a lease: what an adopter resumes from
 A claimer that dies stops renewing its lease; etcd deletes its keys when the TTL runs out (etcd's clock alone, no
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sidecar.claims.base import ClaimFiles, ClaimLost, Claims
 from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession
+from sidecar.claims.etcd_serves import Serving, ServingSurvey
 from sidecar.config import Config
 from sidecar.fanout import STAGE_NAMES, Gathered, raised_report
 
@@ -64,13 +67,19 @@ class EtcdClaims(Claims):
         self._logged_down = False
         # Fan-out: what this node runs for forks other nodes publish (set by the daemon), and those it has run.
         self._handled: set[str] = set()
-        # fork id -> (monotonic publish time, the other members then, why it could not be published or None)
+        # fork id -> (monotonic publish time, the other nodes to report, why it could not be published or None)
         self._published: dict[str, tuple[float, list[str] | None, str | None]] = {}
+        self._live_at_publish: dict[str, set[str] | None] = {}  # fork id -> the members alive when it was published
         self._known_others: list[str] = []  # the other members at the keeper's last look
+        self._survey = ServingSurvey(config)
+        self._serving: Serving | None = None  # what this node serves, as the last survey found (None: not yet)
+        self._serving_written: tuple[Serving, int] | None = None  # what etcd has, and under which lease
         self._keeper = threading.Thread(target=self._keep, name="etcd-lease", daemon=True)
         self._keeper.start()
         self._listener = threading.Thread(target=self._listen, name="etcd-fanout", daemon=True)
         self._listener.start()
+        self._surveyor = threading.Thread(target=self._keep_serving, name="etcd-serves", daemon=True)
+        self._surveyor.start()
 
     # --- keys ------------------------------------------------------------------------------------------------
     def _claim_key(self, path: Path) -> str:
@@ -87,6 +96,9 @@ class EtcdClaims(Claims):
 
     def _member_key(self) -> str:
         return f"{self.prefix}/members/{self.node}"
+
+    def _serves_key(self, node: str = "") -> str:
+        return f"{self.prefix}/serves/{node}"
 
     # --- the lease -------------------------------------------------------------------------------------------
     def _keep(self) -> None:
@@ -130,7 +142,31 @@ class EtcdClaims(Claims):
                 self._lost.add(path)
 
     def _member(self) -> dict[str, Any]:
-        return {"node": self.node, **self.claimer()}
+        serving = (self._serving or Serving()).to_json()
+        return {"node": self.node, **self.claimer(), **serving}
+
+    # --- what this node serves ---------------------------------------------------------------------------------
+    def _keep_serving(self) -> None:
+        """Survey what this node serves and keep etcd's two copies of it current (its own thread: an agent that is
+        slow to answer must not hold up the lease's keepalives)."""
+        while not self._stop.is_set():
+            self._serving = self._survey.survey()
+            with contextlib.suppress(EtcdDown, EtcdAuthError):
+                self._write_serving()
+            self._stop.wait(max(1.0, self.ttl / 3))
+
+    def _write_serving(self) -> None:
+        serving, lease = self._serving, self.lease
+        if serving is None or lease is None or self._serving_written == (serving, lease):
+            return
+        self.session.put(self._serves_key(self.node), {"node": self.node, **serving.to_json()})
+        self.session.put(self._member_key(), self._member(), lease)
+        self._serving_written = (serving, lease)
+
+    def _serving_nodes(self, model_dir: str) -> list[str]:
+        """The nodes whose last survey found something serving `model_dir`, their daemons alive or not."""
+        found = self.session.get_prefix(self._serves_key())
+        return [kv.key.rsplit("/", 1)[-1] for kv in found if Serving.from_json(kv.value).serves(model_dir)]
 
     def _up(self) -> None:
         if self.problem is not None:
@@ -343,7 +379,7 @@ class EtcdClaims(Claims):
         while True:
             self.check(path)
             try:
-                nodes = self._must_report(record)
+                nodes, members = self._must_report(record)
                 value = {
                     "fork_id": record.fork_id,
                     "model_dir": record.model_dir,
@@ -351,11 +387,13 @@ class EtcdClaims(Claims):
                     "digest": record.digest,
                     "node": self.node,
                     "nodes": nodes,
+                    "members": members,
                 }
                 key = self._fork_key(record.fork_id)
                 if not self.session.create(key, value, None):  # published before: by us, or by a claimer now dead
                     found = self.session.get(key)
-                    nodes = _recorded_nodes(found.value if found else value)
+                    value = found.value if found else value
+                    nodes = _recorded_nodes(value)
             except (EtcdDown, EtcdAuthError) as e:
                 problem = str(e)
                 if time.monotonic() >= deadline:
@@ -364,6 +402,7 @@ class EtcdClaims(Claims):
                 self._changed.clear()
                 continue
             self._published[record.fork_id] = (time.monotonic(), [n for n in nodes if n != self.node], None)
+            self._live_at_publish[record.fork_id] = _recorded_members(value)
             return
         log.error("%s: fork %s not published to the other nodes: %s", path.parent, record.fork_id, problem)
         self._published[record.fork_id] = (
@@ -372,17 +411,22 @@ class EtcdClaims(Claims):
             f"etcd could not be reached ({problem})",
         )
 
-    def _must_report(self, record: ForkRecord) -> list[str]:
-        """The nodes serving the run now: every live member, and this node."""
-        return sorted({self.node, *self._member_names()})
+    def _must_report(self, record: ForkRecord) -> tuple[list[str], list[str]]:
+        """The nodes that must report on `record`'s fork, and the live members among them: this node, every live
+        member (told always: a trainer started since its daemon's last survey serves the run too), and every node
+        whose serves record names the run (its daemon may be down while its trainers keep running)."""
+        members = self._member_names()
+        return sorted({self.node, *members, *self._serving_nodes(record.model_dir)}), members
 
     def gather(self, path: Path, record: ForkRecord, budget: float) -> Gathered:
         published_at, members, unpublished = self._published.pop(record.fork_id, (time.monotonic(), None, None))
         if unpublished is not None:  # never published: every other member is missing, for that reason
             return Gathered(members=list(members or []), missing={m: unpublished for m in members or []})
+        live_then = self._live_at_publish.pop(record.fork_id, None)
         if members is None:  # resumed by an adopter after the dead claimer had published: its list stands
             found = self._call(lambda: self.session.get(self._fork_key(record.fork_id)), None)
             members = [m for m in _recorded_nodes(found.value if found else {}) if m != self.node]
+            live_then = _recorded_members(found.value if found else {})
         # This node's own stages, for an adopter if this daemon dies before the outcome (it then counts this node
         # as reported, with what its stages did, instead of as one whose daemon died before telling its trainers).
         own = {name: record.sections.get(name, {"status": "skipped"}) for name in STAGE_NAMES}
@@ -406,7 +450,13 @@ class EtcdClaims(Claims):
                     gathered.seconds = time.monotonic() - published_at
                     pending.discard(node)
                 elif node not in alive:
-                    gathered.missing[node] = "its lease expired before it reported (daemon gone, frozen or cut off)"
+                    gathered.missing[node] = (
+                        "its lease expired before it reported (daemon gone, frozen or cut off)"
+                        if live_then is None or node in live_then
+                        else "its daemon was not running (no live lease: stopped or its lease expired) when the fork "
+                        "was published, and its trainers or servers serve the run (its last survey); they keep the "
+                        "old adapter until that daemon runs again"
+                    )
                     pending.discard(node)
             if not pending or time.monotonic() >= deadline:
                 break
@@ -477,9 +527,15 @@ class EtcdClaims(Claims):
     def close(self) -> None:
         self._stop.set()
         self._keeper.join(timeout=5)
+        self._surveyor.join(timeout=5)
         # Claims held stay under the lease until it runs out, so a fork journaled now is resumed by the next start
-        # or adopted elsewhere; only the membership goes at once.
+        # or adopted elsewhere; only the membership goes at once. What the node still serves is surveyed once more
+        # and stays (P/serves/NODE): its trainers outlive this daemon, and a fork published while it is down must
+        # name this node, not leave it out.
         with contextlib.suppress(EtcdDown, EtcdAuthError):
+            if self.lease is not None:
+                self._serving = self._survey.survey()
+                self._write_serving()
             if self.lease is not None and not self.registry.items():
                 self.session.revoke(self.lease)
 
@@ -491,3 +547,9 @@ def _recorded_nodes(published: dict[str, Any]) -> list[str]:
         others = published.get("members")
         nodes = [*(others if isinstance(others, list) else []), published.get("node")]
     return sorted({str(n) for n in nodes if n})
+
+
+def _recorded_members(published: dict[str, Any]) -> set[str] | None:
+    """The members alive when the fork was published, as its publisher recorded them (None: not recorded)."""
+    members = published.get("members")
+    return {str(m) for m in members} if isinstance(members, list) and "nodes" in published else None
