@@ -342,13 +342,17 @@ class TrainerStage:
         timeout = min(self.agent_timeout, ctx.remaining())
         if timeout <= 0:
             return None, ("no time left before the trainers stage deadline", Reason.TRAINER_TIMEOUT), False
+        # Half the budget may go to waiting for a step boundary; the rest is for reading and loading. `not_after`
+        # carries the same limit as a time, so this give-up reaches an agent that reads the request late or runs
+        # its step boundary late (a stopped rank): it never starts the load after it.
+        wait = round(timeout / 2, 3)
         request = ForkRequest(
             fork_id=ctx.fork_id,
             run_dir=run_dir,
             checkpoint_dir=str(Path(run_dir) / CHECKPOINTS / SERVED_STEP),
             digest=ctx.digest,
-            # Half the budget may go to waiting for a step boundary; the rest is for reading and loading.
-            timeout=round(timeout / 2, 3),
+            timeout=wait,
+            not_after=round(time.time() + wait, 3),
         )
         try:
             reply = call_agent(agent.path, request.to_message(), timeout=timeout, pid=agent.pid)

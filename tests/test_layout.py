@@ -89,6 +89,7 @@ COVERED_BY = {
     "sidecar/preload/preload_cli.py": "tests/test_preload_install.py",
     "sidecar/preload/probe.py": "tests/test_preload_install.py",
     "sidecar/preload/step_gate.py": "tests/test_agent.py",
+    "sidecar/preload/rollback.py": "tests/test_peft_load.py",
 }
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from sidecar.adapter import adapter_digest  # noqa: E402
-from sidecar.preload.peft_load import AdapterLoadError, load_adapter_from_checkpoint  # noqa: E402
+from sidecar.preload.peft_load import AdapterLoadError, load_adapter_from_checkpoint, prepare_adapter_load  # noqa: E402
 from tests.support.tiny_model import TinyAssets, build_lora_adapter, tiny_assets  # noqa: E402
 
 pytestmark = pytest.mark.trainer
@@ -143,6 +143,25 @@ def test_grads_and_optimizer_state_are_reset(model: Any, assets: TinyAssets) -> 
     model(input_ids=tokens, labels=tokens).loss.backward()
     optimizer.step()
     assert all(int(optimizer.state[p]["step"]) == 1 for p in params)
+
+
+def test_an_undoable_apply_is_rolled_back_to_the_weights_grads_and_optimizer_state_before_it(
+    model: Any, assets: TinyAssets
+) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    tokens = torch.arange(3, 19).reshape(1, 16)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    before, grads, states = snapshot(model), [p.grad for p in params], [optimizer.state[p] for p in params]
+    prepared = prepare_adapter_load(model, assets.adapter_b)
+    prepared.apply([optimizer], undoable=True)
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())  # adapter B is in
+    assert not any(p in optimizer.state for p in params)
+    prepared.roll_back()
+    assert_untouched(model, before)
+    assert all(p.grad is g for p, g in zip(params, grads, strict=True))
+    assert all(optimizer.state[p] is s for p, s in zip(params, states, strict=True))
 
 
 # --- refusals leave the model untouched -----------------------------------------------------------------------

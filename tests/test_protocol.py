@@ -87,6 +87,17 @@ def test_parse_requests() -> None:
     assert isinstance(parse_request({"op": "status", "v": 1}), StatusRequest)
     fork = ForkRequest("f1", "/a/run", "/a/run/checkpoints/0000", "sha256:" + "0" * 64, 12.5)
     assert parse_request(fork.to_message()) == fork
+    assert "not_after" not in fork.to_message()  # an older agent gets the message it knows
+    late = ForkRequest("f2", "/a/run", "/a/run/checkpoints/0000", None, 12.5, not_after=1000.0)
+    assert parse_request(late.to_message()) == late
+
+
+def test_a_fork_request_waits_at_most_until_its_daemon_gives_up() -> None:
+    fork = ForkRequest("f1", "/r", "/r/checkpoints/0000", None, 6.0, not_after=1000.0)
+    assert fork.wait_s(now=990.0) == 6.0
+    assert fork.wait_s(now=997.5) == 2.5
+    assert fork.wait_s(now=1001.0) < 0  # read after the daemon gave up: never waited for, never loaded
+    assert ForkRequest("f1", "/r", "/r/checkpoints/0000", None, 6.0).wait_s(now=1e12) == 6.0
 
 
 @pytest.mark.parametrize(
@@ -100,6 +111,7 @@ def test_parse_requests() -> None:
         ({"op": "fork", "fork_id": "f", "run_dir": "/r", "checkpoint_dir": "/r/c", "timeout": True}, "bad_request"),
         ({"op": "fork", "fork_id": "f", "run_dir": "/r", "checkpoint_dir": "/r/c", "digest": 5}, "bad_request"),
         ({"op": "fork", "fork_id": "f", "run_dir": "/r\0x", "checkpoint_dir": "/r/c"}, "bad_request"),
+        ({"op": "fork", "fork_id": "f", "run_dir": "/r", "checkpoint_dir": "/r/c", "not_after": "soon"}, "bad_request"),
     ],
 )
 def test_bad_requests_are_refused_with_a_code(message: dict[str, Any], code: str) -> None:

@@ -29,6 +29,8 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
+from sidecar.protocol.client import call_agent  # noqa: E402
+from sidecar.protocol.paths import agent_socket_path  # noqa: E402
 from tests.support.daemon import DaemonProcess, wait_for, wait_outcome, write_config  # noqa: E402
 from tests.support.ddp_script import fingerprint  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
@@ -87,12 +89,16 @@ class Run:
         path = self.model_dir / "checkpoints" / f"{step:04d}" / "adapter_model.safetensors"
         return fingerprint(dict(load_file(str(path))))
 
-    def fork(self, step: int, *, timeout: float = 90.0) -> dict[str, Any]:
+    def mark(self, step: int) -> float:
+        """Write the `.fork` marker; returns the time an outcome of it is newer than."""
         after = time.time()
         tmp = self.model_dir / ".fork.tmp"
         tmp.write_text(f"step: {step}\n")
         tmp.replace(self.model_dir / ".fork")
-        return wait_outcome(self.model_dir, timeout, after)
+        return after
+
+    def fork(self, step: int, *, timeout: float = 90.0) -> dict[str, Any]:
+        return wait_outcome(self.model_dir, timeout, self.mark(step))
 
 
 class Job:
@@ -152,6 +158,9 @@ class Job:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+        for pid in self.pids:  # a hung job's ranks were seen to outlive torchrun (left with parent 1)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.log.close()
 
 
@@ -245,6 +254,75 @@ def test_fsdp2_sharded_lora_loads_each_ranks_shard_at_the_same_step(
 ) -> None:
     # Fingerprints over the full tensors: a shard loaded a step early or late would show half old, half new.
     fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 2, "--fsdp")
+
+
+def test_a_rank_whose_apply_fails_after_the_vote_makes_every_rank_put_its_pre_fork_weights_back(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
+) -> None:
+    # Rank 1's first apply copies one tensor and fails (the mock in ddp_script.py: a CPU job has no such real fault).
+    run = daemon[0]
+    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--fail-apply-rank", "1")
+    try:
+        job.wait_steps(2)
+        failed = run.fork(3)
+        job.wait_steps(job.last_step() + 2)
+        later = run.fork(4)  # the agreement goes on after a roll-back
+        job.wait_steps(job.last_step() + 2)
+    finally:
+        job.stop()
+    steps = assert_ranks_identical(job)  # the old code: rank 0 kept the fork, rank 1 one tensor of it
+    forked = run.tensors_of(3)
+    assert all(r["after"] != forked for ranks in steps.values() for r in ranks.values())
+    assert failed["status"] == "failed", failed
+    agents = {a["rank"]: a for a in failed["trainers"]["agents"]}
+    assert sorted(agents) == [0, 1] and {a["reason"] for a in agents.values()} == {"trainer_load_failed"}
+    for agent in agents.values():  # every rank names the rank that failed and why
+        error = agent["error"]
+        assert "rank 1 could not put it into its model (rank 1: RuntimeError: CUDA out of memory" in error, error
+        assert error.endswith("every rank put its pre-fork weights back"), error
+    check_fork_landed(steps, assert_loaded_together(later, 2), run.tensors_of(4))
+
+
+def told_of_a_fork(runtime_dir: Path, pid: int) -> bool:
+    """Whether the agent of `pid` has recorded a fork for the ranks to agree on (its `status`)."""
+    reply = call_agent(agent_socket_path(runtime_dir, os.geteuid(), pid), {"op": "status"}, timeout=10, pid=pid)
+    return any("told" in t.get("ranks", {}) for t in reply.get("targets", []))
+
+
+def test_a_fork_given_up_on_while_a_rank_was_stopped_is_never_loaded_when_it_continues(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
+) -> None:
+    run = daemon[0]
+    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2)
+    control, forked = job.control, run.tensors_of(3)
+    try:
+        job.wait_steps(2)
+        # Both ranks wait before an optimizer step, so both are told of the fork before either reaches a boundary.
+        for name in ("hold-0", "hold-1", "hold-after-1"):
+            (control / name).touch()
+        wait_for(lambda: all((control / f"holding-{r}").exists() for r in (0, 1)), 60, "both ranks to hold")
+        done = len(job.steps(0))
+        after = run.mark(3)
+        wait_for(lambda: all(told_of_a_fork(runtime_dir, pid) for pid in job.pids), 60, "both ranks to be told")
+        # The next boundary offers the fork on both ranks (the reduce in flight); rank 1 then stops before the
+        # boundary that reads it, past the daemon's timeout (its agent thread cannot answer: the stage fails).
+        (control / "hold-0").unlink()
+        (control / "hold-1").unlink()
+        wait_for(lambda: (control / "holding-after-1").exists(), 60, "rank 1 past its step boundary")
+        wait_for(lambda: len(job.steps(0)) > done, 60, "rank 0 past its step boundary")
+        os.kill(job.pids[1], signal.SIGSTOP)
+        try:
+            (control / "hold-after-1").unlink()
+            outcome = wait_outcome(run.model_dir, 90, after)
+        finally:
+            os.kill(job.pids[1], signal.SIGCONT)
+        job.wait_steps(job.last_step() + 3)  # the boundaries that read the reduce in flight, and more
+    finally:
+        job.stop()
+    assert outcome["status"] == "failed", outcome
+    steps = assert_ranks_identical(job)
+    loaded = [s for s, ranks in steps.items() if any(r["after"] == forked for r in ranks.values())]
+    assert not loaded, f"fork loaded after the outcome said failed, at step(s) {loaded}"  # the old code: both ranks
 
 
 # The 2-rank job below is shared by the last two tests (module scope: it stops when the module ends).

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sidecar import __version__
-from sidecar.preload.rank_agreement import LoadHooks, RankAgreement, expects_ranks, rank_info
+from sidecar.preload.rank_agreement import LATE_REQUEST, LoadHooks, RankAgreement, expects_ranks, rank_info
 from sidecar.preload.step_gate import StepGate, StepTimeout, forget_gates_in_child
 from sidecar.protocol.messages import (
     PROTOCOL_VERSION,
@@ -133,14 +133,24 @@ class PeftTarget:
         agreement = RankAgreement(
             LoadHooks(
                 prepare=prepare,
-                apply=lambda prepared: str(prepared.apply(list(self._optimizers))),
+                apply=lambda prepared: str(prepared.apply(list(self._optimizers), undoable=True)),
                 steps=lambda: self.gate.steps,
                 hold_forwards=self.gate.forwards_held,
                 index=index,
+                device=self._lora_device,
             )
         )
         self.gate.on_boundary = agreement.at_boundary
         return agreement
+
+    def _lora_device(self) -> Any:
+        """The device of the first trainable parameter (for an FSDP2 DTensor, of its local shard), or None."""
+        model = self._model()
+        for p in model.parameters() if model is not None else ():
+            if p.requires_grad:
+                to_local = getattr(p, "to_local", None)
+                return (to_local() if callable(to_local) else p).device
+        return None
 
     def add_optimizer(self, optimizer: Any) -> None:
         self._optimizers.add(optimizer)
@@ -192,11 +202,14 @@ class PeftTarget:
         if model is None:
             return error_reply("gone", "the registered model has been garbage-collected")
         started = time.monotonic()
+        wait = request.wait_s()  # its daemon gives up then: a request read late (a stopped process) waits less
         if expects_ranks():
             # One rank of a torch.distributed job: loaded only at the optimizer step all ranks agree on.
             del model
-            return self._remember(request, self.ranks.request(request, checkpoint_dir, request.timeout), started)
-        if not self._fork_lock.acquire(timeout=max(0.0, request.timeout)):
+            return self._remember(request, self.ranks.request(request, checkpoint_dir, wait), started)
+        if wait <= 0:
+            return self._remember(request, error_reply("step_timeout", LATE_REQUEST, **rank_info()), started)
+        if not self._fork_lock.acquire(timeout=wait):
             return error_reply("busy", "another fork of this model is still being applied")
 
         def load() -> tuple[str, int]:
@@ -204,7 +217,7 @@ class PeftTarget:
             return digest, self.gate.steps
 
         try:
-            (digest, steps), where = self.gate.run_between_steps(load, request.timeout)
+            (digest, steps), where = self.gate.run_between_steps(load, wait)
         except StepTimeout as e:
             return self._remember(request, error_reply("step_timeout", str(e), **rank_info()), started)
         except AdapterLoadError as e:
@@ -362,7 +375,34 @@ def _combine(replies: list[dict[str, Any]]) -> dict[str, Any]:
     if len(digests) > 1:
         return error_reply("mixed", "the models of this run loaded different adapters", targets=replies)
     result = RESULT_LOADED if results == {RESULT_LOADED} else RESULT_PENDING
-    return ok_reply(result=result, digest=next(iter(digests), None), targets=replies)
+    return ok_reply(result=result, digest=next(iter(digests), None), **_shared(replies), targets=replies)
+
+
+# What the daemon reads off a reply besides the digest (the rank fields and the step of the load, `trainers.agents`).
+_SHARED_KEYS = (
+    "rank",
+    "world_size",
+    "local_rank",
+    "local_world_size",
+    "initialized",
+    "job",
+    "loaded_at_step",
+    "applied",
+)
+
+
+def _shared(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fields every target's reply carries alike; `loaded_at_step` (null) and `applied` ("mixed") also when
+    the targets differ, so every agent entry of the outcome has them (each target's own value is in `targets`)."""
+    out: dict[str, Any] = {}
+    for key in _SHARED_KEYS:
+        values = [r.get(key) for r in replies if key in r]
+        if values and all(v == values[0] for v in values) and len(values) == len(replies):
+            out[key] = values[0]
+    out.setdefault("loaded_at_step", None)
+    if any("applied" in r for r in replies):
+        out.setdefault("applied", "mixed")
+    return out
 
 
 def _summary(reply: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.preload.rollback import Rollback, optimizer_state
 from sidecar.protocol.digest import TensorRecord, digest_tensors
 from sidecar.protocol.run_layout import ADAPTER_FILE, CONFIG_FILE
 from sidecar.protocol.safetensors_header import LORA_DTYPES, MAX_HEADER_BYTES, parse_header, printable
@@ -293,33 +294,46 @@ class PreparedLoad:
         self._digest = digest
         self.live: dict[str, Any] = {}
         self.cast: dict[str, Any] = {}
+        self._undo: Rollback | None = None
 
     def digest(self) -> str:
         """The adapter digest of what was read (waits for the hashing threads)."""
         return self._digest.value()
 
-    def apply(self, optimizers: Iterable[Any] = ()) -> str:
-        """Put the tensors into the model and return the digest (see load_adapter_from_checkpoint)."""
+    def apply(self, optimizers: Iterable[Any] = (), *, undoable: bool = False) -> str:
+        """Put the tensors into the model and return the digest (see load_adapter_from_checkpoint). With
+        `undoable`, what the apply changes is kept first, and `roll_back()` puts it back (also after an apply that
+        failed half-way)."""
         import torch
 
         try:
+            optimizers = list(optimizers)
             params = _params_of(self.model, self.live.values())
             in_place = _shares_parameter_storage(self.live, params)
+            if undoable:
+                self._undo = Rollback(self.live, params, optimizers, lambda saved: self._put(saved, in_place))
             with torch.no_grad():
-                if in_place:
-                    _copy_and_verify(self.live, self.cast, self.tensors.path)
-                else:
-                    _set_state(self.model, self.cast, self.name)
+                self._put(self.cast, in_place)
                 for p in params:
                     p.grad = None
                 _clear_optimizer_state(optimizers, params)
                 _drop_unsloth_decode_cache(params)
-            if not in_place:
-                # peft may have put new tensors in: ask the model again for what it now holds.
-                _verify(_live_adapter_tensors(self.model, self.name), self.cast, self.tensors.path)
         finally:
             self._digest.join()  # never leave the hashing thread reading a buffer we are done with
         return self._digest.value()
+
+    def _put(self, tensors: Mapping[str, Any], in_place: bool) -> None:
+        if in_place:
+            _copy_and_verify(self.live, tensors, self.tensors.path)
+            return
+        _set_state(self.model, dict(tensors), self.name)
+        # peft may have put new tensors in: ask the model again for what it now holds.
+        _verify(_live_adapter_tensors(self.model, self.name), tensors, self.tensors.path)
+
+    def roll_back(self) -> None:
+        """Undo an `apply(undoable=True)`, finished or not; nothing to do if it never got to change anything."""
+        if self._undo is not None:
+            self._undo.restore()
 
     def discard(self) -> None:
         self._digest.join()
@@ -505,9 +519,8 @@ def _set_state(peft_model: Any, cast: dict[str, Any], name: str) -> None:
 
 def _clear_optimizer_state(optimizers: Iterable[Any], params: list[Any]) -> None:
     for opt in optimizers:
-        inner = getattr(opt, "optimizer", opt)  # accelerate / HF wrappers keep the torch optimizer inside
-        state = getattr(inner, "state", None)
-        if state is not None and hasattr(state, "pop"):
+        state = optimizer_state(opt)
+        if state is not None:
             for p in params:
                 state.pop(p, None)
 

@@ -12,9 +12,12 @@ boundary of a registered model (the step gate's boundary: gradient accumulation 
 2. decides with `decide()`: only when every rank had been told the same fork (highest == lowest), and it is not
    the one already acted on. The same reduced values give the same decision on every rank; a rank not told yet
    holds everyone back, and of two quick forks the ranks converge on the newer one before anyone loads;
-3. on a decision, loads in two phases: every rank reads and checks the file (digest against what its daemon
-   read from disk), one all_reduce says whether all succeeded and all hold the same digest, then all put it into
-   the model, or none does;
+3. on a decision, loads in votes (each one all_reduce, so every rank takes the same branch): every rank reads
+   and checks the file (digest against what its daemon read from disk; a request past its deadline votes no),
+   the first vote says whether all succeeded with the same digest; then all put it into the model, keeping what
+   they change, and the second vote says whether every put succeeded; if one did not, all put their pre-fork
+   weights back (a third vote checks that). A failing rank puts its reason into the job's store before voting, so
+   every rank's reply names the failed rank and why;
 4. starts the next all_reduce with `async_op=True` and returns: the step pays for launching it, not for a round
    trip (on CUDA the result goes to pinned memory behind an event, so reading it later waits for nothing else).
 
@@ -48,6 +51,7 @@ from sidecar.protocol.messages import ForkRequest, error_reply, ok_reply
 
 __all__ = [
     "HANDSHAKE_ENV",
+    "LATE_REQUEST",
     "RankAgreement",
     "decide",
     "distributed_world",
@@ -61,6 +65,12 @@ _HANDSHAKE_S = 60.0
 _STORE_PREFIX = "fork-sidecar/agree/v1"
 _TOKEN_MASK = (1 << 62) - 1  # positive, and -t fits an int64 too
 APPLIED = "agreed step boundary"
+_FAILED, _TOO_LATE = 1, 2  # a rank's entry in a vote (0: ok)
+LATE_REQUEST = (
+    "this rank read the fork request only after its daemon's deadline had passed (the process was stopped or "
+    "stalled); nothing was loaded"
+)
+_REASON_WAIT_S = 5.0  # a failing rank put its reason into the store before the vote: it is there already
 
 
 def _log(key: str, level: int, message: str, *args: object) -> None:
@@ -132,12 +142,15 @@ def rank_info() -> dict[str, Any]:
 
 
 # --- the reductions ----------------------------------------------------------------------------------------------
-def _reduce_device(dist: Any, torch: Any) -> Any:
-    """Where the default group's backend takes tensors: CPU for gloo (also in a mixed "cpu:gloo,cuda:nccl"),
-    else the current accelerator (NCCL wants the current CUDA device)."""
+def _reduce_device(dist: Any, torch: Any, model_device: Any = None) -> Any:
+    """Where the default group's backend takes tensors: CPU for gloo (also in a mixed "cpu:gloo,cuda:nccl"), else
+    the device of the model's LoRA parameters (NCCL wants this rank's own GPU; the current device is only a guess:
+    a job that never called torch.cuda.set_device has cuda:0 current on every rank)."""
     backend = str(dist.get_backend()).lower()
     if "gloo" in backend or backend == "mpi":
         return torch.device("cpu")
+    if model_device is not None and torch.device(model_device).type != "cpu":
+        return torch.device(model_device)
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -161,7 +174,8 @@ class _InFlight:
             self.host = torch.empty(2, dtype=torch.int64, pin_memory=True)
             self.host.copy_(self.buf, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            # On the stream of the LoRA's device, which the copy ran on: the current device may be another GPU.
+            self.event.record(torch.cuda.current_stream(device))
 
     def result(self) -> tuple[int, int]:
         if self.event is not None:
@@ -179,8 +193,39 @@ class _Told:
     token: int
     request: ForkRequest
     checkpoint: Path
+    deadline: float  # time.monotonic(): from then on this rank votes against loading it (see `expired`)
     reply: dict[str, Any] | None = None
     withdrawn: bool = False
+
+    def expired(self) -> str | None:
+        """Why this rank may no longer start loading the fork, or None. Checked on the training thread at the vote,
+        not only by the agent thread that waits for the answer: a rank stopped (SIGSTOP, a debugger) past the
+        deadline may run its next step boundary before its agent thread runs again."""
+        if self.withdrawn or time.monotonic() >= self.deadline:
+            return f"its request for fork {self.request.fork_id} had timed out (its daemon has given up on it)"
+        return None
+
+
+@dataclass(frozen=True)
+class _Vote:
+    """What one vote of the ranks says: the failed ranks and their reasons, whether all read the same digest, and
+    whether every failure was only "too late"."""
+
+    failed: dict[int, str]
+    same: bool = True
+    expired: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.same
+
+    def sentence(self, what: str, then: str) -> str:
+        if not self.failed:
+            return f"the ranks read different adapters; {then}" if not self.same else then
+        ranks = sorted(self.failed)
+        why = "; ".join(f"rank {r}: {self.failed[r]}" for r in ranks)
+        said = f"rank{'s' if len(ranks) > 1 else ''} {_ranks(ranks)} {what} ({why})"
+        return f"{said}; {then}" if then else said
 
 
 @dataclass
@@ -193,6 +238,7 @@ class LoadHooks:
     steps: Callable[[], int]
     hold_forwards: Callable[[], contextlib.AbstractContextManager[None]]
     index: int = 0
+    device: Callable[[], Any] = lambda: None  # where the LoRA parameters are (this rank's GPU under NCCL)
 
 
 class RankAgreement:
@@ -207,13 +253,16 @@ class RankAgreement:
         self._in_flight: _InFlight | None = None
         self._in_flight_told: _Told | None = None
         self._joined = False
+        self._device: Any = None  # where the reduces' tensors live, chosen at the first boundary
+        self._loads = 0  # decisions so far: the same count on every rank, so it names a load's keys in the store
         self.off: str | None = None  # why agreement is off for good (handshake failed, a collective failed)
         self.last_reduce: tuple[int, int] | None = None
         self.boundaries = 0
 
     # agent side -------------------------------------------------------------------------------------------------
     def request(self, request: ForkRequest, checkpoint: Path, timeout: float) -> dict[str, Any]:
-        """Record the fork as this rank's newest and wait until the ranks have acted on it (or `timeout`)."""
+        """Record the fork as this rank's newest and wait until the ranks have acted on it, at most `timeout` (the
+        request's `wait_s()`): after it, no rank starts loading it."""
         token = fork_token(request.fork_id)
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -221,13 +270,15 @@ class RankAgreement:
                 return error_reply("ranks_off", self.off, **rank_info())
             if token == self._settled and self._settled_reply is not None:
                 return self._settled_reply  # e.g. a retry after a timeout that raced the load
+            if timeout <= 0:  # read only after its daemon gave up (this process was stopped): never offered
+                return error_reply("step_timeout", LATE_REQUEST, **rank_info())
             told = self._told
             # The reduce in flight may still decide the older fork and load it everywhere: then the next boundary
             # answers it, loaded or superseded.
             if told is not None and told.token != token and told.reply is None and told is not self._in_flight_told:
                 self._supersede(told, request.fork_id)
-            if told is None or told.token != token or told.withdrawn:
-                told = _Told(token, request, checkpoint)
+            if told is None or told.token != token or told.expired() is not None:
+                told = _Told(token, request, checkpoint, deadline)
                 self._told = told
             while told.reply is None:
                 remaining = deadline - time.monotonic()
@@ -297,6 +348,7 @@ class RankAgreement:
         torch = sys.modules["torch"]
         if not self._joined:
             self._handshake(dist, rank, world)
+            self._device = _reduce_device(dist, torch, self.hooks.device())
             self._joined = True
         self.boundaries += 1
         if self._in_flight is not None:
@@ -313,9 +365,10 @@ class RankAgreement:
             if then is not None and then.reply is None and newest is not None and newest.token != then.token:
                 self._supersede(then, newest.request.fork_id)  # not decided, and a newer fork came meanwhile
             told = self._told
-            offered = told if told is not None and not told.withdrawn and told.token != self._settled else None
+            fresh = told is not None and told.expired() is None
+            offered = told if fresh and told is not None and told.token != self._settled else None
             self._in_flight_told = offered  # under the lock: `request` asks whether a fork is in flight
-        self._in_flight = _InFlight(dist, torch, _reduce_device(dist, torch), offered.token if offered else 0)
+        self._in_flight = _InFlight(dist, torch, self._device, offered.token if offered else 0)
 
     def _handshake(self, dist: Any, rank: int, world: int) -> None:
         global _job_id
@@ -346,40 +399,111 @@ class RankAgreement:
             _job_id = store.get(f"{_STORE_PREFIX}/job").decode()
 
     def _load(self, dist: Any, torch: Any, rank: int, world: int, told: _Told) -> None:
-        prepared, problem, digest = None, None, None
-        try:
-            prepared = self.hooks.prepare(told.checkpoint)
-            digest = prepared.digest()
-            if told.request.digest is not None and digest != told.request.digest:
-                problem = f"read {digest} but its daemon read {told.request.digest} from disk"
-        except Exception as e:  # AdapterLoadError and anything else: this rank cannot load it, so nobody does
-            problem = str(e)
-        votes = torch.zeros(world + 2, dtype=torch.int64, device=_reduce_device(dist, torch))
-        if problem is not None:
-            votes[rank] = 1
-        else:
-            assert digest is not None
-            votes[world], votes[world + 1] = fork_token(digest), -fork_token(digest)
-        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-        values = votes.tolist()
-        failed = [r for r in range(world) if values[r]]
-        steps = self.hooks.steps()
-        info = {**rank_info(), "loaded_at_step": None}
-        if failed or values[world] != -values[world + 1]:
+        """Every rank reads and checks the fork; if all could, all put it in; if any rank's put failed, all put
+        their pre-fork weights back. Each step ends in a vote, so every rank takes the same branch."""
+        self._loads += 1
+        prepared, digest = None, None
+        problem = told.expired()
+        expired = problem is not None
+        if not expired:
+            try:
+                prepared = self.hooks.prepare(told.checkpoint)
+                digest = prepared.digest()
+                if told.request.digest is not None and digest != told.request.digest:
+                    problem = f"read {digest} but its daemon read {told.request.digest} from disk"
+            except Exception as e:  # AdapterLoadError and anything else: this rank cannot load it, so nobody does
+                problem = str(e)
+        read = self._vote(dist, torch, rank, world, "read", problem, expired=expired, digest=digest)
+        if not read.ok:
             if prepared is not None:
                 prepared.discard()
-            why = (
-                f"rank(s) {_ranks(failed)} could not load it" if failed else "the ranks read different adapters"
-            ) + "; no rank loaded it"
-            if problem is not None:
-                why += f" (this rank: {problem})"
-            reply = error_reply("load_failed", why, **info)
-        else:
-            assert prepared is not None
-            with self.hooks.hold_forwards():
+            if read.expired:
+                # The daemon has given up on it (the request's deadline passed on some rank): it stays unloaded,
+                # and a retry of the same fork may still be agreed on.
+                self._log_unloaded(told, read.sentence("could not take it in time", "no rank loaded it"))
+                return
+            self._settle(told, error_reply("load_failed", read.sentence("could not load it", "no rank loaded it")))
+            return
+        assert prepared is not None
+        steps = self.hooks.steps()
+        with self.hooks.hold_forwards():  # also across the votes: no other thread's forward sees a rolled-back fork
+            loaded, problem = None, None
+            try:
                 loaded = self.hooks.apply(prepared)
-            info["loaded_at_step"] = steps
-            reply = ok_reply(result="loaded", digest=loaded, applied=APPLIED, **info)
+            except Exception as e:  # out of memory half-way, a failed check after the copy: undone on every rank
+                problem = f"{type(e).__name__}: {e}"
+            put = self._vote(dist, torch, rank, world, "apply", problem)
+            if put.ok:
+                self._settle(told, ok_reply(result="loaded", digest=loaded, applied=APPLIED, loaded_at_step=steps))
+                return
+            problem = None
+            try:
+                prepared.roll_back()
+            except Exception as e:
+                problem = f"{type(e).__name__}: {e}"
+            back = self._vote(dist, torch, rank, world, "roll back", problem)
+        failed = {"failed_ranks": sorted(put.failed)}
+        if back.ok:
+            why = put.sentence("could not put it into its model", "every rank put its pre-fork weights back")
+            self._settle(told, error_reply("load_failed", why, rolled_back=True, **failed))
+            return
+        why = (
+            put.sentence("could not put it into its model", "")
+            + "; "
+            + back.sentence("could not put its pre-fork weights back", "the ranks' weights may now differ")
+            + ": stop the job and restart it from a checkpoint"
+        )
+        self._settle(told, error_reply("ranks_split", why, rolled_back=False, **failed))
+        self._turn_off(f"a fork could not be undone on every rank, forks are off ({why})")
+
+    def _vote(
+        self,
+        dist: Any,
+        torch: Any,
+        rank: int,
+        world: int,
+        phase: str,
+        problem: str | None,
+        *,
+        expired: bool = False,
+        digest: str | None = None,
+    ) -> _Vote:
+        """One all_reduce(MAX): per rank 0 (ok), 1 (failed) or 2 (too late), and [t, -t] of the digest read. A
+        failing rank puts its reason into the job's store before the reduce, so every rank can name it after."""
+        key = f"{_STORE_PREFIX}/{self.hooks.index}/load/{self._loads}/{phase}"
+        votes = torch.zeros(world + 2, dtype=torch.int64, device=self._device)
+        if problem is not None:
+            votes[rank] = _TOO_LATE if expired else _FAILED
+            with contextlib.suppress(Exception):  # the reason is for the outcome; the vote is what counts
+                self._store(dist).set(f"{key}/{rank}", problem)
+        elif digest is not None:
+            votes[world], votes[world + 1] = fork_token(digest), -fork_token(digest)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        values = [int(v) for v in votes.tolist()]
+        failed = {
+            r: problem if r == rank and problem is not None else self._reason(dist, f"{key}/{r}")
+            for r in range(world)
+            if values[r]
+        }
+        expired_all = bool(failed) and all(values[r] == _TOO_LATE for r in failed)
+        return _Vote(failed, values[world] == -values[world + 1], expired_all)
+
+    def _store(self, dist: Any) -> Any:
+        return dist.distributed_c10d._get_default_store()
+
+    def _reason(self, dist: Any, key: str) -> str:
+        from datetime import timedelta
+
+        try:
+            store = self._store(dist)
+            store.wait([key], timedelta(seconds=_REASON_WAIT_S))
+            return str(store.get(key).decode("utf-8", "replace"))
+        except Exception:
+            return "it gave no reason"
+
+    def _settle(self, told: _Told, reply: dict[str, Any]) -> None:
+        reply = {**reply, **rank_info()}
+        reply.setdefault("loaded_at_step", None)
         with self._cond:
             self._settled, self._settled_reply = told.token, reply
             for waiting in (told, self._told):  # a retry after a timeout waits on an entry of its own
@@ -387,13 +511,16 @@ class RankAgreement:
                     waiting.reply = reply
             self._cond.notify_all()
         if told.withdrawn:
-            _log(
-                f"late-load:{told.request.fork_id}",
-                logging.INFO,
-                "fork-sidecar: fork %s was agreed by all ranks just after this rank's request timed out; %s",
-                told.request.fork_id,
-                "loaded" if reply.get("ok") else "not loaded",
-            )
+            self._log_unloaded(told, "loaded" if reply.get("ok") else "not loaded")
+
+    def _log_unloaded(self, told: _Told, what: str) -> None:
+        _log(
+            f"late:{told.request.fork_id}",
+            logging.INFO,
+            "fork-sidecar: fork %s was decided by all ranks after this rank's request had timed out: %s",
+            told.request.fork_id,
+            what,
+        )
 
     def _turn_off(self, why: str) -> None:
         _log(f"ranks-off:{self.hooks.index}", logging.WARNING, "fork-sidecar: %s", why)

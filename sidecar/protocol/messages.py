@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,17 @@ class ForkRequest:
     checkpoint_dir: str
     digest: str | None  # what the daemon read from disk; the agent reports its own, the daemon compares
     timeout: float  # how long the agent may wait for a step boundary before answering
+    # Wall-clock time (time.time(), the daemon's node) after which the daemon has given up waiting for a load to
+    # start: an agent that reads the request late, or reaches its step boundary late, never starts it then.
+    not_after: float | None = None
 
     op = "fork"
+
+    def wait_s(self, now: float | None = None) -> float:
+        """How long the agent may still wait for a step boundary: `timeout`, cut short by `not_after`."""
+        if self.not_after is None:
+            return self.timeout
+        return min(self.timeout, self.not_after - (time.time() if now is None else now))
 
     def to_message(self) -> dict[str, Any]:
         return {
@@ -63,6 +73,7 @@ class ForkRequest:
             "checkpoint_dir": self.checkpoint_dir,
             "digest": self.digest,
             "timeout": self.timeout,
+            **({"not_after": self.not_after} if self.not_after is not None else {}),
         }
 
 
@@ -95,10 +106,16 @@ def _parse_fork(obj: Mapping[str, Any]) -> ForkRequest:
     timeout = obj.get("timeout", 30.0)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout < 0:
         raise ProtocolError("bad_request", "fork's 'timeout' must be a non-negative number of seconds")
+    not_after = obj.get("not_after")
+    if not_after is not None and (
+        isinstance(not_after, bool) or not isinstance(not_after, int | float) or not math.isfinite(not_after)
+    ):
+        raise ProtocolError("bad_request", "fork's 'not_after' must be a time in seconds since the epoch, or absent")
     return ForkRequest(
         fork_id=text("fork_id"),
         run_dir=text("run_dir", path=True),
         checkpoint_dir=text("checkpoint_dir", path=True),
         digest=digest,
         timeout=float(timeout),
+        not_after=None if not_after is None else float(not_after),
     )

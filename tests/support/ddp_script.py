@@ -17,9 +17,11 @@ where a fork agreed at that step has been loaded). With FSDP the fingerprints ar
 Control files (checked between steps):
 - `exit`: every rank stops after the step in which any rank saw it (agreed with an all_reduce of the job's own);
 - `hold-{rank}`: that rank waits after backward, before its optimizer step, while the file exists (`holding-{rank}`);
+- `hold-after-{rank}`: the same right after its optimizer step (after the step boundary: `holding-after-{rank}`);
 - with `--save-every K`, rank 0 writes its LoRA tensors to `saves/{step}.safetensors` every K steps, one tensor at a
   time over `--save-seconds` (a slow checkpoint save; `saving` exists meanwhile), and logs `saved` with the
   fingerprint of what it wrote.
+With `--fail-apply-rank R`, rank R's first apply of a fork copies one tensor and then raises (`_fail_first_apply`).
 `ready-{rank}.json` appears once the model is registered. `--steps N` stops after N steps (the benchmark);
 `timing-{rank}.json` then holds the steady-state seconds per step.
 """
@@ -90,6 +92,8 @@ def train(args: argparse.Namespace) -> int:
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
     if not args.no_register:
         register(peft_model, args.run_dir)
+    if args.fail_apply_rank == rank:
+        _fail_first_apply()
 
     def lora() -> dict[str, Any]:
         tensors = dict(get_peft_model_state_dict(peft_model))
@@ -119,6 +123,7 @@ def train(args: argparse.Namespace) -> int:
             _hold(control, rank)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            _hold(control, rank, "hold-after")
             step += 1
             _after_step(args, step, rank, lora, starts, log)
             if (args.steps and step >= args.steps) or _told_to_stop(control, stop):
@@ -139,6 +144,27 @@ def _after_step(args: argparse.Namespace, step: int, rank: int, lora: Any, start
         _save_slowly(Path(args.control), step, lora(), args.save_seconds, log)
 
 
+def _fail_first_apply() -> None:
+    """The one mock of the rank tests: this rank's first apply of a fork copies one LoRA tensor into the model, then
+    raises the way a CUDA out-of-memory error half-way through the copy would. A CPU job has no real fault between a
+    read that passed every check and the copy into the model (the file is in memory by then), so one is made here;
+    everything around it (the votes, the roll-back, the daemon's outcome) is real."""
+    from sidecar.preload import peft_load
+
+    real = peft_load._copy_and_verify
+    calls: list[int] = []
+
+    def copy_one_then_fail(live: dict[str, Any], cast: dict[str, Any], path: Path) -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            return real(live, cast, path)
+        first = sorted(live)[0]
+        live[first].copy_(cast[first])
+        raise RuntimeError("CUDA out of memory (made by the test on this rank, after one tensor was copied)")
+
+    peft_load._copy_and_verify = copy_one_then_fail  # type: ignore[assignment]
+
+
 def _told_to_stop(control: Path, flag: Any) -> bool:
     """Whether any rank saw `exit` (every rank must stop after the same step, or the others hang in DDP)."""
     import torch.distributed as dist
@@ -148,9 +174,9 @@ def _told_to_stop(control: Path, flag: Any) -> bool:
     return bool(flag.item())
 
 
-def _hold(control: Path, rank: int) -> None:
-    while (control / f"hold-{rank}").exists():
-        (control / f"holding-{rank}").touch()
+def _hold(control: Path, rank: int, name: str = "hold") -> None:
+    while (control / f"{name}-{rank}").exists():
+        (control / f"{name.replace('hold', 'holding')}-{rank}").touch()
         time.sleep(0.01)
 
 
@@ -186,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="steps before the timing starts (with --steps)")
     parser.add_argument("--no-record", dest="record", action="store_false", help="no per-step fingerprints")
     parser.add_argument("--no-register", action="store_true")
+    parser.add_argument("--fail-apply-rank", type=int, default=-1, help="this rank's first apply fails half-way")
     return train(parser.parse_args(argv))
 
 
