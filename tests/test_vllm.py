@@ -503,7 +503,7 @@ def stub_vllm_process(tmp_path: Path, run_dir: Path) -> Iterator[tuple[subproces
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'stub'}:{REPO}"}
     proc = subprocess.Popen(argv, cwd=run_dir.parents[2], env=env)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # a hang guard: a loaded host starts Python slowly
         while True:
             try:
                 VllmClient(f"http://127.0.0.1:{port}", "proc-key").models(time.monotonic() + 1)
