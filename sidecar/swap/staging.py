@@ -332,7 +332,12 @@ class _StagingCopier:
             try:
                 self.methods.add(self._fill(src, dst, size, entry.relpath, digester))
                 _copy_owner_and_mode(entry.stat, dst)
-                os.fsync(dst)  # meanwhile the digest's last pieces are hashed: hashing overlaps the writeback
+                # Meanwhile the digest's last pieces are hashed: hashing overlaps the writeback. Per file, not one
+                # syncfs of the staging filesystem: syncfs also waits for every other writer there (other runs'
+                # checkpoints, gigabytes that are none of this fork's business), and it reports writeback errors
+                # per filesystem (any tenant's failed write would fail this fork) or, before Linux 5.8, not at all
+                # (a lost write of ours would go unseen). The fsyncs of the small files cost a few ms in all.
+                os.fsync(dst)
             finally:
                 self._wait_digest(digester)  # even on failure: it reads `dst` (and maybe `src`), closed below
             self._keep_digest(digester)
