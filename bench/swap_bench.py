@@ -16,7 +16,9 @@ in a run directory under --dir, then, --repeat times each, in the same run:
 
 Unless --warm, the page cache is dropped before every timed run (root only: sync; echo 3 > drop_caches), so
 every side reads the source from disk. The table gives medians, the ratio to the baseline, the digest time
-(hardlink/reflink only: with copy it overlaps the copy) and the swap time without it.
+(hardlink/reflink only: with copy it overlaps the copy) and the swap time without it, and the CPU seconds each case
+used (this process's threads for ours, the child processes for `cp` + `sync` and openssl): on a machine whose cores
+are busy with other work, wall times follow CPU seconds, whatever the threads.
 Targets: copy <= 1.1x baseline; hardlink and reflink <= 50 ms without the digest; hardlink (digest included)
 <= 0.8x the openssl pass (the issue's target for a 256 MiB adapter: `--size-mib 256`).
 """
@@ -29,6 +31,7 @@ import functools
 import itertools
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -54,6 +57,7 @@ class Row:
     where: str
     totals: list[float] = field(default_factory=list)
     digests: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
     note: str = ""
 
     def median(self) -> float:
@@ -61,6 +65,15 @@ class Row:
 
     def digest(self) -> float | None:
         return statistics.median(self.digests) if self.digests else None
+
+    def cpu(self) -> float:
+        return statistics.median(self.cpus)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process (all threads) and of its waited-for children, so far."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def drop_caches(enabled: bool) -> None:
@@ -173,7 +186,9 @@ def measure(cases: list[Case], repeat: int) -> None:
         run()
     for _ in range(repeat):
         for row, run in cases:
+            before = cpu_seconds()  # includes the untimed set-up (a drop_caches, an rmtree): a few ms
             result = run()
+            row.cpus.append(cpu_seconds() - before)
             total, digest = result if isinstance(result, tuple) else (result, None)
             row.totals.append(total)
             if digest:
@@ -194,10 +209,13 @@ def fs_type(path: Path) -> str:
 def print_table(rows: list[Row], baseline: Row, size: int) -> bool:
     ok = True
     openssl = next((r for r in rows if r.name == "openssl dgst -sha256" and r.totals), None)
-    print(f"\n{'case':<22} {'filesystem':<12} {'median s':>9} {'x base':>7} {'digest s':>9} {'w/o digest':>11}  target")
+    print(
+        f"\n{'case':<22} {'filesystem':<12} {'median s':>9} {'x base':>7} {'digest s':>9} {'w/o digest':>11} "
+        f"{'cpu s':>6}  target"
+    )
     for row in rows:
         if not row.totals:
-            print(f"{row.name:<22} {row.where:<12} {'-':>9} {'-':>7} {'-':>9} {'-':>11}  skipped: {row.note}")
+            print(f"{row.name:<22} {row.where:<12} {'-':>9} {'-':>7} {'-':>9} {'-':>11} {'-':>6}  skipped: {row.note}")
             continue
         median, digest = row.median(), row.digest()
         without = median - digest if digest is not None else None
@@ -217,10 +235,12 @@ def print_table(rows: list[Row], baseline: Row, size: int) -> bool:
                 ok &= fast
         print(
             f"{row.name:<22} {row.where:<12} {median:>9.3f} {median / baseline.median():>7.2f} "
-            f"{'' if digest is None else f'{digest:.3f}':>9} {'' if without is None else f'{without:.3f}':>11}  "
+            f"{'' if digest is None else f'{digest:.3f}':>9} {'' if without is None else f'{without:.3f}':>11} "
+            f"{row.cpu():>6.3f}  "
             f"{verdict}{'  ' + row.note if row.note else ''}"
         )
     print(f"\n{size / (1 << 20):.0f} MiB adapter; runs: {', '.join(f'{r.name}={len(r.totals)}' for r in rows)}")
+    print(f"load average after the runs {os.getloadavg()[0]:.2f}")
     return ok
 
 
