@@ -283,6 +283,14 @@ def test_a_rank_whose_apply_fails_after_the_vote_makes_every_rank_put_its_pre_fo
     check_fork_landed(steps, assert_loaded_together(later, 2), run.tensors_of(4))
 
 
+def test_a_rank_with_two_registered_models_reports_the_job_fields_and_the_step_of_the_load(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
+) -> None:
+    # Each agent combines its two targets' replies into one entry of trainers.agents (the old code dropped
+    # loaded_at_step and applied there).
+    fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 2, "--second-model")
+
+
 def told_of_a_fork(runtime_dir: Path, pid: int) -> bool:
     """Whether the agent of `pid` has recorded a fork for the ranks to agree on (its `status`)."""
     reply = call_agent(agent_socket_path(runtime_dir, os.geteuid(), pid), {"op": "status"}, timeout=10, pid=pid)

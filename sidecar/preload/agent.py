@@ -348,8 +348,7 @@ class Agent:
             return error_reply(
                 "forbidden_path", f"checkpoint {request.checkpoint_dir} is not inside the run {run}; refused"
             )
-        replies = [t.fork(request, checkpoint) for t in targets]
-        reply = _combine(replies)
+        reply = _combine(_fork_all(targets, request, checkpoint))
         self.record({"fork_id": request.fork_id, "run_dir": run, **_summary(reply)})
         return reply
 
@@ -362,6 +361,17 @@ def checkpoint_within(run: str, checkpoint: str) -> Path | None:
     except ValueError:
         return None
     return Path(real) if inside else None
+
+
+def _fork_all(targets: list[Target], request: ForkRequest, checkpoint: Path) -> list[dict[str, Any]]:
+    """Every target's reply, the targets told at once: one after the other, the second would hear of the fork only
+    once the first had loaded it (two boundaries later in a distributed job), out of what is left of the timeout."""
+    if len(targets) == 1:
+        return [targets[0].fork(request, checkpoint)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(targets), thread_name_prefix="fork-sidecar-fork") as pool:
+        return list(pool.map(lambda t: t.fork(request, checkpoint), targets))
 
 
 def _combine(replies: list[dict[str, Any]]) -> dict[str, Any]:
@@ -392,14 +402,18 @@ _SHARED_KEYS = (
 
 
 def _shared(replies: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fields every target's reply carries alike; `loaded_at_step` (null) and `applied` ("mixed") also when
-    the targets differ, so every agent entry of the outcome has them (each target's own value is in `targets`)."""
+    """The fields every target's reply carries alike; `loaded_at_step` and `applied` also when the targets differ,
+    so every agent entry of the outcome has them (each target's own value is in `targets`). Two models of one rank
+    may load at adjacent boundaries (each model's ranks agree on their own): `loaded_at_step` is then the step by
+    which every model held the fork, the same on every rank of the job."""
     out: dict[str, Any] = {}
     for key in _SHARED_KEYS:
         values = [r.get(key) for r in replies if key in r]
         if values and all(v == values[0] for v in values) and len(values) == len(replies):
             out[key] = values[0]
-    out.setdefault("loaded_at_step", None)
+    steps = [r.get("loaded_at_step") for r in replies]
+    ints = [v for v in steps if isinstance(v, int) and not isinstance(v, bool)]
+    out["loaded_at_step"] = max(ints) if ints and len(ints) == len(steps) else None
     if any("applied" in r for r in replies):
         out.setdefault("applied", "mixed")
     return out

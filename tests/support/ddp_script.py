@@ -21,7 +21,10 @@ Control files (checked between steps):
 - with `--save-every K`, rank 0 writes its LoRA tensors to `saves/{step}.safetensors` every K steps, one tensor at a
   time over `--save-seconds` (a slow checkpoint save; `saving` exists meanwhile), and logs `saved` with the
   fingerprint of what it wrote.
-With `--fail-apply-rank R`, rank R's first apply of a fork copies one tensor and then raises (`_fail_first_apply`).
+With `--second-model` every rank trains a second copy of the model by the same optimizer and registers it for the
+same run (two targets in one agent; `after` is then the fingerprint both hold, or both fingerprints while they
+differ). With `--fail-apply-rank R`, rank R's first
+apply of a fork copies one tensor and then raises (`_fail_first_apply`).
 `ready-{rank}.json` appears once the model is registered. `--steps N` stops after N steps (the benchmark);
 `timing-{rank}.json` then holds the steady-state seconds per step.
 """
@@ -73,12 +76,25 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
     return peft_model, DistributedDataParallel(peft_model, broadcast_buffers=args.broadcast_buffers)
 
 
+def _models(args: argparse.Namespace, device: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    """The (PEFT model, what the loop calls) pairs, registered, and one optimizer over all their LoRA parameters."""
+    import torch
+
+    from sidecar.preload import register
+
+    models = [_build(args, device) for _ in range(2 if args.second_model else 1)]
+    trainable = [p for peft, _ in models for p in peft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+    if not args.no_register:
+        for peft, _ in models:
+            register(peft, args.run_dir)
+    return models, optimizer
+
+
 def train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
     from peft import get_peft_model_state_dict
-
-    from sidecar.preload import register
 
     cuda = args.backend == "nccl"
     dist.init_process_group(args.backend)
@@ -88,15 +104,13 @@ def train(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     torch.set_num_threads(1)
     control = Path(args.control)
-    peft_model, model = _build(args, device)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.lr)
-    if not args.no_register:
-        register(peft_model, args.run_dir)
+    models, optimizer = _models(args, device)
+    peft_model = models[0][0]
     if args.fail_apply_rank == rank:
         _fail_first_apply()
 
-    def lora() -> dict[str, Any]:
-        tensors = dict(get_peft_model_state_dict(peft_model))
+    def lora(of: Any = peft_model) -> dict[str, Any]:
+        tensors = dict(get_peft_model_state_dict(of))
         return _full(tensors) if args.fsdp else tensors
 
     starts: list[str] = []
@@ -119,13 +133,14 @@ def train(args: argparse.Namespace) -> int:
                 timed_from = time.perf_counter()
             starts.clear()
             tokens = torch.randint(3, vocab, (2, 16), generator=gen).to(device)
-            model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+            for _, wrapped in models:
+                wrapped(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
             _hold(control, rank)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             _hold(control, rank, "hold-after")
             step += 1
-            _after_step(args, step, rank, lora, starts, log)
+            _after_step(args, step, rank, lora, lambda: _fingerprints(models, lora), starts, log)
             if (args.steps and step >= args.steps) or _told_to_stop(control, stop):
                 break
             time.sleep(pause)
@@ -137,9 +152,17 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _after_step(args: argparse.Namespace, step: int, rank: int, lora: Any, starts: list[str], log: Any) -> None:
+def _fingerprints(models: list[tuple[Any, Any]], lora: Any) -> str:
+    """The fingerprint of the LoRA tensors; of two models, theirs while they hold the same, else both."""
+    prints = [fingerprint(lora(peft)) for peft, _ in models]
+    return prints[0] if len(set(prints)) == 1 else " / ".join(prints)
+
+
+def _after_step(
+    args: argparse.Namespace, step: int, rank: int, lora: Any, after: Any, starts: list[str], log: Any
+) -> None:
     if args.record:
-        log.write(json.dumps({"step": step, "rank": rank, "after": fingerprint(lora()), "start": starts}) + "\n")
+        log.write(json.dumps({"step": step, "rank": rank, "after": after(), "start": starts}) + "\n")
     if args.save_every and step % args.save_every == 0 and rank == 0:
         _save_slowly(Path(args.control), step, lora(), args.save_seconds, log)
 
@@ -212,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="steps before the timing starts (with --steps)")
     parser.add_argument("--no-record", dest="record", action="store_false", help="no per-step fingerprints")
     parser.add_argument("--no-register", action="store_true")
+    parser.add_argument("--second-model", action="store_true", help="train and register a second model too")
     parser.add_argument("--fail-apply-rank", type=int, default=-1, help="this rank's first apply fails half-way")
     return train(parser.parse_args(argv))
 
