@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.adapters import write_adapter, write_big_adapter
+from tests.reliability.support import HeldVllmStage
+from tests.support.adapters import write_adapter
 from tests.support.crash import crash_env
 from tests.support.daemon import DaemonProcess, read_outcome, wait_for, wait_outcome, write_config
+from tests.support.fake_vllm import FakeVllm
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -108,19 +110,30 @@ def test_fork_cli_waits_and_exits_by_outcome(daemon: DaemonProcess, art: Path) -
 
 
 # --- queueing and parallelism -------------------------------------------------------------------------------
-def test_retouching_during_a_fork_queues_exactly_one_more(daemon: DaemonProcess, art: Path, tmp_path: Path) -> None:
-    model_dir = make_run(art, steps=(3,))
-    # Big enough that the copy is still running while we touch the marker again.
-    write_big_adapter(model_dir / "checkpoints" / "0009", 384 * 1024 * 1024)
-    with daemon:
-        (model_dir / ".fork").write_text("step: 9")
-        wait_for(lambda: (model_dir / ".fork.inprogress").exists(), 20, "the first claim")
-        for _ in range(50):
-            (model_dir / ".fork").write_text("step: 3")
-        assert (model_dir / ".fork.inprogress").exists(), "the fork finished before the re-touches; enlarge it"
-        wait_for(lambda: len(_history(tmp_path / "state")) >= 2 and not (model_dir / ".fork").exists(), 60, "2 forks")
-        time.sleep(0.5)  # a third fork, if the daemon wrongly queued one, would show up here
-        outcome = wait_outcome(model_dir)
+def test_retouching_during_a_fork_queues_exactly_one_more(art: Path, tmp_path: Path) -> None:
+    model_dir = make_run(art, steps=(3, 9))
+    # Each fork is held in its vLLM stage (a server that lists nothing of this run: skipped) until released, so the
+    # re-touches land while the first one runs however fast the host copies.
+    server = FakeVllm({}).start()
+    held = HeldVllmStage(tmp_path, server.url, request_timeout="10s")
+    config = write_config(tmp_path / "config.yaml", [art], tmp_path / "state", tmp_path / "run", **held.overrides())
+    try:
+        with DaemonProcess(config, tmp_path / "daemon.log"):
+            (model_dir / ".fork").write_text("step: 9")
+            held.wait_held()
+            for _ in range(50):
+                (model_dir / ".fork").write_text("step: 3")
+            assert (model_dir / ".fork.inprogress").exists()
+            held.release()
+            held.wait_held()  # the one more fork, for the re-touches
+            held.release()
+            wait_for(
+                lambda: len(_history(tmp_path / "state")) >= 2 and not (model_dir / ".fork").exists(), 60, "2 forks"
+            )
+            time.sleep(0.5)  # a third fork, if the daemon wrongly queued one, would show up here
+            outcome = wait_outcome(model_dir)
+    finally:
+        server.close()
     history = _history(tmp_path / "state")
     assert [h["request"] for h in history] == [{"kind": "step", "step": 9}, {"kind": "step", "step": 3}]
     assert outcome["status"] == "done"

@@ -330,22 +330,23 @@ class HeldVllmStage:
     until release() writes it, so a test holds a fork in flight for as long as it needs, on a fast host as on a
     loaded one, instead of racing a stage it made slow (silent_server) and hoping it is still running."""
 
-    def __init__(self, base: Path, url: str) -> None:
+    def __init__(self, base: Path, url: str, request_timeout: str = "300ms") -> None:
         self.fifo = base / "held-stage-key.fifo"
         os.mkfifo(self.fifo)
         self.url = url
+        self.request_timeout = request_timeout
         self._writer: int | None = None
 
     def overrides(self) -> dict[str, Any]:
         server = {"url": self.url, "api_key_file": str(self.fifo)}
-        return {"vllm": {"discover": False, "servers": [server], "request_timeout": "300ms"}}
+        return {"vllm": {"discover": False, "servers": [server], "request_timeout": self.request_timeout}}
 
     def wait_held(self, timeout: float = 60.0) -> None:
         """Until a fork's vLLM stage is reading the key, i.e. that fork is in flight and stays so until release()."""
         self._writer = wait_for(lambda: fifo_writer(self.fifo), timeout, "a fork's vLLM stage reading its key file")
 
     def release(self) -> None:
-        """Let the held stage go on (it reads the key, then fails against the silent server: the fork ends)."""
+        """Let the held stage go on: it reads the key and goes on to the server at `url`."""
         assert self._writer is not None, "release() without wait_held()"
         try:
             # A fresh FIFO at the path first: the released reader may still have the old one open (it reads to EOF),
