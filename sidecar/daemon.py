@@ -115,6 +115,7 @@ class Daemon:
             self.notifier.stopping()
             log.info("stopping: waiting for %d active fork(s) to reach a journaled state", len(self._queue.active()))
             self.watcher.stop()
+            self.pipeline.claims.stopping()  # a fork waiting on etcd must not hold the stop up for 10 s
             self._queue.stop(timeout=10.0)
             self._write_status(stopped=True)
             self.pipeline.claims.close()

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sidecar.claims.base import ClaimLost, Claims
+from sidecar.claims.base import ClaimInDoubt, ClaimLost, Claims
 from sidecar.config import Config
 from sidecar.fanout import OTHER_REASON, node_problems, nodes_of_fork
 from sidecar.journal import ForkRecord, Journal, JournalUnwritable
@@ -80,6 +80,8 @@ class ForkSteps:
         """Stops the fork quietly when its claim turns out to be another daemon's: that daemon files the outcome."""
         try:
             yield
+        except ClaimInDoubt as e:
+            fork_logger(record).warning("fork left as journaled for the next start: %s", e)
         except ClaimLost as e:
             fork_logger(record).error("fork stopped without an outcome: %s", e)
             with contextlib.suppress(OSError):

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -29,10 +30,12 @@ from sidecar.layout import run_dir_of
 from sidecar.marker import INPROGRESS, MARKER
 from sidecar.run_io import LocalRunIO
 from sidecar.rundir import open_run
+from tests.reliability.support import HeldVllmStage
 from tests.support.adapters import write_adapter, write_big_adapter
 from tests.support.daemon import read_outcome, wait_for, wait_outcome
 from tests.support.etcd_nodes import Node, prom, settled_history, start_all
 from tests.support.etcd_server import EtcdServer
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(240)]
 
@@ -338,4 +341,44 @@ def test_an_outcome_that_cannot_be_filed_done_is_filed_failed_under_the_claim_st
 def _text_of(path: Path) -> str | None:
     with contextlib.suppress(FileNotFoundError):
         return path.read_text()
+    return None
+
+
+def test_a_claimer_cut_off_from_etcd_pauses_its_fork_and_leaves_it_to_the_adopter(
+    tmp_path: Path, nodes: list[Node], art: Path, etcd_server: EtcdServer
+) -> None:
+    model_dir = make_run(art, "cut")
+    held = HeldVllmStage(tmp_path, "http://127.0.0.1:9")  # nothing listens there: the stage ends once released
+    cut, adopter = nodes[0], nodes[1]
+    with TcpProxy(int(urlsplit(etcd_server.url).port or 0)) as proxy:
+        cut.configure([proxy.url], {**held.overrides(), "timeouts": {"trainers": "2s", "vllm": "2s"}})
+        start_all([cut])
+        (model_dir / ".fork").write_text("step: 3")
+        held.wait_held()  # swapped and published: the fork sits in its vLLM stage
+        proxy.freeze()  # cut off from etcd alone: the run's files stay writable
+        wait_for(lambda: cut.status().get("coordination", {}).get("up") is False, 20, "the cut-off noticed")
+        adopter.daemon.start()
+        held.release()
+        # Old code went on to verify (journaled "verified") and waited only before the outcome file.
+        wait_for(
+            lambda: "fork paused" in cut.daemon.log_path.read_text() or _journal_state(cut) in ("verified", "done"),
+            60,
+            "the cut-off claimer to pause (or act)",
+        )
+        assert _journal_state(cut) == "vllm", cut.daemon.log()
+        assert "fork paused" in cut.daemon.log_path.read_text()
+        outcome = wait_outcome(model_dir, timeout=60)  # the adopter's, once the cut-off claimer's lease expired
+        proxy.thaw()
+        wait_for(
+            lambda: "fork stopped without an outcome" in cut.daemon.log_path.read_text(), 30, "the claimer to stop"
+        )
+    assert cut.history() == []
+    assert read_outcome(model_dir) == outcome
+    assert [line["fork_id"] for line in settled_history(nodes[:2], 1)] == [outcome["fork_id"]]
+
+
+def _journal_state(node: Node) -> str | None:
+    for path in node.journaled():
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return str(json.loads(path.read_text()).get("state"))
     return None

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ClaimFiles",
+    "ClaimInDoubt",
     "ClaimLost",
     "ClaimRegistry",
     "Claims",
@@ -36,6 +37,11 @@ __all__ = [
 
 class ClaimLost(Exception):
     """Another daemon holds this fork's claim now: the fork stops at once, with no outcome (the other's counts)."""
+
+
+class ClaimInDoubt(ClaimLost):
+    """The daemon stops while it cannot tell whether the claim is still its own: the fork stops acting, and its
+    journal record stays for the next start (which resumes it, or drops it if another daemon took it over)."""
 
 
 class ClaimFiles(Protocol):
@@ -143,6 +149,9 @@ class Claims:
 
     def confirm(self, path: Path) -> None:
         """Before the outcome is written: raises ClaimLost unless the claim at `path` is still ours."""
+
+    def stopping(self) -> None:
+        """The daemon stops: a fork waiting on the backend gives up now (ClaimInDoubt), leaving its journal record."""
 
     def usable(self) -> bool:
         """Whether claims can be taken now (a backend with a server says no while it cannot reach it)."""

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sidecar.claims.base import ClaimFiles, ClaimLost, Claims
+from sidecar.claims.base import ClaimFiles, ClaimInDoubt, ClaimLost, Claims
 from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession
 from sidecar.claims.etcd_serves import Serving, ServingSurvey
 from sidecar.config import Config
@@ -56,6 +56,8 @@ class EtcdClaims(Claims):
         self.lease: int | None = None
         self.problem: str | None = "connecting to etcd"
         self.keepalive_failures = 0
+        self._renewed_at: float | None = None  # monotonic send time of the last keepalive (or grant) that passed
+        self._lease_margin = max(0.5, self.ttl / 4)  # more than a keepalive's round trip, less than a TTL/3 period
         self.members = 0
         self._lost: set[Path] = set()
         self._pending: dict[str, dict[str, Any] | None] = {}  # progress writes/deletes etcd has not taken yet
@@ -63,6 +65,7 @@ class EtcdClaims(Claims):
         self._waiting: set[Path] = set()
         self._state = threading.Lock()
         self._stop = threading.Event()
+        self._stopping = threading.Event()  # the daemon stops: forks waiting on etcd give up at once (stopping())
         self._changed = threading.Event()  # set whenever coordination comes up or goes down
         self._logged_down = False
         # Fan-out: what this node runs for forks other nodes publish (set by the daemon), and those it has run.
@@ -114,6 +117,7 @@ class EtcdClaims(Claims):
             self._stop.wait(self.ttl / 3 if self.problem is None else min(1.0, self.ttl / 3))
 
     def _renew_lease(self) -> None:
+        sent = time.monotonic()  # etcd's TTL runs from no earlier than this: the lease is good until sent + TTL
         if self.lease is not None:
             try:
                 ttl = self.session.keepalive(self.lease)
@@ -121,6 +125,7 @@ class EtcdClaims(Claims):
                 self.keepalive_failures += 1
                 raise
             if ttl > 0:
+                self._renewed_at = sent
                 return
             log.warning(
                 "etcd lease %x expired (this daemon was cut off or frozen past %ss); taking a new one",
@@ -129,9 +134,16 @@ class EtcdClaims(Claims):
             )
         lease = self.session.grant(self.ttl)
         self.session.put(self._member_key(), self._member(), lease)
-        old, self.lease = self.lease, lease
-        if old is not None:
-            self._lose_all()
+        if self.lease is not None:
+            self._lose_all()  # before the new lease counts as healthy: no fork may act on a claim of the old one
+        self.lease, self._renewed_at = lease, sent
+
+    def lease_healthy(self) -> bool:
+        """Whether etcd surely still holds our lease, by this host's monotonic clock alone: the last keepalive that
+        passed was sent less than the TTL minus a margin ago (a claimer cut off from etcd must stop acting before
+        its lease can have expired and another daemon adopted its fork)."""
+        renewed = self._renewed_at
+        return renewed is not None and time.monotonic() - renewed < self.ttl - self._lease_margin
 
     def _lose_all(self) -> None:
         """Our lease expired while etcd kept running (etcd renews every lease when it restarts itself): another
@@ -327,14 +339,35 @@ class EtcdClaims(Claims):
             self._later(key, record)
 
     def check(self, path: Path) -> None:
-        with self._state:
-            lost = path in self._lost
-        if lost:
-            raise ClaimLost(f"the claim of {path.parent} passed to another daemon while this one was cut off")
+        """Before every step of a claimed fork: raises ClaimLost once the claim is known to be another's, and waits,
+        acting on nothing, while the lease is not known to be healthy (it resumes once a keepalive passes again)."""
+        paused = False
+        while True:
+            with self._state:
+                lost = path in self._lost
+            if lost:
+                raise ClaimLost(f"the claim of {path.parent} passed to another daemon while this one was cut off")
+            if self.lease_healthy():
+                if paused:
+                    log.warning("%s: etcd lease renewed again; the fork goes on", path.parent)
+                return
+            if self._stop.is_set() or self._stopping.is_set():
+                raise ClaimInDoubt(f"the daemon stops while etcd has not renewed its lease ({self.problem})")
+            if not paused:
+                log.warning(
+                    "%s: etcd lease not renewed for %.1fs (lease_ttl %ss): fork paused, acting on nothing until a "
+                    "keepalive passes or the lease is known lost (another daemon then adopts the fork)",
+                    path.parent,
+                    time.monotonic() - (self._renewed_at or 0.0),
+                    self.ttl,
+                )
+                paused = True
+            self._stopping.wait(0.05)
 
     def confirm(self, path: Path) -> None:
-        """Before the outcome: the claim must still be ours, as etcd says (waits while etcd cannot be reached)."""
-        while not self._stop.is_set():
+        """Before the outcome: the claim must still be ours, as etcd says (waits while etcd cannot be reached, and
+        gives up at once when the daemon stops: the next start resumes the fork)."""
+        while True:
             self.check(path)
             lease = self.lease
             if lease is not None and self.usable():
@@ -346,8 +379,11 @@ class EtcdClaims(Claims):
                     if found is None or found.lease != lease:
                         raise ClaimLost(f"the claim of {path.parent} is no longer this daemon's (its lease expired)")
                     return
-            self._changed.wait(1.0)
-            self._changed.clear()
+            if self._stopping.wait(0.25) or self._stop.is_set():
+                raise ClaimInDoubt(f"the daemon stops before etcd confirmed the claim of {path.parent}")
+
+    def stopping(self) -> None:
+        self._stopping.set()
 
     def release(self, path: Path, io: ClaimFiles | None = None) -> None:
         info = self.registry.release(path, io)
@@ -460,7 +496,8 @@ class EtcdClaims(Claims):
                     pending.discard(node)
             if not pending or time.monotonic() >= deadline:
                 break
-            time.sleep(0.05)
+            if self._stopping.wait(0.05):
+                raise ClaimInDoubt("the daemon stops while the fork waits for the other nodes' reports")
         for node in pending:
             gathered.missing[node] = f"it did not report within {budget:g}s (timeouts.trainers + timeouts.vllm)"
         return gathered
@@ -525,6 +562,7 @@ class EtcdClaims(Claims):
         }
 
     def close(self) -> None:
+        self._stopping.set()
         self._stop.set()
         self._keeper.join(timeout=5)
         self._surveyor.join(timeout=5)
