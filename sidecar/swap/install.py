@@ -125,7 +125,10 @@ def install_staging(
             if step == 0:
                 resumed = action == "retire" or (action == "promote" and present[retired] is not None)
             if action == "done":
-                _fsync_dir(cfd)  # a crash may have come between the last rename and its fsync
+                if step == 0:  # a crash may have come between the last rename and its fsync
+                    _fsync_dir(cfd)
+                # Otherwise this call's last rename was fsynced by _apply (every action but "aside" fsyncs, and
+                # "aside" is always followed by "promote"): a second fsync would only cost another disk flush.
                 left = checkpoints_dir / retired if lstat_at(cfd, retired) is not None else None
                 return SwapResult(checkpoints_dir / LIVE_NAME, new_digest, how, left, resumed)
             if action.startswith("error:"):
