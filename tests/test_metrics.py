@@ -24,6 +24,7 @@ from sidecar.states import ForkState
 from tests.support.adapters import write_adapter
 from tests.support.daemon import DaemonProcess, wait_for, wait_outcome, write_config
 from tests.support.fake_vllm import FakeVllm
+from tests.support.threads import threads_since
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -219,20 +220,15 @@ def test_scrape_over_http_on_a_free_loopback_port(metrics: Metrics) -> None:
 
 
 def test_serving_adds_one_thread_and_close_joins_it(metrics: Metrics) -> None:
-    # Threads counted by identity, not threading.active_count(): a thread another test left behind may end meanwhile.
     before = set(threading.enumerate())
-
-    def added() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t not in before]
-
     _, port = metrics.serve("127.0.0.1:0")
-    [serving] = added()
+    [serving] = threads_since(before)
     for _ in range(3):  # scrapes are answered on that thread, not on new ones
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             r.read()
-    assert added() == [serving]
+    assert threads_since(before) == [serving]
     metrics.close()
-    assert added() == [] and not serving.is_alive()
+    assert threads_since(before) == [] and not serving.is_alive()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
     metrics.close()  # idempotent

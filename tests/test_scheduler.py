@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sidecar.scheduler import FairQueue
 from tests.support.daemon import wait_for
+from tests.support.threads import threads_since
 
 
 class Blocking:
@@ -48,20 +49,15 @@ def test_one_owners_stuck_runs_never_hold_every_worker() -> None:
 
 def test_threads_are_bounded_and_gone_when_idle() -> None:
     work = Blocking()
-    # Threads counted by identity, not threading.active_count(): a thread another test left behind may end meanwhile.
     before = set(threading.enumerate())
-
-    def added() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t not in before]
-
     queue = FairQueue(workers=3, per_owner=3, work=work)
     for i in range(500):
         queue.submit(Path(f"stuck{i}"), owner=i % 7)
     wait_for(lambda: work.running == 3, 30, "the pool busy")
-    assert len(added()) == 3
+    assert len(threads_since(before)) == 3
     work.release.set()
     wait_for(lambda: len(work.started) == 500, 60, "every run")
-    wait_for(lambda: added() == [], 30, "the workers gone")
+    wait_for(lambda: threads_since(before) == [], 30, "the workers gone")
 
 
 def test_a_run_resubmitted_while_it_works_runs_again_once_after_and_never_twice_at_once() -> None:

@@ -22,6 +22,7 @@ import pytest
 from sidecar.watch import NETWORK_FILESYSTEMS, MarkerWatcher, WatchMode, fs_type_of, needs_polling
 from sidecar.watch import inotify as watch_inotify
 from sidecar.watch import loop as watch_loop
+from tests.support.threads import threads_since
 
 WAIT_S = 30.0  # a hang guard only (see above); also how long a test may hold the watcher thread in a callback
 WriteSoon = Callable[[Callable[[], object]], None]
@@ -621,21 +622,16 @@ def test_bad_arguments_are_refused(root: Path) -> None:
 
 def test_stop_joins_closes_and_is_idempotent(root: Path, mode: WatchMode) -> None:
     make_run(root, "p", "a")
-    # Threads counted by identity, not threading.active_count(): a thread another test left behind may end meanwhile.
     fds_before, threads_before = open_fds(), set(threading.enumerate())
-
-    def added() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t not in threads_before]
-
     watcher = MarkerWatcher([root], lambda _: None, mode=mode)
     assert not watcher.alive()
     watcher.start()
     assert watcher.alive()
-    [watching] = added()
+    [watching] = threads_since(threads_before)
     watcher.stop()
     watcher.stop()
     assert not watcher.alive()
-    assert added() == [] and not watching.is_alive()
+    assert threads_since(threads_before) == [] and not watching.is_alive()
     assert open_fds() == fds_before
     never_started = MarkerWatcher([root], lambda _: None, mode=mode)
     never_started.stop()
