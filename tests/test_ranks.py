@@ -333,6 +333,26 @@ def test_a_fork_given_up_on_while_a_rank_was_stopped_is_never_loaded_when_it_con
     assert not loaded, f"fork loaded after the outcome said failed, at step(s) {loaded}"  # the old code: both ranks
 
 
+def test_the_handshake_gives_up_within_the_groups_timeout_so_a_rank_without_register_keeps_the_job_alive(
+    trainer_python: Path, runtime_dir: Path, tmp_path: Path
+) -> None:
+    # The job's collectives time out after 40 s, the handshake's default wait is 60 s: waited out in full, rank 1
+    # (no register(), so never in the handshake) would time out in its next all_reduce meanwhile and end the job.
+    run = Run(tmp_path, tiny_assets())
+    extra = ("--pg-timeout", "40", "--no-register-rank", "1")
+    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, *extra)
+    try:
+        job.wait_steps(4)  # the old code: rank 1 timed out at 40 s, torchrun ended the job
+        pid = job.pids[0]
+        status = call_agent(agent_socket_path(runtime_dir, os.geteuid(), pid), {"op": "status"}, timeout=10, pid=pid)
+    finally:
+        job.stop()
+    off = status["targets"][0]["ranks"]["off"]
+    assert "rank(s) 1 of the 2-rank job reached no optimizer step with the fork-sidecar preload" in off, off
+    assert "within 20s" in off, off  # half the group's timeout, not the 60 s default
+    assert_ranks_identical(job)
+
+
 # The 2-rank job below is shared by the last two tests (module scope: it stops when the module ends).
 def test_two_forks_back_to_back_one_during_a_checkpoint_save_land_on_every_rank_at_one_step(
     pair_job: tuple[Run, Job],

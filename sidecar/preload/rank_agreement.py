@@ -381,6 +381,11 @@ class RankAgreement:
         store.set(f"{prefix}/rank/{rank}", str(os.getpid()))
         keys = [f"{prefix}/rank/{r}" for r in range(world)] + [f"{_STORE_PREFIX}/job"]
         seconds = float(os.environ.get(HANDSHAKE_ENV) or _HANDSHAKE_S)
+        group_timeout = _group_timeout_s(dist)
+        if group_timeout is not None:
+            # A rank without the preload waits for the others in the job's next collective meanwhile: past the
+            # group's timeout it would abort the job. Half of it leaves the rest for the step that follows.
+            seconds = min(seconds, group_timeout / 2)
         with contextlib.suppress(Exception):  # a timeout: the verdict below says what every rank does
             store.wait(keys, timedelta(seconds=seconds))
         # One verdict for all ranks, first writer wins: a rank that timed out says "off" while a late one may still
@@ -531,6 +536,21 @@ class RankAgreement:
                 if told is not None and told.reply is None:
                     told.reply = error_reply("ranks_off", why, **rank_info())
             self._cond.notify_all()
+
+
+def _group_timeout_s(dist: Any) -> float | None:
+    """The shortest collective timeout of the default group's backends (init_process_group's `timeout`), or None
+    when this torch does not show it."""
+    torch: Any = sys.modules.get("torch")
+    timeouts = []
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        for device in {d.type for d in group._device_types}:
+            with contextlib.suppress(Exception):
+                timeouts.append(group._get_backend(torch.device(device)).options._timeout.total_seconds())
+    except Exception:
+        return None
+    return min(timeouts) if timeouts else None
 
 
 def _ranks(ranks: list[int]) -> str:

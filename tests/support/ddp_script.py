@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
     return peft_model, DistributedDataParallel(peft_model, broadcast_buffers=args.broadcast_buffers)
 
 
-def _models(args: argparse.Namespace, device: Any) -> tuple[list[tuple[Any, Any]], Any]:
+def _models(args: argparse.Namespace, device: Any, rank: int) -> tuple[list[tuple[Any, Any]], Any]:
     """The (PEFT model, what the loop calls) pairs, registered, and one optimizer over all their LoRA parameters."""
     import torch
 
@@ -85,7 +86,7 @@ def _models(args: argparse.Namespace, device: Any) -> tuple[list[tuple[Any, Any]
     models = [_build(args, device) for _ in range(2 if args.second_model else 1)]
     trainable = [p for peft, _ in models for p in peft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
-    if not args.no_register:
+    if not args.no_register and args.no_register_rank != rank:
         for peft, _ in models:
             register(peft, args.run_dir)
     return models, optimizer
@@ -97,14 +98,14 @@ def train(args: argparse.Namespace) -> int:
     from peft import get_peft_model_state_dict
 
     cuda = args.backend == "nccl"
-    dist.init_process_group(args.backend)
+    dist.init_process_group(args.backend, timeout=timedelta(seconds=args.pg_timeout) if args.pg_timeout else None)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     torch.set_num_threads(1)
     control = Path(args.control)
-    models, optimizer = _models(args, device)
+    models, optimizer = _models(args, device, rank)
     peft_model = models[0][0]
     if args.fail_apply_rank == rank:
         _fail_first_apply()
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="steps before the timing starts (with --steps)")
     parser.add_argument("--no-record", dest="record", action="store_false", help="no per-step fingerprints")
     parser.add_argument("--no-register", action="store_true")
+    parser.add_argument("--no-register-rank", type=int, default=-1, help="this rank never calls register()")
+    parser.add_argument("--pg-timeout", type=float, default=0, help="init_process_group's timeout, seconds")
     parser.add_argument("--second-model", action="store_true", help="train and register a second model too")
     parser.add_argument("--fail-apply-rank", type=int, default=-1, help="this rank's first apply fails half-way")
     return train(parser.parse_args(argv))
