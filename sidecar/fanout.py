@@ -32,6 +32,8 @@ __all__ = [
     "node_problems",
     "nodes_of_fork",
     "raised_report",
+    "recorded_members",
+    "recorded_nodes",
     "tell_this_node",
 ]
 
@@ -133,3 +135,18 @@ def node_problems(gathered: Gathered, config: Config) -> list[str]:
                 "check that node's daemon (fork-sidecar status there), then fork again."
             )
     return problems
+
+
+def recorded_nodes(published: dict[str, Any]) -> list[str]:
+    """The nodes that must report on a published fork, as its publisher recorded them."""
+    nodes = published.get("nodes")
+    if not isinstance(nodes, list):  # published by a daemon of before the list named the publisher too
+        others = published.get("members")
+        nodes = [*(others if isinstance(others, list) else []), published.get("node")]
+    return sorted({str(n) for n in nodes if n})
+
+
+def recorded_members(published: dict[str, Any]) -> set[str] | None:
+    """The members alive when the fork was published, as its publisher recorded them (None: not recorded)."""
+    members = published.get("members")
+    return {str(m) for m in members} if isinstance(members, list) and "nodes" in published else None

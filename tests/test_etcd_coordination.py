@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("etcd3gw")  # before the etcd backend's modules, which import it
 
+from sidecar.claims.base import ClaimLost
 from sidecar.claims.etcd import EtcdClaims
 from sidecar.config import load_config
 from sidecar.fanout import served
@@ -382,3 +383,71 @@ def _journal_state(node: Node) -> str | None:
         with contextlib.suppress(FileNotFoundError, ValueError):
             return str(json.loads(path.read_text()).get("state"))
     return None
+
+
+def test_a_claimer_that_has_not_noticed_its_lease_expired_neither_overwrites_nor_deletes_the_adopters_keys(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    model_dir = make_run(art, "released")
+    (model_dir / MARKER).write_text(json.dumps({"checkpoint": "0003"}))
+    run = run_dir_of(model_dir, (art,))
+    assert run is not None
+    claim = model_dir / INPROGRESS
+    opened = open_run(run)
+    adopter_node = Node(tmp_path / "adopter", "node-1", art)
+    adopter_node.configure(etcd_server.endpoints)
+    adopter = EtcdClaims(load_config(adopter_node.config))
+    try:
+        with _etcd_claims(tmp_path, art, etcd_server) as claims:
+            io = LocalRunIO(run, opened.fd, frozenset({0}))
+            assert claims.take(claim, io)
+            claims.record(claim, io, "f1", {"kind": "step", "step": 3}, "")
+            claims.progress(claim, {"fork_id": "f1", "state": "swapped"})
+            # The window between the lease expiring in etcd and this daemon's keeper noticing, held open: its keeper
+            # is stopped (the one thing not real here), and the lease revoked, as etcd expires it.
+            claims._stop.set()
+            claims._keeper.join()
+            assert claims.lease is not None
+            etcd_server.call("/v3/kv/lease/revoke", {"ID": claims.lease})
+            wait_for(adopter.usable, 20, "the adopter's lease")
+            assert adopter.adopt(claim, {"fork_id": "f1"})
+            adopter.progress(claim, {"fork_id": "f1", "state": "trainers"})
+            adopter.session.put(adopter._fork_key("f1"), {"fork_id": "f1", "node": "node-1", "nodes": ["node-1"]})
+            with pytest.raises(ClaimLost):
+                claims.progress(claim, {"fork_id": "f1", "state": "vllm"})
+            claims.release(claim, io)
+            progress = etcd_server.get(f"/fork-sidecar/progress{model_dir}")
+            assert progress is not None and json.loads(progress)["state"] == "trainers"
+            assert etcd_server.get("/fork-sidecar/forks/f1") is not None
+            assert etcd_server.get(f"/fork-sidecar/claims{model_dir}") is not None
+    finally:
+        adopter.close()
+        opened.close()
+
+
+def test_a_daemon_stopped_while_its_fork_waits_for_etcd_leaves_it_journaled_and_resumes_it(
+    tmp_path: Path, nodes: list[Node], art: Path, etcd_server: EtcdServer
+) -> None:
+    model_dir = make_run(art, "stopping")
+    held = HeldVllmStage(tmp_path, "http://127.0.0.1:9")
+    node = nodes[0]
+    node.configure(etcd_server.endpoints, {**held.overrides(), "timeouts": {"trainers": "2s", "vllm": "2s"}})
+    start_all([node])
+    (model_dir / ".fork").write_text("step: 3")
+    held.wait_held()
+    etcd_server.kill()
+    wait_for(lambda: node.status().get("coordination", {}).get("up") is False, 20, "etcd's loss noticed")
+    held.release()
+    wait_for(lambda: "fork paused" in node.daemon.log_path.read_text(), 60, "the fork to pause")
+    [record] = node.journaled()
+    fork_id = json.loads(record.read_text())["fork_id"]
+    node.daemon.stop()
+    # Old code kept waiting in confirm() until the stop gave up on the fork's thread, then filed it unconfirmed.
+    assert "fork left as journaled for the next start" in node.daemon.log_path.read_text()
+    assert read_outcome(model_dir) is None and node.history() == []
+    assert [p.name for p in node.journaled()] == [record.name]
+    etcd_server.restart()
+    node.daemon.start()
+    outcome = wait_outcome(model_dir, timeout=60)
+    assert outcome["fork_id"] == fork_id
+    assert [line["fork_id"] for line in settled_history([node], 1)] == [fork_id]

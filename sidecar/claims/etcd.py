@@ -32,7 +32,7 @@ from sidecar.claims.base import ClaimFiles, ClaimInDoubt, ClaimLost, Claims
 from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession
 from sidecar.claims.etcd_serves import Serving, ServingSurvey
 from sidecar.config import Config
-from sidecar.fanout import STAGE_NAMES, Gathered, raised_report
+from sidecar.fanout import STAGE_NAMES, Gathered, raised_report, recorded_members, recorded_nodes
 
 __all__ = ["EtcdClaims"]
 
@@ -60,7 +60,10 @@ class EtcdClaims(Claims):
         self._lease_margin = max(0.5, self.ttl / 4)  # more than a keepalive's round trip, less than a TTL/3 period
         self.members = 0
         self._lost: set[Path] = set()
-        self._pending: dict[str, dict[str, Any] | None] = {}  # progress writes/deletes etcd has not taken yet
+        # Writes etcd has not taken yet, each guarded by the claim it belongs to (its key and the lease it was under):
+        # progress key -> (record, claim key, lease); claim key -> (lease, keys to delete with it, prefixes too).
+        self._pending: dict[str, tuple[dict[str, Any], str, int]] = {}
+        self._releases: dict[str, tuple[int, list[str], list[str]]] = {}
         self._unclaims: set[str] = set()  # our claim keys to delete once etcd answers
         self._waiting: set[Path] = set()
         self._state = threading.Lock()
@@ -199,17 +202,18 @@ class EtcdClaims(Claims):
 
     def _flush_pending(self) -> None:
         with self._state:
-            pending, unclaims = dict(self._pending), set(self._unclaims)
-        for key, value in pending.items():
-            if value is None:
-                self.session.delete(key)
-                if "/forks/" in key:  # a fork's reports go with it
-                    self.session.delete_prefix(self._report_key(key.rsplit("/", 1)[-1]))
-            else:
-                self.session.put(key, value)
+            pending, releases, unclaims = dict(self._pending), dict(self._releases), set(self._unclaims)
+        for key, entry in pending.items():
+            value, claim, under = entry
+            self.session.put_if_key_lease(key, value, claim, under)  # not taken: the claim is an adopter's now
             with self._state:
-                if key in self._pending and self._pending[key] is value:
+                if self._pending.get(key) is entry:
                     del self._pending[key]
+        for claim, (held, keys, prefixes) in releases.items():
+            # One transaction under the claim's lease: an adopter's record, fork and reports are never deleted.
+            self.session.delete_if_key_lease(claim, held, [*keys, claim], prefixes)
+            with self._state:
+                self._releases.pop(claim, None)
         lease = self.lease
         for key in unclaims:
             if lease is not None:
@@ -217,10 +221,10 @@ class EtcdClaims(Claims):
             with self._state:
                 self._unclaims.discard(key)
 
-    def _later(self, key: str, value: dict[str, Any] | None) -> None:
+    def _later(self, key: str, value: dict[str, Any], claim: str, lease: int) -> None:
         """A write etcd did not take now: the keeper retries it once etcd answers (the newest one per key)."""
         with self._state:
-            self._pending[key] = value
+            self._pending[key] = (value, claim, lease)
 
     # --- Claims ----------------------------------------------------------------------------------------------
     def usable(self) -> bool:
@@ -332,11 +336,16 @@ class EtcdClaims(Claims):
         return False
 
     def progress(self, path: Path, record: dict[str, Any]) -> None:
-        key = self._progress_key(path)
+        key, claim, lease = self._progress_key(path), self._claim_key(path), self.lease
+        if lease is None:
+            return
         try:
-            self.session.put(key, record)
+            ours = self.session.put_if_key_lease(key, record, claim, lease)
         except (EtcdDown, EtcdAuthError):
-            self._later(key, record)
+            self._later(key, record, claim, lease)
+            return
+        if not ours:
+            raise ClaimLost(f"the claim of {path.parent} is no longer this daemon's (its lease expired)")
 
     def check(self, path: Path) -> None:
         """Before every step of a claimed fork: raises ClaimLost once the claim is known to be another's, and waits,
@@ -389,16 +398,16 @@ class EtcdClaims(Claims):
         info = self.registry.release(path, io)
         if info is None:
             return
-        progress, claim = self._progress_key(path), self._claim_key(path)
+        progress, claim, lease = self._progress_key(path), self._claim_key(path), self.lease
+        fork_id = info.get("fork_id")
         with self._state:
-            if path in self._lost:  # the keys are the adopter's now
+            self._pending.pop(progress, None)  # a progress write still waiting must not come back
+            if path in self._lost or lease is None:  # the keys are the adopter's now
                 self._lost.discard(path)
                 return
-            self._pending[progress] = None  # replaces a progress write still waiting, which must not come back
-            self._unclaims.add(claim)
-            if fork_id := info.get("fork_id"):
-                self._pending[self._fork_key(str(fork_id))] = None
-        with contextlib.suppress(EtcdDown, EtcdAuthError):  # else the keeper deletes both once etcd answers
+            forks = [self._fork_key(str(fork_id))] if fork_id else []
+            self._releases[claim] = (lease, [progress, *forks], [self._report_key(str(fork_id))] if fork_id else [])
+        with contextlib.suppress(EtcdDown, EtcdAuthError):  # else the keeper deletes them once etcd answers
             self._flush_pending()
 
     # --- fan-out ----------------------------------------------------------------------------------------------
@@ -429,7 +438,7 @@ class EtcdClaims(Claims):
                 if not self.session.create(key, value, None):  # published before: by us, or by a claimer now dead
                     found = self.session.get(key)
                     value = found.value if found else value
-                    nodes = _recorded_nodes(value)
+                    nodes = recorded_nodes(value)
             except (EtcdDown, EtcdAuthError) as e:
                 problem = str(e)
                 if time.monotonic() >= deadline:
@@ -438,7 +447,7 @@ class EtcdClaims(Claims):
                 self._changed.clear()
                 continue
             self._published[record.fork_id] = (time.monotonic(), [n for n in nodes if n != self.node], None)
-            self._live_at_publish[record.fork_id] = _recorded_members(value)
+            self._live_at_publish[record.fork_id] = recorded_members(value)
             return
         log.error("%s: fork %s not published to the other nodes: %s", path.parent, record.fork_id, problem)
         self._published[record.fork_id] = (
@@ -461,8 +470,8 @@ class EtcdClaims(Claims):
         live_then = self._live_at_publish.pop(record.fork_id, None)
         if members is None:  # resumed by an adopter after the dead claimer had published: its list stands
             found = self._call(lambda: self.session.get(self._fork_key(record.fork_id)), None)
-            members = [m for m in _recorded_nodes(found.value if found else {}) if m != self.node]
-            live_then = _recorded_members(found.value if found else {})
+            members = [m for m in recorded_nodes(found.value if found else {}) if m != self.node]
+            live_then = recorded_members(found.value if found else {})
         # This node's own stages, for an adopter if this daemon dies before the outcome (it then counts this node
         # as reported, with what its stages did, instead of as one whose daemon died before telling its trainers).
         own = {name: record.sections.get(name, {"status": "skipped"}) for name in STAGE_NAMES}
@@ -576,18 +585,3 @@ class EtcdClaims(Claims):
                 self._write_serving()
             if self.lease is not None and not self.registry.items():
                 self.session.revoke(self.lease)
-
-
-def _recorded_nodes(published: dict[str, Any]) -> list[str]:
-    """The nodes that must report on a published fork, as its publisher recorded them."""
-    nodes = published.get("nodes")
-    if not isinstance(nodes, list):  # published by a daemon of before the list named the publisher too
-        others = published.get("members")
-        nodes = [*(others if isinstance(others, list) else []), published.get("node")]
-    return sorted({str(n) for n in nodes if n})
-
-
-def _recorded_members(published: dict[str, Any]) -> set[str] | None:
-    """The members alive when the fork was published, as its publisher recorded them (None: not recorded)."""
-    members = published.get("members")
-    return {str(m) for m in members} if isinstance(members, list) and "nodes" in published else None

@@ -214,6 +214,20 @@ class EtcdSession:
             [{"request_delete_range": {"key": _b64(key)}}],
         )
 
+    def put_if_key_lease(self, key: str, value: dict[str, Any], guard: str, lease: int) -> bool:
+        """Put `key` (no lease) only while the key `guard` is bound to `lease` (our claim's record, say, only while
+        the claim is still ours: an adopter's must never be overwritten); whether it was."""
+        return self._txn(
+            [{"key": _b64(guard), "result": "EQUAL", "target": "LEASE", "lease": lease}],
+            [{"request_put": {"key": _b64(key), "value": _b64(json.dumps(value))}}],
+        )
+
+    def delete_if_key_lease(self, guard: str, lease: int, keys: Sequence[str], prefixes: Sequence[str] = ()) -> bool:
+        """Delete `keys` and every key under `prefixes` in one transaction, only while `guard` is bound to `lease`."""
+        ops = [{"request_delete_range": {"key": _b64(k)}} for k in keys]
+        ops += [{"request_delete_range": {"key": _b64(p), "range_end": _range_end(p)}} for p in prefixes]
+        return self._txn([{"key": _b64(guard), "result": "EQUAL", "target": "LEASE", "lease": lease}], ops)
+
     def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> bool:
         return bool(self.call("kv/txn", {"compare": compare, "success": success, "failure": []}).get("succeeded"))
 
