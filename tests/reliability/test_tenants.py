@@ -33,6 +33,7 @@ from sidecar.swap.dirs import STAGING_PREFIX
 from tests.reliability.support import Fleet, mounted_tmpfs, proc_sample, tree_digest, wait_settled
 from tests.reliability.tenants import Tenant, ensure_user, install_scripts, logged_requests, stop
 from tests.support.adapters import write_adapter, write_big_adapter
+from tests.support.crash import held_at, hold_env
 from tests.support.daemon import wait_for, wait_outcome
 
 pytestmark = [
@@ -270,8 +271,10 @@ def test_run_swapped_for_a_symlink_to_bobs_run_after_the_claim(
     fleet: Fleet, base: Path, art: Path, alices: Path, bobs: Path, alice: User, target: str
 ) -> None:
     """alice owns pa/models/, so she can exchange her model dir with a symlink to bob's run (or to a directory of
-    root's holding a `.fork.done` of its own) while her fork copies."""
-    write_big_adapter(alices / "checkpoints" / "0002", 96 << 20, seed=2)
+    root's holding a `.fork.done` of its own) once her fork has claimed it, before it copies. The fork is held right
+    after its claim is journaled (a test-side shim, tests/support/crash.py) while she does, instead of racing a big
+    copy that a fast host finishes before the exchange."""
+    write_adapter(alices / "checkpoints" / "0002", seed=2)
     chown_tree(alices / "checkpoints" / "0002", alice)
     (art / "pq").chmod(0o755)  # the worst case: bob's run is reachable by path
     victim = bobs
@@ -283,18 +286,16 @@ def test_run_swapped_for_a_symlink_to_bobs_run_after_the_claim(
     bobs_before = snapshot(victim)
     models = alices.parent
     os.symlink(victim, models / "m.evil")
-    fleet.start(0)
+    gate = base / "claimed-gate"
+    fleet.start(0, env=hold_env("claimed", gate))
     write_marker_as(alice, alices, "step: 2")
-    checkpoints_fd = os.open(alices / "checkpoints", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        wait_for(lambda: any(n.startswith(".fork-stage-") for n in os.listdir(checkpoints_fd)), 30, "the staging")
-    finally:
-        os.close(checkpoints_fd)
+    wait_for(held_at(gate).exists, 30, "her fork held after its claim")
     models_fd = os.open(models, os.O_RDONLY | os.O_DIRECTORY)
     try:
         exchange_dirs(models_fd, "m", "m.evil")  # pa/models/m is now the symlink, her run is pa/models/m.evil
     finally:
         os.close(models_fd)
+    gate.touch()
     moved = models / "m.evil"
     outcome = outcome_of(fleet, moved)
     assert snapshot(victim) == bobs_before, f"{victim} was changed"
