@@ -29,10 +29,9 @@ from sidecar.marker import MAX_RECORD_BYTES
 from sidecar.owner_worker import OwnerRunIO
 from sidecar.run_io import RunIOError, owner_of
 from sidecar.rundir import open_run
-from sidecar.swap.dirs import STAGING_PREFIX
 from tests.reliability.support import Fleet, mounted_tmpfs, proc_sample, tree_digest, wait_settled
 from tests.reliability.tenants import Tenant, ensure_user, install_scripts, logged_requests, stop
-from tests.support.adapters import write_adapter, write_big_adapter
+from tests.support.adapters import write_adapter
 from tests.support.crash import held_at, hold_env
 from tests.support.daemon import wait_for, wait_outcome
 
@@ -639,13 +638,14 @@ def _workers_of(user: User) -> list[int]:
     return found
 
 
-def _stall_the_fork(model_dir: Path, alice: User) -> None:
-    """Once the fork's big copy is under way, alice stops her worker, as she may."""
-    staging = model_dir / "checkpoints"
-    wait_for(lambda: any(p.name.startswith(STAGING_PREFIX) for p in staging.iterdir()), 30, "the staging copy")
-    pids = wait_for(lambda: _workers_of(alice), 10, "alice's worker")
+def _stall_the_fork(gate: Path, alice: User) -> None:
+    """While the fork is held after its claim (hold_env), alice stops her worker, as she may; then it goes on to its
+    staging copy, a call into the stopped worker. Not a race with a big copy that a fast host finishes first."""
+    wait_for(held_at(gate).exists, 30, "the fork held after its claim")
+    pids = wait_for(lambda: _workers_of(alice), 30, "alice's worker")
     for pid in pids:
         _stop_as(alice, pid)
+    gate.touch()
 
 
 @pytest.mark.parametrize("outcome_writable", [True, False], ids=["outcome-written", "outcome-unwritable"])
@@ -658,16 +658,17 @@ def test_a_worker_stopped_past_the_swap_timeout_still_ends_the_fork_as_failed(
     where the outcome could not go, and the claim left behind is never forked again."""
     model_dir = art / "pa" / "models" / "m"
     write_adapter(model_dir / "checkpoints" / "0000", seed=0)
-    write_big_adapter(model_dir / "checkpoints" / "0001", 768 << 20)
+    write_adapter(model_dir / "checkpoints" / "0001", seed=1)
     chown_tree(art / "pa", alice)
     served = tree_digest(model_dir / "checkpoints" / "0000")
     state = base / "daemon"
     state.mkdir(mode=0o700)
     overrides = {"log": {"level": "info"}, "timeouts": {"swap": "2s", "orphan_claim": "1s", "claim_lease": "1s"}}
     with Fleet(state, [art], overrides=overrides) as fleet:
-        fleet.start(0)
+        gate = base / "claimed-gate"
+        fleet.start(0, env=hold_env("claimed", gate))
         write_marker_as(alice, model_dir, "step: 1")
-        _stall_the_fork(model_dir, alice)
+        _stall_the_fork(gate, alice)
         if not outcome_writable:
             assert alice.run(f"chmod 0555 '{model_dir}'").returncode == 0
         history = fleet.state_dir(0) / "history.jsonl"
