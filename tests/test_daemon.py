@@ -371,8 +371,9 @@ def test_claim_of_another_host_is_taken_over_only_after_its_lease(tmp_path: Path
         # The claimer had staged its copy; taking over must settle it, leaving one complete 0000.
         write_adapter(model_dir / "checkpoints" / f".fork-stage-{fork_id}", seed=5)
         claims[model] = (model_dir, claim)
+    # A lease far longer than the test runs on a loaded host (the fresh claim must stay fresh), far shorter than 1 h.
     config = write_config(
-        tmp_path / "config.yaml", [art], tmp_path / "state", tmp_path / "run", timeouts={"claim_lease": "30s"}
+        tmp_path / "config.yaml", [art], tmp_path / "state", tmp_path / "run", timeouts={"claim_lease": "600s"}
     )
     stale, _ = claims["stale"]
     fresh, fresh_claim = claims["fresh"]
