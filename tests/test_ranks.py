@@ -353,6 +353,28 @@ def test_the_handshake_gives_up_within_the_groups_timeout_so_a_rank_without_regi
     assert_ranks_identical(job)
 
 
+def test_under_ddp_join_a_rank_out_of_inputs_keeps_the_job_in_step_and_no_rank_loads_meanwhile(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
+) -> None:
+    # Rank 1 stops after 4 steps inside `with Join([ddp_model])`; rank 0 trains on until `exit`. The old code's
+    # per-step reduce on rank 0 had no partner on rank 1 (Join's own collectives got it): the job broke.
+    run, forked = daemon[0], daemon[0].tensors_of(3)
+    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--uneven-rank", "1", "--uneven-steps", "4")
+    try:
+        wait_for(lambda: len(job.steps(1)) >= 4 and len(job.steps(0)) >= 7, START_S, "rank 0 to train past rank 1")
+        outcome = run.fork(3)  # rank 1 no longer trains: nobody loads
+        (job.control / "exit").touch()
+        assert job.proc.wait(START_S) == 0, job.output()
+    finally:
+        job.stop()
+    assert len(job.steps(1)) == 4 and len(job.steps(0)) > 7
+    assert_ranks_identical(job)  # steps 1-4, which both ranks trained
+    assert all(r["after"] != forked for r in job.steps(0))
+    assert outcome["status"] == "failed", outcome
+    agents = {a["rank"]: a for a in outcome["trainers"]["agents"]}
+    assert "run out of inputs and joined (DDP Join)" in agents[1]["error"], agents[1]
+
+
 # The 2-rank job below is shared by the last two tests (module scope: it stops when the module ends).
 def test_two_forks_back_to_back_one_during_a_checkpoint_save_land_on_every_rank_at_one_step(
     pair_job: tuple[Run, Job],

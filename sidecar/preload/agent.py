@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from sidecar import __version__
 from sidecar.preload.rank_agreement import LATE_REQUEST, LoadHooks, RankAgreement, expects_ranks, rank_info
+from sidecar.preload.rank_join import install_join_support
 from sidecar.preload.step_gate import StepGate, StepTimeout, forget_gates_in_child
 from sidecar.protocol.messages import (
     PROTOCOL_VERSION,
@@ -506,6 +507,8 @@ def register_peft_model(model: Any, run_dir: str | os.PathLike[str], *, optimize
             return target
     target = PeftTarget(model, run, optimizer, index=next(_registrations))
     _install_step_hook()
+    if expects_ranks():
+        install_join_support(lambda: [t.ranks for t in _peft_targets if t.alive() and not t.gate.disabled])
     _peft_targets[:] = [t for t in _peft_targets if t.alive()] + [target]
     agent.add(target)
     return target

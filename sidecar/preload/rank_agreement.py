@@ -70,6 +70,7 @@ LATE_REQUEST = (
     "this rank read the fork request only after its daemon's deadline had passed (the process was stopped or "
     "stalled); nothing was loaded"
 )
+_OUT_OF_INPUTS = "it has run out of inputs and joined (DDP Join): it no longer trains, so no rank loads a fork now"
 _REASON_WAIT_S = 5.0  # a failing rank put its reason into the store before the vote: it is there already
 
 
@@ -257,6 +258,7 @@ class RankAgreement:
         self._loads = 0  # decisions so far: the same count on every rank, so it names a load's keys in the store
         self.off: str | None = None  # why agreement is off for good (handshake failed, a collective failed)
         self.last_reduce: tuple[int, int] | None = None
+        self.out_of_inputs = False  # at the last boundary this rank shadowed the others' under DDP's Join
         self.boundaries = 0
 
     # agent side -------------------------------------------------------------------------------------------------
@@ -302,6 +304,8 @@ class RankAgreement:
     def _waiting_sentence(self, timeout: float) -> str:
         if self.off is not None:
             return self.off
+        if self.out_of_inputs:
+            return f"this rank {_OUT_OF_INPUTS} (waited {timeout:.1f}s)"
         if not self._joined:
             why = (
                 "torch.distributed is not initialized in this rank yet"
@@ -331,19 +335,22 @@ class RankAgreement:
             return out
 
     # training-thread side ---------------------------------------------------------------------------------------
-    def at_boundary(self) -> None:
-        """One optimizer-step boundary of the model: read, decide, maybe load, start the next reduce. Never raises."""
+    def at_boundary(self, *, out_of_inputs: bool = False) -> None:
+        """One optimizer-step boundary of the model: read, decide, maybe load, start the next reduce. Never raises.
+        `out_of_inputs`: this rank has joined under DDP's Join and shadows the others' boundary (rank_join.py): it
+        votes against any load and offers no fork, so nothing loads while a rank no longer trains."""
         if self.off is not None:
             return
         world = distributed_world()
         if world is None:
             return
+        self.out_of_inputs = out_of_inputs
         try:
-            self._step(*world)
+            self._step(*world, out_of_inputs)
         except Exception as e:  # a dead peer, a torn-down group: the training's own next collective says so too
             self._turn_off(f"the ranks' agreement failed ({type(e).__name__}: {e}); nothing was loaded")
 
-    def _step(self, rank: int, world: int) -> None:
+    def _step(self, rank: int, world: int, out_of_inputs: bool = False) -> None:
         dist = _dist()
         torch = sys.modules["torch"]
         if not self._joined:
@@ -359,13 +366,14 @@ class RankAgreement:
             token = decide(highest, lowest, self._settled)
             if token is not None:
                 assert told_then is not None and told_then.token == token  # every rank offered it, this one too
-                self._load(dist, torch, rank, world, told_then)
+                self._load(dist, torch, rank, world, told_then, out_of_inputs)
         with self._cond:
             then, newest = self._in_flight_told, self._told
             if then is not None and then.reply is None and newest is not None and newest.token != then.token:
                 self._supersede(then, newest.request.fork_id)  # not decided, and a newer fork came meanwhile
             told = self._told
             fresh = told is not None and told.expired() is None
+            fresh = fresh and not out_of_inputs
             offered = told if fresh and told is not None and told.token != self._settled else None
             self._in_flight_told = offered  # under the lock: `request` asks whether a fork is in flight
         self._in_flight = _InFlight(dist, torch, self._device, offered.token if offered else 0)
@@ -403,14 +411,16 @@ class RankAgreement:
         with _job_lock:
             _job_id = store.get(f"{_STORE_PREFIX}/job").decode()
 
-    def _load(self, dist: Any, torch: Any, rank: int, world: int, told: _Told) -> None:
+    def _load(self, dist: Any, torch: Any, rank: int, world: int, told: _Told, out_of_inputs: bool = False) -> None:
         """Every rank reads and checks the fork; if all could, all put it in; if any rank's put failed, all put
         their pre-fork weights back. Each step ends in a vote, so every rank takes the same branch."""
         self._loads += 1
         prepared, digest = None, None
         problem = told.expired()
         expired = problem is not None
-        if not expired:
+        if out_of_inputs:
+            problem, expired = _OUT_OF_INPUTS, False
+        if problem is None:
             try:
                 prepared = self.hooks.prepare(told.checkpoint)
                 digest = prepared.digest()

@@ -25,6 +25,9 @@ With `--second-model` every rank trains a second copy of the model by the same o
 same run (two targets in one agent; `after` is then the fingerprint both hold, or both fingerprints while they
 differ). With `--fail-apply-rank R`, rank R's first
 apply of a fork copies one tensor and then raises (`_fail_first_apply`).
+With `--uneven-rank R --uneven-steps K --steps N` the loop runs under DDP's `Join`: rank R stops after K steps,
+the others after N or once `exit` exists (seen by each rank alone: an all_reduce would have no partner on a
+joined rank).
 `ready-{rank}.json` appears once the model is registered. `--steps N` stops after N steps (the benchmark);
 `timing-{rank}.json` then holds the steady-state seconds per step.
 """
@@ -32,6 +35,7 @@ apply of a fork copies one tensor and then raises (`_fail_first_apply`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -128,7 +132,9 @@ def train(args: argparse.Namespace) -> int:
     pause = args.rank0_pause if rank == 0 else args.pause
     stop = torch.zeros(1, device=device)
     step, timed_from = 0, time.perf_counter()
-    with open(control / f"steps-{rank}.jsonl", "a", buffering=1) as log:
+    joined = args.uneven_rank >= 0  # under DDP's Join: each rank stops after its own number of steps
+    limit = args.uneven_steps if rank == args.uneven_rank else args.steps
+    with open(control / f"steps-{rank}.jsonl", "a", buffering=1) as log, _join(args, models):
         while True:
             if step == args.warmup:
                 timed_from = time.perf_counter()
@@ -142,7 +148,7 @@ def train(args: argparse.Namespace) -> int:
             _hold(control, rank, "hold-after")
             step += 1
             _after_step(args, step, rank, lora, lambda: _fingerprints(models, lora), starts, log)
-            if (args.steps and step >= args.steps) or _told_to_stop(control, stop):
+            if (limit and step >= limit) or _should_stop(control, stop, joined):
                 break
             time.sleep(pause)
     if args.steps:
@@ -151,6 +157,15 @@ def train(args: argparse.Namespace) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _join(args: argparse.Namespace, models: list[tuple[Any, Any]]) -> Any:
+    """DDP's Join around the loop with `--uneven-rank` (the ranks that ran out of inputs shadow the others)."""
+    if args.uneven_rank < 0:
+        return contextlib.nullcontext()
+    from torch.distributed.algorithms.join import Join
+
+    return Join([wrapped for _, wrapped in models])
 
 
 def _fingerprints(models: list[tuple[Any, Any]], lora: Any) -> str:
@@ -187,6 +202,11 @@ def _fail_first_apply() -> None:
         raise RuntimeError("CUDA out of memory (made by the test on this rank, after one tensor was copied)")
 
     peft_load._copy_and_verify = copy_one_then_fail  # type: ignore[assignment]
+
+
+def _should_stop(control: Path, flag: Any, joined: bool) -> bool:
+    # Under Join each rank looks alone (a joined rank has no partner for an all_reduce of ours).
+    return (control / "exit").exists() if joined else _told_to_stop(control, flag)
 
 
 def _told_to_stop(control: Path, flag: Any) -> bool:
@@ -238,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--no-register-rank", type=int, default=-1, help="this rank never calls register()")
     parser.add_argument("--pg-timeout", type=float, default=0, help="init_process_group's timeout, seconds")
+    parser.add_argument("--uneven-rank", type=int, default=-1, help="under DDP's Join, this rank stops early")
+    parser.add_argument("--uneven-steps", type=int, default=0, help="after this many steps (with --uneven-rank)")
     parser.add_argument("--second-model", action="store_true", help="train and register a second model too")
     parser.add_argument("--fail-apply-rank", type=int, default=-1, help="this rank's first apply fails half-way")
     return train(parser.parse_args(argv))
