@@ -118,7 +118,7 @@ def test_retouching_during_a_fork_queues_exactly_one_more(art: Path, tmp_path: P
     held = HeldVllmStage(tmp_path, server.url, request_timeout="10s")
     config = write_config(tmp_path / "config.yaml", [art], tmp_path / "state", tmp_path / "run", **held.overrides())
     try:
-        with DaemonProcess(config, tmp_path / "daemon.log"):
+        with DaemonProcess(config, tmp_path / "daemon.log"), held:
             (model_dir / ".fork").write_text("step: 9")
             held.wait_held()
             for _ in range(50):

@@ -345,6 +345,16 @@ class HeldVllmStage:
         """Until a fork's vLLM stage is reading the key, i.e. that fork is in flight and stays so until release()."""
         self._writer = wait_for(lambda: fifo_writer(self.fifo), timeout, "a fork's vLLM stage reading its key file")
 
+    def __enter__(self) -> HeldVllmStage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Lets go of any fork still held (a test that failed mid-way), so its daemon can stop."""
+        if self._writer is None:
+            self._writer = fifo_writer(self.fifo)
+        if self._writer is not None:
+            self.release()
+
     def release(self) -> None:
         """Let the held stage go on: it reads the key and goes on to the server at `url`."""
         assert self._writer is not None, "release() without wait_held()"

@@ -98,7 +98,7 @@ def test_fifty_retouches_during_a_fork_queue_exactly_one_more(tmp_path: Path) ->
     model_dir = make_run(art, steps=(3, 5))
     with silent_server() as url:
         held = HeldVllmStage(tmp_path, url)
-        with Fleet(tmp_path, [art], overrides=held.overrides()) as fleet:
+        with Fleet(tmp_path, [art], overrides=held.overrides()) as fleet, held:
             fleet.start(0)
             write_marker_atomically(model_dir, "step: 5\n")
             held.wait_held()  # the first fork is in its vLLM stage until released: every re-touch lands during it
