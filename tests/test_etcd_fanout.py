@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,14 +161,7 @@ def test_a_fork_adopted_after_the_publish_names_the_dead_claimers_own_node(
 def test_a_node_whose_daemon_stopped_while_its_trainer_runs_is_named_not_running(
     nodes: list[Node], trainers: list[subprocess.Popen[bytes]], run_dir: Path, etcd_server: EtcdServer
 ) -> None:
-    start_all(nodes)
-    down = nodes[2]
-    wait_for(lambda: _serves(etcd_server, down.name, run_dir), 30, "node-2's survey to find its trainer")
-    down.daemon.stop()  # graceful: its lease is revoked, its trainer keeps running with the old adapter
-    wait_for(lambda: nodes[0].status().get("coordination", {}).get("members") == 2, 20, "node-2 to leave")
-    assert _serves(etcd_server, down.name, run_dir)  # what it served outlives it
-    (run_dir / ".fork").write_text("step: 3")
-    outcome = wait_outcome(run_dir, timeout=120)
+    outcome = _fork_with_node_2_stopped(nodes, run_dir, etcd_server, serving=True)
     assert outcome["status"] == "failed", outcome
     assert outcome["nodes"]["node-2"]["status"] == "missing", outcome["nodes"]
     assert "not running" in outcome["nodes"]["node-2"]["error"]
@@ -180,18 +173,38 @@ def test_a_node_whose_daemon_stopped_while_its_trainer_runs_is_named_not_running
 def test_a_node_that_stopped_serving_before_its_daemon_stopped_is_not_waited_for(
     nodes: list[Node], trainers: list[subprocess.Popen[bytes]], run_dir: Path, etcd_server: EtcdServer
 ) -> None:
+    trainer = trainers[2]
+
+    def stop_serving() -> None:
+        trainer.kill()
+        trainer.wait()
+
+    outcome = _fork_with_node_2_stopped(nodes, run_dir, etcd_server, serving=False, before_stop=stop_serving)
+    assert outcome["status"] == "done", outcome
+    assert sorted(outcome["nodes"]) == ["node-0", "node-1"]
+
+
+def _fork_with_node_2_stopped(
+    nodes: list[Node],
+    run_dir: Path,
+    etcd_server: EtcdServer,
+    *,
+    serving: bool,
+    before_stop: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """The outcome of a fork written once node-2's daemon, having seen its trainer, is stopped (gracefully: its
+    lease revoked); `serving`: whether its serves record still names the run then (after `before_stop`)."""
     start_all(nodes)
     down = nodes[2]
     wait_for(lambda: _serves(etcd_server, down.name, run_dir), 30, "node-2's survey to find its trainer")
-    trainers[2].kill()
-    trainers[2].wait()
-    wait_for(lambda: not _serves(etcd_server, down.name, run_dir), 30, "node-2's survey to see it gone")
+    if before_stop is not None:
+        before_stop()
+    wait_for(lambda: _serves(etcd_server, down.name, run_dir) == serving, 30, "node-2's survey to see that")
     down.daemon.stop()
     wait_for(lambda: nodes[0].status().get("coordination", {}).get("members") == 2, 20, "node-2 to leave")
+    assert _serves(etcd_server, down.name, run_dir) == serving  # what it served outlives its daemon
     (run_dir / ".fork").write_text("step: 3")
-    outcome = wait_outcome(run_dir, timeout=120)
-    assert outcome["status"] == "done", outcome
-    assert sorted(outcome["nodes"]) == ["node-0", "node-1"]
+    return wait_outcome(run_dir, timeout=120)
 
 
 def _serves(etcd_server: EtcdServer, node: str, run_dir: Path) -> bool:
