@@ -165,9 +165,13 @@ class EtcdClaims(Claims):
         """Survey what this node serves and keep etcd's two copies of it current (its own thread: an agent that is
         slow to answer must not hold up the lease's keepalives)."""
         while not self._stop.is_set():
-            self._serving = self._survey.survey()
-            with contextlib.suppress(EtcdDown, EtcdAuthError):
+            try:
+                self._serving = self._survey.survey()
                 self._write_serving()
+            except (EtcdDown, EtcdAuthError):
+                pass  # written once etcd answers: the record changes only with what the next survey finds
+            except Exception:  # a bug here must not end the survey for the daemon's lifetime: the last record stays
+                log.exception("surveying which runs this node serves failed; keeping the last record")
             self._stop.wait(max(1.0, self.ttl / 3))
 
     def _write_serving(self) -> None:
