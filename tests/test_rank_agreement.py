@@ -120,11 +120,11 @@ class _OneRank:
         self.replies: dict[str, dict[str, Any]] = {}
         self.threads: list[threading.Thread] = []
 
-    def ask(self, fork_id: str) -> None:
-        request = ForkRequest(fork_id, "/run", f"/run/{fork_id}", None, 30.0)
+    def ask(self, fork_id: str, timeout: float = 30.0) -> None:
+        request = ForkRequest(fork_id, "/run", f"/run/{fork_id}", None, timeout)
 
         def call() -> None:
-            self.replies[fork_id] = self.agreement.request(request, Path(fork_id), 30.0)
+            self.replies[fork_id] = self.agreement.request(request, Path(fork_id), timeout)
 
         self.threads.append(threading.Thread(target=call))
         self.threads[-1].start()
@@ -168,3 +168,20 @@ def test_a_fork_not_yet_in_a_reduce_is_superseded_by_a_newer_one(one_rank: _OneR
     one_rank.boundary()
     assert one_rank.answers() == {"a": "superseded", "b": "b"}
     assert one_rank.loaded == ["b"]
+
+
+def test_a_fork_whose_request_timed_out_is_not_loaded_when_the_reduce_in_flight_decides_it(one_rank: _OneRank) -> None:
+    one_rank.ask("a", timeout=0.5)
+    one_rank.boundary()  # fork a goes into the reduce in flight
+    one_rank.threads[-1].join(30)  # its request has timed out: its daemon has given up on it
+    one_rank.boundary()  # that reduce decides a, and this rank votes "too late"
+    one_rank.boundary()
+    assert one_rank.answers() == {"a": "step_timeout"}
+    assert one_rank.loaded == []
+
+
+def test_a_request_read_after_its_daemon_gave_up_is_answered_at_once_and_never_offered(one_rank: _OneRank) -> None:
+    request = ForkRequest("a", "/run", "/run/a", None, 30.0, not_after=time.time() - 1)
+    reply = one_rank.agreement.request(request, Path("a"), request.wait_s())
+    assert reply["error"]["code"] == "step_timeout" and "after its daemon's deadline" in reply["error"]["message"]
+    assert "told" not in one_rank.agreement.describe()
