@@ -33,6 +33,7 @@ from sidecar.run_io import LocalRunIO
 from sidecar.rundir import open_run
 from tests.reliability.support import HeldVllmStage
 from tests.support.adapters import write_adapter, write_big_adapter
+from tests.support.crash import held_at, hold_env
 from tests.support.daemon import read_outcome, wait_for, wait_outcome
 from tests.support.etcd_nodes import Node, prom, settled_history, start_all
 from tests.support.etcd_server import EtcdServer
@@ -85,6 +86,15 @@ def _start_a_long_fork(nodes: list[Node], art: Path, model: str) -> Path:
     return model_dir
 
 
+def _start_a_held_fork(nodes: list[Node], art: Path, model: str, state: str) -> tuple[Path, Path]:
+    """As _start_a_long_fork, every daemon's forks pausing right after journaling `state` until the gate returned
+    exists (tests/support/crash.py): the fault lands there however fast the host runs the fork."""
+    gate = nodes[0].dir.parent / f"{model}-gate"
+    for node in nodes:
+        node.daemon.env = hold_env(state, gate)
+    return _start_a_long_fork(nodes, art, model), gate
+
+
 def _claimer(nodes: list[Node]) -> Node:
     return wait_for(lambda: next((n for n in nodes if n.journaled()), None), 30, "a node to journal the fork")
 
@@ -92,12 +102,15 @@ def _claimer(nodes: list[Node]) -> Node:
 def test_a_claimer_killed_mid_fork_is_resumed_by_another_node_from_its_recorded_state(
     nodes: list[Node], art: Path, etcd_server: EtcdServer
 ) -> None:
-    model_dir = _start_a_long_fork(nodes, art, "big")
+    # What an adopter resumes from is the record in etcd, written just after the journal's: held once "trainers" is
+    # journaled, etcd holds "swapped" and the claimer cannot have gone on to verify and file the outcome.
+    model_dir, gate = _start_a_held_fork(nodes, art, "big", "trainers")
+    wait_for(held_at(gate).exists, 60, "the claimer's fork held after its trainers stage")
     claimer = _claimer(nodes)
-    record = wait_for(lambda: _swapped_record(claimer), 60, "the claimer to record the swap")
-    # What an adopter resumes from is the record in etcd, written just after the journal's: kill once it is there.
-    wait_for(lambda: _swapped_in_etcd(etcd_server, model_dir, record["fork_id"]), 30, "the swap recorded in etcd")
+    record = _swapped_record(claimer)
+    assert record is not None and _swapped_in_etcd(etcd_server, model_dir, record["fork_id"])
     claimer.daemon.kill()  # SIGKILL after the swap: the others must resume (same fork id), not fork again
+    gate.touch()  # the adopter's fork goes through
     outcome = wait_outcome(model_dir, timeout=60)
     assert outcome["status"] == "done", outcome
     assert outcome["fork_id"] == record["fork_id"]
@@ -152,9 +165,10 @@ def test_while_etcd_is_down_markers_wait_and_each_forks_once_when_it_is_back(
 def test_etcd_killed_and_restarted_mid_fork_ends_the_fork_once(
     nodes: list[Node], art: Path, etcd_server: EtcdServer
 ) -> None:
-    model_dir = _start_a_long_fork(nodes, art, "mid")
-    _claimer(nodes)
+    model_dir, gate = _start_a_held_fork(nodes, art, "mid", "swapped")
+    wait_for(held_at(gate).exists, 60, "the claimer's fork held after its swap")
     etcd_server.kill()
+    gate.touch()  # the fork goes on into the etcd that is gone: its progress, publish and checks wait for it
     time.sleep(3.0)  # past the lease TTL: nobody can take the claim over while etcd is down
     etcd_server.restart()
     outcome = wait_outcome(model_dir, timeout=90)
@@ -163,10 +177,11 @@ def test_etcd_killed_and_restarted_mid_fork_ends_the_fork_once(
 
 
 def test_a_member_frozen_past_its_lease_loses_the_claim_and_files_nothing(nodes: list[Node], art: Path) -> None:
-    model_dir = _start_a_long_fork(nodes, art, "frozen")
+    model_dir, gate = _start_a_held_fork(nodes, art, "frozen", "swapped")
+    wait_for(held_at(gate).exists, 60, "the claimer's fork held after its swap")
     claimer = _claimer(nodes)
-    wait_for(lambda: _swapped_record(claimer), 60, "the claimer to record the swap")
     claimer.daemon.signal(signal.SIGSTOP)
+    gate.touch()  # seen by the frozen claimer only once thawed; the adopter's fork goes through
     try:
         outcome = wait_outcome(model_dir, timeout=60)  # another node adopts once the frozen one's lease expires
     finally:
@@ -312,10 +327,13 @@ def test_a_claim_key_left_under_this_daemons_own_lease_does_not_block_the_marker
 def test_a_member_killed_mid_fork_and_restarted_resumes_its_fork_under_its_new_lease(
     nodes: list[Node], art: Path
 ) -> None:
-    model_dir = _start_a_long_fork(nodes[:1], art, "restarted")
+    model_dir, gate = _start_a_held_fork(nodes[:1], art, "restarted", "swapped")
     node = nodes[0]
-    record = wait_for(lambda: _swapped_record(node), 60, "the node to record the swap")
+    wait_for(held_at(gate).exists, 60, "the node's fork held after its swap")
+    record = _swapped_record(node)
+    assert record is not None
     node.daemon.kill()  # its claim key goes with its lease: the restarted daemon must take it again under its own
+    gate.touch()
     node.daemon.start()
     outcome = wait_outcome(model_dir, timeout=60)
     assert outcome["status"] == "done", outcome

@@ -107,7 +107,7 @@ def test_a_fork_reaches_the_agents_of_every_node_and_the_outcome_names_them(
         told |= {a["pid"] for a in agents}
     assert told == pids  # each node told its own trainer, and only its own
     assert [line["fork_id"] for line in settled_history(nodes, 1)] == [outcome["fork_id"]]
-    wait_for(lambda: "fork_sidecar_nodes_reported_sum 3.0" in prom(nodes), 10, "the fan-out metrics")
+    wait_for(lambda: "fork_sidecar_nodes_reported_sum 3.0" in prom(nodes), 30, "the fan-out metrics")
     assert "fork_sidecar_fanout_seconds_count 1.0" in prom(nodes)
 
 
@@ -128,7 +128,7 @@ def test_a_node_frozen_when_the_fork_is_published_is_named_and_fails_the_require
         assert outcome["nodes"][name]["trainers"]["status"] == "ok"
     settled_history(nodes, 1)
     assert frozen.history() == []
-    wait_for(lambda: 'fork_sidecar_nodes_missing_total{node="node-2"} 1.0' in prom(nodes), 10, "the missing node")
+    wait_for(lambda: 'fork_sidecar_nodes_missing_total{node="node-2"} 1.0' in prom(nodes), 30, "the missing node")
 
 
 def test_a_fork_adopted_after_the_publish_names_the_dead_claimers_own_node(
