@@ -72,6 +72,7 @@ COVERED_BY = {
     "sidecar/claims/etcd_client.py": "tests/test_etcd_coordination.py",
     "sidecar/claims/etcd_serves.py": "tests/test_etcd_fanout.py",
     "sidecar/claims/etcd_health.py": "tests/test_etcd_coordination.py",
+    "sidecar/claims/etcd_watch.py": "tests/test_etcd_fanout.py",
     "sidecar/fanout.py": "tests/test_etcd_fanout.py",
     "sidecar/fork_steps.py": "tests/test_daemon.py",  # the steps run in the daemon each fork test starts
     "sidecar/fsops.py": "tests/test_swap.py",

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sidecar.claims.base import ClaimFiles, ClaimInDoubt, ClaimLost, Claims
-from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession
+from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession, KeyValue
 from sidecar.claims.etcd_serves import Serving, ServingSurvey
+from sidecar.claims.etcd_watch import GATHER_POLL_S, LISTEN_POLL_S, Changes
 from sidecar.config import Config
 from sidecar.fanout import STAGE_NAMES, Gathered, raised_report, recorded_members, recorded_nodes
 
@@ -80,6 +81,8 @@ class EtcdClaims(Claims):
         self._survey = ServingSurvey(config)
         self._serving: Serving | None = None  # what this node serves, as the last survey found (None: not yet)
         self._serving_written: tuple[Serving, int] | None = None  # what etcd has, and under which lease
+        # Published forks, members, progress and reports (the keys between forks/ and reports/, in etcd's order).
+        self._changes = Changes(self.session, self._fork_key(""), self._report_key(""))
         self._keeper = threading.Thread(target=self._keep, name="etcd-lease", daemon=True)
         self._keeper.start()
         self._listener = threading.Thread(target=self._listen, name="etcd-fanout", daemon=True)
@@ -397,6 +400,7 @@ class EtcdClaims(Claims):
 
     def stopping(self) -> None:
         self._stopping.set()
+        self._changes.wake()  # a gather waiting for reports gives up now
 
     def release(self, path: Path, io: ClaimFiles | None = None) -> None:
         info = self.registry.release(path, io)
@@ -485,6 +489,7 @@ class EtcdClaims(Claims):
         pending = set(members)
         while pending:
             self.check(path)  # a claimer frozen while it waited finds its claim gone: stop, the adopter reports
+            seen = self._changes.seen()  # before the reads: a report put while they run wakes the wait below
             try:
                 reports = {
                     kv.key.rsplit("/", 1)[-1]: kv.value
@@ -509,29 +514,32 @@ class EtcdClaims(Claims):
                     pending.discard(node)
             if not pending or time.monotonic() >= deadline:
                 break
-            if self._stopping.wait(0.05):
+            self._changes.wait(seen, min(GATHER_POLL_S, max(0.0, deadline - time.monotonic())))
+            if self._stopping.is_set():
                 raise ClaimInDoubt("the daemon stops while the fork waits for the other nodes' reports")
         for node in pending:
             gathered.missing[node] = f"it did not report within {budget:g}s (timeouts.trainers + timeouts.vllm)"
         return gathered
 
     def _listen(self) -> None:
-        """Run this node's stages for every fork another node publishes (polled: a few small reads a second)."""
-        while not self._stop.wait(0.1):
-            if not self.usable() or self.on_published is None:
+        """Run this node's stages for every fork another node publishes (read on every watched change, and every
+        LISTEN_POLL_S regardless)."""
+        while not self._stop.is_set():
+            seen = self._changes.seen()
+            with contextlib.suppress(EtcdDown, EtcdAuthError):
+                if self.usable() and self.on_published is not None:
+                    self._tell(self.session.get_prefix(self._fork_key("")))
+            self._changes.wait(seen, LISTEN_POLL_S)
+
+    def _tell(self, published: list[KeyValue]) -> None:
+        """Start this node's stages for each fork published by another node and not yet told here."""
+        self._handled &= {str(kv.value.get("fork_id")) for kv in published}
+        for kv in published:
+            fork_id = str(kv.value.get("fork_id"))
+            if kv.value.get("node") == self.node or fork_id in self._handled or self.holds(fork_id):
                 continue
-            try:
-                published = self.session.get_prefix(f"{self.prefix}/forks/")
-            except (EtcdDown, EtcdAuthError):
-                continue
-            current = {str(kv.value.get("fork_id")) for kv in published}
-            self._handled &= current
-            for kv in published:
-                fork_id = str(kv.value.get("fork_id"))
-                if kv.value.get("node") == self.node or fork_id in self._handled or self.holds(fork_id):
-                    continue
-                self._handled.add(fork_id)
-                threading.Thread(target=self._report, args=(kv.value,), name=f"fanout-{fork_id}", daemon=True).start()
+            self._handled.add(fork_id)
+            threading.Thread(target=self._report, args=(kv.value,), name=f"fanout-{fork_id}", daemon=True).start()
 
     def _report(self, published: dict[str, Any]) -> None:
         assert self.on_published is not None
@@ -577,6 +585,7 @@ class EtcdClaims(Claims):
     def close(self) -> None:
         self._stopping.set()
         self._stop.set()
+        self._changes.close()
         self._keeper.join(timeout=5)
         self._surveyor.join(timeout=5)
         # Claims held stay under the lease until it runs out, so a fork journaled now is resumed by the next start

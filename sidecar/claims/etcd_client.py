@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,7 +21,7 @@ from etcd3gw.exceptions import Etcd3Exception
 
 from sidecar.config import ConfigError, EtcdConfig
 
-__all__ = ["EtcdAuthError", "EtcdDown", "EtcdSession", "KeyValue"]
+__all__ = ["EtcdAuthError", "EtcdDown", "EtcdSession", "KeyValue", "WatchStream"]
 
 
 class EtcdDown(Exception):
@@ -148,6 +148,30 @@ class EtcdSession:
             ) from None
         client.session.headers["Authorization"] = str(reply["token"])
 
+    def open_watch(self, start: str, prefix_end: str, idle: float) -> WatchStream:
+        """A watch of the keys from `start` to the end of the prefix `prefix_end`, on the first endpoint that answers;
+        its read gives up after `idle` seconds without a line (a stalled connection is reopened, never waited on)."""
+        with self._lock:
+            order = [(self._current + i) % len(self._clients) for i in range(len(self._clients))]
+        request = {"create_request": {"key": _b64(start), "range_end": _range_end(prefix_end)}}
+        failures = []
+        for index in order:
+            client = self._clients[index]
+            if self.config.user is not None and "Authorization" not in client.session.headers:
+                self._authenticate(client)
+            http = requests.Session()  # its own connection: the client's serves the other threads' calls meanwhile
+            http.verify, http.cert = client.session.verify, client.session.cert
+            http.headers.update(client.session.headers)
+            try:
+                reply = http.post(client.get_url("/watch"), json=request, stream=True, timeout=(self.timeout, idle))
+                reply.raise_for_status()
+            except requests.RequestException as e:
+                http.close()
+                failures.append(f"{client.base_url}: {_short(e)}")
+                continue
+            return WatchStream(http, reply)
+        raise EtcdDown(f"no etcd endpoint took a watch ({'; '.join(failures)})")
+
     # --- leases ----------------------------------------------------------------------------------------------
     def grant(self, ttl: int) -> int:
         return int(self.call("lease/grant", {"TTL": ttl, "ID": 0})["ID"])
@@ -230,6 +254,26 @@ class EtcdSession:
 
     def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> bool:
         return bool(self.call("kv/txn", {"compare": compare, "success": success, "failure": []}).get("succeeded"))
+
+
+class WatchStream:
+    """One open watch: etcd's WatchResponse results as they come, until the stream ends (raises OSError or
+    requests' errors, ValueError on a garbled line)."""
+
+    def __init__(self, http: requests.Session, reply: requests.Response) -> None:
+        self._http, self._reply = http, reply
+
+    def results(self) -> Iterator[dict[str, Any]]:
+        for line in self._reply.iter_lines():
+            if line.strip():
+                chunk = json.loads(line)
+                if "result" not in chunk:  # {"error": ...}: the watch was refused or ended by etcd
+                    return
+                yield dict(chunk["result"])
+
+    def close(self) -> None:
+        self._reply.close()
+        self._http.close()
 
 
 def _read_password(config: EtcdConfig) -> str | None:

@@ -1,0 +1,87 @@
+"""Wake-ups on etcd changes (etcd backend): one watch stream per daemon on the keys the fan-out waits on, so a member
+starts its stages for a published fork, and a claimer sees a report or a member's lease go, as soon as etcd has it
+instead of at its next poll.
+
+A wake-up only says "read again": every waiter still reads etcd itself, and reads on a slow timer too, so a watch
+that is lost, stalls or misses changes (etcd restarted, an endpoint switched) slows a fork to that slow poll and never
+loses one. The stream is reopened whenever it ends, and each time it is (re)opened every waiter is woken, since what
+changed while no stream was open was streamed to nobody. A stream quiet for IDLE_S is reopened too (a connection
+whose peer vanished without a word would otherwise be read from forever): one reopen and one read per waiter a
+minute or so while nothing happens, no polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import requests
+
+from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession, WatchStream
+
+__all__ = ["GATHER_POLL_S", "LISTEN_POLL_S", "Changes"]
+
+log = logging.getLogger("sidecar.claims.etcd")
+# How often the fan-out reads etcd with no wake-up: the bound a lost watch puts on a member hearing of a fork, and on
+# a claimer seeing a report or a member gone (each read before was every 0.1 s and 0.05 s).
+LISTEN_POLL_S = 1.0
+GATHER_POLL_S = 0.5
+IDLE_S = 60.0
+RETRY_S = 1.0  # between attempts to open a watch while etcd does not take one
+
+
+class Changes:
+    """A count of the changes streamed for the keys from `start` to the end of the prefix `prefix_end`; waiters
+    read etcd, then wait for the count to move past what it was before they read (no change is missed between)."""
+
+    def __init__(self, session: EtcdSession, start: str, prefix_end: str) -> None:
+        self._session, self._start, self._end = session, start, prefix_end
+        self._changed = threading.Condition()
+        self._count = 0
+        self._stop = threading.Event()
+        self._stream: WatchStream | None = None
+        self._thread = threading.Thread(target=self._follow, name="etcd-watch", daemon=True)
+        self._thread.start()
+
+    def seen(self) -> int:
+        """The count now: take it before reading etcd, and pass it to wait() after."""
+        with self._changed:
+            return self._count
+
+    def wait(self, seen: int, timeout: float) -> None:
+        """Until a change past `seen` is streamed (or wake() is called), or `timeout` seconds pass."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._count != seen, timeout)
+
+    def wake(self) -> None:
+        with self._changed:
+            self._count += 1
+            self._changed.notify_all()
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._stream = stream = self._session.open_watch(self._start, self._end, IDLE_S)
+            except (EtcdDown, EtcdAuthError):
+                self._stop.wait(RETRY_S)  # the waiters' slow reads carry on meanwhile
+                continue
+            try:
+                for result in stream.results():
+                    if result.get("canceled"):  # compacted past, or ended by etcd: reopen
+                        break
+                    if result.get("created") or result.get("events"):
+                        self.wake()
+            except (requests.RequestException, OSError, ValueError, AttributeError) as e:
+                # etcd gone, quiet past IDLE_S, or closed by close() under the read (http.client then reads from None)
+                if not self._stop.is_set():
+                    log.debug("etcd watch ended (%s); reopening it", e)
+            finally:
+                stream.close()
+            self._stop.wait(0.05)  # a stream that ends at once must not spin
+
+    def close(self) -> None:
+        self._stop.set()
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+        self.wake()
