@@ -440,3 +440,9 @@ def test_an_agent_in_a_process_with_over_1024_open_files_still_answers(runtime_d
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_failed_roll_back_of_the_ranks_is_named_as_ranks_off() -> None:
+    from sidecar.protocol.reasons import Reason, of_agent_code
+
+    assert of_agent_code("ranks_split") == Reason.TRAINER_RANKS_OFF

@@ -65,6 +65,7 @@ _AGENT_CODES = {
     "too_large": Reason.TRAINER_REFUSED,
     "io": Reason.TRAINER_UNREACHABLE,
     "ranks_off": Reason.TRAINER_RANKS_OFF,
+    "ranks_split": Reason.TRAINER_RANKS_OFF,  # a roll-back failed on a rank: the ranks' weights may differ
     "superseded": Reason.TRAINER_BUSY,  # a newer fork came before the ranks agreed on this one; the newer one loads
 }
 # ControlError codes of the daemon's client (call_agent).
