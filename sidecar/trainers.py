@@ -352,7 +352,7 @@ class TrainerStage:
             checkpoint_dir=str(Path(run_dir) / CHECKPOINTS / SERVED_STEP),
             digest=ctx.digest,
             timeout=wait,
-            not_after=round(time.time() + wait, 3),
+            not_after=round(time.monotonic() + wait, 3),
         )
         try:
             reply = call_agent(agent.path, request.to_message(), timeout=timeout, pid=agent.pid)

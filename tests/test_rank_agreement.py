@@ -181,7 +181,7 @@ def test_a_fork_whose_request_timed_out_is_not_loaded_when_the_reduce_in_flight_
 
 
 def test_a_request_read_after_its_daemon_gave_up_is_answered_at_once_and_never_offered(one_rank: _OneRank) -> None:
-    request = ForkRequest("a", "/run", "/run/a", None, 30.0, not_after=time.time() - 1)
+    request = ForkRequest("a", "/run", "/run/a", None, 30.0, not_after=time.monotonic() - 1)
     reply = one_rank.agreement.request(request, Path("a"), request.wait_s())
     assert reply["error"]["code"] == "step_timeout" and "after its daemon's deadline" in reply["error"]["message"]
     assert "told" not in one_rank.agreement.describe()

@@ -239,6 +239,41 @@ sys.stdin.read()
     assert list_agent_sockets(runtime_dir) == []
 
 
+@pytest.mark.parametrize("offset", [-86400.0, 86400.0], ids=["a-day-behind", "a-day-ahead"])
+def test_the_daemons_wall_clock_a_day_off_does_not_make_the_fork_late(
+    runtime_dir: Path, run_dir: Path, assets: TinyAssets, monkeypatch: pytest.MonkeyPatch, offset: float
+) -> None:
+    """The request's `not_after` is compared in the agent's process: a wall-clock step on the daemon's side (here its
+    `time.time` shifted; a host clock step would move every process on a shared machine) must change nothing. The
+    old wall-clock `not_after` made a daemon a day behind answer every fork as given up."""
+    code = f"""
+import sys
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+from sidecar import preload
+model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained({str(assets.base)!r}), {str(assets.adapter_a)!r})
+preload.register(model, {str(run_dir)!r})
+print("ready", flush=True)
+sys.stdin.read()
+"""
+    env = {**os.environ, "FORK_SIDECAR_RUNTIME_DIR": str(runtime_dir)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
+        wall = time.time
+        monkeypatch.setattr(time, "time", lambda: wall() + offset)
+        outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
+        monkeypatch.undo()
+        assert outcome.status == "ok", outcome
+        [agent] = outcome.detail["agents"]
+        assert agent["pid"] == child.pid and agent["result"] == "loaded", agent
+    finally:
+        child.kill()
+        child.wait()
+
+
 # --- sockets that must not be trusted or kept ---------------------------------------------------------------------
 def test_stale_sockets_are_cleaned(runtime_dir: Path, run_dir: Path) -> None:
     mine = agent_dir(runtime_dir, os.geteuid())

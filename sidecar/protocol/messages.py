@@ -52,8 +52,10 @@ class ForkRequest:
     checkpoint_dir: str
     digest: str | None  # what the daemon read from disk; the agent reports its own, the daemon compares
     timeout: float  # how long the agent may wait for a step boundary before answering
-    # Wall-clock time (time.time(), the daemon's node) after which the daemon has given up waiting for a load to
-    # start: an agent that reads the request late, or reaches its step boundary late, never starts it then.
+    # CLOCK_MONOTONIC time (time.monotonic()) after which the daemon has given up waiting for a load to start: an
+    # agent that reads the request late, or reaches its step boundary late, never starts it then. Monotonic, not
+    # the wall clock: daemon and agent are on one node and share that clock, which no NTP step or `date -s` moves
+    # (a wall-clock step back between the daemon's send and the agent's read would let a given-up fork load).
     not_after: float | None = None
 
     op = "fork"
@@ -62,7 +64,7 @@ class ForkRequest:
         """How long the agent may still wait for a step boundary: `timeout`, cut short by `not_after`."""
         if self.not_after is None:
             return self.timeout
-        return min(self.timeout, self.not_after - (time.time() if now is None else now))
+        return min(self.timeout, self.not_after - (time.monotonic() if now is None else now))
 
     def to_message(self) -> dict[str, Any]:
         return {
@@ -110,7 +112,7 @@ def _parse_fork(obj: Mapping[str, Any]) -> ForkRequest:
     if not_after is not None and (
         isinstance(not_after, bool) or not isinstance(not_after, int | float) or not math.isfinite(not_after)
     ):
-        raise ProtocolError("bad_request", "fork's 'not_after' must be a time in seconds since the epoch, or absent")
+        raise ProtocolError("bad_request", "fork's 'not_after' must be a CLOCK_MONOTONIC time in seconds, or absent")
     return ForkRequest(
         fork_id=text("fork_id"),
         run_dir=text("run_dir", path=True),
