@@ -304,6 +304,26 @@ def test_a_member_whose_stages_raised_reports_both_failed_so_it_is_named(
         assert "a bug in this node's stages" in report["vllm"]["error"]
 
 
+def test_a_member_whose_watch_is_gone_still_hears_of_a_published_fork_and_reports(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    with _etcd_claims(tmp_path, art, etcd_server) as claims:
+        # The watch closed for good, as one stalled or lost would be (etcd_watch.py): only the slow reads remain.
+        claims._changes.close()
+        claims._changes._thread.join(20)
+        assert not claims._changes._thread.is_alive()
+        told: list[str] = []
+
+        def tell(published: dict[str, Any]) -> dict[str, Any]:
+            told.append(str(published["fork_id"]))
+            return {name: {"status": "skipped"} for name in ("trainers", "vllm")}
+
+        claims.session.put(claims._fork_key("f2"), {"fork_id": "f2", "node": "node-1", "nodes": ["node-0", "node-1"]})
+        claims.on_published = tell  # only now: the listener has read nothing of f2, and no wake-up will come
+        wait_for(lambda: claims.session.get(claims._report_key("f2", "node-0")), 20, "node-0's report")
+        assert told == ["f2"]
+
+
 def test_a_claim_key_left_under_this_daemons_own_lease_does_not_block_the_marker(
     tmp_path: Path, art: Path, etcd_server: EtcdServer
 ) -> None:
