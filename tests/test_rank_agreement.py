@@ -4,6 +4,8 @@ themselves run in real torchrun jobs in tests/test_ranks.py; the handshake runs 
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -148,7 +150,8 @@ def one_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[_OneRank]:
     try:
         yield _OneRank()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a test may have destroyed it itself
+            dist.destroy_process_group()
 
 
 def test_a_fork_decided_by_the_reduce_in_flight_is_answered_loaded_not_superseded(one_rank: _OneRank) -> None:
@@ -185,3 +188,43 @@ def test_a_request_read_after_its_daemon_gave_up_is_answered_at_once_and_never_o
     reply = one_rank.agreement.request(request, Path("a"), request.wait_s())
     assert reply["error"]["code"] == "step_timeout" and "after its daemon's deadline" in reply["error"]["message"]
     assert "told" not in one_rank.agreement.describe()
+
+
+def test_destroying_the_group_first_waits_for_the_reduce_in_flight_and_drops_it(one_rank: _OneRank) -> None:
+    import torch.distributed as dist
+
+    one_rank.ask("a")
+    one_rank.boundary()  # starts the reduce read at the next boundary: after the last step it stays in flight
+    in_flight = one_rank.agreement._in_flight
+    assert in_flight is not None
+    dist.destroy_process_group()  # as a training script does at its end, through torch.distributed's own name
+    assert one_rank.agreement._in_flight is None
+    assert in_flight.work.is_completed()
+    assert one_rank.agreement.off is not None and "process group was destroyed" in one_rank.agreement.off
+    assert one_rank.answers() == {"a": "ranks_off"}  # its request is answered, not left to time out
+    one_rank.agreement.at_boundary()  # no collective after that (the group is gone: one would raise)
+    assert one_rank.agreement.off is not None and "destroyed" in one_rank.agreement.off
+
+
+_EXITS_WITHOUT_DESTROY = """
+import atexit, contextlib, sys
+from pathlib import Path
+import torch.distributed as dist
+from sidecar.preload.rank_agreement import LoadHooks, RankAgreement
+
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+agreement = RankAgreement(LoadHooks(prepare=Path, apply=str, steps=int, hold_forwards=contextlib.nullcontext))
+# Registered before the agreement's own hook, so it runs after it (atexit runs hooks last-in first-out).
+atexit.register(lambda: print("in flight at exit:", agreement._in_flight is not None, flush=True))
+agreement._step(0, 1)
+print("in flight after the last step:", agreement._in_flight is not None, flush=True)
+"""
+
+
+def test_a_script_that_exits_without_destroying_the_group_has_its_reduce_in_flight_dropped_first() -> None:
+    pytest.importorskip("torch.distributed")
+    done = subprocess.run(
+        [sys.executable, "-c", _EXITS_WITHOUT_DESTROY], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["in flight after the last step: True", "in flight at exit: False"]

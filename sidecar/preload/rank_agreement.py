@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.preload.rank_exit import wait_done, watch_exit
 from sidecar.protocol.messages import ForkRequest, error_reply, ok_reply
 
 __all__ = [
@@ -71,6 +72,7 @@ LATE_REQUEST = (
     "stalled); nothing was loaded"
 )
 _OUT_OF_INPUTS = "it has run out of inputs and joined (DDP Join): it no longer trains, so no rank loads a fork now"
+_GROUP_GONE = "the job's process group was destroyed (the training has ended); no rank loads a fork now"
 _REASON_WAIT_S = 5.0  # a failing rank put its reason into the store before the vote: it is there already
 
 
@@ -357,6 +359,7 @@ class RankAgreement:
             self._handshake(dist, rank, world)
             self._device = _reduce_device(dist, torch, self.hooks.device())
             self._joined = True
+            watch_exit(self)  # the last reduce is left in flight: drained before the group goes (rank_exit.py)
         self.boundaries += 1
         if self._in_flight is not None:
             highest, lowest = self._in_flight.result()
@@ -537,8 +540,19 @@ class RankAgreement:
             what,
         )
 
+    def drain(self, seconds: float) -> None:
+        """The job's default group is about to be destroyed (or the interpreter to exit): wait up to `seconds` for
+        the reduce in flight, drop it on this thread, and issue no collective from now on (see rank_exit.py)."""
+        in_flight = self._in_flight
+        if in_flight is not None:
+            wait_done(in_flight.work, seconds)
+        self._close(_GROUP_GONE)
+
     def _turn_off(self, why: str) -> None:
         _log(f"ranks-off:{self.hooks.index}", logging.WARNING, "fork-sidecar: %s", why)
+        self._close(why)
+
+    def _close(self, why: str) -> None:
         with self._cond:
             self.off = why
             self._in_flight = None
