@@ -204,11 +204,12 @@ def test_an_art_trainer_answers_load_pending(runtime_dir: Path, run_dir: Path) -
     del service
 
 
-@pytest.mark.slow
-def test_agents_in_other_processes_are_asked_in_parallel(runtime_dir: Path, run_dir: Path, assets: TinyAssets) -> None:
+def start_child_agents(
+    assets: TinyAssets, run_dir: Path, runtime_dir: Path, count: int
+) -> list[subprocess.Popen[bytes]]:
+    """Trainer processes (a real peft model each) registered for `run_dir`, started and ready; the caller kills them."""
     code = f"""
-import sys, time
-import torch
+import sys
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 from sidecar import preload
@@ -220,19 +221,33 @@ sys.stdin.read()
     env = {**os.environ, "FORK_SIDECAR_RUNTIME_DIR": str(runtime_dir)}
     children = [
         subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO)
-        for _ in range(2)
+        for _ in range(count)
     ]
     try:
         for child in children:
             assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
+    except BaseException:
+        kill_all(children)
+        raise
+    return children
+
+
+def kill_all(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.slow
+def test_agents_in_other_processes_are_asked_in_parallel(runtime_dir: Path, run_dir: Path, assets: TinyAssets) -> None:
+    children = start_child_agents(assets, run_dir, runtime_dir, 2)
+    try:
         outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
         assert outcome.status == "ok", outcome
         assert sorted(a["pid"] for a in outcome.detail["agents"]) == sorted(c.pid for c in children)
         assert {a["result"] for a in outcome.detail["agents"]} == {"loaded"}
     finally:
-        for child in children:
-            child.kill()
-            child.wait()
+        kill_all(children)
     # Killed trainers cannot remove their sockets; the next fork (or the daemon's start) does.
     assert len(list_agent_sockets(runtime_dir)) == 2
     TrainerStage(config(runtime_dir)).on_start([run_dir], local_run_files)
@@ -246,22 +261,8 @@ def test_the_daemons_wall_clock_a_day_off_does_not_make_the_fork_late(
     """The request's `not_after` is compared in the agent's process: a wall-clock step on the daemon's side (here its
     `time.time` shifted; a host clock step would move every process on a shared machine) must change nothing. The
     old wall-clock `not_after` made a daemon a day behind answer every fork as given up."""
-    code = f"""
-import sys
-from peft import PeftModel
-from transformers import LlamaForCausalLM
-from sidecar import preload
-model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained({str(assets.base)!r}), {str(assets.adapter_a)!r})
-preload.register(model, {str(run_dir)!r})
-print("ready", flush=True)
-sys.stdin.read()
-"""
-    env = {**os.environ, "FORK_SIDECAR_RUNTIME_DIR": str(runtime_dir)}
-    child = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO
-    )
+    [child] = start_child_agents(assets, run_dir, runtime_dir, 1)
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
         wall = time.time
         monkeypatch.setattr(time, "time", lambda: wall() + offset)
         outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
@@ -270,8 +271,7 @@ sys.stdin.read()
         [agent] = outcome.detail["agents"]
         assert agent["pid"] == child.pid and agent["result"] == "loaded", agent
     finally:
-        child.kill()
-        child.wait()
+        kill_all([child])
 
 
 # --- sockets that must not be trusted or kept ---------------------------------------------------------------------
