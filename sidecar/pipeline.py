@@ -21,6 +21,7 @@ from sidecar import swap
 from sidecar.claims.base import ClaimLost, Claims, claim_info, wait_until_settled
 from sidecar.claims.filesystem import FilesystemClaims
 from sidecar.config import Config
+from sidecar.fanout import STAGE_NAMES
 from sidecar.fork_ids import new_fork_id
 from sidecar.fork_steps import ForkSteps, HeldRun, fork_logger
 from sidecar.journal import ForkRecord, Journal, JournalUnwritable
@@ -281,7 +282,7 @@ class ForkPipeline:
             # Its trainers / vllm sections are what the dead claimer's node did: this node runs its own stages (both
             # idempotent) and the claimer's node counts by the report it left, or as missing (Claims.gather).
             record.state = ForkState.SWAPPED
-            for name in ("trainers", "vllm"):
+            for name in STAGE_NAMES:
                 record.sections.pop(name, None)
         try:
             self.journal.create(record)
