@@ -93,6 +93,11 @@ def parse_request(obj: Mapping[str, Any]) -> Request:
     raise ProtocolError("unknown_op", f"unknown op {op!r}; this agent knows hello, status and fork")
 
 
+def _finite_number(value: Any) -> bool:
+    """A JSON number that is neither a bool (JSON's true is Python's 1) nor inf/nan."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
 def _parse_fork(obj: Mapping[str, Any]) -> ForkRequest:
     def text(key: str, *, path: bool = False) -> str:
         value = obj.get(key)
@@ -106,12 +111,10 @@ def _parse_fork(obj: Mapping[str, Any]) -> ForkRequest:
     if digest is not None and not isinstance(digest, str):
         raise ProtocolError("bad_request", "fork's 'digest' must be a string or null")
     timeout = obj.get("timeout", 30.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout < 0:
+    if not _finite_number(timeout) or timeout < 0:
         raise ProtocolError("bad_request", "fork's 'timeout' must be a non-negative number of seconds")
     not_after = obj.get("not_after")
-    if not_after is not None and (
-        isinstance(not_after, bool) or not isinstance(not_after, int | float) or not math.isfinite(not_after)
-    ):
+    if not_after is not None and not _finite_number(not_after):
         raise ProtocolError("bad_request", "fork's 'not_after' must be a CLOCK_MONOTONIC time in seconds, or absent")
     return ForkRequest(
         fork_id=text("fork_id"),
