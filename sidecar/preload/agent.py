@@ -146,11 +146,12 @@ class PeftTarget:
 
     def _lora_device(self) -> Any:
         """The device of the first trainable parameter (for an FSDP2 DTensor, of its local shard), or None."""
+        from sidecar.preload.peft_load import local_shard
+
         model = self._model()
         for p in model.parameters() if model is not None else ():
             if p.requires_grad:
-                to_local = getattr(p, "to_local", None)
-                return (to_local() if callable(to_local) else p).device
+                return local_shard(p).device
         return None
 
     def add_optimizer(self, optimizer: Any) -> None:

@@ -42,6 +42,7 @@ __all__ = [
     "CheckpointTensors",
     "PreparedLoad",
     "load_adapter_from_checkpoint",
+    "local_shard",
     "prepare_adapter_load",
     "read_checkpoint",
 ]
@@ -386,7 +387,7 @@ def _like(tensor: Any, live: Any) -> Any:
     return distribute_tensor(local, mesh, live.placements, src_data_rank=None)
 
 
-def _local(tensor: Any) -> Any:
+def local_shard(tensor: Any) -> Any:
     """The part of a tensor this process holds (a DTensor's local shard; any other tensor itself)."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
@@ -492,8 +493,8 @@ def _as_tensor(tensors: CheckpointTensors, key: str) -> Any:
 
 
 def _params_of(peft_model: Any, live: Iterable[Any]) -> list[Any]:
-    pointers = {_local(t).data_ptr() for t in live if _local(t).numel()}
-    return [p for p in peft_model.parameters() if _local(p).numel() and _local(p).data_ptr() in pointers]
+    pointers = {local_shard(t).data_ptr() for t in live if local_shard(t).numel()}
+    return [p for p in peft_model.parameters() if local_shard(p).numel() and local_shard(p).data_ptr() in pointers]
 
 
 def _shares_parameter_storage(live: Mapping[str, Any], params: list[Any]) -> bool:
@@ -502,11 +503,11 @@ def _shares_parameter_storage(live: Mapping[str, Any], params: list[Any]) -> boo
     reload). Adapter kinds whose state dict is computed (prompt learning) take peft's path. A zero-element local
     tensor (an FSDP2 shard of a dim smaller than the world size) has nothing to copy and counts as in place: else
     only the ranks holding one would take peft's path."""
-    shards = [_local(p) for p in params]
+    shards = [local_shard(p) for p in params]
     whole = {(p.data_ptr(), tuple(p.shape), p.dtype, p.device) for p in shards}
     return all(
         not t.numel() or (t.is_contiguous() and (t.data_ptr(), tuple(t.shape), t.dtype, t.device) in whole)
-        for t in map(_local, live.values())
+        for t in map(local_shard, live.values())
     )
 
 
@@ -561,32 +562,29 @@ def _same_bits(a: Any, b: Any) -> bool:
     few threads, CPU tensors are compared by memcmp."""
     import torch
 
-    a, b = _local(a), _local(b)  # DTensors: this rank's shards (the same placements, cast by _like)
+    a, b = local_shard(a), local_shard(b)  # DTensors: this rank's shards (the same placements, cast by _like)
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    if _compare_by_memcmp(a, b, torch.get_num_threads()):
-        return _memcmp()(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
+    memcmp = _memcmp()
+    if memcmp is not None and _compare_by_memcmp(a, b, torch.get_num_threads()):
+        return memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
     view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return bool(torch.equal(a.detach().contiguous().view(view), b.detach().contiguous().view(view)))
 
 
 def _compare_by_memcmp(a: Any, b: Any, threads: int) -> bool:
-    """Whether memcmp can compare the two (same dtype and shape) and is the faster way here."""
+    """Whether memcmp can compare the two (same dtype and shape) and is the faster way here (if it can be loaded)."""
     on_cpu = a.device.type == "cpu" and b.device.type == "cpu"
-    return threads < _MEMCMP_BELOW_THREADS and on_cpu and a.is_contiguous() and b.is_contiguous() and _memcmp_ok()
-
-
-def _memcmp_ok() -> bool:
-    try:
-        _memcmp()
-    except (OSError, AttributeError):  # no C library to load (not expected on Linux): torch.equal then
-        return False
-    return True
+    return threads < _MEMCMP_BELOW_THREADS and on_cpu and a.is_contiguous() and b.is_contiguous()
 
 
 @functools.cache
-def _memcmp() -> Callable[[int, int, int], int]:
-    function = ctypes.CDLL(None).memcmp
+def _memcmp() -> Callable[[int, int, int], int] | None:
+    """The C library's memcmp, or None where none can be loaded (not expected on Linux): torch.equal then."""
+    try:
+        function = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError):
+        return None
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     return function  # type: ignore[no-any-return]
