@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -375,17 +376,15 @@ class RankAgreement:
             if then is not None and then.reply is None and newest is not None and newest.token != then.token:
                 self._supersede(then, newest.request.fork_id)  # not decided, and a newer fork came meanwhile
             told = self._told
-            fresh = told is not None and told.expired() is None
-            fresh = fresh and not out_of_inputs
-            offered = told if fresh and told is not None and told.token != self._settled else None
+            # A rank out of inputs (DDP Join) offers nothing; neither is an expired or already-settled fork offered.
+            offerable = not out_of_inputs and told is not None and told.expired() is None
+            offered = told if offerable and told is not None and told.token != self._settled else None
             self._in_flight_told = offered  # under the lock: `request` asks whether a fork is in flight
         self._in_flight = _InFlight(dist, torch, self._device, offered.token if offered else 0)
 
     def _handshake(self, dist: Any, rank: int, world: int) -> None:
         global _job_id
-        from datetime import timedelta
-
-        store = dist.distributed_c10d._get_default_store()
+        store = _default_store(dist)
         prefix = f"{_STORE_PREFIX}/{self.hooks.index}"
         if rank == 0:
             store.set(f"{_STORE_PREFIX}/job", secrets.token_hex(8))
@@ -493,7 +492,7 @@ class RankAgreement:
         if problem is not None:
             votes[rank] = _TOO_LATE if expired else _FAILED
             with contextlib.suppress(Exception):  # the reason is for the outcome; the vote is what counts
-                self._store(dist).set(f"{key}/{rank}", problem)
+                _default_store(dist).set(f"{key}/{rank}", problem)
         elif digest is not None:
             votes[world], votes[world + 1] = fork_token(digest), -fork_token(digest)
         dist.all_reduce(votes, op=dist.ReduceOp.MAX)
@@ -506,14 +505,9 @@ class RankAgreement:
         expired_all = bool(failed) and all(values[r] == _TOO_LATE for r in failed)
         return _Vote(failed, values[world] == -values[world + 1], expired_all)
 
-    def _store(self, dist: Any) -> Any:
-        return dist.distributed_c10d._get_default_store()
-
     def _reason(self, dist: Any, key: str) -> str:
-        from datetime import timedelta
-
         try:
-            store = self._store(dist)
+            store = _default_store(dist)
             store.wait([key], timedelta(seconds=_REASON_WAIT_S))
             return str(store.get(key).decode("utf-8", "replace"))
         except Exception:
@@ -560,6 +554,11 @@ class RankAgreement:
                 if told is not None and told.reply is None:
                     told.reply = error_reply("ranks_off", why, **rank_info())
             self._cond.notify_all()
+
+
+def _default_store(dist: Any) -> Any:
+    """The default group's store (torchrun's TCPStore): the handshake's keys and a failing rank's reasons."""
+    return dist.distributed_c10d._get_default_store()
 
 
 def _group_timeout_s(dist: Any) -> float | None:
