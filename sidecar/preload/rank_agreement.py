@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.preload.rank_exit import wait_done, watch_exit
+from sidecar.preload.rank_reduce import Buffers, InFlight, reduce_device
 from sidecar.protocol.messages import ForkRequest, error_reply, ok_reply
 
 __all__ = [
@@ -145,52 +146,6 @@ def rank_info() -> dict[str, Any]:
     return out
 
 
-# --- the reductions ----------------------------------------------------------------------------------------------
-def _reduce_device(dist: Any, torch: Any, model_device: Any = None) -> Any:
-    """Where the default group's backend takes tensors: CPU for gloo (also in a mixed "cpu:gloo,cuda:nccl"), else
-    the device of the model's LoRA parameters (NCCL wants this rank's own GPU; the current device is only a guess:
-    a job that never called torch.cuda.set_device has cuda:0 current on every rank)."""
-    backend = str(dist.get_backend()).lower()
-    if "gloo" in backend or backend == "mpi":
-        return torch.device("cpu")
-    if model_device is not None and torch.device(model_device).type != "cpu":
-        return torch.device(model_device)
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-class _InFlight:
-    """One all_reduce(MAX) of [t, -t] started at a boundary and read at the next."""
-
-    def __init__(self, dist: Any, torch: Any, device: Any, token: int) -> None:
-        if device.type == "cpu":
-            self.buf = torch.tensor([token, -token], dtype=torch.int64)
-        else:
-            # Filled on the device: torch.tensor(..., device=cuda) copies from pageable memory and waits for the
-            # stream, i.e. for the optimizer step just queued; a fill is one more kernel in the queue.
-            self.buf = torch.empty(2, dtype=torch.int64, device=device)
-            self.buf[0].fill_(token)
-            self.buf[1].fill_(-token)
-        self.work = dist.all_reduce(self.buf, op=dist.ReduceOp.MAX, async_op=True)
-        self.host: Any = None
-        self.event: Any = None
-        if device.type == "cuda":
-            self.work.wait()  # orders the copy after the reduce on the stream; the CPU does not wait
-            self.host = torch.empty(2, dtype=torch.int64, pin_memory=True)
-            self.host.copy_(self.buf, non_blocking=True)
-            self.event = torch.cuda.Event()
-            # On the stream of the LoRA's device, which the copy ran on: the current device may be another GPU.
-            self.event.record(torch.cuda.current_stream(device))
-
-    def result(self) -> tuple[int, int]:
-        if self.event is not None:
-            self.event.synchronize()  # recorded a whole step ago: long done
-            highest, negated = self.host.tolist()
-        else:
-            self.work.wait()
-            highest, negated = self.buf.tolist()
-        return int(highest), int(-negated)
-
-
 # --- the agreement of one registered model -----------------------------------------------------------------------
 @dataclass
 class _Told:
@@ -254,10 +209,11 @@ class RankAgreement:
         self._told: _Told | None = None
         self._settled = 0
         self._settled_reply: dict[str, Any] | None = None
-        self._in_flight: _InFlight | None = None
+        self._in_flight: InFlight | None = None
         self._in_flight_told: _Told | None = None
         self._joined = False
         self._device: Any = None  # where the reduces' tensors live, chosen at the first boundary
+        self._buffers: Buffers | None = None  # allocated there too
         self._loads = 0  # decisions so far: the same count on every rank, so it names a load's keys in the store
         self.off: str | None = None  # why agreement is off for good (handshake failed, a collective failed)
         self.last_reduce: tuple[int, int] | None = None
@@ -358,7 +314,8 @@ class RankAgreement:
         torch = sys.modules["torch"]
         if not self._joined:
             self._handshake(dist, rank, world)
-            self._device = _reduce_device(dist, torch, self.hooks.device())
+            self._device = reduce_device(dist, torch, self.hooks.device())
+            self._buffers = Buffers(torch, self._device, world)
             self._joined = True
             watch_exit(self)  # the last reduce is left in flight: drained before the group goes (rank_exit.py)
         self.boundaries += 1
@@ -380,7 +337,8 @@ class RankAgreement:
             offerable = not out_of_inputs and told is not None and told.expired() is None
             offered = told if offerable and told is not None and told.token != self._settled else None
             self._in_flight_told = offered  # under the lock: `request` asks whether a fork is in flight
-        self._in_flight = _InFlight(dist, torch, self._device, offered.token if offered else 0)
+        assert self._buffers is not None
+        self._in_flight = InFlight(dist, torch, self._buffers, offered.token if offered else 0)
 
     def _handshake(self, dist: Any, rank: int, world: int) -> None:
         global _job_id
@@ -488,7 +446,9 @@ class RankAgreement:
         """One all_reduce(MAX): per rank 0 (ok), 1 (failed) or 2 (too late), and [t, -t] of the digest read. A
         failing rank puts its reason into the job's store before the reduce, so every rank can name it after."""
         key = f"{_STORE_PREFIX}/{self.hooks.index}/load/{self._loads}/{phase}"
-        votes = torch.zeros(world + 2, dtype=torch.int64, device=self._device)
+        assert self._buffers is not None
+        votes = self._buffers.votes
+        votes.zero_()
         if problem is not None:
             votes[rank] = _TOO_LATE if expired else _FAILED
             with contextlib.suppress(Exception):  # the reason is for the outcome; the vote is what counts

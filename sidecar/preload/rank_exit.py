@@ -2,11 +2,10 @@
 default process group goes away, at `torch.distributed.destroy_process_group()` and at interpreter exit.
 
 The agreement (sidecar/preload/rank_agreement.py) starts an `async_op=True` all_reduce at every optimizer-step
-boundary and reads it at the next, so after the last step one is still in flight. Left there, a 2-rank gloo job
-could hang at exit (1 run of 3 in bench.ranks_bench): at interpreter shutdown the main thread, holding the GIL,
-destroyed the group, whose `~ProcessGroupGloo` waits for gloo's worker thread, while that thread, tearing down the
-reduce's work, needed the GIL for the Python object of its tensor. Waiting for the reduce and dropping it on the
-main thread first leaves gloo's worker nothing of ours to tear down.
+boundary and reads it at the next, so after the last step one is still in flight. Waiting for it here, before the
+group is torn down, means no reduce of ours is still running in gloo's worker (or NCCL's) when the group's
+destructor joins it. (What made a 2-rank gloo job hang at exit was a different thing, a worker thread waiting for
+the GIL to release a tensor of ours: the buffers in sidecar/preload/rank_reduce.py are kept pinned for that.)
 
 The wait is bounded (`DRAIN_S`, polling `is_completed()`): a peer that has already exited never completes it, and
 an exit must not turn into a hang of ours. It reads nothing and decides nothing, so no rank takes a step the others
