@@ -240,3 +240,23 @@ def test_a_vllm_server_known_to_one_node_is_reloaded_through_that_node(
     vllm = outcome["nodes"]["node-1"]["vllm"]
     assert vllm["status"] == "ok", vllm
     assert [s["url"] for s in vllm["servers"]] == [vllm_run.server.url]
+
+
+def test_closing_the_watch_ends_its_read_at_once_while_nothing_changes(etcd_server: EtcdServer) -> None:
+    import threading
+
+    from sidecar.claims.etcd_client import EtcdSession
+    from sidecar.claims.etcd_watch import Changes
+    from sidecar.config import EtcdConfig
+
+    session = EtcdSession(EtcdConfig(endpoints=tuple(etcd_server.endpoints)), request_timeout=5.0)
+    changes = Changes(session, "/quiet/forks/", "/quiet/reports/")
+    wait_for(lambda: changes.seen() > 0, 20, "the watch open")  # its "created" wakes the waiters once
+    wait_for(lambda: changes._stream is not None, 20, "the stream kept")
+    # Nothing changes under these keys: the watch thread sits in a read that would last until IDLE_S (60 s).
+    closer = threading.Thread(target=changes.close)
+    closer.start()
+    closer.join(10)  # a stopping daemon waited here 7-60 s (closing the response waited for that read)
+    assert not closer.is_alive(), "close() waited for the watch's read to end"
+    changes._thread.join(10)
+    assert not changes._thread.is_alive()

@@ -8,7 +8,9 @@ is bounded by a short request timeout and every failure is one of two exceptions
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -272,6 +274,13 @@ class WatchStream:
                 yield dict(chunk["result"])
 
     def close(self) -> None:
+        """End the stream, also while another thread is blocked reading it."""
+        # That read holds the response's buffered reader, so closing the response alone waited for it: for the
+        # next change or the idle timeout (a stopping daemon took 7-60 s). Shutting the socket down ends it now.
+        sock = getattr(getattr(self._reply.raw, "connection", None), "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self._reply.close()
         self._http.close()
 
