@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -243,8 +244,7 @@ def test_a_vllm_server_known_to_one_node_is_reloaded_through_that_node(
 
 
 def test_closing_the_watch_ends_its_read_at_once_while_nothing_changes(etcd_server: EtcdServer) -> None:
-    import threading
-
+    # Imported here: the etcd client is an optional extra, and this module's other tests drive daemons only.
     from sidecar.claims.etcd_client import EtcdSession
     from sidecar.claims.etcd_watch import Changes
     from sidecar.config import EtcdConfig

@@ -212,8 +212,7 @@ class RankAgreement:
         self._in_flight: InFlight | None = None
         self._in_flight_told: _Told | None = None
         self._joined = False
-        self._device: Any = None  # where the reduces' tensors live, chosen at the first boundary
-        self._buffers: Buffers | None = None  # allocated there too
+        self._buffers: Buffers | None = None  # the collectives' tensors, allocated at the first boundary
         self._loads = 0  # decisions so far: the same count on every rank, so it names a load's keys in the store
         self.off: str | None = None  # why agreement is off for good (handshake failed, a collective failed)
         self.last_reduce: tuple[int, int] | None = None
@@ -314,8 +313,7 @@ class RankAgreement:
         torch = sys.modules["torch"]
         if not self._joined:
             self._handshake(dist, rank, world)
-            self._device = reduce_device(dist, torch, self.hooks.device())
-            self._buffers = Buffers(torch, self._device, world)
+            self._buffers = Buffers(torch, reduce_device(dist, torch, self.hooks.device()), world)
             self._joined = True
             watch_exit(self)  # the last reduce is left in flight: drained before the group goes (rank_exit.py)
         self.boundaries += 1

@@ -5,7 +5,7 @@ The agreement (sidecar/preload/rank_agreement.py) starts an `async_op=True` all_
 boundary and reads it at the next, so after the last step one is still in flight. Waiting for it here, before the
 group is torn down, means no reduce of ours is still running in gloo's worker (or NCCL's) when the group's
 destructor joins it. (What made a 2-rank gloo job hang at exit was a different thing, a worker thread waiting for
-the GIL to release a tensor of ours: the buffers in sidecar/preload/rank_reduce.py are kept pinned for that.)
+the GIL to release a tensor of ours: sidecar/preload/rank_reduce.py keeps its buffers for that.)
 
 The wait is bounded (`DRAIN_S`, polling `is_completed()`): a peer that has already exited never completes it, and
 an exit must not turn into a hang of ours. It reads nothing and decides nothing, so no rank takes a step the others

@@ -29,10 +29,11 @@ class Buffers:
 
     Why: since torch's PyObject preservation rework (torch 2.13 here: `c10/util/intrusive_ptr.h` calls
     `decref_pyobject` when a tensor's C++ refcount goes from 2 to 1), the thread that drops a finished collective's
-    last reference to a tensor made in Python needs the GIL. For gloo that is its worker thread, which then queued
-    for the GIL behind the training thread at every step, and at the job's end it deadlocked: the main thread,
-    holding the GIL, destroyed the group (`~ProcessGroupGloo` joins the worker) while the worker, tearing down a
-    barrier that held the last reduce, waited for the GIL (1 of about 12 runs of `bench.ranks_bench` hung at exit).
+    reference to a tensor made in Python, leaving only its Python object's, needs the GIL. For gloo that is its
+    worker thread, which then queued for the GIL behind the training thread at every step, and at the job's end it
+    deadlocked: the main thread, holding the GIL, destroyed the group (`~ProcessGroupGloo` joins the worker) while
+    the worker, tearing down a barrier that held the last reduce, waited for the GIL (3 of 13 runs of the bench's
+    DDP job hung at exit).
     A view of each buffer, kept with it, is one more C++ reference that is never dropped (a view holds its base
     in its autograd view info), so a collective only ever takes the count from 3 to 2: no GIL. (A torch Future
     would not do: it holds the Python object, not the tensor.)"""
