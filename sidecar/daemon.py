@@ -51,6 +51,10 @@ STATUS_EVERY_S = 10.0
 # Agent directories are made as soon as the set of run owners changes; all of them are looked at again this often
 # (one lstat per owner, not per run: a directory cleaned away is made again).
 AGENT_DIRS_EVERY_S = 60.0
+# A claim held by another live daemon is looked at again this often (by its claimer's heartbeat file, or one etcd read).
+# The main loop wakes after every fork pass, so without this a daemon re-read a foreign claim in a loop for as long
+# as that fork ran: about 110 etcd reads a second per daemon, most of the calls etcd served during a 3-node fork.
+ORPHAN_OFFER_EVERY_S = 1.0
 
 
 def build_stages(config: Config) -> list[Stage]:
@@ -77,9 +81,10 @@ class Daemon:
         self._queue = FairQueue(config.forks.workers, config.forks.per_owner, self._work)
         self._resumes: dict[Path, list[ForkRecord]] = {}
         # Runs with a `.fork.inprogress` (the watcher reports each one it sees, by event and in every scan; start-up
-        # housekeeping adds those already there): re-offered each tick until adopted or gone. No periodic walk over
-        # every run: at 10,000 runs that walk cost 1.5-1.9 % of a core, idle.
-        self._orphans: set[Path] = set()
+        # housekeeping adds those already there): re-offered every ORPHAN_OFFER_EVERY_S until adopted or gone (each
+        # with the monotonic time it was last offered). No periodic walk over every run: at 10,000 runs that walk cost
+        # 1.5-1.9 % of a core, idle.
+        self._orphans: dict[Path, float] = {}
         self._started_at = time.time()
         self._counts = {"done": 0, "failed": 0}
         self._last_status = 0.0
@@ -228,7 +233,7 @@ class Daemon:
     def _make_watcher(self, config: Config) -> MarkerWatcher:
         return MarkerWatcher(
             list(config.watch.roots),
-            self._submit,
+            self._marker_written,
             mode=config.watch.mode,
             poll_interval=config.watch.poll_interval,
             rescan_interval=config.watch.rescan_interval,
@@ -236,9 +241,13 @@ class Daemon:
         )
 
     # --- scheduling -----------------------------------------------------------------------------------------
-    def _submit(self, model_dir: Path) -> None:
-        """Called for every marker seen: queue the run under its owner, or have its worker look again after."""
-        self._queue.submit(model_dir, _owner_for_fairness(model_dir))
+    def _submit(self, model_dir: Path, *, written: bool = False) -> None:
+        """Queue the run under its owner, or have its worker look again after (FairQueue.submit)."""
+        self._queue.submit(model_dir, _owner_for_fairness(model_dir), written=written)
+
+    def _marker_written(self, model_dir: Path) -> None:
+        """The watcher's report: reports come once a marker's writer is done with it (sidecar/watch/)."""
+        self._submit(model_dir, written=True)
 
     def _work(self, model_dir: Path, settle: bool) -> None:
         pipeline = self.pipeline
@@ -257,16 +266,19 @@ class Daemon:
         """A `.fork.inprogress` the watcher saw: ours, or a claim whose claimer may die (another daemon's, or one
         left by a crash), which `_offer_orphans` then offers until it is adopted or gone."""
         with self._lock:
-            self._orphans.add(model_dir)
+            self._orphans.setdefault(model_dir, 0.0)  # seen again by an event: its next offer stays where it was
 
     def _offer_orphans(self) -> None:
+        now = time.monotonic()
         with self._lock:
-            orphans = list(self._orphans)
-        for model_dir in orphans:
+            due = [path for path, offered in self._orphans.items() if now - offered >= ORPHAN_OFFER_EVERY_S]
+        for model_dir in due:
             if not os.path.lexists(model_dir / INPROGRESS):
                 with self._lock:
-                    self._orphans.discard(model_dir)
+                    self._orphans.pop(model_dir, None)
             elif not self._queue.has(model_dir):
+                with self._lock:
+                    self._orphans[model_dir] = now
                 self._submit(model_dir)
 
     def _retry_state_dir(self) -> None:
@@ -309,7 +321,8 @@ class Daemon:
             self._collect_leftovers(runs)
             orphans = {r.path for r in runs if r.path not in resumed and os.path.lexists(r.path / INPROGRESS)}
             with self._lock:
-                self._orphans |= orphans
+                for model_dir in orphans:
+                    self._orphans.setdefault(model_dir, 0.0)
             for stage in self.pipeline.stages:
                 stage.on_start([r.path for r in runs], self._hold_idle_run)
         except Exception:  # chores must never take the daemon down

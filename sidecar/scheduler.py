@@ -21,24 +21,29 @@ class FairQueue:
     def __init__(self, workers: int, per_owner: int, work: Callable[[Path, bool], None]) -> None:
         self.workers = workers
         self.per_owner = per_owner
-        self._work = work  # (run, settle): settle is true for a run taken again after a pass (see process_run)
+        # (run, settle): settle is true for a run taken again after a pass that nobody reported a written marker
+        # for meanwhile (see process_run)
+        self._work = work
         self._lock = threading.Lock()
         self._queues: dict[int, collections.deque[Path]] = {}
         self._turns: collections.deque[int] = collections.deque()  # owners with queued runs, in serving order
         self._queued: dict[Path, tuple[int, bool]] = {}  # run -> (owner, settle)
         self._active: dict[Path, int] = {}  # run -> owner
         self._per_owner_active: collections.Counter[int] = collections.Counter()
-        self._again: set[Path] = set()
+        self._again: dict[Path, bool] = {}  # run -> whether a written marker was reported while it ran
         self._threads: set[threading.Thread] = set()
         self._busy = 0
         self._stopping = False
 
     # --- the daemon's side ------------------------------------------------------------------------------------
-    def submit(self, run: Path, owner: int) -> None:
-        """A marker (or a claim to look at) in `run`: queue it, or have its running worker look again after."""
+    def submit(self, run: Path, owner: int, *, written: bool = False) -> None:
+        """A marker (or a claim to look at) in `run`: queue it, or have its running worker look again after.
+        `written`: the watcher saw the marker's writer finish (closed, moved in, or left alone since a scan), so the
+        look after the running pass takes it at once instead of waiting for it to settle (MARKER_SETTLE_S: a
+        marker written right after a fork's outcome waited that long, behind the fork's last etcd call)."""
         with self._lock:
             if run in self._active:
-                self._again.add(run)
+                self._again[run] = self._again.get(run, False) or written
             elif run not in self._queued:
                 self._enqueue(run, owner, settle=False)
             self._spawn_if_needed()
@@ -58,7 +63,7 @@ class FairQueue:
 
     def queued(self) -> list[Path]:
         with self._lock:
-            return sorted(set(self._queued) | self._again)
+            return sorted(set(self._queued) | set(self._again))
 
     def reserve(self, run: Path, owner: int) -> bool:
         """Hold `run` as a worker would, for a chore on its files outside any fork (start-up snapshot collection):
@@ -131,9 +136,9 @@ class FairQueue:
         if self._per_owner_active[owner] <= 0:
             del self._per_owner_active[owner]
         if run in self._again:
-            self._again.discard(run)
+            written = self._again.pop(run)
             # Behind the runs already waiting: a run re-touched in a loop cannot starve the others.
-            self._enqueue(run, owner, settle=True)
+            self._enqueue(run, owner, settle=not written)
 
     def _worker(self) -> None:
         me = threading.current_thread()

@@ -84,6 +84,30 @@ def test_a_run_resubmitted_while_it_works_runs_again_once_after_and_never_twice_
     assert seen == [(Path("r"), False), (Path("r"), True)] and not overlap
 
 
+def test_the_look_after_a_pass_waits_for_the_marker_to_settle_unless_a_written_one_was_reported() -> None:
+    # A marker the watcher reported written while the run's fork ran (closed, moved in) is taken at once after the
+    # pass; any other look (a claim to look at, a retry) still lets a marker settle first.
+    seen: list[tuple[Path, bool]] = []
+    gate = threading.Event()
+
+    def work(run: Path, settle: bool) -> None:
+        seen.append((run, settle))
+        if len(seen) % 2:
+            gate.wait(30)
+            gate.clear()
+
+    queue = FairQueue(workers=2, per_owner=2, work=work)
+    for expected_settle, submits in ((True, [False, False]), (False, [False, True, False])):
+        seen.clear()
+        queue.submit(Path("r"), owner=0)
+        wait_for(lambda: seen, 30, "the first pass")
+        for written in submits:
+            queue.submit(Path("r"), owner=0, written=written)
+        gate.set()
+        wait_for(lambda: len(seen) == 2 and not queue.has(Path("r")), 30, "one more pass")
+        assert seen == [(Path("r"), False), (Path("r"), expected_settle)], submits
+
+
 def test_a_reserved_run_is_never_given_to_a_worker_and_its_marker_is_taken_after_release() -> None:
     work = Blocking()
     queue = FairQueue(workers=2, per_owner=2, work=work)
