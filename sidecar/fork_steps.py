@@ -43,6 +43,11 @@ log = logging.getLogger("sidecar.pipeline")  # the daemon's one fork logger: jou
 _UNCHANGED = "unchanged"  # what disk_digest echoes back when 0000 is still the file staged
 # The reasons of a notification stage that is not configured (fanout.OTHER_REASON: of one that raised, a bug).
 _NONE_FOUND = {"trainers": Reason.TRAINER_NONE_FOUND, "vllm": Reason.VLLM_NONE_FOUND}
+# The states recorded for an adopter (etcd backend: Claims.progress), those that spare it work: a staged copy and a
+# finished swap. Past the swap an adopter runs the stages again from SWAPPED whatever was recorded
+# (ForkPipeline._resume_adopted), and verifies itself, so recording TRAINERS, VLLM and VERIFIED cost each fork three
+# etcd writes on the claimer's path for nothing.
+ADOPTERS_RESUME_FROM = frozenset({ForkState.STAGED, ForkState.SWAPPED})
 
 
 @dataclasses.dataclass
@@ -329,7 +334,7 @@ class ForkSteps:
             self.journal.advance(record, state, **changes)
         except JournalUnwritable as e:
             fork_logger(record).warning("state %s not journaled, carrying on: %s", state, e)
-        if not record.state.terminal:  # what another daemon resumes from if this one dies (etcd backend)
+        if state in ADOPTERS_RESUME_FROM:  # what another daemon resumes from if this one dies (etcd backend)
             self.claims.progress(Path(record.model_dir) / INPROGRESS, record.to_json())
 
     def close(self, record: ForkRecord) -> None:

@@ -278,9 +278,11 @@ class ForkPipeline:
         )
         # The run as this daemon opened it: a shared filesystem's device number differs between hosts.
         record.sections["run"] = {"dev": held.opened.dev, "ino": held.opened.ino, "uid": held.opened.uid}
-        if record.state in (ForkState.TRAINERS, ForkState.VLLM):
+        if record.state in (ForkState.TRAINERS, ForkState.VLLM, ForkState.VERIFIED):
             # Its trainers / vllm sections are what the dead claimer's node did: this node runs its own stages (both
-            # idempotent) and the claimer's node counts by the report it left, or as missing (Claims.gather).
+            # idempotent) and verifies itself; the claimer's node counts by the report it left, or as missing
+            # (Claims.gather). Daemons record only up to SWAPPED (fork_steps.ADOPTERS_RESUME_FROM); the later states
+            # come from older versions.
             record.state = ForkState.SWAPPED
             for name in STAGE_NAMES:
                 record.sections.pop(name, None)

@@ -197,6 +197,29 @@ def test_a_member_frozen_past_its_lease_loses_the_claim_and_files_nothing(nodes:
     assert read_outcome(model_dir) == outcome  # the thawed claimer did not overwrite it
 
 
+def test_a_claim_held_by_a_live_daemon_is_looked_at_about_once_a_second_not_in_a_loop(
+    nodes: list[Node], art: Path, etcd_server: EtcdServer
+) -> None:
+    # The other daemons re-offered the claimed run after every pass, and each pass read its claim key: about 110 etcd
+    # reads a second each, for as long as the fork ran (held here at its swap, so it runs as long as the test says).
+    gate = nodes[0].dir.parent / "looked-gate"
+    for node in nodes:
+        node.daemon.env = hold_env("swapped", gate)
+    model_dir = make_run(art, "looked")
+    start_all(nodes)
+    (model_dir / MARKER).write_text("step: 3")
+    wait_for(held_at(gate).exists, 60, "the claimer's fork held after its swap")
+    time.sleep(1.0)  # past the first looks each other daemon takes when it sees the claim appear
+    before, started = etcd_server.served("Range"), time.monotonic()
+    time.sleep(3.0)
+    reads, seconds = etcd_server.served("Range") - before, time.monotonic() - started
+    gate.touch()
+    assert wait_outcome(model_dir)["status"] == "done"
+    # Per daemon and second: one look at the claim, one fan-out read (LISTEN_POLL_S), the keeper's member list every
+    # lease_ttl/3; 5 allows for a slow host's catch-up.
+    assert reads <= 5 * len(nodes) * seconds, f"{reads} etcd reads in {seconds:.1f}s while one fork was held"
+
+
 def test_a_restarted_member_rejoins_and_claims_again(nodes: list[Node], art: Path) -> None:
     for node in nodes:
         node.daemon.start()
@@ -281,6 +304,19 @@ def _etcd_claims(tmp_path: Path, art: Path, etcd_server: EtcdServer) -> Iterator
         yield claims
     finally:
         claims.close()
+
+
+def test_a_report_put_by_another_node_wakes_the_gathering_claimer(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    # The claimer's watch ended at the end of `P/reports//`, before every report key (fork ids start with the
+    # year): a gather heard of no report and waited out its 0.5 s poll (one 3-node fork in 4 took 0.5 s longer).
+    reports = ("reports put",)  # not the members too: this node's own member key is written meanwhile
+    with _etcd_claims(tmp_path, art, etcd_server) as claims:
+        wait_for(lambda: claims._changes.seen(reports) > 0, 20, "the watch open")  # its "created" wakes everyone
+        seen = claims._changes.seen(reports)
+        etcd_server.put(f"{claims.prefix}/reports/20261201T120000Z-abc123/node-2", "{}")
+        wait_for(lambda: claims._changes.seen(reports) != seen, 10, "the report to wake the claimer")
 
 
 def test_a_member_whose_stages_raised_reports_both_failed_so_it_is_named(

@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.daemon import wait_for, wait_outcome
 from tests.support.etcd_nodes import Node, prom, settled_history, start_all
-from tests.support.etcd_server import EtcdServer
+from tests.support.etcd_server import EtcdServer, b64
 from tests.support.tiny_model import TinyAssets
 
 if TYPE_CHECKING:
@@ -250,8 +250,8 @@ def test_closing_the_watch_ends_its_read_at_once_while_nothing_changes(etcd_serv
     from sidecar.config import EtcdConfig
 
     session = EtcdSession(EtcdConfig(endpoints=tuple(etcd_server.endpoints)), request_timeout=5.0)
-    changes = Changes(session, "/quiet/forks/", "/quiet/reports/")
-    wait_for(lambda: changes.seen() > 0, 20, "the watch open")  # its "created" wakes the waiters once
+    changes = Changes(session, "/quiet", "/quiet/forks/", "/quiet/reports/")
+    wait_for(lambda: changes.seen(("forks put",)) > 0, 20, "the watch open")  # its "created" wakes the waiters once
     wait_for(lambda: changes._stream is not None, 20, "the stream kept")
     # Nothing changes under these keys: the watch thread sits in a read that would last until IDLE_S (60 s).
     closer = threading.Thread(target=changes.close)
@@ -260,3 +260,33 @@ def test_closing_the_watch_ends_its_read_at_once_while_nothing_changes(etcd_serv
     assert not closer.is_alive(), "close() waited for the watch's read to end"
     changes._thread.join(10)
     assert not changes._thread.is_alive()
+
+
+def test_a_change_wakes_only_the_waiters_of_its_topic(etcd_server: EtcdServer) -> None:
+    # A claimer's progress writes lie inside the watched range: they woke every member's listener, which read etcd
+    # again each time (most of the reads of a 3-node fork); so did the deletes of a fork's keys once it ended.
+    from sidecar.claims.etcd_client import EtcdSession
+    from sidecar.claims.etcd_watch import Changes
+    from sidecar.config import EtcdConfig
+
+    session = EtcdSession(EtcdConfig(endpoints=tuple(etcd_server.endpoints)), request_timeout=5.0)
+    changes = Changes(session, "/topics", "/topics/forks/", "/topics/reports/")
+    try:
+        wait_for(lambda: changes.seen(("forks put",)) > 0, 20, "the watch open")
+        forks, reports = changes.seen(("forks put",)), changes.seen(("reports put",))
+        etcd_server.put("/topics/progress/run", "{}")
+        etcd_server.put("/topics/reports/f1/node-2", "{}")
+        wait_for(lambda: changes.seen(("reports put",)) != reports, 20, "the report streamed")
+        assert changes.seen(("forks put",)) == forks  # streamed in order: the progress write came first and woke no one
+        etcd_server.put("/topics/forks/f1", "{}")
+        waiter = threading.Thread(target=changes.wait, args=(("forks put",), forks, 20.0))
+        waiter.start()
+        waiter.join(20)
+        assert not waiter.is_alive() and changes.seen(("forks put",)) == forks + 1
+        gone = changes.seen(("forks deleted",))
+        etcd_server.call("/v3/kv/deleterange", {"key": b64("/topics/forks/f1")})
+        etcd_server.put("/topics/reports/f1/node-3", "{}")
+        wait_for(lambda: changes.seen(("reports put",)) == reports + 2, 20, "the second report streamed")
+        assert changes.seen(("forks deleted",)) == gone + 1 and changes.seen(("forks put",)) == forks + 1
+    finally:
+        changes.close()

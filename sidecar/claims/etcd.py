@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sidecar.claims.base import ClaimFiles, ClaimInDoubt, ClaimLost, Claims
 from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession, KeyValue
 from sidecar.claims.etcd_serves import Serving, ServingSurvey
-from sidecar.claims.etcd_watch import GATHER_POLL_S, LISTEN_POLL_S, Changes
+from sidecar.claims.etcd_watch import GATHER_POLL_S, GATHER_TOPICS, LISTEN_POLL_S, LISTEN_TOPICS, Changes
 from sidecar.config import Config
 from sidecar.fanout import STAGE_NAMES, Gathered, raised_report, recorded_members, recorded_nodes
 
@@ -81,8 +81,10 @@ class EtcdClaims(Claims):
         self._survey = ServingSurvey(config)
         self._serving: Serving | None = None  # what this node serves, as the last survey found (None: not yet)
         self._serving_written: tuple[Serving, int] | None = None  # what etcd has, and under which lease
-        # Published forks, members, progress and reports (the keys between forks/ and reports/, in etcd's order).
-        self._changes = Changes(self.session, self._fork_key(""), self._report_key(""))
+        # Published forks, members, progress and reports (the keys from forks/ to the end of reports/, in etcd's
+        # order). Up to the end of `P/reports/`, not of `_report_key("")` (`P/reports//`): that range ended before
+        # every report key, so no report woke a gathering claimer, which waited out GATHER_POLL_S instead.
+        self._changes = Changes(self.session, self.prefix, self._fork_key(""), f"{self.prefix}/reports/")
         self._keeper = threading.Thread(target=self._keep, name="etcd-lease", daemon=True)
         self._keeper.start()
         self._listener = threading.Thread(target=self._listen, name="etcd-fanout", daemon=True)
@@ -185,11 +187,6 @@ class EtcdClaims(Claims):
         self.session.put(self._member_key(), self._member(), lease)
         self._serving_written = (serving, lease)
 
-    def _serving_nodes(self, model_dir: str) -> list[str]:
-        """The nodes whose last survey found something serving `model_dir`, their daemons alive or not."""
-        found = self.session.get_prefix(self._serves_key())
-        return [kv.key.rsplit("/", 1)[-1] for kv in found if Serving.from_json(kv.value).serves(model_dir)]
-
     def _up(self) -> None:
         if self.problem is not None:
             if self._logged_down:
@@ -258,27 +255,28 @@ class EtcdClaims(Claims):
             return False
         key = self._claim_key(path)
         value = {"node": self.node, "state": "claiming"}
-        created = self._call(lambda: self.session.create(key, value, lease), False)
-        if not created and self._own_leftover(path, key, lease):
+        # (created, the key found instead), or None while etcd has not answered (the create may have committed).
+        answer = self._call(lambda: self.session.create_or_get(key, value, lease), None)
+        if answer is not None and self._own_leftover(path, answer[1], lease):
             # A create that committed with its reply lost, or an io.claim() that raised: the key under our own
             # live lease would block the marker for as long as this daemon lives.
-            created = self._call(lambda: self.session.delete_if_lease(key, lease), False) and self._call(
-                lambda: self.session.create(key, value, lease), False
-            )
+            deleted = self._call(lambda: self.session.delete_if_lease(key, lease), False)
+            answer = self._call(lambda: self.session.create_or_get(key, value, lease), None) if deleted else None
         taken = False
         try:
-            taken = created and io.claim()
+            taken = answer is not None and answer[0] and io.claim()
         finally:
-            if not taken:  # the create may have committed unanswered: the keeper deletes it until etcd takes that
+            if not taken and (answer is None or answer[0]):
+                # Ours, or perhaps ours (unanswered), with no claim to go with it: the keeper deletes it until etcd
+                # takes that. A create etcd refused (another daemon's claim) leaves nothing to delete.
                 with self._state:
                     self._unclaims.add(key)
                 with contextlib.suppress(EtcdDown, EtcdAuthError):
                     self._flush_pending()
         return taken
 
-    def _own_leftover(self, path: Path, key: str, lease: int) -> bool:
-        """Whether the claim key of `path` is under our lease while no fork of ours holds it (a failed take's)."""
-        found = self._call(lambda: self.session.get(key), None)
+    def _own_leftover(self, path: Path, found: KeyValue | None, lease: int) -> bool:
+        """Whether `found`, the claim key of `path`, is under our lease while no fork of ours holds it."""
         return found is not None and found.lease == lease and all(p != path for p, _, _ in self.registry.items())
 
     def adopt(self, path: Path, info: dict[str, Any] | None) -> bool:
@@ -420,7 +418,10 @@ class EtcdClaims(Claims):
 
     # --- fan-out ----------------------------------------------------------------------------------------------
     def _member_names(self) -> list[str]:
-        return sorted(kv.key.rsplit("/", 1)[-1] for kv in self.session.get_prefix(f"{self.prefix}/members/"))
+        return sorted(kv.name for kv in self.session.get_prefix(self._members_prefix()))
+
+    def _members_prefix(self) -> str:
+        return f"{self.prefix}/members/"
 
     def publish(self, path: Path, record: ForkRecord, budget: float) -> None:
         """Publish the fork with the nodes that must report on it (this one included, fixed now: an adopter that
@@ -468,8 +469,10 @@ class EtcdClaims(Claims):
         """The nodes that must report on `record`'s fork, and the live members among them: this node, every live
         member (told always: a trainer started since its daemon's last survey serves the run too), and every node
         whose serves record names the run (its daemon may be down while its trainers keep running)."""
-        members = self._member_names()
-        return sorted({self.node, *members, *self._serving_nodes(record.model_dir)}), members
+        live, serves = self.session.get_prefixes(self._members_prefix(), self._serves_key())
+        members = sorted(kv.name for kv in live)
+        serving = [kv.name for kv in serves if Serving.from_json(kv.value).serves(record.model_dir)]
+        return sorted({self.node, *members, *serving}), members
 
     def gather(self, path: Path, record: ForkRecord, budget: float) -> Gathered:
         published_at, members, unpublished = self._published.pop(record.fork_id, (time.monotonic(), None, None))
@@ -489,13 +492,10 @@ class EtcdClaims(Claims):
         pending = set(members)
         while pending:
             self.check(path)  # a claimer frozen while it waited finds its claim gone: stop, the adopter reports
-            seen = self._changes.seen()  # before the reads: a report put while they run wakes the wait below
+            seen = self._changes.seen(GATHER_TOPICS)  # before the reads: a report put while they run wakes the wait
             try:
-                reports = {
-                    kv.key.rsplit("/", 1)[-1]: kv.value
-                    for kv in self.session.get_prefix(self._report_key(record.fork_id))
-                }
-                alive = set(self._member_names())
+                reported, live = self.session.get_prefixes(self._report_key(record.fork_id), self._members_prefix())
+                reports, alive = {kv.name: kv.value for kv in reported}, {kv.name for kv in live}
             except (EtcdDown, EtcdAuthError):
                 reports, alive = {}, pending
             for node in sorted(pending):
@@ -514,7 +514,7 @@ class EtcdClaims(Claims):
                     pending.discard(node)
             if not pending or time.monotonic() >= deadline:
                 break
-            self._changes.wait(seen, min(GATHER_POLL_S, max(0.0, deadline - time.monotonic())))
+            self._changes.wait(GATHER_TOPICS, seen, min(GATHER_POLL_S, max(0.0, deadline - time.monotonic())))
             if self._stopping.is_set():
                 raise ClaimInDoubt("the daemon stops while the fork waits for the other nodes' reports")
         for node in pending:
@@ -525,11 +525,11 @@ class EtcdClaims(Claims):
         """Run this node's stages for every fork another node publishes (read on every watched change, and every
         LISTEN_POLL_S regardless)."""
         while not self._stop.is_set():
-            seen = self._changes.seen()
+            seen = self._changes.seen(LISTEN_TOPICS)
             with contextlib.suppress(EtcdDown, EtcdAuthError):
                 if self.usable() and self.on_published is not None:
                     self._tell(self.session.get_prefix(self._fork_key("")))
-            self._changes.wait(seen, LISTEN_POLL_S)
+            self._changes.wait(LISTEN_TOPICS, seen, LISTEN_POLL_S)
 
     def _tell(self, published: list[KeyValue]) -> None:
         """Start this node's stages for each fork published by another node and not yet told here."""
@@ -558,9 +558,6 @@ class EtcdClaims(Claims):
         """This node's report, under no lease: it must outlive this daemon (the trainers it told keep the new weights
         whether or not the daemon lives on); it goes with the fork's key."""
         return self.session.put_if_exists(self._report_key(fork_id, self.node), report, self._fork_key(fork_id))
-
-    def _claim_value(self, info: dict[str, Any]) -> dict[str, Any]:
-        return {"fork_id": info.get("fork_id"), "node": self.node, "claimed_by": self.claimer()}
 
     def _call(self, action: Callable[[], T], failed: T) -> T:
         """`action`'s result, or `failed` when etcd cannot answer (which also marks coordination down)."""

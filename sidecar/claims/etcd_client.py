@@ -42,6 +42,11 @@ class KeyValue:
     create_revision: int
     lease: int
 
+    @property
+    def name(self) -> str:
+        """The key's last component: the node of a members/, serves/ or reports/FORK/ key."""
+        return self.key.rsplit("/", 1)[-1]
+
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
@@ -198,6 +203,16 @@ class EtcdSession:
         found = self.call("kv/range", {"key": _b64(prefix), "range_end": _range_end(prefix)}).get("kvs", [])
         return [_kv(item) for item in found]
 
+    def get_prefixes(self, *prefixes: str) -> list[list[KeyValue]]:
+        """Every key under each of `prefixes`, read in one round trip (a read-only transaction: one revision for
+        all of them, served like a range read)."""
+        ops = [{"request_range": {"key": _b64(p), "range_end": _range_end(p)}} for p in prefixes]
+        reply = self.call("kv/txn", {"compare": [], "success": ops, "failure": []})
+        responses = reply.get("responses") or []
+        if len(responses) != len(prefixes):
+            raise EtcdDown(f"etcd answered {len(responses)} ranges for {len(prefixes)} prefixes")
+        return [[_kv(item) for item in r.get("response_range", {}).get("kvs", [])] for r in responses]
+
     def put(self, key: str, value: dict[str, Any], lease: int | None = None) -> None:
         payload: dict[str, Any] = {"key": _b64(key), "value": _b64(json.dumps(value))}
         if lease:
@@ -218,6 +233,23 @@ class EtcdSession:
         return self._txn(
             [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}], [{"request_put": put}]
         )
+
+    def create_or_get(self, key: str, value: dict[str, Any], lease: int) -> tuple[bool, KeyValue | None]:
+        """As create(), in the same round trip returning the key that is there when it already exists."""
+        put = {"key": _b64(key), "value": _b64(json.dumps(value)), "lease": lease}
+        compare = [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}]
+        reply = self.call(
+            "kv/txn",
+            {
+                "compare": compare,
+                "success": [{"request_put": put}],
+                "failure": [{"request_range": {"key": put["key"]}}],
+            },
+        )
+        if reply.get("succeeded"):
+            return True, None
+        found = [kv for r in reply.get("responses") or [] for kv in r.get("response_range", {}).get("kvs", [])]
+        return False, _kv(found[0]) if found else None
 
     def put_if_exists(self, key: str, value: dict[str, Any], guard: str) -> bool:
         """Put `key` (no lease) only while the key `guard` exists; whether it did (a report of a fork that ended
@@ -309,6 +341,15 @@ def _kv(item: dict[str, Any]) -> KeyValue:
         int(item.get("create_revision", 0)),
         int(item.get("lease", 0)),
     )
+
+
+def event_keys(result: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The keys a watch result's events changed, each with whether it was deleted (else put)."""
+    return [
+        (_unb64(event["kv"]["key"]), event.get("type") == "DELETE")
+        for event in result.get("events") or ()
+        if "key" in event.get("kv", {})
+    ]
 
 
 def _short(e: Exception) -> str:

@@ -2,24 +2,30 @@
 starts its stages for a published fork, and a claimer sees a report or a member's lease go, as soon as etcd has it
 instead of at its next poll.
 
+Each waiter names the topics it waits on (the first key component under the prefix and whether the key was put or
+deleted: `forks put`, `reports put`, `members deleted`), and a change wakes only the waiters of its topic: a
+claimer's progress writes, streamed too (they lie between forks/ and reports/), woke every daemon's listener, and each
+then read etcd again (most of the reads during a 3-node fork).
 A wake-up only says "read again": every waiter still reads etcd itself, and reads on a slow timer too, so a watch
 that is lost, stalls or misses changes (etcd restarted, an endpoint switched) slows a fork to that slow poll and never
 loses one. The stream is reopened whenever it ends, and each time it is (re)opened every waiter is woken, since what
-changed while no stream was open was streamed to nobody. A stream quiet for IDLE_S is reopened too (a connection
-whose peer vanished without a word would otherwise be read from forever): one reopen and one read per waiter a
-minute or so while nothing happens, no polling.
+changed while no stream was open was streamed to nobody (every topic, then). A stream quiet for IDLE_S is reopened
+too (a connection whose peer vanished without a word would otherwise be read from forever): one reopen and one read
+per waiter a minute or so while nothing happens, no polling.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
+from collections.abc import Collection
 
 import requests
 
-from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession, WatchStream
+from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession, WatchStream, event_keys
 
-__all__ = ["GATHER_POLL_S", "LISTEN_POLL_S", "Changes"]
+__all__ = ["GATHER_POLL_S", "GATHER_TOPICS", "LISTEN_POLL_S", "LISTEN_TOPICS", "Changes"]
 
 log = logging.getLogger("sidecar.claims.etcd")
 # How often the fan-out reads etcd with no wake-up: the bound a lost watch puts on a member hearing of a fork, and on
@@ -27,35 +33,53 @@ log = logging.getLogger("sidecar.claims.etcd")
 LISTEN_POLL_S = 1.0
 GATHER_POLL_S = 0.5
 IDLE_S = 60.0
+# What wakes each waiter: a member's listener, a fork published; a claimer gathering reports, a report put or a
+# member's key deleted (its lease gone). A fork's keys deleted once it ended woke every listener for nothing.
+LISTEN_TOPICS = ("forks put",)
+GATHER_TOPICS = ("reports put", "members deleted")
 RETRY_S = 1.0  # between attempts to open a watch while etcd does not take one
 
 
 class Changes:
-    """A count of the changes streamed for the keys from `start` to the end of the prefix `prefix_end`; waiters
-    read etcd, then wait for the count to move past what it was before they read (no change is missed between)."""
+    """Counts of the changes streamed for the keys from `start` to the end of the prefix `prefix_end`, per topic (the
+    key's first component under `root`); waiters read etcd, then wait for their topics' count to move past what it was
+    before they read (no change is missed between)."""
 
-    def __init__(self, session: EtcdSession, start: str, prefix_end: str) -> None:
-        self._session, self._start, self._end = session, start, prefix_end
+    def __init__(self, session: EtcdSession, root: str, start: str, prefix_end: str) -> None:
+        self._session, self._root, self._start, self._end = session, root.rstrip("/") + "/", start, prefix_end
         self._changed = threading.Condition()
-        self._count = 0
+        self._everything = 0  # wake-ups of every topic: a (re)opened stream, wake()
+        self._counts: Counter[str] = Counter()
         self._stop = threading.Event()
         self._stream: WatchStream | None = None
         self._thread = threading.Thread(target=self._follow, name="etcd-watch", daemon=True)
         self._thread.start()
 
-    def seen(self) -> int:
-        """The count now: take it before reading etcd, and pass it to wait() after."""
-        with self._changed:
-            return self._count
+    def _count(self, topics: Collection[str]) -> int:
+        return self._everything + sum(self._counts[t] for t in topics)
 
-    def wait(self, seen: int, timeout: float) -> None:
-        """Until a change past `seen` is streamed (or wake() is called), or `timeout` seconds pass."""
+    def seen(self, topics: Collection[str]) -> int:
+        """The count of `topics` now: take it before reading etcd, and pass it to wait() after."""
         with self._changed:
-            self._changed.wait_for(lambda: self._count != seen, timeout)
+            return self._count(topics)
+
+    def wait(self, topics: Collection[str], seen: int, timeout: float) -> None:
+        """Until a change of `topics` past `seen` is streamed (or wake() is called), or `timeout` seconds pass."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._count(topics) != seen, timeout)
 
     def wake(self) -> None:
+        """Every waiter reads again."""
         with self._changed:
-            self._count += 1
+            self._everything += 1
+            self._changed.notify_all()
+
+    def _streamed(self, keys: list[tuple[str, bool]]) -> None:
+        topics = (
+            f"{key.removeprefix(self._root).split('/', 1)[0]} {'deleted' if gone else 'put'}" for key, gone in keys
+        )
+        with self._changed:
+            self._counts.update(topics)
             self._changed.notify_all()
 
     def _follow(self) -> None:
@@ -69,8 +93,10 @@ class Changes:
                 for result in stream.results():
                     if result.get("canceled"):  # compacted past, or ended by etcd: reopen
                         break
-                    if result.get("created") or result.get("events"):
+                    if result.get("created"):
                         self.wake()
+                    elif result.get("events"):
+                        self._streamed(event_keys(result))
             except (requests.RequestException, OSError, ValueError, AttributeError) as e:
                 # etcd gone, quiet past IDLE_S, or closed by close() under the read (http.client then reads from None)
                 if not self._stop.is_set():

@@ -37,6 +37,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -307,6 +308,14 @@ class EtcdServer:
         """Every key starting with `prefix`, in key order."""
         body = {"key": b64(prefix), "range_end": _prefix_end(prefix), "keys_only": True}
         return [unb64(kv["key"]) for kv in self.call("/v3/kv/range", body, auth=auth).get("kvs") or []]
+
+    def served(self, method: str) -> int:
+        """How many gRPC calls of `method` (Range, Txn, Put, ...) this server has answered, from its /metrics: the
+        JSON gateway's calls are counted there too."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=_CALL_TIMEOUT_S) as answer:
+            text = answer.read().decode()
+        pattern = rf'^grpc_server_handled_total{{[^}}]*grpc_method="{method}"[^}}]*}} (\S+)$'
+        return sum(int(float(m.group(1))) for m in re.finditer(pattern, text, re.MULTILINE))
 
     def _get(self, path: str) -> dict[str, Any]:
         with urllib.request.urlopen(self.url + path, timeout=_CALL_TIMEOUT_S) as answer:
