@@ -29,6 +29,7 @@ __all__ = [
     "OTHER_REASON",
     "STAGE_NAMES",
     "Gathered",
+    "lease_gone",
     "node_problems",
     "nodes_of_fork",
     "raised_report",
@@ -150,3 +151,15 @@ def recorded_members(published: dict[str, Any]) -> set[str] | None:
     """The members alive when the fork was published, as its publisher recorded them (None: not recorded)."""
     members = published.get("members")
     return {str(m) for m in members} if isinstance(members, list) and "nodes" in published else None
+
+
+def lease_gone(node: str, live_then: set[str] | None) -> str:
+    """Why `node`, which has no live lease now, is missing from a fork's reports (`live_then`: the members alive when
+    the fork was published, None when not recorded)."""
+    if live_then is None or node in live_then:
+        return "its lease expired before it reported (daemon gone, frozen or cut off)"
+    return (
+        "its daemon was not running (no live lease: stopped or its lease expired) when the fork was published, and "
+        "its trainers or servers serve the run (its last survey); they keep the old adapter until that daemon runs "
+        "again"
+    )

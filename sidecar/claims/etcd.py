@@ -33,7 +33,7 @@ from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession, Key
 from sidecar.claims.etcd_serves import Serving, ServingSurvey
 from sidecar.claims.etcd_watch import GATHER_POLL_S, GATHER_TOPICS, LISTEN_POLL_S, LISTEN_TOPICS, Changes
 from sidecar.config import Config
-from sidecar.fanout import STAGE_NAMES, Gathered, raised_report, recorded_members, recorded_nodes
+from sidecar.fanout import STAGE_NAMES, Gathered, lease_gone, raised_report, recorded_members, recorded_nodes
 
 __all__ = ["EtcdClaims"]
 
@@ -480,23 +480,28 @@ class EtcdClaims(Claims):
             return Gathered(members=list(members or []), missing={m: unpublished for m in members or []})
         live_then = self._live_at_publish.pop(record.fork_id, None)
         if members is None:  # resumed by an adopter after the dead claimer had published: its list stands
-            found = self._call(lambda: self.session.get(self._fork_key(record.fork_id)), None)
-            members = [m for m in recorded_nodes(found.value if found else {}) if m != self.node]
-            live_then = recorded_members(found.value if found else {})
+            fork = self._call(lambda: self.session.get(self._fork_key(record.fork_id)), None)
+            members = [m for m in recorded_nodes(fork.value if fork else {}) if m != self.node]
+            live_then = recorded_members(fork.value if fork else {})
         # This node's own stages, for an adopter if this daemon dies before the outcome (it then counts this node
         # as reported, with what its stages did, instead of as one whose daemon died before telling its trainers).
         own = {name: record.sections.get(name, {"status": "skipped"}) for name in STAGE_NAMES}
-        self._call(lambda: self._put_report(record.fork_id, own), False)
+        reads = (self._report_key(record.fork_id), self._members_prefix())
+        seen = self._changes.seen(GATHER_TOPICS)  # before the reads: a report put while they run wakes the wait
+        # Its own report and the first look at the others' in one round trip (None: etcd did not answer).
+        found = self._call(lambda: self._put_report(record.fork_id, own, reads)[1], None)
         gathered = Gathered(members=list(members))
         deadline = time.monotonic() + budget
         pending = set(members)
         while pending:
             self.check(path)  # a claimer frozen while it waited finds its claim gone: stop, the adopter reports
-            seen = self._changes.seen(GATHER_TOPICS)  # before the reads: a report put while they run wakes the wait
-            try:
-                reported, live = self.session.get_prefixes(self._report_key(record.fork_id), self._members_prefix())
-                reports, alive = {kv.name: kv.value for kv in reported}, {kv.name for kv in live}
-            except (EtcdDown, EtcdAuthError):
+            if found is None:
+                seen = self._changes.seen(GATHER_TOPICS)
+                with contextlib.suppress(EtcdDown, EtcdAuthError):
+                    found = self.session.get_prefixes(*reads)
+            if found is not None:
+                reports, alive = {kv.name: kv.value for kv in found[0]}, {kv.name for kv in found[1]}
+            else:
                 reports, alive = {}, pending
             for node in sorted(pending):
                 if node in reports:
@@ -504,14 +509,9 @@ class EtcdClaims(Claims):
                     gathered.seconds = time.monotonic() - published_at
                     pending.discard(node)
                 elif node not in alive:
-                    gathered.missing[node] = (
-                        "its lease expired before it reported (daemon gone, frozen or cut off)"
-                        if live_then is None or node in live_then
-                        else "its daemon was not running (no live lease: stopped or its lease expired) when the fork "
-                        "was published, and its trainers or servers serve the run (its last survey); they keep the "
-                        "old adapter until that daemon runs again"
-                    )
+                    gathered.missing[node] = lease_gone(node, live_then)
                     pending.discard(node)
+            found = None
             if not pending or time.monotonic() >= deadline:
                 break
             self._changes.wait(GATHER_TOPICS, seen, min(GATHER_POLL_S, max(0.0, deadline - time.monotonic())))
@@ -550,14 +550,17 @@ class EtcdClaims(Claims):
             log.exception("fork %s published by %s: this node's stages raised", fork_id, published.get("node"))
             report = raised_report(f"internal error on node {self.node} ({e!r}); see journalctl there.")
         try:
-            self._put_report(fork_id, report)
+            self._put_report(fork_id, report, ())
         except (EtcdDown, EtcdAuthError) as e:
             log.error("fork %s: this node's report did not reach etcd: %s", fork_id, e)
 
-    def _put_report(self, fork_id: str, report: dict[str, Any]) -> bool:
+    def _put_report(
+        self, fork_id: str, report: dict[str, Any], reads: tuple[str, ...]
+    ) -> tuple[bool, list[list[KeyValue]]]:
         """This node's report, under no lease: it must outlive this daemon (the trainers it told keep the new weights
-        whether or not the daemon lives on); it goes with the fork's key."""
-        return self.session.put_if_exists(self._report_key(fork_id, self.node), report, self._fork_key(fork_id))
+        whether or not the daemon lives on); it goes with the fork's key. Then every key under `reads`."""
+        key, guard = self._report_key(fork_id, self.node), self._fork_key(fork_id)
+        return self.session.put_if_exists(key, report, guard, reads)
 
     def _call(self, action: Callable[[], T], failed: T) -> T:
         """`action`'s result, or `failed` when etcd cannot answer (which also marks coordination down)."""

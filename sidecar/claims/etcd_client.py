@@ -206,12 +206,8 @@ class EtcdSession:
     def get_prefixes(self, *prefixes: str) -> list[list[KeyValue]]:
         """Every key under each of `prefixes`, read in one round trip (a read-only transaction: one revision for
         all of them, served like a range read)."""
-        ops = [{"request_range": {"key": _b64(p), "range_end": _range_end(p)}} for p in prefixes]
-        reply = self.call("kv/txn", {"compare": [], "success": ops, "failure": []})
-        responses = reply.get("responses") or []
-        if len(responses) != len(prefixes):
-            raise EtcdDown(f"etcd answered {len(responses)} ranges for {len(prefixes)} prefixes")
-        return [[_kv(item) for item in r.get("response_range", {}).get("kvs", [])] for r in responses]
+        reply = self.call("kv/txn", {"compare": [], "success": _range_ops(prefixes), "failure": []})
+        return _ranges(reply, len(prefixes))
 
     def put(self, key: str, value: dict[str, Any], lease: int | None = None) -> None:
         payload: dict[str, Any] = {"key": _b64(key), "value": _b64(json.dumps(value))}
@@ -251,13 +247,17 @@ class EtcdSession:
         found = [kv for r in reply.get("responses") or [] for kv in r.get("response_range", {}).get("kvs", [])]
         return False, _kv(found[0]) if found else None
 
-    def put_if_exists(self, key: str, value: dict[str, Any], guard: str) -> bool:
-        """Put `key` (no lease) only while the key `guard` exists; whether it did (a report of a fork that ended
-        meanwhile would otherwise stay in etcd forever)."""
-        return self._txn(
-            [{"key": _b64(guard), "result": "GREATER", "target": "CREATE", "create_revision": 0}],
-            [{"request_put": {"key": _b64(key), "value": _b64(json.dumps(value))}}],
-        )
+    def put_if_exists(
+        self, key: str, value: dict[str, Any], guard: str, reads: Sequence[str] = ()
+    ) -> tuple[bool, list[list[KeyValue]]]:
+        """Put `key` (no lease) only while the key `guard` exists (a report of a fork that ended meanwhile would
+        otherwise stay in etcd forever); whether it did, and every key under each of `reads` after it, in the same
+        round trip."""
+        compare = [{"key": _b64(guard), "result": "GREATER", "target": "CREATE", "create_revision": 0}]
+        put = {"request_put": {"key": _b64(key), "value": _b64(json.dumps(value))}}
+        reads_ops = _range_ops(reads)
+        reply = self.call("kv/txn", {"compare": compare, "success": [put, *reads_ops], "failure": reads_ops})
+        return bool(reply.get("succeeded")), _ranges(reply, len(reads))
 
     def put_if_lease(self, key: str, value: dict[str, Any], lease: int) -> bool:
         """Replace `key` only while it is bound to `lease` (still our claim); whether it was."""
@@ -341,6 +341,18 @@ def _kv(item: dict[str, Any]) -> KeyValue:
         int(item.get("create_revision", 0)),
         int(item.get("lease", 0)),
     )
+
+
+def _range_ops(prefixes: Sequence[str]) -> list[dict[str, Any]]:
+    return [{"request_range": {"key": _b64(p), "range_end": _range_end(p)}} for p in prefixes]
+
+
+def _ranges(reply: dict[str, Any], count: int) -> list[list[KeyValue]]:
+    """The keys of each range read in a transaction's reply, in order (its puts answer no keys)."""
+    ranges = [r["response_range"] for r in reply.get("responses") or [] if "response_range" in r]
+    if len(ranges) != count:
+        raise EtcdDown(f"etcd answered {len(ranges)} range reads of {count} in one transaction")
+    return [[_kv(item) for item in r.get("kvs", [])] for r in ranges]
 
 
 def event_keys(result: dict[str, Any]) -> list[tuple[str, bool]]:

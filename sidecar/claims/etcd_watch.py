@@ -101,6 +101,10 @@ class Changes:
                 # etcd gone, quiet past IDLE_S, or closed by close() under the read (http.client then reads from None)
                 if not self._stop.is_set():
                     log.debug("etcd watch ended (%s); reopening it", e)
+            except Exception:  # a bug reading a result must not end the wake-ups for the daemon's lifetime
+                log.exception("etcd watch failed on a result; reopening it (forks wait for the slow poll meanwhile)")
+                self.wake()
+                self._stop.wait(RETRY_S)
             finally:
                 stream.close()
             self._stop.wait(0.05)  # a stream that ends at once must not spin
