@@ -44,7 +44,10 @@ class FairQueue:
         with self._lock:
             if run in self._active:
                 self._again[run] = self._again.get(run, False) or written
-            elif run not in self._queued:
+            elif run in self._queued:
+                queued_owner, settle = self._queued[run]
+                self._queued[run] = (queued_owner, settle and not written)  # re-queued after a pass, then reported
+            else:
                 self._enqueue(run, owner, settle=False)
             self._spawn_if_needed()
 

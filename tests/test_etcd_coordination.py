@@ -319,6 +319,22 @@ def test_a_report_put_by_another_node_wakes_the_gathering_claimer(
         wait_for(lambda: claims._changes.seen(reports) != seen, 10, "the report to wake the claimer")
 
 
+def test_an_adoption_whose_create_reply_was_lost_holds_the_claim_it_made(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    # The create went through and its reply was lost, so the session sent it again to the next endpoint, which
+    # answered "exists": the old adopt() gave up, and its own key, under its live lease, kept every daemon (itself
+    # included) from adopting the dead claimer's fork until this daemon restarted. Here the first create's effect
+    # is made directly (the one thing not real: a lost reply).
+    model_dir = make_run(art, "lost-reply")
+    with _etcd_claims(tmp_path, art, etcd_server) as claims:
+        claim = model_dir / INPROGRESS
+        assert claims.session.create(claims.keys.claim(claim), {"node": "node-0", "state": "adopting"}, claims.lease)
+        assert claims.adopt(claim, {"claimed_by": {"host": "gone"}})
+        found = claims.session.get(claims.keys.claim(claim))
+        assert found is not None and found.lease == claims.lease
+
+
 def test_a_member_whose_stages_raised_reports_both_failed_so_it_is_named(
     tmp_path: Path, art: Path, etcd_server: EtcdServer
 ) -> None:
@@ -329,9 +345,9 @@ def test_a_member_whose_stages_raised_reports_both_failed_so_it_is_named(
 
         claims.on_published = raising
         published = {"fork_id": "f1", "node": "node-1", "nodes": ["node-0", "node-1"]}
-        claims.session.put(claims._fork_key("f1"), published)  # a report is kept only while its fork is published
+        claims.session.put(claims.keys.fork("f1"), published)  # a report is kept only while its fork is published
         claims._report(published)
-        found = claims.session.get(claims._report_key("f1", "node-0"))
+        found = claims.session.get(claims.keys.report("f1", "node-0"))
         assert found is not None
         report = found.value
         assert served(report)
@@ -354,9 +370,9 @@ def test_a_member_whose_watch_is_gone_still_hears_of_a_published_fork_and_report
             told.append(str(published["fork_id"]))
             return {name: {"status": "skipped"} for name in ("trainers", "vllm")}
 
-        claims.session.put(claims._fork_key("f2"), {"fork_id": "f2", "node": "node-1", "nodes": ["node-0", "node-1"]})
+        claims.session.put(claims.keys.fork("f2"), {"fork_id": "f2", "node": "node-1", "nodes": ["node-0", "node-1"]})
         claims.on_published = tell  # only now: the listener has read nothing of f2, and no wake-up will come
-        wait_for(lambda: claims.session.get(claims._report_key("f2", "node-0")), 20, "node-0's report")
+        wait_for(lambda: claims.session.get(claims.keys.report("f2", "node-0")), 20, "node-0's report")
         assert told == ["f2"]
 
 
@@ -369,7 +385,7 @@ def test_a_claim_key_left_under_this_daemons_own_lease_does_not_block_the_marker
         claim = model_dir / INPROGRESS
         assert claims.lease is not None
         # What a create that committed while its reply was lost leaves (a real txn; only the lost reply is assumed).
-        assert claims.session.create(claims._claim_key(claim), {"node": "node-0", "state": "claiming"}, claims.lease)
+        assert claims.session.create(claims.keys.claim(claim), {"node": "node-0", "state": "claiming"}, claims.lease)
         run = run_dir_of(model_dir, (art,))
         assert run is not None
         opened = open_run(run)
@@ -486,7 +502,7 @@ def test_a_claimer_that_has_not_noticed_its_lease_expired_neither_overwrites_nor
             wait_for(adopter.usable, 20, "the adopter's lease")
             assert adopter.adopt(claim, {"fork_id": "f1"})
             adopter.progress(claim, {"fork_id": "f1", "state": "trainers"})
-            adopter.session.put(adopter._fork_key("f1"), {"fork_id": "f1", "node": "node-1", "nodes": ["node-1"]})
+            adopter.session.put(adopter.keys.fork("f1"), {"fork_id": "f1", "node": "node-1", "nodes": ["node-1"]})
             with pytest.raises(ClaimLost):
                 claims.progress(claim, {"fork_id": "f1", "state": "vllm"})
             claims.release(claim, io)

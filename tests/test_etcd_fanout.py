@@ -270,14 +270,16 @@ def test_a_change_wakes_only_the_waiters_of_its_topic(etcd_server: EtcdServer) -
     from sidecar.config import EtcdConfig
 
     session = EtcdSession(EtcdConfig(endpoints=tuple(etcd_server.endpoints)), request_timeout=5.0)
-    changes = Changes(session, "/topics", "/topics/forks/", "/topics/reports/")
+    changes = Changes(session, "/topics", "/topics/forks/", "/topics/reports/", "node-1")
     try:
         wait_for(lambda: changes.seen(("forks put",)) > 0, 20, "the watch open")
         forks, reports = changes.seen(("forks put",)), changes.seen(("reports put",))
         etcd_server.put("/topics/progress/run", "{}")
+        etcd_server.put("/topics/reports/f1/node-1", "{}")  # this node's own report: it waits for the others'
         etcd_server.put("/topics/reports/f1/node-2", "{}")
         wait_for(lambda: changes.seen(("reports put",)) != reports, 20, "the report streamed")
-        assert changes.seen(("forks put",)) == forks  # streamed in order: the progress write came first and woke no one
+        # Streamed in order: the progress write and the own report came first and woke no one.
+        assert changes.seen(("forks put",)) == forks and changes.seen(("reports put",)) == reports + 1
         etcd_server.put("/topics/forks/f1", "{}")
         waiter = threading.Thread(target=changes.wait, args=(("forks put",), forks, 20.0))
         waiter.start()

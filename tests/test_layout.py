@@ -72,6 +72,7 @@ COVERED_BY = {
     "sidecar/claims/etcd_client.py": "tests/test_etcd_coordination.py",
     "sidecar/claims/etcd_serves.py": "tests/test_etcd_fanout.py",
     "sidecar/claims/etcd_health.py": "tests/test_etcd_coordination.py",
+    "sidecar/claims/etcd_keys.py": "tests/test_etcd_coordination.py",
     "sidecar/claims/etcd_watch.py": "tests/test_etcd_fanout.py",
     "sidecar/fanout.py": "tests/test_etcd_fanout.py",
     "sidecar/fork_steps.py": "tests/test_daemon.py",  # the steps run in the daemon each fork test starts
@@ -92,6 +93,7 @@ COVERED_BY = {
     "sidecar/preload/step_gate.py": "tests/test_agent.py",
     "sidecar/preload/rollback.py": "tests/test_peft_load.py",
     "sidecar/preload/rank_join.py": "tests/test_ranks.py",  # DDP's Join needs a real multi-rank job
+    "sidecar/preload/wrappers.py": "tests/test_ranks.py",  # FSDP1 needs a real multi-rank job
     "sidecar/preload/rank_exit.py": "tests/test_rank_agreement.py",  # drained by the agreement, on a real group
 }
 

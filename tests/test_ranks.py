@@ -256,6 +256,30 @@ def test_fsdp2_sharded_lora_loads_each_ranks_shard_at_the_same_step(
     fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 2, "--fsdp")
 
 
+def test_fsdp1_flattened_lora_is_refused_on_every_rank_with_one_sentence_and_nothing_loads(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
+) -> None:
+    # FullyShardedDataParallel (FSDP1) leaves each LoRA parameter a 1-D slice of a flat shard: no file tensor fits.
+    # Before, every rank refused it with a shape list that did not say why; the job trains on, unforked, either way.
+    run = daemon[0]
+    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--fsdp1")
+    try:
+        job.wait_steps(2)
+        refused = run.fork(3)
+        job.wait_steps(job.last_step() + 2)
+    finally:
+        job.stop()
+    steps = assert_ranks_identical(job)  # fingerprints over the full tensors, gathered on every rank
+    forked = run.tensors_of(3)
+    assert all(r["after"] != forked for ranks in steps.values() for r in ranks.values())
+    assert refused["status"] == "failed", refused
+    agents = {a["rank"]: a for a in refused["trainers"]["agents"]}
+    assert sorted(agents) == [0, 1] and {a["reason"] for a in agents.values()} == {"trainer_load_failed"}, agents
+    for agent in agents.values():
+        assert "wrapped by FullyShardedDataParallel (FSDP1)" in agent["error"], agent["error"]
+        assert "fully_shard" in agent["error"], agent["error"]
+
+
 def test_a_rank_whose_apply_fails_after_the_vote_makes_every_rank_put_its_pre_fork_weights_back(
     trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
 ) -> None:

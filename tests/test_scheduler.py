@@ -108,6 +108,29 @@ def test_the_look_after_a_pass_waits_for_the_marker_to_settle_unless_a_written_o
         assert seen == [(Path("r"), False), (Path("r"), expected_settle)], submits
 
 
+def test_a_written_marker_reported_while_its_run_waits_in_the_queue_is_taken_without_settling() -> None:
+    # Re-queued (to settle) after a pass, then reported written before a worker took it again: no settle wait.
+    seen: list[tuple[Path, bool]] = []
+    gates = {Path("r"): threading.Event(), Path("x"): threading.Event()}
+
+    def work(run: Path, settle: bool) -> None:
+        seen.append((run, settle))
+        if len(seen) <= 2:
+            gates[run].wait(30)
+
+    queue = FairQueue(workers=1, per_owner=1, work=work)
+    queue.submit(Path("r"), owner=0)
+    wait_for(lambda: seen == [(Path("r"), False)], 30, "r's first pass")
+    queue.submit(Path("r"), owner=0)  # a claim to look at: r goes again after this pass, settling first
+    queue.submit(Path("x"), owner=0)
+    gates[Path("r")].set()
+    wait_for(lambda: len(seen) == 2, 30, "x's pass, r queued behind it")
+    queue.submit(Path("r"), owner=0, written=True)
+    gates[Path("x")].set()
+    wait_for(lambda: len(seen) == 3 and not queue.has(Path("r")), 30, "r's second pass")
+    assert seen == [(Path("r"), False), (Path("x"), False), (Path("r"), False)]
+
+
 def test_a_reserved_run_is_never_given_to_a_worker_and_its_marker_is_taken_after_release() -> None:
     work = Blocking()
     queue = FairQueue(workers=2, per_owner=2, work=work)

@@ -1,14 +1,9 @@
 """Claims through etcd: a claim is a key created by a transaction bound to this daemon's lease.
 
-Keys under `coordination.etcd.prefix` (P):
-  P/members/NODE        this daemon and the runs its node serves, under its lease (gone when the daemon is: dead,
-                        frozen past the TTL, cut off, stopped)
-  P/serves/NODE         the runs its node serves, under no lease: trainers outlive their daemon (etcd_serves.py)
-  P/claims/RUN          the claim of the run at path RUN, under the claimer's lease: exactly one daemon creates it
-  P/progress/RUN        the claimed fork's journal record, without a lease: what an adopter resumes from
-A claimer that dies stops renewing its lease; etcd deletes its keys when the TTL runs out (etcd's clock alone, no
-comparison between hosts' clocks), and the next daemon to offer the run creates the claim and resumes the fork from
-P/progress/RUN. The marker files are taken as in filesystem mode too, so `.fork.inprogress` still shows the claim.
+Keys under `coordination.etcd.prefix` (P): see etcd_keys.py. A claimer that dies stops renewing its lease; etcd
+deletes its keys when the TTL runs out (etcd's clock alone, no comparison between hosts' clocks), and the next daemon
+to offer the run creates the claim and resumes the fork from P/progress/RUN. The marker files are taken as in
+filesystem mode too, so `.fork.inprogress` still shows the claim.
 
 While etcd cannot be reached, nothing is claimed or adopted: `usable()` is false, markers stay `.fork` and their
 runs wait here until a keepalive passes again. A lease that expired meanwhile is replaced, and every claim held is
@@ -30,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sidecar.claims.base import ClaimFiles, ClaimInDoubt, ClaimLost, Claims
 from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession, KeyValue
+from sidecar.claims.etcd_keys import EtcdKeys
 from sidecar.claims.etcd_serves import Serving, ServingSurvey
 from sidecar.claims.etcd_watch import GATHER_POLL_S, GATHER_TOPICS, LISTEN_POLL_S, LISTEN_TOPICS, Changes
 from sidecar.config import Config
@@ -52,6 +48,7 @@ class EtcdClaims(Claims):
         etcd = config.coordination.etcd
         self.node = config.node.name
         self.prefix = etcd.prefix.rstrip("/")
+        self.keys = EtcdKeys(self.prefix)
         self.ttl = max(2, math.ceil(etcd.lease_ttl))
         self.session = EtcdSession(etcd, request_timeout=max(0.5, self.ttl / 4))
         self.lease: int | None = None
@@ -82,34 +79,15 @@ class EtcdClaims(Claims):
         self._serving: Serving | None = None  # what this node serves, as the last survey found (None: not yet)
         self._serving_written: tuple[Serving, int] | None = None  # what etcd has, and under which lease
         # Published forks, members, progress and reports (the keys from forks/ to the end of reports/, in etcd's
-        # order). Up to the end of `P/reports/`, not of `_report_key("")` (`P/reports//`): that range ended before
+        # order). Up to the end of `P/reports/`, not of `P/reports//` (an empty fork id's): that range ended before
         # every report key, so no report woke a gathering claimer, which waited out GATHER_POLL_S instead.
-        self._changes = Changes(self.session, self.prefix, self._fork_key(""), f"{self.prefix}/reports/")
+        self._changes = Changes(self.session, self.prefix, self.keys.fork(), self.keys.reports(), self.node)
         self._keeper = threading.Thread(target=self._keep, name="etcd-lease", daemon=True)
         self._keeper.start()
         self._listener = threading.Thread(target=self._listen, name="etcd-fanout", daemon=True)
         self._listener.start()
         self._surveyor = threading.Thread(target=self._keep_serving, name="etcd-serves", daemon=True)
         self._surveyor.start()
-
-    # --- keys ------------------------------------------------------------------------------------------------
-    def _claim_key(self, path: Path) -> str:
-        return f"{self.prefix}/claims{path.parent}"
-
-    def _progress_key(self, path: Path) -> str:
-        return f"{self.prefix}/progress{path.parent}"
-
-    def _fork_key(self, fork_id: str) -> str:
-        return f"{self.prefix}/forks/{fork_id}"
-
-    def _report_key(self, fork_id: str, node: str = "") -> str:
-        return f"{self.prefix}/reports/{fork_id}/{node}"
-
-    def _member_key(self) -> str:
-        return f"{self.prefix}/members/{self.node}"
-
-    def _serves_key(self, node: str = "") -> str:
-        return f"{self.prefix}/serves/{node}"
 
     # --- the lease -------------------------------------------------------------------------------------------
     def _keep(self) -> None:
@@ -141,7 +119,7 @@ class EtcdClaims(Claims):
                 self.ttl,
             )
         lease = self.session.grant(self.ttl)
-        self.session.put(self._member_key(), self._member(), lease)
+        self.session.put(self.keys.member(self.node), self._member(), lease)
         if self.lease is not None:
             self._lose_all()  # before the new lease counts as healthy: no fork may act on a claim of the old one
         self.lease, self._renewed_at = lease, sent
@@ -183,8 +161,8 @@ class EtcdClaims(Claims):
         serving, lease = self._serving, self.lease
         if serving is None or lease is None or self._serving_written == (serving, lease):
             return
-        self.session.put(self._serves_key(self.node), {"node": self.node, **serving.to_json()})
-        self.session.put(self._member_key(), self._member(), lease)
+        self.session.put(self.keys.serves(self.node), {"node": self.node, **serving.to_json()})
+        self.session.put(self.keys.member(self.node), self._member(), lease)
         self._serving_written = (serving, lease)
 
     def _up(self) -> None:
@@ -253,7 +231,7 @@ class EtcdClaims(Claims):
         lease = self.lease
         if lease is None or not self.usable():
             return False
-        key = self._claim_key(path)
+        key = self.keys.claim(path)
         value = {"node": self.node, "state": "claiming"}
         # (created, the key found instead), or None while etcd has not answered (the create may have committed).
         answer = self._call(lambda: self.session.create_or_get(key, value, lease), None)
@@ -266,9 +244,10 @@ class EtcdClaims(Claims):
         try:
             taken = answer is not None and answer[0] and io.claim()
         finally:
-            if not taken and (answer is None or answer[0]):
-                # Ours, or perhaps ours (unanswered), with no claim to go with it: the keeper deletes it until etcd
-                # takes that. A create etcd refused (another daemon's claim) leaves nothing to delete.
+            if not taken and (answer is None or answer[0] or _under(answer[1], lease)):
+                # Ours, or perhaps ours (unanswered, or answered "exists" for our own create retried on another
+                # endpoint), with no claim to go with it: the keeper deletes it until etcd takes that. A create
+                # refused for another daemon's claim leaves nothing to delete.
                 with self._state:
                     self._unclaims.add(key)
                 with contextlib.suppress(EtcdDown, EtcdAuthError):
@@ -277,14 +256,22 @@ class EtcdClaims(Claims):
 
     def _own_leftover(self, path: Path, found: KeyValue | None, lease: int) -> bool:
         """Whether `found`, the claim key of `path`, is under our lease while no fork of ours holds it."""
-        return found is not None and found.lease == lease and all(p != path for p, _, _ in self.registry.items())
+        return _under(found, lease) and all(p != path for p, _, _ in self.registry.items())
 
     def adopt(self, path: Path, info: dict[str, Any] | None) -> bool:
         lease = self.lease
         if lease is None:
             return False
+        key = self.keys.claim(path)
         value = {"node": self.node, "state": "adopting", "from": (info or {}).get("claimed_by")}
-        return self._call(lambda: self.session.create(self._claim_key(path), value, lease), False)
+        answer = self._call(lambda: self.session.create_or_get(key, value, lease), None)
+        if answer is None:  # it may have committed: left under our live lease, it would block the adoption for good
+            with self._state:
+                self._unclaims.add(key)
+            return False
+        # Found under our own lease with no fork of ours: our create, whose reply was lost and which the session
+        # sent again to another endpoint.
+        return answer[0] or self._own_leftover(path, answer[1], lease)
 
     def renew(self) -> None:
         """Nothing to write: the lease is the heartbeat (the keeper renews it), and a claim file rewritten by a
@@ -293,16 +280,16 @@ class EtcdClaims(Claims):
     def give_back(self, path: Path) -> None:
         lease = self.lease
         if lease is not None:
-            self._call(lambda: self.session.delete_if_lease(self._claim_key(path), lease), False)
+            self._call(lambda: self.session.delete_if_lease(self.keys.claim(path), lease), False)
 
     def claimer_gone(self, info: dict[str, Any], path: Path | None = None) -> bool:
         if path is None or not self.usable():
             return False
-        return self._call(lambda: self.session.get(self._claim_key(path)) is None, False)
+        return self._call(lambda: self.session.get(self.keys.claim(path)) is None, False)
 
     def recorded(self, path: Path, fork_id: str) -> dict[str, Any] | None:
         """The journal record the claimer of `fork_id` left for `path`, if any (what an adopter resumes)."""
-        found = self._call(lambda: self.session.get(self._progress_key(path)), None)
+        found = self._call(lambda: self.session.get(self.keys.progress(path)), None)
         if found is None or found.value.get("fork_id") != fork_id:
             return None
         return found.value
@@ -312,7 +299,7 @@ class EtcdClaims(Claims):
         if lease is not None:
             value = {"fork_id": fork_id, "node": self.node, "claimed_by": self.claimer()}
             try:  # before the claim file: a claim that is another's now must not have its record overwritten
-                ours = self.session.put_if_lease(self._claim_key(path), value, lease)
+                ours = self.session.put_if_lease(self.keys.claim(path), value, lease)
             except (EtcdDown, EtcdAuthError):  # the key exists already; this only names the fork
                 ours = True
             if not ours:
@@ -322,7 +309,7 @@ class EtcdClaims(Claims):
     def reclaim(self, path: Path) -> bool:
         """The claim key went with the previous daemon's lease: take it under ours, once that lease has expired if
         the key is still under it (this node's own); False when another node's live lease holds it."""
-        key = self._claim_key(path)
+        key = self.keys.claim(path)
         value = {"node": self.node, "state": "resuming"}
         deadline = None
         while not self._stop.is_set():
@@ -341,7 +328,7 @@ class EtcdClaims(Claims):
         return False
 
     def progress(self, path: Path, record: dict[str, Any]) -> None:
-        key, claim, lease = self._progress_key(path), self._claim_key(path), self.lease
+        key, claim, lease = self.keys.progress(path), self.keys.claim(path), self.lease
         if lease is None:
             return
         try:
@@ -386,7 +373,7 @@ class EtcdClaims(Claims):
             lease = self.lease
             if lease is not None and self.usable():
                 try:
-                    found = self.session.get(self._claim_key(path))
+                    found = self.session.get(self.keys.claim(path))
                 except (EtcdDown, EtcdAuthError):
                     found = None
                 else:
@@ -404,24 +391,21 @@ class EtcdClaims(Claims):
         info = self.registry.release(path, io)
         if info is None:
             return
-        progress, claim, lease = self._progress_key(path), self._claim_key(path), self.lease
+        progress, claim, lease = self.keys.progress(path), self.keys.claim(path), self.lease
         fork_id = info.get("fork_id")
         with self._state:
             self._pending.pop(progress, None)  # a progress write still waiting must not come back
             if path in self._lost or lease is None:  # the keys are the adopter's now
                 self._lost.discard(path)
                 return
-            forks = [self._fork_key(str(fork_id))] if fork_id else []
-            self._releases[claim] = (lease, [progress, *forks], [self._report_key(str(fork_id))] if fork_id else [])
+            forks = [self.keys.fork(str(fork_id))] if fork_id else []
+            self._releases[claim] = (lease, [progress, *forks], [self.keys.report(str(fork_id))] if fork_id else [])
         with contextlib.suppress(EtcdDown, EtcdAuthError):  # else the keeper deletes them once etcd answers
             self._flush_pending()
 
     # --- fan-out ----------------------------------------------------------------------------------------------
     def _member_names(self) -> list[str]:
-        return sorted(kv.name for kv in self.session.get_prefix(self._members_prefix()))
-
-    def _members_prefix(self) -> str:
-        return f"{self.prefix}/members/"
+        return sorted(kv.name for kv in self.session.get_prefix(self.keys.member()))
 
     def publish(self, path: Path, record: ForkRecord, budget: float) -> None:
         """Publish the fork with the nodes that must report on it (this one included, fixed now: an adopter that
@@ -443,7 +427,7 @@ class EtcdClaims(Claims):
                     "nodes": nodes,
                     "members": members,
                 }
-                key = self._fork_key(record.fork_id)
+                key = self.keys.fork(record.fork_id)
                 if not self.session.create(key, value, None):  # published before: by us, or by a claimer now dead
                     found = self.session.get(key)
                     value = found.value if found else value
@@ -469,7 +453,7 @@ class EtcdClaims(Claims):
         """The nodes that must report on `record`'s fork, and the live members among them: this node, every live
         member (told always: a trainer started since its daemon's last survey serves the run too), and every node
         whose serves record names the run (its daemon may be down while its trainers keep running)."""
-        live, serves = self.session.get_prefixes(self._members_prefix(), self._serves_key())
+        live, serves = self.session.get_prefixes(self.keys.member(), self.keys.serves())
         members = sorted(kv.name for kv in live)
         serving = [kv.name for kv in serves if Serving.from_json(kv.value).serves(record.model_dir)]
         return sorted({self.node, *members, *serving}), members
@@ -480,13 +464,13 @@ class EtcdClaims(Claims):
             return Gathered(members=list(members or []), missing={m: unpublished for m in members or []})
         live_then = self._live_at_publish.pop(record.fork_id, None)
         if members is None:  # resumed by an adopter after the dead claimer had published: its list stands
-            fork = self._call(lambda: self.session.get(self._fork_key(record.fork_id)), None)
+            fork = self._call(lambda: self.session.get(self.keys.fork(record.fork_id)), None)
             members = [m for m in recorded_nodes(fork.value if fork else {}) if m != self.node]
             live_then = recorded_members(fork.value if fork else {})
         # This node's own stages, for an adopter if this daemon dies before the outcome (it then counts this node
         # as reported, with what its stages did, instead of as one whose daemon died before telling its trainers).
         own = {name: record.sections.get(name, {"status": "skipped"}) for name in STAGE_NAMES}
-        reads = (self._report_key(record.fork_id), self._members_prefix())
+        reads = (self.keys.report(record.fork_id), self.keys.member())
         seen = self._changes.seen(GATHER_TOPICS)  # before the reads: a report put while they run wakes the wait
         # Its own report and the first look at the others' in one round trip (None: etcd did not answer).
         found = self._call(lambda: self._put_report(record.fork_id, own, reads)[1], None)
@@ -528,7 +512,7 @@ class EtcdClaims(Claims):
             seen = self._changes.seen(LISTEN_TOPICS)
             with contextlib.suppress(EtcdDown, EtcdAuthError):
                 if self.usable() and self.on_published is not None:
-                    self._tell(self.session.get_prefix(self._fork_key("")))
+                    self._tell(self.session.get_prefix(self.keys.fork()))
             self._changes.wait(LISTEN_TOPICS, seen, LISTEN_POLL_S)
 
     def _tell(self, published: list[KeyValue]) -> None:
@@ -559,7 +543,7 @@ class EtcdClaims(Claims):
     ) -> tuple[bool, list[list[KeyValue]]]:
         """This node's report, under no lease: it must outlive this daemon (the trainers it told keep the new weights
         whether or not the daemon lives on); it goes with the fork's key. Then every key under `reads`."""
-        key, guard = self._report_key(fork_id, self.node), self._fork_key(fork_id)
+        key, guard = self.keys.report(fork_id, self.node), self.keys.fork(fork_id)
         return self.session.put_if_exists(key, report, guard, reads)
 
     def _call(self, action: Callable[[], T], failed: T) -> T:
@@ -598,3 +582,7 @@ class EtcdClaims(Claims):
                 self._write_serving()
             if self.lease is not None and not self.registry.items():
                 self.session.revoke(self.lease)
+
+
+def _under(found: KeyValue | None, lease: int) -> bool:
+    return found is not None and found.lease == lease

@@ -45,8 +45,9 @@ class Changes:
     key's first component under `root`); waiters read etcd, then wait for their topics' count to move past what it was
     before they read (no change is missed between)."""
 
-    def __init__(self, session: EtcdSession, root: str, start: str, prefix_end: str) -> None:
+    def __init__(self, session: EtcdSession, root: str, start: str, prefix_end: str, node: str = "") -> None:
         self._session, self._root, self._start, self._end = session, root.rstrip("/") + "/", start, prefix_end
+        self._own_report = f"/{node}" if node else None  # this node's own reports wake none of its waiters
         self._changed = threading.Condition()
         self._everything = 0  # wake-ups of every topic: a (re)opened stream, wake()
         self._counts: Counter[str] = Counter()
@@ -75,12 +76,17 @@ class Changes:
             self._changed.notify_all()
 
     def _streamed(self, keys: list[tuple[str, bool]]) -> None:
-        topics = (
-            f"{key.removeprefix(self._root).split('/', 1)[0]} {'deleted' if gone else 'put'}" for key, gone in keys
-        )
+        topics = [
+            f"{topic} {'deleted' if gone else 'put'}"
+            for key, gone in keys
+            if not ((topic := key.removeprefix(self._root).split("/", 1)[0]) == "reports" and self._is_own(key))
+        ]
         with self._changed:
             self._counts.update(topics)
             self._changed.notify_all()
+
+    def _is_own(self, key: str) -> bool:
+        return self._own_report is not None and key.endswith(self._own_report)
 
     def _follow(self) -> None:
         while not self._stop.is_set():
@@ -88,6 +94,10 @@ class Changes:
                 self._stream = stream = self._session.open_watch(self._start, self._end, IDLE_S)
             except (EtcdDown, EtcdAuthError):
                 self._stop.wait(RETRY_S)  # the waiters' slow reads carry on meanwhile
+                continue
+            except Exception:  # as below: a bug must not end the wake-ups for the daemon's lifetime
+                log.exception("opening the etcd watch failed; trying again (forks wait for the slow poll meanwhile)")
+                self._stop.wait(RETRY_S)
                 continue
             try:
                 for result in stream.results():

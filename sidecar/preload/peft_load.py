@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.preload.rollback import Rollback, optimizer_state
+from sidecar.preload.wrappers import unloadable_wrapper
 from sidecar.protocol.digest import TensorRecord, digest_tensors
 from sidecar.protocol.run_layout import ADAPTER_FILE, CONFIG_FILE
 from sidecar.protocol.safetensors_header import LORA_DTYPES, MAX_HEADER_BYTES, parse_header, printable
@@ -362,6 +363,8 @@ def prepare_adapter_load(
         raise
     prepared = PreparedLoad(peft_model, name, tensors, threads[0])
     try:
+        if (refused := unloadable_wrapper(peft_model)) is not None:
+            raise AdapterLoadError(refused)
         prepared.live = live = _live_adapter_tensors(peft_model, name)
         _check_keys_and_shapes(tensors, live)
         _check_config(Path(checkpoint_dir), peft_model, name)

@@ -76,6 +76,10 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
             fully_shard(layer)
         fully_shard(peft_model)
         return peft_model, peft_model
+    if args.fsdp1:  # the agent refuses to load into it (sidecar/preload/wrappers.py)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return peft_model, FullyShardedDataParallel(peft_model, use_orig_params=True, device_id=device)
     from torch.nn.parallel import DistributedDataParallel
 
     return peft_model, DistributedDataParallel(peft_model, broadcast_buffers=args.broadcast_buffers)
@@ -99,7 +103,6 @@ def _models(args: argparse.Namespace, device: Any, rank: int) -> tuple[list[tupl
 def train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
-    from peft import get_peft_model_state_dict
 
     cuda = args.backend == "nccl"
     dist.init_process_group(args.backend, timeout=timedelta(seconds=args.pg_timeout) if args.pg_timeout else None)
@@ -114,12 +117,10 @@ def train(args: argparse.Namespace) -> int:
     if args.fail_apply_rank == rank:
         _fail_first_apply()
 
-    def lora(of: Any = peft_model) -> dict[str, Any]:
-        tensors = dict(get_peft_model_state_dict(of))
-        return _full(tensors) if args.fsdp else tensors
+    lora = _lora_reader(args, models)
 
     starts: list[str] = []
-    if not args.fsdp:  # a forward pre-hook after register()'s: the weights this step trains from
+    if not (args.fsdp or args.fsdp1):  # a forward pre-hook after register()'s: the weights this step trains from
 
         def record_start(module: Any, inputs: Any) -> None:
             if args.record and not starts:
@@ -157,6 +158,22 @@ def train(args: argparse.Namespace) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _lora_reader(args: argparse.Namespace, models: list[tuple[Any, Any]]) -> Any:
+    """`lora(of=the first PEFT model)`: its LoRA tensors, full size (FSDP shards gathered)."""
+    from peft import get_peft_model_state_dict
+
+    def lora(of: Any = models[0][0]) -> dict[str, Any]:
+        if args.fsdp1:  # each rank holds a flat slice: the full tensors are gathered (every rank calls this)
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(models[0][1]):
+                return {k: v.detach().clone() for k, v in get_peft_model_state_dict(of).items()}
+        tensors = dict(get_peft_model_state_dict(of))
+        return _full(tensors) if args.fsdp else tensors
+
+    return lora
 
 
 def _join(args: argparse.Namespace, models: list[tuple[Any, Any]]) -> Any:
@@ -246,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", required=True)
     parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
+    parser.add_argument("--fsdp1", action="store_true", help="FSDP1 FullyShardedDataParallel instead of DDP")
     parser.add_argument("--no-broadcast-buffers", dest="broadcast_buffers", action="store_false")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pause", type=float, default=0.02)
