@@ -256,6 +256,15 @@ def test_fsdp2_sharded_lora_loads_each_ranks_shard_at_the_same_step(
     fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 2, "--fsdp")
 
 
+def test_ranks_accumulating_gradients_load_a_fork_at_one_optimizer_step_never_between_micro_batches(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
+) -> None:
+    # Three forward/backward passes per optimizer step, DDP's all-reduce on the last (no_sync() before): a load
+    # between two of them would make that step start from the old weights and finish on the forked ones, which the
+    # fingerprints of each step's first forward show.
+    fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 2, "--accumulate", "3")
+
+
 def test_fsdp1_flattened_lora_is_refused_on_every_rank_with_one_sentence_and_nothing_loads(
     trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
 ) -> None:

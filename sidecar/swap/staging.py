@@ -505,7 +505,7 @@ def copy_to_staging(
             except OSError as exc:
                 raise _staging_error(exc, source, staging) from None
             try:
-                return _fill_staging(source, src_fd, staging, cfd, copy_mode, progress, limits)
+                return _fill_staging(source, src_fd, staging, cfd, copy_mode, progress, entries, limits)
             except BaseException:
                 _remove_quietly(cfd, name)
                 raise
@@ -522,13 +522,16 @@ def _fill_staging(
     cfd: int,
     copy_mode: str,
     progress: Progress | None,
+    entries: list[CheckpointEntry],
     limits: TreeLimits | None = None,
 ) -> StagingCopy:
+    """Copy `entries`, the source as it was walked and checked (check_adapter): a file deleted since is a source
+    that changed. Walked again here, a checkpoint being deleted was copied as the part of it still there, and the
+    fork failed on the stage ("adapter_model.safetensors: missing; the directory is not a LoRA checkpoint")."""
     staging_fd = os.open(staging.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cfd)
     try:
         copier = _StagingCopier(source, src_fd, staging, staging_fd, copy_mode, progress)
         try:
-            entries = _walk(source, src_fd, limits)
             fingerprints = copier.copy_tree(entries)
             _copy_owner_and_mode(os.fstat(src_fd), staging_fd)
             _fsync_dir(staging_fd)  # its entries and its owner and mode, before install renames it

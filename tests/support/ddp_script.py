@@ -140,9 +140,7 @@ def train(args: argparse.Namespace) -> int:
             if step == args.warmup:
                 timed_from = time.perf_counter()
             starts.clear()
-            tokens = torch.randint(3, vocab, (2, 16), generator=gen).to(device)
-            for _, wrapped in models:
-                wrapped(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+            _forwards_and_backwards(args, models, lambda: torch.randint(3, vocab, (2, 16), generator=gen).to(device))
             _hold(control, rank)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -158,6 +156,18 @@ def train(args: argparse.Namespace) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _forwards_and_backwards(args: argparse.Namespace, models: list[tuple[Any, Any]], batch: Any) -> None:
+    """One optimizer step's work: `--accumulate` micro-batches, DDP's gradient all-reduce on the last one only (its
+    `no_sync()` before), as gradient accumulation is usually written."""
+    for micro in range(args.accumulate):
+        tokens = batch()
+        last = micro == args.accumulate - 1
+        for _, wrapped in models:
+            no_sync = getattr(wrapped, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                wrapped(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
 
 
 def _lora_reader(args: argparse.Namespace, models: list[tuple[Any, Any]]) -> Any:
@@ -265,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
     parser.add_argument("--fsdp1", action="store_true", help="FSDP1 FullyShardedDataParallel instead of DDP")
     parser.add_argument("--no-broadcast-buffers", dest="broadcast_buffers", action="store_false")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pause", type=float, default=0.02)
     parser.add_argument("--rank0-pause", type=float, default=0.08)
