@@ -312,7 +312,11 @@ REAL_ART_SCRIPT = textwrap.dedent(
         asyncio.run(backend._experimental_fork_checkpoint(model, from_model="base", not_after_step=call["not_after"]))
         stored = model._storage_name() if hasattr(model, "_storage_name") else model.name
         marker = os.path.join(sys.argv[1], "p", "models", stored, ".fork")
-        text = open(marker).read() if os.path.exists(marker) else None
+        try:
+            with open(marker) as f:
+                text = f.read()
+        except FileNotFoundError:  # not written, or already claimed by a daemon watching the root
+            text = None
         if call.get("consume") and text is not None:
             os.unlink(marker)
         print(json.dumps({"stored": stored, "marker": text}), flush=True)
