@@ -229,9 +229,11 @@ def check_fork_landed(steps: dict[int, dict[int, dict[str, Any]]], at: int, fork
     assert all(r["after"] != forked for r in steps.get(at - 1, {}).values())
 
 
-def fork_once_in_a_new_job(python: Path, run: Run, runtime_dir: Path, control: Path, nproc: int, *extra: str) -> None:
-    """Start a job, fork it to checkpoint 3 after two steps, let it take two more; check the ranks stayed identical
-    and loaded the fork at one step."""
+def fork_a_new_job(
+    python: Path, run: Run, runtime_dir: Path, control: Path, nproc: int, *extra: str
+) -> tuple[dict[int, dict[int, dict[str, Any]]], dict[str, Any]]:
+    """Start a job, fork it to checkpoint 3 after two steps, let it take two more; (its steps, checked identical on
+    every rank, and the outcome)."""
     job = Job(python, run, runtime_dir, control, nproc, *extra)
     try:
         job.wait_steps(2)
@@ -239,7 +241,12 @@ def fork_once_in_a_new_job(python: Path, run: Run, runtime_dir: Path, control: P
         job.wait_steps(job.last_step() + 2)
     finally:
         job.stop()
-    steps = assert_ranks_identical(job)
+    return assert_ranks_identical(job), outcome
+
+
+def fork_once_in_a_new_job(python: Path, run: Run, runtime_dir: Path, control: Path, nproc: int, *extra: str) -> None:
+    """fork_a_new_job, and the fork loaded by every rank at one step."""
+    steps, outcome = fork_a_new_job(python, run, runtime_dir, control, nproc, *extra)
     check_fork_landed(steps, assert_loaded_together(outcome, nproc), run.tensors_of(3))
 
 
@@ -271,14 +278,8 @@ def test_fsdp1_flattened_lora_is_refused_on_every_rank_with_one_sentence_and_not
     # FullyShardedDataParallel (FSDP1) leaves each LoRA parameter a 1-D slice of a flat shard: no file tensor fits.
     # Before, every rank refused it with a shape list that did not say why; the job trains on, unforked, either way.
     run = daemon[0]
-    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--fsdp1")
-    try:
-        job.wait_steps(2)
-        refused = run.fork(3)
-        job.wait_steps(job.last_step() + 2)
-    finally:
-        job.stop()
-    steps = assert_ranks_identical(job)  # fingerprints over the full tensors, gathered on every rank
+    # The fingerprints are over the full tensors, gathered on every rank.
+    steps, refused = fork_a_new_job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--fsdp1")
     forked = run.tensors_of(3)
     assert all(r["after"] != forked for ranks in steps.values() for r in ranks.values())
     assert refused["status"] == "failed", refused

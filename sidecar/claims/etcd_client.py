@@ -223,25 +223,13 @@ class EtcdSession:
 
     def create(self, key: str, value: dict[str, Any], lease: int | None) -> bool:
         """Put `key` only if it does not exist, bound to `lease` (None: to none); whether it was created."""
-        put: dict[str, Any] = {"key": _b64(key), "value": _b64(json.dumps(value))}
-        if lease:
-            put["lease"] = lease
-        return self._txn(
-            [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}], [{"request_put": put}]
-        )
+        return self._txn(*_create_ops(key, value, lease))
 
     def create_or_get(self, key: str, value: dict[str, Any], lease: int) -> tuple[bool, KeyValue | None]:
         """As create(), in the same round trip returning the key that is there when it already exists."""
-        put = {"key": _b64(key), "value": _b64(json.dumps(value)), "lease": lease}
-        compare = [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}]
-        reply = self.call(
-            "kv/txn",
-            {
-                "compare": compare,
-                "success": [{"request_put": put}],
-                "failure": [{"request_range": {"key": put["key"]}}],
-            },
-        )
+        compare, success = _create_ops(key, value, lease)
+        failure = [{"request_range": {"key": _b64(key)}}]
+        reply = self.call("kv/txn", {"compare": compare, "success": success, "failure": failure})
         if reply.get("succeeded"):
             return True, None
         found = [kv for r in reply.get("responses") or [] for kv in r.get("response_range", {}).get("kvs", [])]
@@ -341,6 +329,16 @@ def _kv(item: dict[str, Any]) -> KeyValue:
         int(item.get("create_revision", 0)),
         int(item.get("lease", 0)),
     )
+
+
+def _create_ops(
+    key: str, value: dict[str, Any], lease: int | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The compare (the key does not exist) and the put of a create bound to `lease` (None: to none)."""
+    put: dict[str, Any] = {"key": _b64(key), "value": _b64(json.dumps(value))}
+    if lease:
+        put["lease"] = lease
+    return [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}], [{"request_put": put}]
 
 
 def _range_ops(prefixes: Sequence[str]) -> list[dict[str, Any]]:
