@@ -31,6 +31,7 @@ from sidecar.marker import FAILED, INPROGRESS
 from sidecar.protocol.digest import is_digest
 from sidecar.protocol.reasons import Reason
 from sidecar.protocol.run_layout import CHECKPOINTS, SERVED_STEP
+from sidecar.rank_jobs import spread_problems
 from sidecar.run_io import RunIO, RunIOError
 from sidecar.rundir import OpenRun
 from sidecar.stages import ForkContext, Stage, StageOutcome
@@ -239,12 +240,15 @@ class ForkSteps:
                 f"{checkpoints / SERVED_STEP} holds {on_disk}, not the forked {record.digest}; "
                 "another writer replaced it — fork again."
             )
-        problems += [
-            str(s["error"]) for n in ("trainers", "vllm") if (s := record.sections.get(n, {})).get("status") == "failed"
-        ]
         gathered = self.claims.gather(Path(record.model_dir) / INPROGRESS, record, self._stage_budget())
         if gathered is not None:
             record.sections["nodes"], record.sections["fanout"] = nodes_of_fork(record, gathered, self.config)
+            # First: a job's ranks on a node nobody told explain why the ranks that were told failed to load.
+            problems += spread_problems(record.sections["nodes"], record.model_dir)
+        problems += [
+            str(s["error"]) for n in ("trainers", "vllm") if (s := record.sections.get(n, {})).get("status") == "failed"
+        ]
+        if gathered is not None:
             problems += node_problems(gathered, self.config)
         record.sections["verify"] = {
             "status": "failed" if problems else "ok",

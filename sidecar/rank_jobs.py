@@ -19,7 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["JobView", "RankedAgent", "jobs_of", "ranked_agent"]
+from sidecar.protocol.messages import RESULT_LOADED
+
+__all__ = ["JobView", "RankedAgent", "jobs_of", "ranked_agent", "split_steps", "spread_problems"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +118,72 @@ def _view(members: list[RankedAgent]) -> JobView:
     else:
         view.expected_here = list(range(world))
     return view
+
+
+def split_steps(agents: Iterable[Mapping[str, Any]]) -> str | None:
+    """A sentence when the ranks of one job (trainers stage agent entries) report different `loaded_at_step`s, which
+    the agreement should rule out; None when they agree."""
+    steps: dict[tuple[str | None, int], set[object]] = {}
+    for a in agents:
+        world = a.get("world_size", 1)
+        if isinstance(world, int) and world > 1 and a.get("result") == RESULT_LOADED:
+            steps.setdefault((a.get("job"), world), set()).add(a.get("loaded_at_step"))
+    for (job, world), seen in steps.items():
+        if len(seen) > 1:
+            shown = ", ".join(sorted(map(str, seen)))
+            name = f" {job}" if job else ""
+            return f"the ranks of the {world}-rank job{name} loaded the fork at different optimizer steps ({shown})"
+    return None
+
+
+def spread_problems(nodes: Mapping[str, Mapping[str, Any]], model_dir: object) -> list[str]:
+    """What the claimer finds wrong with the jobs whose ranks are spread over several nodes, from every node's
+    trainers stage (the outcome's `nodes`): ranks that no node reported, and ranks on different nodes that loaded
+    at different optimizer steps. Each node's stage has already checked its own ranks (missing here, one step)."""
+    trainers = {node: stages.get("trainers") or {} for node, stages in nodes.items() if isinstance(stages, Mapping)}
+    problems = []
+    for (world, _), entries in _spread_jobs(trainers).items():
+        reported = {rank for _, job in entries for rank in _ranks(job, "ranks_here") + _ranks(job, "ranks_missing")}
+        unseen = [rank for rank in range(world) if rank not in reported]
+        if unseen:
+            waiting = sorted({node for node, job in entries if _ranks(job, "ranks_elsewhere")})
+            ranks = ", ".join(map(str, unseen))
+            problems.append(
+                f"rank{'s' if len(unseen) > 1 else ''} {ranks} of the {world}-rank job training {model_dir} "
+                f"{'were' if len(unseen) > 1 else 'was'} reported by no node (expected on other nodes by "
+                f"{', '.join(waiting)}), so the ranks that were told could not load it: start fork-sidecar with "
+                "coordination.backend: etcd on the nodes that run them (fork-sidecar status there), then fork again"
+            )
+    agents = [a for t in trainers.values() for a in t.get("agents") or [] if isinstance(a, Mapping)]
+    if len({node for node, t in trainers.items() if t.get("agents")}) > 1 and all(
+        split_steps(t.get("agents") or []) is None for t in trainers.values()
+    ):
+        split = split_steps(agents)
+        if split is not None:
+            problems.append(f"{split} on different nodes")
+    return problems
+
+
+def _spread_jobs(
+    trainers: Mapping[str, Mapping[str, Any]],
+) -> dict[tuple[int, str | None], list[tuple[str, Mapping[str, Any]]]]:
+    """(world size, job id where needed) -> (node, its `jobs` entry), for the jobs some node expects ranks of
+    elsewhere."""
+    by_world: dict[int, list[tuple[str, Mapping[str, Any]]]] = {}
+    for node, stage in sorted(trainers.items()):
+        for job in stage.get("jobs") or []:
+            world = job.get("world_size") if isinstance(job, Mapping) else None
+            if isinstance(world, int) and world > 1:
+                by_world.setdefault(world, []).append((node, job))
+    groups: dict[tuple[int, str | None], list[tuple[str, Mapping[str, Any]]]] = {}
+    for world, entries in by_world.items():
+        here = [rank for _, job in entries for rank in _ranks(job, "ranks_here")]
+        clash = len(here) != len(set(here))  # two jobs of one world size train the run: tell them apart by id
+        for node, job in entries:
+            groups.setdefault((world, job.get("job") if clash else None), []).append((node, job))
+    return {key: e for key, e in groups.items() if any(_ranks(job, "ranks_elsewhere") for _, job in e)}
+
+
+def _ranks(job: Mapping[str, Any], key: str) -> list[int]:
+    value = job.get(key)
+    return [r for r in value if isinstance(r, int)] if isinstance(value, list) else []

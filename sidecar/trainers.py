@@ -30,11 +30,11 @@ from sidecar.agent_dirs import ensure_user_dir
 from sidecar.config import Config
 from sidecar.protocol.client import ControlError, call_agent
 from sidecar.protocol.digest import digest_problem
-from sidecar.protocol.messages import ForkRequest
+from sidecar.protocol.messages import RESULT_LOADED, RESULT_PENDING, ForkRequest
 from sidecar.protocol.paths import agent_dir, pid_of_socket, uid_of_agent_dir
 from sidecar.protocol.reasons import Reason, of_agent_code, of_control_code
 from sidecar.protocol.run_layout import CHECKPOINTS, SERVED_STEP
-from sidecar.rank_jobs import JobView, jobs_of, ranked_agent
+from sidecar.rank_jobs import JobView, jobs_of, ranked_agent, split_steps
 from sidecar.stages import ForkContext, RunHolder, StageOutcome
 
 __all__ = [
@@ -46,8 +46,6 @@ __all__ = [
     "list_agent_sockets",
 ]
 
-RESULT_LOADED = "loaded"
-RESULT_PENDING = "load pending"
 HELLO_TIMEOUT_S = 5.0
 STATUS_TIMEOUT_S = 3.0
 _MAX_PARALLEL = 16
@@ -205,6 +203,8 @@ class TrainerStage:
         self.required = config.trainer.required
         self.agent_timeout = float(config.trainer.agent_timeout)
         self.retries = int(config.trainer.retries)
+        # Only with etcd do the daemons of the other nodes of a job spread over several hear of its forks.
+        self.coordinated = config.coordination.backend == "etcd"
 
     def on_start(self, run_dirs: Sequence[Path], hold: RunHolder) -> None:
         clean_stale_sockets(self.runtime_dir)
@@ -235,6 +235,10 @@ class TrainerStage:
             # Ranks load only together: telling the others would only make them wait out their timeout.
             sentence = _missing_ranks_sentence(incomplete[0], ctx, unreachable)
             return StageOutcome("failed", time.monotonic() - started, sentence, detail, Reason.TRAINER_RANKS_MISSING)
+        stranded = [job for job in jobs if job.elsewhere] if not self.coordinated else []
+        if stranded:
+            sentence = _stranded_ranks_sentence(stranded[0], ctx)
+            return StageOutcome("failed", time.monotonic() - started, sentence, detail, Reason.TRAINER_RANKS_MISSING)
         # Every rank of a job must hear of the fork at once (each waits for the others): one thread per agent.
         with ThreadPoolExecutor(max_workers=max(_MAX_PARALLEL, len(serving)), thread_name_prefix="trainers") as pool:
             results = list(pool.map(lambda h: self._fork(h, ctx, run_dir), serving))
@@ -246,7 +250,7 @@ class TrainerStage:
         if failed:
             more = f" (and {len(failed) - 1} more agent(s) failed)" if len(failed) > 1 else ""
             return StageOutcome("failed", seconds, f"{failed[0]['error']}{more}", detail, failed[0]["reason"])
-        split = _split_steps(results)
+        split = split_steps(results)
         if split is not None:
             return StageOutcome("failed", seconds, split, detail, Reason.TRAINER_RANKS_OFF)
         return StageOutcome("ok", seconds, None, detail)
@@ -390,15 +394,14 @@ def _missing_ranks_sentence(job: JobView, ctx: ForkContext, unreachable: list[di
     )
 
 
-def _split_steps(results: list[dict[str, Any]]) -> str | None:
-    """A sentence when the ranks of one job report different `loaded_at_step`s (the agreement should rule it out)."""
-    steps: dict[tuple[str | None, int], set[object]] = {}
-    for r in results:
-        if r.get("world_size", 1) > 1 and r.get("result") == RESULT_LOADED:
-            steps.setdefault((r.get("job"), r["world_size"]), set()).add(r.get("loaded_at_step"))
-    for (job, world), seen in steps.items():
-        if len(seen) > 1:
-            shown = ", ".join(sorted(map(str, seen)))
-            name = f" {job}" if job else ""
-            return f"the ranks of the {world}-rank job{name} loaded the fork at different optimizer steps ({shown})"
-    return None
+def _stranded_ranks_sentence(job: JobView, ctx: ForkContext) -> str:
+    elsewhere = job.elsewhere
+    ranks = ", ".join(map(str, elsewhere))
+    here = ", ".join(map(str, sorted(job.here)))
+    return (
+        f"rank{'s' if len(elsewhere) > 1 else ''} {ranks} of the {job.world_size}-rank job training {ctx.model_dir} "
+        f"run on other nodes (this node runs rank(s) {here}, local world size {job.local_world_size}), and with "
+        "coordination.backend: filesystem no daemon there hears of the fork; no rank was told, since ranks load a "
+        "fork only together: set coordination.backend: etcd on every node of the job (docs/operations.md), then "
+        "fork again"
+    )

@@ -1,8 +1,11 @@
-"""Which ranks of a distributed job belong on this node (pure logic, sidecar/rank_jobs.py)."""
+"""Which ranks of a distributed job belong on this node, and what the claimer finds wrong with a job spread over
+several nodes (pure logic, sidecar/rank_jobs.py; the real multi-node jobs are in tests/test_ranks_across_nodes.py)."""
 
 from __future__ import annotations
 
-from sidecar.rank_jobs import RankedAgent, jobs_of, ranked_agent
+from typing import Any
+
+from sidecar.rank_jobs import RankedAgent, jobs_of, ranked_agent, split_steps, spread_problems
 
 
 def test_a_single_process_trainer_is_no_job() -> None:
@@ -36,3 +39,47 @@ def test_two_jobs_of_one_world_size_are_told_apart_by_job_id() -> None:
 def test_rank_fields_that_make_no_sense_count_as_a_single_process() -> None:
     for hello in ({"rank": 3, "world_size": 2}, {"rank": -1, "world_size": 2}, {"rank": True, "world_size": 2}):
         assert ranked_agent(5, hello) == RankedAgent(5, 0, 1)
+
+
+def _node(ranks: list[int], world: int, at: int | None = 5, job: str = "j1") -> dict[str, Any]:
+    """A node's stages as its report carries them: one agent per rank here, torchrun's local world size known."""
+    agents = [{"rank": r, "world_size": world, "job": job, "result": "loaded", "loaded_at_step": at} for r in ranks]
+    first = ranks[0]
+    view = jobs_of([RankedAgent(r, r, world, r - first, len(ranks), job) for r in ranks])[0]
+    return {"trainers": {"status": "ok", "agents": agents, "jobs": [view.to_json()]}, "vllm": {"status": "skipped"}}
+
+
+def test_a_job_whose_every_rank_some_node_reported_loading_at_one_step_is_fine() -> None:
+    nodes = {"a": _node([0, 1], 4), "b": _node([2, 3], 4)}
+    assert spread_problems(nodes, "/runs/m") == []
+
+
+def test_ranks_no_node_reported_are_named_with_the_nodes_that_expect_them_elsewhere() -> None:
+    nodes = {"a": _node([0, 1], 6), "b": _node([2, 3], 6), "gone": {"status": "missing", "error": "lease expired"}}
+    [problem] = spread_problems(nodes, "/runs/m")
+    assert problem.startswith(
+        "ranks 4, 5 of the 6-rank job training /runs/m were reported by no node (expected on other nodes by a, b)"
+    )
+
+
+def test_ranks_on_different_nodes_that_loaded_at_different_steps_fail_the_fork() -> None:
+    # The agreement rules this out; real ranks cannot be made to do it, so the reports are written here.
+    nodes = {"a": _node([0], 2, at=5), "b": _node([1], 2, at=6)}
+    assert spread_problems(nodes, "/runs/m") == [
+        "the ranks of the 2-rank job j1 loaded the fork at different optimizer steps (5, 6) on different nodes"
+    ]
+
+
+def test_a_split_one_node_already_reported_is_not_reported_twice() -> None:
+    split = _node([0, 1], 4, at=5)
+    split["trainers"]["agents"][1]["loaded_at_step"] = 6
+    assert split_steps(split["trainers"]["agents"]) is not None
+    assert spread_problems({"a": split, "b": _node([2, 3], 4, at=5)}, "/runs/m") == []
+
+
+def test_two_jobs_of_one_world_size_on_the_nodes_are_checked_apart() -> None:
+    nodes = {"a": _node([0], 2, job="x"), "b": _node([1], 2, job="x"), "c": _node([0], 2, job="y")}
+    [problem] = spread_problems(nodes, "/runs/m")
+    assert problem.startswith(
+        "rank 1 of the 2-rank job training /runs/m was reported by no node (expected on other nodes by c)"
+    )

@@ -10,13 +10,8 @@ goes missing. Rank 0 waits longer between steps than the others, as it does in r
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import signal
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,20 +22,21 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from safetensors.torch import load_file  # noqa: E402
-
 from sidecar.protocol.client import call_agent  # noqa: E402
 from sidecar.protocol.paths import agent_socket_path  # noqa: E402
 from tests.support.daemon import DaemonProcess, wait_for, wait_outcome, write_config  # noqa: E402
-from tests.support.ddp_script import fingerprint  # noqa: E402
+from tests.support.rank_job import (  # noqa: E402
+    START_S,
+    Job,
+    Run,
+    assert_ranks_identical,
+    check_fork_landed,
+    short_dir,
+)
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
 from tests.support.venvs import preloaded_venv  # noqa: E402
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "support" / "ddp_script.py"
-START_S = 120.0
 
 
 @pytest.fixture(scope="module")
@@ -53,115 +49,10 @@ def trainer_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return preloaded_venv(tmp_path_factory.mktemp("ranks-venv"))
 
 
-@contextlib.contextmanager
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fs-rk-", dir="/tmp"))  # short: socket paths are limited to 107 bytes
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture
 def runtime_dir() -> Iterator[Path]:
     with short_dir() as path:
         yield path
-
-
-class Run:
-    """A run dir whose 0000 is adapter A; 0002 holds A too, 0003 holds B and 0004 B halved (each fork changes the
-    weights: training has moved away from A by then)."""
-
-    def __init__(self, root: Path, assets: TinyAssets) -> None:
-        from safetensors.torch import save_file
-
-        self.art = root / "art"
-        self.model_dir = self.art / "proj" / "models" / "m"
-        checkpoints = self.model_dir / "checkpoints"
-        shutil.copytree(assets.adapter_a, checkpoints / "0000")
-        shutil.copytree(assets.adapter_a, checkpoints / "0002")
-        shutil.copytree(assets.adapter_b, checkpoints / "0003")
-        shutil.copytree(assets.adapter_b, checkpoints / "0004")
-        halved = {k: v * 0.5 for k, v in load_file(str(checkpoints / "0003" / "adapter_model.safetensors")).items()}
-        save_file(halved, str(checkpoints / "0004" / "adapter_model.safetensors"))
-
-    def tensors_of(self, step: int) -> str:
-        path = self.model_dir / "checkpoints" / f"{step:04d}" / "adapter_model.safetensors"
-        return fingerprint(dict(load_file(str(path))))
-
-    def mark(self, step: int) -> float:
-        """Write the `.fork` marker; returns the time an outcome of it is newer than."""
-        after = time.time()
-        tmp = self.model_dir / ".fork.tmp"
-        tmp.write_text(f"step: {step}\n")
-        tmp.replace(self.model_dir / ".fork")
-        return after
-
-    def fork(self, step: int, *, timeout: float = 90.0) -> dict[str, Any]:
-        return wait_outcome(self.model_dir, timeout, self.mark(step))
-
-
-class Job:
-    """One torchrun job of `ddp_script.py`."""
-
-    def __init__(self, python: Path, run: Run, runtime_dir: Path, control: Path, nproc: int, *extra: str) -> None:
-        control.mkdir(parents=True)
-        self.control, self.nproc = control, nproc
-        self.log = open(control / "torchrun.log", "wb")  # noqa: SIM115 - closed in stop()
-        launch = [str(python), "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-        args = ["--base", str(tiny_assets().base), "--adapter", str(run.model_dir / "checkpoints" / "0000")]
-        self.proc = subprocess.Popen(
-            [*launch, str(SCRIPT), *args, "--run-dir", str(run.model_dir), "--control", str(control), *extra],
-            env={**os.environ, "FORK_SIDECAR_RUNTIME_DIR": str(runtime_dir), "OMP_NUM_THREADS": "1"},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd="/",
-            start_new_session=True,  # torchrun does not pass a SIGKILL on to its ranks: stop() kills the group
-        )
-        self.pids = [int(self._ready(r)["pid"]) for r in range(nproc)]
-
-    def _ready(self, rank: int) -> dict[str, Any]:
-        def ready() -> dict[str, Any] | None:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"torchrun exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                return dict(json.loads((self.control / f"ready-{rank}.json").read_text()))
-            except (FileNotFoundError, ValueError):
-                return None
-
-        result: dict[str, Any] = wait_for(ready, START_S, f"rank {rank} to register")
-        return result
-
-    def output(self) -> str:
-        return (self.control / "torchrun.log").read_text(errors="replace")[-6000:]
-
-    def records(self, rank: int) -> list[dict[str, Any]]:
-        try:
-            lines = (self.control / f"steps-{rank}.jsonl").read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in lines if line.strip()]
-
-    def steps(self, rank: int) -> list[dict[str, Any]]:
-        return [r for r in self.records(rank) if "step" in r]
-
-    def last_step(self) -> int:
-        return max(len(self.steps(r)) for r in range(self.nproc))
-
-    def wait_steps(self, n: int) -> None:
-        wait_for(lambda: all(len(self.steps(r)) >= n for r in range(self.nproc)), START_S, f"{n} steps on every rank")
-
-    def stop(self) -> None:
-        (self.control / "exit").touch()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        for pid in self.pids:  # a hung job's ranks were seen to outlive torchrun (left with parent 1)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.log.close()
 
 
 @contextlib.contextmanager
@@ -194,20 +85,6 @@ def pair_job(trainer_python: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             job.stop()
 
 
-def by_step(job: Job) -> dict[int, dict[int, dict[str, Any]]]:
-    """step -> rank -> that rank's record of the step, over the steps every rank logged."""
-    per_rank = [{r["step"]: r for r in job.steps(rank)} for rank in range(job.nproc)]
-    common = set.intersection(*(set(p) for p in per_rank))
-    return {step: {rank: per_rank[rank][step] for rank in range(job.nproc)} for step in sorted(common)}
-
-
-def assert_ranks_identical(job: Job) -> dict[int, dict[int, dict[str, Any]]]:
-    steps = by_step(job)
-    split = [s for s, ranks in steps.items() if len({r["after"] for r in ranks.values()}) > 1]
-    assert not split, f"the ranks' LoRA weights differ after {len(split)} of {len(steps)} steps: {split[:10]}"
-    return steps
-
-
 def assert_loaded_together(outcome: dict[str, Any], nproc: int) -> int:
     assert outcome["status"] == "done", outcome
     agents = outcome["trainers"]["agents"]
@@ -219,14 +96,6 @@ def assert_loaded_together(outcome: dict[str, Any], nproc: int) -> int:
     [job] = outcome["trainers"]["jobs"]
     assert job["ranks_here"] == list(range(nproc)) and job["ranks_missing"] == [] == job["ranks_elsewhere"]
     return int(at)
-
-
-def check_fork_landed(steps: dict[int, dict[int, dict[str, Any]]], at: int, forked: str) -> None:
-    """After optimizer step `at` every rank holds the forked tensors, and step at+1 trains from them."""
-    assert {r["after"] for r in steps[at].values()} == {forked}
-    if at + 1 in steps and steps[at + 1][0]["start"]:  # DDP: step at+1's forward trained from them
-        assert {r["start"][0] for r in steps[at + 1].values()} == {forked}
-    assert all(r["after"] != forked for r in steps.get(at - 1, {}).values())
 
 
 def fork_a_new_job(

@@ -43,6 +43,8 @@ from sidecar.preload.rank_join import install_join_support
 from sidecar.preload.step_gate import StepGate, StepTimeout, forget_gates_in_child
 from sidecar.protocol.messages import (
     PROTOCOL_VERSION,
+    RESULT_LOADED,
+    RESULT_PENDING,
     ForkRequest,
     HelloRequest,
     Request,
@@ -67,8 +69,6 @@ __all__ = [
     "training_step",
 ]
 
-RESULT_LOADED = "loaded"
-RESULT_PENDING = "load pending"
 DEFAULT_RUNTIME_DIR = "/run/fork-sidecar"
 _RECENT = 16
 

@@ -13,6 +13,8 @@ from sidecar.protocol.framing import ProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "RESULT_LOADED",
+    "RESULT_PENDING",
     "ForkRequest",
     "HelloRequest",
     "Request",
@@ -23,6 +25,10 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+# A fork reply's `result`: the forked weights are in the model (with their digest), or an ART trainer loads them when
+# ART next rebuilds its state (reported later through `status`).
+RESULT_LOADED = "loaded"
+RESULT_PENDING = "load pending"
 
 
 def ok_reply(**fields: Any) -> dict[str, Any]:
