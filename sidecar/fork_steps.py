@@ -44,11 +44,13 @@ log = logging.getLogger("sidecar.pipeline")  # the daemon's one fork logger: jou
 _UNCHANGED = "unchanged"  # what disk_digest echoes back when 0000 is still the file staged
 # The reasons of a notification stage that is not configured (fanout.OTHER_REASON: of one that raised, a bug).
 _NONE_FOUND = {"trainers": Reason.TRAINER_NONE_FOUND, "vllm": Reason.VLLM_NONE_FOUND}
-# The states recorded for an adopter (etcd backend: Claims.progress), those that spare it work: a staged copy and a
-# finished swap. Past the swap an adopter runs the stages again from SWAPPED whatever was recorded
-# (ForkPipeline._resume_adopted), and verifies itself, so recording TRAINERS, VLLM and VERIFIED cost each fork three
-# etcd writes on the claimer's path for nothing.
-ADOPTERS_RESUME_FROM = frozenset({ForkState.STAGED, ForkState.SWAPPED})
+# The states recorded for an adopter (etcd backend: Claims.progress): the finished swap, which an adopter must not
+# redo blind. Every other record only spares an adopter work, at one etcd write on every fork's path: without a
+# record it settles the dead claimer's copies and forks the claimed marker again (ForkPipeline._adopt_orphan),
+# exactly as after a claimer killed just before that write; past the swap it runs the stages again from SWAPPED
+# whatever was recorded (ForkPipeline._resume_adopted) and verifies itself. So STAGED, TRAINERS, VLLM and VERIFIED
+# are not sent.
+ADOPTERS_RESUME_FROM = frozenset({ForkState.SWAPPED})
 
 
 @dataclasses.dataclass

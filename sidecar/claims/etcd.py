@@ -30,6 +30,7 @@ from sidecar.claims.etcd_serves import Serving, ServingSurvey
 from sidecar.claims.etcd_watch import GATHER_POLL_S, GATHER_TOPICS, LISTEN_POLL_S, LISTEN_TOPICS, Changes
 from sidecar.config import Config
 from sidecar.fanout import STAGE_NAMES, Gathered, lease_gone, raised_report, recorded_members, recorded_nodes
+from sidecar.states import ForkState
 
 __all__ = ["EtcdClaims"]
 
@@ -74,6 +75,7 @@ class EtcdClaims(Claims):
         # fork id -> (monotonic publish time, the other nodes to report, why it could not be published or None)
         self._published: dict[str, tuple[float, list[str] | None, str | None]] = {}
         self._live_at_publish: dict[str, set[str] | None] = {}  # fork id -> the members alive when it was published
+        self._surveyed: dict[str, tuple[list[KeyValue], list[KeyValue]]] = {}  # fork id -> members, serves (swapped)
         self._known_others: list[str] = []  # the other members at the keeper's last look
         self._survey = ServingSurvey(config)
         self._serving: Serving | None = None  # what this node serves, as the last survey found (None: not yet)
@@ -331,13 +333,18 @@ class EtcdClaims(Claims):
         key, claim, lease = self.keys.progress(path), self.keys.claim(path), self.lease
         if lease is None:
             return
+        # The swap recorded, the fork is published next: its look at who must report rides in this round trip.
+        swapped = record.get("state") == ForkState.SWAPPED.value
+        reads = (self.keys.member(), self.keys.serves()) if swapped else ()
         try:
-            ours = self.session.put_if_key_lease(key, record, claim, lease)
+            ours, found = self.session.put_if_key_lease(key, record, claim, lease, reads)
         except (EtcdDown, EtcdAuthError):
             self._later(key, record, claim, lease)
             return
         if not ours:
             raise ClaimLost(f"the claim of {path.parent} is no longer this daemon's (its lease expired)")
+        if swapped:
+            self._surveyed[str(record.get("fork_id"))] = (found[0], found[1])
 
     def check(self, path: Path) -> None:
         """Before every step of a claimed fork: raises ClaimLost once the claim is known to be another's, and waits,
@@ -393,6 +400,7 @@ class EtcdClaims(Claims):
             return
         progress, claim, lease = self.keys.progress(path), self.keys.claim(path), self.lease
         fork_id = info.get("fork_id")
+        self._surveyed.pop(str(fork_id), None)  # a fork that ended before its publish
         with self._state:
             self._pending.pop(progress, None)  # a progress write still waiting must not come back
             if path in self._lost or lease is None:  # the keys are the adopter's now
@@ -453,7 +461,8 @@ class EtcdClaims(Claims):
         """The nodes that must report on `record`'s fork, and the live members among them: this node, every live
         member (told always: a trainer started since its daemon's last survey serves the run too), and every node
         whose serves record names the run (its daemon may be down while its trainers keep running)."""
-        live, serves = self.session.get_prefixes(self.keys.member(), self.keys.serves())
+        surveyed = self._surveyed.pop(record.fork_id, None)  # read with the swap's record just before, if it was
+        live, serves = surveyed or self.session.get_prefixes(self.keys.member(), self.keys.serves())
         members = sorted(kv.name for kv in live)
         serving = [kv.name for kv in serves if Serving.from_json(kv.value).serves(record.model_dir)]
         return sorted({self.node, *members, *serving}), members
