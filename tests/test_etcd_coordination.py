@@ -315,7 +315,7 @@ def test_a_report_put_by_another_node_wakes_the_gathering_claimer(
     with _etcd_claims(tmp_path, art, etcd_server) as claims:
         wait_for(lambda: claims._changes.seen(reports) > 0, 20, "the watch open")  # its "created" wakes everyone
         seen = claims._changes.seen(reports)
-        etcd_server.put(f"{claims.prefix}/reports/20261201T120000Z-abc123/node-2", "{}")
+        etcd_server.put(f"{claims.keys.prefix}/reports/20261201T120000Z-abc123/node-2", "{}")
         wait_for(lambda: claims._changes.seen(reports) != seen, 10, "the report to wake the claimer")
 
 

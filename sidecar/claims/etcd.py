@@ -48,8 +48,7 @@ class EtcdClaims(Claims):
         super().__init__(config)
         etcd = config.coordination.etcd
         self.node = config.node.name
-        self.prefix = etcd.prefix.rstrip("/")
-        self.keys = EtcdKeys(self.prefix)
+        self.keys = EtcdKeys(etcd.prefix.rstrip("/"))
         self.ttl = max(2, math.ceil(etcd.lease_ttl))
         self.session = EtcdSession(etcd, request_timeout=max(0.5, self.ttl / 4))
         self.lease: int | None = None
@@ -64,6 +63,7 @@ class EtcdClaims(Claims):
         self._pending: dict[str, tuple[dict[str, Any], str, int]] = {}
         self._releases: dict[str, tuple[int, list[str], list[str]]] = {}
         self._unclaims: set[str] = set()  # our claim keys to delete once etcd answers
+        self._fresh: dict[Path, int] = {}  # claims take() just created, with their lease, until their record
         self._waiting: set[Path] = set()
         self._state = threading.Lock()
         self._stop = threading.Event()
@@ -83,7 +83,7 @@ class EtcdClaims(Claims):
         # Published forks, members, progress and reports (the keys from forks/ to the end of reports/, in etcd's
         # order). Up to the end of `P/reports/`, not of `P/reports//` (an empty fork id's): that range ended before
         # every report key, so no report woke a gathering claimer, which waited out GATHER_POLL_S instead.
-        self._changes = Changes(self.session, self.prefix, self.keys.fork(), self.keys.reports(), self.node)
+        self._changes = Changes(self.session, self.keys.prefix, self.keys.fork(), self.keys.reports(), self.node)
         self._keeper = threading.Thread(target=self._keep, name="etcd-lease", daemon=True)
         self._keeper.start()
         self._listener = threading.Thread(target=self._listen, name="etcd-fanout", daemon=True)
@@ -97,7 +97,7 @@ class EtcdClaims(Claims):
             try:
                 self._renew_lease()
                 self._flush_pending()
-                names = self._member_names()
+                names = sorted(kv.name for kv in self.session.get_prefix(self.keys.member()))
                 self.members, self._known_others = len(names), [n for n in names if n != self.node]
                 self._up()
             except (EtcdDown, EtcdAuthError) as e:
@@ -245,6 +245,8 @@ class EtcdClaims(Claims):
         taken = False
         try:
             taken = answer is not None and answer[0] and io.claim()
+            if taken:
+                self._fresh[path] = lease
         finally:
             if not taken and (answer is None or answer[0] or _under(answer[1], lease)):
                 # Ours, or perhaps ours (unanswered, or answered "exists" for our own create retried on another
@@ -298,7 +300,9 @@ class EtcdClaims(Claims):
 
     def record(self, path: Path, io: ClaimFiles, fork_id: str, request: dict[str, Any], raw: str) -> None:
         lease = self.lease
-        if lease is not None:
+        # A claim this daemon's take created under the lease it still holds and renews is its own (only that lease's
+        # expiry frees the key): the guard's round trip below is for when that is not known.
+        if lease is not None and not (self._fresh.pop(path, None) == lease and self.lease_healthy()):
             value = {"fork_id": fork_id, "node": self.node, "claimed_by": self.claimer()}
             try:  # before the claim file: a claim that is another's now must not have its record overwritten
                 ours = self.session.put_if_lease(self.keys.claim(path), value, lease)
@@ -396,11 +400,12 @@ class EtcdClaims(Claims):
 
     def release(self, path: Path, io: ClaimFiles | None = None) -> None:
         info = self.registry.release(path, io)
+        self._fresh.pop(path, None)  # a fork that ended before its record
         if info is None:
             return
         progress, claim, lease = self.keys.progress(path), self.keys.claim(path), self.lease
         fork_id = info.get("fork_id")
-        self._surveyed.pop(str(fork_id), None)  # a fork that ended before its publish
+        self._surveyed.pop(str(fork_id), None)  # one that ended before its publish
         with self._state:
             self._pending.pop(progress, None)  # a progress write still waiting must not come back
             if path in self._lost or lease is None:  # the keys are the adopter's now
@@ -412,9 +417,6 @@ class EtcdClaims(Claims):
             self._flush_pending()
 
     # --- fan-out ----------------------------------------------------------------------------------------------
-    def _member_names(self) -> list[str]:
-        return sorted(kv.name for kv in self.session.get_prefix(self.keys.member()))
-
     def publish(self, path: Path, record: ForkRecord, budget: float) -> None:
         """Publish the fork with the nodes that must report on it (this one included, fixed now: an adopter that
         publishes again finds the dead claimer's list and keeps it); while etcd cannot be reached, retry for at most
