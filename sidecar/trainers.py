@@ -30,7 +30,7 @@ from sidecar.agent_dirs import ensure_user_dir
 from sidecar.config import Config
 from sidecar.protocol.client import ControlError, call_agent
 from sidecar.protocol.digest import digest_problem
-from sidecar.protocol.messages import RESULT_LOADED, RESULT_PENDING, ForkRequest
+from sidecar.protocol.messages import LOAD_IN_PROGRESS, RESULT_LOADED, RESULT_PENDING, ForkRequest, reply_code
 from sidecar.protocol.paths import agent_dir, pid_of_socket, uid_of_agent_dir
 from sidecar.protocol.reasons import Reason, of_agent_code, of_control_code
 from sidecar.protocol.run_layout import CHECKPOINTS, SERVED_STEP
@@ -53,6 +53,7 @@ _MAX_PARALLEL = 16
 _RETRY_REPLY_CODES = frozenset({"busy", "step_timeout", "timeout", "io"})
 _RETRY_CONTROL_CODES = frozenset({"unreachable", "timeout", "protocol"})
 _STALE_PRIVATE_DIR_S = 60.0
+_LATE_POLL_S = 0.1  # between looks at the status of an agent whose fork reply is late
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,7 @@ def agent_statuses(runtime_dir: Path) -> list[dict[str, Any]]:
 
 
 def _reply_reason(reply: dict[str, Any]) -> Reason:
-    error = reply.get("error")
-    return of_agent_code(error.get("code") if isinstance(error, dict) else None)
+    return of_agent_code(reply_code(reply))
 
 
 def _control_reason(e: ControlError, agent: AgentSocket) -> Reason:
@@ -320,7 +320,7 @@ class TrainerStage:
         outcome["loaded_at_step"] = reply.get("loaded_at_step")
         if isinstance(reply.get("job"), str):
             outcome["job"] = reply["job"]
-        for key in ("digest", "message", "state", "applied"):
+        for key in ("digest", "message", "state", "applied", "answered"):
             if key in reply:
                 outcome[key] = reply[key]
         if result == RESULT_LOADED:
@@ -361,12 +361,45 @@ class TrainerStage:
         try:
             reply = call_agent(agent.path, request.to_message(), timeout=timeout, pid=agent.pid)
         except ControlError as e:
+            late = self._late_reply(agent, ctx) if e.code == "timeout" else None
+            if late is not None:
+                return self._answered_late(late)
             return None, (e.message, _control_reason(e, agent)), e.code in _RETRY_CONTROL_CODES
         if not reply.get("ok"):
-            error = reply.get("error")
-            code = error.get("code") if isinstance(error, dict) else None
+            code = reply_code(reply)
+            late = self._late_reply(agent, ctx) if code == LOAD_IN_PROGRESS else None
+            if late is not None:
+                return self._answered_late(late)
             return None, (_reply_error(reply), _reply_reason(reply)), code in _RETRY_REPLY_CODES
         return reply, None, False
+
+    @staticmethod
+    def _answered_late(
+        late: dict[str, Any],
+    ) -> tuple[dict[str, Any] | None, tuple[str, Reason] | None, bool]:
+        if late.get("ok"):
+            return {**late, "answered": "late, through status"}, None, False
+        return None, (_reply_error(late), _reply_reason(late)), False  # it gave up on the fork itself, and says why
+
+    def _late_reply(self, agent: AgentSocket, ctx: ForkContext) -> dict[str, Any] | None:
+        """The agent's own record of this fork, once its reply did not come within the call's timeout or said
+        `load_in_progress`: a load that started before `not_after` (a slow copy; ranks held up inside the agreed
+        step) may end after that, and calling it a failure would say the trainer kept the old weights while it holds
+        the forked ones. Asked for until half an agent timeout more has passed, within the stage's deadline; None if
+        no result showed up."""
+        deadline = time.monotonic() + min(self.agent_timeout / 2, ctx.remaining())
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                status = call_agent(agent.path, {"op": "status"}, timeout=min(STATUS_TIMEOUT_S, left), pid=agent.pid)
+            except ControlError:
+                return None
+            for entry in reversed(status.get("recent") or []):
+                if isinstance(entry, dict) and entry.get("fork_id") == ctx.fork_id:
+                    if reply_code(entry) != LOAD_IN_PROGRESS:
+                        return entry
+                    break  # the newest word on it: still going
+            time.sleep(min(_LATE_POLL_S, max(0.0, deadline - time.monotonic())))
+        return None
 
 
 def _on(host: object) -> str:

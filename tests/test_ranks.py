@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,9 @@ def runtime_dir() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def daemon_for_run(root: Path, runtime_dir: Path) -> Iterator[tuple[Run, DaemonProcess]]:
+def daemon_for_run(root: Path, runtime_dir: Path, agent_timeout: str = "12s") -> Iterator[tuple[Run, DaemonProcess]]:
     run = Run(root, tiny_assets())
-    trainer = {"required": True, "agent_timeout": "12s", "retries": 0}
+    trainer = {"required": True, "agent_timeout": agent_timeout, "retries": 0}
     config = write_config(root / "config.yaml", [run.art], root / "state", runtime_dir, trainer=trainer)
     with DaemonProcess(config, root / "daemon.log") as process:
         yield run, process
@@ -192,6 +193,31 @@ def test_a_rank_with_two_registered_models_reports_the_job_fields_and_the_step_o
     # Each agent combines its two targets' replies into one entry of trainers.agents (the old code dropped
     # loaded_at_step and applied there).
     fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 2, "--second-model")
+
+
+def test_a_load_that_ends_after_the_calls_timeout_is_reported_loaded_not_failed(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
+) -> None:
+    # Rank 1's apply is held (a mock: a slow copy of a large adapter) inside the agreed step past the agents' 6 s to
+    # answer (half the 12 s agent timeout), so both answer `load_in_progress`, and the daemon asks their status
+    # until the load ends. The old code answered "no rank loaded it", filed `failed`, and both ranks then loaded it.
+    run = daemon[0]
+    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--hold-apply-rank", "1")
+    held = job.control / "hold-apply-1"
+    try:
+        job.wait_steps(2)
+        held.touch()
+        after = run.mark(3)
+        wait_for(lambda: (job.control / "holding-apply-1").exists(), 30, "rank 1 to start the apply")
+        time.sleep(max(0.0, after + 9.0 - time.time()))  # past the agents' 6 s, within the 12 s of the daemon's call
+        held.unlink()
+        outcome = wait_outcome(run.model_dir, 60, after)
+        job.wait_steps(job.last_step() + 2)
+    finally:
+        held.unlink(missing_ok=True)
+        job.stop()
+    check_fork_landed(assert_ranks_identical(job), assert_loaded_together(outcome, 2), run.tensors_of(3))
+    assert {a["answered"] for a in outcome["trainers"]["agents"]} == {"late, through status"}, outcome
 
 
 def told_of_a_fork(runtime_dir: Path, pid: int) -> bool:

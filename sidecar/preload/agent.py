@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sidecar import __version__
+from sidecar.preload.late_forks import LateFork
 from sidecar.preload.rank_agreement import LATE_REQUEST, LoadHooks, RankAgreement, expects_ranks, rank_info
 from sidecar.preload.rank_join import install_join_support
 from sidecar.preload.step_gate import StepGate, StepTimeout, forget_gates_in_child
@@ -139,10 +140,16 @@ class PeftTarget:
                 hold_forwards=self.gate.forwards_held,
                 index=index,
                 device=self._lora_device,
+                settled_late=self._settled_late,
             )
         )
         self.gate.on_boundary = agreement.at_boundary
         return agreement
+
+    def _settled_late(self, fork_id: str, reply: dict[str, Any]) -> None:
+        agent = current_agent(create=False)
+        if agent is not None:
+            agent.settled_late(fork_id, self, reply)
 
     def _lora_device(self) -> Any:
         """The device of the first trainable parameter (for an FSDP2 DTensor, of its local shard), or None."""
@@ -267,6 +274,7 @@ class Agent:
         self._server: ControlServer | None = None
         self._started = time.time()
         self.recent: deque[dict[str, Any]] = deque(maxlen=_RECENT)
+        self._late: dict[str, LateFork] = {}  # forks some target answered `load_in_progress`, by fork id
 
     # targets ----------------------------------------------------------------------------------------------------
     def add(self, target: Target) -> None:
@@ -350,9 +358,33 @@ class Agent:
             return error_reply(
                 "forbidden_path", f"checkpoint {request.checkpoint_dir} is not inside the run {run}; refused"
             )
-        reply = _combine(_fork_all(targets, request, checkpoint))
+        late = LateFork(run, targets)
+        with self._lock:  # before the targets are told: a late result may come before their replies are combined
+            self._late[request.fork_id] = late
+        replies = _fork_all(targets, request, checkpoint)
+        with self._lock:
+            late.replies = replies
+            merged = late.merged()
+            if merged is not None:
+                del self._late[request.fork_id]
+        # A target whose late result came meanwhile answers with it; else `status` gets the result once it comes.
+        reply = _combine(merged or replies)
         self.record({"fork_id": request.fork_id, "run_dir": run, **_summary(reply)})
         return reply
+
+    def settled_late(self, fork_id: str, target: Target, reply: dict[str, Any]) -> None:
+        """A target's result for a fork it had answered `load_in_progress`: once no target of it is still in
+        progress, the combined result goes into `recent`, where the daemon, asking `status`, reads it."""
+        with self._lock:
+            late = self._late.get(fork_id)
+            if late is None or target not in late.targets:
+                return
+            late.results[late.targets.index(target)] = reply
+            merged = late.merged()
+            if merged is None:
+                return
+            del self._late[fork_id]
+        self.record({"fork_id": fork_id, "run_dir": late.run, **_summary(_combine(merged))})
 
 
 def checkpoint_within(run: str, checkpoint: str) -> Path | None:
@@ -422,7 +454,8 @@ def _shared(replies: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _summary(reply: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("ok", "result", "digest", "seconds", "applied", "state", "error")
+    # Also what the daemon reads off a fork reply, for one that asks `status` after the reply came too late.
+    keys = ("ok", "result", "digest", "seconds", "applied", "state", "error", "loaded_at_step", "job")
     return {k: reply[k] for k in keys if k in reply}
 
 

@@ -50,7 +50,7 @@ from typing import Any
 
 from sidecar.preload.rank_exit import wait_done, watch_exit
 from sidecar.preload.rank_reduce import Buffers, InFlight, reduce_device
-from sidecar.protocol.messages import ForkRequest, error_reply, ok_reply
+from sidecar.protocol.messages import LOAD_IN_PROGRESS, ForkRequest, error_reply, ok_reply
 
 __all__ = [
     "HANDSHAKE_ENV",
@@ -72,6 +72,10 @@ _FAILED, _TOO_LATE = 1, 2  # a rank's entry in a vote (0: ok)
 LATE_REQUEST = (
     "this rank read the fork request only after its daemon's deadline had passed (the process was stopped or "
     "stalled); nothing was loaded"
+)
+_IN_PROGRESS = (
+    "the ranks agreed on it and were still putting it into their models after {:.1f}s; it ends loaded on every rank "
+    "or on none, and this agent's status says which"
 )
 _OUT_OF_INPUTS = "it has run out of inputs and joined (DDP Join): it no longer trains, so no rank loads a fork now"
 _GROUP_GONE = "the job's process group was destroyed (the training has ended); no rank loads a fork now"
@@ -155,6 +159,7 @@ class _Told:
     deadline: float  # time.monotonic(): from then on this rank votes against loading it (see `expired`)
     reply: dict[str, Any] | None = None
     withdrawn: bool = False
+    committed: bool = False  # every rank read it: the ranks are putting it in (loaded on all, or rolled back on all)
 
     def expired(self) -> str | None:
         """Why this rank may no longer start loading the fork, or None. Checked on the training thread at the vote,
@@ -198,6 +203,8 @@ class LoadHooks:
     hold_forwards: Callable[[], contextlib.AbstractContextManager[None]]
     index: int = 0
     device: Callable[[], Any] = lambda: None  # where the LoRA parameters are (this rank's GPU under NCCL)
+    # The reply to a fork whose request had been answered `load_in_progress` (fork id, reply): for `status`.
+    settled_late: Callable[[str, dict[str, Any]], None] = lambda fork_id, reply: None
 
 
 class RankAgreement:
@@ -248,6 +255,8 @@ class RankAgreement:
             if told.reply is not None:
                 return told.reply
             told.withdrawn = True  # no longer offered from the next boundary on: the ranks cannot all agree now
+            if told.committed:  # past the read vote: it ends loaded on every rank or on none, and `status` says which
+                return error_reply(LOAD_IN_PROGRESS, _IN_PROGRESS.format(timeout), **rank_info())
             return error_reply("step_timeout", self._waiting_sentence(timeout), **rank_info())
 
     def _supersede(self, told: _Told, newer: str) -> None:
@@ -398,6 +407,8 @@ class RankAgreement:
             self._settle(told, error_reply("load_failed", read.sentence("could not load it", "no rank loaded it")))
             return
         assert prepared is not None
+        with self._cond:
+            told.committed = True
         steps = self.hooks.steps()
         with self.hooks.hold_forwards():  # also across the votes: no other thread's forward sees a rolled-back fork
             loaded, problem = None, None
@@ -482,6 +493,9 @@ class RankAgreement:
             self._cond.notify_all()
         if told.withdrawn:
             self._log_unloaded(told, "loaded" if reply.get("ok") else "not loaded")
+            if told.committed:  # its request was answered `load_in_progress`: the daemon asks `status` for this
+                with contextlib.suppress(Exception):
+                    self.hooks.settled_late(told.request.fork_id, reply)
 
     def _log_unloaded(self, told: _Told, what: str) -> None:
         _log(

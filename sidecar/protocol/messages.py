@@ -12,6 +12,7 @@ from typing import Any
 from sidecar.protocol.framing import ProtocolError
 
 __all__ = [
+    "LOAD_IN_PROGRESS",
     "PROTOCOL_VERSION",
     "RESULT_LOADED",
     "RESULT_PENDING",
@@ -22,6 +23,7 @@ __all__ = [
     "error_reply",
     "ok_reply",
     "parse_request",
+    "reply_code",
 ]
 
 PROTOCOL_VERSION = 1
@@ -29,6 +31,9 @@ PROTOCOL_VERSION = 1
 # ART next rebuilds its state (reported later through `status`).
 RESULT_LOADED = "loaded"
 RESULT_PENDING = "load pending"
+# An error reply's code when the agent had to answer while its ranks were putting the fork in: the result, loaded on
+# every rank or on none, is kept for `status` under the fork's id.
+LOAD_IN_PROGRESS = "load_in_progress"
 
 
 def ok_reply(**fields: Any) -> dict[str, Any]:
@@ -37,6 +42,12 @@ def ok_reply(**fields: Any) -> dict[str, Any]:
 
 def error_reply(code: str, message: str, **fields: Any) -> dict[str, Any]:
     return {"ok": False, "error": {"code": code, "message": message}, **fields}
+
+
+def reply_code(reply: Mapping[str, Any]) -> object:
+    """An error reply's code (None for a reply that is not an error)."""
+    error = reply.get("error")
+    return error.get("code") if isinstance(error, Mapping) else None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ TRAINER_REASONS = tuple(r for r in Reason if r.startswith("trainer_"))
 # The agent's error codes (error_reply in sidecar/preload/agent.py and art.py, ControlServer in protocol/server.py).
 _AGENT_CODES = {
     "step_timeout": Reason.TRAINER_TIMEOUT,
+    "load_in_progress": Reason.TRAINER_TIMEOUT,  # the ranks were still putting it in when the agent had to answer
     "timeout": Reason.TRAINER_TIMEOUT,
     "busy": Reason.TRAINER_BUSY,
     "load_failed": Reason.TRAINER_LOAD_FAILED,

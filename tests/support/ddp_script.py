@@ -24,7 +24,8 @@ Control files (checked between steps):
 With `--second-model` every rank trains a second copy of the model by the same optimizer and registers it for the
 same run (two targets in one agent; `after` is then the fingerprint both hold, or both fingerprints while they
 differ). With `--fail-apply-rank R`, rank R's first
-apply of a fork copies one tensor and then raises (`_fail_first_apply`).
+apply of a fork copies one tensor and then raises (`_fail_first_apply`); with `--hold-apply-rank R`, rank R's applies
+wait while `hold-apply-{R}` exists (`holding-apply-{R}` meanwhile: `_held_apply`).
 With `--uneven-rank R --uneven-steps K --steps N` the loop runs under DDP's `Join`: rank R stops after K steps,
 the others after N or once `exit` exists (seen by each rank alone: an all_reduce would have no partner on a
 joined rank).
@@ -116,6 +117,8 @@ def train(args: argparse.Namespace) -> int:
     peft_model = models[0][0]
     if args.fail_apply_rank == rank:
         _fail_first_apply()
+    if args.hold_apply_rank == rank:
+        _held_apply(Path(args.control), rank)
 
     lora = _lora_reader(args, models)
 
@@ -231,6 +234,21 @@ def _fail_first_apply() -> None:
     peft_load._copy_and_verify = copy_one_then_fail  # type: ignore[assignment]
 
 
+def _held_apply(control: Path, rank: int) -> None:
+    """A mock too: this rank's apply of a fork waits while `hold-apply-{rank}` exists, as copying a large adapter onto
+    a busy GPU takes long. A real part is that slow only with adapters far larger than CI can hold (every rank waits
+    for the slowest one inside the agreed step), so the test holds it; the load, the votes and the daemon are real."""
+    from sidecar.preload import peft_load
+
+    real = peft_load._copy_and_verify
+
+    def held(live: dict[str, Any], cast: dict[str, Any], path: Path) -> None:
+        _hold(control, rank, "hold-apply")
+        return real(live, cast, path)
+
+    peft_load._copy_and_verify = held  # type: ignore[assignment]
+
+
 def _should_stop(control: Path, flag: Any, joined: bool) -> bool:
     # Under Join each rank looks alone (a joined rank has no partner for an all_reduce of ours).
     return (control / "exit").exists() if joined else _told_to_stop(control, flag)
@@ -291,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uneven-steps", type=int, default=0, help="after this many steps (with --uneven-rank)")
     parser.add_argument("--second-model", action="store_true", help="train and register a second model too")
     parser.add_argument("--fail-apply-rank", type=int, default=-1, help="this rank's first apply fails half-way")
+    parser.add_argument("--hold-apply-rank", type=int, default=-1, help="this rank's applies wait for a file")
     return train(parser.parse_args(argv))
 
 
