@@ -160,6 +160,29 @@ def test_a_step_that_never_ends_is_retried_then_reported(runtime_dir: Path, run_
     assert counted(outcome) == ["trainer_timeout"]
 
 
+def test_a_load_that_outlasts_the_call_is_found_in_the_agents_status_not_reported_failed(
+    runtime_dir: Path, run_dir: Path, model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The copy into the model takes 2.4 s (a mock: a slow copy of a large adapter; a tiny one is never that slow),
+    # past the 2 s call; the agent finishes it and keeps the result, and the daemon finds it there. The old code
+    # reported a trainer timeout while the model held the forked weights.
+    from sidecar.preload import peft_load
+
+    real = peft_load._copy_and_verify
+
+    def slow(*args: Any) -> None:
+        time.sleep(2.4)
+        real(*args)
+
+    monkeypatch.setattr(peft_load, "_copy_and_verify", slow)
+    preload.register(model, run_dir)
+    outcome = TrainerStage(config(runtime_dir, agent_timeout=2.0, retries=1)).run(context(run_dir))
+    assert outcome.status == "ok", outcome
+    [agent] = outcome.detail["agents"]
+    assert (agent["result"], agent["answered"], agent["attempts"]) == ("loaded", "late, through status", 1), agent
+    assert outcome.seconds < 3.2, outcome  # the status asked for at most half an agent timeout more
+
+
 def test_retry_succeeds_once_the_step_ends(runtime_dir: Path, run_dir: Path, model: Any) -> None:
     preload.register(model, run_dir)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
