@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.etcd_server import EtcdCallError, EtcdServer, EtcdServerError, etcd_binary, start_etcd
-from tests.support.vllm_server import free_port
+from tests.support.ports import free_port
 
 
 def test_a_key_survives_sigkill_and_restart_on_the_same_ports(etcd_server: EtcdServer) -> None:

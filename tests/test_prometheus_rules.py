@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemon import DaemonProcess, wait_for, write_config
 from tests.support.etcd_server import EtcdServer
+from tests.support.ports import free_port
 from tests.support.tools import required_tool
-from tests.support.vllm_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "deploy" / "prometheus-rules.yaml"

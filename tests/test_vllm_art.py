@@ -29,8 +29,9 @@ import pytest
 
 from tests.support.art_venvs import art_python
 from tests.support.daemon import DaemonProcess, wait_outcome, write_config
+from tests.support.ports import free_port
 from tests.support.tiny_model import TinyAssets
-from tests.support.vllm_server import VllmServer, free_port, vllm_python
+from tests.support.vllm_server import VllmServer, vllm_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

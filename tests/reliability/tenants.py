@@ -13,7 +13,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,6 @@ __all__ = [
     "FAKE_VLLM",
     "SYSTEM_PYTHON",
     "Tenant",
-    "free_port",
     "logged_requests",
     "shared_base",
     "tenants",
@@ -104,12 +102,6 @@ def shared_base() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def logged_requests(log: Path) -> list[dict[str, Any]]:

@@ -32,7 +32,6 @@ from tests.reliability.support import Fleet, fifo_writer, make_run, write_marker
 from tests.reliability.tenants import (
     SYSTEM_PYTHON,
     Tenant,
-    free_port,
     install_scripts,
     logged_requests,
     shared_base,
@@ -40,6 +39,7 @@ from tests.reliability.tenants import (
     tenants,
 )
 from tests.support.daemon import DaemonProcess, read_outcome, wait_for, wait_outcome, write_config
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.timeout(150)
 

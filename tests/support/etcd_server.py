@@ -39,7 +39,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -48,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.ports import free_ports
 from tests.support.tools import required_tool
 
 __all__ = [
@@ -104,18 +104,6 @@ def _prefix_end(prefix: str) -> str:
         return b64(b"\0")  # the whole keyspace
     raw[-1] += 1
     return b64(bytes(raw))
-
-
-def _free_ports(count: int) -> list[int]:
-    # Held open together so the kernel cannot hand out the same port twice; etcd binds them right after.
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @dataclass(frozen=True)
@@ -357,7 +345,7 @@ def _thread_state(stat: Path) -> str:
 
 def start_etcd(base: Path, *, name: str = "fork-sidecar-test", timeout: float = 30.0) -> EtcdServer:
     """Start a healthy single-member etcd with its data dir and log under `base` (skips/fails without etcd)."""
-    client_port, peer_port = _free_ports(2)
+    client_port, peer_port = free_ports(2)
     server = EtcdServer(
         binary=etcd_binary(),
         data_dir=base / f"{name}.etcd",

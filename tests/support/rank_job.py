@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 from tests.support.daemon import wait_for, wait_outcome
 from tests.support.ddp_script import fingerprint
+from tests.support.ports import free_port
 from tests.support.tiny_model import TinyAssets, tiny_assets
 
 __all__ = [
@@ -43,12 +43,6 @@ def short_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Run:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -21,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VLLM_VENV", "VllmServer", "VllmStartError", "free_port", "start_vllm_server", "vllm_python"]
+from tests.support.ports import free_port
+
+__all__ = ["VLLM_VENV", "VllmServer", "VllmStartError", "start_vllm_server", "vllm_python"]
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_VENV = REPO / ".venv-vllm"
@@ -35,12 +36,6 @@ def vllm_python() -> Path | None:
     """`.venv-vllm/bin/python` once `make vllm-venv` has finished (its stamp exists), else None."""
     python = VLLM_VENV / "bin" / "python"
     return python if python.exists() and (VLLM_VENV / ".installed").exists() else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
