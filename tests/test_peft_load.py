@@ -273,36 +273,6 @@ def test_an_adapter_whose_state_dict_is_computed_is_never_copied_into_that_copy(
         load_adapter_from_checkpoint(model, workdir / "prompt")
 
 
-@pytest.fixture(params=[1, 8], ids=["memcmp", "torch-equal"])
-def intra_op_threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    """Runs a test with 1 torch thread (CPU tensors compared by memcmp) and with 8 (by torch.equal)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
-def test_the_check_is_bitwise(intra_op_threads: int) -> None:
-    from sidecar.preload.peft_load import _compare_by_memcmp, _same_bits
-
-    t = torch.zeros(4)
-    assert _compare_by_memcmp(t, t, torch.get_num_threads()) == (intra_op_threads == 1)
-    grid = torch.arange(12.0).reshape(3, 4)
-    assert not _compare_by_memcmp(grid.t(), grid.t(), torch.get_num_threads())  # not contiguous: torch.equal
-    assert _same_bits(grid.t(), grid.clone().t())
-    assert not _same_bits(grid.t(), grid.t().contiguous() + 1)
-    a = torch.tensor([0.0, 1.0, float("nan")])
-    assert _same_bits(a, a.clone())  # NaN equals itself
-    assert not _same_bits(a, torch.tensor([-0.0, 1.0, float("nan")]))  # -0.0 is not 0.0
-    assert not _same_bits(a, a.to(torch.float64))
-    assert not _same_bits(a, a[:2])
-    assert _same_bits(torch.empty(0), torch.empty(0))
-    big = torch.randn(1 << 20)
-    other = big.clone()
-    other[-1] = torch.nextafter(other[-1], torch.tensor(float("inf")))  # one bit of the last element
-    assert not _same_bits(big, other)
-
-
 def test_a_zero_element_shard_is_loaded_in_place_like_the_others() -> None:
     # FSDP2 shards a dim smaller than the world size to zero elements on some ranks; taking peft's path on those
     # ranks only would load differently there (and peft's path is the one that may refuse).

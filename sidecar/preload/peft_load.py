@@ -19,8 +19,6 @@ torch and peft are imported inside the functions: this module is imported by the
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import io
 import json
 import os
@@ -31,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.preload.bit_check import same_bits
 from sidecar.preload.rollback import Rollback, optimizer_state
 from sidecar.preload.wrappers import unloadable_wrapper
 from sidecar.protocol.digest import TensorRecord, digest_tensors
@@ -538,56 +537,15 @@ def _copy_and_verify(live: Mapping[str, Any], cast: Mapping[str, Any], path: Pat
     for key in sorted(live):
         target = live[key]
         target.copy_(cast[key])
-        if not _same_bits(target, cast[key]):
+        if not same_bits(target, cast[key]):
             bad.append(key)
     _refuse_differences(bad, path)
 
 
 def _verify(after: Mapping[str, Any], cast: Mapping[str, Any], path: Path) -> None:
-    _refuse_differences([k for k in sorted(cast) if k not in after or not _same_bits(after[k], cast[k])], path)
+    _refuse_differences([k for k in sorted(cast) if k not in after or not same_bits(after[k], cast[k])], path)
 
 
 def _refuse_differences(bad: list[str], path: Path) -> None:
     if bad:
         raise AdapterLoadError(f"after loading {path}, {len(bad)} LoRA tensor(s) differ from the file: {_names(bad)}")
-
-
-# Below this many torch intra-op threads, one memcmp of a CPU tensor beats torch.equal of its integer view: on the
-# 2-core machine, 94 MiB compared right after each tensor's copy cost 11 ms by memcmp against 41 ms by torch.equal on
-# one thread (and 2 threads were slower still there, the cores being busy); on 16 cores torch.equal took 6 ms against
-# 17 ms for one memcmp. torch.equal's share of the work per thread reaches memcmp's at about 4 threads.
-_MEMCMP_BELOW_THREADS = 4
-
-
-def _same_bits(a: Any, b: Any) -> bool:
-    """Bitwise (as integers of the same width), so NaNs in a checkpoint compare equal to themselves and -0.0 differs
-    from 0.0. torch.equal runs on every intra-op thread: on 16 cores 3x faster than one memcmp over 96 MiB; with
-    few threads, CPU tensors are compared by memcmp."""
-    import torch
-
-    a, b = local_shard(a), local_shard(b)  # DTensors: this rank's shards (the same placements, cast by _like)
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    memcmp = _memcmp()
-    if memcmp is not None and _compare_by_memcmp(a, b, torch.get_num_threads()):
-        return memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
-    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return bool(torch.equal(a.detach().contiguous().view(view), b.detach().contiguous().view(view)))
-
-
-def _compare_by_memcmp(a: Any, b: Any, threads: int) -> bool:
-    """Whether memcmp can compare the two (same dtype and shape) and is the faster way here (if it can be loaded)."""
-    on_cpu = a.device.type == "cpu" and b.device.type == "cpu"
-    return threads < _MEMCMP_BELOW_THREADS and on_cpu and a.is_contiguous() and b.is_contiguous()
-
-
-@functools.cache
-def _memcmp() -> Callable[[int, int, int], int] | None:
-    """The C library's memcmp, or None where none can be loaded (not expected on Linux): torch.equal then."""
-    try:
-        function = ctypes.CDLL(None).memcmp
-    except (OSError, AttributeError):
-        return None
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    return function  # type: ignore[no-any-return]
