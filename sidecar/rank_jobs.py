@@ -126,8 +126,10 @@ def split_steps(agents: Iterable[Mapping[str, Any]]) -> str | None:
     steps: dict[tuple[str | None, int], set[object]] = {}
     for a in agents:
         world = a.get("world_size", 1)
-        if isinstance(world, int) and world > 1 and a.get("result") == RESULT_LOADED:
-            steps.setdefault((a.get("job"), world), set()).add(a.get("loaded_at_step"))
+        # A preload too old to record the step of a load answered late says nothing of it: not a split.
+        at = a.get("loaded_at_step")
+        if isinstance(world, int) and world > 1 and a.get("result") == RESULT_LOADED and at is not None:
+            steps.setdefault((a.get("job"), world), set()).add(at)
     for (job, world), seen in steps.items():
         if len(seen) > 1:
             shown = ", ".join(sorted(map(str, seen)))
@@ -151,8 +153,10 @@ def spread_problems(nodes: Mapping[str, Mapping[str, Any]], model_dir: object) -
             problems.append(
                 f"rank{'s' if len(unseen) > 1 else ''} {ranks} of the {world}-rank job training {model_dir} "
                 f"{'were' if len(unseen) > 1 else 'was'} reported by no node (expected on other nodes by "
-                f"{', '.join(waiting)}), so the ranks that were told could not load it: start fork-sidecar with "
-                "coordination.backend: etcd on the nodes that run them (fork-sidecar status there), then fork again"
+                f"{', '.join(waiting)}), so the ranks that were told could not load it: on the node that runs "
+                f"{'them' if len(unseen) > 1 else 'it'}, fork-sidecar is not running with coordination.backend: etcd, "
+                "or its agent did not answer (that node's entry and `fork-sidecar status` there say which); fix "
+                "that, then fork again"
             )
     agents = [a for t in trainers.values() for a in t.get("agents") or [] if isinstance(a, Mapping)]
     if len({node for node, t in trainers.items() if t.get("agents")}) > 1 and all(

@@ -361,13 +361,13 @@ class TrainerStage:
         try:
             reply = call_agent(agent.path, request.to_message(), timeout=timeout, pid=agent.pid)
         except ControlError as e:
-            late = self._late_reply(agent, ctx) if e.code == "timeout" else None
+            late = self._late_reply(agent, ctx, request) if e.code == "timeout" else None
             if late is not None:
                 return self._answered_late(late)
             return None, (e.message, _control_reason(e, agent)), e.code in _RETRY_CONTROL_CODES
         if not reply.get("ok"):
             code = reply_code(reply)
-            late = self._late_reply(agent, ctx) if code == LOAD_IN_PROGRESS else None
+            late = self._late_reply(agent, ctx, request) if code == LOAD_IN_PROGRESS else None
             if late is not None:
                 return self._answered_late(late)
             return None, (_reply_error(reply), _reply_reason(reply)), code in _RETRY_REPLY_CODES
@@ -381,12 +381,13 @@ class TrainerStage:
             return {**late, "answered": "late, through status"}, None, False
         return None, (_reply_error(late), _reply_reason(late)), False  # it gave up on the fork itself, and says why
 
-    def _late_reply(self, agent: AgentSocket, ctx: ForkContext) -> dict[str, Any] | None:
+    def _late_reply(self, agent: AgentSocket, ctx: ForkContext, request: ForkRequest) -> dict[str, Any] | None:
         """The agent's own record of this fork, once its reply did not come within the call's timeout or said
         `load_in_progress`: a load that started before `not_after` (a slow copy; ranks held up inside the agreed
         step) may end after that, and calling it a failure would say the trainer kept the old weights while it holds
         the forked ones. Asked for until half an agent timeout more has passed, within the stage's deadline; None if
-        no result showed up."""
+        no result showed up. Only this attempt's entry counts (its `not_after`): an earlier attempt's answer, say a
+        step timeout, is not what became of this one (a preload that does not record it is never matched)."""
         deadline = time.monotonic() + min(self.agent_timeout / 2, ctx.remaining())
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -394,7 +395,10 @@ class TrainerStage:
             except ControlError:
                 return None
             for entry in reversed(status.get("recent") or []):
-                if isinstance(entry, dict) and entry.get("fork_id") == ctx.fork_id:
+                if isinstance(entry, dict) and (entry.get("fork_id"), entry.get("not_after")) == (
+                    ctx.fork_id,
+                    request.not_after,
+                ):
                     if reply_code(entry) != LOAD_IN_PROGRESS:
                         return entry
                     break  # the newest word on it: still going

@@ -83,3 +83,13 @@ def test_two_jobs_of_one_world_size_on_the_nodes_are_checked_apart() -> None:
     assert problem.startswith(
         "rank 1 of the 2-rank job training /runs/m was reported by no node (expected on other nodes by c)"
     )
+
+
+def test_a_load_answered_late_by_an_old_preload_without_its_step_is_no_split() -> None:
+    agents = [
+        {"rank": r, "world_size": 2, "job": "j", "result": "loaded", "loaded_at_step": at}
+        for r, at in ((0, 5), (1, None))
+    ]
+    assert split_steps(agents) is None
+    agents[1]["loaded_at_step"] = 6
+    assert split_steps(agents) is not None

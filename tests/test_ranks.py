@@ -212,6 +212,35 @@ def test_a_load_that_ends_after_the_calls_timeout_is_reported_loaded_not_failed(
     assert {a["answered"] for a in outcome["trainers"]["agents"]} == {"late, through status"}, outcome
 
 
+def test_a_read_that_outlasts_the_request_is_loaded_by_no_rank_as_the_agents_said(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
+) -> None:
+    # Rank 1's read of the file is held (a mock: a large adapter on a slow filesystem) in the agreed step until its
+    # request has expired; rank 0 has read it and waits in the vote. Every rank must then vote "too late": the old
+    # code checked the deadline only before reading, answered "no rank loaded it", and then both ranks loaded it.
+    run = daemon[0]
+    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--hold-read-rank", "1")
+    held, forked = job.control / "hold-read-1", run.tensors_of(3)
+    try:
+        job.wait_steps(2)
+        held.touch()
+        after = run.mark(3)
+        wait_for(lambda: (job.control / "holding-read-1").exists(), 30, "rank 1 to start reading the fork")
+        time.sleep(max(0.0, after + 8.0 - time.time()))  # past the agents' 6 s, within the 12 s of the daemon's call
+        held.unlink()
+        outcome = wait_outcome(run.model_dir, 60, after)
+        job.wait_steps(job.last_step() + 3)
+    finally:
+        held.unlink(missing_ok=True)
+        job.stop()
+    steps = assert_ranks_identical(job)
+    loaded = [s for s, ranks in steps.items() if any(r["after"] == forked for r in ranks.values())]
+    assert not loaded, f"fork loaded after the outcome said failed, at step(s) {loaded}"
+    assert outcome["status"] == "failed", outcome
+    for agent in outcome["trainers"]["agents"]:
+        assert "no rank loaded it" in agent["error"], agent
+
+
 def told_of_a_fork(runtime_dir: Path, pid: int) -> bool:
     """Whether the agent of `pid` has recorded a fork for the ranks to agree on (its `status`)."""
     reply = call_agent(agent_socket_path(runtime_dir, os.geteuid(), pid), {"op": "status"}, timeout=10, pid=pid)

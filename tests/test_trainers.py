@@ -183,6 +183,27 @@ def test_a_load_that_outlasts_the_call_is_found_in_the_agents_status_not_reporte
     assert outcome.seconds < 3.2, outcome  # the status asked for at most half an agent timeout more
 
 
+def test_the_status_asked_after_a_late_reply_is_this_attempts_not_an_earlier_ones(
+    runtime_dir: Path, run_dir: Path, model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An earlier attempt of the same fork that answered "step timeout, nothing was changed" is in the agent's
+    # recent results (written here: a real earlier attempt would cost another 2 s timeout). Matched by fork id
+    # alone, it would be taken for what became of this attempt, whose slow copy then loads the fork.
+    from sidecar.preload import peft_load
+    from sidecar.preload.agent import current_agent
+
+    real = peft_load._copy_and_verify
+    monkeypatch.setattr(peft_load, "_copy_and_verify", lambda *args: (time.sleep(2.4), real(*args)))
+    preload.register(model, run_dir)
+    agent = current_agent(create=False)
+    assert agent is not None
+    earlier = {"code": "step_timeout", "message": "a training step was still running; nothing was changed"}
+    agent.record({"fork_id": "fork-7", "not_after": time.monotonic() - 5, "ok": False, "error": earlier})
+    outcome = TrainerStage(config(runtime_dir, agent_timeout=2.0, retries=0)).run(context(run_dir))
+    assert outcome.status == "ok", outcome
+    assert outcome.detail["agents"][0]["answered"] == "late, through status"
+
+
 def test_retry_succeeds_once_the_step_ends(runtime_dir: Path, run_dir: Path, model: Any) -> None:
     preload.register(model, run_dir)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

@@ -146,10 +146,10 @@ class PeftTarget:
         self.gate.on_boundary = agreement.at_boundary
         return agreement
 
-    def _settled_late(self, fork_id: str, reply: dict[str, Any]) -> None:
+    def _settled_late(self, request: ForkRequest, reply: dict[str, Any]) -> None:
         agent = current_agent(create=False)
         if agent is not None:
-            agent.settled_late(fork_id, self, reply)
+            agent.settled_late(request, self, reply)
 
     def _lora_device(self) -> Any:
         """The device of the first trainable parameter (for an FSDP2 DTensor, of its local shard), or None."""
@@ -220,6 +220,11 @@ class PeftTarget:
             return self._remember(request, error_reply("step_timeout", LATE_REQUEST, **rank_info()), started)
         if not self._fork_lock.acquire(timeout=wait):
             return error_reply("busy", "another fork of this model is still being applied")
+        done = self.last
+        if done is not None and done.get("fork_id") == request.fork_id and done.get("result") == RESULT_LOADED:
+            # A retry of a fork loaded meanwhile (its first attempt outlasted the daemon's call): never load twice.
+            self._fork_lock.release()
+            return {k: v for k, v in done.items() if k not in ("fork_id", "at")}
 
         def load() -> tuple[str, int]:
             digest = load_adapter_from_checkpoint(model, checkpoint_dir, optimizers=list(self._optimizers))
@@ -274,7 +279,8 @@ class Agent:
         self._server: ControlServer | None = None
         self._started = time.time()
         self.recent: deque[dict[str, Any]] = deque(maxlen=_RECENT)
-        self._late: dict[str, LateFork] = {}  # forks some target answered `load_in_progress`, by fork id
+        # Forks told to this process's targets, by (fork id, not_after: one per attempt), until every reply is final.
+        self._late: dict[tuple[str, float | None], LateFork] = {}
 
     # targets ----------------------------------------------------------------------------------------------------
     def add(self, target: Target) -> None:
@@ -358,33 +364,38 @@ class Agent:
             return error_reply(
                 "forbidden_path", f"checkpoint {request.checkpoint_dir} is not inside the run {run}; refused"
             )
+        # Each attempt is its own entry (a retry of the fork has another `not_after`): the daemon asks `status` for
+        # the result of the attempt it sent, never an earlier one's.
+        key = (request.fork_id, request.not_after)
         late = LateFork(run, targets)
         with self._lock:  # before the targets are told: a late result may come before their replies are combined
-            self._late[request.fork_id] = late
+            self._late[key] = late
         replies = _fork_all(targets, request, checkpoint)
-        with self._lock:
+        with self._lock:  # and recorded under the lock, so a late result can only come after this entry
             late.replies = replies
             merged = late.merged()
-            if merged is not None:
-                del self._late[request.fork_id]
-        # A target whose late result came meanwhile answers with it; else `status` gets the result once it comes.
-        reply = _combine(merged or replies)
-        self.record({"fork_id": request.fork_id, "run_dir": run, **_summary(reply)})
+            if merged is not None and self._late.get(key) is late:
+                del self._late[key]
+            # A target whose late result came meanwhile answers with it; else `status` gets the result once it comes.
+            reply = _combine(merged or replies)
+            self.record({"fork_id": request.fork_id, "not_after": request.not_after, "run_dir": run, **_summary(reply)})
         return reply
 
-    def settled_late(self, fork_id: str, target: Target, reply: dict[str, Any]) -> None:
+    def settled_late(self, request: ForkRequest, target: Target, reply: dict[str, Any]) -> None:
         """A target's result for a fork it had answered `load_in_progress`: once no target of it is still in
         progress, the combined result goes into `recent`, where the daemon, asking `status`, reads it."""
+        key = (request.fork_id, request.not_after)
         with self._lock:
-            late = self._late.get(fork_id)
+            late = self._late.get(key)
             if late is None or target not in late.targets:
                 return
             late.results[late.targets.index(target)] = reply
             merged = late.merged()
             if merged is None:
                 return
-            del self._late[fork_id]
-        self.record({"fork_id": fork_id, "run_dir": late.run, **_summary(_combine(merged))})
+            del self._late[key]
+            entry = {"fork_id": request.fork_id, "not_after": request.not_after, "run_dir": late.run}
+            self.record({**entry, **_summary(_combine(merged))})
 
 
 def checkpoint_within(run: str, checkpoint: str) -> Path | None:

@@ -74,8 +74,8 @@ LATE_REQUEST = (
     "stalled); nothing was loaded"
 )
 _IN_PROGRESS = (
-    "the ranks agreed on it and were still putting it into their models after {:.1f}s; it ends loaded on every rank "
-    "or on none, and this agent's status says which"
+    "the ranks were still deciding on it or putting it into their models after {:.1f}s; it ends loaded on every "
+    "rank or on none, and this agent's status says which"
 )
 _OUT_OF_INPUTS = "it has run out of inputs and joined (DDP Join): it no longer trains, so no rank loads a fork now"
 _GROUP_GONE = "the job's process group was destroyed (the training has ended); no rank loads a fork now"
@@ -159,7 +159,8 @@ class _Told:
     deadline: float  # time.monotonic(): from then on this rank votes against loading it (see `expired`)
     reply: dict[str, Any] | None = None
     withdrawn: bool = False
-    committed: bool = False  # every rank read it: the ranks are putting it in (loaded on all, or rolled back on all)
+    # From this rank's vote on reading it on, the ranks may load it: its agent must not answer that nobody did.
+    voting: bool = False
 
     def expired(self) -> str | None:
         """Why this rank may no longer start loading the fork, or None. Checked on the training thread at the vote,
@@ -203,8 +204,8 @@ class LoadHooks:
     hold_forwards: Callable[[], contextlib.AbstractContextManager[None]]
     index: int = 0
     device: Callable[[], Any] = lambda: None  # where the LoRA parameters are (this rank's GPU under NCCL)
-    # The reply to a fork whose request had been answered `load_in_progress` (fork id, reply): for `status`.
-    settled_late: Callable[[str, dict[str, Any]], None] = lambda fork_id, reply: None
+    # The reply to a fork whose request had been answered `load_in_progress` (the request, the reply): for `status`.
+    settled_late: Callable[[ForkRequest, dict[str, Any]], None] = lambda request, reply: None
 
 
 class RankAgreement:
@@ -255,7 +256,7 @@ class RankAgreement:
             if told.reply is not None:
                 return told.reply
             told.withdrawn = True  # no longer offered from the next boundary on: the ranks cannot all agree now
-            if told.committed:  # past the read vote: it ends loaded on every rank or on none, and `status` says which
+            if told.voting:  # the ranks are deciding or loading: it ends loaded on every rank or on none
                 return error_reply(LOAD_IN_PROGRESS, _IN_PROGRESS.format(timeout), **rank_info())
             return error_reply("step_timeout", self._waiting_sentence(timeout), **rank_info())
 
@@ -382,19 +383,7 @@ class RankAgreement:
         """Every rank reads and checks the fork; if all could, all put it in; if any rank's put failed, all put
         their pre-fork weights back. Each step ends in a vote, so every rank takes the same branch."""
         self._loads += 1
-        prepared, digest = None, None
-        problem = told.expired()
-        expired = problem is not None
-        if out_of_inputs:
-            problem, expired = _OUT_OF_INPUTS, False
-        if problem is None:
-            try:
-                prepared = self.hooks.prepare(told.checkpoint)
-                digest = prepared.digest()
-                if told.request.digest is not None and digest != told.request.digest:
-                    problem = f"read {digest} but its daemon read {told.request.digest} from disk"
-            except Exception as e:  # AdapterLoadError and anything else: this rank cannot load it, so nobody does
-                problem = str(e)
+        prepared, digest, problem, expired = self._read(told, out_of_inputs)
         read = self._vote(dist, torch, rank, world, "read", problem, expired=expired, digest=digest)
         if not read.ok:
             if prepared is not None:
@@ -402,13 +391,13 @@ class RankAgreement:
             if read.expired:
                 # The daemon has given up on it (the request's deadline passed on some rank): it stays unloaded,
                 # and a retry of the same fork may still be agreed on.
-                self._log_unloaded(told, read.sentence("could not take it in time", "no rank loaded it"))
+                why = read.sentence("could not take it in time", "no rank loaded it")
+                self._log_unloaded(told, why)
+                self._report_late(told, error_reply("step_timeout", why, **rank_info(), loaded_at_step=None))
                 return
             self._settle(told, error_reply("load_failed", read.sentence("could not load it", "no rank loaded it")))
             return
         assert prepared is not None
-        with self._cond:
-            told.committed = True
         steps = self.hooks.steps()
         with self.hooks.hold_forwards():  # also across the votes: no other thread's forward sees a rolled-back fork
             loaded, problem = None, None
@@ -439,6 +428,30 @@ class RankAgreement:
         )
         self._settle(told, error_reply("ranks_split", why, rolled_back=False, **failed))
         self._turn_off(f"a fork could not be undone on every rank, forks are off ({why})")
+
+    def _read(self, told: _Told, out_of_inputs: bool) -> tuple[Any, str | None, str | None, bool]:
+        """This rank's read and check of the fork: (the prepared load, its digest, why this rank votes no, whether
+        only for being too late)."""
+        prepared, digest = None, None
+        problem = told.expired()
+        expired = problem is not None
+        if out_of_inputs:
+            problem, expired = _OUT_OF_INPUTS, False
+        if problem is None:
+            try:
+                prepared = self.hooks.prepare(told.checkpoint)
+                digest = prepared.digest()
+                if told.request.digest is not None and digest != told.request.digest:
+                    problem = f"read {digest} but its daemon read {told.request.digest} from disk"
+            except Exception as e:  # AdapterLoadError and anything else: this rank cannot load it, so nobody does
+                problem = str(e)
+        with self._cond:
+            # Again at the vote, with the agent thread held off: reading a large file can outlast the request, and
+            # an agent that answered "nobody loaded it" meanwhile must not see the ranks load it after all.
+            if problem is None and (late := told.expired()) is not None:
+                problem, expired = late, True
+            told.voting = problem is None
+        return prepared, digest, problem, expired
 
     def _vote(
         self,
@@ -493,9 +506,13 @@ class RankAgreement:
             self._cond.notify_all()
         if told.withdrawn:
             self._log_unloaded(told, "loaded" if reply.get("ok") else "not loaded")
-            if told.committed:  # its request was answered `load_in_progress`: the daemon asks `status` for this
-                with contextlib.suppress(Exception):
-                    self.hooks.settled_late(told.request.fork_id, reply)
+            self._report_late(told, reply)
+
+    def _report_late(self, told: _Told, reply: dict[str, Any]) -> None:
+        """The result of a fork whose request was answered `load_in_progress`, for `status` (the daemon asks)."""
+        if told.withdrawn and told.voting:
+            with contextlib.suppress(Exception):
+                self.hooks.settled_late(told.request, reply)
 
     def _log_unloaded(self, told: _Told, what: str) -> None:
         _log(
@@ -519,13 +536,18 @@ class RankAgreement:
         self._close(why)
 
     def _close(self, why: str) -> None:
+        late = []
         with self._cond:
             self.off = why
             self._in_flight = None
             for told in (self._told, self._in_flight_told):
                 if told is not None and told.reply is None:
                     told.reply = error_reply("ranks_off", why, **rank_info())
+                    late.append(told)
             self._cond.notify_all()
+        for told in late:  # a collective failed while the ranks were loading it: which weights each holds is unknown
+            unknown = f"{why}; it was being loaded, and the ranks' weights may now differ"
+            self._report_late(told, error_reply("ranks_split", unknown, **rank_info(), loaded_at_step=None))
 
 
 def _default_store(dist: Any) -> Any:

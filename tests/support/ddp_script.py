@@ -25,7 +25,8 @@ With `--second-model` every rank trains a second copy of the model by the same o
 same run (two targets in one agent; `after` is then the fingerprint both hold, or both fingerprints while they
 differ). With `--fail-apply-rank R`, rank R's first
 apply of a fork copies one tensor and then raises (`_fail_first_apply`); with `--hold-apply-rank R`, rank R's applies
-wait while `hold-apply-{R}` exists (`holding-apply-{R}` meanwhile: `_held_apply`).
+wait while `hold-apply-{R}` exists (`holding-apply-{R}` meanwhile: `_held_apply`), and with `--hold-read-rank R` its
+reads of a fork's file while `hold-read-{R}` does (`_held_read`).
 With `--uneven-rank R --uneven-steps K --steps N` the loop runs under DDP's `Join`: rank R stops after K steps,
 the others after N or once `exit` exists (seen by each rank alone: an all_reduce would have no partner on a
 joined rank).
@@ -124,6 +125,8 @@ def train(args: argparse.Namespace) -> int:
         _fail_first_apply()
     if args.hold_apply_rank == rank:
         _held_apply(Path(args.control), rank)
+    if args.hold_read_rank == rank:
+        _held_read(Path(args.control), rank)
 
     lora = _lora_reader(args, models)
 
@@ -256,6 +259,20 @@ def _held_apply(control: Path, rank: int) -> None:
     peft_load._copy_and_verify = held  # type: ignore[assignment]
 
 
+def _held_read(control: Path, rank: int) -> None:
+    """A mock like `_held_apply`: this rank's read of a fork's file waits while `hold-read-{rank}` exists, as reading
+    a large adapter from a slow filesystem does (every rank reads it in the agreed step, before the first vote)."""
+    from sidecar.preload import peft_load
+
+    real = peft_load.read_checkpoint
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        _hold(control, rank, "hold-read")
+        return real(*args, **kwargs)
+
+    peft_load.read_checkpoint = held  # type: ignore[assignment]
+
+
 def _should_stop(control: Path, flag: Any, joined: bool) -> bool:
     # Under Join each rank looks alone (a joined rank has no partner for an all_reduce of ours).
     return (control / "exit").exists() if joined else _told_to_stop(control, flag)
@@ -318,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--second-model", action="store_true", help="train and register a second model too")
     parser.add_argument("--fail-apply-rank", type=int, default=-1, help="this rank's first apply fails half-way")
     parser.add_argument("--hold-apply-rank", type=int, default=-1, help="this rank's applies wait for a file")
+    parser.add_argument("--hold-read-rank", type=int, default=-1, help="this rank's reads of a fork wait for a file")
     return train(parser.parse_args(argv))
 
 
