@@ -142,14 +142,22 @@ def test_ranks_accumulating_gradients_load_a_fork_at_one_optimizer_step_never_be
     fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 2, "--accumulate", "3")
 
 
-@pytest.mark.parametrize("wrap", [(), ("--fsdp1-wrap-layers",)], ids=["one-unit", "unit-per-layer"])
-def test_fsdp1_flattened_lora_loads_inside_summon_full_params_at_one_step_on_every_rank(
-    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path, wrap: tuple[str, ...]
+def test_fsdp1_flattened_lora_is_refused_on_every_rank_with_one_sentence_and_nothing_loads(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
 ) -> None:
-    # FullyShardedDataParallel (FSDP1, use_orig_params=True) leaves each LoRA parameter a 1-D slice of a flat shard:
-    # no file tensor fits. The ranks load inside summon_full_params(writeback=True) in the agreed step. The old code
-    # refused it on every rank. The fingerprints are of FSDP1's own full state dict, gathered on every rank.
-    fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 2, "--fsdp1", *wrap)
+    # FullyShardedDataParallel (FSDP1) leaves each LoRA parameter a 1-D slice of a flat shard: no file tensor fits.
+    # Before, every rank refused it with a shape list that did not say why; the job trains on, unforked, either way.
+    run = daemon[0]
+    # The fingerprints are over the full tensors, gathered on every rank.
+    steps, refused = fork_a_new_job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--fsdp1")
+    forked = run.tensors_of(3)
+    assert all(r["after"] != forked for ranks in steps.values() for r in ranks.values())
+    assert refused["status"] == "failed", refused
+    agents = {a["rank"]: a for a in refused["trainers"]["agents"]}
+    assert sorted(agents) == [0, 1] and {a["reason"] for a in agents.values()} == {"trainer_load_failed"}, agents
+    for agent in agents.values():
+        assert "wrapped by FullyShardedDataParallel (FSDP1)" in agent["error"], agent["error"]
+        assert "fully_shard" in agent["error"], agent["error"]
 
 
 def test_a_rank_whose_apply_fails_after_the_vote_makes_every_rank_put_its_pre_fork_weights_back(

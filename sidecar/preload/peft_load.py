@@ -31,7 +31,7 @@ from typing import Any
 
 from sidecar.preload.bit_check import same_bits
 from sidecar.preload.rollback import Rollback, optimizer_state
-from sidecar.preload.wrappers import fsdp1_live_tensors, fsdp1_root, full_params, unloadable_wrapper
+from sidecar.preload.wrappers import unloadable_wrapper
 from sidecar.protocol.digest import TensorRecord, digest_tensors
 from sidecar.protocol.run_layout import ADAPTER_FILE, CONFIG_FILE
 from sidecar.protocol.safetensors_header import LORA_DTYPES, MAX_HEADER_BYTES, parse_header, printable
@@ -298,15 +298,6 @@ class PreparedLoad:
         self.live: dict[str, Any] = {}
         self.cast: dict[str, Any] = {}
         self._undo: Rollback | None = None
-        self.fsdp1: Any | None = None  # FSDP1's root: the tensors are checked and cast only inside `full_params`
-
-    def bind(self, live: dict[str, Any]) -> None:
-        """Check the file's tensors against the model's `live` ones and cast them alike (the model untouched)."""
-        self.live = live
-        _check_keys_and_shapes(self.tensors, live)
-        # Cast (and moved) before the model is touched: a cast that fails (out of memory) leaves it as it was. Of
-        # the same dtype and device, the cast is the view of the bytes read.
-        self.cast = {key: _like(_as_tensor(self.tensors, key), t) for key, t in live.items()}
 
     def digest(self) -> str:
         """The adapter digest of what was read (waits for the hashing threads)."""
@@ -315,18 +306,7 @@ class PreparedLoad:
     def apply(self, optimizers: Iterable[Any] = (), *, undoable: bool = False) -> str:
         """Put the tensors into the model and return the digest (see load_adapter_from_checkpoint). With
         `undoable`, what the apply changes is kept first, and `roll_back()` puts it back (also after an apply that
-        failed half-way). Under FSDP1, inside its summon_full_params on every rank (nothing before it may raise:
-        a rank that did not enter it would leave the others waiting in its collective)."""
-        if self.fsdp1 is None:
-            return self._apply(optimizers, undoable)
-        try:
-            with full_params(self.fsdp1):
-                self.bind(fsdp1_live_tensors(self.model, self.name))
-                return self._apply(optimizers, undoable)
-        finally:
-            self._digest.join()
-
-    def _apply(self, optimizers: Iterable[Any], undoable: bool) -> str:
+        failed half-way)."""
         import torch
 
         try:
@@ -354,16 +334,9 @@ class PreparedLoad:
         _verify(_live_adapter_tensors(self.model, self.name), tensors, self.tensors.path)
 
     def roll_back(self) -> None:
-        """Undo an `apply(undoable=True)`, finished or not; nothing to do if it never got to change anything. Under
-        FSDP1 every rank enters summon_full_params here, whether or not its own apply changed anything."""
-        if self.fsdp1 is None:
-            if self._undo is not None:
-                self._undo.restore()
-            return
-        with full_params(self.fsdp1):
-            if self._undo is not None:
-                self.live = fsdp1_live_tensors(self.model, self.name)  # the full tensors of this gathering
-                self._undo.restore()
+        """Undo an `apply(undoable=True)`, finished or not; nothing to do if it never got to change anything."""
+        if self._undo is not None:
+            self._undo.restore()
 
     def discard(self) -> None:
         self._digest.join()
@@ -389,12 +362,14 @@ def prepare_adapter_load(
         raise
     prepared = PreparedLoad(peft_model, name, tensors, threads[0])
     try:
-        if (refused := unloadable_wrapper(peft_model, name)) is not None:
+        if (refused := unloadable_wrapper(peft_model)) is not None:
             raise AdapterLoadError(refused)
-        prepared.fsdp1 = fsdp1_root(peft_model)
-        if prepared.fsdp1 is None:  # under FSDP1 the full tensors exist only inside the apply's gathering
-            prepared.bind(_live_adapter_tensors(peft_model, name))
+        prepared.live = live = _live_adapter_tensors(peft_model, name)
+        _check_keys_and_shapes(tensors, live)
         _check_config(Path(checkpoint_dir), peft_model, name)
+        # Cast (and moved) before the model is touched: a cast that fails (out of memory) leaves it as it was. Of
+        # the same dtype and device, the cast is the view of the bytes read.
+        prepared.cast = {key: _like(_as_tensor(tensors, key), t) for key, t in live.items()}
     except BaseException:
         prepared.discard()
         raise

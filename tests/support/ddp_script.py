@@ -78,15 +78,10 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
             fully_shard(layer)
         fully_shard(peft_model)
         return peft_model, peft_model
-    if args.fsdp1:  # the agent loads inside summon_full_params (sidecar/preload/wrappers.py)
+    if args.fsdp1:  # the agent refuses to load into it (sidecar/preload/wrappers.py)
         from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        # One FSDP1 unit for the whole model, or (`--fsdp1-wrap-layers`) one per decoder layer, as auto-wrap does.
-        policy = ModuleWrapPolicy({LlamaDecoderLayer}) if args.fsdp1_wrap_layers else None
-        wrapped = FullyShardedDataParallel(peft_model, use_orig_params=True, device_id=device, auto_wrap_policy=policy)
-        return peft_model, wrapped
+        return peft_model, FullyShardedDataParallel(peft_model, use_orig_params=True, device_id=device)
     from torch.nn.parallel import DistributedDataParallel
 
     return peft_model, DistributedDataParallel(peft_model, broadcast_buffers=args.broadcast_buffers)
@@ -186,13 +181,11 @@ def _lora_reader(args: argparse.Namespace, models: list[tuple[Any, Any]]) -> Any
     from peft import get_peft_model_state_dict
 
     def lora(of: Any = models[0][0]) -> dict[str, Any]:
-        if args.fsdp1:  # each rank holds a flat slice: FSDP1's own full state dict (every rank calls this)
-            from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+        if args.fsdp1:  # each rank holds a flat slice: the full tensors are gathered (every rank calls this)
+            from torch.distributed.fsdp import FullyShardedDataParallel
 
-            root = models[0][1]
-            with FullyShardedDataParallel.state_dict_type(root, StateDictType.FULL_STATE_DICT):
-                full = root.state_dict()
-            return {k.replace(".default", ""): v.detach().clone() for k, v in full.items() if "lora_" in k}
+            with FullyShardedDataParallel.summon_full_params(models[0][1]):
+                return {k: v.detach().clone() for k, v in get_peft_model_state_dict(of).items()}
         tensors = dict(get_peft_model_state_dict(of))
         return _full(tensors) if args.fsdp else tensors
 
@@ -316,7 +309,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
     parser.add_argument("--fsdp1", action="store_true", help="FSDP1 FullyShardedDataParallel instead of DDP")
-    parser.add_argument("--fsdp1-wrap-layers", action="store_true", help="with --fsdp1: one unit per decoder layer")
     parser.add_argument("--no-broadcast-buffers", dest="broadcast_buffers", action="store_false")
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-3)
