@@ -221,7 +221,11 @@ class PeftTarget:
         if not self._fork_lock.acquire(timeout=wait):
             return error_reply("busy", "another fork of this model is still being applied")
         done = self.last
-        if done is not None and done.get("fork_id") == request.fork_id and done.get("result") == RESULT_LOADED:
+        if (
+            done is not None
+            and (done.get("fork_id"), done.get("digest")) == (request.fork_id, request.digest)
+            and done.get("result") == RESULT_LOADED
+        ):
             # A retry of a fork loaded meanwhile (its first attempt outlasted the daemon's call): never load twice.
             self._fork_lock.release()
             return {k: v for k, v in done.items() if k not in ("fork_id", "at")}
@@ -232,14 +236,15 @@ class PeftTarget:
 
         try:
             (digest, steps), where = self.gate.run_between_steps(load, wait)
+            reply = ok_reply(result=RESULT_LOADED, digest=digest, applied=where, loaded_at_step=steps, **rank_info())
         except StepTimeout as e:
-            return self._remember(request, error_reply("step_timeout", str(e), **rank_info()), started)
+            reply = error_reply("step_timeout", str(e), **rank_info())
         except AdapterLoadError as e:
-            return self._remember(request, error_reply("load_failed", str(e), **rank_info()), started)
+            reply = error_reply("load_failed", str(e), **rank_info())
+        try:
+            return self._remember(request, reply, started)  # before the lock goes: a retry waiting on it reads `last`
         finally:
             self._fork_lock.release()
-        reply = ok_reply(result=RESULT_LOADED, digest=digest, applied=where, loaded_at_step=steps, **rank_info())
-        return self._remember(request, reply, started)
 
     def _remember(self, request: ForkRequest, reply: dict[str, Any], started: float) -> dict[str, Any]:
         reply["seconds"] = round(time.monotonic() - started, 4)

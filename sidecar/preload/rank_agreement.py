@@ -393,7 +393,11 @@ class RankAgreement:
                 # and a retry of the same fork may still be agreed on.
                 why = read.sentence("could not take it in time", "no rank loaded it")
                 self._log_unloaded(told, why)
-                self._report_late(told, error_reply("step_timeout", why, **rank_info(), loaded_at_step=None))
+                with self._cond:  # decided: not loaded. An agent still waiting must not answer "in progress" now
+                    answered = told.withdrawn and told.voting
+                    told.voting = False
+                if answered:
+                    self._send_late(told, error_reply("step_timeout", why, **rank_info(), loaded_at_step=None))
                 return
             self._settle(told, error_reply("load_failed", read.sentence("could not load it", "no rank loaded it")))
             return
@@ -509,10 +513,13 @@ class RankAgreement:
             self._report_late(told, reply)
 
     def _report_late(self, told: _Told, reply: dict[str, Any]) -> None:
+        if told.withdrawn and told.voting:  # its agent answered `load_in_progress`
+            self._send_late(told, reply)
+
+    def _send_late(self, told: _Told, reply: dict[str, Any]) -> None:
         """The result of a fork whose request was answered `load_in_progress`, for `status` (the daemon asks)."""
-        if told.withdrawn and told.voting:
-            with contextlib.suppress(Exception):
-                self.hooks.settled_late(told.request, reply)
+        with contextlib.suppress(Exception):
+            self.hooks.settled_late(told.request, reply)
 
     def _log_unloaded(self, told: _Told, what: str) -> None:
         _log(
@@ -543,11 +550,13 @@ class RankAgreement:
             for told in (self._told, self._in_flight_told):
                 if told is not None and told.reply is None:
                     told.reply = error_reply("ranks_off", why, **rank_info())
-                    late.append(told)
+                    if told.voting:  # a collective failed while the ranks decided or loaded it: which weights
+                        unknown = f"{why}; it was being loaded, and the ranks' weights may now differ"
+                        told.reply = error_reply("ranks_split", unknown, **rank_info(), loaded_at_step=None)
+                        late.append(told)
             self._cond.notify_all()
-        for told in late:  # a collective failed while the ranks were loading it: which weights each holds is unknown
-            unknown = f"{why}; it was being loaded, and the ranks' weights may now differ"
-            self._report_late(told, error_reply("ranks_split", unknown, **rank_info(), loaded_at_step=None))
+        for told in late:
+            self._report_late(told, told.reply or {})
 
 
 def _default_store(dist: Any) -> Any:
