@@ -7,6 +7,7 @@ every node's agent must load the forked adapter, and the outcome's `nodes` names
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,12 +21,19 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from sidecar.claims.base import ClaimLost
+from sidecar.layout import run_dir_of
+from sidecar.marker import INPROGRESS, MARKER
+from sidecar.run_io import LocalRunIO
+from sidecar.rundir import open_run
+from tests.support.adapters import write_adapter
 from tests.support.daemon import wait_for, wait_outcome
-from tests.support.etcd_nodes import Node, prom, settled_history, start_all
+from tests.support.etcd_nodes import Node, etcd_claims, prom, settled_history, start_all
 from tests.support.etcd_server import EtcdServer, b64
 from tests.support.tiny_model import TinyAssets
 
 if TYPE_CHECKING:
+    from sidecar.claims.etcd import EtcdClaims
     from tests.conftest import VllmRun
 
 pytest.importorskip("etcd3gw")
@@ -292,3 +300,77 @@ def test_a_change_wakes_only_the_waiters_of_its_topic(etcd_server: EtcdServer) -
         assert changes.seen(("forks deleted",)) == gone + 1 and changes.seen(("forks put",)) == forks + 1
     finally:
         changes.close()
+
+
+# --- publishing with the swap's record (in this process: one EtcdClaims, the other nodes' keys put directly) ------
+@contextlib.contextmanager
+def _claimed(claims: EtcdClaims, art: Path, model: str) -> Iterator[Path]:
+    """The claim (`.fork.inprogress`) of a new run's marker, taken by `claims` as a daemon's take() takes it."""
+    model_dir = art / "p" / "models" / model
+    for step in (0, 3):
+        write_adapter(model_dir / "checkpoints" / f"{step:04d}", seed=step)
+    (model_dir / MARKER).write_text("step: 3")
+    run = run_dir_of(model_dir, (art,))
+    assert run is not None
+    opened = open_run(run)
+    try:
+        assert claims.take(model_dir / INPROGRESS, LocalRunIO(run, opened.fd, frozenset({os.getuid()})))
+        yield model_dir / INPROGRESS
+    finally:
+        opened.close()
+
+
+def _swapped(claim: Path, fork_id: str) -> dict[str, Any]:
+    """The journal record of a fork of `claim`'s run that has just swapped (what _advance hands progress())."""
+    model_dir = str(claim.parent)
+    return {"fork_id": fork_id, "model_dir": model_dir, "source": f"{model_dir}/checkpoints/0003", "digest": "d"}
+
+
+def test_the_fork_published_with_the_swap_names_who_serves_the_run_at_the_swap_not_at_the_take(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    # The look at the members and serves records rides in the take; a record that changes before the swap must
+    # count as it is at the swap: a member that joined or a node now serving the run must report, one gone need not.
+    with etcd_claims(tmp_path / "nodes", art, etcd_server.endpoints) as claims:
+        p = claims.keys.prefix
+        etcd_server.put(f"{p}/members/node-left", "{}")
+        with _claimed(claims, art, "joined") as claim:
+            assert claims.keys.claim(claim) in claims._surveys  # the take read who serves the run
+            etcd_server.call("/v3/kv/deleterange", {"key": b64(f"{p}/members/node-left")})
+            etcd_server.put(f"{p}/members/node-joined", "{}")
+            etcd_server.put(f"{p}/serves/node-serving", json.dumps({"runs": [str(claim.parent)]}))
+            claims.progress(claim, {**_swapped(claim, "f-joined"), "state": "swapped"})
+            published = json.loads(etcd_server.get(f"{p}/forks/f-joined") or "{}")
+            assert published["nodes"] == ["node-0", "node-joined", "node-serving"], published
+            assert published["members"] == ["node-0", "node-joined"]
+            assert json.loads(etcd_server.get(claims.keys.progress(claim)) or "{}")["state"] == "swapped"
+            assert claims._published["f-joined"][1] == ["node-joined", "node-serving"]
+
+
+def test_a_swap_recorded_once_the_claim_is_an_adopters_publishes_nothing_and_overwrites_nothing(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    with etcd_claims(tmp_path / "nodes", art, etcd_server.endpoints) as claims, _claimed(claims, art, "lost") as claim:
+        key = claims.keys.claim(claim)
+        adopter = claims.session.grant(30)  # this daemon's lease expired, and another daemon adopted the claim
+        claims.session.delete(key)
+        assert claims.session.create(key, {"node": "node-1", "state": "adopting"}, adopter)
+        claims.session.put(claims.keys.progress(claim), {"fork_id": "f-lost", "by": "the adopter"})
+        with pytest.raises(ClaimLost):
+            claims.progress(claim, {**_swapped(claim, "f-lost"), "state": "swapped"})
+        assert etcd_server.keys(claims.keys.fork()) == []
+        assert json.loads(etcd_server.get(claims.keys.progress(claim)) or "{}")["by"] == "the adopter"
+
+
+def test_a_fork_published_before_its_swap_was_recorded_again_keeps_its_list(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    # Resumed after a restart from a journal that said STAGED: the fork was published before, with its list.
+    with etcd_claims(tmp_path / "nodes", art, etcd_server.endpoints) as claims, _claimed(claims, art, "again") as claim:
+        before = {**_swapped(claim, "f-again"), "node": "node-0", "nodes": ["node-0", "node-x"], "members": ["node-0"]}
+        claims.session.put(claims.keys.fork("f-again"), before)
+        claims.progress(claim, {**_swapped(claim, "f-again"), "state": "swapped"})
+        assert json.loads(etcd_server.get(claims.keys.fork("f-again")) or "{}") == before
+        assert json.loads(etcd_server.get(claims.keys.progress(claim)) or "{}")["state"] == "swapped"
+        assert claims._published["f-again"][1] == ["node-x"]
+        assert claims._live_at_publish["f-again"] == {"node-0"}

@@ -230,17 +230,23 @@ class EtcdClaims(EtcdFanOut):
         key = self.keys.claim(path)
         value = {"node": self.node, "state": "claiming"}
         # (created, the key found instead), or None while etcd has not answered (the create may have committed).
-        answer = self._call(lambda: self.session.create_or_get(key, value, lease), None)
+        # The look at who must report on the fork, if it is taken, rides in this round trip (_publish_swapped).
+        reads = (self.keys.member(), self.keys.serves())
+        created = self._call(lambda: self.session.create_or_get_reading(key, value, lease, reads), None)
+        answer, survey = (None, None) if created is None else (created[:2], created[2])
         if answer is not None and self._own_leftover(path, answer[1], lease):
             # A create that committed with its reply lost, or an io.claim() that raised: the key under our own
             # live lease would block the marker for as long as this daemon lives.
             deleted = self._call(lambda: self.session.delete_if_lease(key, lease), False)
             answer = self._call(lambda: self.session.create_or_get(key, value, lease), None) if deleted else None
+            survey = None  # that create read nothing
         taken = False
         try:
             taken = answer is not None and answer[0] and io.claim()
             if taken:
                 self._fresh[path] = lease
+                if survey is not None:
+                    self._surveys[key] = survey
         finally:
             if not taken and (answer is None or answer[0] or _under(answer[1], lease)):
                 # Ours, or perhaps ours (unanswered, or answered "exists" for our own create retried on another
@@ -331,18 +337,16 @@ class EtcdClaims(EtcdFanOut):
         key, claim, lease = self.keys.progress(path), self.keys.claim(path), self.lease
         if lease is None:
             return
-        # The swap recorded, the fork is published next: its look at who must report rides in this round trip.
-        swapped = record.get("state") == ForkState.SWAPPED.value
-        reads = (self.keys.member(), self.keys.serves()) if swapped else ()
         try:
-            ours, found = self.session.put_if_key_lease(key, record, claim, lease, reads)
-        except (EtcdDown, EtcdAuthError):
+            if record.get("state") == ForkState.SWAPPED.value:  # the swap recorded, and the fork published with it
+                self._publish_swapped(path, record, lease)
+                return
+            ours, _ = self.session.put_if_key_lease(key, record, claim, lease)
+        except (EtcdDown, EtcdAuthError):  # publish() publishes it once etcd answers, if this did not
             self._later(key, record, claim, lease)
             return
         if not ours:
             raise ClaimLost(f"the claim of {path.parent} is no longer this daemon's (its lease expired)")
-        if swapped:
-            self._surveyed[str(record.get("fork_id"))] = (found[0], found[1])
 
     def check(self, path: Path) -> None:
         """Before every step of a claimed fork: raises ClaimLost once the claim is known to be another's, and waits,
@@ -395,11 +399,13 @@ class EtcdClaims(EtcdFanOut):
     def release(self, path: Path, io: ClaimFiles | None = None) -> None:
         info = self.registry.release(path, io)
         self._fresh.pop(path, None)  # a fork that ended before its record
+        self._surveys.pop(self.keys.claim(path), None)  # or before its publish
         if info is None:
             return
         progress, claim, lease = self.keys.progress(path), self.keys.claim(path), self.lease
         fork_id = info.get("fork_id")
-        self._surveyed.pop(str(fork_id), None)  # one that ended before its publish
+        self._published.pop(str(fork_id), None)  # one that ended before its gather
+        self._live_at_publish.pop(str(fork_id), None)
         with self._state:
             self._pending.pop(progress, None)  # a progress write still waiting must not come back
             if path in self._lost or lease is None:  # the keys are the adopter's now

@@ -16,8 +16,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sidecar.claims.base import ClaimInDoubt, Claims
-from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession, KeyValue
+from sidecar.claims.base import ClaimInDoubt, ClaimLost, Claims
+from sidecar.claims.etcd_client import (
+    EtcdAuthError,
+    EtcdDown,
+    EtcdSession,
+    KeyValue,
+    Snapshot,
+    absent,
+    lease_is,
+    none_changed_after,
+    none_created_after,
+    put_op,
+    range_op,
+    range_ops,
+    still_there,
+)
 from sidecar.claims.etcd_keys import EtcdKeys
 from sidecar.claims.etcd_serves import Serving
 from sidecar.claims.etcd_watch import GATHER_POLL_S, GATHER_TOPICS, LISTEN_POLL_S, LISTEN_TOPICS, Changes
@@ -31,6 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.claims.etcd")  # the backend's one logger, as before the split
 T = TypeVar("T")
+# Publishing with the swap's record: how many fresh looks at who must report it tries before the record goes alone
+# (and publish() publishes, as for a fork resumed without a look), while members keep joining or changing.
+SURVEY_TRIES = 4
+MAX_COMPARES = 128  # etcd's default --max-txn-ops: no more compares in one transaction
 
 
 class EtcdFanOut(Claims):
@@ -53,32 +71,78 @@ class EtcdFanOut(Claims):
         # fork id -> (monotonic publish time, the other nodes to report, why it could not be published or None)
         self._published: dict[str, tuple[float, list[str] | None, str | None]] = {}
         self._live_at_publish: dict[str, set[str] | None] = {}  # fork id -> the members alive when it was published
-        self._surveyed: dict[str, tuple[list[KeyValue], list[KeyValue]]] = {}  # fork id -> members, serves (swapped)
+        # claim key -> the members and serves records as the take that created the claim read them (who must
+        # report on the fork is fixed from these once it is published, if none of them changed meanwhile)
+        self._surveys: dict[str, Snapshot] = {}
 
     if TYPE_CHECKING:
 
         def _call(self, action: Callable[[], T], failed: T) -> T: ...
+
+    def _publish_swapped(self, path: Path, record: dict[str, Any], lease: int) -> None:
+        """The swap's record (what an adopter resumes from) and the fork's publication, in one transaction guarded by
+        the claim: the other nodes hear of the fork one round trip sooner. Who must report is fixed from the look at
+        the members and serves records that the take made (or one read now); the transaction commits only while none
+        of those records has changed since that look, so the list is exactly who served the run when the fork was
+        published (else the look is read again, in the same round trip). A fork published before (resumed after a
+        restart) keeps its list, and the record goes alone. Raises ClaimLost, EtcdDown."""
+        fork_id = str(record["fork_id"])
+        claim, progress, fork = self.keys.claim(path), self.keys.progress(path), self.keys.fork(fork_id)
+        prefixes = (self.keys.member(), self.keys.serves())
+        survey = self._surveys.pop(claim, None)
+        found: list[KeyValue] = []
+        for _ in range(SURVEY_TRIES):
+            if survey is None:  # no look from a take: an adoption's, a resumed fork's, a take retried
+                read = self.session.txn([], range_ops(prefixes), [])
+                survey = Snapshot(read.revision, read.ranges)
+            live, serves = survey.ranges
+            if len(live) + 4 > MAX_COMPARES:
+                break  # too many members to compare in one transaction: publish() reads and publishes
+            nodes, members = self._must_report(str(record["model_dir"]), live, serves)
+            value = _published_value(record, self.node, nodes, members)
+            unchanged = [
+                none_created_after(prefixes[0], survey.revision),  # no member joined (or came back)
+                *(still_there(kv) for kv in live),  # and none left
+                none_changed_after(prefixes[1], survey.revision),  # no node's serves record changed
+            ]
+            reply = self.session.txn(
+                [lease_is(claim, lease), absent(fork), *unchanged],
+                [put_op(progress, record), put_op(fork, value)],
+                [range_op(claim), range_op(fork), *range_ops(prefixes)],
+            )
+            if reply.succeeded:
+                self._published[fork_id] = (time.monotonic(), [n for n in nodes if n != self.node], None)
+                self._live_at_publish[fork_id] = set(members)
+                return
+            held, found, live, serves = reply.ranges
+            if not held or held[0].lease != lease:
+                raise ClaimLost(f"the claim of {path.parent} is no longer this daemon's (its lease expired)")
+            if found:
+                break
+            survey = Snapshot(reply.revision, [live, serves])  # a record changed since the look: this is the new one
+        ours, _ = self.session.put_if_key_lease(progress, record, claim, lease)
+        if not ours:
+            raise ClaimLost(f"the claim of {path.parent} is no longer this daemon's (its lease expired)")
+        if found:  # published before, by this daemon before a restart: its list stands
+            nodes = recorded_nodes(found[0].value)
+            self._published[fork_id] = (time.monotonic(), [n for n in nodes if n != self.node], None)
+            self._live_at_publish[fork_id] = recorded_members(found[0].value)
 
     def publish(self, path: Path, record: ForkRecord, budget: float) -> None:
         """Publish the fork with the nodes that must report on it (this one included, fixed now: an adopter that
         publishes again finds the dead claimer's list and keeps it); while etcd cannot be reached, retry for at most
         `budget` (the fork's other nodes must hear of it when etcd is back, not be skipped), then name them as not
         told."""
+        if record.fork_id in self._published:  # with the swap's record (_publish_swapped)
+            return
         deadline = time.monotonic() + budget
         problem = ""
         while True:
             self.check(path)
             try:
-                nodes, members = self._must_report(record)
-                value = {
-                    "fork_id": record.fork_id,
-                    "model_dir": record.model_dir,
-                    "source": record.source,
-                    "digest": record.digest,
-                    "node": self.node,
-                    "nodes": nodes,
-                    "members": members,
-                }
+                live, serves = self.session.get_prefixes(self.keys.member(), self.keys.serves())
+                nodes, members = self._must_report(record.model_dir, live, serves)
+                value = _published_value(record.to_json(), self.node, nodes, members)
                 key = self.keys.fork(record.fork_id)
                 if not self.session.create(key, value, None):  # published before: by us, or by a claimer now dead
                     found = self.session.get(key)
@@ -101,14 +165,12 @@ class EtcdFanOut(Claims):
             f"etcd could not be reached ({problem})",
         )
 
-    def _must_report(self, record: ForkRecord) -> tuple[list[str], list[str]]:
-        """The nodes that must report on `record`'s fork, and the live members among them: this node, every live
+    def _must_report(self, model_dir: str, live: list[KeyValue], serves: list[KeyValue]) -> tuple[list[str], list[str]]:
+        """The nodes that must report on a fork of `model_dir`, and the live members among them: this node, every live
         member (told always: a trainer started since its daemon's last survey serves the run too), and every node
         whose serves record names the run (its daemon may be down while its trainers keep running)."""
-        surveyed = self._surveyed.pop(record.fork_id, None)  # read with the swap's record just before, if it was
-        live, serves = surveyed or self.session.get_prefixes(self.keys.member(), self.keys.serves())
         members = sorted(kv.name for kv in live)
-        serving = [kv.name for kv in serves if Serving.from_json(kv.value).serves(record.model_dir)]
+        serving = [kv.name for kv in serves if Serving.from_json(kv.value).serves(model_dir)]
         return sorted({self.node, *members, *serving}), members
 
     def gather(self, path: Path, record: ForkRecord, budget: float) -> Gathered:
@@ -198,3 +260,9 @@ class EtcdFanOut(Claims):
         whether or not the daemon lives on); it goes with the fork's key. Then every key under `reads`."""
         key, guard = self.keys.report(fork_id, self.node), self.keys.fork(fork_id)
         return self.session.put_if_exists(key, report, guard, reads)
+
+
+def _published_value(record: dict[str, Any], node: str, nodes: list[str], members: list[str]) -> dict[str, Any]:
+    """P/forks/FORK: what the other nodes' stages need of the fork, and who must report on it."""
+    fields = ("fork_id", "model_dir", "source", "digest")
+    return {**{k: record.get(k) for k in fields}, "node": node, "nodes": nodes, "members": members}
