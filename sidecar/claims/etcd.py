@@ -77,7 +77,9 @@ class EtcdClaims(EtcdFanOut):
         # Published forks, members, progress and reports (the keys from forks/ to the end of reports/, in etcd's
         # order). Up to the end of `P/reports/`, not of `P/reports//` (an empty fork id's): that range ended before
         # every report key, so no report woke a gathering claimer, which waited out GATHER_POLL_S instead.
-        self._changes = Changes(self.session, self.keys.prefix, self.keys.fork(), self.keys.reports(), self.node)
+        self._changes = Changes(
+            self.session, self.keys.prefix, self.keys.fork(), self.keys.reports(), self.node, self._heard
+        )
         self._keeper = threading.Thread(target=self._keep, name="etcd-lease", daemon=True)
         self._keeper.start()
         self._listener = threading.Thread(target=self._listen, name="etcd-fanout", daemon=True)
@@ -405,6 +407,9 @@ class EtcdClaims(EtcdFanOut):
         progress, claim, lease = self.keys.progress(path), self.keys.claim(path), self.lease
         fork_id = info.get("fork_id")
         self._published.pop(str(fork_id), None)  # one that ended before its gather
+        with self._fanout:
+            self._inbox.pop(str(fork_id), None)
+        self._since.pop(str(fork_id), None)
         self._live_at_publish.pop(str(fork_id), None)
         with self._state:
             self._pending.pop(progress, None)  # a progress write still waiting must not come back

@@ -446,10 +446,11 @@ def _ranges(reply: dict[str, Any], count: int) -> list[list[KeyValue]]:
     return [[_kv(item) for item in r.get("kvs", [])] for r in ranges]
 
 
-def event_keys(result: dict[str, Any]) -> list[tuple[str, bool]]:
-    """The keys a watch result's events changed, each with whether it was deleted (else put)."""
+def event_keys(result: dict[str, Any]) -> list[tuple[KeyValue, bool]]:
+    """The keys a watch result's events changed, each as the event has it (a put's value, a delete's key alone) and
+    with whether it was deleted (else put)."""
     return [
-        (_unb64(event["kv"]["key"]), event.get("type") == "DELETE")
+        (_kv(event["kv"]), event.get("type") == "DELETE")
         for event in result.get("events") or ()
         if "key" in event.get("kv", {})
     ]

@@ -34,7 +34,14 @@ from sidecar.claims.etcd_client import (
 )
 from sidecar.claims.etcd_keys import EtcdKeys
 from sidecar.claims.etcd_serves import Serving
-from sidecar.claims.etcd_watch import GATHER_POLL_S, GATHER_TOPICS, LISTEN_POLL_S, LISTEN_TOPICS, Changes
+from sidecar.claims.etcd_watch import (
+    GATHER_POLL_S,
+    GATHER_READ_TOPICS,
+    GATHER_TOPICS,
+    LISTEN_POLL_S,
+    LISTEN_TOPICS,
+    Changes,
+)
 from sidecar.config import Config
 from sidecar.fanout import STAGE_NAMES, Gathered, lease_gone, raised_report, recorded_members, recorded_nodes
 
@@ -68,6 +75,11 @@ class EtcdFanOut(Claims):
         super().__init__(config)
         # Fan-out: what this node runs for forks other nodes publish (set by the daemon), and those it has run.
         self._handled: set[str] = set()
+        self._fanout = threading.Lock()  # _handled and _inbox: the watch's thread changes them too (_heard)
+        # fork id -> the other nodes' reports streamed since this daemon published it (node -> report), and the count
+        # of GATHER_READ_TOPICS just before: while it has not moved, the stream missed nothing a read would find
+        self._inbox: dict[str, dict[str, dict[str, Any]]] = {}
+        self._since: dict[str, int] = {}
         # fork id -> (monotonic publish time, the other nodes to report, why it could not be published or None)
         self._published: dict[str, tuple[float, list[str] | None, str | None]] = {}
         self._live_at_publish: dict[str, set[str] | None] = {}  # fork id -> the members alive when it was published
@@ -91,6 +103,7 @@ class EtcdFanOut(Claims):
         prefixes = (self.keys.member(), self.keys.serves())
         survey = self._surveys.pop(claim, None)
         found: list[KeyValue] = []
+        self._expect_reports(fork_id)
         for _ in range(SURVEY_TRIES):
             if survey is None:  # no look from a take: an adoption's, a resumed fork's, a take retried
                 read = self.session.txn([], range_ops(prefixes), [])
@@ -124,6 +137,7 @@ class EtcdFanOut(Claims):
         if not ours:
             raise ClaimLost(f"the claim of {path.parent} is no longer this daemon's (its lease expired)")
         if found:  # published before, by this daemon before a restart: its list stands
+            self._since.pop(fork_id, None)  # and reports put before now were streamed to no inbox: gather reads
             nodes = recorded_nodes(found[0].value)
             self._published[fork_id] = (time.monotonic(), [n for n in nodes if n != self.node], None)
             self._live_at_publish[fork_id] = recorded_members(found[0].value)
@@ -144,7 +158,9 @@ class EtcdFanOut(Claims):
                 nodes, members = self._must_report(record.model_dir, live, serves)
                 value = _published_value(record.to_json(), self.node, nodes, members)
                 key = self.keys.fork(record.fork_id)
+                self._expect_reports(record.fork_id)
                 if not self.session.create(key, value, None):  # published before: by us, or by a claimer now dead
+                    self._since.pop(record.fork_id, None)  # its reports so far were streamed to no inbox
                     found = self.session.get(key)
                     value = found.value if found else value
                     nodes = recorded_nodes(value)
@@ -173,7 +189,21 @@ class EtcdFanOut(Claims):
         serving = [kv.name for kv in serves if Serving.from_json(kv.value).serves(model_dir)]
         return sorted({self.node, *members, *serving}), members
 
+    def _expect_reports(self, fork_id: str) -> None:
+        """Before the fork is published: from now on the other nodes' reports on it are kept as streamed."""
+        with self._fanout:
+            self._inbox.setdefault(fork_id, {})
+        self._since.setdefault(fork_id, self._changes.seen(GATHER_READ_TOPICS))
+
     def gather(self, path: Path, record: ForkRecord, budget: float) -> Gathered:
+        try:
+            return self._gather(path, record, budget)
+        finally:
+            with self._fanout:
+                self._inbox.pop(record.fork_id, None)
+            self._since.pop(record.fork_id, None)
+
+    def _gather(self, path: Path, record: ForkRecord, budget: float) -> Gathered:
         published_at, members, unpublished = self._published.pop(record.fork_id, (time.monotonic(), None, None))
         if unpublished is not None:  # never published: every other member is missing, for that reason
             return Gathered(members=list(members or []), missing={m: unpublished for m in members or []})
@@ -186,22 +216,41 @@ class EtcdFanOut(Claims):
         # as reported, with what its stages did, instead of as one whose daemon died before telling its trainers).
         own = {name: record.sections.get(name, {"status": "skipped"}) for name in STAGE_NAMES}
         reads = (self.keys.report(record.fork_id), self.keys.member())
+        with self._fanout:
+            inbox = self._inbox.get(record.fork_id)
+        seen_read = self._since.get(record.fork_id)
+        # The reports streamed since the publish are all there are unless the stream may have missed one (reopened
+        # since), a member left (alive again since?), or a node had no live daemon at the publish (started since?):
+        # only then does the first look read etcd too.
+        read = (
+            inbox is None
+            or seen_read is None
+            or self._changes.seen(GATHER_READ_TOPICS) != seen_read
+            or live_then is None
+            or not live_then.issuperset(members)
+        )
         seen = self._changes.seen(GATHER_TOPICS)  # before the reads: a report put while they run wakes the wait
-        # Its own report and the first look at the others' in one round trip (None: etcd did not answer).
-        found = self._call(lambda: self._put_report(record.fork_id, own, reads)[1], None)
+        seen_read = self._changes.seen(GATHER_READ_TOPICS)
+        # Its own report, and the first look at the others' in the same round trip (None: etcd did not answer).
+        answer = self._call(lambda: self._put_report(record.fork_id, own, reads if read else ()), None)
+        found = answer[1] if answer is not None and read else None
+        read, read_at = answer is None, time.monotonic()
         gathered = Gathered(members=list(members))
         deadline = time.monotonic() + budget
         pending = set(members)
         while pending:
             self.check(path)  # a claimer frozen while it waited finds its claim gone: stop, the adopter reports
-            if found is None:
-                seen = self._changes.seen(GATHER_TOPICS)
+            if read:
+                seen, seen_read = self._changes.seen(GATHER_TOPICS), self._changes.seen(GATHER_READ_TOPICS)
+                read_at = time.monotonic()
                 with contextlib.suppress(EtcdDown, EtcdAuthError):
                     found = self.session.get_prefixes(*reads)
+            with self._fanout:
+                reports = dict(inbox or {})
+            alive = pending
             if found is not None:
-                reports, alive = {kv.name: kv.value for kv in found[0]}, {kv.name for kv in found[1]}
-            else:
-                reports, alive = {}, pending
+                reports.update({kv.name: kv.value for kv in found[0]})
+                alive = {kv.name for kv in found[1]}
             for node in sorted(pending):
                 if node in reports:
                     gathered.reports[node] = reports[node]
@@ -211,34 +260,59 @@ class EtcdFanOut(Claims):
                     gathered.missing[node] = lease_gone(node, live_then)
                     pending.discard(node)
             found = None
-            if not pending or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if not pending or now >= deadline:
                 break
-            self._changes.wait(GATHER_TOPICS, seen, min(GATHER_POLL_S, max(0.0, deadline - time.monotonic())))
+            poll = max(0.0, min(read_at + GATHER_POLL_S, deadline) - now)
+            self._changes.wait(GATHER_TOPICS, seen, poll)
             if self._stopping.is_set():
                 raise ClaimInDoubt("the daemon stops while the fork waits for the other nodes' reports")
+            seen = self._changes.seen(GATHER_TOPICS)  # before the inbox is looked at again
+            read = time.monotonic() >= read_at + GATHER_POLL_S or self._changes.seen(GATHER_READ_TOPICS) != seen_read
         for node in pending:
             gathered.missing[node] = f"it did not report within {budget:g}s (timeouts.trainers + timeouts.vllm)"
         return gathered
 
     def _listen(self) -> None:
-        """Run this node's stages for every fork another node publishes (read on every watched change, and every
-        LISTEN_POLL_S regardless)."""
+        """Run this node's stages for every fork another node publishes: as its put is streamed (_heard), and from
+        a read of every published fork whenever the stream is (re)opened and every LISTEN_POLL_S (a lost or stalled
+        watch slows a fork to that poll, never loses one)."""
         while not self._stop.is_set():
             seen = self._changes.seen(LISTEN_TOPICS)
             with contextlib.suppress(EtcdDown, EtcdAuthError):
                 if self.usable() and self.on_published is not None:
-                    self._tell(self.session.get_prefix(self.keys.fork()))
+                    with self._fanout:
+                        before = set(self._handled)
+                    published = self.session.get_prefix(self.keys.fork())
+                    with self._fanout:  # forgets the forks gone, not those heard of during the read
+                        self._handled -= before - {str(kv.value.get("fork_id")) for kv in published}
+                    for kv in published:
+                        self._tell(kv.value)
             self._changes.wait(LISTEN_TOPICS, seen, LISTEN_POLL_S)
 
-    def _tell(self, published: list[KeyValue]) -> None:
-        """Start this node's stages for each fork published by another node and not yet told here."""
-        self._handled &= {str(kv.value.get("fork_id")) for kv in published}
-        for kv in published:
-            fork_id = str(kv.value.get("fork_id"))
-            if kv.value.get("node") == self.node or fork_id in self._handled or self.holds(fork_id):
-                continue
+    def _heard(self, topic: str, kv: KeyValue) -> None:
+        """A key put, as the watch streamed it (in its thread): a fork published is told here at once, a report
+        goes to the inbox of the fork this daemon gathers."""
+        if topic == "forks put":
+            if self.usable() and self.on_published is not None:
+                self._tell(kv.value)
+        elif topic == "reports put":
+            fork_id, _, node = kv.key.removeprefix(self.keys.reports()).partition("/")
+            with self._fanout:
+                inbox = self._inbox.get(fork_id)
+                if inbox is not None and node:
+                    inbox[node] = kv.value
+
+    def _tell(self, published: dict[str, Any]) -> None:
+        """Start this node's stages for a fork published by another node and not yet told here."""
+        fork_id = str(published.get("fork_id") or "")
+        if not fork_id or published.get("node") == self.node or self.holds(fork_id):
+            return
+        with self._fanout:
+            if fork_id in self._handled:
+                return
             self._handled.add(fork_id)
-            threading.Thread(target=self._report, args=(kv.value,), name=f"fanout-{fork_id}", daemon=True).start()
+        threading.Thread(target=self._report, args=(published,), name=f"fanout-{fork_id}", daemon=True).start()
 
     def _report(self, published: dict[str, Any]) -> None:
         assert self.on_published is not None
