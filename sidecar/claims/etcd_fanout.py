@@ -99,6 +99,7 @@ class EtcdFanOut(Claims):
         published (else the look is read again, in the same round trip). A fork published before (resumed after a
         restart) keeps its list, and the record goes alone. Raises ClaimLost, EtcdDown."""
         fork_id = str(record["fork_id"])
+        model_dir = str(record.get("model_dir") or path.parent)  # the claim is the run's .fork.inprogress
         claim, progress, fork = self.keys.claim(path), self.keys.progress(path), self.keys.fork(fork_id)
         prefixes = (self.keys.member(), self.keys.serves())
         survey = self._surveys.pop(claim, None)
@@ -111,8 +112,8 @@ class EtcdFanOut(Claims):
             live, serves = survey.ranges
             if len(live) + 4 > MAX_COMPARES:
                 break  # too many members to compare in one transaction: publish() reads and publishes
-            nodes, members = self._must_report(str(record["model_dir"]), live, serves)
-            value = _published_value(record, self.node, nodes, members)
+            nodes, members = self._must_report(model_dir, live, serves)
+            value = _published_value({**record, "model_dir": model_dir}, self.node, nodes, members)
             unchanged = [
                 none_created_after(prefixes[0], survey.revision),  # no member joined (or came back)
                 *(still_there(kv) for kv in live),  # and none left
