@@ -469,3 +469,26 @@ def test_a_member_whose_lease_goes_while_the_claimer_gathers_is_named_missing_at
         assert gathered.reports == {} and list(gathered.missing) == ["node-1"]
         assert "lease expired" in gathered.missing["node-1"]
         assert time.monotonic() - started < 10  # the deletion streamed, not the 30 s budget waited out
+
+
+def test_the_claimers_own_report_sent_while_it_gathers_is_in_etcd_before_its_outcome(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    # gather no longer waits for its own report's put (the others' come in meanwhile); confirm(), the step before
+    # every outcome, does: an adopter of a claimer that dies before its outcome finds this node's report, as before.
+    with _published_with_node_1(tmp_path, art, etcd_server, "own") as (claims, claim, record, _):
+        put = claims.session.put_if_exists
+
+        def slow(*args: Any, **kwargs: Any) -> tuple[bool, list[list[KeyValue]]]:
+            time.sleep(1.0)  # an etcd slow to answer (the one thing not real here)
+            return put(*args, **kwargs)
+
+        claims.session.put_if_exists = slow  # type: ignore[method-assign]
+        report = {"trainers": {"status": "ok"}, "vllm": {"status": "skipped"}}
+        later = threading.Timer(0.2, lambda: claims.session.put(claims.keys.report(record.fork_id, "node-1"), report))
+        later.start()
+        gathered = claims.gather(claim, record, 30.0)
+        later.join()
+        assert gathered.reports == {"node-1": report}
+        claims.confirm(claim)
+        assert etcd_server.get(claims.keys.report(record.fork_id, "node-0")) is not None

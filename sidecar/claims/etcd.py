@@ -379,6 +379,7 @@ class EtcdClaims(EtcdFanOut):
     def confirm(self, path: Path) -> None:
         """Before the outcome: the claim must still be ours, as etcd says (waits while etcd cannot be reached, and
         gives up at once when the daemon stops: the next start resumes the fork)."""
+        self.own_report_sent(path)
         while True:
             self.check(path)
             lease = self.lease
@@ -402,6 +403,7 @@ class EtcdClaims(EtcdFanOut):
         info = self.registry.release(path, io)
         self._fresh.pop(path, None)  # a fork that ended before its record
         self._surveys.pop(self.keys.claim(path), None)  # or before its publish
+        self._own_reports.pop(self.keys.claim(path), None)  # (its put, if any, is guarded by the fork's key)
         if info is None:
             return
         progress, claim, lease = self.keys.progress(path), self.keys.claim(path), self.lease

@@ -80,6 +80,8 @@ class EtcdFanOut(Claims):
         # of GATHER_READ_TOPICS just before: while it has not moved, the stream missed nothing a read would find
         self._inbox: dict[str, dict[str, dict[str, Any]]] = {}
         self._since: dict[str, int] = {}
+        # claim key -> the put of this node's own report, sent while the claimer gathers (joined before its outcome)
+        self._own_reports: dict[str, threading.Thread] = {}
         # fork id -> (monotonic publish time, the other nodes to report, why it could not be published or None)
         self._published: dict[str, tuple[float, list[str] | None, str | None]] = {}
         self._live_at_publish: dict[str, set[str] | None] = {}  # fork id -> the members alive when it was published
@@ -210,32 +212,18 @@ class EtcdFanOut(Claims):
             return Gathered(members=list(members or []), missing={m: unpublished for m in members or []})
         live_then = self._live_at_publish.pop(record.fork_id, None)
         if members is None:  # resumed by an adopter after the dead claimer had published: its list stands
-            fork = self._call(lambda: self.session.get(self.keys.fork(record.fork_id)), None)
-            members = [m for m in recorded_nodes(fork.value if fork else {}) if m != self.node]
-            live_then = recorded_members(fork.value if fork else {})
+            members, live_then = self._recorded_list(record.fork_id)
         # This node's own stages, for an adopter if this daemon dies before the outcome (it then counts this node
         # as reported, with what its stages did, instead of as one whose daemon died before telling its trainers).
         own = {name: record.sections.get(name, {"status": "skipped"}) for name in STAGE_NAMES}
         reads = (self.keys.report(record.fork_id), self.keys.member())
         with self._fanout:
             inbox = self._inbox.get(record.fork_id)
-        seen_read = self._since.get(record.fork_id)
-        # The reports streamed since the publish are all there are unless the stream may have missed one (reopened
-        # since), a member left (alive again since?), or a node had no live daemon at the publish (started since?):
-        # only then does the first look read etcd too.
-        read = (
-            inbox is None
-            or seen_read is None
-            or self._changes.seen(GATHER_READ_TOPICS) != seen_read
-            or live_then is None
-            or not live_then.issuperset(members)
-        )
+        read = self._first_look_reads(record.fork_id, inbox is not None, members, live_then)
         seen = self._changes.seen(GATHER_TOPICS)  # before the reads: a report put while they run wakes the wait
         seen_read = self._changes.seen(GATHER_READ_TOPICS)
-        # Its own report, and the first look at the others' in the same round trip (None: etcd did not answer).
-        answer = self._call(lambda: self._put_report(record.fork_id, own, reads if read else ()), None)
-        found = answer[1] if answer is not None and read else None
-        read, read_at = answer is None, time.monotonic()
+        found, read = self._first_look(path, record.fork_id, own, reads if read else None)
+        read_at = time.monotonic()
         gathered = Gathered(members=list(members))
         deadline = time.monotonic() + budget
         pending = set(members)
@@ -273,6 +261,52 @@ class EtcdFanOut(Claims):
         for node in pending:
             gathered.missing[node] = f"it did not report within {budget:g}s (timeouts.trainers + timeouts.vllm)"
         return gathered
+
+    def _recorded_list(self, fork_id: str) -> tuple[list[str], set[str] | None]:
+        """The other nodes that must report on a fork published before, and the members alive then, as recorded."""
+        fork = self._call(lambda: self.session.get(self.keys.fork(fork_id)), None)
+        value = fork.value if fork else {}
+        return [m for m in recorded_nodes(value) if m != self.node], recorded_members(value)
+
+    def _first_look_reads(self, fork_id: str, inbox: bool, members: list[str], live_then: set[str] | None) -> bool:
+        """Whether gather's first look reads etcd: the reports streamed since the publish are all there are unless
+        the stream may have missed one (reopened since), a member left (alive again since?), or a node had no live
+        daemon at the publish (started since?)."""
+        since = self._since.get(fork_id)
+        return (
+            not inbox
+            or since is None
+            or self._changes.seen(GATHER_READ_TOPICS) != since
+            or live_then is None
+            or not live_then.issuperset(members)
+        )
+
+    def _first_look(
+        self, path: Path, fork_id: str, own: dict[str, Any], reads: tuple[str, ...] | None
+    ) -> tuple[list[list[KeyValue]] | None, bool]:
+        """Its own report, and the first look at the others' (`reads`, if any) in the same round trip: what that
+        read, and whether to read again (etcd did not answer). Without reads, the report goes while the others'
+        come in; the outcome waits for it (own_report_sent)."""
+        if reads is None:
+            self._send_own_report(path, fork_id, own)
+            return None, False
+        answer = self._call(lambda: self._put_report(fork_id, own, reads), None)
+        return (answer[1], False) if answer is not None else (None, True)
+
+    def _send_own_report(self, path: Path, fork_id: str, own: dict[str, Any]) -> None:
+        def send() -> None:
+            self._call(lambda: self._put_report(fork_id, own, ()), None)
+
+        sender = threading.Thread(target=send, name=f"report-{fork_id}", daemon=True)
+        self._own_reports[self.keys.claim(path)] = sender
+        sender.start()
+
+    def own_report_sent(self, path: Path) -> None:
+        """Before the outcome of `path`'s fork: its own report, if gather sent it, has reached etcd (or etcd did not
+        answer it): an adopter of a claimer that dies before its outcome finds this node's report, as before."""
+        sender = self._own_reports.pop(self.keys.claim(path), None)
+        if sender is not None:
+            sender.join(self.session.timeout * (len(self.session.endpoints) + 1) * 2)  # each call is bounded
 
     def _listen(self) -> None:
         """Run this node's stages for every fork another node publishes: as its put is streamed (_heard), and from
