@@ -6,9 +6,11 @@ Each waiter names the topics it waits on (the first key component under the pref
 deleted: `forks put`, `reports put`, `members deleted`), and a change wakes only the waiters of its topic: a
 claimer's progress writes, streamed too (they lie between forks/ and reports/), woke every daemon's listener, and each
 then read etcd again (most of the reads during a 3-node fork).
-A wake-up only says "read again": every waiter still reads etcd itself, and reads on a slow timer too, so a watch
-that is lost, stalls or misses changes (etcd restarted, an endpoint switched) slows a fork to that slow poll and never
-loses one. The stream is reopened whenever it ends, and each time it is (re)opened every waiter is woken, since what
+A key put is also handed, with its value as streamed, to `on_put` (before its waiters wake), so a member starts its
+stages for a published fork and a claimer takes a report without reading etcd (fanout: _heard). That is only the
+fast path: every waiter still reads etcd itself when the stream is (re)opened and on a slow timer, so a watch that is
+lost, stalls or misses changes (etcd restarted, an endpoint switched) slows a fork to that slow poll and never loses
+one. The stream is reopened whenever it ends, and each time it is (re)opened every waiter is woken, since what
 changed while no stream was open was streamed to nobody (every topic, then). A stream quiet for IDLE_S is reopened
 too (a connection whose peer vanished without a word would otherwise be read from forever): one reopen and one read
 per waiter a minute or so while nothing happens, no polling.
