@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -104,3 +105,4 @@ def etcd_claims(base: Path, art: Path, endpoints: list[str], name: str = "node-0
         yield claims
     finally:
         claims.close()
+        shutil.rmtree(node.runtime, ignore_errors=True)  # made under /tmp (short socket paths), not tmp_path
