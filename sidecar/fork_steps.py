@@ -179,7 +179,9 @@ class ForkSteps:
         outcome = record.sections.setdefault("swap", {"status": "ok"})
         outcome["install_seconds"] = round(time.monotonic() - started, 4)
         outcome["seconds"] = round(outcome.get("stage_seconds", 0.0) + outcome["install_seconds"], 4)
-        self._advance(record, ForkState.SWAPPED)
+        # Recording the swap for an adopter also publishes the fork to the other nodes (etcd backend): only once the
+        # path is known to still name the run claimed, as the trainers step checks before it tells anyone.
+        self._advance(record, ForkState.SWAPPED, before_recording=lambda: _check_in_place(record, held.opened))
         fork_logger(record, "swap").info("checkpoints/%s now holds %s", SERVED_STEP, record.digest)
 
     def _notify(self, record: ForkRecord, held: HeldRun, name: str, reached: ForkState) -> None:
@@ -329,8 +331,11 @@ class ForkSteps:
         # marker again, and a finish that raised would find its claim gone when fail() files "failed".
         self.claims.release(model_dir / INPROGRESS)
 
-    def _advance(self, record: ForkRecord, state: ForkState, **changes: Any) -> None:
-        """journal.advance, except that a state dir refusing the write does not change the fork's course.
+    def _advance(
+        self, record: ForkRecord, state: ForkState, before_recording: Callable[[], None] | None = None, **changes: Any
+    ) -> None:
+        """journal.advance, except that a state dir refusing the write does not change the fork's course; then the
+        record for an adopter (after `before_recording`, if given).
 
         The record goes on in memory: every step is idempotent, so a crash now resumes from the older record
         and re-runs steps, exactly as after a SIGKILL between a step and its journal write; the history line is
@@ -340,6 +345,8 @@ class ForkSteps:
             self.journal.advance(record, state, **changes)
         except JournalUnwritable as e:
             fork_logger(record).warning("state %s not journaled, carrying on: %s", state, e)
+        if before_recording is not None:
+            before_recording()
         if state in ADOPTERS_RESUME_FROM:  # what another daemon resumes from if this one dies (etcd backend)
             self.claims.progress(Path(record.model_dir) / INPROGRESS, record.to_json())
 

@@ -35,7 +35,7 @@ from tests.reliability.support import HeldVllmStage
 from tests.support.adapters import write_adapter, write_big_adapter
 from tests.support.crash import held_at, hold_env
 from tests.support.daemon import read_outcome, wait_for, wait_outcome
-from tests.support.etcd_nodes import Node, prom, settled_history, start_all
+from tests.support.etcd_nodes import Node, etcd_claims, prom, settled_history, start_all
 from tests.support.etcd_server import EtcdServer
 from tests.support.tcp_proxy import TcpProxy
 
@@ -293,17 +293,9 @@ def test_doctor_checks_endpoints_credentials_and_the_lease_by_etcds_clock(
     assert any(f["level"] == "problem" and "refused" in f["message"] for f in findings), findings
 
 
-@contextlib.contextmanager
-def _etcd_claims(tmp_path: Path, art: Path, etcd_server: EtcdServer) -> Iterator[EtcdClaims]:
+def _etcd_claims(tmp_path: Path, art: Path, etcd_server: EtcdServer) -> contextlib.AbstractContextManager[EtcdClaims]:
     """node-0's claims backend in this process (no daemon), its lease granted."""
-    node = Node(tmp_path / "nodes", "node-0", art)
-    node.configure(etcd_server.endpoints)
-    claims = EtcdClaims(load_config(node.config))
-    try:
-        wait_for(claims.usable, 20, "the etcd lease")
-        yield claims
-    finally:
-        claims.close()
+    return etcd_claims(tmp_path / "nodes", art, etcd_server.endpoints)
 
 
 def test_a_report_put_by_another_node_wakes_the_gathering_claimer(

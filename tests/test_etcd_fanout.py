@@ -7,6 +7,7 @@ every node's agent must load the forked adapter, and the outcome's `nodes` names
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,18 +15,29 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from sidecar.claims.base import ClaimLost
+from sidecar.journal import ForkRecord
+from sidecar.layout import run_dir_of
+from sidecar.marker import INPROGRESS, MARKER
+from sidecar.run_io import LocalRunIO
+from sidecar.rundir import open_run
+from sidecar.states import ForkState
+from tests.support.adapters import write_adapter
 from tests.support.daemon import wait_for, wait_outcome
-from tests.support.etcd_nodes import Node, prom, settled_history, start_all
+from tests.support.etcd_nodes import Node, etcd_claims, prom, settled_history, start_all
 from tests.support.etcd_server import EtcdServer, b64
 from tests.support.tiny_model import TinyAssets
 
 if TYPE_CHECKING:
+    from sidecar.claims.etcd import EtcdClaims
+    from sidecar.claims.etcd_client import KeyValue
     from tests.conftest import VllmRun
 
 pytest.importorskip("etcd3gw")
@@ -292,3 +304,191 @@ def test_a_change_wakes_only_the_waiters_of_its_topic(etcd_server: EtcdServer) -
         assert changes.seen(("forks deleted",)) == gone + 1 and changes.seen(("forks put",)) == forks + 1
     finally:
         changes.close()
+
+
+# --- publishing with the swap's record (in this process: one EtcdClaims, the other nodes' keys put directly) ------
+@contextlib.contextmanager
+def _claimed(claims: EtcdClaims, art: Path, model: str) -> Iterator[Path]:
+    """The claim (`.fork.inprogress`) of a new run's marker, taken by `claims` as a daemon's take() takes it."""
+    model_dir = art / "p" / "models" / model
+    for step in (0, 3):
+        write_adapter(model_dir / "checkpoints" / f"{step:04d}", seed=step)
+    (model_dir / MARKER).write_text("step: 3")
+    run = run_dir_of(model_dir, (art,))
+    assert run is not None
+    opened = open_run(run)
+    try:
+        assert claims.take(model_dir / INPROGRESS, LocalRunIO(run, opened.fd, frozenset({os.getuid()})))
+        yield model_dir / INPROGRESS
+    finally:
+        opened.close()
+
+
+def _swapped(claim: Path, fork_id: str) -> dict[str, Any]:
+    """The journal record of a fork of `claim`'s run that has just swapped (what _advance hands progress())."""
+    model_dir = str(claim.parent)
+    return {"fork_id": fork_id, "model_dir": model_dir, "source": f"{model_dir}/checkpoints/0003", "digest": "d"}
+
+
+def test_the_fork_published_with_the_swap_names_who_serves_the_run_at_the_swap_not_at_the_take(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    # The look at the members and serves records rides in the take; a record that changes before the swap must
+    # count as it is at the swap: a member that joined or a node now serving the run must report, one gone need not.
+    with etcd_claims(tmp_path / "nodes", art, etcd_server.endpoints) as claims:
+        p = claims.keys.prefix
+        etcd_server.put(f"{p}/members/node-left", "{}")
+        with _claimed(claims, art, "joined") as claim:
+            assert claims.keys.claim(claim) in claims._surveys  # the take read who serves the run
+            etcd_server.call("/v3/kv/deleterange", {"key": b64(f"{p}/members/node-left")})
+            etcd_server.put(f"{p}/members/node-joined", "{}")
+            etcd_server.put(f"{p}/serves/node-serving", json.dumps({"runs": [str(claim.parent)]}))
+            claims.progress(claim, {**_swapped(claim, "f-joined"), "state": "swapped"})
+            published = json.loads(etcd_server.get(f"{p}/forks/f-joined") or "{}")
+            assert published["nodes"] == ["node-0", "node-joined", "node-serving"], published
+            assert published["members"] == ["node-0", "node-joined"]
+            assert json.loads(etcd_server.get(claims.keys.progress(claim)) or "{}")["state"] == "swapped"
+            assert claims._published["f-joined"][1] == ["node-joined", "node-serving"]
+
+
+def test_a_swap_recorded_once_the_claim_is_an_adopters_publishes_nothing_and_overwrites_nothing(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    with etcd_claims(tmp_path / "nodes", art, etcd_server.endpoints) as claims, _claimed(claims, art, "lost") as claim:
+        key = claims.keys.claim(claim)
+        adopter = claims.session.grant(30)  # this daemon's lease expired, and another daemon adopted the claim
+        claims.session.delete(key)
+        assert claims.session.create(key, {"node": "node-1", "state": "adopting"}, adopter)
+        claims.session.put(claims.keys.progress(claim), {"fork_id": "f-lost", "by": "the adopter"})
+        with pytest.raises(ClaimLost):
+            claims.progress(claim, {**_swapped(claim, "f-lost"), "state": "swapped"})
+        assert etcd_server.keys(claims.keys.fork()) == []
+        assert json.loads(etcd_server.get(claims.keys.progress(claim)) or "{}")["by"] == "the adopter"
+
+
+def test_a_fork_published_before_its_swap_was_recorded_again_keeps_its_list(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    # Resumed after a restart from a journal that said STAGED: the fork was published before, with its list.
+    with etcd_claims(tmp_path / "nodes", art, etcd_server.endpoints) as claims, _claimed(claims, art, "again") as claim:
+        before = {**_swapped(claim, "f-again"), "node": "node-0", "nodes": ["node-0", "node-x"], "members": ["node-0"]}
+        claims.session.put(claims.keys.fork("f-again"), before)
+        claims.progress(claim, {**_swapped(claim, "f-again"), "state": "swapped"})
+        assert json.loads(etcd_server.get(claims.keys.fork("f-again")) or "{}") == before
+        assert json.loads(etcd_server.get(claims.keys.progress(claim)) or "{}")["state"] == "swapped"
+        assert claims._published["f-again"][1] == ["node-x"]
+        assert claims._live_at_publish["f-again"] == {"node-0"}
+
+
+# --- the fan-out from the watch's values; etcd read again only when the watch may have missed something ---------------
+def _record(claim: Path, fork_id: str) -> ForkRecord:
+    fields = _swapped(claim, fork_id)
+    return ForkRecord(fork_id, fields["model_dir"], ForkState.SWAPPED, {}, time.time(), fields["source"], "d")
+
+
+def test_a_member_starts_its_stages_from_the_streamed_fork_without_reading_the_published_ones(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    with etcd_claims(tmp_path / "nodes", art, etcd_server.endpoints) as claims:
+        wait_for(lambda: claims._changes.seen(()) > 0, 20, "the watch open")
+        # The listener's reads find nothing: only the put's own value, as streamed, can tell this node of f3 (before,
+        # the put woke the listener, and it read P/forks/ to learn what it was: a round trip on every member's path).
+        read = claims.session.get_prefix
+        claims.session.get_prefix = lambda prefix: [] if prefix == claims.keys.fork() else read(prefix)  # type: ignore[method-assign]
+        told: list[str] = []
+
+        def tell(published: dict[str, Any]) -> dict[str, Any]:
+            told.append(str(published["fork_id"]))
+            return {name: {"status": "skipped"} for name in ("trainers", "vllm")}
+
+        claims.on_published = tell
+        claims.session.put(claims.keys.fork("f3"), {"fork_id": "f3", "node": "node-1", "nodes": ["node-0", "node-1"]})
+        wait_for(lambda: claims.session.get(claims.keys.report("f3", "node-0")), 20, "node-0's report")
+        assert told == ["f3"]
+
+
+@contextlib.contextmanager
+def _published_with_node_1(tmp_path: Path, art: Path, etcd_server: EtcdServer, model: str) -> Iterator[Any]:
+    """node-0's claims, having published a fork of a new run that node-1 (a member under its own lease) must report
+    on: (claims, claim, record, node-1's lease)."""
+    with etcd_claims(tmp_path / "nodes", art, etcd_server.endpoints) as claims:
+        wait_for(lambda: claims._changes.seen(()) > 0, 20, "the watch open")
+        lease = claims.session.grant(30)
+        claims.session.put(claims.keys.member("node-1"), {"node": "node-1"}, lease)
+        with _claimed(claims, art, model) as claim:
+            record = _record(claim, f"f-{model}")
+            claims.progress(claim, record.to_json())
+            assert claims._published[record.fork_id][1] == ["node-1"]
+            yield claims, claim, record, lease
+
+
+def test_a_gathering_claimer_takes_a_report_from_its_event_without_reading_again(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    with _published_with_node_1(tmp_path, art, etcd_server, "streamed") as (claims, claim, record, _):
+        reads: list[tuple[str, ...]] = []
+        read = claims.session.get_prefixes
+
+        def counted(*prefixes: str) -> list[list[KeyValue]]:
+            reads.append(prefixes)
+            return read(*prefixes)
+
+        claims.session.get_prefixes = counted  # type: ignore[method-assign]
+        report = {"trainers": {"status": "ok"}, "vllm": {"status": "skipped"}}
+        later = threading.Timer(0.2, lambda: claims.session.put(claims.keys.report(record.fork_id, "node-1"), report))
+        later.start()  # while the claimer waits: before, its wake-up read every report (a round trip on its path)
+        gathered = claims.gather(claim, record, 30.0)
+        later.join()
+        assert gathered.reports == {"node-1": report} and gathered.missing == {}
+        assert reads == []
+
+
+def test_a_gathering_claimer_whose_watch_is_gone_still_gathers_the_reports(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    with _published_with_node_1(tmp_path, art, etcd_server, "unwatched") as (claims, claim, record, _):
+        claims._changes.close()  # as a watch lost for good would be: only the slow reads remain
+        claims._changes._thread.join(20)
+        report = {"trainers": {"status": "ok"}, "vllm": {"status": "skipped"}}
+        later = threading.Timer(0.2, lambda: claims.session.put(claims.keys.report(record.fork_id, "node-1"), report))
+        later.start()
+        gathered = claims.gather(claim, record, 30.0)
+        later.join()
+        assert gathered.reports == {"node-1": report} and gathered.missing == {}
+
+
+def test_a_member_whose_lease_goes_while_the_claimer_gathers_is_named_missing_at_once(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    with _published_with_node_1(tmp_path, art, etcd_server, "gone") as (claims, claim, record, lease):
+        later = threading.Timer(0.2, lambda: claims.session.revoke(lease))
+        later.start()
+        started = time.monotonic()
+        gathered = claims.gather(claim, record, 30.0)
+        later.join()
+        assert gathered.reports == {} and list(gathered.missing) == ["node-1"]
+        assert "lease expired" in gathered.missing["node-1"]
+        assert time.monotonic() - started < 10  # the deletion streamed, not the 30 s budget waited out
+
+
+def test_the_claimers_own_report_sent_while_it_gathers_is_in_etcd_before_its_outcome(
+    tmp_path: Path, art: Path, etcd_server: EtcdServer
+) -> None:
+    # gather no longer waits for its own report's put (the others' come in meanwhile); confirm(), the step before
+    # every outcome, does: an adopter of a claimer that dies before its outcome finds this node's report, as before.
+    with _published_with_node_1(tmp_path, art, etcd_server, "own") as (claims, claim, record, _):
+        put = claims.session.put_if_exists
+
+        def slow(*args: Any, **kwargs: Any) -> tuple[bool, list[list[KeyValue]]]:
+            time.sleep(1.0)  # an etcd slow to answer (the one thing not real here)
+            return put(*args, **kwargs)
+
+        claims.session.put_if_exists = slow  # type: ignore[method-assign]
+        report = {"trainers": {"status": "ok"}, "vllm": {"status": "skipped"}}
+        later = threading.Timer(0.2, lambda: claims.session.put(claims.keys.report(record.fork_id, "node-1"), report))
+        later.start()
+        gathered = claims.gather(claim, record, 30.0)
+        later.join()
+        assert gathered.reports == {"node-1": report}
+        claims.confirm(claim)
+        assert etcd_server.get(claims.keys.report(record.fork_id, "node-0")) is not None

@@ -23,25 +23,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sidecar.claims.base import ClaimFiles, ClaimInDoubt, ClaimLost, Claims
+from sidecar.claims.base import ClaimFiles, ClaimInDoubt, ClaimLost
 from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession, KeyValue
+from sidecar.claims.etcd_fanout import EtcdFanOut
 from sidecar.claims.etcd_keys import EtcdKeys
 from sidecar.claims.etcd_serves import Serving, ServingSurvey
-from sidecar.claims.etcd_watch import GATHER_POLL_S, GATHER_TOPICS, LISTEN_POLL_S, LISTEN_TOPICS, Changes
+from sidecar.claims.etcd_watch import Changes
 from sidecar.config import Config
-from sidecar.fanout import STAGE_NAMES, Gathered, lease_gone, raised_report, recorded_members, recorded_nodes
 from sidecar.states import ForkState
 
 __all__ = ["EtcdClaims"]
 
 if TYPE_CHECKING:
-    from sidecar.journal import ForkRecord
+    pass
 
 log = logging.getLogger("sidecar.claims.etcd")
 T = TypeVar("T")
 
 
-class EtcdClaims(Claims):
+class EtcdClaims(EtcdFanOut):
     backend = "etcd"
 
     def __init__(self, config: Config) -> None:
@@ -70,12 +70,6 @@ class EtcdClaims(Claims):
         self._stopping = threading.Event()  # the daemon stops: forks waiting on etcd give up at once (stopping())
         self._changed = threading.Event()  # set whenever coordination comes up or goes down
         self._logged_down = False
-        # Fan-out: what this node runs for forks other nodes publish (set by the daemon), and those it has run.
-        self._handled: set[str] = set()
-        # fork id -> (monotonic publish time, the other nodes to report, why it could not be published or None)
-        self._published: dict[str, tuple[float, list[str] | None, str | None]] = {}
-        self._live_at_publish: dict[str, set[str] | None] = {}  # fork id -> the members alive when it was published
-        self._surveyed: dict[str, tuple[list[KeyValue], list[KeyValue]]] = {}  # fork id -> members, serves (swapped)
         self._known_others: list[str] = []  # the other members at the keeper's last look
         self._survey = ServingSurvey(config)
         self._serving: Serving | None = None  # what this node serves, as the last survey found (None: not yet)
@@ -83,7 +77,9 @@ class EtcdClaims(Claims):
         # Published forks, members, progress and reports (the keys from forks/ to the end of reports/, in etcd's
         # order). Up to the end of `P/reports/`, not of `P/reports//` (an empty fork id's): that range ended before
         # every report key, so no report woke a gathering claimer, which waited out GATHER_POLL_S instead.
-        self._changes = Changes(self.session, self.keys.prefix, self.keys.fork(), self.keys.reports(), self.node)
+        self._changes = Changes(
+            self.session, self.keys.prefix, self.keys.fork(), self.keys.reports(), self.node, self._heard
+        )
         self._keeper = threading.Thread(target=self._keep, name="etcd-lease", daemon=True)
         self._keeper.start()
         self._listener = threading.Thread(target=self._listen, name="etcd-fanout", daemon=True)
@@ -236,17 +232,23 @@ class EtcdClaims(Claims):
         key = self.keys.claim(path)
         value = {"node": self.node, "state": "claiming"}
         # (created, the key found instead), or None while etcd has not answered (the create may have committed).
-        answer = self._call(lambda: self.session.create_or_get(key, value, lease), None)
+        # The look at who must report on the fork, if it is taken, rides in this round trip (_publish_swapped).
+        reads = (self.keys.member(), self.keys.serves())
+        created = self._call(lambda: self.session.create_or_get_reading(key, value, lease, reads), None)
+        answer, survey = (None, None) if created is None else (created[:2], created[2])
         if answer is not None and self._own_leftover(path, answer[1], lease):
             # A create that committed with its reply lost, or an io.claim() that raised: the key under our own
             # live lease would block the marker for as long as this daemon lives.
             deleted = self._call(lambda: self.session.delete_if_lease(key, lease), False)
             answer = self._call(lambda: self.session.create_or_get(key, value, lease), None) if deleted else None
+            survey = None  # that create read nothing
         taken = False
         try:
             taken = answer is not None and answer[0] and io.claim()
             if taken:
                 self._fresh[path] = lease
+                if survey is not None:
+                    self._surveys[key] = survey
         finally:
             if not taken and (answer is None or answer[0] or _under(answer[1], lease)):
                 # Ours, or perhaps ours (unanswered, or answered "exists" for our own create retried on another
@@ -337,18 +339,16 @@ class EtcdClaims(Claims):
         key, claim, lease = self.keys.progress(path), self.keys.claim(path), self.lease
         if lease is None:
             return
-        # The swap recorded, the fork is published next: its look at who must report rides in this round trip.
-        swapped = record.get("state") == ForkState.SWAPPED.value
-        reads = (self.keys.member(), self.keys.serves()) if swapped else ()
         try:
-            ours, found = self.session.put_if_key_lease(key, record, claim, lease, reads)
-        except (EtcdDown, EtcdAuthError):
+            if record.get("state") == ForkState.SWAPPED.value:  # the swap recorded, and the fork published with it
+                self._publish_swapped(path, record, lease)
+                return
+            ours, _ = self.session.put_if_key_lease(key, record, claim, lease)
+        except (EtcdDown, EtcdAuthError):  # publish() publishes it once etcd answers, if this did not
             self._later(key, record, claim, lease)
             return
         if not ours:
             raise ClaimLost(f"the claim of {path.parent} is no longer this daemon's (its lease expired)")
-        if swapped:
-            self._surveyed[str(record.get("fork_id"))] = (found[0], found[1])
 
     def check(self, path: Path) -> None:
         """Before every step of a claimed fork: raises ClaimLost once the claim is known to be another's, and waits,
@@ -379,6 +379,7 @@ class EtcdClaims(Claims):
     def confirm(self, path: Path) -> None:
         """Before the outcome: the claim must still be ours, as etcd says (waits while etcd cannot be reached, and
         gives up at once when the daemon stops: the next start resumes the fork)."""
+        self.own_report_sent(path)
         while True:
             self.check(path)
             lease = self.lease
@@ -401,11 +402,17 @@ class EtcdClaims(Claims):
     def release(self, path: Path, io: ClaimFiles | None = None) -> None:
         info = self.registry.release(path, io)
         self._fresh.pop(path, None)  # a fork that ended before its record
+        self._surveys.pop(self.keys.claim(path), None)  # or before its publish
+        self._own_reports.pop(self.keys.claim(path), None)  # (its put, if any, is guarded by the fork's key)
         if info is None:
             return
         progress, claim, lease = self.keys.progress(path), self.keys.claim(path), self.lease
         fork_id = info.get("fork_id")
-        self._surveyed.pop(str(fork_id), None)  # one that ended before its publish
+        self._published.pop(str(fork_id), None)  # one that ended before its gather
+        with self._fanout:
+            self._inbox.pop(str(fork_id), None)
+        self._since.pop(str(fork_id), None)
+        self._live_at_publish.pop(str(fork_id), None)
         with self._state:
             self._pending.pop(progress, None)  # a progress write still waiting must not come back
             if path in self._lost or lease is None:  # the keys are the adopter's now
@@ -415,147 +422,6 @@ class EtcdClaims(Claims):
             self._releases[claim] = (lease, [progress, *forks], [self.keys.report(str(fork_id))] if fork_id else [])
         with contextlib.suppress(EtcdDown, EtcdAuthError):  # else the keeper deletes them once etcd answers
             self._flush_pending()
-
-    # --- fan-out ----------------------------------------------------------------------------------------------
-    def publish(self, path: Path, record: ForkRecord, budget: float) -> None:
-        """Publish the fork with the nodes that must report on it (this one included, fixed now: an adopter that
-        publishes again finds the dead claimer's list and keeps it); while etcd cannot be reached, retry for at most
-        `budget` (the fork's other nodes must hear of it when etcd is back, not be skipped), then name them as not
-        told."""
-        deadline = time.monotonic() + budget
-        problem = ""
-        while True:
-            self.check(path)
-            try:
-                nodes, members = self._must_report(record)
-                value = {
-                    "fork_id": record.fork_id,
-                    "model_dir": record.model_dir,
-                    "source": record.source,
-                    "digest": record.digest,
-                    "node": self.node,
-                    "nodes": nodes,
-                    "members": members,
-                }
-                key = self.keys.fork(record.fork_id)
-                if not self.session.create(key, value, None):  # published before: by us, or by a claimer now dead
-                    found = self.session.get(key)
-                    value = found.value if found else value
-                    nodes = recorded_nodes(value)
-            except (EtcdDown, EtcdAuthError) as e:
-                problem = str(e)
-                if time.monotonic() >= deadline:
-                    break
-                self._changed.wait(1.0)
-                self._changed.clear()
-                continue
-            self._published[record.fork_id] = (time.monotonic(), [n for n in nodes if n != self.node], None)
-            self._live_at_publish[record.fork_id] = recorded_members(value)
-            return
-        log.error("%s: fork %s not published to the other nodes: %s", path.parent, record.fork_id, problem)
-        self._published[record.fork_id] = (
-            time.monotonic(),
-            self._known_others,
-            f"etcd could not be reached ({problem})",
-        )
-
-    def _must_report(self, record: ForkRecord) -> tuple[list[str], list[str]]:
-        """The nodes that must report on `record`'s fork, and the live members among them: this node, every live
-        member (told always: a trainer started since its daemon's last survey serves the run too), and every node
-        whose serves record names the run (its daemon may be down while its trainers keep running)."""
-        surveyed = self._surveyed.pop(record.fork_id, None)  # read with the swap's record just before, if it was
-        live, serves = surveyed or self.session.get_prefixes(self.keys.member(), self.keys.serves())
-        members = sorted(kv.name for kv in live)
-        serving = [kv.name for kv in serves if Serving.from_json(kv.value).serves(record.model_dir)]
-        return sorted({self.node, *members, *serving}), members
-
-    def gather(self, path: Path, record: ForkRecord, budget: float) -> Gathered:
-        published_at, members, unpublished = self._published.pop(record.fork_id, (time.monotonic(), None, None))
-        if unpublished is not None:  # never published: every other member is missing, for that reason
-            return Gathered(members=list(members or []), missing={m: unpublished for m in members or []})
-        live_then = self._live_at_publish.pop(record.fork_id, None)
-        if members is None:  # resumed by an adopter after the dead claimer had published: its list stands
-            fork = self._call(lambda: self.session.get(self.keys.fork(record.fork_id)), None)
-            members = [m for m in recorded_nodes(fork.value if fork else {}) if m != self.node]
-            live_then = recorded_members(fork.value if fork else {})
-        # This node's own stages, for an adopter if this daemon dies before the outcome (it then counts this node
-        # as reported, with what its stages did, instead of as one whose daemon died before telling its trainers).
-        own = {name: record.sections.get(name, {"status": "skipped"}) for name in STAGE_NAMES}
-        reads = (self.keys.report(record.fork_id), self.keys.member())
-        seen = self._changes.seen(GATHER_TOPICS)  # before the reads: a report put while they run wakes the wait
-        # Its own report and the first look at the others' in one round trip (None: etcd did not answer).
-        found = self._call(lambda: self._put_report(record.fork_id, own, reads)[1], None)
-        gathered = Gathered(members=list(members))
-        deadline = time.monotonic() + budget
-        pending = set(members)
-        while pending:
-            self.check(path)  # a claimer frozen while it waited finds its claim gone: stop, the adopter reports
-            if found is None:
-                seen = self._changes.seen(GATHER_TOPICS)
-                with contextlib.suppress(EtcdDown, EtcdAuthError):
-                    found = self.session.get_prefixes(*reads)
-            if found is not None:
-                reports, alive = {kv.name: kv.value for kv in found[0]}, {kv.name for kv in found[1]}
-            else:
-                reports, alive = {}, pending
-            for node in sorted(pending):
-                if node in reports:
-                    gathered.reports[node] = reports[node]
-                    gathered.seconds = time.monotonic() - published_at
-                    pending.discard(node)
-                elif node not in alive:
-                    gathered.missing[node] = lease_gone(node, live_then)
-                    pending.discard(node)
-            found = None
-            if not pending or time.monotonic() >= deadline:
-                break
-            self._changes.wait(GATHER_TOPICS, seen, min(GATHER_POLL_S, max(0.0, deadline - time.monotonic())))
-            if self._stopping.is_set():
-                raise ClaimInDoubt("the daemon stops while the fork waits for the other nodes' reports")
-        for node in pending:
-            gathered.missing[node] = f"it did not report within {budget:g}s (timeouts.trainers + timeouts.vllm)"
-        return gathered
-
-    def _listen(self) -> None:
-        """Run this node's stages for every fork another node publishes (read on every watched change, and every
-        LISTEN_POLL_S regardless)."""
-        while not self._stop.is_set():
-            seen = self._changes.seen(LISTEN_TOPICS)
-            with contextlib.suppress(EtcdDown, EtcdAuthError):
-                if self.usable() and self.on_published is not None:
-                    self._tell(self.session.get_prefix(self.keys.fork()))
-            self._changes.wait(LISTEN_TOPICS, seen, LISTEN_POLL_S)
-
-    def _tell(self, published: list[KeyValue]) -> None:
-        """Start this node's stages for each fork published by another node and not yet told here."""
-        self._handled &= {str(kv.value.get("fork_id")) for kv in published}
-        for kv in published:
-            fork_id = str(kv.value.get("fork_id"))
-            if kv.value.get("node") == self.node or fork_id in self._handled or self.holds(fork_id):
-                continue
-            self._handled.add(fork_id)
-            threading.Thread(target=self._report, args=(kv.value,), name=f"fanout-{fork_id}", daemon=True).start()
-
-    def _report(self, published: dict[str, Any]) -> None:
-        assert self.on_published is not None
-        fork_id = str(published["fork_id"])
-        try:
-            report = self.on_published(published)
-        except Exception as e:  # a bug here must still be reported, or the claimer waits out its whole budget
-            log.exception("fork %s published by %s: this node's stages raised", fork_id, published.get("node"))
-            report = raised_report(f"internal error on node {self.node} ({e!r}); see journalctl there.")
-        try:
-            self._put_report(fork_id, report, ())
-        except (EtcdDown, EtcdAuthError) as e:
-            log.error("fork %s: this node's report did not reach etcd: %s", fork_id, e)
-
-    def _put_report(
-        self, fork_id: str, report: dict[str, Any], reads: tuple[str, ...]
-    ) -> tuple[bool, list[list[KeyValue]]]:
-        """This node's report, under no lease: it must outlive this daemon (the trainers it told keep the new weights
-        whether or not the daemon lives on); it goes with the fork's key. Then every key under `reads`."""
-        key, guard = self.keys.report(fork_id, self.node), self.keys.fork(fork_id)
-        return self.session.put_if_exists(key, report, guard, reads)
 
     def _call(self, action: Callable[[], T], failed: T) -> T:
         """`action`'s result, or `failed` when etcd cannot answer (which also marks coordination down)."""

@@ -23,7 +23,7 @@ from etcd3gw.exceptions import Etcd3Exception
 
 from sidecar.config import ConfigError, EtcdConfig
 
-__all__ = ["EtcdAuthError", "EtcdDown", "EtcdSession", "KeyValue", "WatchStream"]
+__all__ = ["EtcdAuthError", "EtcdDown", "EtcdSession", "KeyValue", "Snapshot", "TxnReply", "WatchStream"]
 
 
 class EtcdDown(Exception):
@@ -46,6 +46,21 @@ class KeyValue:
     def name(self) -> str:
         """The key's last component: the node of a members/, serves/ or reports/FORK/ key."""
         return self.key.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every key under some prefixes, as etcd held them at `revision` (one read, one revision for all)."""
+
+    revision: int
+    ranges: list[list[KeyValue]]
+
+
+@dataclass(frozen=True)
+class TxnReply:
+    succeeded: bool
+    revision: int  # etcd's revision once the transaction applied (its reads saw the keys as of then)
+    ranges: list[list[KeyValue]]  # the keys each range op of the branch that ran read, in order
 
 
 def _b64(text: str) -> str:
@@ -209,7 +224,7 @@ class EtcdSession:
     def get_prefixes(self, *prefixes: str) -> list[list[KeyValue]]:
         """Every key under each of `prefixes`, read in one round trip (a read-only transaction: one revision for
         all of them, served like a range read)."""
-        reply = self.call("kv/txn", {"compare": [], "success": _range_ops(prefixes), "failure": []})
+        reply = self.call("kv/txn", {"compare": [], "success": range_ops(prefixes), "failure": []})
         return _ranges(reply, len(prefixes))
 
     def put(self, key: str, value: dict[str, Any], lease: int | None = None) -> None:
@@ -238,6 +253,27 @@ class EtcdSession:
         found = [kv for r in reply.get("responses") or [] for kv in r.get("response_range", {}).get("kvs", [])]
         return False, _kv(found[0]) if found else None
 
+    def create_or_get_reading(
+        self, key: str, value: dict[str, Any], lease: int, reads: Sequence[str]
+    ) -> tuple[bool, KeyValue | None, Snapshot | None]:
+        """As create_or_get(); when it created the key, also every key under each of `reads` as of that revision."""
+        compare, success = _create_ops(key, value, lease)
+        reply = self.txn(compare, [*success, *range_ops(reads)], [{"request_range": {"key": _b64(key)}}])
+        if reply.succeeded:
+            return True, None, Snapshot(reply.revision, reply.ranges)
+        found = reply.ranges[0] if reply.ranges else []
+        return False, found[0] if found else None, None
+
+    def txn(
+        self, compare: list[dict[str, Any]], success: list[dict[str, Any]], failure: list[dict[str, Any]]
+    ) -> TxnReply:
+        """One transaction of ops built by the functions below (lease_is, absent, put_op, ...)."""
+        reply = self.call("kv/txn", {"compare": compare, "success": success, "failure": failure})
+        branch = success if reply.get("succeeded") else failure
+        count = sum("request_range" in op for op in branch)
+        revision = int((reply.get("header") or {}).get("revision", 0))
+        return TxnReply(bool(reply.get("succeeded")), revision, _ranges(reply, count))
+
     def put_if_exists(
         self, key: str, value: dict[str, Any], guard: str, reads: Sequence[str] = ()
     ) -> tuple[bool, list[list[KeyValue]]]:
@@ -246,7 +282,7 @@ class EtcdSession:
         round trip."""
         compare = [{"key": _b64(guard), "result": "GREATER", "target": "CREATE", "create_revision": 0}]
         put = {"request_put": {"key": _b64(key), "value": _b64(json.dumps(value))}}
-        reads_ops = _range_ops(reads)
+        reads_ops = range_ops(reads)
         reply = self.call("kv/txn", {"compare": compare, "success": [put, *reads_ops], "failure": reads_ops})
         return bool(reply.get("succeeded")), _ranges(reply, len(reads))
 
@@ -271,7 +307,7 @@ class EtcdSession:
         of `reads` after it, in the same round trip."""
         compare = [{"key": _b64(guard), "result": "EQUAL", "target": "LEASE", "lease": lease}]
         put = {"request_put": {"key": _b64(key), "value": _b64(json.dumps(value))}}
-        reads_ops = _range_ops(reads)
+        reads_ops = range_ops(reads)
         reply = self.call("kv/txn", {"compare": compare, "success": [put, *reads_ops], "failure": reads_ops})
         return bool(reply.get("succeeded")), _ranges(reply, len(reads))
 
@@ -348,7 +384,57 @@ def _create_ops(
     return [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}], [{"request_put": put}]
 
 
-def _range_ops(prefixes: Sequence[str]) -> list[dict[str, Any]]:
+def lease_is(key: str, lease: int) -> dict[str, Any]:
+    """Compare: `key` is bound to `lease` (a claim still ours)."""
+    return {"key": _b64(key), "result": "EQUAL", "target": "LEASE", "lease": lease}
+
+
+def absent(key: str) -> dict[str, Any]:
+    """Compare: `key` does not exist."""
+    return {"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}
+
+
+def still_there(kv: KeyValue) -> dict[str, Any]:
+    """Compare: the key of `kv` exists and was not deleted and created again since `kv` was read."""
+    return {"key": _b64(kv.key), "result": "EQUAL", "target": "CREATE", "create_revision": kv.create_revision}
+
+
+def none_created_after(prefix: str, revision: int) -> dict[str, Any]:
+    """Compare: no key under `prefix` was created after `revision` (true of an empty prefix)."""
+    return {
+        "key": _b64(prefix),
+        "range_end": _range_end(prefix),
+        "result": "LESS",
+        "target": "CREATE",
+        "create_revision": revision + 1,
+    }
+
+
+def none_changed_after(prefix: str, revision: int) -> dict[str, Any]:
+    """Compare: no key under `prefix` was put after `revision` (deletes are not seen: see still_there)."""
+    return {
+        "key": _b64(prefix),
+        "range_end": _range_end(prefix),
+        "result": "LESS",
+        "target": "MOD",
+        "mod_revision": revision + 1,
+    }
+
+
+def put_op(key: str, value: dict[str, Any], lease: int | None = None) -> dict[str, Any]:
+    put: dict[str, Any] = {"key": _b64(key), "value": _b64(json.dumps(value))}
+    if lease:
+        put["lease"] = lease
+    return {"request_put": put}
+
+
+def range_op(key: str) -> dict[str, Any]:
+    """Read `key` alone."""
+    return {"request_range": {"key": _b64(key)}}
+
+
+def range_ops(prefixes: Sequence[str]) -> list[dict[str, Any]]:
+    """Read every key under each of `prefixes`."""
     return [{"request_range": {"key": _b64(p), "range_end": _range_end(p)}} for p in prefixes]
 
 
@@ -360,10 +446,11 @@ def _ranges(reply: dict[str, Any], count: int) -> list[list[KeyValue]]:
     return [[_kv(item) for item in r.get("kvs", [])] for r in ranges]
 
 
-def event_keys(result: dict[str, Any]) -> list[tuple[str, bool]]:
-    """The keys a watch result's events changed, each with whether it was deleted (else put)."""
+def event_keys(result: dict[str, Any]) -> list[tuple[KeyValue, bool]]:
+    """The keys a watch result's events changed, each as the event has it (a put's value, a delete's key alone) and
+    with whether it was deleted (else put)."""
     return [
-        (_unb64(event["kv"]["key"]), event.get("type") == "DELETE")
+        (_kv(event["kv"]), event.get("type") == "DELETE")
         for event in result.get("events") or ()
         if "key" in event.get("kv", {})
     ]

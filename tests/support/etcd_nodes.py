@@ -3,15 +3,21 @@ each with its own node.name, state dir, runtime dir and log, all watching one sh
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.support.daemon import DaemonProcess, wait_for, write_config
 
-__all__ = ["LEASE_TTL", "Node", "all_history", "prom", "settled_history", "start_all"]
+if TYPE_CHECKING:
+    from sidecar.claims.etcd import EtcdClaims
+
+__all__ = ["LEASE_TTL", "Node", "all_history", "etcd_claims", "prom", "settled_history", "start_all"]
 
 LEASE_TTL = "2s"
 
@@ -82,3 +88,21 @@ def settled_history(nodes: list[Node], count: int) -> list[dict[str, Any]]:
     wait_for(lambda: len(all_history(nodes)) >= count, 20, f"{count} history line(s)")
     time.sleep(0.5)
     return all_history(nodes)
+
+
+@contextlib.contextmanager
+def etcd_claims(base: Path, art: Path, endpoints: list[str], name: str = "node-0") -> Iterator[EtcdClaims]:
+    """Node `name`'s claims backend in this process (no daemon), its lease granted."""
+    # Imported here: the etcd client is an optional extra, and the modules importing this one drive daemons too.
+    from sidecar.claims.etcd import EtcdClaims
+    from sidecar.config import load_config
+
+    node = Node(base, name, art)
+    node.configure(endpoints)
+    claims = EtcdClaims(load_config(node.config))
+    try:
+        wait_for(claims.usable, 20, "the etcd lease")
+        yield claims
+    finally:
+        claims.close()
+        shutil.rmtree(node.runtime, ignore_errors=True)  # made under /tmp (short socket paths), not tmp_path
