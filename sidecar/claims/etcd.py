@@ -230,6 +230,8 @@ class EtcdClaims(EtcdFanOut):
         if lease is None or not self.usable():
             return False
         key = self.keys.claim(path)
+        if self._deletes_queued(key):
+            return False  # the keeper's queued delete of an earlier claim key would delete the new one: later
         value = {"node": self.node, "state": "claiming"}
         # (created, the key found instead), or None while etcd has not answered (the create may have committed).
         # The look at who must report on the fork, if it is taken, rides in this round trip (_publish_swapped).
@@ -259,6 +261,19 @@ class EtcdClaims(EtcdFanOut):
                 with contextlib.suppress(EtcdDown, EtcdAuthError):
                     self._flush_pending()
         return taken
+
+    def _deletes_queued(self, key: str) -> bool:
+        """Whether a delete of claim `key` waits for etcd (a release or an unclaim that did not get through): sent
+        after a new claim of the same key under the same lease, it would delete that one (guarded by the lease only,
+        and the record skip relies on nothing but the lease's expiry freeing the key). Tried once more here first."""
+        with self._state:
+            queued = key in self._releases or key in self._unclaims
+        if queued:
+            with contextlib.suppress(EtcdDown, EtcdAuthError):
+                self._flush_pending()
+            with self._state:
+                queued = key in self._releases or key in self._unclaims
+        return queued
 
     def _own_leftover(self, path: Path, found: KeyValue | None, lease: int) -> bool:
         """Whether `found`, the claim key of `path`, is under our lease while no fork of ours holds it."""
@@ -304,7 +319,9 @@ class EtcdClaims(EtcdFanOut):
         lease = self.lease
         # A claim this daemon's take created under the lease it still holds and renews is its own (only that lease's
         # expiry frees the key): the guard's round trip below is for when that is not known.
-        if lease is not None and not (self._fresh.pop(path, None) == lease and self.lease_healthy()):
+        fresh = self._fresh.pop(path, None) == lease
+        # (The lease read again after the health check: the keeper may have replaced it between the two.)
+        if lease is not None and not (fresh and self.lease_healthy() and self.lease == lease):
             value = {"fork_id": fork_id, "node": self.node, "claimed_by": self.claimer()}
             try:  # before the claim file: a claim that is another's now must not have its record overwritten
                 ours = self.session.put_if_lease(self.keys.claim(path), value, lease)
