@@ -195,53 +195,49 @@ def test_a_rank_with_two_registered_models_reports_the_job_fields_and_the_step_o
     fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 2, "--second-model")
 
 
-def test_a_load_that_ends_after_the_calls_timeout_is_reported_loaded_not_failed(
-    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
-) -> None:
-    # Rank 1's apply is held (a mock: a slow copy of a large adapter) inside the agreed step past the agents' 6 s to
-    # answer (half the 12 s agent timeout), so both answer `load_in_progress`, and the daemon asks their status
-    # until the load ends. The old code answered "no rank loaded it", filed `failed`, and both ranks then loaded it.
-    run = daemon[0]
-    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--hold-apply-rank", "1")
-    held = job.control / "hold-apply-1"
+def fork_with_a_rank_held(
+    python: Path, run: Run, runtime_dir: Path, control: Path, phase: str, seconds: float
+) -> tuple[dict[int, dict[int, dict[str, Any]]], dict[str, Any]]:
+    """Fork a new 2-rank job to checkpoint 3 while rank 1's `phase` of the load ("apply" or "read", ddp_script's
+    mocks of a slow copy or a slow filesystem) is held until `seconds` after the marker; (its steps, the outcome)."""
+    job = Job(python, run, runtime_dir, control, 2, f"--hold-{phase}-rank", "1")
+    held = job.control / f"hold-{phase}-1"
     try:
         job.wait_steps(2)
         held.touch()
         after = run.mark(3)
-        wait_for(lambda: (job.control / "holding-apply-1").exists(), 30, "rank 1 to start the apply")
-        time.sleep(max(0.0, after + 9.0 - time.time()))  # past the agents' 6 s, within the 12 s of the daemon's call
-        held.unlink()
-        outcome = wait_outcome(run.model_dir, 60, after)
-        job.wait_steps(job.last_step() + 2)
-    finally:
-        held.unlink(missing_ok=True)
-        job.stop()
-    check_fork_landed(assert_ranks_identical(job), assert_loaded_together(outcome, 2), run.tensors_of(3))
-    assert {a["answered"] for a in outcome["trainers"]["agents"]} == {"late, through status"}, outcome
-
-
-def test_a_read_that_outlasts_the_request_is_loaded_by_no_rank_as_the_agents_said(
-    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
-) -> None:
-    # Rank 1's read of the file is held (a mock: a large adapter on a slow filesystem) in the agreed step until its
-    # request has expired; rank 0 has read it and waits in the vote. Every rank must then vote "too late": the old
-    # code checked the deadline only before reading, answered "no rank loaded it", and then both ranks loaded it.
-    run = daemon[0]
-    job = Job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--hold-read-rank", "1")
-    held, forked = job.control / "hold-read-1", run.tensors_of(3)
-    try:
-        job.wait_steps(2)
-        held.touch()
-        after = run.mark(3)
-        wait_for(lambda: (job.control / "holding-read-1").exists(), 30, "rank 1 to start reading the fork")
-        time.sleep(max(0.0, after + 8.0 - time.time()))  # past the agents' 6 s, within the 12 s of the daemon's call
+        wait_for(lambda: (job.control / f"holding-{phase}-1").exists(), 30, f"rank 1 to start the {phase}")
+        time.sleep(max(0.0, after + seconds - time.time()))
         held.unlink()
         outcome = wait_outcome(run.model_dir, 60, after)
         job.wait_steps(job.last_step() + 3)
     finally:
         held.unlink(missing_ok=True)
         job.stop()
-    steps = assert_ranks_identical(job)
+    return assert_ranks_identical(job), outcome
+
+
+def test_a_load_that_ends_after_the_calls_timeout_is_reported_loaded_not_failed(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
+) -> None:
+    # Rank 1's apply is held inside the agreed step past the agents' 6 s to answer (half the 12 s agent timeout),
+    # within the daemon's 12 s call: both answer `load_in_progress`, and the daemon asks their status until the load
+    # ends. The old code answered "no rank loaded it", filed `failed`, and both ranks then loaded it.
+    run = daemon[0]
+    steps, outcome = fork_with_a_rank_held(trainer_python, run, runtime_dir, tmp_path / "control", "apply", 9.0)
+    check_fork_landed(steps, assert_loaded_together(outcome, 2), run.tensors_of(3))
+    assert {a["answered"] for a in outcome["trainers"]["agents"]} == {"late, through status"}, outcome
+
+
+def test_a_read_that_outlasts_the_request_is_loaded_by_no_rank_as_the_agents_said(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
+) -> None:
+    # Rank 1's read of the file is held in the agreed step until its request has expired (past the agents' 6 s);
+    # rank 0 has read it and waits in the vote. Every rank must then vote "too late": the old code checked the
+    # deadline only before reading, answered "no rank loaded it", and then both ranks loaded it.
+    run = daemon[0]
+    steps, outcome = fork_with_a_rank_held(trainer_python, run, runtime_dir, tmp_path / "control", "read", 8.0)
+    forked = run.tensors_of(3)
     loaded = [s for s, ranks in steps.items() if any(r["after"] == forked for r in ranks.values())]
     assert not loaded, f"fork loaded after the outcome said failed, at step(s) {loaded}"
     assert outcome["status"] == "failed", outcome
