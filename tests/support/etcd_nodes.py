@@ -8,6 +8,7 @@ import json
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,8 @@ class Node:
         self.art = art
         self.state = self.dir / "state"
         self.runtime = Path(tempfile.mkdtemp(prefix=f"fs-{name}-", dir="/tmp"))  # short: agent socket paths
+        # Outside tmp_path, so pytest does not remove it: gone with the Node, or at exit (1,900 were left behind).
+        weakref.finalize(self, shutil.rmtree, self.runtime, True)
         self.config = self.dir / "config.yaml"
         self.daemon = DaemonProcess(self.config, self.dir / "daemon.log")
 
