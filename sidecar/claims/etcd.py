@@ -360,7 +360,7 @@ class EtcdClaims(EtcdFanOut):
             if record.get("state") == ForkState.SWAPPED.value:  # the swap recorded, and the fork published with it
                 self._publish_swapped(path, record, lease)
                 return
-            ours, _ = self.session.put_if_key_lease(key, record, claim, lease)
+            ours = self.session.put_if_key_lease(key, record, claim, lease)
         except (EtcdDown, EtcdAuthError):  # publish() publishes it once etcd answers, if this did not
             self._later(key, record, claim, lease)
             return

@@ -247,13 +247,8 @@ class EtcdSession:
 
     def create_or_get(self, key: str, value: dict[str, Any], lease: int) -> tuple[bool, KeyValue | None]:
         """As create(), in the same round trip returning the key that is there when it already exists."""
-        compare, success = _create_ops(key, value, lease)
-        failure = [{"request_range": {"key": _b64(key)}}]
-        reply = self.call("kv/txn", {"compare": compare, "success": success, "failure": failure})
-        if reply.get("succeeded"):
-            return True, None
-        found = [kv for r in reply.get("responses") or [] for kv in r.get("response_range", {}).get("kvs", [])]
-        return False, _kv(found[0]) if found else None
+        created, found, _ = self.create_or_get_reading(key, value, lease, ())
+        return created, found
 
     def create_or_get_reading(
         self, key: str, value: dict[str, Any], lease: int, reads: Sequence[str]
@@ -301,17 +296,13 @@ class EtcdSession:
             [{"request_delete_range": {"key": _b64(key)}}],
         )
 
-    def put_if_key_lease(
-        self, key: str, value: dict[str, Any], guard: str, lease: int, reads: Sequence[str] = ()
-    ) -> tuple[bool, list[list[KeyValue]]]:
+    def put_if_key_lease(self, key: str, value: dict[str, Any], guard: str, lease: int) -> bool:
         """Put `key` (no lease) only while the key `guard` is bound to `lease` (our claim's record, say, only while
-        the claim is still ours: an adopter's must never be overwritten); whether it was, and every key under each
-        of `reads` after it, in the same round trip."""
-        compare = [{"key": _b64(guard), "result": "EQUAL", "target": "LEASE", "lease": lease}]
-        put = {"request_put": {"key": _b64(key), "value": _b64(json.dumps(value))}}
-        reads_ops = range_ops(reads)
-        reply = self.call("kv/txn", {"compare": compare, "success": [put, *reads_ops], "failure": reads_ops})
-        return bool(reply.get("succeeded")), _ranges(reply, len(reads))
+        the claim is still ours: an adopter's must never be overwritten); whether it was."""
+        return self._txn(
+            [{"key": _b64(guard), "result": "EQUAL", "target": "LEASE", "lease": lease}],
+            [{"request_put": {"key": _b64(key), "value": _b64(json.dumps(value))}}],
+        )
 
     def delete_if_key_lease(self, guard: str, lease: int, keys: Sequence[str], prefixes: Sequence[str] = ()) -> bool:
         """Delete `keys` and every key under `prefixes` in one transaction, only while `guard` is bound to `lease`."""

@@ -136,7 +136,7 @@ class EtcdFanOut(Claims):
             if found:
                 break
             survey = Snapshot(reply.revision, [live, serves])  # a record changed since the look: this is the new one
-        ours, _ = self.session.put_if_key_lease(progress, record, claim, lease)
+        ours = self.session.put_if_key_lease(progress, record, claim, lease)
         if not ours:
             raise ClaimLost(f"the claim of {path.parent} is no longer this daemon's (its lease expired)")
         if found:  # published before, by this daemon before a restart: its list stands

@@ -383,8 +383,12 @@ class Agent:
                 del self._late[key]
             # A target whose late result came meanwhile answers with it; else `status` gets the result once it comes.
             reply = _combine(merged or replies)
-            self.record({"fork_id": request.fork_id, "not_after": request.not_after, "run_dir": run, **_summary(reply)})
+            self._record_fork(request, run, reply)
         return reply
+
+    def _record_fork(self, request: ForkRequest, run: str, reply: Mapping[str, Any]) -> None:
+        """Keep what became of this attempt of the fork for `status`, under its `not_after`."""
+        self.record({"fork_id": request.fork_id, "not_after": request.not_after, "run_dir": run, **_summary(reply)})
 
     def settled_late(self, request: ForkRequest, target: Target, reply: dict[str, Any]) -> None:
         """A target's result for a fork it had answered `load_in_progress`: once no target of it is still in
@@ -399,8 +403,7 @@ class Agent:
             if merged is None:
                 return
             del self._late[key]
-            entry = {"fork_id": request.fork_id, "not_after": request.not_after, "run_dir": late.run}
-            self.record({**entry, **_summary(_combine(merged))})
+            self._record_fork(request, late.run, _combine(merged))
 
 
 def checkpoint_within(run: str, checkpoint: str) -> Path | None:
