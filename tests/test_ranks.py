@@ -1,4 +1,4 @@
-"""Distributed trainers with real parts: a torchrun gloo job on CPU (2 and 4 ranks, DDP and FSDP2), the preload
+"""Distributed trainers with real parts: a torchrun gloo job on CPU (2 and 4 ranks, DDP, FSDP2 and FSDP1), the preload
 installed by the CLI into the ranks' venv, the real daemon and real `.fork` markers.
 
 Each rank logs a fingerprint of its LoRA tensors after every optimizer step (`tests/support/ddp_script.py`). The
@@ -142,22 +142,42 @@ def test_ranks_accumulating_gradients_load_a_fork_at_one_optimizer_step_never_be
     fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 2, "--accumulate", "3")
 
 
-def test_fsdp1_flattened_lora_is_refused_on_every_rank_with_one_sentence_and_nothing_loads(
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # A unit per decoder layer and the root, use_orig_params: each LoRA parameter a 1-D slice of its layer's
+        # FlatParameter shard (or nothing), the PEFT model registered before it was wrapped.
+        ("--fsdp1", "layers"),
+        # peft's fsdp_auto_wrap_policy, no use_orig_params: each LoRA layer its own unit, optimizers over the
+        # FlatParameters, the FullyShardedDataParallel root registered.
+        ("--fsdp1", "lora-units", "--register-wrapped"),
+    ],
+    ids=["orig-params-layer-units", "flat-params-lora-units"],
+)
+def test_fsdp1_sharded_lora_loads_each_ranks_own_slice_at_the_same_step(
+    trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path, layout: tuple[str, ...]
+) -> None:
+    # The fingerprints are over the full tensors, gathered on every rank (summon_full_params). The old code refused
+    # FSDP1 on every rank ("no checkpoint tensor fits") and the job trained on unforked.
+    fork_once_in_a_new_job(trainer_python, daemon[0], runtime_dir, tmp_path / "control", 2, *layout)
+
+
+def test_fsdp1_flat_parameter_mixing_lora_with_other_trained_weights_is_refused_on_every_rank(
     trainer_python: Path, runtime_dir: Path, daemon: tuple[Run, DaemonProcess], tmp_path: Path
 ) -> None:
-    # FullyShardedDataParallel (FSDP1) leaves each LoRA parameter a 1-D slice of a flat shard: no file tensor fits.
-    # Before, every rank refused it with a shape list that did not say why; the job trains on, unforked, either way.
+    # Without use_orig_params the optimizer holds the FlatParameter: its state cannot be reset for the LoRA part
+    # alone, so the fork is refused with one sentence before any rank changes anything; the job trains on.
     run = daemon[0]
-    # The fingerprints are over the full tensors, gathered on every rank.
-    steps, refused = fork_a_new_job(trainer_python, run, runtime_dir, tmp_path / "control", 2, "--fsdp1")
+    layout = ("--fsdp1", "root-all-trainable")
+    steps, refused = fork_a_new_job(trainer_python, run, runtime_dir, tmp_path / "control", 2, *layout)
     forked = run.tensors_of(3)
     assert all(r["after"] != forked for ranks in steps.values() for r in ranks.values())
     assert refused["status"] == "failed", refused
     agents = {a["rank"]: a for a in refused["trainers"]["agents"]}
     assert sorted(agents) == [0, 1] and {a["reason"] for a in agents.values()} == {"trainer_load_failed"}, agents
     for agent in agents.values():
-        assert "wrapped by FullyShardedDataParallel (FSDP1)" in agent["error"], agent["error"]
-        assert "fully_shard" in agent["error"], agent["error"]
+        assert "without use_orig_params holds LoRA tensors together with" in agent["error"], agent["error"]
+        assert "use_orig_params=True" in agent["error"], agent["error"]
 
 
 def test_a_rank_whose_apply_fails_after_the_vote_makes_every_rank_put_its_pre_fork_weights_back(

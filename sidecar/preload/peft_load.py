@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.preload.bit_check import same_bits
+from sidecar.preload.fsdp1_slices import Fsdp1Layout, Fsdp1Refused, fsdp1_layout, is_fsdp1
 from sidecar.preload.rollback import Rollback, optimizer_state
-from sidecar.preload.wrappers import unloadable_wrapper
 from sidecar.protocol.digest import TensorRecord, digest_tensors
 from sidecar.protocol.run_layout import ADAPTER_FILE, CONFIG_FILE
 from sidecar.protocol.safetensors_header import LORA_DTYPES, MAX_HEADER_BYTES, parse_header, printable
@@ -297,6 +297,7 @@ class PreparedLoad:
         self._digest = digest
         self.live: dict[str, Any] = {}
         self.cast: dict[str, Any] = {}
+        self._fsdp1: Fsdp1Layout | None = None
         self._undo: Rollback | None = None
 
     def digest(self) -> str:
@@ -311,8 +312,11 @@ class PreparedLoad:
 
         try:
             optimizers = list(optimizers)
-            params = _params_of(self.model, self.live.values())
-            in_place = _shares_parameter_storage(self.live, params)
+            if self._fsdp1 is not None:  # views of this rank's FlatParameter slices: always copied into
+                params, in_place = self._fsdp1.params, True
+            else:
+                params = _params_of(self.model, self.live.values())
+                in_place = _shares_parameter_storage(self.live, params)
             if undoable:
                 self._undo = Rollback(self.live, params, optimizers, lambda saved: self._put(saved, in_place))
             with torch.no_grad():
@@ -362,18 +366,30 @@ def prepare_adapter_load(
         raise
     prepared = PreparedLoad(peft_model, name, tensors, threads[0])
     try:
-        if (refused := unloadable_wrapper(peft_model)) is not None:
-            raise AdapterLoadError(refused)
-        prepared.live = live = _live_adapter_tensors(peft_model, name)
-        _check_keys_and_shapes(tensors, live)
+        layout = prepared._fsdp1 = _fsdp1_layout(peft_model, name) if is_fsdp1(peft_model) else None
+        if layout is not None:
+            prepared.live, shapes = layout.local, layout.shapes
+        else:
+            prepared.live = _live_adapter_tensors(peft_model, name)
+            shapes = {key: tuple(t.shape) for key, t in prepared.live.items()}
+        live = prepared.live
+        _check_keys_and_shapes(tensors, shapes, live)
         _check_config(Path(checkpoint_dir), peft_model, name)
         # Cast (and moved) before the model is touched: a cast that fails (out of memory) leaves it as it was. Of
         # the same dtype and device, the cast is the view of the bytes read.
-        prepared.cast = {key: _like(_as_tensor(tensors, key), t) for key, t in live.items()}
+        take = layout.take if layout is not None else lambda key, full: _like(full, live[key])
+        prepared.cast = {key: take(key, _as_tensor(tensors, key)) for key in live}
     except BaseException:
         prepared.discard()
         raise
     return prepared
+
+
+def _fsdp1_layout(peft_model: Any, name: str) -> Fsdp1Layout:
+    try:
+        return fsdp1_layout(peft_model, name)
+    except Fsdp1Refused as e:
+        raise AdapterLoadError(str(e)) from None
 
 
 def _like(tensor: Any, live: Any) -> Any:
@@ -426,13 +442,16 @@ def _live_adapter_tensors(peft_model: Any, name: str) -> dict[str, Any]:
     return dict(get_peft_model_state_dict(peft_model, adapter_name=name))
 
 
-def _check_keys_and_shapes(tensors: CheckpointTensors, live: Mapping[str, Any]) -> None:
-    missing = sorted(set(live) - set(tensors.entries))
-    unexpected = sorted(set(tensors.entries) - set(live))
+def _check_keys_and_shapes(
+    tensors: CheckpointTensors, shapes: Mapping[str, tuple[int, ...]], live: Mapping[str, Any]
+) -> None:
+    """`shapes`: the full shape of each live tensor (FSDP1 holds a flat slice of it in `live`)."""
+    missing = sorted(set(shapes) - set(tensors.entries))
+    unexpected = sorted(set(tensors.entries) - set(shapes))
     wrong = [
-        f"{k} (file {list(tensors.entries[k].shape)}, model {list(live[k].shape)})"
-        for k in sorted(set(live) & set(tensors.entries))
-        if tuple(tensors.entries[k].shape) != tuple(live[k].shape)
+        f"{k} (file {list(tensors.entries[k].shape)}, model {list(shapes[k])})"
+        for k in sorted(set(shapes) & set(tensors.entries))
+        if tuple(tensors.entries[k].shape) != tuple(shapes[k])
     ]
     problems = []
     if missing:

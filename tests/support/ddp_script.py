@@ -6,9 +6,10 @@ Launch it with torchrun from a venv with the preload installed (gloo on CPU, or 
         --base DIR --adapter DIR --run-dir DIR --control DIR [--fsdp] [--no-broadcast-buffers] ...
 
 Every rank loads the tiny Llama with the adapter as trainable LoRA, wraps it in DistributedDataParallel (or shards
-it with FSDP2's `fully_shard`), calls `sidecar.preload.register` on its PEFT model (the one call a single-process
-trainer makes too) and trains on random tokens of its own. Rank 0 pauses `--rank0-pause` between steps, the others
-`--pause` (rank 0 does more between steps in real jobs: logging, evaluation). Per rank, `{control}/steps-{rank}.jsonl`
+it with FSDP2's `fully_shard`, or FSDP1 with `--fsdp1 LAYOUT`), calls `sidecar.preload.register` on its PEFT model
+(the one call a single-process trainer makes too) and trains on random tokens of its own. Rank 0 pauses
+`--rank0-pause` between steps, the others `--pause` (rank 0 does more between steps in real jobs: logging,
+evaluation). Per rank, `{control}/steps-{rank}.jsonl`
 gets one line per optimizer step: `step` (optimizer steps completed), `start` (a fingerprint of the LoRA tensors as
 that step's forward found them, DDP only) and `after` (as they are once `optimizer.step()` has returned, which is
 where a fork agreed at that step has been loaded). With FSDP the fingerprints are over full tensors
@@ -78,13 +79,48 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
             fully_shard(layer)
         fully_shard(peft_model)
         return peft_model, peft_model
-    if args.fsdp1:  # the agent refuses to load into it (sidecar/preload/wrappers.py)
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        return peft_model, FullyShardedDataParallel(peft_model, use_orig_params=True, device_id=device)
+    if args.fsdp1:
+        return peft_model, _fsdp1(args.fsdp1, peft_model, device)
     from torch.nn.parallel import DistributedDataParallel
 
     return peft_model, DistributedDataParallel(peft_model, broadcast_buffers=args.broadcast_buffers)
+
+
+def _fsdp1(layout: str, peft_model: Any, device: Any) -> Any:
+    """FSDP1 around the PEFT model: `root` one unit over everything (use_orig_params, LoRA and frozen weights in one
+    FlatParameter); `root-all-trainable` the same without use_orig_params and every weight trained; `layers` a unit
+    per decoder layer and the root (use_orig_params); `lora-units` peft's fsdp_auto_wrap_policy without
+    use_orig_params (each LoRA layer its own unit, the optimizer over FlatParameters)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    if layout == "root":
+        return FullyShardedDataParallel(peft_model, use_orig_params=True, device_id=device)
+    if layout == "root-all-trainable":  # one FlatParameter of LoRA and base weights, all trained
+        for p in peft_model.parameters():
+            p.requires_grad_(True)
+        return FullyShardedDataParallel(peft_model, use_orig_params=False, device_id=device)
+    if layout == "layers":
+        policy = ModuleWrapPolicy({LlamaDecoderLayer})
+        return FullyShardedDataParallel(peft_model, use_orig_params=True, device_id=device, auto_wrap_policy=policy)
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    policy = fsdp_auto_wrap_policy(peft_model)
+    return FullyShardedDataParallel(peft_model, use_orig_params=False, device_id=device, auto_wrap_policy=policy)
+
+
+def _fsdp1_lora(peft_model: Any) -> dict[str, Any]:
+    """The full LoRA tensors by their checkpoint names, inside summon_full_params: from the LoRA Linear modules
+    themselves (without use_orig_params their weights are plain tensors then, not parameters)."""
+    import torch
+
+    tensors = {}
+    for name, module in peft_model.named_modules():
+        clean = name.replace("._fsdp_wrapped_module", "")
+        if isinstance(module, torch.nn.Linear) and clean.endswith((".lora_A.default", ".lora_B.default")):
+            tensors[clean.removesuffix(".default") + ".weight"] = module.weight.detach().clone()
+    return tensors
 
 
 def _models(args: argparse.Namespace, device: Any, rank: int) -> tuple[list[tuple[Any, Any]], Any]:
@@ -97,8 +133,8 @@ def _models(args: argparse.Namespace, device: Any, rank: int) -> tuple[list[tupl
     trainable = [p for peft, _ in models for p in peft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     if not args.no_register and args.no_register_rank != rank:
-        for peft, _ in models:
-            register(peft, args.run_dir)
+        for peft, wrapped in models:
+            register(wrapped if args.register_wrapped else peft, args.run_dir)
     return models, optimizer
 
 
@@ -185,7 +221,7 @@ def _lora_reader(args: argparse.Namespace, models: list[tuple[Any, Any]]) -> Any
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             with FullyShardedDataParallel.summon_full_params(models[0][1]):
-                return {k: v.detach().clone() for k, v in get_peft_model_state_dict(of).items()}
+                return _fsdp1_lora(of)
         tensors = dict(get_peft_model_state_dict(of))
         return _full(tensors) if args.fsdp else tensors
 
@@ -308,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", required=True)
     parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
-    parser.add_argument("--fsdp1", action="store_true", help="FSDP1 FullyShardedDataParallel instead of DDP")
+    layouts = ["root", "root-all-trainable", "layers", "lora-units"]
+    parser.add_argument("--fsdp1", choices=layouts, help="FSDP1 FullyShardedDataParallel instead of DDP")
+    parser.add_argument("--register-wrapped", action="store_true", help="register the wrapper, not the PEFT model")
     parser.add_argument("--no-broadcast-buffers", dest="broadcast_buffers", action="store_false")
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-3)
