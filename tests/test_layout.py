@@ -93,7 +93,6 @@ COVERED_BY = {
     "sidecar/preload/step_gate.py": "tests/test_agent.py",
     "sidecar/preload/rollback.py": "tests/test_peft_load.py",
     "sidecar/preload/rank_join.py": "tests/test_ranks.py",  # DDP's Join needs a real multi-rank job
-    "sidecar/preload/fsdp1_slices.py": "tests/test_ranks.py",  # FSDP1 shards need a real multi-rank job
     "sidecar/preload/rank_exit.py": "tests/test_rank_agreement.py",  # drained by the agreement, on a real group
 }
 

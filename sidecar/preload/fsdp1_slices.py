@@ -91,7 +91,14 @@ def fsdp1_layout(model: Any, adapter_name: str) -> Fsdp1Layout:
     # peft names the adapter's tensors from this dict: each value comes back as given.
     placeholders = {name: _placeholder(slot) for name, slot in slots.items()}
     by_placeholder = {id(t): name for name, t in placeholders.items()}
-    mapped = get_peft_model_state_dict(peft, state_dict={**plain, **placeholders}, adapter_name=adapter_name)
+    try:
+        mapped = get_peft_model_state_dict(peft, state_dict={**plain, **placeholders}, adapter_name=adapter_name)
+    except Exception as e:  # peft's own mapping failing on names FSDP1 gave it (modules_to_save units, ...)
+        raise Fsdp1Refused(
+            f"peft could not name the adapter's tensors in this FullyShardedDataParallel (FSDP1) model "
+            f"({type(e).__name__}: {e}); nothing was loaded. Wrap with use_orig_params=True around whole layers"
+        ) from None
+    plain_ids = {id(p) for p in plain.values()}
     layout = Fsdp1Layout({}, {}, [], {})
     for raw_key, value in mapped.items():
         key = _checkpoint_key(raw_key, adapter_name)
@@ -99,9 +106,15 @@ def fsdp1_layout(model: Any, adapter_name: str) -> Fsdp1Layout:
             slot = slots[by_placeholder[id(value)]]
             layout._slots[key] = slot
             layout.local[key], layout.shapes[key] = slot.local, slot.shape
-        else:
+        elif id(value) in plain_ids:
             layout.local[key], layout.shapes[key] = value, tuple(value.shape)
             layout.params.append(value)
+        else:  # computed by peft (prompt learning): copying into it would change nothing in the model
+            raise Fsdp1Refused(
+                f"the adapter's tensor {_clean(raw_key)} is computed by peft, not held by a parameter, and cannot be "
+                "loaded into a FullyShardedDataParallel (FSDP1) model; nothing was loaded. Use FSDP2 (fully_shard) "
+                "or DDP for this adapter type"
+            )
     loaded = {by_placeholder[id(v)] for v in mapped.values() if id(v) in by_placeholder}
     layout.params += _params_to_reset(loaded, owners)
     return layout
@@ -114,8 +127,10 @@ def _innermost(model: Any) -> Any:
     return model.module if isinstance(model, FullyShardedDataParallel) else model
 
 
-# A root unit around a registered model, found through gc once per model (the model does not refer to it).
-_ROOT_HANDLES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+# The root unit around a registered model, looked for through gc once per model (the model does not refer to it; a
+# scan of every object costs about 0.5 s in a process of 3 million): a weak reference to its handle, or None when no
+# unit wraps the model itself. Weak both ways: the handle refers to the model, which must still be freed with it.
+_ROOT_HANDLES: weakref.WeakKeyDictionary[Any, weakref.ref[Any] | None] = weakref.WeakKeyDictionary()
 
 
 def _handles(model: Any, peft: Any) -> list[Any]:
@@ -123,9 +138,11 @@ def _handles(model: Any, peft: Any) -> list[Any]:
 
     handles = [u._handle for u in FullyShardedDataParallel.fsdp_modules(model) if u._handle is not None]
     if not any(h._fully_sharded_module is peft for h in handles):
-        root = _ROOT_HANDLES.get(peft)
-        if root is None and (root := _root_handle(peft)) is not None:
-            _ROOT_HANDLES[peft] = root
+        if peft not in _ROOT_HANDLES:
+            found = _root_handle(peft)
+            _ROOT_HANDLES[peft] = None if found is None else weakref.ref(found)
+        ref = _ROOT_HANDLES[peft]
+        root = None if ref is None else ref()
         if root is not None:
             handles.append(root)
     return handles
@@ -136,10 +153,11 @@ def _root_handle(peft: Any) -> Any:
     (through its __dict__ on Python 3.11; directly where the dict is inlined)."""
     from torch.distributed.fsdp._flat_param import FlatParamHandle
 
-    for referrer in gc.get_referrers(peft):
-        for holder in [referrer, *(gc.get_referrers(referrer) if isinstance(referrer, dict) else ())]:
-            if isinstance(holder, FlatParamHandle) and holder._fully_sharded_module is peft:
-                return holder
+    referrers = gc.get_referrers(peft)
+    dicts = [r for r in referrers if isinstance(r, dict)]
+    for holder in [*referrers, *(gc.get_referrers(*dicts) if dicts else ())]:  # two scans of the heap in all
+        if isinstance(holder, FlatParamHandle) and holder._fully_sharded_module is peft:
+            return holder
     return None
 
 
@@ -168,7 +186,7 @@ def _slots_by_name(peft: Any, handles: Iterable[Any]) -> tuple[dict[str, _Slot],
     owners: dict[str, tuple[Any, int]] = {}
     for handle in handles:
         flat = handle.flat_param
-        if handle.uses_sharded_strategy and not handle.is_sharded(flat):
+        if not _holds_local_shard(handle, flat):
             raise Fsdp1Refused(
                 "FullyShardedDataParallel (FSDP1) holds the full parameters right now (inside summon_full_params "
                 "or a forward pass), not this rank's shard; nothing was loaded. Fork again between optimizer steps"
@@ -184,6 +202,16 @@ def _slots_by_name(peft: Any, handles: Iterable[Any]) -> tuple[dict[str, _Slot],
             slots[name] = _Slot(local, start, tuple(shape))
             owners[name] = (handle, index)
     return slots, owners
+
+
+def _holds_local_shard(handle: Any, flat: Any) -> bool:
+    """Whether the FlatParameter's data is now this rank's own full-precision shard (`_local_shard`, set at FSDP1's
+    lazy init; before it, the sharded data itself), not the gathered or low-precision copy a forward uses."""
+    shard = getattr(flat, "_local_shard", None)
+    if shard is None:
+        return not handle.uses_sharded_strategy or handle.is_sharded(flat)
+    data = flat.data
+    return bool(data.data_ptr() == shard.data_ptr() and data.dtype == shard.dtype and data.numel() == shard.numel())
 
 
 def _refuse_uncovered(peft: Any, handles: Iterable[Any]) -> None:
