@@ -166,8 +166,9 @@ class RunIO:
         name, method = self._call("snapshot", fork_id=fork_id)
         return str(name), str(method)
 
-    def collect_snapshots(self, keep: Collection[str] | None) -> tuple[list[str], list[str]]:
-        removed, left = self._call("collect_snapshots", keep=None if keep is None else sorted(keep))
+    def collect_snapshots(self, keep: Collection[str] | None, *, partials: bool = True) -> tuple[list[str], list[str]]:
+        kept = None if keep is None else sorted(keep)
+        removed, left = self._call("collect_snapshots", keep=kept, partials=partials)
         return [str(n) for n in removed], [str(n) for n in left]
 
 
@@ -381,13 +382,13 @@ class LocalRunIO(RunIO):
         finally:
             os.close(cfd)
 
-    def _op_collect_snapshots(self, keep: list[str] | None) -> list[list[str]]:
+    def _op_collect_snapshots(self, keep: list[str] | None, partials: bool = True) -> list[list[str]]:
         try:
             cfd = os.open(CHECKPOINTS, DIR_FLAGS, dir_fd=self.fd)
         except FileNotFoundError:
             return [[], []]
         try:
-            return [list(names) for names in collect_snapshots(cfd, keep)]
+            return [list(names) for names in collect_snapshots(cfd, keep, partials=partials)]
         finally:
             os.close(cfd)
 

@@ -35,8 +35,9 @@ class RunFiles(Protocol):
         """Snapshot `checkpoints/0000` as `checkpoints/.fork-<fork_id>`: (its name, how it was made)."""
         ...
 
-    def collect_snapshots(self, keep: Collection[str] | None) -> tuple[list[str], list[str]]:
-        """Remove snapshots not named in `keep` (None: only interrupted ones): (removed, left)."""
+    def collect_snapshots(self, keep: Collection[str] | None, *, partials: bool = True) -> tuple[list[str], list[str]]:
+        """Remove snapshots not named in `keep` (None: none of them) and, with `partials`, interrupted ones:
+        (removed, left)."""
         ...
 
 

@@ -159,16 +159,21 @@ def list_snapshots(checkpoints: Path) -> list[Path]:
         return []
 
 
-def collect_snapshots(checkpoints_fd: int, keep: Collection[str] | None) -> tuple[list[str], list[str]]:
-    """Remove `.partial` leftovers of interrupted snapshots and, unless `keep` is None (some server's adapter roots
-    are unknown), every snapshot whose name is not in `keep`, in the `checkpoints/` open as `checkpoints_fd`;
-    returns (the names removed, the snapshots left). Fork ids are unique, so a name tells a snapshot apart."""
+def collect_snapshots(
+    checkpoints_fd: int, keep: Collection[str] | None, *, partials: bool = True
+) -> tuple[list[str], list[str]]:
+    """Remove, with `partials`, `.partial` leftovers of interrupted snapshots and, unless `keep` is None (some
+    server's adapter roots are unknown), every snapshot whose name is not in `keep`, in the `checkpoints/` open as
+    `checkpoints_fd`; returns (the names removed, the snapshots left). Fork ids are unique, so a name tells a snapshot
+    apart. A `.partial` may be a snapshot being built right now (by another fork of this daemon's, or another
+    node's), so only a daemon starting on a single node removes them."""
     removed, left = [], []
     for name in sorted(os.listdir(checkpoints_fd)):
         info = lstat_at(checkpoints_fd, name)
         if info is None or not stat.S_ISDIR(info.st_mode):
             continue
-        if _PARTIAL.fullmatch(name) or (keep is not None and is_snapshot_name(name) and name not in keep):
+        unreferenced = keep is not None and is_snapshot_name(name) and name not in keep
+        if (partials and _PARTIAL.fullmatch(name)) or unreferenced:
             _remove_tree(checkpoints_fd, name)
             removed.append(name)
         elif is_snapshot_name(name):

@@ -215,7 +215,7 @@ class VllmStage:
         """Remove fork snapshots no server lists any more, if every server answers; `.partial` leftovers always.
         Removed through `hold` (as each run's owner, through its fd); the listing by path only chooses the runs."""
         runs = [Path(r) for r in run_dirs if _has_fork_leftovers(Path(r) / CHECKPOINTS)]
-        if not runs:
+        if not runs or self._shared_between_nodes(runs):
             return
         targets = merge_targets([t for r in runs for t in configured_servers(self.config, r)], self._discovered())
         targets = list({t.url: t for t in targets}.values())
@@ -238,6 +238,14 @@ class VllmStage:
         if not everyone:
             silent = ", ".join(s.target.url for s in surveys if s.cards is None)
             log.warning("kept fork snapshots: %s did not answer, so they may still serve them", silent)
+
+    def _shared_between_nodes(self, runs: Sequence[Path]) -> bool:
+        """With etcd, other nodes serve runs from the same directories, and this node knows neither which snapshot
+        their servers read nor which one they are building: it removes none (logged once per run)."""
+        if self.config.coordination.backend != "etcd":
+            return False
+        _log_shared_once(runs)
+        return True
 
     # --- finding servers ------------------------------------------------------------------------------------------
     def _targets_for(self, ctx: ForkContext) -> list[ServerTarget]:
@@ -411,8 +419,11 @@ class VllmStage:
         listed = _snapshot_names(_roots(listings))
         in_flight = _snapshot_names(LOADS_IN_FLIGHT.paths())
         checkpoints = _real_checkpoints(ctx)
+        if self._shared_between_nodes([checkpoints]):
+            return [], []
         try:
-            collected, left = files.collect_snapshots(None if silent else listed | in_flight)
+            # Never `.partial`s here: one may be a snapshot another fork is building right now.
+            collected, left = files.collect_snapshots(None if silent else listed | in_flight, partials=False)
         except (RunIOError, OSError) as e:
             log.error("%s: fork snapshots not collected: %s", checkpoints, e)
             return [], []
@@ -429,6 +440,19 @@ class VllmStage:
             _KEPT_LOGGED.pop(checkpoints, None)
         return collected, kept
 
+
+def _log_shared_once(runs: Sequence[Path]) -> None:
+    new = [r for r in runs if r not in _SHARED_LOGGED]
+    _SHARED_LOGGED.update(new)
+    if new:
+        log.info(
+            "%s: fork snapshots are not collected with coordination.backend etcd: servers on other nodes may still "
+            "read one, or another node be building one; remove old checkpoints/.fork-* by hand (docs/operations.md)",
+            ", ".join(map(str, new)),
+        )
+
+
+_SHARED_LOGGED: set[Path] = set()
 
 # The reason snapshots were last kept, per checkpoints dir: a server down for a day must not log at every fork.
 _KEPT_LOGGED: dict[Path, str] = {}
