@@ -348,8 +348,11 @@ class _Client(Etcd3Client):
         """As Etcd3Client.post: the answer's JSON, or etcd3gw's exception for the failure (same classes, same
         statuses), so EtcdSession._post tells them apart as before."""
         headers = {"Content-Type": "application/json"}
-        if "Authorization" in self.session.headers:
-            headers["Authorization"] = str(self.session.headers["Authorization"])
+        # One read: another thread's token refresh may drop the header between a look and a read (a KeyError here
+        # would end the lease keeper's thread).
+        token = self.session.headers.get("Authorization")
+        if token is not None:
+            headers["Authorization"] = str(token)
         body = _json_dumps(json).encode()
         try:
             reply = self.pool.urlopen(
