@@ -289,13 +289,13 @@ class EtcdSession:
     def put_if_lease(self, key: str, value: dict[str, Any], lease: int) -> bool:
         """Replace `key` only while it is bound to `lease` (still our claim); whether it was."""
         return self._txn(
-            [{"key": _b64(key), "result": "EQUAL", "target": "LEASE", "lease": lease}],
+            [lease_is(key, lease)],
             [{"request_put": {"key": _b64(key), "value": _b64(json.dumps(value)), "lease": lease}}],
         )
 
     def delete_if_lease(self, key: str, lease: int) -> bool:
         return self._txn(
-            [{"key": _b64(key), "result": "EQUAL", "target": "LEASE", "lease": lease}],
+            [lease_is(key, lease)],
             [{"request_delete_range": {"key": _b64(key)}}],
         )
 
@@ -303,7 +303,7 @@ class EtcdSession:
         """Put `key` (no lease) only while the key `guard` is bound to `lease` (our claim's record, say, only while
         the claim is still ours: an adopter's must never be overwritten); whether it was."""
         return self._txn(
-            [{"key": _b64(guard), "result": "EQUAL", "target": "LEASE", "lease": lease}],
+            [lease_is(guard, lease)],
             [{"request_put": {"key": _b64(key), "value": _b64(json.dumps(value))}}],
         )
 
@@ -311,7 +311,7 @@ class EtcdSession:
         """Delete `keys` and every key under `prefixes` in one transaction, only while `guard` is bound to `lease`."""
         ops = [{"request_delete_range": {"key": _b64(k)}} for k in keys]
         ops += [{"request_delete_range": {"key": _b64(p), "range_end": _range_end(p)}} for p in prefixes]
-        return self._txn([{"key": _b64(guard), "result": "EQUAL", "target": "LEASE", "lease": lease}], ops)
+        return self._txn([lease_is(guard, lease)], ops)
 
     def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> bool:
         return bool(self.call("kv/txn", {"compare": compare, "success": success, "failure": []}).get("succeeded"))
@@ -443,7 +443,7 @@ def _create_ops(
     put: dict[str, Any] = {"key": _b64(key), "value": _b64(json.dumps(value))}
     if lease:
         put["lease"] = lease
-    return [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}], [{"request_put": put}]
+    return [absent(key)], [{"request_put": put}]
 
 
 def lease_is(key: str, lease: int) -> dict[str, Any]:
