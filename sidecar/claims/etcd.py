@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from sidecar.claims.base import ClaimFiles, ClaimInDoubt, ClaimLost
 from sidecar.claims.etcd_client import EtcdAuthError, EtcdDown, EtcdSession, KeyValue
@@ -33,9 +33,6 @@ from sidecar.config import Config
 from sidecar.states import ForkState
 
 __all__ = ["EtcdClaims"]
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("sidecar.claims.etcd")
 T = TypeVar("T")
@@ -419,17 +416,11 @@ class EtcdClaims(EtcdFanOut):
     def release(self, path: Path, io: ClaimFiles | None = None) -> None:
         info = self.registry.release(path, io)
         self._fresh.pop(path, None)  # a fork that ended before its record
-        self._surveys.pop(self.keys.claim(path), None)  # or before its publish
-        self._own_reports.pop(self.keys.claim(path), None)  # (its put, if any, is guarded by the fork's key)
+        self._forget(path, None if info is None else str(info.get("fork_id")))
         if info is None:
             return
         progress, claim, lease = self.keys.progress(path), self.keys.claim(path), self.lease
         fork_id = info.get("fork_id")
-        self._published.pop(str(fork_id), None)  # one that ended before its gather
-        with self._fanout:
-            self._inbox.pop(str(fork_id), None)
-        self._since.pop(str(fork_id), None)
-        self._live_at_publish.pop(str(fork_id), None)
         with self._state:
             self._pending.pop(progress, None)  # a progress write still waiting must not come back
             if path in self._lost or lease is None:  # the keys are the adopter's now

@@ -202,9 +202,23 @@ class EtcdFanOut(Claims):
         try:
             return self._gather(path, record, budget)
         finally:
-            with self._fanout:
-                self._inbox.pop(record.fork_id, None)
-            self._since.pop(record.fork_id, None)
+            self._stop_expecting(record.fork_id)
+
+    def _stop_expecting(self, fork_id: str) -> None:
+        with self._fanout:
+            self._inbox.pop(fork_id, None)
+        self._since.pop(fork_id, None)
+
+    def _forget(self, path: Path, fork_id: str | None) -> None:
+        """Drop what the fan-out keeps for the fork of `path` once it ended, before its publish or its gather too
+        (the put of its own report, if any, is guarded by the fork's key)."""
+        claim = self.keys.claim(path)
+        self._surveys.pop(claim, None)
+        self._own_reports.pop(claim, None)
+        if fork_id is not None:
+            self._published.pop(fork_id, None)
+            self._live_at_publish.pop(fork_id, None)
+            self._stop_expecting(fork_id)
 
     def _gather(self, path: Path, record: ForkRecord, budget: float) -> Gathered:
         published_at, members, unpublished = self._published.pop(record.fork_id, (time.monotonic(), None, None))
