@@ -100,9 +100,11 @@ def fsdp1_layout(model: Any, adapter_name: str) -> Fsdp1Layout:
         ) from None
     plain_ids = {id(p) for p in plain.values()}
     layout = Fsdp1Layout({}, {}, [], {})
+    loaded: set[str] = set()  # the flattened parameters (by slot name) that hold the adapter's tensors
     for raw_key, value in mapped.items():
         key = _checkpoint_key(raw_key, adapter_name)
         if id(value) in by_placeholder:
+            loaded.add(by_placeholder[id(value)])
             slot = slots[by_placeholder[id(value)]]
             layout._slots[key] = slot
             layout.local[key], layout.shapes[key] = slot.local, slot.shape
@@ -115,7 +117,6 @@ def fsdp1_layout(model: Any, adapter_name: str) -> Fsdp1Layout:
                 "loaded into a FullyShardedDataParallel (FSDP1) model; nothing was loaded. Use FSDP2 (fully_shard) "
                 "or DDP for this adapter type"
             )
-    loaded = {by_placeholder[id(v)] for v in mapped.values() if id(v) in by_placeholder}
     layout.params += _params_to_reset(loaded, owners)
     return layout
 

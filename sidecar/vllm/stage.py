@@ -212,10 +212,12 @@ class VllmStage:
         return _Served(survey, self._reload(survey, path, ctx.deadline))
 
     def on_start(self, run_dirs: Sequence[Path], hold: RunHolder) -> None:
-        """Remove fork snapshots no server lists any more, if every server answers; `.partial` leftovers always.
-        Removed through `hold` (as each run's owner, through its fd); the listing by path only chooses the runs."""
+        """Remove fork snapshots no server lists any more, if every server answers; `.partial` leftovers always
+        (with etcd, neither: _shared_between_nodes). Removed through `hold` (as each run's owner, through its fd);
+        the listing by path only chooses the runs."""
         runs = [Path(r) for r in run_dirs if _has_fork_leftovers(Path(r) / CHECKPOINTS)]
-        if not runs or self._shared_between_nodes(runs):
+        # Named as a fork names them (_real_checkpoints), so that each run is logged once.
+        if not runs or self._shared_between_nodes([Path(os.path.realpath(r)) / CHECKPOINTS for r in runs]):
             return
         targets = merge_targets([t for r in runs for t in configured_servers(self.config, r)], self._discovered())
         targets = list({t.url: t for t in targets}.values())
@@ -239,12 +241,12 @@ class VllmStage:
             silent = ", ".join(s.target.url for s in surveys if s.cards is None)
             log.warning("kept fork snapshots: %s did not answer, so they may still serve them", silent)
 
-    def _shared_between_nodes(self, runs: Sequence[Path]) -> bool:
+    def _shared_between_nodes(self, checkpoints: Sequence[Path]) -> bool:
         """With etcd, other nodes serve runs from the same directories, and this node knows neither which snapshot
         their servers read nor which one they are building: it removes none (logged once per run)."""
         if self.config.coordination.backend != "etcd":
             return False
-        _log_shared_once(runs)
+        _log_shared_once(checkpoints)
         return True
 
     # --- finding servers ------------------------------------------------------------------------------------------
@@ -408,6 +410,9 @@ class VllmStage:
     ) -> tuple[list[str], list[str]]:
         """Remove the snapshots nobody can be reading; returns (removed, kept although no answering server lists
         them). Kept ones are logged, naming why, once per fork; fork_sidecar_snapshots_kept counts them."""
+        checkpoints = _real_checkpoints(ctx)
+        if self._shared_between_nodes([checkpoints]):
+            return [], []
         listings = []
         silent = []
         for s in served:
@@ -418,9 +423,6 @@ class VllmStage:
             listings.append(_Survey(s.survey.target, cards))
         listed = _snapshot_names(_roots(listings))
         in_flight = _snapshot_names(LOADS_IN_FLIGHT.paths())
-        checkpoints = _real_checkpoints(ctx)
-        if self._shared_between_nodes([checkpoints]):
-            return [], []
         try:
             # Never `.partial`s here: one may be a snapshot another fork is building right now.
             collected, left = files.collect_snapshots(None if silent else listed | in_flight, partials=False)
@@ -441,18 +443,18 @@ class VllmStage:
         return collected, kept
 
 
-def _log_shared_once(runs: Sequence[Path]) -> None:
-    new = [r for r in runs if r not in _SHARED_LOGGED]
+def _log_shared_once(checkpoints: Sequence[Path]) -> None:
+    new = [c for c in checkpoints if c not in _SHARED_LOGGED]
     _SHARED_LOGGED.update(new)
     if new:
         log.info(
             "%s: fork snapshots are not collected with coordination.backend etcd: servers on other nodes may still "
-            "read one, or another node be building one; remove old checkpoints/.fork-* by hand (docs/operations.md)",
+            "read one, or another node be building one; remove old .fork-* snapshots by hand (docs/operations.md)",
             ", ".join(map(str, new)),
         )
 
 
-_SHARED_LOGGED: set[Path] = set()
+_SHARED_LOGGED: set[Path] = set()  # the checkpoints dirs that message was logged for
 
 # The reason snapshots were last kept, per checkpoints dir: a server down for a day must not log at every fork.
 _KEPT_LOGGED: dict[Path, str] = {}
