@@ -65,6 +65,7 @@ ART_SCRIPT = textwrap.dedent(
     process = service._vllm_runtime.process
     print(json.dumps({"argv": process.args, "pid": process.pid}), flush=True)
     model = art.TrainableModel(name="agent", run_name="child3", project="p", base_model=base_model)
+    sys.stdin.readline()  # until the test has measured what the server answers before the fork
     loop.run_until_complete(LocalBackend(path=art_path)._experimental_fork_checkpoint(model, from_model="base"))
     print(json.dumps({"forked": True}), flush=True)
     sys.stdin.read()  # until the test is done
@@ -133,6 +134,10 @@ def test_art_0523_serving_after_a_zero_touch_fork(tiny_assets: TinyAssets, tmp_p
                 server.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
             old = completion(server, "agent@3")
             before = {n: completion(server, n) for n in ("agent@1", "ref-a", "ref-b")}
+            # Only now may ART fork: measured after the daemon's reload, `old` would already be the fork.
+            assert proc.stdin is not None
+            proc.stdin.write("fork\n")
+            proc.stdin.flush()
             assert read_json_line(proc) == {"forked": True}
             outcome = wait_outcome(run, timeout=180)
 
