@@ -269,6 +269,30 @@ def test_malformed_checkpoint_is_refused_and_the_model_untouched(runtime_dir: Pa
     assert same(lora(model), before)
 
 
+def test_a_load_that_torch_refuses_fails_the_fork_and_the_next_fork_is_taken(
+    runtime_dir: Path, run_dir: Path, model: Any
+) -> None:
+    """A load raising something other than AdapterLoadError (here torch's own error: a LoRA weight whose elements
+    share memory, which copy_ refuses) was answered `internal` and left the model's fork lock held: every later fork
+    of that model answered `busy`, for the life of the trainer."""
+    name = next(n for n, p in model.named_parameters() if "lora_B" in n)
+    holder = model.get_submodule(name.rpartition(".")[0])
+    rows, cols = holder.weight.shape
+    sound = holder.weight
+    holder.weight = torch.nn.Parameter(torch.zeros(rows, 1).expand(rows, cols))
+    preload.register(model, run_dir)
+
+    failed = call_agent(socket_of(runtime_dir), fork_message(run_dir), timeout=WAIT_S, pid=os.getpid())
+    assert failed["ok"] is False and failed["error"]["code"] == "load_failed", failed
+    assert "single memory location" in failed["error"]["message"]
+    assert "may hold part of the fork" in failed["error"]["message"]  # peft had copied the other tensors
+
+    holder.weight = sound
+    again = call_agent(socket_of(runtime_dir), fork_message(run_dir), timeout=WAIT_S, pid=os.getpid())
+    assert again["ok"] and again["result"] == "loaded", again
+    assert same(lora(model), file_tensors(run_dir / "checkpoints" / "0000"))
+
+
 def test_checkpoint_outside_the_run_is_refused(runtime_dir: Path, run_dir: Path, model: Any, tmp_path: Path) -> None:
     preload.register(model, run_dir)
     elsewhere = tmp_path / "elsewhere"

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sidecar import __version__
+from sidecar.preload.agent_replies import combine_replies, reply_summary
 from sidecar.preload.late_forks import LateFork
 from sidecar.preload.rank_agreement import LATE_REQUEST, LoadHooks, RankAgreement, expects_ranks, rank_info
 from sidecar.preload.rank_join import install_join_support
@@ -205,7 +206,7 @@ class PeftTarget:
         return [self.run_dir]
 
     def fork(self, request: ForkRequest, checkpoint_dir: Path) -> dict[str, Any]:
-        from sidecar.preload.peft_load import AdapterLoadError, load_adapter_from_checkpoint
+        from sidecar.preload.peft_load import AdapterLoadError, prepare_adapter_load
 
         model = self._model()
         if model is None:
@@ -230,9 +231,13 @@ class PeftTarget:
             self._fork_lock.release()
             return {k: v for k, v in done.items() if k not in ("fork_id", "at")}
 
+        applying = False
+
         def load() -> tuple[str, int]:
-            digest = load_adapter_from_checkpoint(model, checkpoint_dir, optimizers=list(self._optimizers))
-            return digest, self.gate.steps
+            nonlocal applying
+            prepared = prepare_adapter_load(model, checkpoint_dir)  # the model is untouched until apply
+            applying = True
+            return prepared.apply(list(self._optimizers)), self.gate.steps
 
         try:
             (digest, steps), where = self.gate.run_between_steps(load, wait)
@@ -241,6 +246,8 @@ class PeftTarget:
             reply = error_reply("step_timeout", str(e), **rank_info())
         except AdapterLoadError as e:
             reply = error_reply("load_failed", str(e), **rank_info())
+        except Exception as e:  # torch's own (a cast out of memory, say): a failed load, and the lock still goes
+            reply = error_reply("load_failed", _raised(checkpoint_dir, e, applying), **rank_info())
         try:
             return self._remember(request, reply, started)  # before the lock goes: a retry waiting on it reads `last`
         finally:
@@ -382,13 +389,14 @@ class Agent:
             if merged is not None and self._late.get(key) is late:
                 del self._late[key]
             # A target whose late result came meanwhile answers with it; else `status` gets the result once it comes.
-            reply = _combine(merged or replies)
+            reply = combine_replies(merged or replies)
             self._record_fork(request, run, reply)
         return reply
 
     def _record_fork(self, request: ForkRequest, run: str, reply: Mapping[str, Any]) -> None:
         """Keep what became of this attempt of the fork for `status`, under its `not_after`."""
-        self.record({"fork_id": request.fork_id, "not_after": request.not_after, "run_dir": run, **_summary(reply)})
+        attempt = {"fork_id": request.fork_id, "not_after": request.not_after, "run_dir": run}
+        self.record({**attempt, **reply_summary(reply)})
 
     def settled_late(self, request: ForkRequest, target: Target, reply: dict[str, Any]) -> None:
         """A target's result for a fork it had answered `load_in_progress`: once no target of it is still in
@@ -403,7 +411,14 @@ class Agent:
             if merged is None:
                 return
             del self._late[key]
-            self._record_fork(request, late.run, _combine(merged))
+            self._record_fork(request, late.run, combine_replies(merged))
+
+
+def _raised(checkpoint: Path, error: Exception, applying: bool) -> str:
+    what = f"loading {checkpoint} raised {error!r}"
+    if applying:  # part of the tensors may be in: say so, the daemon fails the fork with it
+        return f"{what} while its tensors were being copied in: the model may hold part of the fork; fork again"
+    return f"{what} before the model was changed (nothing was loaded)"
 
 
 def checkpoint_within(run: str, checkpoint: str) -> Path | None:
@@ -425,57 +440,6 @@ def _fork_all(targets: list[Target], request: ForkRequest, checkpoint: Path) -> 
 
     with ThreadPoolExecutor(len(targets), thread_name_prefix="fork-sidecar-fork") as pool:
         return list(pool.map(lambda t: t.fork(request, checkpoint), targets))
-
-
-def _combine(replies: list[dict[str, Any]]) -> dict[str, Any]:
-    if len(replies) == 1:
-        return replies[0]
-    failed = [r for r in replies if not r.get("ok")]
-    if failed:
-        return {**failed[0], "targets": replies}
-    digests = {r.get("digest") for r in replies if r.get("digest")}
-    results = {r.get("result") for r in replies}
-    if len(digests) > 1:
-        return error_reply("mixed", "the models of this run loaded different adapters", targets=replies)
-    result = RESULT_LOADED if results == {RESULT_LOADED} else RESULT_PENDING
-    return ok_reply(result=result, digest=next(iter(digests), None), **_shared(replies), targets=replies)
-
-
-# What the daemon reads off a reply besides the digest (the rank fields and the step of the load, `trainers.agents`).
-_SHARED_KEYS = (
-    "rank",
-    "world_size",
-    "local_rank",
-    "local_world_size",
-    "initialized",
-    "job",
-    "loaded_at_step",
-    "applied",
-)
-
-
-def _shared(replies: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fields every target's reply carries alike; `loaded_at_step` and `applied` also when the targets differ,
-    so every agent entry of the outcome has them (each target's own value is in `targets`). Two models of one rank
-    may load at adjacent boundaries (each model's ranks agree on their own): `loaded_at_step` is then the step by
-    which every model held the fork, the same on every rank of the job."""
-    out: dict[str, Any] = {}
-    for key in _SHARED_KEYS:
-        values = [r.get(key) for r in replies if key in r]
-        if values and all(v == values[0] for v in values) and len(values) == len(replies):
-            out[key] = values[0]
-    steps = [r.get("loaded_at_step") for r in replies]
-    ints = [v for v in steps if isinstance(v, int) and not isinstance(v, bool)]
-    out["loaded_at_step"] = max(ints) if ints and len(ints) == len(steps) else None
-    if any("applied" in r for r in replies):
-        out.setdefault("applied", "mixed")
-    return out
-
-
-def _summary(reply: Mapping[str, Any]) -> dict[str, Any]:
-    # Also what the daemon reads off a fork reply, for one that asks `status` after the reply came too late.
-    keys = ("ok", "result", "digest", "seconds", "applied", "state", "error", "loaded_at_step", "job")
-    return {k: reply[k] for k in keys if k in reply}
 
 
 _VERSIONED = (
