@@ -179,7 +179,7 @@ def test_an_exchange_ends_by_its_deadline_however_slowly_the_answer_drips(fakes:
     started = time.monotonic()
     with pytest.raises(ConnectFailed) as info:
         VllmClient(fake.url, request_timeout=30).models(time.monotonic() + 0.5)
-    assert time.monotonic() - started < 0.9
+    assert time.monotonic() - started < 2.0  # the drip would take 6 s; slack for a loaded 2-core machine
     assert info.value.timed_out and info.value.sent and str(info.value) == "timed out"
 
 

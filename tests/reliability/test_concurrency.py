@@ -8,7 +8,7 @@ leaves a `.fork.inprogress` that another daemon takes over (on one host a dead c
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from tests.reliability.support import (
     write_marker_atomically,
 )
 from tests.support.adapters import write_adapter
-from tests.support.crash import crash_env
+from tests.support.crash import crash_env, held_at, hold_env
 from tests.support.daemon import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,11 +96,17 @@ def test_three_daemons_on_shared_roots_fork_each_marker_exactly_once(tmp_path: P
     assert set(per_run.values()) == {1}, {k: v for k, v in per_run.items() if v != 1}
 
 
-def crash_one_mid_fork(tmp_path: Path, fleet: Fleet) -> Path:
+def crash_one_mid_fork(tmp_path: Path, fleet: Fleet, while_it_holds_the_claim: Callable[[], object] = list) -> Path:
+    """Daemon 0 claims a fork and dies after staging it. `while_it_holds_the_claim` runs once daemon 0's claim is
+    journaled and before it goes on (a peer started there cannot take the marker itself: it sees the claim)."""
     art = tmp_path / "art"
     model_dir = make_run(art, steps=(3,))
-    crashing = fleet.start(0, env=crash_env("staged"))
+    gate = tmp_path / "claimed-gate"
+    crashing = fleet.start(0, env={**crash_env("staged"), **hold_env("claimed", gate)})
     (model_dir / ".fork").write_text("step: 3\n")
+    wait_for(held_at(gate).exists, 30, "daemon 0 to claim the fork")
+    while_it_holds_the_claim()
+    gate.touch()
     assert crashing.proc is not None
     crashing.proc.wait(30)
     crashing.kill()
@@ -126,8 +132,9 @@ def test_a_daemon_started_after_a_peer_died_mid_fork_takes_the_claim_over(tmp_pa
 
 
 def test_a_running_daemon_takes_over_the_claim_of_a_peer_that_died(tmp_path: Path, fleet: Fleet) -> None:
-    fleet.start(1)  # already running when its peer claims and dies
-    model_dir = crash_one_mid_fork(tmp_path, fleet)
+    # Already running when its peer dies; started once the peer holds the claim: started before, on a slow machine
+    # it could see the marker as soon as the peer and take the fork itself (then nothing dies, and the test hangs).
+    model_dir = crash_one_mid_fork(tmp_path, fleet, lambda: fleet.start(1))
     assert_taken_over_once(fleet, model_dir, 2)
 
 

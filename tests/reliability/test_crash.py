@@ -7,7 +7,6 @@ staging or retired copy is left behind. bench/soak.py runs the random-moment tri
 
 from __future__ import annotations
 
-import contextlib
 import random
 import signal
 from pathlib import Path
@@ -62,9 +61,15 @@ def test_sigkill_right_after_the_terminal_state_is_journaled(tmp_path: Path, sta
         assert crashing.proc.returncode == -signal.SIGKILL
         crashing.kill()
         fleet.start(0)
-        # The restart resumes journaled forks before READY; give it a moment to write history.
-        with contextlib.suppress(AssertionError):
-            wait_for(lambda: history(fleet.state_dir(0)) and not journal_files(fleet.state_dir(0)), 3, "history")
+        # The restart resumes journaled forks on worker threads after READY: wait for this run's history line.
+        wait_for(
+            lambda: (
+                any(h.get("model_dir") == str(model_dir) for h in history(fleet.state_dir(0)))
+                and not journal_files(fleet.state_dir(0))
+            ),
+            30,
+            "the resumed fork's history line",
+        )
         entries = [h for h in history(fleet.state_dir(0)) if h.get("model_dir") == str(model_dir)]
         leftover_journal = journal_files(fleet.state_dir(0))
     assert [h["state"] for h in entries] == [state], entries

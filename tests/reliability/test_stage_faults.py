@@ -196,7 +196,7 @@ def test_agent_that_hangs_mid_fork_is_bounded_and_named(tmp_path: Path, agent_fa
         (report,) = trainers["agents"]
         assert report["pid"] == agent.pid and report["attempts"] == 2, report
         assert len(agent.forks_received()) == 2
-        assert 1.5 <= trainers["seconds"] <= 3.0 + 0.5, trainers
+        assert 1.5 <= trainers["seconds"] <= 3.0 + 1.5, trainers
         # The hung agent still holds two connections; the daemon forks another run (which it does not serve).
         other = forks_another_run(fleet, art, "after-hang")
         assert other["trainers"]["status"] == "skipped", other["trainers"]
@@ -241,7 +241,7 @@ def test_agent_that_hangs_on_hello_is_bounded_and_listed_as_unreachable(tmp_path
         assert view.ok and view.outcome is not None, view
         trainers = view.outcome["trainers"]
         # hello is bounded by min(5 s, what is left of timeouts.trainers = 3 s).
-        assert trainers["seconds"] <= 3.0 + 0.5, trainers
+        assert trainers["seconds"] <= 3.0 + 1.5, trainers
         assert [u["pid"] for u in trainers.get("unreachable", [])] == [agent.pid], trainers
         assert "in time" in trainers["unreachable"][0]["error"], trainers
         assert tree_digest(model_dir / "checkpoints" / "0000") == tree_digest(model_dir / "checkpoints" / "0003")
@@ -307,7 +307,7 @@ def test_vllm_that_accepts_but_never_answers_is_bounded_and_named(tmp_path: Path
         vllm = outcome["vllm"]
         assert vllm["status"] == "failed", vllm
         assert url in vllm["error"] and "did not answer GET /v1/models" in vllm["error"], vllm
-        assert vllm["seconds"] <= 2.0 + 0.5, vllm
+        assert vllm["seconds"] <= 2.0 + 1.5, vllm
         (server,) = vllm["servers"]
         assert server["url"] == url
         assert server["reason"] == vllm["reason"] == "vllm_unreachable", vllm
@@ -346,7 +346,7 @@ def test_vllm_load_errors_retry_5xx_only_and_name_the_server(
             )  # RetryPolicy: 5 attempts, fewer if time runs out
         else:
             assert len(server.arrived("/v1/load_lora_adapter")) == 1, server.arrived("/v1/load_lora_adapter")
-        assert vllm["seconds"] <= 3.0 + 0.5, vllm
+        assert vllm["seconds"] <= 3.0 + 1.5, vllm
         # A server whose reload failed is in an unknown state (a 5xx may come after a partial load), so the
         # snapshot is kept, complete, for the next fork (or the next start) to collect once every server answers.
         assert vllm["collected"] == [], vllm

@@ -367,7 +367,8 @@ def test_alices_busy_runs_never_delay_bobs_fork(fleet: Fleet, art: Path, alice: 
         writer.kill()
         writer.wait()
     assert outcome["status"] == "done", outcome
-    assert waited < 6.0, f"bob's fork waited {waited:.1f}s behind alice's"
+    # Behind her, it would wait out a 10 s settle at least; 9 s leaves his own fork room on a loaded 2-core machine.
+    assert waited < 9.0, f"bob's fork waited {waited:.1f}s behind alice's"
 
 
 def test_alices_hanging_trainer_holding_8_forks_never_delays_bobs_fork(
@@ -416,7 +417,7 @@ def test_alices_hanging_trainer_holding_8_forks_never_delays_bobs_fork(
     assert outcome["status"] == "done", outcome
     assert len(still_held) == 8, "alice's forks ended before bob's: nothing was holding her workers"
     # His own work: a small swap and no trainer of his; nowhere near the 60 s a held worker would cost him.
-    assert waited < 6.0, f"bob's fork waited {waited:.1f}s behind alice's hanging forks:\n{log}"
+    assert waited < 9.0, f"bob's fork waited {waited:.1f}s behind alice's hanging forks:\n{log}"
 
 
 def test_a_thousand_markers_do_not_cost_a_thousand_threads(fleet: Fleet, art: Path) -> None:

@@ -114,7 +114,7 @@ def test_a_drip_fed_answer_ends_at_the_stage_deadline(tmp_path: Path, fakes: lis
         took = time.monotonic() - started
     assert outcome["status"] == "failed" and server.url in outcome["error"], outcome
     assert "timed out" in outcome["error"]
-    assert outcome["vllm"]["seconds"] <= 2.0 + 0.5, outcome["vllm"]
+    assert outcome["vllm"]["seconds"] <= 2.0 + 1.5, outcome["vllm"]
     assert took < 10, took
 
 
