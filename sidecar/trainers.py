@@ -164,13 +164,25 @@ def _control_reason(e: ControlError, agent: AgentSocket) -> Reason:
     return of_control_code(e.code)
 
 
-def _process_gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # dead, not reaped yet by its parent
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.Error:
-        return False
+# A killed process closes its sockets (the daemon reads "reset") a moment before the process table shows it dead: on a
+# loaded machine the look came first and a killed trainer was reported unreachable. How long to look again.
+GONE_GRACE_S = 0.5
+
+
+def _process_gone(pid: int, grace: float = GONE_GRACE_S) -> bool:
+    """Whether `pid` is dead (gone, or a zombie not reaped yet), looking again for up to `grace` seconds."""
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 def _reply_error(reply: dict[str, Any]) -> str:

@@ -359,3 +359,25 @@ def test_the_daemon_side_never_imports_torch() -> None:
     code = f"import sys, sidecar.trainers; print([m for m in {heavy} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_trainer_dying_just_after_its_connection_dropped_counts_as_gone() -> None:
+    """A killed process closes its sockets a moment before it shows as dead: the daemon, reading "reset" at once,
+    found it still running and reported the trainer unreachable (CI, Python 3.12). Here a real process that is
+    still running when asked and exits 0.1 s later stands for that moment; its parent does not reap it (a zombie)."""
+    from sidecar import trainers
+
+    dying = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.1)"])
+    try:
+        time.sleep(0.02)  # started, still running
+        assert trainers._process_gone(dying.pid)
+        living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            started = time.monotonic()
+            assert not trainers._process_gone(living.pid, grace=0.2)
+            assert time.monotonic() - started >= 0.2  # looked again for the whole grace before saying alive
+        finally:
+            living.kill()
+            living.wait()
+    finally:
+        dying.wait()
