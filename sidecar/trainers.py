@@ -157,9 +157,11 @@ def _reply_reason(reply: dict[str, Any]) -> Reason:
     return of_agent_code(reply_code(reply))
 
 
-def _control_reason(e: ControlError, agent: AgentSocket) -> Reason:
-    # A trainer killed while it was asked drops the connection ("closed", "reset"): the process table says why.
-    if e.code in ("unreachable", "protocol") and _process_gone(agent.pid):
+def _control_reason(e: ControlError, agent: AgentSocket, ctx: ForkContext | None = None) -> Reason:
+    # A trainer killed while it was asked drops the connection ("closed", "reset"): the process table says why. In
+    # a fork, looking again never runs past the stage's deadline.
+    grace = GONE_GRACE_S if ctx is None else min(GONE_GRACE_S, max(ctx.remaining(), 0.0))
+    if e.code in ("unreachable", "protocol") and _process_gone(agent.pid, grace):
         return Reason.TRAINER_GONE
     return of_control_code(e.code)
 
@@ -298,7 +300,7 @@ class TrainerStage:
         try:
             reply = call_agent(agent.path, {"op": "hello"}, timeout=timeout, pid=agent.pid)
         except ControlError as e:
-            return _Hello(agent, error=e.message, reason=_control_reason(e, agent))
+            return _Hello(agent, error=e.message, reason=_control_reason(e, agent, ctx))
         if not reply.get("ok"):
             return _Hello(agent, error=_reply_error(reply), reason=_reply_reason(reply))
         return _Hello(agent, reply=reply)
@@ -376,7 +378,7 @@ class TrainerStage:
             late = self._late_reply(agent, ctx, request) if e.code == "timeout" else None
             if late is not None:
                 return self._answered_late(late)
-            return None, (e.message, _control_reason(e, agent)), e.code in _RETRY_CONTROL_CODES
+            return None, (e.message, _control_reason(e, agent, ctx)), e.code in _RETRY_CONTROL_CODES
         if not reply.get("ok"):
             code = reply_code(reply)
             late = self._late_reply(agent, ctx, request) if code == LOAD_IN_PROGRESS else None
