@@ -92,6 +92,7 @@ COVERED_BY = {
     "sidecar/preload/probe.py": "tests/test_preload_install.py",
     "sidecar/preload/step_gate.py": "tests/test_agent.py",
     "sidecar/preload/rollback.py": "tests/test_peft_load.py",
+    "sidecar/preload/checkpoint_read.py": "tests/test_peft_load.py",
     "sidecar/preload/agent_replies.py": "tests/test_agent.py",
     "sidecar/preload/rank_join.py": "tests/test_ranks.py",  # DDP's Join needs a real multi-rank job
     "sidecar/preload/rank_exit.py": "tests/test_rank_agreement.py",  # drained by the agreement, on a real group

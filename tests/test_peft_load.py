@@ -288,7 +288,8 @@ def test_a_zero_element_shard_is_loaded_in_place_like_the_others() -> None:
 def test_a_file_of_many_pieces_is_read_exactly_by_the_parallel_readers(workdir: Path) -> None:
     # Several threads read 4 MiB pieces at once and the digest follows the prefix read so far: the bytes in memory
     # and the digest must be the file's (an odd-sized last piece, and more pieces than readers).
-    from sidecar.preload.peft_load import _PIECE, _READERS, ADAPTER_FILE, digest_of, read_checkpoint
+    from sidecar.preload.checkpoint_read import _PIECE, _READERS
+    from sidecar.preload.peft_load import ADAPTER_FILE, digest_of, read_checkpoint
 
     adapter = workdir / "big"
     adapter.mkdir()
@@ -301,3 +302,27 @@ def test_a_file_of_many_pieces_is_read_exactly_by_the_parallel_readers(workdir: 
     assert len(read.data) > _READERS * _PIECE and len(read.data) % _PIECE
     assert bytes(read.data) == raw[header_end:]
     assert digest_of(read) == adapter_digest(adapter)
+
+
+def test_large_data_is_read_into_a_page_aligned_mapping_of_its_own(workdir: Path) -> None:
+    # The copy to a GPU page-locks the read buffer (sidecar/preload/host_pin.py): it must own whole pages, or the
+    # lock would take in the neighbouring allocations' pages too. Small files keep a bytearray.
+    import ctypes
+    import mmap
+
+    from sidecar.preload.checkpoint_read import _MAPPED_FROM
+    from sidecar.preload.peft_load import ADAPTER_FILE, digest_of, read_checkpoint
+
+    for floats, mapped in ((_MAPPED_FROM // 4 + 1_001, True), (1_000, False)):
+        adapter = workdir / f"f{floats}"
+        adapter.mkdir()
+        save_file({"a": torch.randn(floats)}, str(adapter / ADAPTER_FILE))
+        read = read_checkpoint(adapter)
+        assert isinstance(read.data.obj, mmap.mmap) is mapped, floats
+        if mapped:
+            assert ctypes.addressof(ctypes.c_char.from_buffer(read.data)) % mmap.PAGESIZE == 0
+            assert len(read.data.obj) == len(read.data)  # the mapping holds this data and nothing else
+        assert digest_of(read) == adapter_digest(adapter)
+        tensor = torch.frombuffer(read.raw("a"), dtype=torch.float32)
+        del read  # the tensor keeps the mapping alive
+        assert torch.equal(tensor, load_file(str(adapter / ADAPTER_FILE))["a"])

@@ -117,9 +117,9 @@ def test_an_agent_replying_with_the_old_digest_framing_is_refused_with_the_fix(
     release is not possible here, so the agent's digest function is swapped for that old framing (a stand-in)."""
     import hashlib
 
-    from sidecar.preload import peft_load
+    from sidecar.preload import checkpoint_read
 
-    def old_digest_of(tensors: peft_load.CheckpointTensors) -> str:
+    def old_digest_of(tensors: checkpoint_read.CheckpointTensors) -> str:
         h = hashlib.sha256()
         for name in sorted(tensors.entries):
             e = tensors.entries[name]
@@ -127,7 +127,7 @@ def test_an_agent_replying_with_the_old_digest_framing_is_refused_with_the_fix(
             h.update((e.end - e.begin).to_bytes(8, "little") + bytes(tensors.raw(name)))
         return "sha256:" + h.hexdigest()
 
-    monkeypatch.setattr(peft_load, "digest_of", old_digest_of)
+    monkeypatch.setattr(checkpoint_read, "digest_of", old_digest_of)
     preload.register(model, run_dir)
     outcome = TrainerStage(config(runtime_dir)).run(context(run_dir))
     assert outcome.status == "failed"

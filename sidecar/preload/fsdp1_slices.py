@@ -63,7 +63,7 @@ class Fsdp1Layout:
         if slot is not None:
             full = full.reshape(-1)[slot.start : slot.start + slot.local.numel()]
         target = self.local[key]
-        return full.to(device=target.device, dtype=target.dtype)
+        return full.to(device=target.device, dtype=target.dtype, non_blocking=target.device.type == "cuda")
 
 
 def is_fsdp1(model: Any) -> bool:

@@ -1,10 +1,8 @@
 """`load_adapter_from_checkpoint`: put a forked LoRA checkpoint into a live PEFT model, all or nothing.
 
-Only `adapter_model.safetensors` is read (never pickle): the file is read once into memory, its header is checked
-by the daemon's own parser (sidecar/protocol/safetensors_header.py: the safetensors library's rules and no duplicate
-names) and its dtypes against the LoRA ones, and the digest (`sidecar.protocol.digest`) is computed over exactly
-those bytes by a pool of threads that follows the read while the tensors are cast and loaded, so hashing costs next
-to nothing on a multi-core trainer.
+Only `adapter_model.safetensors` is read (never pickle), once, into the trainer's memory, and its digest computed
+over exactly those bytes alongside (sidecar/preload/checkpoint_read.py). Copies to a GPU are made from that buffer
+page-locked for the while (sidecar/preload/host_pin.py).
 
 Everything that can fail is checked before the model is touched: missing or unexpected keys, shapes, the LoRA
 hyper-parameters in `adapter_config.json` (a different `lora_alpha` would silently rescale the update). When the
@@ -19,28 +17,32 @@ torch and peft are imported inside the functions: this module is imported by the
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import sys
-import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from sidecar.preload.bit_check import same_bits
+from sidecar.preload.checkpoint_read import (
+    AdapterLoadError,
+    CheckpointTensors,
+    DigestThread,
+    digest_of,
+    read_checkpoint,
+)
 from sidecar.preload.fsdp1_slices import Fsdp1Layout, Fsdp1Refused, fsdp1_layout, is_fsdp1
+from sidecar.preload.host_pin import pinned_for_copy
 from sidecar.preload.rollback import Rollback, optimizer_state
-from sidecar.protocol.digest import TensorRecord, digest_tensors
 from sidecar.protocol.run_layout import ADAPTER_FILE, CONFIG_FILE
-from sidecar.protocol.safetensors_header import LORA_DTYPES, MAX_HEADER_BYTES, parse_header, printable
 
 __all__ = [
     "ADAPTER_FILE",
     "AdapterLoadError",
     "CheckpointTensors",
     "PreparedLoad",
+    "digest_of",
     "load_adapter_from_checkpoint",
     "local_shard",
     "prepare_adapter_load",
@@ -58,214 +60,6 @@ _DTYPES: dict[str, tuple[str, int]] = {
 # Hyper-parameters that change what the same tensors mean; a mismatch is refused rather than loaded.
 _CONFIG_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
 _LIST_LIMIT = 5
-
-
-class AdapterLoadError(Exception):
-    """The checkpoint cannot go into this model; the model was not changed."""
-
-
-@dataclass(frozen=True)
-class TensorSpan:
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-class CheckpointTensors:
-    """The raw tensors of one `adapter_model.safetensors` (views into one buffer), filled in as the file is read.
-
-    `wait_for(end)` lets a second thread (the digest) follow the reader: it blocks until the first `end` data bytes
-    are in memory, so hashing runs alongside the read instead of after it.
-    """
-
-    def __init__(self, path: Path, entries: Mapping[str, TensorSpan], data: memoryview) -> None:
-        self.path = path
-        self.entries = entries
-        self.data = data
-        self._cond = threading.Condition()
-        self._read = 0
-        self._failed = False
-
-    def raw(self, name: str) -> memoryview:
-        e = self.entries[name]
-        return self.data[e.begin : e.end]
-
-    def wait_for(self, end: int) -> bool:
-        """True once bytes [0, end) are read; False if reading failed."""
-        with self._cond:
-            while self._read < end and not self._failed:
-                self._cond.wait()
-            return not self._failed
-
-    def _advance(self, read: int) -> None:
-        with self._cond:
-            self._read = read
-            self._cond.notify_all()
-
-    def _fail(self) -> None:
-        with self._cond:
-            self._failed = True
-            self._cond.notify_all()
-
-
-# The data is read in pieces of this size by a few threads at once (pread releases the GIL): one thread copying
-# 96 MiB from the page cache into fresh memory took 29 ms on a 16-core host, eight took 5 ms.
-_PIECE = 4 * 1024 * 1024
-_READERS = 8
-
-
-def read_checkpoint(
-    checkpoint_dir: Path, *, follow: Callable[[CheckpointTensors], None] | None = None
-) -> CheckpointTensors:
-    """Read and check `adapter_model.safetensors` of `checkpoint_dir` (stdlib only; one open, parallel preads).
-
-    The header is checked before any data is read. `follow(tensors)` is called once the buffer exists and before
-    the data is read, to start a consumer that uses `wait_for`.
-    """
-    path = Path(checkpoint_dir) / ADAPTER_FILE
-    if sys.byteorder != "little":
-        raise AdapterLoadError("this trainer is big-endian; safetensors data is little-endian and is not converted")
-    try:
-        with open(path, "rb") as f:
-            tensors = _read_header(path, f)
-            if follow is not None:
-                follow(tensors)
-            try:
-                _read_data(tensors, f)
-            except BaseException:
-                tensors._fail()
-                raise
-    except FileNotFoundError:
-        raise AdapterLoadError(f"{path} does not exist; the checkpoint needs {ADAPTER_FILE}") from None
-    except OSError as e:
-        raise AdapterLoadError(f"{path} cannot be read ({e.strerror}); check its permissions") from None
-    return tensors
-
-
-def _read_header(path: Path, f: io.BufferedReader) -> CheckpointTensors:
-    size = os.fstat(f.fileno()).st_size
-    head = f.read(8)
-    if len(head) < 8:
-        raise AdapterLoadError(f"{path} is shorter than a safetensors header; the checkpoint is damaged")
-    header_len = int.from_bytes(head, "little")
-    if header_len > min(MAX_HEADER_BYTES, size - 8):
-        raise AdapterLoadError(f"{path} declares a {header_len}-byte header in a {size}-byte file; damaged")
-    header_bytes = f.read(header_len)
-    data_len = size - 8 - header_len
-    entries = _parse_header(path, header_bytes, data_len)
-    return CheckpointTensors(path, entries, _buffer(data_len))
-
-
-def _read_data(tensors: CheckpointTensors, f: io.BufferedReader) -> None:
-    """The data after the header, by up to _READERS threads; `tensors` advances over the prefix read so far."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    data, fd, start = tensors.data, f.fileno(), f.tell()
-    offsets = list(range(0, len(data), _PIECE))
-    done = [False] * len(offsets)
-    lock = threading.Lock()
-    prefix = 0  # pieces [0, prefix) are all in memory
-
-    def read_piece(index: int) -> None:
-        nonlocal prefix
-        at, end = offsets[index], min(offsets[index] + _PIECE, len(data))
-        while at < end:
-            got = os.preadv(fd, [data[at:end]], start + at)
-            if not got:
-                raise AdapterLoadError(f"{tensors.path} got shorter while it was read; fork again")
-            at += got
-        with lock:
-            done[index] = True
-            while prefix < len(done) and done[prefix]:
-                prefix += 1
-            tensors._advance(min(prefix * _PIECE, len(data)))
-
-    workers = max(1, min(_READERS, os.cpu_count() or 1, len(offsets)))
-    with ThreadPoolExecutor(workers, thread_name_prefix="fork-sidecar-read") as pool:
-        futures = [pool.submit(read_piece, i) for i in range(len(offsets))]
-        errors = [e for e in (fut.exception() for fut in futures) if e is not None]
-    if errors:
-        raise errors[0]
-    if os.pread(fd, 1, start + len(data)):
-        raise AdapterLoadError(f"{tensors.path} got longer while it was read; fork again")
-
-
-def _buffer(size: int) -> memoryview:
-    """Writable memory for the file's data. numpy's allocator asks for transparent huge pages on large arrays,
-    which makes reading 100 MB about 3x faster here than into a bytearray (fewer page faults, no zero-fill pass)."""
-    try:
-        import numpy
-    except ImportError:
-        return memoryview(bytearray(size))
-    return numpy.empty(size, dtype=numpy.uint8).data
-
-
-def _parse_header(path: Path, header_bytes: bytes, data_len: int) -> dict[str, TensorSpan]:
-    """The daemon's parser (sidecar/protocol/safetensors_header.py), then the LoRA dtypes: one set of rules for both."""
-    try:
-        parsed, _ = parse_header(header_bytes, data_len)
-    except ValueError as e:
-        raise AdapterLoadError(f"{path}: {e}; the checkpoint is damaged") from None
-    data_start = 8 + len(header_bytes)
-    entries: dict[str, TensorSpan] = {}
-    for t in parsed:
-        if t.dtype not in LORA_DTYPES:
-            raise AdapterLoadError(
-                f"{path}: tensor {printable(t.name)} has dtype {t.dtype!r}; LoRA weights must be F16, BF16, F32 or F64"
-            )
-        entries[t.name] = TensorSpan(t.dtype, t.shape, t.begin - data_start, t.end - data_start)
-    return entries
-
-
-class _ReadFailed(Exception):
-    """The reader stopped before the bytes a hashing thread waits for were there."""
-
-
-def digest_of(tensors: CheckpointTensors) -> str | None:
-    """The adapter digest of the tensors as read; None if reading failed before they were all there.
-
-    Each piece is hashed as soon as the reader has it (views into the read buffer, no copy), by as many threads as
-    there are cores."""
-    names = sorted(tensors.entries)
-    entries = [tensors.entries[name] for name in names]
-    records = [TensorRecord(n, e.dtype, e.shape, e.end - e.begin, e.begin) for n, e in zip(names, entries, strict=True)]
-
-    def read(index: int, offset: int, length: int) -> memoryview:
-        begin = entries[index].begin + offset
-        if not tensors.wait_for(begin + length):
-            raise _ReadFailed
-        return tensors.data[begin : begin + length]
-
-    try:
-        return digest_tensors(records, read)
-    except _ReadFailed:
-        return None
-
-
-class _DigestThread(threading.Thread):
-    """Runs the digest's thread pool (sha256 releases the GIL on large buffers) beside the cast and the copy into
-    the model."""
-
-    def __init__(self, tensors: CheckpointTensors) -> None:
-        super().__init__(name="fork-sidecar-digest", daemon=True)
-        self.tensors = tensors
-        self.result: str | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = digest_of(self.tensors)
-        except BaseException as e:  # handed to the caller by value()
-            self.error = e
-
-    def value(self) -> str:
-        self.join()
-        if self.error is not None:
-            raise self.error
-        if self.result is None:
-            raise AdapterLoadError(f"{self.tensors.path} could not be read completely")
-        return self.result
 
 
 def load_adapter_from_checkpoint(
@@ -290,7 +84,7 @@ class PreparedLoad:
     The two halves let the ranks of a distributed job all read and check a fork before any of them changes its
     weights (sidecar/preload/rank_agreement.py)."""
 
-    def __init__(self, peft_model: Any, name: str, tensors: CheckpointTensors, digest: _DigestThread) -> None:
+    def __init__(self, peft_model: Any, name: str, tensors: CheckpointTensors, digest: DigestThread) -> None:
         self.model = peft_model
         self.name = name
         self.tensors = tensors
@@ -352,10 +146,10 @@ def prepare_adapter_load(
     """Read and check the checkpoint for `peft_model` and cast it to the live tensors' dtypes, devices and (for
     FSDP2's sharded DTensor parameters) placements; the model is not touched. Raises AdapterLoadError."""
     name = _adapter_name(peft_model, adapter_name)
-    threads: list[_DigestThread] = []
+    threads: list[DigestThread] = []
 
     def start_digest(tensors: CheckpointTensors) -> None:
-        threads.append(_DigestThread(tensors))
+        threads.append(DigestThread(tensors))
         threads[0].start()
 
     try:
@@ -378,7 +172,10 @@ def prepare_adapter_load(
         # Cast (and moved) before the model is touched: a cast that fails (out of memory) leaves it as it was. Of
         # the same dtype and device, the cast is the view of the bytes read.
         take = layout.take if layout is not None else lambda key, full: _like(full, live[key])
-        prepared.cast = {key: take(key, _as_tensor(tensors, key)) for key in live}
+        device, gpu_bytes = _gpu_share(tensors, live)
+        with pinned_for_copy(tensors.data, device, gpu_bytes):
+            prepared.cast = {key: take(key, _as_tensor(tensors, key)) for key in live}
+            _wait_for_copies(live)
     except BaseException:
         prepared.discard()
         raise
@@ -392,11 +189,36 @@ def _fsdp1_layout(peft_model: Any, name: str) -> Fsdp1Layout:
         raise AdapterLoadError(str(e)) from None
 
 
+def _gpu_share(tensors: CheckpointTensors, live: Mapping[str, Any]) -> tuple[Any, int]:
+    """The GPU most of the adapter's bytes go to (None: none goes to a GPU) and how many bytes go to GPUs."""
+    per_device: Counter[Any] = Counter()
+    for key, t in live.items():
+        device = local_shard(t).device
+        if device.type == "cuda":
+            e = tensors.entries[key]
+            per_device[device] += e.end - e.begin
+    if not per_device:
+        return None, 0
+    return per_device.most_common(1)[0][0], sum(per_device.values())
+
+
+def _wait_for_copies(live: Mapping[str, Any]) -> None:
+    """Copies to a GPU are queued without waiting (`non_blocking`): wait for them on each device they go to."""
+    import torch
+
+    for device in {local_shard(t).device for t in live.values()}:
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+
+
 def _like(tensor: Any, live: Any) -> Any:
     """`tensor` (the file's, full size) as the live tensor holds it: same dtype and device, and for a DTensor
     (FSDP2 shards parameters as DTensors) the same mesh and placements. Every rank read the whole file, so each
-    takes its own shard locally (src_data_rank=None: no communication)."""
-    local = tensor.to(device=live.device, dtype=live.dtype)
+    takes its own shard locally (src_data_rank=None: no communication).
+
+    To a GPU the copy is queued (`non_blocking`, waited for by the caller): from page-locked memory it is then a DMA
+    of the file's bytes, and a cast is made on the GPU after it, not on the CPU into pageable memory before it."""
+    local = tensor.to(device=live.device, dtype=live.dtype, non_blocking=live.device.type == "cuda")
     mesh = getattr(live, "device_mesh", None)
     if mesh is None:
         return local
