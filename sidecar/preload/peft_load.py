@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from sidecar.preload.checkpoint_read import (
     read_checkpoint,
 )
 from sidecar.preload.fsdp1_slices import Fsdp1Layout, Fsdp1Refused, fsdp1_layout, is_fsdp1
-from sidecar.preload.host_pin import pinned_for_copy
+from sidecar.preload.host_pin import pinned_for_copy, synchronize
 from sidecar.preload.rollback import Rollback, optimizer_state
 from sidecar.protocol.run_layout import ADAPTER_FILE, CONFIG_FILE
 
@@ -160,22 +159,25 @@ def prepare_adapter_load(
         raise
     prepared = PreparedLoad(peft_model, name, tensors, threads[0])
     try:
-        layout = prepared._fsdp1 = _fsdp1_layout(peft_model, name) if is_fsdp1(peft_model) else None
-        if layout is not None:
-            prepared.live, shapes = layout.local, layout.shapes
-        else:
-            prepared.live = _live_adapter_tensors(peft_model, name)
-            shapes = {key: tuple(t.shape) for key, t in prepared.live.items()}
-        live = prepared.live
-        _check_keys_and_shapes(tensors, shapes, live)
-        _check_config(Path(checkpoint_dir), peft_model, name)
-        # Cast (and moved) before the model is touched: a cast that fails (out of memory) leaves it as it was. Of
-        # the same dtype and device, the cast is the view of the bytes read.
-        take = layout.take if layout is not None else lambda key, full: _like(full, live[key])
-        device, gpu_bytes = _gpu_share(tensors, live)
-        with pinned_for_copy(tensors.data, device, gpu_bytes):
-            prepared.cast = {key: take(key, _as_tensor(tensors, key)) for key in live}
-            _wait_for_copies(live)
+        # Page-locking the buffer for copies to a GPU runs on a thread of its own while the fork is checked.
+        with pinned_for_copy(tensors.data, _lora_gpu(peft_model)) as pin:
+            layout = prepared._fsdp1 = _fsdp1_layout(peft_model, name) if is_fsdp1(peft_model) else None
+            if layout is not None:
+                prepared.live, shapes = layout.local, layout.shapes
+            else:
+                prepared.live = _live_adapter_tensors(peft_model, name)
+                shapes = {key: tuple(t.shape) for key, t in prepared.live.items()}
+            live = prepared.live
+            _check_keys_and_shapes(tensors, shapes, live)
+            _check_config(Path(checkpoint_dir), peft_model, name)
+            # Cast (and moved) before the model is touched: a cast that fails (out of memory) leaves it as it was.
+            # Of the same dtype and device, the cast is the view of the bytes read.
+            take = layout.take if layout is not None else lambda key, full: _like(full, live[key])
+            pin.ready()  # copies start once the registration is over, never while the driver locks the pages
+            try:
+                prepared.cast = {key: take(key, _as_tensor(tensors, key)) for key in live}
+            finally:
+                synchronize(_gpus(live))  # the copies were queued (non_blocking); also those before one raised
     except BaseException:
         prepared.discard()
         raise
@@ -189,26 +191,18 @@ def _fsdp1_layout(peft_model: Any, name: str) -> Fsdp1Layout:
         raise AdapterLoadError(str(e)) from None
 
 
-def _gpu_share(tensors: CheckpointTensors, live: Mapping[str, Any]) -> tuple[Any, int]:
-    """The GPU most of the adapter's bytes go to (None: none goes to a GPU) and how many bytes go to GPUs."""
-    per_device: Counter[Any] = Counter()
-    for key, t in live.items():
-        device = local_shard(t).device
-        if device.type == "cuda":
-            e = tensors.entries[key]
-            per_device[device] += e.end - e.begin
-    if not per_device:
-        return None, 0
-    return per_device.most_common(1)[0][0], sum(per_device.values())
+def _lora_gpu(peft_model: Any) -> Any:
+    """The GPU of the first trainable parameter (its local shard for FSDP2), where a LoRA's copies go; None if it is
+    not on a GPU. Known before the adapter's tensors are walked, so the buffer's registration can start at once."""
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            device = local_shard(p).device
+            return device if device.type == "cuda" else None
+    return None
 
 
-def _wait_for_copies(live: Mapping[str, Any]) -> None:
-    """Copies to a GPU are queued without waiting (`non_blocking`): wait for them on each device they go to."""
-    import torch
-
-    for device in {local_shard(t).device for t in live.values()}:
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
+def _gpus(live: Mapping[str, Any]) -> set[Any]:
+    return {device for device in (local_shard(t).device for t in live.values()) if device.type == "cuda"}
 
 
 def _like(tensor: Any, live: Any) -> Any:
