@@ -17,7 +17,9 @@ Then, --repeat times each, interleaved, in the same run (the file is in the page
   the tree framing hashed by a pool of threads, one per core): the part of the agent's work the baseline does not
   do (the agent overlaps it with the load).
 
-Target: agent <= 1.3x baseline (medians). With --device cuda both processes hold the model on the GPU.
+Target: agent <= 1.3x baseline (medians). With --device cuda both processes hold the model on the GPU: the agent
+copies to it from its read buffer page-locked for the while (sidecar/preload/host_pin.py), the baseline from the
+file's pages in the page cache (pageable, through the driver's staging buffers).
 
 History: with the previous digest (one sha256 stream, one core) the agent's time followed the `digest` row: on an
 idle 16-core host with an H100 (2026-11) it took 84 ms (CPU model) and 96 ms (GPU model) for 96 MiB, against

@@ -8,11 +8,14 @@ a mapping of its own) is registered for the copies and unregistered right after 
 
 What can go wrong, and what is done about it:
 - The runtime: the functions are looked up through torch's own extension module, so they are the CUDA runtime that
-  torch loaded, whose error state torch's next kernel launch reads. A failed call leaves its error there as "last
-  error"; it is read back at once (`cudaGetLastError`), else torch would raise it later, inside the load or in
-  training. ROCm builds are left alone (their runtime is named differently).
-- The device: registering makes the calling thread's current device's context current (creating it if need be), so
-  it runs under a guard for the LoRA's own device; a process using only GPU 3 gets no context on GPU 0.
+  torch loaded, whose error state torch's next kernel launch reads. A failed call leaves its error there as the
+  calling thread's "last error"; the calls run on threads of their own, which read it back at once
+  (`cudaGetLastError`), so no training or agent thread's kernel launch ever raises it. ROCm builds are left alone
+  (their runtime is named differently).
+- The device: a runtime call makes the calling thread's current device's context current (creating it if need be),
+  so each runs under a guard for the LoRA's own device; a process using only GPU 3 gets no context on GPU 0.
+- Overlap: registering and unregistering take milliseconds and release the GIL, so they run beside the checks of
+  the fork against the model (before the copies) and beside the load into the model (after them).
 - An unregistration that fails leaves the pages locked: the buffer is then kept for the life of the process instead
   of being unmapped under the driver.
 - Anything refused (no CUDA runtime found, too small to pay, registration failing) falls back to pageable copies,
@@ -68,8 +71,10 @@ class HostPin:
         self._runtime = _runtime() if eligible else None
         if self._runtime is not None:
             self._address = _address(buffer)
-            self._thread = threading.Thread(target=self._register, name="fork-sidecar-pin", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._register, name="fork-sidecar-pin", daemon=True)
+            with contextlib.suppress(RuntimeError):  # no thread to be had: the copies stay pageable
+                thread.start()
+                self._thread = thread
 
     def ready(self) -> bool:
         """Wait for the registration; whether the buffer is now page-locked."""
