@@ -198,11 +198,11 @@ class _ReadFailed(Exception):
     """The reader stopped before the bytes a hashing thread waits for were there."""
 
 
-def digest_of(tensors: CheckpointTensors, *, threads: int | None = None) -> str | None:
+def digest_of(tensors: CheckpointTensors) -> str | None:
     """The adapter digest of the tensors as read; None if reading failed before they were all there.
 
-    Each piece is hashed as soon as the reader has it (views into the read buffer, no copy), by `threads` threads
-    (default: as many as there are cores, fewer for little data)."""
+    Each piece is hashed as soon as the reader has it (views into the read buffer, no copy), by as many threads as
+    there are cores."""
     names = sorted(tensors.entries)
     entries = [tensors.entries[name] for name in names]
     records = [TensorRecord(n, e.dtype, e.shape, e.end - e.begin, e.begin) for n, e in zip(names, entries, strict=True)]
@@ -214,7 +214,7 @@ def digest_of(tensors: CheckpointTensors, *, threads: int | None = None) -> str 
         return tensors.data[begin : begin + length]
 
     try:
-        return digest_tensors(records, read, threads=threads)
+        return digest_tensors(records, read)
     except _ReadFailed:
         return None
 
