@@ -153,14 +153,11 @@ class PeftTarget:
             agent.settled_late(request, self, reply)
 
     def _lora_device(self) -> Any:
-        """The device of the first trainable parameter (for an FSDP2 DTensor, of its local shard), or None."""
-        from sidecar.preload.peft_load import local_shard
+        """The device of the registered model's LoRA (peft_load.lora_device), or None once it is gone."""
+        from sidecar.preload.peft_load import lora_device
 
         model = self._model()
-        for p in model.parameters() if model is not None else ():
-            if p.requires_grad:
-                return local_shard(p).device
-        return None
+        return lora_device(model) if model is not None else None
 
     def add_optimizer(self, optimizer: Any) -> None:
         self._optimizers.add(optimizer)

@@ -39,7 +39,7 @@ from typing import Any
 __all__ = ["PIN_MIN_BYTES", "HostPin", "pinned_for_copy", "synchronize"]
 
 _logger = logging.getLogger("fork_sidecar.preload")
-# Below this many bytes bound for a GPU, registering (a page-table walk and a driver call each way) is not worth it.
+# Below this many bytes of file data, registering (a page-table walk and a driver call each way) is not worth it.
 PIN_MIN_BYTES = 8 * 1024 * 1024
 _PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every context, not only the current device's
 _KEPT: list[Any] = []  # buffers whose unregistration failed: never unmapped while the driver may still lock them
@@ -95,24 +95,26 @@ class HostPin:
             self._unregister()
 
     def _register(self) -> None:
-        import torch
-
         assert self._runtime is not None
-        with torch.cuda.device(self._device):  # this thread's current device: the LoRA's, never GPU 0 by default
-            if self._runtime.register(self._address, len(self._buffer), _PORTABLE) == 0:
-                self._registered = True
-            else:
-                _clear(self._runtime, "cudaHostRegister")
+        if self._call(self._runtime.register, (self._address, len(self._buffer), _PORTABLE)):
+            self._registered = True
+        else:
+            _cleared(self._runtime, "cudaHostRegister", "the copies stay pageable")
 
     def _unregister(self) -> None:
+        assert self._runtime is not None
+        if not self._call(self._runtime.unregister, (self._address,)):
+            _cleared(self._runtime, "cudaHostUnregister", "the buffer is kept for the life of the process")
+            with _KEPT_LOCK:
+                _KEPT.append(self._buffer)
+
+    def _call(self, function: Callable[..., int], args: tuple[int, ...]) -> bool:
+        """Whether `function(*args)` succeeded, called with the LoRA's device current on this thread (never GPU 0
+        by default)."""
         import torch
 
-        assert self._runtime is not None
         with torch.cuda.device(self._device):
-            if self._runtime.unregister(self._address) != 0:
-                _clear(self._runtime, "cudaHostUnregister")
-                with _KEPT_LOCK:
-                    _KEPT.append(self._buffer)
+            return function(*args) == 0
 
 
 @contextlib.contextmanager
@@ -149,9 +151,10 @@ def _address(buffer: memoryview) -> int:
         del holder  # releases the export, so the mapping can be unmapped once the tensors are gone
 
 
-def _clear(runtime: _Runtime, call: str) -> None:
-    error = runtime.last_error()  # reads and resets this thread's last error, which torch would otherwise raise
-    _logger.info("fork-sidecar: %s failed (CUDA error %d); copying the checkpoint from pageable memory", call, error)
+def _cleared(runtime: _Runtime, call: str, consequence: str) -> None:
+    """Read back (and so reset) this thread's last error, which torch would otherwise raise, and log it."""
+    error = runtime.last_error()
+    _logger.info("fork-sidecar: %s failed (CUDA error %d); %s", call, error, consequence)
 
 
 @functools.cache

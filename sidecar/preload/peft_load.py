@@ -44,6 +44,7 @@ __all__ = [
     "digest_of",
     "load_adapter_from_checkpoint",
     "local_shard",
+    "lora_device",
     "prepare_adapter_load",
     "read_checkpoint",
 ]
@@ -191,14 +192,20 @@ def _fsdp1_layout(peft_model: Any, name: str) -> Fsdp1Layout:
         raise AdapterLoadError(str(e)) from None
 
 
-def _lora_gpu(peft_model: Any) -> Any:
-    """The GPU of the first trainable parameter (its local shard for FSDP2), where a LoRA's copies go; None if it is
-    not on a GPU. Known before the adapter's tensors are walked, so the buffer's registration can start at once."""
+def lora_device(peft_model: Any) -> Any:
+    """The device of the first trainable parameter (for an FSDP2 DTensor, of its local shard), where a LoRA lives;
+    None if nothing is trainable. Needs no walk of the adapter's tensors."""
     for p in peft_model.parameters():
         if p.requires_grad:
-            device = local_shard(p).device
-            return device if device.type == "cuda" else None
+            return local_shard(p).device
     return None
+
+
+def _lora_gpu(peft_model: Any) -> Any:
+    """The GPU a LoRA's copies go to, or None: known before the adapter's tensors are walked, so the buffer's
+    registration can start at once."""
+    device = lora_device(peft_model)
+    return device if device is not None and device.type == "cuda" else None
 
 
 def _gpus(live: Mapping[str, Any]) -> set[Any]:

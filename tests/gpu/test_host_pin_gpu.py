@@ -163,7 +163,7 @@ print(torch._C._cuda_hasPrimaryContext(0), torch._C._cuda_hasPrimaryContext(1))
 
 def test_the_runtime_is_the_one_torch_loaded_so_an_error_left_in_it_reaches_torch() -> None:
     """A refused registration made on this thread through host_pin's runtime, its error not read back, is raised by
-    torch's next kernel launch on this thread: the runtime is torch's. Read back (`_clear`), nothing is raised.
+    torch's next kernel launch on this thread: the runtime is torch's. Read back (`_cleared`), nothing is raised.
     (The agent registers on a thread of its own, which also reads the error back before it ends.)"""
     runtime = host_pin._runtime()
     assert runtime is not None
@@ -177,7 +177,7 @@ def test_the_runtime_is_the_one_torch_loaded_so_an_error_left_in_it_reaches_torc
             torch.ones(8, device="cuda").mul_(2)
             torch.cuda.synchronize()
         assert runtime.register(address, len(buffer), 0) != 0
-        host_pin._clear(runtime, "cudaHostRegister")
+        host_pin._cleared(runtime, "cudaHostRegister", "the copies stay pageable")
         torch.ones(8, device="cuda").mul_(2)
         torch.cuda.synchronize()
     finally:
