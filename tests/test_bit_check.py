@@ -37,3 +37,37 @@ def test_the_check_is_bitwise(intra_op_threads: int) -> None:
     other = big.clone()
     other[-1] = torch.nextafter(other[-1], torch.tensor(float("inf")))  # one bit of the last element
     assert not same_bits(big, other)
+
+
+def test_differing_names_exactly_the_pairs_that_differ(intra_op_threads: int) -> None:
+    from sidecar.preload.bit_check import differing
+
+    nan = torch.tensor([float("nan"), 1.0])
+    grid = torch.arange(6.0).reshape(2, 3)
+    pairs = [
+        ("nan", nan, nan.clone()),  # NaN is its own bits
+        ("zero", torch.tensor([0.0]), torch.tensor([-0.0])),  # equal as floats, not as bits
+        ("same", grid.t(), grid.clone().t()),  # not contiguous
+        ("dtype", grid, grid.to(torch.float64)),
+        ("value", grid, grid + 1),
+    ]
+    assert differing(pairs) == ["zero", "dtype", "value"]
+    assert differing(iter([])) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_differing_on_a_gpu_reads_back_once_and_agrees_with_same_bits() -> None:
+    from sidecar.preload.bit_check import differing, same_bits
+
+    a = torch.tensor([float("nan"), 0.0, 2.0], device="cuda")
+    grid = torch.arange(6.0, device="cuda").reshape(2, 3)
+    pairs = [
+        ("nan", a, a.clone()),
+        ("zero", a, torch.tensor([float("nan"), -0.0, 2.0], device="cuda")),
+        ("strided", grid.t(), grid.clone().t()),
+        ("bf16", grid.bfloat16(), grid.bfloat16() + 1),
+        ("cpu", grid.cpu(), grid.cpu()),
+    ]
+    assert differing(pairs) == ["zero", "bf16"]
+    assert [k for k, x, y in pairs if not same_bits(x, y)] == ["zero", "bf16"]

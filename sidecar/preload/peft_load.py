@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from sidecar.preload.bit_check import same_bits
+from sidecar.preload.adapter_walk import live_adapter_tensors, walk_adapter_tensors
+from sidecar.preload.bit_check import differing, local_shard
 from sidecar.preload.checkpoint_read import (
     AdapterLoadError,
     CheckpointTensors,
@@ -129,7 +130,7 @@ class PreparedLoad:
             return
         _set_state(self.model, dict(tensors), self.name)
         # peft may have put new tensors in: ask the model again for what it now holds.
-        _verify(_live_adapter_tensors(self.model, self.name), tensors, self.tensors.path)
+        _verify(walk_adapter_tensors(self.model, self.name), tensors, self.tensors.path)
 
     def roll_back(self) -> None:
         """Undo an `apply(undoable=True)`, finished or not; nothing to do if it never got to change anything."""
@@ -166,7 +167,7 @@ def prepare_adapter_load(
             if layout is not None:
                 prepared.live, shapes = layout.local, layout.shapes
             else:
-                prepared.live = _live_adapter_tensors(peft_model, name)
+                prepared.live = live_adapter_tensors(peft_model, name)
                 shapes = {key: tuple(t.shape) for key, t in prepared.live.items()}
             live = prepared.live
             _check_keys_and_shapes(tensors, shapes, live)
@@ -228,12 +229,6 @@ def _like(tensor: Any, live: Any) -> Any:
     return distribute_tensor(local, mesh, live.placements, src_data_rank=None)
 
 
-def local_shard(tensor: Any) -> Any:
-    """The part of a tensor this process holds (a DTensor's local shard; any other tensor itself)."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
-
-
 def _drop_unsloth_decode_cache(params: Iterable[Any]) -> None:
     # Unsloth's fast_linear_forward keeps a dtype-cast copy of each LoRA weight as `weight._fast_lora` from its first
     # decode call on and never refreshes it: left in place, decoding would go on with the pre-fork weights.
@@ -256,13 +251,6 @@ def _adapter_name(peft_model: Any, requested: str | None) -> str:
     if not isinstance(active, str):
         raise AdapterLoadError(f"{type(peft_model).__name__} is not a PEFT model with an active adapter")
     return active
-
-
-def _live_adapter_tensors(peft_model: Any, name: str) -> dict[str, Any]:
-    """The adapter's tensors under the names peft saves them with; they share storage with the parameters."""
-    from peft import get_peft_model_state_dict
-
-    return dict(get_peft_model_state_dict(peft_model, adapter_name=name))
 
 
 def _check_keys_and_shapes(
@@ -374,18 +362,20 @@ def _clear_optimizer_state(optimizers: Iterable[Any], params: list[Any]) -> None
 
 def _copy_and_verify(live: Mapping[str, Any], cast: Mapping[str, Any], path: Path) -> None:
     """Copy each file tensor into its parameter and compare the parameter with it bit for bit at once, while both
-    are still in the CPU's cache (a second pass over 100 MB after the load cost a third of the reload)."""
-    bad = []
-    for key in sorted(live):
-        target = live[key]
-        target.copy_(cast[key])
-        if not same_bits(target, cast[key]):
-            bad.append(key)
-    _refuse_differences(bad, path)
+    are still in the CPU's cache (a second pass over 100 MB after the load cost a third of the reload); on a GPU the
+    comparisons are queued and read back once."""
+
+    def copied() -> Iterator[tuple[str, Any, Any]]:
+        for key in sorted(live):
+            live[key].copy_(cast[key])
+            yield key, live[key], cast[key]
+
+    _refuse_differences(differing(copied()), path)
 
 
 def _verify(after: Mapping[str, Any], cast: Mapping[str, Any], path: Path) -> None:
-    _refuse_differences([k for k in sorted(cast) if k not in after or not same_bits(after[k], cast[k])], path)
+    missing = [k for k in sorted(cast) if k not in after]
+    _refuse_differences(missing + differing((k, after[k], cast[k]) for k in sorted(cast) if k in after), path)
 
 
 def _refuse_differences(bad: list[str], path: Path) -> None:
