@@ -11,9 +11,8 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from peft import PeftModel, get_peft_model_state_dict  # noqa: E402
+from peft import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
 
 from sidecar.preload import adapter_walk  # noqa: E402
 from sidecar.preload.peft_load import load_adapter_from_checkpoint  # noqa: E402
@@ -24,15 +23,8 @@ pytestmark = pytest.mark.trainer
 
 @pytest.fixture(scope="module")
 def assets() -> TinyAssets:
+    """For the shared `model` fixture (tests/conftest.py): the tiny Llama with adapter A."""
     return tiny_assets()
-
-
-@pytest.fixture
-def model(assets: TinyAssets) -> Any:
-    base = LlamaForCausalLM.from_pretrained(assets.base, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, assets.adapter_a, is_trainable=True)
-    model.train()
-    return model
 
 
 @pytest.fixture

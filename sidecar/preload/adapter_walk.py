@@ -54,11 +54,7 @@ def live_adapter_tensors(peft_model: Any, name: str) -> dict[str, Any]:
 
 def _fingerprint(peft_model: Any, name: str) -> tuple[Any, ...]:
     config = getattr(peft_model, "peft_config", {}).get(name)
-    params = tuple(
-        (key, id(p), local_shard(p).data_ptr(), tuple(p.shape), p.dtype, local_shard(p).device)
-        for key, p in peft_model.named_parameters()
-    )
-    return (id(config), *params)
+    return (id(config), *((key, id(p), *_identity(p)) for key, p in peft_model.named_parameters()))
 
 
 def _as_parameters(peft_model: Any, live: dict[str, Any]) -> dict[str, Any] | None:
@@ -67,13 +63,15 @@ def _as_parameters(peft_model: Any, live: dict[str, Any]) -> dict[str, Any] | No
     by_storage = {_identity(p): p for p in peft_model.parameters()}
     params = {}
     for key, tensor in live.items():
+        local = local_shard(tensor)
         param = by_storage.get(_identity(tensor))
-        if param is None or not local_shard(tensor).is_contiguous() or not local_shard(tensor).numel():
+        if param is None or not local.is_contiguous() or not local.numel():
             return None
         params[key] = param
     return params
 
 
 def _identity(tensor: Any) -> tuple[Any, ...]:
+    """Where a tensor's data is and what it is: its (local shard's) storage pointer, shape, dtype and device."""
     local = local_shard(tensor)
     return (local.data_ptr(), tuple(tensor.shape), tensor.dtype, local.device)

@@ -375,7 +375,8 @@ def _copy_and_verify(live: Mapping[str, Any], cast: Mapping[str, Any], path: Pat
 
 def _verify(after: Mapping[str, Any], cast: Mapping[str, Any], path: Path) -> None:
     missing = [k for k in sorted(cast) if k not in after]
-    _refuse_differences(missing + differing((k, after[k], cast[k]) for k in sorted(cast) if k in after), path)
+    differ = differing((k, after[k], cast[k]) for k in sorted(cast) if k in after)
+    _refuse_differences(sorted(missing + differ), path)
 
 
 def _refuse_differences(bad: list[str], path: Path) -> None:
