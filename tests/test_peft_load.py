@@ -285,23 +285,25 @@ def test_a_zero_element_shard_is_loaded_in_place_like_the_others() -> None:
     assert not _shares_parameter_storage({"a": whole.detach().clone(), "b": empty}, params)  # a copy is no parameter
 
 
-def test_a_file_of_many_pieces_is_read_exactly_by_the_parallel_readers(workdir: Path) -> None:
-    # Several threads read 4 MiB pieces at once and the digest follows the prefix read so far: the bytes in memory
-    # and the digest must be the file's (an odd-sized last piece, and more pieces than readers).
-    from sidecar.preload.checkpoint_read import _PIECE, _READERS
+@pytest.mark.parametrize("readers", [1, 3, 8])
+def test_a_file_of_many_pieces_is_read_exactly_by_the_parallel_readers(workdir: Path, readers: int) -> None:
+    # Several kept threads read 4 MiB pieces at once and the digest follows the prefix read so far: the bytes in
+    # memory and the digest must be the file's (an odd-sized last piece, and more pieces than readers).
+    from sidecar.preload.checkpoint_read import _PIECE
     from sidecar.preload.peft_load import ADAPTER_FILE, digest_of, read_checkpoint
 
     adapter = workdir / "big"
     adapter.mkdir()
-    floats = 3 * _READERS * _PIECE // 4 + 3_087
+    floats = 3 * readers * _PIECE // 4 + 3_087
     tensors = {"a": torch.randn(floats // 2), "b": torch.randn(floats - floats // 2)}
     save_file(tensors, str(adapter / ADAPTER_FILE))
     raw = (adapter / ADAPTER_FILE).read_bytes()
     header_end = 8 + int.from_bytes(raw[:8], "little")
-    read = read_checkpoint(adapter)
-    assert len(read.data) > _READERS * _PIECE and len(read.data) % _PIECE
-    assert bytes(read.data) == raw[header_end:]
-    assert digest_of(read) == adapter_digest(adapter)
+    for _ in range(2):  # the second read takes the threads the first one left
+        read = read_checkpoint(adapter, readers=readers)
+        assert len(read.data) > readers * _PIECE and len(read.data) % _PIECE
+        assert bytes(read.data) == raw[header_end:]
+        assert digest_of(read) == adapter_digest(adapter)
 
 
 def test_large_data_is_read_into_a_page_aligned_mapping_of_its_own(workdir: Path) -> None:
@@ -326,3 +328,25 @@ def test_large_data_is_read_into_a_page_aligned_mapping_of_its_own(workdir: Path
         tensor = torch.frombuffer(read.raw("a"), dtype=torch.float32)
         del read  # the tensor keeps the mapping alive
         assert torch.equal(tensor, load_file(str(adapter / ADAPTER_FILE))["a"])
+
+
+def test_a_check_that_fails_while_the_data_is_read_stops_the_read_and_is_raised(workdir: Path) -> None:
+    # A CPU model's checks run while the kept readers read (read_checkpoint's `meanwhile`): a refusal must come out
+    # as itself, with every reader stopped, and the next read must still be whole.
+    from sidecar.preload.checkpoint_read import _PIECE, ALL_READERS
+    from sidecar.preload.peft_load import ADAPTER_FILE, digest_of, read_checkpoint
+
+    adapter = workdir / "big"
+    adapter.mkdir()
+    save_file({"a": torch.randn(5 * _PIECE // 4 + 11)}, str(adapter / ADAPTER_FILE))
+    seen: list[int] = []
+
+    def refuse(tensors: Any) -> None:
+        seen.append(len(tensors.data))
+        raise AdapterLoadError("refused by the check")
+
+    with pytest.raises(AdapterLoadError, match="refused by the check"):
+        read_checkpoint(adapter, meanwhile=refuse, readers=ALL_READERS)
+    assert seen and seen[0] > 5 * _PIECE
+    read = read_checkpoint(adapter, meanwhile=lambda tensors: None, readers=ALL_READERS)
+    assert digest_of(read) == adapter_digest(adapter)

@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["differing", "local_shard", "same_bits"]
+__all__ = ["c_memcmp", "differing", "local_shard", "same_bits"]
 
 
 def local_shard(tensor: Any) -> Any:
@@ -38,7 +38,7 @@ def same_bits(a: Any, b: Any) -> bool:
     a, b = local_shard(a), local_shard(b)  # DTensors: this rank's shards (the same placements, cast by _like)
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    memcmp = _memcmp()
+    memcmp = c_memcmp()
     if memcmp is not None and _compare_by_memcmp(a, b, torch.get_num_threads()):
         return memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
     view = getattr(torch, _INT_NAMES[a.element_size()])
@@ -71,7 +71,7 @@ def _compare_by_memcmp(a: Any, b: Any, threads: int) -> bool:
 
 
 @functools.cache
-def _memcmp() -> Callable[[int, int, int], int] | None:
+def c_memcmp() -> Callable[[int, int, int], int] | None:
     """The C library's memcmp, or None where none can be loaded (not expected on Linux): torch.equal then."""
     try:
         function = ctypes.CDLL(None).memcmp

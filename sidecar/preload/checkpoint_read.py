@@ -21,11 +21,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidecar.preload.worker_threads import HASH, READ, pool
 from sidecar.protocol.digest import TensorRecord, digest_tensors
 from sidecar.protocol.run_layout import ADAPTER_FILE
 from sidecar.protocol.safetensors_header import LORA_DTYPES, MAX_HEADER_BYTES, parse_header, printable
 
-__all__ = ["AdapterLoadError", "CheckpointTensors", "DigestThread", "TensorSpan", "digest_of", "read_checkpoint"]
+__all__ = [
+    "ALL_READERS",
+    "READERS_BESIDE_HASHING",
+    "AdapterLoadError",
+    "CheckpointTensors",
+    "DigestThread",
+    "TensorSpan",
+    "digest_of",
+    "read_checkpoint",
+]
 
 
 class AdapterLoadError(Exception):
@@ -78,20 +88,29 @@ class CheckpointTensors:
 
 
 # The data is read in pieces of this size by a few threads at once (pread releases the GIL): one thread copying
-# 96 MiB from the page cache into fresh memory took 29 ms on a 16-core host, eight took 5 ms.
+# 96 MiB from the page cache into fresh memory took 29 ms on a 16-core host, eight took 5 ms. Eight leave cores to
+# the digest following the read; a read that nothing follows (the CPU model's, hashed while it is copied into the
+# model: sidecar/preload/hashed_copy.py) takes ALL_READERS (16: 4.4 ms against 5.7 ms for eight, 16 cores).
 _PIECE = 4 * 1024 * 1024
-_READERS = 8
+READERS_BESIDE_HASHING = 8
+ALL_READERS = 16
 # Data of this size and more is read into a mapping of its own (_buffer); less into a bytearray.
 _MAPPED_FROM = 1024 * 1024
 
 
 def read_checkpoint(
-    checkpoint_dir: Path, *, follow: Callable[[CheckpointTensors], None] | None = None
+    checkpoint_dir: Path,
+    *,
+    follow: Callable[[CheckpointTensors], None] | None = None,
+    meanwhile: Callable[[CheckpointTensors], None] | None = None,
+    readers: int = READERS_BESIDE_HASHING,
 ) -> CheckpointTensors:
-    """Read and check `adapter_model.safetensors` of `checkpoint_dir` (stdlib only; one open, parallel preads).
+    """Read and check `adapter_model.safetensors` of `checkpoint_dir` (stdlib only; one open, parallel preads by up
+    to `readers` threads).
 
     The header is checked before any data is read. `follow(tensors)` is called once the buffer exists and before
-    the data is read, to start a consumer that uses `wait_for`.
+    the data is read, to start a consumer that uses `wait_for`. `meanwhile(tensors)` runs on the calling thread
+    while the readers read (checks that need only the header); what it raises stops the read and is raised here.
     """
     path = Path(checkpoint_dir) / ADAPTER_FILE
     if sys.byteorder != "little":
@@ -102,7 +121,7 @@ def read_checkpoint(
             if follow is not None:
                 follow(tensors)
             try:
-                _read_data(tensors, f)
+                _read_data(tensors, f, readers, meanwhile)
             except BaseException:
                 tensors._fail()
                 raise
@@ -127,38 +146,67 @@ def _read_header(path: Path, f: io.BufferedReader) -> CheckpointTensors:
     return CheckpointTensors(path, entries, _buffer(data_len))
 
 
-def _read_data(tensors: CheckpointTensors, f: io.BufferedReader) -> None:
-    """The data after the header, by up to _READERS threads; `tensors` advances over the prefix read so far."""
-    from concurrent.futures import ThreadPoolExecutor
+def _read_data(
+    tensors: CheckpointTensors,
+    f: io.BufferedReader,
+    readers: int,
+    meanwhile: Callable[[CheckpointTensors], None] | None,
+) -> None:
+    """The data after the header, by up to `readers` kept threads (`meanwhile` on this one); `tensors` advances over
+    the prefix read so far."""
+    from concurrent.futures import wait
 
-    data, fd, start = tensors.data, f.fileno(), f.tell()
-    offsets = list(range(0, len(data), _PIECE))
-    done = [False] * len(offsets)
-    lock = threading.Lock()
-    prefix = 0  # pieces [0, prefix) are all in memory
-
-    def read_piece(index: int) -> None:
-        nonlocal prefix
-        at, end = offsets[index], min(offsets[index] + _PIECE, len(data))
-        while at < end:
-            got = os.preadv(fd, [data[at:end]], start + at)
-            if not got:
-                raise AdapterLoadError(f"{tensors.path} got shorter while it was read; fork again")
-            at += got
-        with lock:
-            done[index] = True
-            while prefix < len(done) and done[prefix]:
-                prefix += 1
-            tensors._advance(min(prefix * _PIECE, len(data)))
-
-    workers = max(1, min(_READERS, os.cpu_count() or 1, len(offsets)))
-    with ThreadPoolExecutor(workers, thread_name_prefix="fork-sidecar-read") as pool:
-        futures = [pool.submit(read_piece, i) for i in range(len(offsets))]
-        errors = [e for e in (fut.exception() for fut in futures) if e is not None]
-    if errors:
-        raise errors[0]
-    if os.pread(fd, 1, start + len(data)):
+    reading = _Pieces(tensors, f.fileno(), f.tell())
+    workers = max(1, min(readers, ALL_READERS, os.cpu_count() or 1, len(reading.offsets)))
+    tasks = [pool(READ, ALL_READERS).submit(reading.read_some) for _ in range(workers)]
+    try:
+        if meanwhile is not None:
+            meanwhile(tensors)
+    except BaseException as e:
+        reading.failed.append(e)  # the readers stop at their next piece
+        raise
+    finally:
+        wait(tasks)  # never leave a reader writing into a buffer we are done with
+    if reading.failed:
+        raise reading.failed[0]
+    if os.pread(reading.fd, 1, reading.start + len(tensors.data)):
         raise AdapterLoadError(f"{tensors.path} got longer while it was read; fork again")
+
+
+class _Pieces:
+    """The file's data in _PIECE-sized pieces, each read by whichever reader takes it next."""
+
+    def __init__(self, tensors: CheckpointTensors, fd: int, start: int) -> None:
+        self.tensors, self.fd, self.start = tensors, fd, start
+        self.offsets = list(range(0, len(tensors.data), _PIECE))
+        self.failed: list[BaseException] = []
+        self._done = [False] * len(self.offsets)
+        self._prefix = 0  # pieces [0, prefix) are all in memory
+        self._lock = threading.Lock()
+        self._next = iter(range(len(self.offsets)))  # next() on a list iterator is atomic under the GIL
+
+    def read_some(self) -> None:
+        try:
+            for index in self._next:
+                if self.failed:
+                    return
+                self._read(index)
+        except BaseException as e:  # raised by the thread that waits for the readers
+            self.failed.append(e)
+
+    def _read(self, index: int) -> None:
+        data = self.tensors.data
+        at, end = self.offsets[index], min(self.offsets[index] + _PIECE, len(data))
+        while at < end:
+            got = os.preadv(self.fd, [data[at:end]], self.start + at)
+            if not got:
+                raise AdapterLoadError(f"{self.tensors.path} got shorter while it was read; fork again")
+            at += got
+        with self._lock:
+            self._done[index] = True
+            while self._prefix < len(self._done) and self._done[self._prefix]:
+                self._prefix += 1
+            self.tensors._advance(min(self._prefix * _PIECE, len(data)))
 
 
 def _buffer(size: int) -> memoryview:
@@ -194,15 +242,20 @@ def _parse_header(path: Path, header_bytes: bytes, data_len: int) -> dict[str, T
     return entries
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class _ReadFailed(Exception):
     """The reader stopped before the bytes a hashing thread waits for were there."""
 
 
-def digest_of(tensors: CheckpointTensors) -> str | None:
+def digest_of(tensors: CheckpointTensors, *, before_hash: Callable[[str, int, int], None] | None = None) -> str | None:
     """The adapter digest of the tensors as read; None if reading failed before they were all there.
 
     Each piece is hashed as soon as the reader has it (views into the read buffer, no copy), by as many threads as
-    there are cores."""
+    there are cores. `before_hash(name, offset, length)` is called on the hashing thread for each piece of a tensor
+    before it is hashed (to copy it while it is in that core's cache)."""
     names = sorted(tensors.entries)
     entries = [tensors.entries[name] for name in names]
     records = [TensorRecord(n, e.dtype, e.shape, e.end - e.begin, e.begin) for n, e in zip(names, entries, strict=True)]
@@ -211,10 +264,12 @@ def digest_of(tensors: CheckpointTensors) -> str | None:
         begin = entries[index].begin + offset
         if not tensors.wait_for(begin + length):
             raise _ReadFailed
+        if before_hash is not None:
+            before_hash(names[index], offset, length)
         return tensors.data[begin : begin + length]
 
     try:
-        return digest_tensors(records, read)
+        return digest_tensors(records, read, executor=pool(HASH, _cores()))
     except _ReadFailed:
         return None
 

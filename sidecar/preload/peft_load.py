@@ -26,6 +26,7 @@ from typing import Any
 from sidecar.preload.adapter_walk import live_adapter_tensors, walk_adapter_tensors
 from sidecar.preload.bit_check import differing, local_shard
 from sidecar.preload.checkpoint_read import (
+    ALL_READERS,
     AdapterLoadError,
     CheckpointTensors,
     DigestThread,
@@ -33,6 +34,7 @@ from sidecar.preload.checkpoint_read import (
     read_checkpoint,
 )
 from sidecar.preload.fsdp1_slices import Fsdp1Layout, Fsdp1Refused, fsdp1_layout, is_fsdp1
+from sidecar.preload.hashed_copy import copy_while_hashing, hashable_copies
 from sidecar.preload.host_pin import pinned_for_copy, synchronize
 from sidecar.preload.rollback import Rollback, optimizer_state
 from sidecar.protocol.run_layout import ADAPTER_FILE, CONFIG_FILE
@@ -85,11 +87,13 @@ class PreparedLoad:
     The two halves let the ranks of a distributed job all read and check a fork before any of them changes its
     weights (sidecar/preload/rank_agreement.py)."""
 
-    def __init__(self, peft_model: Any, name: str, tensors: CheckpointTensors, digest: DigestThread) -> None:
+    def __init__(self, peft_model: Any, name: str, tensors: CheckpointTensors, digest: DigestThread | None) -> None:
         self.model = peft_model
         self.name = name
         self.tensors = tensors
+        # Hashing beside the read (None: not begun; a model on the CPU hashes while it copies, in apply).
         self._digest = digest
+        self._digested: str | None = None  # the digest made by the copy (copy_while_hashing)
         self.live: dict[str, Any] = {}
         self.cast: dict[str, Any] = {}
         self._fsdp1: Fsdp1Layout | None = None
@@ -97,7 +101,16 @@ class PreparedLoad:
 
     def digest(self) -> str:
         """The adapter digest of what was read (waits for the hashing threads)."""
-        return self._digest.value()
+        if self._digested is not None:
+            return self._digested
+        return self._hash().value()
+
+    def _hash(self) -> DigestThread:
+        """The hashing threads, started if they have not been (asked for the digest before the apply)."""
+        if self._digest is None:
+            self._digest = DigestThread(self.tensors)
+            self._digest.start()
+        return self._digest
 
     def apply(self, optimizers: Iterable[Any] = (), *, undoable: bool = False) -> str:
         """Put the tensors into the model and return the digest (see load_adapter_from_checkpoint). With
@@ -112,17 +125,25 @@ class PreparedLoad:
             else:
                 params = _params_of(self.model, self.live.values())
                 in_place = _shares_parameter_storage(self.live, params)
+            # Not hashed yet: prepare found the copies fit for hashing on the way (hashable_copies).
+            hash_while_copying = self._digest is None and in_place and self._fsdp1 is None
+            if not hash_while_copying:
+                self._hash()
             if undoable:
                 self._undo = Rollback(self.live, params, optimizers, lambda saved: self._put(saved, in_place))
             with torch.no_grad():
-                self._put(self.cast, in_place)
+                if hash_while_copying:
+                    self._digested = _copy_and_verify(self.live, self.cast, self.tensors.path, self.tensors)
+                else:
+                    self._put(self.cast, in_place)
                 for p in params:
                     p.grad = None
                 _clear_optimizer_state(optimizers, params)
                 _drop_unsloth_decode_cache(params)
         finally:
-            self._digest.join()  # never leave the hashing thread reading a buffer we are done with
-        return self._digest.value()
+            if self._digest is not None:
+                self._digest.join()  # never leave the hashing thread reading a buffer we are done with
+        return self.digest()
 
     def _put(self, tensors: Mapping[str, Any], in_place: bool) -> None:
         if in_place:
@@ -138,7 +159,8 @@ class PreparedLoad:
             self._undo.restore()
 
     def discard(self) -> None:
-        self._digest.join()
+        if self._digest is not None:
+            self._digest.join()
 
 
 def prepare_adapter_load(
@@ -147,31 +169,49 @@ def prepare_adapter_load(
     """Read and check the checkpoint for `peft_model` and cast it to the live tensors' dtypes, devices and (for
     FSDP2's sharded DTensor parameters) placements; the model is not touched. Raises AdapterLoadError."""
     name = _adapter_name(peft_model, adapter_name)
+    fsdp1 = is_fsdp1(peft_model)
+    device = lora_device(peft_model)
+    # A model on the CPU is hashed while the tensors are copied into it (sidecar/preload/hashed_copy.py): nothing
+    # follows its read, which then takes more cores. Elsewhere the hashing threads follow the read.
+    hash_later = device is not None and device.type == "cpu" and not fsdp1
     threads: list[DigestThread] = []
 
     def start_digest(tensors: CheckpointTensors) -> None:
         threads.append(DigestThread(tensors))
         threads[0].start()
 
+    found: dict[str, Any] = {}
+
+    def check(tensors: CheckpointTensors) -> None:
+        """The fork against the model: the adapter's live tensors, the file's names and shapes, the config."""
+        layout = _fsdp1_layout(peft_model, name) if fsdp1 else None
+        if layout is not None:
+            live, shapes = layout.local, layout.shapes
+        else:
+            live = live_adapter_tensors(peft_model, name)
+            shapes = {key: tuple(t.shape) for key, t in live.items()}
+        _check_keys_and_shapes(tensors, shapes, live)
+        _check_config(Path(checkpoint_dir), peft_model, name)
+        found.update(layout=layout, live=live)
+
     try:
-        tensors = read_checkpoint(Path(checkpoint_dir), follow=start_digest)
+        if hash_later:  # checked while the data is read: the checks need only the header
+            tensors = read_checkpoint(Path(checkpoint_dir), meanwhile=check, readers=ALL_READERS)
+        else:
+            tensors = read_checkpoint(Path(checkpoint_dir), follow=start_digest)
     except BaseException:
         for thread in threads:
             thread.join()
         raise
-    prepared = PreparedLoad(peft_model, name, tensors, threads[0])
+    prepared = PreparedLoad(peft_model, name, tensors, threads[0] if threads else None)
     try:
         # Page-locking the buffer for copies to a GPU runs on a thread of its own while the fork is checked.
-        with pinned_for_copy(tensors.data, _lora_gpu(peft_model)) as pin:
-            layout = prepared._fsdp1 = _fsdp1_layout(peft_model, name) if is_fsdp1(peft_model) else None
-            if layout is not None:
-                prepared.live, shapes = layout.local, layout.shapes
-            else:
-                prepared.live = live_adapter_tensors(peft_model, name)
-                shapes = {key: tuple(t.shape) for key, t in prepared.live.items()}
-            live = prepared.live
-            _check_keys_and_shapes(tensors, shapes, live)
-            _check_config(Path(checkpoint_dir), peft_model, name)
+        gpu = device if device is not None and device.type == "cuda" else None
+        with pinned_for_copy(tensors.data, gpu) as pin:
+            if not found:
+                check(tensors)
+            layout = prepared._fsdp1 = found["layout"]
+            live = prepared.live = found["live"]
             # Cast (and moved) before the model is touched: a cast that fails (out of memory) leaves it as it was.
             # Of the same dtype and device, the cast is the view of the bytes read.
             take = layout.take if layout is not None else lambda key, full: _like(full, live[key])
@@ -180,6 +220,8 @@ def prepare_adapter_load(
                 prepared.cast = {key: take(key, _as_tensor(tensors, key)) for key in live}
             finally:
                 synchronize(_gpus(live))  # the copies were queued (non_blocking); also those before one raised
+        if prepared._digest is None and not hashable_copies(tensors, live, prepared.cast):
+            prepared._hash()  # torch makes these copies: hashed beside them
     except BaseException:
         prepared.discard()
         raise
@@ -200,13 +242,6 @@ def lora_device(peft_model: Any) -> Any:
         if p.requires_grad:
             return local_shard(p).device
     return None
-
-
-def _lora_gpu(peft_model: Any) -> Any:
-    """The GPU a LoRA's copies go to, or None: known before the adapter's tensors are walked, so the buffer's
-    registration can start at once."""
-    device = lora_device(peft_model)
-    return device if device is not None and device.type == "cuda" else None
 
 
 def _gpus(live: Mapping[str, Any]) -> set[Any]:
@@ -360,10 +395,17 @@ def _clear_optimizer_state(optimizers: Iterable[Any], params: list[Any]) -> None
                 state.pop(p, None)
 
 
-def _copy_and_verify(live: Mapping[str, Any], cast: Mapping[str, Any], path: Path) -> None:
+def _copy_and_verify(
+    live: Mapping[str, Any], cast: Mapping[str, Any], path: Path, read: CheckpointTensors | None = None
+) -> str | None:
     """Copy each file tensor into its parameter and compare the parameter with it bit for bit at once, while both
     are still in the CPU's cache (a second pass over 100 MB after the load cost a third of the reload); on a GPU the
-    comparisons are queued and read back once."""
+    comparisons are queued and read back once. Given the checkpoint `read` (copies that `hashable_copies` passed),
+    the copies are made piece by piece by the digest's threads, and the digest is returned."""
+    if read is not None:
+        digest, bad = copy_while_hashing(read, live, cast)
+        _refuse_differences(bad, path)
+        return digest
 
     def copied() -> Iterator[tuple[str, Any, Any]]:
         for key in sorted(live):
@@ -371,6 +413,7 @@ def _copy_and_verify(live: Mapping[str, Any], cast: Mapping[str, Any], path: Pat
             yield key, live[key], cast[key]
 
     _refuse_differences(differing(copied()), path)
+    return None
 
 
 def _verify(after: Mapping[str, Any], cast: Mapping[str, Any], path: Path) -> None:

@@ -281,9 +281,9 @@ def _held_apply(control: Path, rank: int) -> None:
 
     real = peft_load._copy_and_verify
 
-    def held(live: dict[str, Any], cast: dict[str, Any], path: Path) -> None:
+    def held(*args: Any) -> str | None:
         _hold(control, rank, "hold-apply")
-        return real(live, cast, path)
+        return real(*args)
 
     peft_load._copy_and_verify = held  # type: ignore[assignment]
 
