@@ -8,8 +8,9 @@ A second Python process builds the same model, calls `sidecar.preload.register` 
 Then, --repeat times each, interleaved, in the same run (the file is in the page cache for all of them):
 
 - agent: `call_agent(<uid>/agent-<pid>.sock, fork)` from this process, the daemon side of the trainers stage: the agent
-  reads the safetensors file, checks it, computes the digest, casts, loads with `set_peft_model_state_dict`,
-  verifies every tensor bit for bit, clears grads and optimizer state, and answers;
+  reads the safetensors file, checks it, computes the digest, casts, copies every tensor into its parameter and
+  verifies it bit for bit (on the CPU copy, check and hash in one pass: sidecar/preload/hashed_copy.py), clears grads
+  and optimizer state, and answers;
 - stage: the whole `TrainerStage.run` (socket scan, `hello`, `fork`, digest comparison);
 - baseline: in this process, `safetensors.torch.load_file` + `peft.set_peft_model_state_dict` into the same model;
 - set only: `set_peft_model_state_dict` of tensors already in memory (no file read), for reference;

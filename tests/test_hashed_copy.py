@@ -124,3 +124,37 @@ def test_the_raw_copies_hold_the_bytes_read_and_the_digest_is_the_files(assets: 
     for key, t in live.items():
         assert torch.equal(t, cast[key]) and t.data_ptr() != cast[key].data_ptr(), key
         assert t._version > before[key], key
+
+
+def test_a_copy_that_does_not_land_is_named_and_the_load_refused(
+    model: Any, assets: TinyAssets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mock: a memmove that writes one wrong byte (memory that changes under the copy), which real memory does not
+    # do on demand. The check after each piece must catch it and the load must say so.
+    import ctypes
+
+    real = ctypes.memmove
+
+    def wrong_memmove(target: int, source: int, length: int) -> int:
+        real(target, source, length)
+        ctypes.c_ubyte.from_address(target).value ^= 0xFF
+        return target
+
+    monkeypatch.setattr(ctypes, "memmove", wrong_memmove)
+    with pytest.raises(peft_load.AdapterLoadError, match="differ from the file"):
+        load_adapter_from_checkpoint(model, assets.adapter_b)
+    read = read_checkpoint(assets.adapter_b)
+    cast = {key: peft_load._as_tensor(read, key) for key in read.entries}
+    live = {key: torch.empty_like(t) for key, t in cast.items()}
+    digest, bad = hashed_copy.copy_while_hashing(read, live, cast)
+    assert digest == adapter_digest(assets.adapter_b) and bad == sorted(live)
+
+
+def test_a_rank_that_compares_digests_first_hashes_beside_the_read(
+    model: Any, assets: TinyAssets, hashed: list[int]
+) -> None:
+    prepared = prepare_adapter_load(model, assets.adapter_b, digest_first=True)
+    assert prepared._digest is not None  # following the read already
+    assert prepared.digest() == adapter_digest(assets.adapter_b)
+    assert prepared.apply() == adapter_digest(assets.adapter_b) and hashed == []
+    assert_holds(model, assets.adapter_b)

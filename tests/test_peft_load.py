@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -330,23 +331,58 @@ def test_large_data_is_read_into_a_page_aligned_mapping_of_its_own(workdir: Path
         assert torch.equal(tensor, load_file(str(adapter / ADAPTER_FILE))["a"])
 
 
-def test_a_check_that_fails_while_the_data_is_read_stops_the_read_and_is_raised(workdir: Path) -> None:
+def test_a_check_that_fails_while_the_data_is_read_stops_the_read_and_is_raised(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A CPU model's checks run while the kept readers read (read_checkpoint's `meanwhile`): a refusal must come out
-    # as itself, with every reader stopped, and the next read must still be whole.
+    # as itself (an OSError too, not as "cannot be read"), the readers stop at their next piece and have all ended
+    # when it does, and the next read is whole. Each preadv is slowed (the real call, after a pause) so that the
+    # stop can be seen.
+    import os
+
     from sidecar.preload.checkpoint_read import _PIECE, ALL_READERS
     from sidecar.preload.peft_load import ADAPTER_FILE, digest_of, read_checkpoint
 
+    pieces = 40
     adapter = workdir / "big"
     adapter.mkdir()
-    save_file({"a": torch.randn(5 * _PIECE // 4 + 11)}, str(adapter / ADAPTER_FILE))
-    seen: list[int] = []
+    save_file({"a": torch.randn(pieces * _PIECE // 4 - 64)}, str(adapter / ADAPTER_FILE))
+    real, calls = os.preadv, []
+
+    def slow_preadv(*args: Any) -> int:
+        calls.append(1)
+        time.sleep(0.02)
+        return real(*args)
+
+    monkeypatch.setattr(os, "preadv", slow_preadv)
 
     def refuse(tensors: Any) -> None:
-        seen.append(len(tensors.data))
-        raise AdapterLoadError("refused by the check")
+        assert tensors.wait_for(_PIECE)  # one piece is in
+        raise PermissionError("refused by the check")
 
-    with pytest.raises(AdapterLoadError, match="refused by the check"):
+    with pytest.raises(PermissionError, match="refused by the check"):
         read_checkpoint(adapter, meanwhile=refuse, readers=ALL_READERS)
-    assert seen and seen[0] > 5 * _PIECE
+    made = len(calls)
+    time.sleep(0.2)
+    assert 1 <= made < pieces and len(calls) == made  # stopped early, and nothing read after it was raised
     read = read_checkpoint(adapter, meanwhile=lambda tensors: None, readers=ALL_READERS)
     assert digest_of(read) == adapter_digest(adapter)
+
+
+def test_a_digest_following_the_read_on_kept_threads_is_the_files(workdir: Path) -> None:
+    # The GPU path and a rank's CPU path: hashing threads wait for the readers' prefix while the read goes on.
+    from sidecar.preload.checkpoint_read import _PIECE, DigestThread
+    from sidecar.preload.peft_load import ADAPTER_FILE, read_checkpoint
+
+    adapter = workdir / "big"
+    adapter.mkdir()
+    save_file({f"t{i}": torch.randn(_PIECE // 4 + 17 * i) for i in range(6)}, str(adapter / ADAPTER_FILE))
+    for readers in (1, 2):
+        threads: list[DigestThread] = []
+
+        def follow(tensors: Any, threads: list[DigestThread] = threads) -> None:
+            threads.append(DigestThread(tensors))
+            threads[0].start()
+
+        read_checkpoint(adapter, follow=follow, readers=readers)
+        assert threads[0].value() == adapter_digest(adapter)

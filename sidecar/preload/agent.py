@@ -131,7 +131,7 @@ class PeftTarget:
             model = self._model()
             if model is None:
                 raise RuntimeError("the registered model has been garbage-collected")
-            return prepare_adapter_load(model, checkpoint)
+            return prepare_adapter_load(model, checkpoint, digest_first=True)  # the ranks compare digests first
 
         agreement = RankAgreement(
             LoadHooks(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sidecar.preload.worker_threads import HASH, READ, pool
 from sidecar.protocol.digest import TensorRecord, digest_tensors
+from sidecar.protocol.pool_work import run_beside
 from sidecar.protocol.run_layout import ADAPTER_FILE
 from sidecar.protocol.safetensors_header import LORA_DTYPES, MAX_HEADER_BYTES, parse_header, printable
 
@@ -125,6 +126,8 @@ def read_checkpoint(
             except BaseException:
                 tensors._fail()
                 raise
+    except _CheckFailed as e:  # the caller's own check, not the read: raised as it is
+        raise e.raised from None
     except FileNotFoundError:
         raise AdapterLoadError(f"{path} does not exist; the checkpoint needs {ADAPTER_FILE}") from None
     except OSError as e:
@@ -154,21 +157,23 @@ def _read_data(
 ) -> None:
     """The data after the header, by up to `readers` kept threads (`meanwhile` on this one); `tensors` advances over
     the prefix read so far."""
-    from concurrent.futures import wait
-
     reading = _Pieces(tensors, f.fileno(), f.tell())
-    workers = max(1, min(readers, ALL_READERS, os.cpu_count() or 1, len(reading.offsets)))
-    tasks = [pool(READ, ALL_READERS).submit(reading.read_some) for _ in range(workers)]
-    try:
+    workers = max(1, min(readers, ALL_READERS, _cores(), len(reading.offsets)))
+
+    def checks_then_read() -> None:
         if meanwhile is not None:
-            meanwhile(tensors)
-    except BaseException as e:
-        reading.failed.append(e)  # the readers stop at their next piece
-        raise
-    finally:
-        wait(tasks)  # never leave a reader writing into a buffer we are done with
+            try:
+                meanwhile(tensors)
+            except BaseException as e:
+                raise _CheckFailed(e) from e
+        reading.read_some()  # what is left: a reader that never started has nothing to do
+
+    # Never leave a reader writing into a buffer, or reading a file descriptor, that we are done with.
+    run_beside(pool(READ, ALL_READERS), reading.read_some, workers - 1, checks_then_read, reading.stop)
     if reading.failed:
         raise reading.failed[0]
+    if not reading.complete():  # cannot happen: every piece is taken once, and a failed one is in `failed`
+        raise AdapterLoadError(f"{tensors.path} was not read completely; fork again")
     if os.pread(reading.fd, 1, reading.start + len(tensors.data)):
         raise AdapterLoadError(f"{tensors.path} got longer while it was read; fork again")
 
@@ -184,6 +189,13 @@ class _Pieces:
         self._prefix = 0  # pieces [0, prefix) are all in memory
         self._lock = threading.Lock()
         self._next = iter(range(len(self.offsets)))  # next() on a list iterator is atomic under the GIL
+
+    def stop(self) -> None:
+        self.failed.append(AdapterLoadError(f"reading {self.tensors.path} was stopped"))
+
+    def complete(self) -> bool:
+        with self._lock:
+            return self._prefix == len(self.offsets)
 
     def read_some(self) -> None:
         try:
@@ -244,6 +256,14 @@ def _parse_header(path: Path, header_bytes: bytes, data_len: int) -> dict[str, T
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _CheckFailed(Exception):
+    """What `meanwhile` raised, carried past read_checkpoint's own OSError handling."""
+
+    def __init__(self, raised: BaseException) -> None:
+        super().__init__(str(raised))
+        self.raised = raised
 
 
 class _ReadFailed(Exception):

@@ -55,20 +55,23 @@ def copy_while_hashing(
     `copy_` (each tensor's version counter is bumped), so a graph saved before the load cannot be run over it."""
     memcmp = c_memcmp()
     assert memcmp is not None  # hashable_copies said so
-    targets = {key: (live[key].data_ptr(), cast[key].data_ptr()) for key in live}
+    # The tensors themselves stay referenced here until every hashing thread has ended (digest_of waits for them).
+    targets = {key: (live[key], cast[key], live[key].data_ptr(), cast[key].data_ptr()) for key in live}
     bad: set[str] = set()
 
     def copy_piece(name: str, offset: int, length: int) -> None:
-        target, source = targets[name]
+        _, _, target, source = targets[name]
         ctypes.memmove(target + offset, source + offset, length)
         if memcmp(target + offset, source + offset, length) != 0:
             bad.add(name)
 
-    digest = checkpoint_read.digest_of(read, before_hash=copy_piece)
+    try:
+        digest = checkpoint_read.digest_of(read, before_hash=copy_piece)
+    finally:  # also after a failure half-way: some tensors may have changed
+        for tensor, *_ in targets.values():
+            tensor.view(-1)[:0].zero_()  # an in-place op on no element: the version counter moves, nothing else
     if digest is None:  # cannot happen: the read was complete before the load began
         raise checkpoint_read.AdapterLoadError(f"{read.path} could not be read completely")
-    for tensor in live.values():
-        tensor.view(-1)[:0].zero_()  # an in-place op on no element: the version counter moves, nothing else
     return digest, sorted(bad)
 
 

@@ -126,7 +126,12 @@ class PreparedLoad:
                 params = _params_of(self.model, self.live.values())
                 in_place = _shares_parameter_storage(self.live, params)
             # Not hashed yet: prepare found the copies fit for hashing on the way (hashable_copies).
-            hash_while_copying = self._digest is None and in_place and self._fsdp1 is None
+            hash_while_copying = (
+                self._digest is None
+                and in_place
+                and self._fsdp1 is None
+                and hashable_copies(self.tensors, self.live, self.cast)  # again: raw writes need a fresh look
+            )
             if not hash_while_copying:
                 self._hash()
             if undoable:
@@ -164,16 +169,23 @@ class PreparedLoad:
 
 
 def prepare_adapter_load(
-    peft_model: Any, checkpoint_dir: str | os.PathLike[str], *, adapter_name: str | None = None
+    peft_model: Any,
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    adapter_name: str | None = None,
+    digest_first: bool = False,
 ) -> PreparedLoad:
     """Read and check the checkpoint for `peft_model` and cast it to the live tensors' dtypes, devices and (for
-    FSDP2's sharded DTensor parameters) placements; the model is not touched. Raises AdapterLoadError."""
+    FSDP2's sharded DTensor parameters) placements; the model is not touched. Raises AdapterLoadError.
+
+    `digest_first`: the digest will be asked for before the apply (the ranks of a job compare theirs first), so it
+    follows the read on every device instead of being made by a CPU model's copies."""
     name = _adapter_name(peft_model, adapter_name)
     fsdp1 = is_fsdp1(peft_model)
     device = lora_device(peft_model)
     # A model on the CPU is hashed while the tensors are copied into it (sidecar/preload/hashed_copy.py): nothing
     # follows its read, which then takes more cores. Elsewhere the hashing threads follow the read.
-    hash_later = device is not None and device.type == "cpu" and not fsdp1
+    hash_later = device is not None and device.type == "cpu" and not fsdp1 and not digest_first
     threads: list[DigestThread] = []
 
     def start_digest(tensors: CheckpointTensors) -> None:

@@ -32,8 +32,10 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor, wait
+from concurrent.futures import Executor
 from dataclasses import dataclass
+
+from sidecar.protocol.pool_work import run_beside
 
 __all__ = [
     "CHUNK_BYTES",
@@ -180,10 +182,9 @@ def _hash_pieces(
             errors.append(exc)
 
     if executor is not None:
-        # A helper that starts late (the executor busy) finds the pieces taken and returns: nothing waits on it.
-        tasks = [executor.submit(hash_some) for _ in range(threads - 1)]
-        hash_some()  # the calling thread is one of the pool
-        wait(tasks)
+        # The calling thread is one of the pool; it hashes until every piece is taken, so a helper that had not
+        # started by then (the executor busy with another digest) is cancelled, not waited for.
+        run_beside(executor, hash_some, threads - 1, hash_some, lambda: errors.append(_Stopped()))
     else:
         helpers = [
             threading.Thread(target=hash_some, name="fork-sidecar-digest", daemon=True) for _ in range(threads - 1)
@@ -196,3 +197,7 @@ def _hash_pieces(
     if errors:
         raise errors[0]
     return leaves
+
+
+class _Stopped(Exception):
+    """Put in the errors when handing pieces to the helpers failed (that failure is what propagates): they stop."""
