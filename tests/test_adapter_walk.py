@@ -16,6 +16,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from sidecar.preload import adapter_walk  # noqa: E402
 from sidecar.preload.peft_load import load_adapter_from_checkpoint  # noqa: E402
+from tests.support.spies import spy  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
 
 pytestmark = pytest.mark.trainer
@@ -28,17 +29,11 @@ def assets() -> TinyAssets:
 
 
 @pytest.fixture
-def walks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Counts peft's walks (a spy around the real function: the walk itself still runs)."""
-    calls: list[str] = []
-    real = peft.get_peft_model_state_dict
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs.get("adapter_name", "default"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(peft, "get_peft_model_state_dict", counted)
-    return calls
+def walks(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """peft's walks, by adapter name (a spy around the real function: the walk itself still runs)."""
+    return spy(
+        monkeypatch, peft, "get_peft_model_state_dict", lambda *args, **kwargs: kwargs.get("adapter_name", "default")
+    )
 
 
 def same_storage(a: dict[str, Any], b: dict[str, Any]) -> bool:

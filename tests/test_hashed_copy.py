@@ -20,6 +20,7 @@ from sidecar.adapter import adapter_digest  # noqa: E402
 from sidecar.preload import hashed_copy, peft_load  # noqa: E402
 from sidecar.preload.checkpoint_read import read_checkpoint  # noqa: E402
 from sidecar.preload.peft_load import load_adapter_from_checkpoint, prepare_adapter_load  # noqa: E402
+from tests.support.spies import spy  # noqa: E402
 from tests.support.tiny_model import TinyAssets, tiny_assets  # noqa: E402
 
 pytestmark = pytest.mark.trainer
@@ -32,17 +33,9 @@ def assets() -> TinyAssets:
 
 
 @pytest.fixture
-def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the copies made inside the digest's pass (a spy: the real function runs)."""
-    calls: list[int] = []
-    real = peft_load.copy_while_hashing
-
-    def counted(*args: Any) -> Any:
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(peft_load, "copy_while_hashing", counted)
-    return calls
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The copies made inside the digest's pass (a spy: the real function runs)."""
+    return spy(monkeypatch, peft_load, "copy_while_hashing", lambda *args: 1)
 
 
 def assert_holds(model: Any, adapter: Path) -> None:
