@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.preload.worker_threads import HASH, READ, pool
-from sidecar.protocol.digest import TensorRecord, digest_tensors
+from sidecar.protocol.digest import TensorRecord, digest_tensors, usable_cores
 from sidecar.protocol.pool_work import run_beside
 from sidecar.protocol.run_layout import ADAPTER_FILE
 from sidecar.protocol.safetensors_header import LORA_DTYPES, MAX_HEADER_BYTES, parse_header, printable
 
 __all__ = [
     "ALL_READERS",
-    "READERS_BESIDE_HASHING",
     "AdapterLoadError",
     "CheckpointTensors",
     "DigestThread",
@@ -93,7 +92,7 @@ class CheckpointTensors:
 # the digest following the read; a read that nothing follows (the CPU model's, hashed while it is copied into the
 # model: sidecar/preload/hashed_copy.py) takes ALL_READERS (16: 4.4 ms against 5.7 ms for eight, 16 cores).
 _PIECE = 4 * 1024 * 1024
-READERS_BESIDE_HASHING = 8
+_READERS_BESIDE_HASHING = 8
 ALL_READERS = 16
 # Data of this size and more is read into a mapping of its own (_buffer); less into a bytearray.
 _MAPPED_FROM = 1024 * 1024
@@ -104,7 +103,7 @@ def read_checkpoint(
     *,
     follow: Callable[[CheckpointTensors], None] | None = None,
     meanwhile: Callable[[CheckpointTensors], None] | None = None,
-    readers: int = READERS_BESIDE_HASHING,
+    readers: int = _READERS_BESIDE_HASHING,
 ) -> CheckpointTensors:
     """Read and check `adapter_model.safetensors` of `checkpoint_dir` (stdlib only; one open, parallel preads by up
     to `readers` threads).
@@ -158,7 +157,7 @@ def _read_data(
     """The data after the header, by up to `readers` kept threads (`meanwhile` on this one); `tensors` advances over
     the prefix read so far."""
     reading = _Pieces(tensors, f.fileno(), f.tell())
-    workers = max(1, min(readers, ALL_READERS, _cores(), len(reading.offsets)))
+    workers = max(1, min(readers, ALL_READERS, usable_cores(), len(reading.offsets)))
 
     def checks_then_read() -> None:
         if meanwhile is not None:
@@ -254,10 +253,6 @@ def _parse_header(path: Path, header_bytes: bytes, data_len: int) -> dict[str, T
     return entries
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class _CheckFailed(Exception):
     """What `meanwhile` raised, carried past read_checkpoint's own OSError handling."""
 
@@ -289,7 +284,7 @@ def digest_of(tensors: CheckpointTensors, *, before_hash: Callable[[str, int, in
         return tensors.data[begin : begin + length]
 
     try:
-        return digest_tensors(records, read, executor=pool(HASH, _cores()))
+        return digest_tensors(records, read, executor=pool(HASH, usable_cores()))
     except _ReadFailed:
         return None
 

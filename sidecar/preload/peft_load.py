@@ -125,12 +125,12 @@ class PreparedLoad:
             else:
                 params = _params_of(self.model, self.live.values())
                 in_place = _shares_parameter_storage(self.live, params)
-            # Not hashed yet: prepare found the copies fit for hashing on the way (hashable_copies).
+            # Not hashed yet (a CPU model's read has nothing following it): hashed by the copies where they can be.
             hash_while_copying = (
                 self._digest is None
                 and in_place
                 and self._fsdp1 is None
-                and hashable_copies(self.tensors, self.live, self.cast)  # again: raw writes need a fresh look
+                and hashable_copies(self.tensors, self.live, self.cast)
             )
             if not hash_while_copying:
                 self._hash()
@@ -232,8 +232,6 @@ def prepare_adapter_load(
                 prepared.cast = {key: take(key, _as_tensor(tensors, key)) for key in live}
             finally:
                 synchronize(_gpus(live))  # the copies were queued (non_blocking); also those before one raised
-        if prepared._digest is None and not hashable_copies(tensors, live, prepared.cast):
-            prepared._hash()  # torch makes these copies: hashed beside them
     except BaseException:
         prepared.discard()
         raise
