@@ -65,7 +65,7 @@ def test_each_marker_form(daemon: DaemonProcess, art: Path, marker: str, source_
         source_root = base if "from_model" in marker else model_dir
         outcome = assert_forked(model_dir, source_root / "checkpoints" / f"{source_step:04d}")
     assert outcome["source"] == str(source_root / "checkpoints" / f"{source_step:04d}")
-    assert str(outcome["digest"]).startswith("sha256-tree:")
+    assert str(outcome["digest"]).startswith("blake3-tree:")
     assert outcome["trainers"]["status"] == "skipped"  # type: ignore[index]
     assert outcome["error"] is None
     for key in ("request", "swap", "vllm", "started_at", "finished_at"):
@@ -207,12 +207,13 @@ def test_sigkill_at_each_journaled_state_then_restart_finishes(tmp_path: Path, a
     assert list((tmp_path / "state" / "forks").iterdir()) == []
 
 
-@pytest.mark.parametrize("crash_after", ["staged", "swapped"])
+@pytest.mark.parametrize(("crash_after", "old_prefix"), [("staged", "sha256:"), ("swapped", "sha256-tree:")])
 def test_a_fork_journaled_with_the_old_digest_framing_resumes_with_the_new_one(
-    tmp_path: Path, art: Path, crash_after: str
+    tmp_path: Path, art: Path, crash_after: str, old_prefix: str
 ) -> None:
-    """An upgrade in the middle of a fork: its journal holds a `sha256:` digest of the old one-stream framing. Writing
-    that old value into the journal of a fork killed after the state stands in for the old release's daemon."""
+    """An upgrade in the middle of a fork: its journal holds a digest of an older framing (one SHA-256 stream, or the
+    SHA-256 tree). Writing that old value into the journal of a fork killed after the state stands in for the old
+    release's daemon."""
     from sidecar.adapter import adapter_digest
 
     model_dir = make_run(art)
@@ -225,12 +226,12 @@ def test_a_fork_journaled_with_the_old_digest_framing_resumes_with_the_new_one(
     crashing.kill()
     [journaled] = (tmp_path / "state" / "forks").iterdir()
     record = json.loads(journaled.read_text())
-    record["digest"] = "sha256:" + "ab" * 32
+    record["digest"] = old_prefix + "ab" * 32
     journaled.write_text(json.dumps(record))
     with DaemonProcess(config, tmp_path / "daemon.log"):
         outcome = assert_forked(model_dir, model_dir / "checkpoints" / "0007")
     assert outcome["digest"] == adapter_digest(model_dir / "checkpoints" / "0007")
-    assert str(outcome["digest"]).startswith("sha256-tree:")
+    assert str(outcome["digest"]).startswith("blake3-tree:")
 
 
 def test_sigkill_between_claim_and_journal_is_adopted(tmp_path: Path, art: Path) -> None:

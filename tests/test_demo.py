@@ -58,7 +58,7 @@ def test_the_demo_forks_and_proves_it(tmp_path: Path) -> None:
         "[3/9] vLLM (CPU) serving the run",
         "m@0 (adapter A) and adapter B answer differently",
         ": done",  # fork-sidecar fork --wait
-        "status done, digest sha256-tree:",
+        "status done, digest blake3-tree:",
         "vllm     ok",
         "m@0 inplace",
         "m@0 now serves the forked adapter: identical tokens and logprobs",

@@ -1,5 +1,6 @@
 """The adapter digest: its framing, that only tensor content (not file layout, piece order or thread count)
-matters, and that a digest of the old one-stream framing is recognised and refused."""
+matters, that digests of the older framings (the SHA-256 tree, one SHA-256 stream) are recognised and refused, and
+that a Python without `blake3` is told how to get it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import struct
 import threading
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -19,6 +21,7 @@ from sidecar.adapter import AdapterError, adapter_digest, digest_open_file
 from sidecar.protocol.digest import (
     CHUNK_BYTES,
     DIGEST_PREFIX,
+    DigestUnavailable,
     TensorRecord,
     digest_of_tensors,
     digest_problem,
@@ -35,7 +38,7 @@ def framing_by_hand(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
     header = json.loads(blob[8 : 8 + header_len])
     header.pop("__metadata__", None)
     data = blob[8 + header_len :]
-    h = hashlib.sha256()
+    h = blake3.blake3()
     for name in sorted(header):
         entry = header[name]
         begin, end = entry["data_offsets"]
@@ -43,6 +46,18 @@ def framing_by_hand(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
         h.update(name.encode("utf-8") + b"\0")
         h.update(entry["dtype"].encode("ascii") + b"\0")
         h.update(",".join(str(d) for d in entry["shape"]).encode("ascii") + b"\0")
+        h.update(len(raw).to_bytes(8, "little"))
+        for at in range(0, len(raw), chunk):
+            h.update(blake3.blake3(raw[at : at + chunk]).digest())
+    return "blake3-tree:" + h.hexdigest()
+
+
+def sha256_tree_framing(tensors: dict[str, RawTensor], chunk: int = 4 * 1024 * 1024) -> str:
+    """The framing of the previous release: the same tree with SHA-256 leaves and root."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        dtype, shape, raw = tensors[name]
+        h.update(name.encode() + b"\0" + dtype.encode() + b"\0" + ",".join(map(str, shape)).encode() + b"\0")
         h.update(len(raw).to_bytes(8, "little"))
         for at in range(0, len(raw), chunk):
             h.update(hashlib.sha256(raw[at : at + chunk]).digest())
@@ -104,6 +119,8 @@ def test_a_new_digest_is_never_equal_to_the_old_one_of_the_same_tensors() -> Non
 
     assert new.startswith(DIGEST_PREFIX) and old.startswith("sha256:") and new != old
     assert new.split(":", 1)[1] != old.split(":", 1)[1]  # not only the prefix: the framing differs
+    tree = sha256_tree_framing(tensors)
+    assert tree.startswith("sha256-tree:") and tree.split(":", 1)[1] != new.split(":", 1)[1]
 
 
 def test_digest_ignores_file_layout_and_metadata(tmp_path: Path) -> None:
@@ -159,11 +176,11 @@ def test_piece_order_and_thread_count_do_not_change_the_digest(sizes: list[int],
     # Small chunks make many pieces per tensor; positions in reverse make the pool read them back to front.
     blobs = [bytes((i * 31 + j) % 256 for j in range(size)) for i, size in enumerate(sizes)]
     records = [TensorRecord(f"t{i}", "U8", (len(b),), len(b), -i) for i, b in enumerate(blobs)]
-    by_hand = hashlib.sha256()
+    by_hand = blake3.blake3()
     for record, blob in zip(records, blobs, strict=True):
         by_hand.update(f"{record.name}\0U8\0{len(blob)}\0".encode() + len(blob).to_bytes(8, "little"))
         for at in range(0, len(blob), chunk):
-            by_hand.update(hashlib.sha256(blob[at : at + chunk]).digest())
+            by_hand.update(blake3.blake3(blob[at : at + chunk]).digest())
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("sidecar.protocol.digest.CHUNK_BYTES", chunk)
@@ -249,7 +266,8 @@ def test_is_digest() -> None:
     assert not is_digest(good.upper())
     assert not is_digest(good[:-1])
     assert not is_digest("md5:" + good[len(DIGEST_PREFIX) :])
-    assert not is_digest("sha256:" + good[len(DIGEST_PREFIX) :])  # the old framing's prefix
+    assert not is_digest("sha256:" + good[len(DIGEST_PREFIX) :])  # the one-stream framing's prefix
+    assert not is_digest("sha256-tree:" + good[len(DIGEST_PREFIX) :])  # the SHA-256 tree's
     assert not is_digest(None)
 
 
@@ -257,7 +275,29 @@ def test_digest_problem_names_the_old_framing_and_the_fix() -> None:
     tensors: dict[str, RawTensor] = {"a": ("F32", (1,), b"\0" * 4)}
 
     assert digest_problem(digest_of_tensors(tensors)) is None
-    problem = digest_problem(old_framing(tensors))
-    assert problem is not None and "old adapter digest" in problem and "preload install" in problem
+    for old in (old_framing(tensors), sha256_tree_framing(tensors)):
+        problem = digest_problem(old)
+        assert problem is not None and "old adapter digest" in problem and "preload install" in problem, old
+        assert f"`{old.split(':')[0]}:`" in problem
     assert "not an adapter digest" in (digest_problem("nonsense") or "")
     assert "not an adapter digest" in (digest_problem(None) or "")
+
+
+def test_a_python_without_blake3_is_told_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Uninstalling blake3 from the test environment is not possible here: the import is made to fail (a stand-in).
+    import importlib
+
+    real = importlib.import_module
+
+    def without_blake3(name: str, *args: object) -> object:
+        if name == "blake3":
+            raise ModuleNotFoundError("No module named 'blake3'")
+        return real(name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib, "import_module", without_blake3)
+    with pytest.raises(DigestUnavailable) as raised:
+        digest_of_tensors({"a": ("F32", (1,), b"\0" * 4)})
+
+    message = str(raised.value)
+    assert "blake3" in message and "fork-sidecar preload install --python" in message
+    assert isinstance(raised.value, ImportError)

@@ -10,6 +10,8 @@ What `install` writes into that interpreter's site-packages (purelib), and nothi
   `sidecar.preload.bootstrap`, inside try/except, unless FORK_SIDECAR_PRELOAD=0. Being a `.pth` file it runs in
   every interpreter started from that environment: the trainer, its multiprocessing spawn/forkserver children and
   torchrun workers. The directory is appended, so a `sidecar` package already importable there takes precedence.
+- `_fork_sidecar/blake3/` (and its metadata), only when that environment cannot import `blake3`, which the adapter
+  digest needs: the daemon's version of it, copied or fetched for that Python (sidecar/digest_library.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import sidecar
+from sidecar.digest_library import LIBRARY, LibraryError, library_version, write_library
 from sidecar.preload import DISABLE_ENV as PRELOAD_DISABLE_ENV
 from sidecar.preload import dtype_patch, is_disabled
 from sidecar.preload.art_compat import ArtInfo, probe_art
@@ -61,11 +64,18 @@ _PROBE = r"""
 import ast, json, os, sys, sysconfig
 import importlib.util
 info = {"executable": sys.executable, "version": list(sys.version_info[:3]),
+        "implementation": sys.implementation.name, "blake3": None,
         "purelib": sysconfig.get_paths()["purelib"], "sidecar": None,
         "unsloth": {"version": None, "functions": [], "classes": []}}
 try:
     spec = importlib.util.find_spec("sidecar")
     info["sidecar"] = spec.origin or list(spec.submodule_search_locations or [""])[0] if spec else None
+except Exception:
+    pass
+try:
+    import blake3
+    blake3.blake3(b"").digest()
+    info["blake3"] = getattr(blake3, "__version__", "unknown")
 except Exception:
     pass
 try:
@@ -112,6 +122,8 @@ class Interpreter:
     purelib: Path
     sidecar_origin: str | None  # where `import sidecar` resolves there without the preload, if anywhere
     unsloth: UnslothInfo
+    implementation: str = "cpython"
+    digest_library: str | None = None  # the version of `blake3` that environment imports by itself, if any
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,7 @@ class InstallReport:
     version: str
     files: int
     replaced_version: str | None
+    digest_library: str = ""  # where the trainer's `blake3` comes from (its environment, or the copy)
 
 
 @dataclass(frozen=True)
@@ -227,6 +240,8 @@ def probe_interpreter(python: str | None = None) -> Interpreter:
             functions=tuple(unsloth.get("functions") or ()),
             classes=tuple(unsloth.get("classes") or ()),
         ),
+        implementation=str(info.get("implementation") or "cpython"),
+        digest_library=info.get("blake3"),
     )
 
 
@@ -305,11 +320,14 @@ def install(python: str | None = None) -> InstallReport:
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content)
+        library = _add_digest_library(interpreter, staging)
+        files += library
         manifest = {
             "format": 1,
             "version": sidecar.__version__,
             "digest": _digest(contents),
             "files": files,
+            "library_files": library,
             "pth": PTH_NAME,
             "source": str(root),
         }
@@ -325,6 +343,9 @@ def install(python: str | None = None) -> InstallReport:
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise PreloadError(f"could not write the preload into {purelib}: {error.strerror or error}.") from error
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(retired, ignore_errors=True)
     return InstallReport(
@@ -335,7 +356,33 @@ def install(python: str | None = None) -> InstallReport:
         version=sidecar.__version__,
         files=len(files),
         replaced_version=None if previous is None else str(previous.get("version")),
+        digest_library=(
+            f"{LIBRARY} {interpreter.digest_library} of that environment"
+            if interpreter.digest_library is not None
+            else f"{LIBRARY} {library_version()} put into {private}/"
+        ),
     )
+
+
+def _add_digest_library(interpreter: Interpreter, staging: Path) -> list[str]:
+    """`blake3` for an environment that lacks it, written into the staged copy and checked to import there with
+    the copy on sys.path (else PreloadError, before anything is in place); the files written."""
+    if interpreter.digest_library is not None:
+        return []
+    try:
+        written = write_library(staging, interpreter.executable, interpreter.version, interpreter.implementation)
+    except LibraryError as e:
+        raise PreloadError(f"{e}.") from None
+    check = f"import sys; sys.path.append({str(staging)!r}); import {LIBRARY}; {LIBRARY}.{LIBRARY}(b'').digest()"
+    done = run_python_probe(interpreter.executable, check)
+    if done.returncode != 0:
+        said = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PreloadError(
+            f"the {LIBRARY} {library_version()} put beside the preload does not import in {interpreter.python} "
+            f"({said}); install {LIBRARY} there yourself (`{interpreter.python} -m pip install {LIBRARY}`) and run "
+            "this again."
+        )
+    return written
 
 
 def _compile(executable: str, directory: Path) -> None:

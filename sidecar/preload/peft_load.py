@@ -37,6 +37,7 @@ from sidecar.preload.fsdp1_slices import Fsdp1Layout, Fsdp1Refused, fsdp1_layout
 from sidecar.preload.hashed_copy import copy_while_hashing, hashable_copies
 from sidecar.preload.host_pin import pinned_for_copy, synchronize
 from sidecar.preload.rollback import Rollback, optimizer_state
+from sidecar.protocol.digest import DigestUnavailable, require_hasher
 from sidecar.protocol.run_layout import ADAPTER_FILE, CONFIG_FILE
 
 __all__ = [
@@ -181,6 +182,10 @@ def prepare_adapter_load(
     `digest_first`: the digest will be asked for before the apply (the ranks of a job compare theirs first), so it
     follows the read on every device instead of being made by a CPU model's copies."""
     name = _adapter_name(peft_model, adapter_name)
+    try:
+        require_hasher()  # before anything is read: without it no digest can be made here
+    except DigestUnavailable as e:
+        raise AdapterLoadError(str(e)) from None
     fsdp1 = is_fsdp1(peft_model)
     device = lora_device(peft_model)
     # A model on the CPU is hashed while the tensors are copied into it (sidecar/preload/hashed_copy.py): nothing

@@ -29,6 +29,10 @@ and arms its integrations only when ART or Unsloth is imported. FORK_SIDECAR_PRE
 one process, FORK_SIDECAR_DTYPE_PATCH=0 only the dtype patch; agents put their sockets in
 $FORK_SIDECAR_RUNTIME_DIR (default /run/fork-sidecar), which must match the daemon's runtime_dir.
 
+The adapter digest needs the `blake3` package. An environment that cannot import it gets the daemon's
+version written into _fork_sidecar/ too: copied when it runs the daemon's Python version, else fetched
+by pip for its version (a node without an index: PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR-OF-WHEELS).
+
 examples:
   fork-sidecar preload install --python /opt/trainer-venv/bin/python
   fork-sidecar preload status --python /opt/trainer-venv/bin/python     installed? current? dtype patch?
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             report = preload_install.install(args.python)
             again = f" (replaced {report.replaced_version})" if report.replaced_version else ""
             print(f"preload {report.version} installed for {report.python}{again}: {report.pth}, {report.private_dir}/")
+            print(f"adapter digest: {report.digest_library}")
         elif args.preload_action == "uninstall":
             removed = preload_install.uninstall(args.python)
             print(f"preload removed ({len(removed)} paths)" if removed else "preload was not installed there")
