@@ -1,4 +1,4 @@
-"""The adapter digest on its own: the tree framing on 1..N threads against one `openssl dgst -sha256` pass.
+"""The adapter digest on its own: the BLAKE3 tree on 1..N threads against one `openssl dgst -sha256` pass.
 
     .venv/bin/python -m bench.digest_bench [--size-mib 256] [--repeat 7]
 
@@ -6,11 +6,12 @@ Writes one safetensors adapter of --size-mib (a few large BF16 tensors, `tests.s
 reads it once so it is in the page cache, then --repeat times each, interleaved, in the same run:
 
 - openssl: `openssl dgst -sha256 FILE` (one stream on one core; SHA-NI where the CPU has it), the baseline;
-- one stream: the previous digest framing's cost, hashlib sha256 over every tensor's bytes in one stream;
-- tree, T threads: `sidecar.adapter.digest_open_file(fd, threads=T)` for T = 1, 2, 4, ... up to the cores, and the
-  default (as many threads as cores, fewer for a small file);
-- blake3, 1 / all threads: only when the `blake3` package is importable (it is not a dependency: the numbers say
-  why it was not chosen).
+- one stream: the first digest framing's cost (`sha256:`), hashlib sha256 over every tensor's bytes in one stream;
+- sha256 tree: the previous framing's cost (`sha256-tree:`), the same 4 MiB pieces read and hashed with hashlib's
+  sha256 by one thread per core;
+- tree, T threads: `sidecar.adapter.digest_open_file(fd, threads=T)` (`blake3-tree:`, this release's digest) for
+  T = 1, 2, 4, ... up to the cores, and the default (as many threads as cores, fewer for a small file);
+- blake3, 1 / all threads, in memory: the library's own speed over the file's bytes already in memory, no read.
 
 Prints medians and ratios to openssl. Nothing here has a target of its own: the targets that use the digest are in
 swap_bench (hardlink fork <= 0.8x openssl) and trainer_bench (agent <= 1.3x a direct load).
@@ -20,18 +21,22 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import blake3
+
 from sidecar.adapter import digest_open_file, read_header
+from sidecar.protocol.digest import CHUNK_BYTES
 from tests.support.adapters import write_big_adapter
 
 
@@ -52,6 +57,33 @@ def one_stream(path: Path) -> None:
         os.close(fd)
 
 
+def sha256_tree(path: Path) -> None:
+    """The previous framing's hashing work: every 4 MiB piece read and sha256'd by one thread per core."""
+    fd = os.open(path, os.O_RDONLY)
+    local = threading.local()
+
+    def leaf(piece: tuple[int, int]) -> bytes:
+        if not hasattr(local, "buffer"):
+            local.buffer = memoryview(bytearray(CHUNK_BYTES))
+        at, length = piece
+        got = os.preadv(fd, [local.buffer[:length]], at)
+        return hashlib.sha256(local.buffer[:got]).digest()
+
+    try:
+        header = read_header(fd, path)
+        pieces = [
+            (at, min(CHUNK_BYTES, entry.end - at))
+            for entry in header.tensors
+            for at in range(entry.begin, entry.end, CHUNK_BYTES)
+        ]
+        with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+            root = hashlib.sha256()
+            for value in pool.map(leaf, pieces):
+                root.update(value)
+    finally:
+        os.close(fd)
+
+
 def tree(path: Path, threads: int | None) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -61,10 +93,6 @@ def tree(path: Path, threads: int | None) -> None:
 
 
 def blake3_cases(path: Path) -> dict[str, Callable[[], object]]:
-    try:
-        blake3 = importlib.import_module("blake3")
-    except ImportError:
-        return {}
     data = path.read_bytes()
     return {
         "blake3, 1 thread (in memory)": lambda: blake3.blake3(data).digest(),
@@ -86,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which("openssl"):
             cases["openssl dgst -sha256"] = lambda: subprocess.run(openssl, check=True, stdout=subprocess.DEVNULL)
         cases["one stream (old framing)"] = lambda: one_stream(path)
+        cases["sha256 tree (previous framing)"] = lambda: sha256_tree(path)
         threads = sorted({1, 2, 4, 8, 16, 32, 64, 128, cores} & set(range(1, cores + 1)))
         for t in threads:
             cases[f"tree, {t} thread{'s' if t > 1 else ''}"] = lambda t=t: tree(path, t)  # type: ignore[misc]

@@ -131,8 +131,8 @@ class ForkSteps:
                 self.fail(record, f"internal error in state {record.state} ({e!r}); see journalctl.", held)
 
     def _redigest_old(self, record: ForkRecord, held: HeldRun) -> None:
-        """A fork journaled by a fork-sidecar with the old digest framing (`sha256:`, one stream): once its copy is
-        0000, and only while 0000 is still the file it staged (same inode, size and mtime), digest it again, so that
+        """A fork journaled by a fork-sidecar with an older digest framing (`sha256:`, `sha256-tree:`): once its copy
+        is 0000, and only while 0000 is still the file it staged (same inode, size and mtime), digest it again, so that
         no later step compares an old digest with a new one (an agent's, say). Otherwise verify fails the fork, as it
         does for any 0000 replaced after the swap."""
         if record.digest is None or is_digest(record.digest) or record.state in (ForkState.CLAIMED, ForkState.STAGED):

@@ -47,6 +47,19 @@ def manifest_of(python: Path) -> dict[str, object]:
     return dict(json.loads((private / "manifest.json").read_text()))
 
 
+def status_line(python: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "preload", "status", "--python", str(python), "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd="/",
+        timeout=120,
+        check=True,
+    )
+    return str(json.loads(done.stdout)["digest_library"])
+
+
 def other_cpython() -> str | None:
     """A CPython 3.11 or 3.12 that is not this one (pyenv's, or on PATH), for the pip path."""
     for minor in (12, 11):
@@ -63,6 +76,7 @@ def other_cpython() -> str | None:
 
 def test_a_venv_without_blake3_gets_the_daemons_copy_and_digests_as_the_daemon_does(tmp_path: Path) -> None:
     python, site = make_venv(tmp_path / "venv")
+    assert "no blake3: forks would be refused there" in status_line(python)
     done = install(python)
     assert done.returncode == 0, done.stderr
     assert f"blake3 {library_version()} put into" in done.stdout
@@ -73,6 +87,7 @@ def test_a_venv_without_blake3_gets_the_daemons_copy_and_digests_as_the_daemon_d
     digest, origin = run_there(python)
     assert digest == digest_of_tensors(TENSORS)
     assert origin.startswith(str(site / preload_install.PRIVATE_DIR)), origin
+    assert status_line(python) == f"blake3 in {site / preload_install.PRIVATE_DIR}/"
 
 
 def test_a_venv_that_has_blake3_gets_no_copy(tmp_path: Path) -> None:
@@ -83,7 +98,7 @@ def test_a_venv_that_has_blake3_gets_no_copy(tmp_path: Path) -> None:
 
     assert manifest_of(python)["library_files"] == []
     assert not (site / preload_install.PRIVATE_DIR / "blake3").exists()
-    assert "of that environment" in done.stdout
+    assert "of that environment" in done.stdout and "of that environment" in status_line(python)
     digest, origin = run_there(python)
     assert digest == digest_of_tensors(TENSORS) and origin.startswith(str(dev_site))
 

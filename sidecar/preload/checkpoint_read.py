@@ -290,7 +290,7 @@ def digest_of(tensors: CheckpointTensors, *, before_hash: Callable[[str, int, in
 
 
 class DigestThread(threading.Thread):
-    """Runs the digest's thread pool (sha256 releases the GIL on large buffers) beside the cast and the copy into
+    """Runs the digest's thread pool (blake3 releases the GIL on large buffers) beside the cast and the copy into
     the model."""
 
     def __init__(self, tensors: CheckpointTensors) -> None:

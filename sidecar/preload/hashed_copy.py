@@ -9,7 +9,7 @@ beside the hashing threads; the copy and its check 9-11 ms on the training threa
 Only for tensors that are, byte for byte, what was read: a plain CPU tensor whose cast is the view of the buffer (same
 dtype), both contiguous and of the file's length, each parameter a separate piece of memory. Anything else is copied
 by torch (sidecar/preload/peft_load.py). memmove and memcmp are the C library's, called through ctypes, which releases
-the GIL for them, as hashlib does for sha256.
+the GIL for them, as blake3 does for hashing.
 """
 
 from __future__ import annotations

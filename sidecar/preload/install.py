@@ -156,6 +156,7 @@ class PreloadStatus:
     unsloth_version: str | None
     unsloth_tested: bool
     dtype_patch_note: str
+    digest_library: str  # where that environment's trainers get `blake3` (the adapter digest) from, or what to do
     art: ArtInfo  # openpipe-art there: its version, whether tested, the internals the preload relies on
 
     def to_json(self) -> dict[str, Any]:
@@ -176,6 +177,7 @@ class PreloadStatus:
             f"preload:       {preload}",
             f"{PRELOAD_DISABLE_ENV}: {switch}",
             f"dtype patch:   {verdict}: {self.dtype_patch_note}",
+            f"digest:        {self.digest_library}",
             *self.art.lines(),
         ]
         if self.shadowed_by:
@@ -364,6 +366,17 @@ def install(python: str | None = None) -> InstallReport:
     )
 
 
+def _digest_library_note(interpreter: Interpreter, manifest: dict[str, Any] | None, private: Path) -> str:
+    if interpreter.digest_library is not None:
+        return f"{LIBRARY} {interpreter.digest_library} of that environment"
+    copied = [] if manifest is None else manifest.get("library_files") or []
+    if any(str(name).startswith(f"{LIBRARY}/") for name in copied) and (private / LIBRARY).is_dir():
+        return f"{LIBRARY} in {private}/"
+    return (
+        f"no {LIBRARY}: forks would be refused there; run `fork-sidecar preload install --python {interpreter.python}`"
+    )
+
+
 def _add_digest_library(interpreter: Interpreter, staging: Path) -> list[str]:
     """`blake3` for an environment that lacks it, written into the staged copy and checked to import there with
     the copy on sys.path (else PreloadError, before anything is in place); the files written."""
@@ -519,5 +532,6 @@ def status(python: str | None = None, environ: Mapping[str, str] | None = None) 
         unsloth_version=interpreter.unsloth.version,
         unsloth_tested=interpreter.unsloth.version in dtype_patch.TESTED_UNSLOTH_VERSIONS,
         dtype_patch_note=patch_note,
+        digest_library=_digest_library_note(interpreter, manifest, private),
         art=probe_art(interpreter.executable),
     )
