@@ -228,6 +228,21 @@ def test_preload_not_installed_then_installed(tmp_path: Path) -> None:
     assert levels(doctor.check_preload(Context(config))) == ["info"]
 
 
+def test_a_preload_whose_blake3_is_gone_is_a_problem(tmp_path: Path) -> None:
+    """That venv has no blake3 of its own; install put one into the copy, which is then removed by hand."""
+    import shutil
+
+    from sidecar.preload import install
+
+    python, site = make_venv(tmp_path / "venv")
+    config = make_config(tmp_path)
+    install.install(str(python))
+    shutil.rmtree(site / install.PRIVATE_DIR / "_lib")
+    (f,) = doctor.check_preload(Context(config, pythons=[str(python)]))
+    assert f.level == "problem" and "forks would be refused" in f.message, f
+    assert f"preload install --python {python}" in (f.fix or "")
+
+
 # --- agents -----------------------------------------------------------------------------------------------------------
 def test_agents_none_then_a_live_one(tmp_path: Path) -> None:
     config = make_config(tmp_path)

@@ -64,7 +64,7 @@ def test_install_then_uninstall_leaves_site_packages_as_it_was(tmp_path: Path) -
     assert manifest["version"] == __version__
     assert "sidecar/preload/bootstrap.py" in manifest["files"] and "sidecar/__init__.py" in manifest["files"]
     library = set(manifest["library_files"])  # blake3, which this venv lacks (tests/test_digest_library.py)
-    assert "blake3/__init__.py" in library
+    assert "_lib/blake3/__init__.py" in library
     for name in set(manifest["files"]) - library:  # copies, but for the copy's own package __init__
         assert name == "sidecar/__init__.py" or (private / name).read_bytes() == (REPO / name).read_bytes()
     assert list((private / "sidecar" / "preload" / "__pycache__").glob("bootstrap.*.pyc"))  # compiled at install

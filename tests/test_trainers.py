@@ -110,16 +110,20 @@ def test_a_digest_mismatch_fails_with_who_holds_what(runtime_dir: Path, run_dir:
     assert counted(outcome) == ["trainer_digest_mismatch"]
 
 
+@pytest.mark.parametrize("framing", ["sha256:", "sha256-tree:"])
 def test_an_agent_replying_with_the_old_digest_framing_is_refused_with_the_fix(
-    runtime_dir: Path, run_dir: Path, model: Any, monkeypatch: pytest.MonkeyPatch
+    runtime_dir: Path, run_dir: Path, model: Any, monkeypatch: pytest.MonkeyPatch, framing: str
 ) -> None:
-    """A trainer whose preload copy predates the tree framing answers `sha256:` over one stream. Installing an old
-    release is not possible here, so the agent's digest function is swapped for that old framing (a stand-in)."""
+    """A trainer whose preload copy predates this framing answers `sha256:` (one stream, two releases back) or
+    `sha256-tree:` (the same tree over SHA-256, the previous release: every trainer running when the daemon is
+    upgraded). Installing an old release is not possible here, so the agent's digest function is swapped for that
+    old framing (a stand-in)."""
     import hashlib
 
     from sidecar.preload import checkpoint_read
 
     real = checkpoint_read.digest_of
+    chunk = 4 << 20
 
     def old_digest_of(tensors: checkpoint_read.CheckpointTensors, before_hash: Any = None) -> str:
         if before_hash is not None:  # a model on the CPU copies inside the digest's pass: let it copy
@@ -127,9 +131,14 @@ def test_an_agent_replying_with_the_old_digest_framing_is_refused_with_the_fix(
         h = hashlib.sha256()
         for name in sorted(tensors.entries):
             e = tensors.entries[name]
-            h.update(f"{name}\0{e.dtype}\0{','.join(map(str, e.shape))}\0".encode())
-            h.update((e.end - e.begin).to_bytes(8, "little") + bytes(tensors.raw(name)))
-        return "sha256:" + h.hexdigest()
+            raw = bytes(tensors.raw(name))
+            h.update(f"{name}\0{e.dtype}\0{','.join(map(str, e.shape))}\0".encode() + len(raw).to_bytes(8, "little"))
+            if framing == "sha256:":
+                h.update(raw)
+            else:
+                for at in range(0, len(raw), chunk):
+                    h.update(hashlib.sha256(raw[at : at + chunk]).digest())
+        return framing + h.hexdigest()
 
     monkeypatch.setattr(checkpoint_read, "digest_of", old_digest_of)
     preload.register(model, run_dir)
@@ -137,7 +146,7 @@ def test_an_agent_replying_with_the_old_digest_framing_is_refused_with_the_fix(
     assert outcome.status == "failed"
     error = outcome.error or ""
     assert f"trainer pid {os.getpid()}" in error and "old adapter digest" in error, error
-    assert "fork-sidecar preload install" in error
+    assert f"(`{framing}`)" in error and "fork-sidecar preload install" in error
     assert counted(outcome) == ["trainer_protocol"]
 
 

@@ -32,7 +32,9 @@ def check_preload(ctx: Context) -> list[Finding]:
             out.append(Finding("preload", "problem", str(e), "pass the trainer environment's bin/python."))
             continue
         again = f"`fork-sidecar preload install --python {python}`"
-        if status.installed and status.up_to_date is not False and not status.disabled_here:
+        if status.installed and status.digest_library.startswith("no "):
+            out.append(Finding("preload", "problem", f"{python}: {status.digest_library}", f"run {again}."))
+        elif status.installed and status.up_to_date is not False and not status.disabled_here:
             note = f" ({status.version_note})" if status.version_note else ""
             out.append(Finding("preload", "ok", f"{python}: preload {status.installed_version} installed{note}"))
         elif status.installed and status.up_to_date is False:

@@ -6,7 +6,7 @@ writer could change mapped bytes between the digest and the load). Its header is
 against the LoRA ones, and the digest (`sidecar.protocol.digest`) is computed over exactly those bytes by a pool of
 threads that follows the read, so hashing costs next to nothing on a multi-core trainer.
 
-Standard library only: torch is not needed to read or hash.
+Standard library only, and `blake3` for the digest: torch is not needed to read or hash.
 """
 
 from __future__ import annotations

@@ -2,16 +2,16 @@
 
 What `install` writes into that interpreter's site-packages (purelib), and nothing else:
 - `_fork_sidecar/`: a private copy of the trainer side of the `sidecar` package, `sidecar/preload/` and
-  `sidecar/protocol/` (stdlib only, imports lazily) under a package `__init__` of its own, plus `manifest.json`
-  (version, content digest, the files written). None of the daemon is copied. The trainer's environment imports
-  the preload from here, so nothing of the daemon's environment leaks into it and upgrading the daemon never
-  changes a running trainer's code.
+  `sidecar/protocol/` (stdlib only but for the digest's `blake3`, imports lazily) under a package `__init__` of its
+  own, plus `manifest.json` (version, content digest, the files written). None of the daemon is copied. The
+  trainer's environment imports the preload from here, so nothing of the daemon's environment leaks into it and
+  upgrading the daemon never changes a running trainer's code.
 - `_fork_sidecar.pth`: one `import` line that appends that directory to sys.path and imports
   `sidecar.preload.bootstrap`, inside try/except, unless FORK_SIDECAR_PRELOAD=0. Being a `.pth` file it runs in
   every interpreter started from that environment: the trainer, its multiprocessing spawn/forkserver children and
   torchrun workers. The directory is appended, so a `sidecar` package already importable there takes precedence.
-- `_fork_sidecar/blake3/` (and its metadata), only when that environment cannot import `blake3`, which the adapter
-  digest needs: the daemon's version of it, copied or fetched for that Python (sidecar/digest_library.py).
+- `_fork_sidecar/_lib/blake3/`, only when that environment cannot import `blake3`, which the adapter digest needs: a
+  copy of it made or fetched for that Python (sidecar/digest_library.py), on no sys.path (sidecar/protocol/hasher.py).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import sidecar
-from sidecar.digest_library import LIBRARY, LibraryError, library_version, write_library
+from sidecar.digest_library import LibraryError, Target, write_library
 from sidecar.preload import DISABLE_ENV as PRELOAD_DISABLE_ENV
 from sidecar.preload import dtype_patch, is_disabled
 from sidecar.preload.art_compat import ArtInfo, probe_art
 from sidecar.preload.probe import PROBE_TIMEOUT_S, run_python_probe
+from sidecar.protocol.hasher import LIBRARY, LIBRARY_DIR
 
 __all__ = [
     "MIN_PYTHON",
@@ -72,10 +73,11 @@ try:
     info["sidecar"] = spec.origin or list(spec.submodule_search_locations or [""])[0] if spec else None
 except Exception:
     pass
+info["ext_suffix"] = sysconfig.get_config_var("EXT_SUFFIX") or ""
 try:
     import blake3
-    blake3.blake3(b"").digest()
-    info["blake3"] = getattr(blake3, "__version__", "unknown")
+    if blake3.blake3(b"").hexdigest() == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262":
+        info["blake3"] = getattr(blake3, "__version__", "unknown")
 except Exception:
     pass
 try:
@@ -123,7 +125,8 @@ class Interpreter:
     sidecar_origin: str | None  # where `import sidecar` resolves there without the preload, if anywhere
     unsloth: UnslothInfo
     implementation: str = "cpython"
-    digest_library: str | None = None  # the version of `blake3` that environment imports by itself, if any
+    ext_suffix: str = ""  # sysconfig's EXT_SUFFIX: which builds of a compiled package it can import
+    digest_library: str | None = None  # the version of a working `blake3` that environment imports by itself
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,7 @@ def probe_interpreter(python: str | None = None) -> Interpreter:
             classes=tuple(unsloth.get("classes") or ()),
         ),
         implementation=str(info.get("implementation") or "cpython"),
+        ext_suffix=str(info.get("ext_suffix") or ""),
         digest_library=info.get("blake3"),
     )
 
@@ -361,7 +365,7 @@ def install(python: str | None = None) -> InstallReport:
         digest_library=(
             f"{LIBRARY} {interpreter.digest_library} of that environment"
             if interpreter.digest_library is not None
-            else f"{LIBRARY} {library_version()} put into {private}/"
+            else f"{LIBRARY} put into {private / LIBRARY_DIR}/ (that environment has none)"
         ),
     )
 
@@ -370,32 +374,43 @@ def _digest_library_note(interpreter: Interpreter, manifest: dict[str, Any] | No
     if interpreter.digest_library is not None:
         return f"{LIBRARY} {interpreter.digest_library} of that environment"
     copied = [] if manifest is None else manifest.get("library_files") or []
-    if any(str(name).startswith(f"{LIBRARY}/") for name in copied) and (private / LIBRARY).is_dir():
-        return f"{LIBRARY} in {private}/"
+    if any(str(name).startswith(f"{LIBRARY_DIR}/{LIBRARY}/") for name in copied) and (private / LIBRARY_DIR).is_dir():
+        return f"{LIBRARY} in {private / LIBRARY_DIR}/"
     return (
         f"no {LIBRARY}: forks would be refused there; run `fork-sidecar preload install --python {interpreter.python}`"
     )
 
 
 def _add_digest_library(interpreter: Interpreter, staging: Path) -> list[str]:
-    """`blake3` for an environment that lacks it, written into the staged copy and checked to import there with
-    the copy on sys.path (else PreloadError, before anything is in place); the files written."""
+    """`blake3` for an environment that lacks it, written into the staged copy and checked to load there as the
+    copy's digest will load it (else PreloadError, before anything is in place); the files written."""
     if interpreter.digest_library is not None:
         return []
+
+    def loads_there(lib: Path) -> str | None:
+        code = (
+            f"import sys; sys.path.insert(0, {str(staging)!r}); from pathlib import Path; "
+            f"from sidecar.protocol.hasher import load_library_from; load_library_from(Path({str(lib)!r}))"
+        )
+        try:
+            done = run_python_probe(interpreter.executable, code)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"it could not be tried there ({e})"
+        if done.returncode == 0:
+            return None
+        return (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+
+    target = Target(
+        interpreter.python,
+        interpreter.executable,
+        interpreter.version,
+        interpreter.implementation,
+        interpreter.ext_suffix,
+    )
     try:
-        written = write_library(staging, interpreter.executable, interpreter.version, interpreter.implementation)
+        return write_library(staging, target, loads_there)
     except LibraryError as e:
         raise PreloadError(f"{e}.") from None
-    check = f"import sys; sys.path.append({str(staging)!r}); import {LIBRARY}; {LIBRARY}.{LIBRARY}(b'').digest()"
-    done = run_python_probe(interpreter.executable, check)
-    if done.returncode != 0:
-        said = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise PreloadError(
-            f"the {LIBRARY} {library_version()} put beside the preload does not import in {interpreter.python} "
-            f"({said}); install {LIBRARY} there yourself (`{interpreter.python} -m pip install {LIBRARY}`) and run "
-            "this again."
-        )
-    return written
 
 
 def _compile(executable: str, directory: Path) -> None:

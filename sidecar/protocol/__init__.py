@@ -21,6 +21,7 @@ Nothing a peer sends is executed; a `fork` names directories that the agent chec
 The modules: `paths` (socket and directory names), `framing` (one bounded JSON line each way), `messages` (the
 requests and replies), `peercred` (the kernel's word on the peer), `server` (the agent end), `client` (the daemon
 end), `digest` (the adapter digest both ends compute), `safetensors_header` (the one safetensors header parser),
-`reasons` (failure reasons as data), `fdwait`, `atomic_write`. Stdlib only: `fork-sidecar preload install` copies
-this package and `sidecar/preload/` into trainer environments, nothing else of the daemon.
+`reasons` (failure reasons as data), `fdwait`, `atomic_write`, `hasher` (finds `blake3` for the digest). Stdlib only
+but for `blake3`: `fork-sidecar preload install` copies this package and `sidecar/preload/` into trainer environments,
+nothing else of the daemon, and provides `blake3` where one lacks it (sidecar/digest_library.py).
 """

@@ -3,8 +3,9 @@
 The daemon computes it from `adapter_model.safetensors` on disk (header plus byte ranges); a trainer
 agent computes it over the tensors it read, before any cast. Equal digests mean the same adapter.
 Both sides import this module (the preload's private copy of the package runs it inside trainer
-processes): the standard library and `blake3`, imported when the first digest is made (the daemon
-depends on it; `fork-sidecar preload install` puts it into a trainer environment that lacks it).
+processes): the standard library, and `blake3` found when the first digest is made (the daemon
+depends on it; `fork-sidecar preload install` provides it to a trainer environment that lacks it:
+sidecar/protocol/hasher.py).
 
 Framing (binding; change it only together with every producer, and then under a new prefix):
 
@@ -12,9 +13,9 @@ Framing (binding; change it only together with every producer, and then under a 
     leaf(bytes) = blake3(bytes).digest()                  # 32 bytes (BLAKE3's default output length)
     h = blake3()
     for each tensor, in sorted(name) order (Python `str` ordering, i.e. by code point):
-        h.update(name.encode("utf-8") + b"\0")
-        h.update(dtype.encode("ascii") + b"\0")          # safetensors dtype as in the header: "F32", "BF16", ...
-        h.update(",".join(map(str, shape)).encode("ascii") + b"\0")   # "" for a scalar
+        h.update(name.encode("utf-8") + b"\\0")
+        h.update(dtype.encode("ascii") + b"\\0")          # safetensors dtype as in the header: "F32", "BF16", ...
+        h.update(",".join(map(str, shape)).encode("ascii") + b"\\0")   # "" for a scalar
         h.update(nbytes.to_bytes(8, "little"))            # length of the tensor's raw bytes (as stored, little-endian)
         for each CHUNK-sized piece of the raw bytes, in order (the last one shorter; none when nbytes is 0):
             h.update(leaf(piece))
@@ -32,15 +33,14 @@ upgrade.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.protocol.hasher import DigestUnavailable, require_hasher
 from sidecar.protocol.pool_work import run_beside
 
 __all__ = [
@@ -82,22 +82,6 @@ class TensorRecord:
     shape: tuple[int, ...]
     nbytes: int
     position: int = 0
-
-
-class DigestUnavailable(ImportError):
-    """The `blake3` package is not importable in this Python: no digest can be made here."""
-
-
-def require_hasher() -> Any:
-    """The `blake3` constructor; DigestUnavailable (one sentence saying how to get it) if this Python lacks it."""
-    try:
-        return importlib.import_module("blake3").blake3
-    except ImportError:
-        raise DigestUnavailable(
-            f"the `blake3` package, which makes the adapter digest, is not importable in {sys.executable}; "
-            f"for a trainer run `fork-sidecar preload install --python {sys.executable}` again, for the daemon "
-            "reinstall fork-sidecar"
-        ) from None
 
 
 def digest_tensors(
