@@ -2,7 +2,8 @@
 
 After a fork, greedy completions and logprobs of `m@0` equal those of the source adapter served under a name of its
 own (loaded from `ref-a`'s / `ref-b`'s files under a new name for each comparison), including a long prompt (many KV
-blocks) that `m@0` had answered - and so cached - before the fork. `test_same_path_reload_would_serve_stale_prefix` shows that this prompt does catch stale KV blocks.
+blocks) that `m@0` had answered - and so cached - before the fork.
+`test_same_path_reload_would_serve_stale_prefix` shows that this prompt does catch stale KV blocks.
 
 The fork is done as the pipeline does it (the real swap of checkpoints/0000, then `VllmStage.run`) and, once the
 daemon can run, through a `.fork` marker. Tests marked `slow` restart the server (about a minute each).
