@@ -34,6 +34,7 @@ from typing import IO, Any
 import sidecar
 from sidecar.layout import RunDir
 from sidecar.protocol.fdwait import readable, wait_writable
+from sidecar.protocol.hasher import DigestUnavailable, require_hasher
 from sidecar.run_io import LocalRunIO, Owner, RunIO, RunIOError
 
 __all__ = ["OwnerRunIO", "main"]
@@ -275,6 +276,10 @@ def main(argv: list[str]) -> int:
     fd, root, project, model, uid, gid, groups = argv
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="fork-sidecar owner worker: %(message)s")
     owner_groups = [int(g) for g in groups.split(",") if g]
+    # The digest's blake3 is imported lazily; here it must be before the drop, like every other import: as the owner
+    # the daemon's interpreter may be out of reach. Missing, it is reported by the first digest, as anywhere else.
+    with contextlib.suppress(DigestUnavailable):
+        require_hasher()
     _drop_to(int(uid), int(gid), owner_groups)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     sys.stdout = sys.stderr  # nothing but replies may reach the daemon's pipe
