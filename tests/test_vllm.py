@@ -10,6 +10,7 @@ stage against the real vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -658,6 +659,31 @@ def test_on_start_collects_only_when_every_server_answers(tmp_path: Path, run_di
 
     VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST).on_start([run_dir], local_run_files)
     assert used.is_dir() and not unused.exists()
+
+
+def test_on_start_keeps_the_snapshot_of_a_fork_that_ended_before_it_held_the_run(
+    tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]
+) -> None:
+    """The first scan's forks run while start-up housekeeping goes on: one may end, its snapshot loaded, between the
+    moment the servers were asked what they list and the moment the run is held. That snapshot must stay: the server
+    re-reads an adapter from its path whenever it falls out of its LRU cache. (Seen with a real vLLM: removed right
+    after `fork done`, the next request after an eviction killed the engine.)"""
+    checkpoints = run_dir / "checkpoints"
+    before, forked = checkpoints / ".fork-20261126T083000Z-aaaaaa", checkpoints / ".fork-20261126T083001Z-bbbbbb"
+    before.mkdir()
+    fake = start_fake(fakes, {"m@0": str(before)})
+
+    @contextlib.contextmanager
+    def fork_ends_then_hold(model_dir: Path) -> Iterator[Any]:
+        forked.mkdir()  # what the fork did just before: its snapshot made and loaded in place
+        fake.adapters["m@0"] = str(forked)
+        with local_run_files(model_dir) as files:
+            yield files
+
+    VllmStage(make_config(tmp_path, servers=[{"url": fake.url}]), policy=FAST).on_start([run_dir], fork_ends_then_hold)
+
+    assert forked.is_dir(), "the snapshot the server serves was removed"
+    assert not before.exists()  # no longer listed: collected as before
 
 
 def test_on_start_without_snapshots_asks_nobody(tmp_path: Path, run_dir: Path, fakes: list[FakeVllm]) -> None:

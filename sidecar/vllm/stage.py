@@ -223,13 +223,18 @@ class VllmStage:
         targets = list({t.url: t for t in targets}.values())
         # Bounded tighter than a fork: the daemon is starting, and keeping snapshots one more time is harmless.
         deadline = time.monotonic() + min(float(self.config.timeouts.vllm), ON_START_BUDGET_S)
-        surveys = _parallel(lambda t: self._survey(t, None, deadline), targets)
-        everyone = all(s.cards is not None for s in surveys)
-        keep = _snapshot_names(_roots(surveys)) if everyone else None
+        silent: set[str] = set()
         for run in runs:
             with hold(run) as files:
                 if files is None:
                     continue
+                # Asked while the run is held, never before: a fork of it that ended before the hold has loaded a
+                # snapshot that an earlier listing lacks, and removing it would leave the server with an adapter
+                # it re-reads from a path that is gone (its LRU cache does that with no API call).
+                surveys = _parallel(lambda t: self._survey(t, None, deadline), targets)
+                unanswered = {s.target.url for s in surveys if s.cards is None}
+                silent |= unanswered
+                keep = None if unanswered else _snapshot_names(_roots(surveys))
                 try:
                     removed, _ = files.collect_snapshots(keep)
                 except (RunIOError, OSError) as e:
@@ -237,9 +242,10 @@ class VllmStage:
                     continue
             if removed:
                 log.info("%s: removed unreferenced vLLM snapshots %s", run, ", ".join(removed))
-        if not everyone:
-            silent = ", ".join(s.target.url for s in surveys if s.cards is None)
-            log.warning("kept fork snapshots: %s did not answer, so they may still serve them", silent)
+        if silent:
+            log.warning(
+                "kept fork snapshots: %s did not answer, so they may still serve them", ", ".join(sorted(silent))
+            )
 
     def _shared_between_nodes(self, checkpoints: Sequence[Path]) -> bool:
         """With etcd, other nodes serve runs from the same directories, and this node knows neither which snapshot
