@@ -416,7 +416,8 @@ def test_an_outcome_that_cannot_be_filed_done_is_filed_failed_under_the_claim_st
     (model_dir / ".fork").write_text("step: 3")
     failed = json.loads(wait_for(lambda: _text_of(model_dir / ".fork.failed"), 60, "the failed outcome"))
     assert "IsADirectoryError" in failed["error"], failed
-    assert not (model_dir / ".fork.inprogress").exists()
+    # Filed under the claim, which is released right after: the marker goes once the outcome is there, not with it.
+    wait_for(lambda: not (model_dir / ".fork.inprogress").exists(), 20, "the claim released after the outcome")
     log = nodes[0].daemon.log_path.read_text()
     assert "fork stopped without an outcome" not in log
 
