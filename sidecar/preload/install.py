@@ -34,7 +34,7 @@ from sidecar.preload import DISABLE_ENV as PRELOAD_DISABLE_ENV
 from sidecar.preload import dtype_patch, is_disabled
 from sidecar.preload.art_compat import ArtInfo, probe_art
 from sidecar.preload.probe import PROBE_TIMEOUT_S, run_python_probe
-from sidecar.protocol.hasher import LIBRARY, LIBRARY_DIR
+from sidecar.protocol.hasher import EMPTY_INPUT_DIGEST, LIBRARY, LIBRARY_DIR
 
 __all__ = [
     "MIN_PYTHON",
@@ -76,7 +76,7 @@ except Exception:
 info["ext_suffix"] = sysconfig.get_config_var("EXT_SUFFIX") or ""
 try:
     import blake3
-    if blake3.blake3(b"").hexdigest() == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262":
+    if blake3.blake3(b"").hexdigest() == "@EMPTY_INPUT_DIGEST@":
         info["blake3"] = getattr(blake3, "__version__", "unknown")
 except Exception:
     pass
@@ -102,7 +102,7 @@ try:
 except Exception:
     pass
 print(json.dumps(info))
-"""
+""".replace("@EMPTY_INPUT_DIGEST@", EMPTY_INPUT_DIGEST)  # the check the digest itself makes (hasher.py)
 
 
 class PreloadError(Exception):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "EMPTY_INPUT_DIGEST",
     "LIBRARY",
     "LIBRARY_DIR",
     "LIBRARY_REQUIREMENT",
@@ -30,7 +31,7 @@ LIBRARY = "blake3"
 LIBRARY_REQUIREMENT = "blake3>=1.0,<2"  # as in pyproject.toml: every 1.x gives the same hashes
 LIBRARY_DIR = "_lib"  # inside the preload's private directory
 # BLAKE3 of b"" (the BLAKE3 paper's test vectors, 32-byte output).
-_EMPTY = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+EMPTY_INPUT_DIGEST = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 _COPY_MARK = "manifest.json"  # what `preload install` writes at the top of its copy
 
 _found: list[Any] = []
@@ -98,6 +99,6 @@ def _checked(module: Any, where: str) -> Any:
         answer = constructor(b"").hexdigest() if constructor is not None else None
     except Exception:
         answer = None
-    if answer != _EMPTY:
+    if answer != EMPTY_INPUT_DIGEST:
         raise DigestUnavailable(f"`import {LIBRARY}` in {sys.executable} gives {where}, which is not BLAKE3")
     return constructor
